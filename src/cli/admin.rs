@@ -1,0 +1,556 @@
+//! The admin half of the CLI: login, users, API keys, fleets, members, devices, SSH keys.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Args, Subcommand};
+use reqwest::Method;
+use serde_json::json;
+
+use super::settings::Settings;
+use super::{ApiClient, Output};
+use crate::relay::api::devices::{DeviceView, RegisteredDevice, TunnelView};
+use crate::relay::api::fleets::{FleetView, MemberView};
+use crate::relay::api::users::{ApiKeyView, CreatedApiKey, CreatedUser, SshKeyView, UserView};
+
+/// `cloudlink login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The relay's API, e.g. http://relay.example.com:8080.
+    #[arg(long)]
+    pub api: String,
+    /// The relay's CONNECT proxy, HOST:PORT [default: the API host, port 3128].
+    #[arg(long)]
+    pub proxy: Option<String>,
+    /// The proxy address is the relay's TLS listener.
+    #[arg(long)]
+    pub proxy_tls: bool,
+    /// CA or pinned certificate (PEM) for the TLS proxy.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// The API key.
+    #[arg(long, conflicts_with = "key_file", required_unless_present = "key_file")]
+    pub key: Option<String>,
+    /// A file holding the API key (e.g. the relay's admin.key).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// Checks the key against the API and saves the login.
+pub async fn login(args: LoginArgs, out: Output) -> Result<()> {
+    let key = match (&args.key, &args.key_file) {
+        (Some(key), _) => key.trim().to_owned(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) => return Err(anyhow!("give --key or --key-file")),
+    };
+    let proxy = match args.proxy {
+        Some(p) => p,
+        None => default_proxy(&args.api)?,
+    };
+    let client = ApiClient::new(&args.api, &key)?;
+    let me: UserView = client.call(Method::GET, "/v1/me", None).await?;
+    let settings = Settings {
+        api: args.api.trim_end_matches('/').to_owned(),
+        proxy: Some(proxy),
+        proxy_tls: args.proxy_tls,
+        ca: args.ca,
+        key,
+    };
+    let path = settings.save()?;
+    out.record(
+        &me,
+        &[
+            ("logged in as", me.username.clone()),
+            ("saved to", path.display().to_string()),
+        ],
+    )
+}
+
+/// `http://host:8080` → `host:3128`.
+fn default_proxy(api: &str) -> Result<String> {
+    let rest = api
+        .split_once("://")
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("--api must be a URL such as http://relay.example.com:8080"))?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    Ok(format!("{host}:3128"))
+}
+
+/// Shows the logged-in user.
+pub async fn whoami(out: Output) -> Result<()> {
+    let client = ApiClient::from_settings(&Settings::load()?)?;
+    let me: UserView = client.call(Method::GET, "/v1/me", None).await?;
+    out.record(
+        &me,
+        &[
+            ("username", me.username.clone()),
+            ("admin", me.admin.to_string()),
+        ],
+    )
+}
+
+/// `cloudlink user …` (admins).
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// Create a user and print their first API key (shown once).
+    Create {
+        /// Login name.
+        name: String,
+        /// Make them an admin.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List users.
+    List,
+    /// Delete a user with their keys and memberships.
+    Rm {
+        /// Login name.
+        name: String,
+    },
+}
+
+/// Runs a `user` command.
+pub async fn user(cmd: UserCmd, out: Output) -> Result<()> {
+    let client = ApiClient::from_settings(&Settings::load()?)?;
+    match cmd {
+        UserCmd::Create { name, admin } => {
+            let body = json!({"username": name, "admin": admin});
+            let u: CreatedUser = client.call(Method::POST, "/v1/users", Some(&body)).await?;
+            out.record(
+                &u,
+                &[
+                    ("username", u.username.clone()),
+                    ("admin", u.admin.to_string()),
+                    ("api key", u.api_key.clone()),
+                ],
+            )?;
+            if out == Output::Table {
+                eprintln!("The API key is shown only now; hand it to {name} safely.");
+            }
+            Ok(())
+        }
+        UserCmd::List => {
+            let users: Vec<UserView> = client.call(Method::GET, "/v1/users", None).await?;
+            out.list(&users, &["ID", "USERNAME", "ADMIN"], |u| {
+                vec![u.id.to_string(), u.username.clone(), u.admin.to_string()]
+            })
+        }
+        UserCmd::Rm { name } => {
+            client
+                .call_empty(Method::DELETE, &format!("/v1/users/{name}"))
+                .await
+        }
+    }
+}
+
+/// `cloudlink api-key …`.
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCmd {
+    /// Create an API key and print it (shown once).
+    Create {
+        /// A label for it.
+        name: String,
+    },
+    /// List your API keys.
+    List,
+    /// Revoke one of your API keys (effective at once).
+    Revoke {
+        /// The key's id (from `api-key list`).
+        id: i64,
+    },
+}
+
+/// Runs an `api-key` command.
+pub async fn api_key(cmd: ApiKeyCmd, out: Output) -> Result<()> {
+    let client = ApiClient::from_settings(&Settings::load()?)?;
+    match cmd {
+        ApiKeyCmd::Create { name } => {
+            let body = json!({"name": name});
+            let k: CreatedApiKey = client
+                .call(Method::POST, "/v1/api-keys", Some(&body))
+                .await?;
+            out.record(
+                &k,
+                &[
+                    ("id", k.id.to_string()),
+                    ("name", k.name.clone()),
+                    ("key", k.key.clone()),
+                ],
+            )
+        }
+        ApiKeyCmd::List => {
+            let keys: Vec<ApiKeyView> = client.call(Method::GET, "/v1/api-keys", None).await?;
+            out.list(
+                &keys,
+                &["ID", "NAME", "PREFIX", "CREATED", "LAST USED", "REVOKED"],
+                |k| {
+                    vec![
+                        k.id.to_string(),
+                        k.name.clone(),
+                        k.prefix.clone(),
+                        k.created_at.clone(),
+                        k.last_used_at.clone().unwrap_or_else(|| "-".into()),
+                        k.revoked_at.clone().unwrap_or_else(|| "-".into()),
+                    ]
+                },
+            )
+        }
+        ApiKeyCmd::Revoke { id } => {
+            client
+                .call_empty(Method::DELETE, &format!("/v1/api-keys/{id}"))
+                .await
+        }
+    }
+}
+
+/// `cloudlink fleet …`.
+#[derive(Debug, Subcommand)]
+pub enum FleetCmd {
+    /// Create a fleet; you become its owner.
+    Create {
+        /// Fleet name.
+        name: String,
+        /// Only these device ports may be reached (repeatable) [default: every port].
+        #[arg(long = "allow-port")]
+        allow_ports: Vec<u16>,
+    },
+    /// List the fleets you can see.
+    List,
+    /// Replace a fleet's port allowlist (none = every port).
+    Ports {
+        /// Fleet name.
+        name: String,
+        /// Allowed ports.
+        ports: Vec<u16>,
+    },
+    /// Delete a fleet with its devices.
+    Rm {
+        /// Fleet name.
+        name: String,
+    },
+    /// Manage a fleet's members.
+    #[command(subcommand)]
+    Member(MemberCmd),
+}
+
+/// `cloudlink fleet member …`.
+#[derive(Debug, Subcommand)]
+pub enum MemberCmd {
+    /// Add a member (or change their role).
+    Add {
+        /// Fleet name.
+        fleet: String,
+        /// User name.
+        user: String,
+        /// Make them an owner (manages members and devices).
+        #[arg(long)]
+        owner: bool,
+    },
+    /// Remove a member.
+    Rm {
+        /// Fleet name.
+        fleet: String,
+        /// User name.
+        user: String,
+    },
+    /// List members.
+    List {
+        /// Fleet name.
+        fleet: String,
+    },
+}
+
+fn print_fleet(out: Output, f: &FleetView) -> Result<()> {
+    out.record(
+        f,
+        &[
+            ("name", f.name.clone()),
+            ("allowed ports", ports_cell(&f.allowed_ports)),
+        ],
+    )
+}
+
+fn ports_cell(ports: &[u16]) -> String {
+    if ports.is_empty() {
+        "all".into()
+    } else {
+        ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Runs a `fleet` command.
+pub async fn fleet(cmd: FleetCmd, out: Output) -> Result<()> {
+    let client = ApiClient::from_settings(&Settings::load()?)?;
+    match cmd {
+        FleetCmd::Create { name, allow_ports } => {
+            let body = json!({"name": name, "allowed_ports": allow_ports});
+            let f: FleetView = client.call(Method::POST, "/v1/fleets", Some(&body)).await?;
+            print_fleet(out, &f)
+        }
+        FleetCmd::List => {
+            let fleets: Vec<FleetView> = client.call(Method::GET, "/v1/fleets", None).await?;
+            out.list(&fleets, &["NAME", "ALLOWED PORTS", "CREATED"], |f| {
+                vec![
+                    f.name.clone(),
+                    ports_cell(&f.allowed_ports),
+                    f.created_at.clone(),
+                ]
+            })
+        }
+        FleetCmd::Ports { name, ports } => {
+            let body = json!({"allowed_ports": ports});
+            let f: FleetView = client
+                .call(Method::PATCH, &format!("/v1/fleets/{name}"), Some(&body))
+                .await?;
+            print_fleet(out, &f)
+        }
+        FleetCmd::Rm { name } => {
+            client
+                .call_empty(Method::DELETE, &format!("/v1/fleets/{name}"))
+                .await
+        }
+        FleetCmd::Member(MemberCmd::Add { fleet, user, owner }) => {
+            let role = if owner { "owner" } else { "member" };
+            let body = json!({"username": user, "role": role});
+            let m: MemberView = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/fleets/{fleet}/members"),
+                    Some(&body),
+                )
+                .await?;
+            out.record(
+                &m,
+                &[("username", m.username.clone()), ("role", role.into())],
+            )
+        }
+        FleetCmd::Member(MemberCmd::Rm { fleet, user }) => {
+            client
+                .call_empty(Method::DELETE, &format!("/v1/fleets/{fleet}/members/{user}"))
+                .await
+        }
+        FleetCmd::Member(MemberCmd::List { fleet }) => {
+            let members: Vec<MemberView> = client
+                .call(Method::GET, &format!("/v1/fleets/{fleet}/members"), None)
+                .await?;
+            out.list(&members, &["USERNAME", "ROLE"], |m| {
+                vec![m.username.clone(), m.role.as_str().to_owned()]
+            })
+        }
+    }
+}
+
+/// `cloudlink device register|list|show|rm`.
+#[derive(Debug, Subcommand)]
+pub enum DeviceAdminCmd {
+    /// Register a device in a fleet and print its uuid and key (shown once).
+    Register {
+        /// Fleet name.
+        fleet: String,
+        /// A label for the device.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the devices you can see.
+    List,
+    /// Show one device.
+    Show {
+        /// Device uuid.
+        uuid: String,
+    },
+    /// Delete a device; its key stops working at once.
+    Rm {
+        /// Device uuid.
+        uuid: String,
+    },
+    /// List recent tunnels (admins: everyone's; others: their own).
+    Tunnels {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+fn device_row(d: &DeviceView) -> Vec<String> {
+    vec![
+        d.uuid.clone(),
+        d.name.clone(),
+        d.fleet.clone(),
+        if d.online { "online" } else { "offline" }.into(),
+        d.last_seen.clone().unwrap_or_else(|| "never".into()),
+    ]
+}
+
+const DEVICE_HEADERS: &[&str] = &["UUID", "NAME", "FLEET", "STATUS", "LAST SEEN"];
+
+/// Runs a device admin command.
+pub async fn device(cmd: DeviceAdminCmd, out: Output) -> Result<()> {
+    let client = ApiClient::from_settings(&Settings::load()?)?;
+    match cmd {
+        DeviceAdminCmd::Register { fleet, name } => {
+            let body = match name {
+                Some(name) => json!({ "name": name }),
+                None => json!({}),
+            };
+            let d: RegisteredDevice = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/fleets/{fleet}/devices"),
+                    Some(&body),
+                )
+                .await?;
+            out.record(
+                &d,
+                &[
+                    ("uuid", d.uuid.clone()),
+                    ("name", d.name.clone()),
+                    ("fleet", d.fleet.clone()),
+                    ("key", d.key.clone()),
+                ],
+            )?;
+            if out == Output::Table {
+                eprintln!("The device key is shown only now; put it in the agent's config.");
+            }
+            Ok(())
+        }
+        DeviceAdminCmd::List => {
+            let devices: Vec<DeviceView> = client.call(Method::GET, "/v1/devices", None).await?;
+            out.list(&devices, DEVICE_HEADERS, device_row)
+        }
+        DeviceAdminCmd::Show { uuid } => {
+            let d: DeviceView = client
+                .call(Method::GET, &format!("/v1/devices/{uuid}"), None)
+                .await?;
+            let cells = device_row(&d);
+            let fields: Vec<(&str, String)> = DEVICE_HEADERS
+                .iter()
+                .map(|h| *h)
+                .zip(cells)
+                .collect();
+            out.record(&d, &fields)
+        }
+        DeviceAdminCmd::Rm { uuid } => {
+            client
+                .call_empty(Method::DELETE, &format!("/v1/devices/{uuid}"))
+                .await
+        }
+        DeviceAdminCmd::Tunnels { limit } => {
+            let tunnels: Vec<TunnelView> = client
+                .call(Method::GET, &format!("/v1/tunnels?limit={limit}"), None)
+                .await?;
+            out.list(
+                &tunnels,
+                &["OPENED", "USER", "DEVICE", "PORT", "UP", "DOWN", "CLOSED", "REASON"],
+                |t| {
+                    vec![
+                        t.opened_at.clone(),
+                        t.user.clone(),
+                        t.device.clone(),
+                        t.port.to_string(),
+                        t.bytes_up.to_string(),
+                        t.bytes_down.to_string(),
+                        t.closed_at.clone().unwrap_or_else(|| "open".into()),
+                        t.close_reason.clone().unwrap_or_default(),
+                    ]
+                },
+            )
+        }
+    }
+}
+
+/// `cloudlink key …` (SSH public keys).
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Add an OpenSSH public key from a file (e.g. ~/.ssh/id_ed25519.pub).
+    Add {
+        /// The .pub file.
+        file: PathBuf,
+        /// A label [default: the key's comment, else the file name].
+        #[arg(long)]
+        title: Option<String>,
+    },
+    /// List your SSH keys.
+    List,
+    /// Remove one of your SSH keys.
+    Rm {
+        /// The key's id (from `key list`).
+        id: i64,
+    },
+}
+
+/// Runs a `key` command.
+pub async fn key(cmd: KeyCmd, out: Output) -> Result<()> {
+    let client = ApiClient::from_settings(&Settings::load()?)?;
+    match cmd {
+        KeyCmd::Add { file, title } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let text = text.trim();
+            let title = title.unwrap_or_else(|| {
+                text.split_whitespace()
+                    .nth(2)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| file.display().to_string())
+            });
+            let body = json!({"title": title, "public_key": text});
+            let k: SshKeyView = client.call(Method::POST, "/v1/ssh-keys", Some(&body)).await?;
+            out.record(
+                &k,
+                &[
+                    ("id", k.id.to_string()),
+                    ("title", k.title.clone()),
+                    ("fingerprint", k.fingerprint.clone()),
+                ],
+            )
+        }
+        KeyCmd::List => {
+            let keys: Vec<SshKeyView> = client.call(Method::GET, "/v1/ssh-keys", None).await?;
+            out.list(&keys, &["ID", "TITLE", "FINGERPRINT", "ADDED"], |k| {
+                vec![
+                    k.id.to_string(),
+                    k.title.clone(),
+                    k.fingerprint.clone(),
+                    k.created_at.clone(),
+                ]
+            })
+        }
+        KeyCmd::Rm { id } => {
+            client
+                .call_empty(Method::DELETE, &format!("/v1/ssh-keys/{id}"))
+                .await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_proxy;
+
+    #[test]
+    fn default_proxy_uses_the_api_host() {
+        assert_eq!(
+            default_proxy("http://relay.example.com:8080").unwrap(),
+            "relay.example.com:3128"
+        );
+        assert_eq!(
+            default_proxy("https://relay.example.com/").unwrap(),
+            "relay.example.com:3128"
+        );
+        assert_eq!(
+            default_proxy("http://[::1]:8080").unwrap(),
+            "[::1]:3128"
+        );
+        assert!(default_proxy("relay").is_err());
+    }
+}

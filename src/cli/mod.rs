@@ -1,0 +1,171 @@
+//! The user commands: login settings, an API client, and output for people or scripts.
+
+pub mod admin;
+pub mod settings;
+
+use anyhow::{anyhow, Context, Result};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use settings::Settings;
+
+/// Talks to a relay's REST API with the logged-in key.
+pub struct ApiClient {
+    /// The HTTP client.
+    http: reqwest::Client,
+    /// Base URL, without a trailing slash.
+    base: String,
+    /// The API key or token sent as `Authorization: Bearer`.
+    token: String,
+}
+
+/// Installs the ring crypto provider once for rustls users in this process.
+pub fn install_crypto() {
+    // Fails only if a provider is installed already, which is what we want anyway.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl ApiClient {
+    /// A client for `base` authenticating with `token`.
+    pub fn new(base: &str, token: &str) -> Result<ApiClient> {
+        install_crypto();
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .user_agent(concat!("cloudlink/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("cannot set up the HTTP client")?;
+        Ok(ApiClient {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+        })
+    }
+
+    /// A client from the saved login.
+    pub fn from_settings(settings: &Settings) -> Result<ApiClient> {
+        ApiClient::new(&settings.api, &settings.key)
+    }
+
+    /// Sends a request and decodes the JSON answer; an API error becomes its one sentence.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<T> {
+        let bytes = self.send(method, path, body).await?;
+        serde_json::from_slice(&bytes).with_context(|| format!("unexpected answer from {path}"))
+    }
+
+    /// Sends a request whose answer has no body (204).
+    pub async fn call_empty(&self, method: Method, path: &str) -> Result<()> {
+        self.send(method, path, None).await.map(drop)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<bytes::Bytes> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| anyhow!("cannot reach the relay API at {}: {e}", self.base))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| anyhow!("the relay API at {} broke off: {e}", self.base))?;
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        Err(api_error(status, &bytes))
+    }
+}
+
+/// The one sentence of an API error body, or a description of what came back instead.
+fn api_error(status: StatusCode, body: &[u8]) -> anyhow::Error {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        error: Detail,
+    }
+    #[derive(serde::Deserialize)]
+    struct Detail {
+        message: String,
+    }
+    match serde_json::from_slice::<Body>(body) {
+        Ok(b) => anyhow!("{}", b.error.message),
+        Err(_) => anyhow!("the relay answered {status}"),
+    }
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+impl Output {
+    /// Prints `rows` as JSON, or as a table with `headers` and the cells `cells` picks.
+    pub fn list<T: Serialize>(
+        self,
+        rows: &[T],
+        headers: &[&str],
+        cells: impl Fn(&T) -> Vec<String>,
+    ) -> Result<()> {
+        match self {
+            Output::Json => println!("{}", serde_json::to_string_pretty(rows)?),
+            Output::Table => print_table(headers, rows.iter().map(cells).collect()),
+        }
+        Ok(())
+    }
+
+    /// Prints one record as JSON, or as `key: value` lines.
+    pub fn record<T: Serialize>(self, value: &T, fields: &[(&str, String)]) -> Result<()> {
+        match self {
+            Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+            Output::Table => {
+                let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+                for (k, v) in fields {
+                    println!("{k:width$}  {v}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Prints rows under headers, each column as wide as its widest cell.
+pub fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+}

@@ -1,0 +1,433 @@
+//! Relay settings: defaults < TOML file < `CLOUDLINK_*` env < flags.
+//!
+//! The flags and env live in [`RelayArgs`] (clap reads both, flags winning); every one is an
+//! `Option`, so a value the person did not give leaves the file's (or the default) in place.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A secret that never shows itself in `Debug`, logs or `--print-config`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
+/// Errors in loading or checking the configuration, before anything is bound.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for these settings.
+    #[error("config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        source: toml::de::Error,
+    },
+    /// A value is out of range.
+    #[error("invalid setting {key}: {message}")]
+    Invalid {
+        /// The setting.
+        key: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+/// Limits and timeouts; see DESIGN.md "Limits". Every one can be set in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// How long a CONNECT client has to send its request head.
+    pub head_timeout_ms: u64,
+    /// The largest CONNECT request head accepted.
+    pub head_max_bytes: usize,
+    /// How long a device has to answer a tunnel stream's `open`.
+    pub open_timeout_ms: u64,
+    /// How long a device has to send its `hello`.
+    pub hello_timeout_ms: u64,
+    /// QUIC keep-alive interval: holds NAT bindings and idle tunnels open.
+    pub keep_alive_ms: u64,
+    /// QUIC idle timeout: a device silent this long is gone.
+    pub idle_timeout_ms: u64,
+    /// Close a tunnel that carried no byte either way for this long; 0 = never.
+    pub tunnel_idle_timeout_secs: u64,
+    /// Open tunnels per user.
+    pub tunnels_per_user: usize,
+    /// Open tunnels per device.
+    pub tunnels_per_device: usize,
+    /// Open tunnels on this relay.
+    pub tunnels_per_relay: usize,
+    /// Failed authentications per source IP per minute before 429.
+    pub auth_failures_per_minute: u32,
+    /// The largest control frame.
+    pub frame_max_bytes: usize,
+    /// How long an authorization answer may be reused.
+    pub auth_cache_ms: u64,
+    /// How long open tunnels may run on after SIGTERM.
+    pub shutdown_grace_secs: u64,
+    /// Devices connected at once.
+    pub max_devices: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            head_timeout_ms: 10_000,
+            head_max_bytes: 8 * 1024,
+            open_timeout_ms: 10_000,
+            hello_timeout_ms: 10_000,
+            keep_alive_ms: 15_000,
+            idle_timeout_ms: 60_000,
+            tunnel_idle_timeout_secs: 0,
+            tunnels_per_user: 64,
+            tunnels_per_device: 64,
+            tunnels_per_relay: 65_536,
+            auth_failures_per_minute: 20,
+            frame_max_bytes: 64 * 1024,
+            auth_cache_ms: 2_000,
+            shutdown_grace_secs: 30,
+            max_devices: 100_000,
+        }
+    }
+}
+
+impl Limits {
+    /// [`Limits::head_timeout_ms`] as a duration.
+    pub fn head_timeout(&self) -> Duration {
+        Duration::from_millis(self.head_timeout_ms)
+    }
+    /// [`Limits::open_timeout_ms`] as a duration.
+    pub fn open_timeout(&self) -> Duration {
+        Duration::from_millis(self.open_timeout_ms)
+    }
+    /// [`Limits::hello_timeout_ms`] as a duration.
+    pub fn hello_timeout(&self) -> Duration {
+        Duration::from_millis(self.hello_timeout_ms)
+    }
+}
+
+/// Everything a relay needs to start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Where the SQLite database, the JWT secret, the dev certificate and `admin.key` live.
+    pub data_dir: PathBuf,
+    /// `sqlite://…` or `postgres://…`; default `sqlite://<data_dir>/cloudlink.db`.
+    pub database_url: Option<String>,
+    /// The REST API, `/metrics`, `/healthz`.
+    pub api_listen: SocketAddr,
+    /// The plain-TCP CONNECT proxy.
+    pub proxy_listen: SocketAddr,
+    /// The TLS CONNECT proxy; off unless set.
+    pub proxy_tls_listen: Option<SocketAddr>,
+    /// The QUIC (UDP) listener devices dial.
+    pub device_listen: SocketAddr,
+    /// Signs user JWTs; default: generated once and kept in `<data_dir>/jwt-secret`.
+    pub jwt_secret: Option<Secret>,
+    /// An outside identity service's public key (PEM, RS256 or EdDSA) for the JWTs it mints.
+    pub jwt_public_key: Option<PathBuf>,
+    /// Lifetime of JWTs from `POST /v1/auth/token`, seconds.
+    pub jwt_ttl_secs: u64,
+    /// TLS certificate chain (PEM) for the device and TLS proxy listeners.
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Extra names for the generated dev certificate.
+    pub tls_names: Vec<String>,
+    /// Suffixes accepted after a uuid in a CONNECT target (`<uuid>.balena:22222`).
+    pub device_domains: Vec<String>,
+    /// Limits and timeouts.
+    pub limits: Limits,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            data_dir: PathBuf::from("./cloudlink-data"),
+            database_url: None,
+            api_listen: ([0, 0, 0, 0], 8080).into(),
+            proxy_listen: ([0, 0, 0, 0], 3128).into(),
+            proxy_tls_listen: None,
+            device_listen: ([0, 0, 0, 0], 4433).into(),
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwt_ttl_secs: 3600,
+            tls_cert: None,
+            tls_key: None,
+            tls_names: Vec::new(),
+            device_domains: ["balena", "cloudlink", "resin", "vpn"]
+                .map(String::from)
+                .to_vec(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Flags and environment for `cloudlink relay`; each overrides the file when given.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RelayArgs {
+    /// TOML file with any of the settings below (and `[limits]`).
+    #[arg(long, env = "CLOUDLINK_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: ./cloudlink-data].
+    #[arg(long, env = "CLOUDLINK_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// sqlite://PATH or postgres://… [default: sqlite://<data-dir>/cloudlink.db].
+    #[arg(long, env = "CLOUDLINK_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// REST API address [default: 0.0.0.0:8080].
+    #[arg(long, env = "CLOUDLINK_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// Plain CONNECT proxy address [default: 0.0.0.0:3128].
+    #[arg(long, env = "CLOUDLINK_PROXY_LISTEN")]
+    pub proxy_listen: Option<SocketAddr>,
+    /// TLS CONNECT proxy address [default: off].
+    #[arg(long, env = "CLOUDLINK_PROXY_TLS_LISTEN")]
+    pub proxy_tls_listen: Option<SocketAddr>,
+    /// QUIC device listener, UDP [default: 0.0.0.0:4433].
+    #[arg(long, env = "CLOUDLINK_DEVICE_LISTEN")]
+    pub device_listen: Option<SocketAddr>,
+    /// HS256 secret for user JWTs [default: generated into the data dir].
+    #[arg(long, env = "CLOUDLINK_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key (RS256 or EdDSA) of an outside service that mints user JWTs.
+    #[arg(long, env = "CLOUDLINK_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+    /// TLS certificate chain, PEM [default: a self-signed dev certificate in the data dir].
+    #[arg(long, env = "CLOUDLINK_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key, PEM.
+    #[arg(long, env = "CLOUDLINK_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Extra DNS name or IP for the dev certificate (repeatable).
+    #[arg(long = "tls-name", env = "CLOUDLINK_TLS_NAMES", value_delimiter = ',')]
+    pub tls_names: Vec<String>,
+    /// Close tunnels idle this many seconds (0 = never).
+    #[arg(long, env = "CLOUDLINK_TUNNEL_IDLE_TIMEOUT")]
+    pub tunnel_idle_timeout: Option<u64>,
+    /// Seconds open tunnels may run on after SIGTERM.
+    #[arg(long, env = "CLOUDLINK_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<u64>,
+    /// Print the effective configuration (secrets masked) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl RelayConfig {
+    /// Layers defaults, the file (if any), then env and flags, and validates the result.
+    pub fn load(args: &RelayArgs) -> Result<RelayConfig, ConfigError> {
+        let mut config = match &args.config {
+            Some(path) => RelayConfig::from_file(path)?,
+            None => RelayConfig::default(),
+        };
+        if let Some(v) = &args.data_dir {
+            config.data_dir = v.clone();
+        }
+        if let Some(v) = args.api_listen {
+            config.api_listen = v;
+        }
+        if let Some(v) = args.proxy_listen {
+            config.proxy_listen = v;
+        }
+        if let Some(v) = args.device_listen {
+            config.device_listen = v;
+        }
+        if let Some(v) = &args.database_url {
+            config.database_url = Some(v.clone());
+        }
+        if let Some(v) = args.proxy_tls_listen {
+            config.proxy_tls_listen = Some(v);
+        }
+        if let Some(v) = &args.jwt_secret {
+            config.jwt_secret = Some(Secret(v.clone()));
+        }
+        if let Some(v) = &args.jwt_public_key {
+            config.jwt_public_key = Some(v.clone());
+        }
+        if let Some(v) = &args.tls_cert {
+            config.tls_cert = Some(v.clone());
+        }
+        if let Some(v) = &args.tls_key {
+            config.tls_key = Some(v.clone());
+        }
+        if !args.tls_names.is_empty() {
+            config.tls_names = args.tls_names.clone();
+        }
+        if let Some(v) = args.tunnel_idle_timeout {
+            config.limits.tunnel_idle_timeout_secs = v;
+        }
+        if let Some(v) = args.shutdown_grace {
+            config.limits.shutdown_grace_secs = v;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads a TOML file; unknown keys are errors, missing keys take their defaults.
+    pub fn from_file(path: &Path) -> Result<RelayConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_owned(),
+            })
+        };
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return invalid("tls_cert", "tls_cert and tls_key go together");
+        }
+        if let Some(secret) = &self.jwt_secret {
+            if secret.0.len() < 32 {
+                return invalid("jwt_secret", "must be at least 32 characters");
+            }
+        }
+        if let Some(url) = &self.database_url {
+            if !(url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+            {
+                return invalid("database_url", "must start with sqlite:// or postgres://");
+            }
+        }
+        if self.jwt_ttl_secs == 0 {
+            return invalid("jwt_ttl_secs", "must be positive");
+        }
+        let l = &self.limits;
+        if l.head_max_bytes < 256 {
+            return invalid("limits.head_max_bytes", "must be at least 256");
+        }
+        if l.frame_max_bytes < 1024 || l.frame_max_bytes > 16 * 1024 * 1024 {
+            return invalid("limits.frame_max_bytes", "must be between 1 KiB and 16 MiB");
+        }
+        if l.keep_alive_ms == 0 || l.keep_alive_ms >= l.idle_timeout_ms {
+            return invalid(
+                "limits.keep_alive_ms",
+                "must be positive and below limits.idle_timeout_ms",
+            );
+        }
+        for (key, v) in [
+            ("limits.head_timeout_ms", l.head_timeout_ms),
+            ("limits.open_timeout_ms", l.open_timeout_ms),
+            ("limits.hello_timeout_ms", l.hello_timeout_ms),
+        ] {
+            if v == 0 {
+                return invalid(key, "must be positive");
+            }
+        }
+        if self.device_domains.iter().any(|d| d.is_empty()) {
+            return invalid("device_domains", "entries must not be empty");
+        }
+        Ok(())
+    }
+
+    /// The database URL in force.
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| crate::store::sqlite::default_url(&self.data_dir))
+    }
+
+    /// The effective configuration as TOML, secrets masked, for `--print-config`.
+    pub fn to_toml(&self) -> String {
+        let mut shown = self.clone();
+        if let Some(url) = &mut shown.database_url {
+            *url = mask_url_password(url);
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot show config: {e}\n"))
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((creds, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match creds.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_in_order_and_masks_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(
+            &file,
+            "api_listen = \"127.0.0.1:9000\"\nproxy_listen = \"127.0.0.1:9001\"\n\
+             database_url = \"postgres://u:hunter2@db/cl\"\n[limits]\ntunnels_per_user = 3\n",
+        )
+        .unwrap();
+        let args = RelayArgs {
+            config: Some(file.clone()),
+            proxy_listen: Some("127.0.0.1:9002".parse().unwrap()),
+            jwt_secret: Some("x".repeat(40)),
+            ..RelayArgs::default()
+        };
+        let config = RelayConfig::load(&args).unwrap();
+        assert_eq!(config.api_listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(config.proxy_listen, "127.0.0.1:9002".parse().unwrap());
+        assert_eq!(config.limits.tunnels_per_user, 3);
+        assert_eq!(config.limits.tunnels_per_device, 64);
+        let shown = config.to_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains(&"x".repeat(40)), "{shown}");
+        assert!(format!("{config:?}").contains("***"));
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(&file, "api_lissen = \"127.0.0.1:9000\"\n").unwrap();
+        assert!(matches!(
+            RelayConfig::from_file(&file),
+            Err(ConfigError::Parse { .. })
+        ));
+        let mut config = RelayConfig::default();
+        config.tls_cert = Some("c.pem".into());
+        assert!(config.validate().is_err());
+        let mut config = RelayConfig::default();
+        config.database_url = Some("mysql://x".into());
+        assert!(config.validate().is_err());
+    }
+}

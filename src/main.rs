@@ -1,0 +1,133 @@
+//! `cloudlink`: argument parsing and dispatch; the work is in the library.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use cloudlink::cli::{self, admin, Output};
+use cloudlink::config::{RelayArgs, RelayConfig};
+use cloudlink::relay::Relay;
+
+/// Reach the devices of your fleets through a relay: SSH, tunnels, admin.
+#[derive(Parser)]
+#[command(name = "cloudlink", version, about, propagate_version = true)]
+struct Cli {
+    /// Print results as JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a relay (API, CONNECT proxy, device listener).
+    Relay(RelayArgs),
+    /// Apply database migrations and exit.
+    Migrate {
+        /// sqlite://PATH or postgres://…
+        #[arg(long, env = "CLOUDLINK_DATABASE_URL")]
+        database_url: String,
+    },
+    /// Check an API key against a relay and save the login.
+    Login(admin::LoginArgs),
+    /// Show who you are logged in as.
+    Whoami,
+    /// Manage users (admins).
+    #[command(subcommand)]
+    User(admin::UserCmd),
+    /// Manage your API keys.
+    #[command(subcommand, name = "api-key")]
+    ApiKey(admin::ApiKeyCmd),
+    /// Manage fleets and their members.
+    #[command(subcommand)]
+    Fleet(admin::FleetCmd),
+    /// Register, list and remove devices.
+    #[command(subcommand)]
+    Device(admin::DeviceAdminCmd),
+    /// Manage your SSH public keys.
+    #[command(subcommand)]
+    Key(admin::KeyCmd),
+}
+
+fn init_tracing(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let out = if cli.json { Output::Json } else { Output::Table };
+    let result = match cli.command {
+        Command::Relay(args) => {
+            init_tracing("info");
+            run_relay(args).await
+        }
+        command => {
+            init_tracing("warn");
+            run_command(command, out).await
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run_command(command: Command, out: Output) -> Result<()> {
+    match command {
+        Command::Relay(_) => unreachable!("handled in main"),
+        Command::Migrate { database_url } => {
+            cloudlink::store::migrate(&database_url)
+                .await
+                .context("migration failed")?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Login(args) => admin::login(args, out).await,
+        Command::Whoami => admin::whoami(out).await,
+        Command::User(cmd) => admin::user(cmd, out).await,
+        Command::ApiKey(cmd) => admin::api_key(cmd, out).await,
+        Command::Fleet(cmd) => admin::fleet(cmd, out).await,
+        Command::Device(cmd) => admin::device(cmd, out).await,
+        Command::Key(cmd) => admin::key(cmd, out).await,
+    }
+}
+
+async fn run_relay(args: RelayArgs) -> Result<()> {
+    let config = RelayConfig::load(&args)?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    cli::install_crypto();
+    let relay = Relay::start(config).await?;
+    if let Some(path) = &relay.admin_key_path {
+        println!("bootstrap admin key written to {}", path.display());
+    }
+    let addrs = relay.addrs();
+    tracing::info!(api = %addrs.api, "relay listening");
+    println!("relay listening: api={}", addrs.api);
+    relay.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the relay");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

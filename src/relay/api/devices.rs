@@ -1,0 +1,289 @@
+//! Devices, the tunnel audit log, and the device-facing authorized-keys lookup.
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{bearer, Caller, Path};
+use super::fleets::{managed_fleet, visible_fleet, Standing};
+use super::{rfc3339, validate_name};
+use crate::auth::tokens;
+use crate::relay::state::Shared;
+use crate::store::{Device, TunnelSession};
+
+/// A device as the API shows it.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct DeviceView {
+    /// 32 lowercase hex characters.
+    pub uuid: String,
+    /// Its label.
+    pub name: String,
+    /// Its fleet.
+    pub fleet: String,
+    /// Whether a live relay holds its connection now.
+    pub online: bool,
+    /// When its agent last connected or disconnected (RFC 3339).
+    pub last_seen: Option<String>,
+}
+
+impl From<Device> for DeviceView {
+    fn from(d: Device) -> Self {
+        DeviceView {
+            uuid: d.uuid,
+            name: d.name,
+            fleet: d.fleet,
+            online: d.online,
+            last_seen: d.last_seen.map(rfc3339),
+        }
+    }
+}
+
+/// `POST /v1/fleets/{name}/devices`.
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct NewDevice {
+    /// A label; default: the first 7 characters of the uuid.
+    pub name: Option<String>,
+}
+
+/// A new device and its key (shown only here).
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct RegisteredDevice {
+    /// 32 lowercase hex characters.
+    pub uuid: String,
+    /// Its label.
+    pub name: String,
+    /// Its fleet.
+    pub fleet: String,
+    /// The device key its agent presents; stored only as a hash.
+    pub key: String,
+}
+
+/// Normalises a uuid path segment: 32 hex characters, any case.
+pub fn parse_uuid(raw: &str) -> Result<String, ApiError> {
+    if raw.len() == 32 && raw.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(raw.to_ascii_lowercase())
+    } else {
+        Err(ApiError::bad("A device uuid is 32 hex characters."))
+    }
+}
+
+/// Registers a device in a fleet (owners and admins).
+#[utoipa::path(post, path = "/v1/fleets/{name}/devices", tag = "devices",
+    params(("name" = String, Path)), request_body = NewDevice,
+    responses((status = 201, body = RegisteredDevice), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn register_device(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+    Path(fleet_name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, axum::Json<RegisteredDevice>), ApiError> {
+    // The body is optional: `device register FLEET` with no name sends none.
+    let body: NewDevice = if body.iter().all(u8::is_ascii_whitespace) {
+        NewDevice::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("Invalid JSON: {e}")))?
+    };
+    if let Some(name) = &body.name {
+        validate_name("name", name)?;
+    }
+    let fleet = managed_fleet(&state, &caller, &fleet_name).await?;
+    let uuid = tokens::new_device_uuid();
+    let key = tokens::new_device_key();
+    let name = body.name.unwrap_or_else(|| uuid[..7].to_owned());
+    let device = state
+        .store
+        .create_device(&uuid, fleet.id, &name, &tokens::hash_secret(&key))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(RegisteredDevice {
+            uuid: device.uuid,
+            name: device.name,
+            fleet: device.fleet,
+            key,
+        }),
+    ))
+}
+
+/// Lists the devices the caller may see (admins: all).
+#[utoipa::path(get, path = "/v1/devices", tag = "devices",
+    responses((status = 200, body = [DeviceView])), security(("bearer" = [])))]
+pub async fn list_devices(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+) -> Result<axum::Json<Vec<DeviceView>>, ApiError> {
+    let member = (!caller.0.user.is_admin).then_some(caller.0.user.id);
+    let devices = state.store.list_devices(member).await?;
+    Ok(axum::Json(devices.into_iter().map(DeviceView::from).collect()))
+}
+
+/// The device and the caller's standing in its fleet, or 404.
+async fn visible_device(
+    state: &Shared,
+    caller: &Caller,
+    raw_uuid: &str,
+) -> Result<(Device, Standing), ApiError> {
+    let uuid = parse_uuid(raw_uuid)?;
+    let not_found = || ApiError::not_found(format!("Device {uuid}"));
+    let device = state.store.device(&uuid).await?.ok_or_else(not_found)?;
+    match visible_fleet(state, caller, &device.fleet).await {
+        Ok((_, standing)) => Ok((device, standing)),
+        Err(ApiError::NotFound(_)) => Err(not_found()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Shows one device.
+#[utoipa::path(get, path = "/v1/devices/{uuid}", tag = "devices", params(("uuid" = String, Path)),
+    responses((status = 200, body = DeviceView), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_device(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+    Path(uuid): Path<String>,
+) -> Result<axum::Json<DeviceView>, ApiError> {
+    let (device, _) = visible_device(&state, &caller, &uuid).await?;
+    Ok(axum::Json(device.into()))
+}
+
+/// Deletes a device (owners and admins); its key stops working at once.
+#[utoipa::path(delete, path = "/v1/devices/{uuid}", tag = "devices",
+    params(("uuid" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+pub async fn delete_device(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+    Path(uuid): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let (device, standing) = visible_device(&state, &caller, &uuid).await?;
+    if standing != Standing::Manager {
+        return Err(ApiError::Forbidden(format!(
+            "Only owners of fleet {} and admins may delete its devices.",
+            device.fleet
+        )));
+    }
+    state.store.delete_device(&device.uuid).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A tunnel in the audit log.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct TunnelView {
+    /// Tunnel id.
+    pub id: String,
+    /// Who opened it.
+    pub user: String,
+    /// To which device.
+    pub device: String,
+    /// Which port on the device.
+    pub port: i64,
+    /// Which relay carried it.
+    pub relay: String,
+    /// When the device accepted it (RFC 3339).
+    pub opened_at: String,
+    /// When it ended; absent while open.
+    pub closed_at: Option<String>,
+    /// Bytes from the user to the device.
+    pub bytes_up: i64,
+    /// Bytes from the device to the user.
+    pub bytes_down: i64,
+    /// Why it ended.
+    pub close_reason: Option<String>,
+}
+
+impl From<TunnelSession> for TunnelView {
+    fn from(t: TunnelSession) -> Self {
+        TunnelView {
+            id: t.id,
+            user: t.username,
+            device: t.device_uuid,
+            port: t.port,
+            relay: t.relay_id,
+            opened_at: rfc3339(t.opened_at),
+            closed_at: t.closed_at.map(rfc3339),
+            bytes_up: t.bytes_up,
+            bytes_down: t.bytes_down,
+            close_reason: t.close_reason,
+        }
+    }
+}
+
+/// `GET /v1/tunnels` query.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelQuery {
+    /// At most this many, newest first (default 100, at most 1000).
+    pub limit: Option<i64>,
+}
+
+/// The newest tunnels: all of them for admins, one's own for everyone else.
+#[utoipa::path(get, path = "/v1/tunnels", tag = "devices", params(TunnelQuery),
+    responses((status = 200, body = [TunnelView])), security(("bearer" = [])))]
+pub async fn list_tunnels(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+    query: Result<Query<TunnelQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<Vec<TunnelView>>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad(e.body_text()))?;
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let user = (!caller.0.user.is_admin).then_some(caller.0.user.id);
+    let tunnels = state.store.list_tunnels(user, limit).await?;
+    Ok(axum::Json(tunnels.into_iter().map(TunnelView::from).collect()))
+}
+
+/// The public SSH keys of `username`, one per line, for a device's sshd
+/// (`AuthorizedKeysCommand`). Authenticated with the device key. A user who does not exist
+/// or may not reach this device gets an empty 200, so usernames cannot be probed. Always
+/// read fresh from the store: a removed key or membership stops working for the next login.
+#[utoipa::path(get, path = "/auth/v1/public-keys/{username}", tag = "devices",
+    params(("username" = String, Path)),
+    responses((status = 200, content_type = "text/plain", body = String),
+        (status = 401, body = ErrorBody)),
+    security(("device_key" = [])))]
+pub async fn public_keys(
+    State(state): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(username): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let device = device_from_key(&state, &headers).await?;
+    let mut body = String::new();
+    if let Some(user) = state.store.user_by_name(&username).await? {
+        let reachable = user.is_admin
+            || state
+                .store
+                .member_role(device.fleet_id, user.id)
+                .await?
+                .is_some();
+        if reachable {
+            for key in state.store.list_ssh_keys(user.id).await? {
+                body.push_str(&key.public_key);
+                body.push('\n');
+            }
+        }
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body))
+}
+
+/// The device whose key is the request's bearer token, or 401. The key alone names the
+/// device (balenaOS's stock script sends nothing else); keys are unique random secrets.
+async fn device_from_key(state: &Shared, headers: &HeaderMap) -> Result<Device, ApiError> {
+    let key = bearer(headers).ok_or(ApiError::Unauthorized)?;
+    let hash = tokens::hash_secret(key);
+    let device = state
+        .store
+        .device_by_key_hash(&hash)
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
+    if tokens::hashes_equal(&device.key_hash, &hash) {
+        Ok(device)
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}

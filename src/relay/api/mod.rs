@@ -1,0 +1,201 @@
+//! The REST API (axum): identities, fleets, devices, keys, audit; plus `/healthz`,
+//! `/readyz`, `/metrics` and the generated OpenAPI document.
+
+pub mod devices;
+pub mod error;
+pub mod extract;
+pub mod fleets;
+pub mod users;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::state::Shared;
+pub use error::ApiError;
+
+/// Checks a user, fleet, device or key name: `[a-z0-9][a-z0-9_-]{0,62}`.
+pub fn validate_name(what: &str, name: &str) -> Result<(), ApiError> {
+    let bytes = name.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 63
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad(format!(
+            "The {what} must be 1 to 63 characters of a-z, 0-9, _ and -, starting with a \
+             letter or digit."
+        )))
+    }
+}
+
+/// Unix milliseconds as RFC 3339 (UTC).
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An API key (clk_…) or a JWT"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "device_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("A device key"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The OpenAPI document, generated from the handlers' annotations.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Cloudlink relay API", description = "Fleets, devices, keys and tunnels."),
+    modifiers(&BearerAuth),
+    paths(
+        users::create_user, users::list_users, users::delete_user, users::me,
+        users::create_api_key, users::list_api_keys, users::revoke_api_key, users::issue_token,
+        users::add_ssh_key, users::list_ssh_keys, users::delete_ssh_key,
+        fleets::create_fleet, fleets::list_fleets, fleets::get_fleet, fleets::patch_fleet,
+        fleets::delete_fleet, fleets::list_members, fleets::add_member, fleets::remove_member,
+        devices::register_device, devices::list_devices, devices::get_device,
+        devices::delete_device, devices::list_tunnels, devices::public_keys,
+        healthz, readyz,
+    )
+)]
+pub struct ApiDoc;
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = String)))]
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// The store answers; 503 while it does not.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses((status = 200, body = String), (status = 503, body = error::ErrorBody)))]
+pub async fn readyz(State(state): State<Arc<Shared>>) -> Result<&'static str, ApiError> {
+    state.store.ping().await?;
+    Ok("ready\n")
+}
+
+async fn metrics(State(state): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+async fn openapi() -> impl IntoResponse {
+    axum::Json(ApiDoc::openapi())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("No such endpoint.".into())
+}
+
+async fn count_responses(State(state): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    state
+        .metrics
+        .api_responses
+        .with_label_values(&[response.status().as_str()])
+        .inc();
+    response
+}
+
+/// The API's routes.
+pub fn router(state: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/users", post(users::create_user).get(users::list_users))
+        .route("/v1/users/{username}", delete(users::delete_user))
+        .route("/v1/me", get(users::me))
+        .route(
+            "/v1/api-keys",
+            post(users::create_api_key).get(users::list_api_keys),
+        )
+        .route("/v1/api-keys/{id}", delete(users::revoke_api_key))
+        .route("/v1/auth/token", post(users::issue_token))
+        .route(
+            "/v1/ssh-keys",
+            post(users::add_ssh_key).get(users::list_ssh_keys),
+        )
+        .route("/v1/ssh-keys/{id}", delete(users::delete_ssh_key))
+        .route(
+            "/v1/fleets",
+            post(fleets::create_fleet).get(fleets::list_fleets),
+        )
+        .route(
+            "/v1/fleets/{name}",
+            get(fleets::get_fleet)
+                .patch(fleets::patch_fleet)
+                .delete(fleets::delete_fleet),
+        )
+        .route(
+            "/v1/fleets/{name}/members",
+            get(fleets::list_members).post(fleets::add_member),
+        )
+        .route(
+            "/v1/fleets/{name}/members/{username}",
+            delete(fleets::remove_member),
+        )
+        .route("/v1/fleets/{name}/devices", post(devices::register_device))
+        .route("/v1/devices", get(devices::list_devices))
+        .route(
+            "/v1/devices/{uuid}",
+            get(devices::get_device).delete(devices::delete_device),
+        )
+        .route("/v1/tunnels", get(devices::list_tunnels))
+        .route(
+            "/auth/v1/public-keys/{username}",
+            get(devices::public_keys),
+        )
+        .route("/v1/openapi.json", get(openapi))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(state.clone(), count_responses))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until the relay shuts down.
+pub async fn run(listener: TcpListener, state: Arc<Shared>) -> std::io::Result<()> {
+    let shutdown = state.shutdown.clone();
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+}

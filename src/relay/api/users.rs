@@ -1,0 +1,370 @@
+//! Users, API keys, JWTs and SSH keys.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::ApiError;
+use super::extract::{Caller, Json, Path};
+use super::{rfc3339, validate_name};
+use crate::auth::ssh_keys;
+use crate::auth::tokens;
+use crate::relay::state::Shared;
+use crate::store::{ApiKey, Id, SshKey, StoreError, User};
+
+/// A user as the API shows them.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    /// Row id.
+    pub id: Id,
+    /// Login name.
+    pub username: String,
+    /// Whether they are an admin.
+    pub admin: bool,
+}
+
+impl From<User> for UserView {
+    fn from(u: User) -> Self {
+        UserView {
+            id: u.id,
+            username: u.username,
+            admin: u.is_admin,
+        }
+    }
+}
+
+/// `POST /v1/users`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    /// `[a-z0-9][a-z0-9_-]{0,62}`.
+    pub username: String,
+    /// Make them an admin.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// A new user and their first API key (shown only here).
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CreatedUser {
+    /// Row id.
+    pub id: Id,
+    /// Login name.
+    pub username: String,
+    /// Whether they are an admin.
+    pub admin: bool,
+    /// Their first API key; stored only as a hash, so this is the one chance to copy it.
+    pub api_key: String,
+}
+
+/// Creates a user and a first API key named `default` (admins only).
+#[utoipa::path(post, path = "/v1/users", request_body = NewUser, tag = "users",
+    responses((status = 201, body = CreatedUser), (status = 409, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_user(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+    Json(body): Json<NewUser>,
+) -> Result<(StatusCode, axum::Json<CreatedUser>), ApiError> {
+    caller.require_admin()?;
+    validate_name("username", &body.username)?;
+    let user = state
+        .store
+        .create_user(&body.username, body.admin)
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict => {
+                ApiError::Conflict(format!("User {} already exists.", body.username))
+            }
+            e => e.into(),
+        })?;
+    let (_, key) = issue_api_key(&state, user.id, "default").await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(CreatedUser {
+            id: user.id,
+            username: user.username,
+            admin: user.is_admin,
+            api_key: key,
+        }),
+    ))
+}
+
+/// Lists every user (admins only).
+#[utoipa::path(get, path = "/v1/users", tag = "users",
+    responses((status = 200, body = [UserView])), security(("bearer" = [])))]
+pub async fn list_users(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+) -> Result<axum::Json<Vec<UserView>>, ApiError> {
+    caller.require_admin()?;
+    let users = state.store.list_users().await?;
+    Ok(axum::Json(users.into_iter().map(UserView::from).collect()))
+}
+
+/// Deletes a user with their keys and memberships (admins only).
+#[utoipa::path(delete, path = "/v1/users/{username}", tag = "users",
+    params(("username" = String, Path)),
+    responses((status = 204), (status = 404, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete_user(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+    Path(username): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_admin()?;
+    let user = state
+        .store
+        .user_by_name(&username)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("User {username}")))?;
+    if user.id == caller.0.user.id {
+        return Err(ApiError::bad("You cannot delete yourself."));
+    }
+    state.store.delete_user(user.id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Who the caller is.
+#[utoipa::path(get, path = "/v1/me", tag = "users",
+    responses((status = 200, body = UserView)), security(("bearer" = [])))]
+pub async fn me(caller: Caller) -> axum::Json<UserView> {
+    axum::Json(caller.0.user.into())
+}
+
+/// `POST /v1/api-keys`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewApiKey {
+    /// A label, `[a-z0-9][a-z0-9_-]{0,62}`.
+    pub name: String,
+}
+
+/// A new API key (the secret is shown only here).
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct CreatedApiKey {
+    /// Row id, to revoke it.
+    pub id: Id,
+    /// Its label.
+    pub name: String,
+    /// The secret.
+    pub key: String,
+    /// What later listings show of it.
+    pub prefix: String,
+}
+
+/// An API key in a listing: never the secret.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ApiKeyView {
+    /// Row id.
+    pub id: Id,
+    /// Its label.
+    pub name: String,
+    /// Its first characters.
+    pub prefix: String,
+    /// When it was made (RFC 3339).
+    pub created_at: String,
+    /// When it was last used, to the minute.
+    pub last_used_at: Option<String>,
+    /// When it was revoked.
+    pub revoked_at: Option<String>,
+}
+
+impl From<ApiKey> for ApiKeyView {
+    fn from(k: ApiKey) -> Self {
+        ApiKeyView {
+            id: k.id,
+            name: k.name,
+            prefix: k.prefix,
+            created_at: rfc3339(k.created_at),
+            last_used_at: k.last_used_at.map(rfc3339),
+            revoked_at: k.revoked_at.map(rfc3339),
+        }
+    }
+}
+
+async fn issue_api_key(state: &Shared, user_id: Id, name: &str) -> Result<(ApiKey, String), ApiError> {
+    let key = tokens::new_api_key();
+    let row = state
+        .store
+        .create_api_key(
+            user_id,
+            name,
+            &tokens::hash_secret(&key),
+            &tokens::display_prefix(&key),
+        )
+        .await?;
+    Ok((row, key))
+}
+
+/// Creates an API key for the caller.
+#[utoipa::path(post, path = "/v1/api-keys", request_body = NewApiKey, tag = "keys",
+    responses((status = 201, body = CreatedApiKey)), security(("bearer" = [])))]
+pub async fn create_api_key(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+    Json(body): Json<NewApiKey>,
+) -> Result<(StatusCode, axum::Json<CreatedApiKey>), ApiError> {
+    validate_name("name", &body.name)?;
+    let (row, key) = issue_api_key(&state, caller.0.user.id, &body.name).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(CreatedApiKey {
+            id: row.id,
+            name: row.name,
+            key,
+            prefix: row.prefix,
+        }),
+    ))
+}
+
+/// Lists the caller's API keys, revoked ones included.
+#[utoipa::path(get, path = "/v1/api-keys", tag = "keys",
+    responses((status = 200, body = [ApiKeyView])), security(("bearer" = [])))]
+pub async fn list_api_keys(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+) -> Result<axum::Json<Vec<ApiKeyView>>, ApiError> {
+    let keys = state.store.list_api_keys(caller.0.user.id).await?;
+    Ok(axum::Json(keys.into_iter().map(ApiKeyView::from).collect()))
+}
+
+/// Revokes one of the caller's API keys, effective for the next request.
+#[utoipa::path(delete, path = "/v1/api-keys/{id}", tag = "keys",
+    params(("id" = i64, Path)),
+    responses((status = 204), (status = 404, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn revoke_api_key(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+    Path(id): Path<Id>,
+) -> Result<StatusCode, ApiError> {
+    if state.store.revoke_api_key(caller.0.user.id, id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("API key {id}")))
+    }
+}
+
+/// A short-lived JWT.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct IssuedToken {
+    /// The JWT (HS256).
+    pub token: String,
+    /// Its expiry (RFC 3339).
+    pub expires_at: String,
+}
+
+/// Trades the caller's credential for a JWT valid for the configured lifetime (1 h default).
+#[utoipa::path(post, path = "/v1/auth/token", tag = "keys",
+    responses((status = 200, body = IssuedToken)), security(("bearer" = [])))]
+pub async fn issue_token(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+) -> axum::Json<IssuedToken> {
+    let (token, exp) = state
+        .jwt
+        .mint(&caller.0.user.username, state.config.jwt_ttl_secs);
+    axum::Json(IssuedToken {
+        token,
+        expires_at: rfc3339(exp as i64 * 1000),
+    })
+}
+
+/// `POST /v1/ssh-keys`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewSshKey {
+    /// A label (free text, up to 200 characters).
+    pub title: String,
+    /// One OpenSSH public key line: ed25519, ecdsa, or rsa of at least 2048 bits.
+    pub public_key: String,
+}
+
+/// An SSH key as the API shows it.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct SshKeyView {
+    /// Row id.
+    pub id: Id,
+    /// Its label.
+    pub title: String,
+    /// `SHA256:…`.
+    pub fingerprint: String,
+    /// The key itself.
+    pub public_key: String,
+    /// When it was added (RFC 3339).
+    pub created_at: String,
+}
+
+impl From<SshKey> for SshKeyView {
+    fn from(k: SshKey) -> Self {
+        SshKeyView {
+            id: k.id,
+            title: k.title,
+            fingerprint: k.fingerprint,
+            public_key: k.public_key,
+            created_at: rfc3339(k.created_at),
+        }
+    }
+}
+
+/// Adds a public SSH key to the caller's account.
+#[utoipa::path(post, path = "/v1/ssh-keys", request_body = NewSshKey, tag = "keys",
+    responses((status = 201, body = SshKeyView), (status = 409, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn add_ssh_key(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+    Json(body): Json<NewSshKey>,
+) -> Result<(StatusCode, axum::Json<SshKeyView>), ApiError> {
+    let title = body.title.trim();
+    if title.is_empty() || title.chars().count() > 200 || title.chars().any(char::is_control) {
+        return Err(ApiError::bad(
+            "The title must be 1 to 200 printable characters.",
+        ));
+    }
+    let parsed = ssh_keys::parse(&body.public_key).map_err(|e| ApiError::bad(e.to_string()))?;
+    let row = state
+        .store
+        .add_ssh_key(caller.0.user.id, title, &parsed.openssh, &parsed.fingerprint)
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict => ApiError::Conflict(format!(
+                "You already have the key {}.",
+                parsed.fingerprint
+            )),
+            e => e.into(),
+        })?;
+    Ok((StatusCode::CREATED, axum::Json(row.into())))
+}
+
+/// Lists the caller's SSH keys.
+#[utoipa::path(get, path = "/v1/ssh-keys", tag = "keys",
+    responses((status = 200, body = [SshKeyView])), security(("bearer" = [])))]
+pub async fn list_ssh_keys(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+) -> Result<axum::Json<Vec<SshKeyView>>, ApiError> {
+    let keys = state.store.list_ssh_keys(caller.0.user.id).await?;
+    Ok(axum::Json(keys.into_iter().map(SshKeyView::from).collect()))
+}
+
+/// Removes one of the caller's SSH keys.
+#[utoipa::path(delete, path = "/v1/ssh-keys/{id}", tag = "keys",
+    params(("id" = i64, Path)),
+    responses((status = 204), (status = 404, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn delete_ssh_key(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+    Path(id): Path<Id>,
+) -> Result<StatusCode, ApiError> {
+    if state.store.delete_ssh_key(caller.0.user.id, id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("SSH key {id}")))
+    }
+}

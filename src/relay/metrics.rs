@@ -1,0 +1,111 @@
+//! Prometheus metrics of one relay, served at `/metrics`.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+/// Every metric the relay keeps. Counters are bumped when something ends, never per chunk.
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    registry: Registry,
+    /// API responses by status code.
+    pub api_responses: IntCounterVec,
+    /// CONNECT answers by status code and the side that caused it (`user`, `device`, `relay`).
+    pub proxy_responses: IntCounterVec,
+    /// Devices connected to this relay now.
+    pub devices_connected: IntGauge,
+    /// Device hellos accepted.
+    pub device_hellos: IntCounter,
+    /// Device hellos rejected, by reject code.
+    pub device_rejects: IntCounterVec,
+    /// Tunnels open now.
+    pub tunnels_open: IntGauge,
+    /// Tunnels ended, by close reason.
+    pub tunnels_closed: IntCounterVec,
+    /// Bytes carried by ended tunnels, by direction (`up` = user to device).
+    pub tunnel_bytes: IntCounterVec,
+    /// Failed authentications (API and proxy).
+    pub auth_failures: IntCounter,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            registry
+                .register(Box::new(c.clone()))
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            c
+        };
+        let api_responses = counter_vec(
+            "cloudlink_api_responses_total",
+            "API responses by status",
+            &["status"],
+        );
+        let proxy_responses = counter_vec(
+            "cloudlink_proxy_responses_total",
+            "CONNECT answers by status and the side that caused them",
+            &["status", "side"],
+        );
+        let device_rejects = counter_vec(
+            "cloudlink_device_rejects_total",
+            "Device hellos rejected, by code",
+            &["code"],
+        );
+        let tunnels_closed = counter_vec(
+            "cloudlink_tunnels_closed_total",
+            "Tunnels ended, by reason",
+            &["reason"],
+        );
+        let tunnel_bytes = counter_vec(
+            "cloudlink_tunnel_bytes_total",
+            "Bytes carried by ended tunnels, by direction",
+            &["direction"],
+        );
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            registry
+                .register(Box::new(g.clone()))
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            g
+        };
+        let devices_connected = gauge("cloudlink_devices_connected", "Devices connected now");
+        let tunnels_open = gauge("cloudlink_tunnels_open", "Tunnels open now");
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            registry
+                .register(Box::new(c.clone()))
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            c
+        };
+        let device_hellos = counter("cloudlink_device_hellos_total", "Device hellos accepted");
+        let auth_failures = counter("cloudlink_auth_failures_total", "Failed authentications");
+        Metrics {
+            registry,
+            api_responses,
+            proxy_responses,
+            devices_connected,
+            device_hellos,
+            device_rejects,
+            tunnels_open,
+            tunnels_closed,
+            tunnel_bytes,
+            auth_failures,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding registered metrics into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

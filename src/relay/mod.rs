@@ -1,0 +1,211 @@
+//! The relay server: wires the listeners to the shared state and stops them together.
+//!
+//! [`Relay::start`] does everything that can fail before serving (data directory, store,
+//! migrations, bootstrap admin, binding every socket) so a bad setting fails fast with
+//! nothing half-started; [`Relay::run`] serves until the shutdown future resolves, then
+//! drains.
+
+pub mod api;
+pub mod datadir;
+pub mod limits;
+pub mod metrics;
+pub mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::tokens::{self, JwtKeys, KeyError};
+use crate::config::RelayConfig;
+use crate::store::{self, StoreError};
+use state::Shared;
+
+/// Why a relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// A file in the data directory.
+    #[error("data directory: {0}")]
+    DataDir(#[from] datadir::DataDirError),
+    /// The store could not be opened or migrated.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// JWT key material.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// `CLOUDLINK_BOOTSTRAP_ADMIN_KEY` is not an API key.
+    #[error("CLOUDLINK_BOOTSTRAP_ADMIN_KEY must start with clk_ and be at least 36 characters")]
+    BootstrapKey,
+    /// A listener could not bind.
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A listener failed while serving.
+    #[error("{what} listener failed: {source}")]
+    Serve {
+        /// Which listener.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The addresses the relay actually listens on (port 0 in the config becomes a real port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundAddrs {
+    /// REST API.
+    pub api: SocketAddr,
+}
+
+/// A relay that has bound its sockets and is ready to serve.
+pub struct Relay {
+    /// State shared with every listener.
+    shared: Arc<Shared>,
+    /// The API listener.
+    api: TcpListener,
+    /// Where the bootstrap admin's key was written on this start, if it was.
+    pub admin_key_path: Option<PathBuf>,
+}
+
+/// Name of the bootstrap admin's key file in the data directory.
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+
+async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RelayError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RelayError::Bind { what, addr, source })
+}
+
+impl Relay {
+    /// Prepares the data directory and store and binds every listener.
+    pub async fn start(config: RelayConfig) -> Result<Relay, RelayError> {
+        datadir::ensure(&config.data_dir)?;
+        let secret = match &config.jwt_secret {
+            Some(secret) => secret.0.clone(),
+            None => datadir::persistent(&config.data_dir, "jwt-secret", tokens::new_device_key)?,
+        };
+        let jwt = JwtKeys::new(secret.as_bytes(), config.jwt_public_key.as_deref())?;
+        let relay_id = datadir::persistent(&config.data_dir, "relay-id", || {
+            format!("relay-{}", &tokens::new_device_uuid()[..12])
+        })?;
+        let store = store::open(&config.database_url()).await?;
+        tracing::info!(backend = store.backend(), "store open, migrations applied");
+        let admin_key_path = bootstrap_admin(store.as_ref(), &config).await?;
+
+        let api = bind_tcp("the API", config.api_listen).await?;
+        store
+            .register_relay(&relay_id, &config.api_listen.to_string())
+            .await?;
+        store.clear_relay_presence(&relay_id).await?;
+        let shared = Shared::new(config, store, jwt, relay_id);
+        Ok(Relay {
+            shared,
+            api,
+            admin_key_path,
+        })
+    }
+
+    /// Where each listener is bound.
+    pub fn addrs(&self) -> BoundAddrs {
+        BoundAddrs {
+            api: self.api.local_addr().unwrap_or(self.shared.config.api_listen),
+        }
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
+        let shared = self.shared;
+        let tracker = TaskTracker::new();
+        let api = tracker.spawn(api::run(self.api, shared.clone()));
+        tracker.spawn(heartbeat(shared.clone()));
+        tracker.close();
+
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutting down"),
+            _ = shared.shutdown.cancelled() => {}
+        }
+        shared.shutdown.cancel();
+        let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(?grace, "grace period over; closing what is still open");
+        }
+        if let Err(e) = shared.store.clear_relay_presence(&shared.relay_id).await {
+            tracing::warn!(error = %e, "could not clear presence rows on exit");
+        }
+        match api.await {
+            Ok(Err(source)) => Err(RelayError::Serve {
+                what: "API",
+                source,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Marks this relay alive every 5 s so other relays (and `online`) count its devices.
+async fn heartbeat(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        match shared.store.heartbeat(&shared.relay_id).await {
+            Ok(()) if failing => {
+                tracing::info!("store reachable again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                tracing::warn!(error = %e, "heartbeat failed; will keep trying");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// On a store with no users, creates `admin` and writes its key to `<data-dir>/admin.key`.
+async fn bootstrap_admin(
+    store: &dyn store::Store,
+    config: &RelayConfig,
+) -> Result<Option<PathBuf>, RelayError> {
+    if store.count_users().await? > 0 {
+        return Ok(None);
+    }
+    let key = match std::env::var("CLOUDLINK_BOOTSTRAP_ADMIN_KEY") {
+        Ok(key) if tokens::is_api_key(&key) && key.len() >= 36 => key,
+        Ok(_) => return Err(RelayError::BootstrapKey),
+        Err(_) => tokens::new_api_key(),
+    };
+    let path = config.data_dir.join(ADMIN_KEY_FILE);
+    // A key file left from an earlier store would be a lie about this one.
+    if path.exists() {
+        std::fs::remove_file(&path).map_err(|source| datadir::DataDirError {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    datadir::write_private(&path, format!("{key}\n").as_bytes())?;
+    let admin = store.create_user("admin", true).await?;
+    store
+        .create_api_key(
+            admin.id,
+            "bootstrap",
+            &tokens::hash_secret(&key),
+            &tokens::display_prefix(&key),
+        )
+        .await?;
+    Ok(Some(path))
+}

@@ -1,0 +1,402 @@
+//! The store: users, keys, fleets, devices, presence and the tunnel audit log.
+//!
+//! [`Store`] is the one interface the rest of the relay sees. [`open`] picks the backend from
+//! the URL scheme, in this one place. Both backends share the queries in [`sql`]: the two
+//! dialects differ in nothing those queries use (positional `$N` parameters, `RETURNING`,
+//! `ON CONFLICT`), so a second copy of every query would only be a place for the two to drift.
+//! What really differs per backend (connect options, migrations, pragmas) lives in
+//! [`postgres`] and [`sqlite`].
+
+pub mod postgres;
+pub mod sql;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+/// A row id (users, keys, fleets).
+pub type Id = i64;
+
+/// Unix time in milliseconds; every timestamp in the store has this form.
+pub type Millis = i64;
+
+/// The current time as [`Millis`].
+pub fn now_ms() -> Millis {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Errors from the store, sorted by what a caller can do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached right now; the caller should answer 503 and try later.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// A unique constraint refused the write (duplicate name, key, member).
+    #[error("already exists")]
+    Conflict,
+    /// The URL names no backend we know.
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://…")]
+    UnsupportedUrl(String),
+    /// Applying migrations failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Any other database error: a bug or a broken schema, logged and answered as 500.
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict,
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => StoreError::Unavailable(e),
+            // Postgres shutting down or restarting answers with class 57 (operator intervention)
+            // or 08 (connection exception); both mean "try again later", not "bug".
+            sqlx::Error::Database(db)
+                if db
+                    .code()
+                    .is_some_and(|c| c.starts_with("57") || c.starts_with("08")) =>
+            {
+                StoreError::Unavailable(e)
+            }
+            _ => StoreError::Database(e),
+        }
+    }
+}
+
+/// Shorthand for store results.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A person (or a script) with an account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// Row id; JWTs and audit rows name users by it.
+    pub id: Id,
+    /// Unique login name, `[a-z0-9][a-z0-9_-]{0,62}`.
+    pub username: String,
+    /// Admins may do everything, on every fleet.
+    pub is_admin: bool,
+    /// When the account was made.
+    pub created_at: Millis,
+}
+
+/// An API key's metadata; the secret itself is never stored.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ApiKey {
+    /// Row id, used to revoke it.
+    pub id: Id,
+    /// The owner.
+    pub user_id: Id,
+    /// The owner's label for it.
+    pub name: String,
+    /// Hex SHA-256 of the key; what a presented key is compared against.
+    pub key_hash: String,
+    /// The first characters of the key, so people can tell their keys apart.
+    pub prefix: String,
+    /// When it was made.
+    pub created_at: Millis,
+    /// When it last authenticated a request (updated at most once a minute).
+    pub last_used_at: Option<Millis>,
+    /// When it was revoked; a revoked key never authenticates again.
+    pub revoked_at: Option<Millis>,
+}
+
+/// A user's public SSH key, served to devices' sshd.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SshKey {
+    /// Row id, used to remove it.
+    pub id: Id,
+    /// The owner.
+    pub user_id: Id,
+    /// The owner's label for it.
+    pub title: String,
+    /// The key in OpenSSH one-line form (`ssh-ed25519 AAAA… comment`).
+    pub public_key: String,
+    /// `SHA256:…`, as `ssh-keygen -lf` prints it.
+    pub fingerprint: String,
+    /// When it was added.
+    pub created_at: Millis,
+}
+
+/// A group of devices and the people who may reach them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fleet {
+    /// Row id.
+    pub id: Id,
+    /// Unique name.
+    pub name: String,
+    /// Ports members may reach on the fleet's devices; empty means every port.
+    pub allowed_ports: Vec<u16>,
+    /// When it was made.
+    pub created_at: Millis,
+}
+
+impl Fleet {
+    /// Whether `port` is open to the fleet's members.
+    pub fn allows_port(&self, port: u16) -> bool {
+        self.allowed_ports.is_empty() || self.allowed_ports.contains(&port)
+    }
+}
+
+/// A member's role in a fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Manages the fleet's members and devices.
+    Owner,
+    /// Sees the fleet and reaches its devices.
+    Member,
+}
+
+impl Role {
+    /// The form stored in `fleet_members.role`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Member => "member",
+        }
+    }
+
+    /// Parses the stored form; anything else is a broken row.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "owner" => Some(Role::Owner),
+            "member" => Some(Role::Member),
+            _ => None,
+        }
+    }
+}
+
+/// One row of a fleet's member list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The member.
+    pub user_id: Id,
+    /// Their name, for display.
+    pub username: String,
+    /// What they may do.
+    pub role: Role,
+}
+
+/// A device registered in a fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// 32 lowercase hex characters.
+    pub uuid: String,
+    /// The fleet it belongs to.
+    pub fleet_id: Id,
+    /// That fleet's name, joined in for display.
+    pub fleet: String,
+    /// A label.
+    pub name: String,
+    /// Hex SHA-256 of the device key.
+    pub key_hash: String,
+    /// When it was registered.
+    pub created_at: Millis,
+    /// When its agent last connected or disconnected.
+    pub last_seen: Option<Millis>,
+    /// Whether a live relay holds a session for it right now.
+    pub online: bool,
+}
+
+/// What the policy needs to know about one device for one user, in one query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceAccess {
+    /// The device.
+    pub device: Device,
+    /// Its fleet's port allowlist; empty means every port.
+    pub allowed_ports: Vec<u16>,
+    /// The user's role in that fleet, if any.
+    pub role: Option<Role>,
+}
+
+/// Where a device is connected right now.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Presence {
+    /// The device.
+    pub device_uuid: String,
+    /// The relay that holds its connection.
+    pub relay_id: String,
+    /// That relay's peer address, for forwarding.
+    pub peer_addr: String,
+    /// The session id the relay gave it; a newer session replaces an older one.
+    pub session: String,
+    /// When the session began.
+    pub connected_at: Millis,
+}
+
+/// A tunnel as the audit log records it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TunnelSession {
+    /// Tunnel id (also sent to the device in the `open` frame).
+    pub id: String,
+    /// Who opened it.
+    pub user_id: Id,
+    /// Their name at the time.
+    pub username: String,
+    /// To which device.
+    pub device_uuid: String,
+    /// Which port on the device.
+    pub port: i64,
+    /// Which relay carried it.
+    pub relay_id: String,
+    /// When the device accepted it.
+    pub opened_at: Millis,
+    /// When it ended; `None` while open.
+    pub closed_at: Option<Millis>,
+    /// Bytes from the user to the device.
+    pub bytes_up: i64,
+    /// Bytes from the device to the user.
+    pub bytes_down: i64,
+    /// Why it ended (`closed`, `reset`, `revoked`, `shutdown`, …).
+    pub close_reason: Option<String>,
+}
+
+/// The store interface. Every method is one short transaction; none holds a lock across calls.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// `postgres` or `sqlite`, for logs and `/readyz`.
+    fn backend(&self) -> &'static str;
+    /// Succeeds when the database answers a trivial query.
+    async fn ping(&self) -> Result<()>;
+
+    /// Creates a user; [`StoreError::Conflict`] when the name is taken.
+    async fn create_user(&self, username: &str, is_admin: bool) -> Result<User>;
+    /// Looks a user up by id.
+    async fn user_by_id(&self, id: Id) -> Result<Option<User>>;
+    /// Looks a user up by name.
+    async fn user_by_name(&self, username: &str) -> Result<Option<User>>;
+    /// Every user, by name.
+    async fn list_users(&self) -> Result<Vec<User>>;
+    /// Deletes a user and everything they own (keys, memberships); false if there was none.
+    async fn delete_user(&self, id: Id) -> Result<bool>;
+    /// How many users exist (zero means a first start: bootstrap the admin).
+    async fn count_users(&self) -> Result<i64>;
+
+    /// Stores a new API key's hash; [`StoreError::Conflict`] if that hash exists.
+    async fn create_api_key(&self, user_id: Id, name: &str, key_hash: &str, prefix: &str)
+        -> Result<ApiKey>;
+    /// The unrevoked key with this hash and its user.
+    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<(ApiKey, User)>>;
+    /// A user's keys, revoked ones included, oldest first.
+    async fn list_api_keys(&self, user_id: Id) -> Result<Vec<ApiKey>>;
+    /// Revokes one of a user's keys; false if it is not theirs or already revoked.
+    async fn revoke_api_key(&self, user_id: Id, key_id: Id) -> Result<bool>;
+    /// Records that a key was used, at most once a minute per key.
+    async fn touch_api_key(&self, key_id: Id, now: Millis) -> Result<()>;
+
+    /// Adds an SSH key; [`StoreError::Conflict`] if the user has that fingerprint already.
+    async fn add_ssh_key(
+        &self,
+        user_id: Id,
+        title: &str,
+        public_key: &str,
+        fingerprint: &str,
+    ) -> Result<SshKey>;
+    /// A user's SSH keys, oldest first.
+    async fn list_ssh_keys(&self, user_id: Id) -> Result<Vec<SshKey>>;
+    /// Removes one of a user's SSH keys; false if it is not theirs.
+    async fn delete_ssh_key(&self, user_id: Id, key_id: Id) -> Result<bool>;
+
+    /// Creates a fleet, with `owner` (if any) as its first owner, in one transaction.
+    async fn create_fleet(&self, name: &str, allowed_ports: &[u16], owner: Option<Id>)
+        -> Result<Fleet>;
+    /// Looks a fleet up by name.
+    async fn fleet_by_name(&self, name: &str) -> Result<Option<Fleet>>;
+    /// Every fleet (`None`) or the fleets a user belongs to, by name.
+    async fn list_fleets(&self, member: Option<Id>) -> Result<Vec<Fleet>>;
+    /// Replaces a fleet's port allowlist.
+    async fn set_fleet_ports(&self, fleet_id: Id, allowed_ports: &[u16]) -> Result<()>;
+    /// Deletes a fleet with its devices and memberships; false if there was none.
+    async fn delete_fleet(&self, fleet_id: Id) -> Result<bool>;
+    /// A user's role in a fleet, if any.
+    async fn member_role(&self, fleet_id: Id, user_id: Id) -> Result<Option<Role>>;
+    /// Adds a member or changes their role.
+    async fn set_member(&self, fleet_id: Id, user_id: Id, role: Role) -> Result<()>;
+    /// A fleet's members, by name.
+    async fn list_members(&self, fleet_id: Id) -> Result<Vec<Member>>;
+    /// Removes a member; false if they were not one.
+    async fn remove_member(&self, fleet_id: Id, user_id: Id) -> Result<bool>;
+
+    /// Registers a device; [`StoreError::Conflict`] if the uuid exists.
+    async fn create_device(&self, uuid: &str, fleet_id: Id, name: &str, key_hash: &str)
+        -> Result<Device>;
+    /// Looks a device up by uuid.
+    async fn device(&self, uuid: &str) -> Result<Option<Device>>;
+    /// Every device (`None`) or those in fleets the user belongs to, by fleet then name.
+    async fn list_devices(&self, member: Option<Id>) -> Result<Vec<Device>>;
+    /// The device whose key has this hash.
+    async fn device_by_key_hash(&self, key_hash: &str) -> Result<Option<Device>>;
+    /// Deletes a device; false if there was none.
+    async fn delete_device(&self, uuid: &str) -> Result<bool>;
+    /// The device, its fleet's ports and the user's role there: everything the policy needs.
+    async fn device_access(&self, user_id: Id, uuid: &str) -> Result<Option<DeviceAccess>>;
+
+    /// Registers (or re-registers) a relay and its peer address.
+    async fn register_relay(&self, relay_id: &str, peer_addr: &str) -> Result<()>;
+    /// Marks a relay alive now.
+    async fn heartbeat(&self, relay_id: &str) -> Result<()>;
+    /// Records that a device is connected to a relay in a session, replacing any older row.
+    async fn set_presence(&self, device_uuid: &str, relay_id: &str, session: &str) -> Result<()>;
+    /// Removes a device's presence row if it still names this session, and sets `last_seen`.
+    async fn clear_presence(&self, device_uuid: &str, session: &str) -> Result<()>;
+    /// Removes every presence row of a relay (at its start and clean exit).
+    async fn clear_relay_presence(&self, relay_id: &str) -> Result<()>;
+    /// Where a device is connected, counting only relays whose heartbeat is fresh.
+    async fn presence(&self, device_uuid: &str) -> Result<Option<Presence>>;
+
+    /// Writes the audit row of a tunnel the device accepted.
+    async fn open_tunnel(&self, t: &TunnelSession) -> Result<()>;
+    /// Completes a tunnel's audit row.
+    async fn close_tunnel(
+        &self,
+        id: &str,
+        bytes_up: i64,
+        bytes_down: i64,
+        reason: &str,
+    ) -> Result<()>;
+    /// The newest tunnels, all (`None`) or one user's, at most `limit`.
+    async fn list_tunnels(&self, user_id: Option<Id>, limit: i64) -> Result<Vec<TunnelSession>>;
+}
+
+/// Opens the store the URL names and applies its migrations.
+///
+/// This is the one place the backend is picked from the scheme.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
+    let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        postgres::open(url).await?
+    } else if url.starts_with("sqlite:") {
+        sqlite::open(url).await?
+    } else {
+        return Err(StoreError::UnsupportedUrl(url.to_owned()));
+    };
+    Ok(Arc::new(store))
+}
+
+/// Applies the migrations for the URL's backend without starting anything else.
+pub async fn migrate(url: &str) -> Result<()> {
+    open(url).await.map(drop)
+}
+
+/// Heartbeats older than this mean the relay is dead and its presence rows do not count.
+pub const RELAY_DEAD_AFTER_MS: Millis = 15_000;
+
+/// Parses the stored allowlist form (`"22222,80"`); junk entries are skipped.
+pub(crate) fn parse_ports(s: &str) -> Vec<u16> {
+    s.split(',').filter_map(|p| p.trim().parse().ok()).collect()
+}
+
+/// The stored allowlist form of a port list.
+pub(crate) fn format_ports(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -1,0 +1,622 @@
+//! The queries both backends share, over `sqlx::Any`.
+//!
+//! Every query uses `$N` parameters (Postgres' form, which SQLite also reads positionally),
+//! integers for flags and Unix milliseconds for time, so the same text runs on both.
+
+use async_trait::async_trait;
+use sqlx::any::AnyRow;
+use sqlx::{AnyPool, AssertSqlSafe, Row};
+
+use super::{
+    format_ports, now_ms, parse_ports, ApiKey, Device, DeviceAccess, Fleet, Id, Member, Presence,
+    Result, Role, SshKey, Store, StoreError, TunnelSession, User, RELAY_DEAD_AFTER_MS,
+};
+
+/// A [`Store`] on an `AnyPool`, for either backend.
+pub struct SqlStore {
+    /// The connection pool; it reconnects by itself after the database comes back.
+    pool: AnyPool,
+    /// Which backend the pool talks to, for logs.
+    backend: &'static str,
+}
+
+impl SqlStore {
+    /// Wraps a pool whose migrations have been applied.
+    pub fn new(pool: AnyPool, backend: &'static str) -> Self {
+        SqlStore { pool, backend }
+    }
+}
+
+const USER_COLUMNS: &str = "id, username, is_admin, created_at";
+
+fn user_from_row(row: &AnyRow) -> sqlx::Result<User> {
+    Ok(User {
+        id: row.try_get("id")?,
+        username: row.try_get("username")?,
+        is_admin: row.try_get::<i64, _>("is_admin")? != 0,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn fleet_from_row(row: &AnyRow) -> sqlx::Result<Fleet> {
+    Ok(Fleet {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        allowed_ports: parse_ports(&row.try_get::<String, _>("allowed_ports")?),
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn role_from_row(row: &AnyRow, column: &str) -> sqlx::Result<Option<Role>> {
+    let role: Option<String> = row.try_get(column)?;
+    match role {
+        None => Ok(None),
+        Some(r) => Role::parse(&r)
+            .map(Some)
+            .ok_or_else(|| sqlx::Error::Decode(format!("unknown role {r:?}").into())),
+    }
+}
+
+/// Device columns plus `online`, computed against live relays; binds `$1` as the cut-off.
+const DEVICE_COLUMNS: &str = "d.uuid, d.fleet_id, f.name AS fleet, d.name, d.key_hash, \
+     d.created_at, d.last_seen, \
+     CASE WHEN EXISTS (SELECT 1 FROM presence p JOIN relays r ON r.id = p.relay_id \
+       WHERE p.device_uuid = d.uuid AND r.heartbeat_at > $1) THEN 1 ELSE 0 END AS online, \
+     f.allowed_ports";
+
+/// The tables [`DEVICE_COLUMNS`] reads.
+const DEVICE_FROM: &str = "FROM devices d JOIN fleets f ON f.id = d.fleet_id";
+
+fn device_from_row(row: &AnyRow) -> sqlx::Result<Device> {
+    Ok(Device {
+        uuid: row.try_get("uuid")?,
+        fleet_id: row.try_get("fleet_id")?,
+        fleet: row.try_get("fleet")?,
+        name: row.try_get("name")?,
+        key_hash: row.try_get("key_hash")?,
+        created_at: row.try_get("created_at")?,
+        last_seen: row.try_get("last_seen")?,
+        online: row.try_get::<i64, _>("online")? != 0,
+    })
+}
+
+fn live_cutoff() -> i64 {
+    now_ms() - RELAY_DEAD_AFTER_MS
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_user(&self, username: &str, is_admin: bool) -> Result<User> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO users (username, is_admin, created_at) VALUES ($1, $2, $3) \
+             RETURNING {USER_COLUMNS}"
+        )))
+        .bind(username)
+        .bind(i64::from(is_admin))
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(user_from_row(&row)?)
+    }
+
+    async fn user_by_id(&self, id: Id) -> Result<Option<User>> {
+        let row = sqlx::query(AssertSqlSafe(format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(user_from_row).transpose()?)
+    }
+
+    async fn user_by_name(&self, username: &str) -> Result<Option<User>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE username = $1"
+        )))
+        .bind(username)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(user_from_row).transpose()?)
+    }
+
+    async fn list_users(&self) -> Result<Vec<User>> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {USER_COLUMNS} FROM users ORDER BY username"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(user_from_row).collect::<sqlx::Result<_>>()?)
+    }
+
+    async fn delete_user(&self, id: Id) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM users WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn count_users(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM users")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("n")?)
+    }
+
+    async fn create_api_key(
+        &self,
+        user_id: Id,
+        name: &str,
+        key_hash: &str,
+        prefix: &str,
+    ) -> Result<ApiKey> {
+        Ok(sqlx::query_as(
+            "INSERT INTO api_keys (user_id, name, key_hash, prefix, created_at) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING *",
+        )
+        .bind(user_id)
+        .bind(name)
+        .bind(key_hash)
+        .bind(prefix)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<(ApiKey, User)>> {
+        let key: Option<ApiKey> = sqlx::query_as(
+            "SELECT * FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(key) = key else { return Ok(None) };
+        Ok(self.user_by_id(key.user_id).await?.map(|user| (key, user)))
+    }
+
+    async fn list_api_keys(&self, user_id: Id) -> Result<Vec<ApiKey>> {
+        Ok(
+            sqlx::query_as("SELECT * FROM api_keys WHERE user_id = $1 ORDER BY id")
+                .bind(user_id)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn revoke_api_key(&self, user_id: Id, key_id: Id) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1 \
+             WHERE id = $2 AND user_id = $3 AND revoked_at IS NULL",
+        )
+        .bind(now_ms())
+        .bind(key_id)
+        .bind(user_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn touch_api_key(&self, key_id: Id, now: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE api_keys SET last_used_at = $1 \
+             WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $3)",
+        )
+        .bind(now)
+        .bind(key_id)
+        .bind(now - 60_000)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn add_ssh_key(
+        &self,
+        user_id: Id,
+        title: &str,
+        public_key: &str,
+        fingerprint: &str,
+    ) -> Result<SshKey> {
+        Ok(sqlx::query_as(
+            "INSERT INTO ssh_keys (user_id, title, public_key, fingerprint, created_at) \
+             VALUES ($1, $2, $3, $4, $5) RETURNING *",
+        )
+        .bind(user_id)
+        .bind(title)
+        .bind(public_key)
+        .bind(fingerprint)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn list_ssh_keys(&self, user_id: Id) -> Result<Vec<SshKey>> {
+        Ok(
+            sqlx::query_as("SELECT * FROM ssh_keys WHERE user_id = $1 ORDER BY id")
+                .bind(user_id)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn delete_ssh_key(&self, user_id: Id, key_id: Id) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM ssh_keys WHERE id = $1 AND user_id = $2")
+            .bind(key_id)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn create_fleet(
+        &self,
+        name: &str,
+        allowed_ports: &[u16],
+        owner: Option<Id>,
+    ) -> Result<Fleet> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "INSERT INTO fleets (name, allowed_ports, created_at) VALUES ($1, $2, $3) \
+             RETURNING id, name, allowed_ports, created_at",
+        )
+        .bind(name)
+        .bind(format_ports(allowed_ports))
+        .bind(now_ms())
+        .fetch_one(&mut *tx)
+        .await?;
+        let fleet = fleet_from_row(&row)?;
+        if let Some(owner) = owner {
+            sqlx::query("INSERT INTO fleet_members (fleet_id, user_id, role) VALUES ($1, $2, $3)")
+                .bind(fleet.id)
+                .bind(owner)
+                .bind(Role::Owner.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(fleet)
+    }
+
+    async fn fleet_by_name(&self, name: &str) -> Result<Option<Fleet>> {
+        let row = sqlx::query("SELECT * FROM fleets WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(fleet_from_row).transpose()?)
+    }
+
+    async fn list_fleets(&self, member: Option<Id>) -> Result<Vec<Fleet>> {
+        let rows = match member {
+            None => {
+                sqlx::query("SELECT * FROM fleets ORDER BY name")
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            Some(user_id) => {
+                sqlx::query(
+                    "SELECT f.* FROM fleets f JOIN fleet_members m ON m.fleet_id = f.id \
+                     WHERE m.user_id = $1 ORDER BY f.name",
+                )
+                .bind(user_id)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        Ok(rows.iter().map(fleet_from_row).collect::<sqlx::Result<_>>()?)
+    }
+
+    async fn set_fleet_ports(&self, fleet_id: Id, allowed_ports: &[u16]) -> Result<()> {
+        sqlx::query("UPDATE fleets SET allowed_ports = $1 WHERE id = $2")
+            .bind(format_ports(allowed_ports))
+            .bind(fleet_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_fleet(&self, fleet_id: Id) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM fleets WHERE id = $1")
+            .bind(fleet_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn member_role(&self, fleet_id: Id, user_id: Id) -> Result<Option<Role>> {
+        let row = sqlx::query("SELECT role FROM fleet_members WHERE fleet_id = $1 AND user_id = $2")
+            .bind(fleet_id)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            None => Ok(None),
+            Some(row) => Ok(role_from_row(&row, "role")?),
+        }
+    }
+
+    async fn set_member(&self, fleet_id: Id, user_id: Id, role: Role) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO fleet_members (fleet_id, user_id, role) VALUES ($1, $2, $3) \
+             ON CONFLICT (fleet_id, user_id) DO UPDATE SET role = excluded.role",
+        )
+        .bind(fleet_id)
+        .bind(user_id)
+        .bind(role.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_members(&self, fleet_id: Id) -> Result<Vec<Member>> {
+        let rows = sqlx::query(
+            "SELECT m.user_id, u.username, m.role FROM fleet_members m \
+             JOIN users u ON u.id = m.user_id WHERE m.fleet_id = $1 ORDER BY u.username",
+        )
+        .bind(fleet_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut members = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let role = role_from_row(row, "role")?
+                .ok_or_else(|| StoreError::Database(sqlx::Error::RowNotFound))?;
+            members.push(Member {
+                user_id: row.try_get("user_id")?,
+                username: row.try_get("username")?,
+                role,
+            });
+        }
+        Ok(members)
+    }
+
+    async fn remove_member(&self, fleet_id: Id, user_id: Id) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM fleet_members WHERE fleet_id = $1 AND user_id = $2")
+            .bind(fleet_id)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn create_device(
+        &self,
+        uuid: &str,
+        fleet_id: Id,
+        name: &str,
+        key_hash: &str,
+    ) -> Result<Device> {
+        sqlx::query(
+            "INSERT INTO devices (uuid, fleet_id, name, key_hash, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(uuid)
+        .bind(fleet_id)
+        .bind(name)
+        .bind(key_hash)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        self.device(uuid)
+            .await?
+            .ok_or(StoreError::Database(sqlx::Error::RowNotFound))
+    }
+
+    async fn device(&self, uuid: &str) -> Result<Option<Device>> {
+        let row = sqlx::query(AssertSqlSafe(format!("SELECT {DEVICE_COLUMNS} {DEVICE_FROM} WHERE d.uuid = $2")))
+            .bind(live_cutoff())
+            .bind(uuid)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(device_from_row).transpose()?)
+    }
+
+    async fn list_devices(&self, member: Option<Id>) -> Result<Vec<Device>> {
+        let rows = match member {
+            None => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "SELECT {DEVICE_COLUMNS} {DEVICE_FROM} ORDER BY f.name, d.name, d.uuid"
+                )))
+                    .bind(live_cutoff())
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            Some(user_id) => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "SELECT {DEVICE_COLUMNS} {DEVICE_FROM} JOIN fleet_members m ON m.fleet_id = d.fleet_id \
+                     WHERE m.user_id = $2 ORDER BY f.name, d.name, d.uuid"
+                )))
+                .bind(live_cutoff())
+                .bind(user_id)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        Ok(rows.iter().map(device_from_row).collect::<sqlx::Result<_>>()?)
+    }
+
+    async fn device_by_key_hash(&self, key_hash: &str) -> Result<Option<Device>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {DEVICE_COLUMNS} {DEVICE_FROM} WHERE d.key_hash = $2"
+        )))
+        .bind(live_cutoff())
+        .bind(key_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(device_from_row).transpose()?)
+    }
+
+    async fn delete_device(&self, uuid: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM devices WHERE uuid = $1")
+            .bind(uuid)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn device_access(&self, user_id: Id, uuid: &str) -> Result<Option<DeviceAccess>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {DEVICE_COLUMNS}, m.role {DEVICE_FROM} LEFT JOIN fleet_members m \
+               ON m.fleet_id = d.fleet_id AND m.user_id = $2 \
+             WHERE d.uuid = $3"
+        )))
+        .bind(live_cutoff())
+        .bind(user_id)
+        .bind(uuid)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(DeviceAccess {
+            device: device_from_row(&row)?,
+            allowed_ports: parse_ports(&row.try_get::<String, _>("allowed_ports")?),
+            role: role_from_row(&row, "role")?,
+        }))
+    }
+
+    async fn register_relay(&self, relay_id: &str, peer_addr: &str) -> Result<()> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO relays (id, peer_addr, started_at, heartbeat_at) VALUES ($1, $2, $3, $3) \
+             ON CONFLICT (id) DO UPDATE SET peer_addr = excluded.peer_addr, \
+             started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(relay_id)
+        .bind(peer_addr)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn heartbeat(&self, relay_id: &str) -> Result<()> {
+        sqlx::query("UPDATE relays SET heartbeat_at = $1 WHERE id = $2")
+            .bind(now_ms())
+            .bind(relay_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_presence(&self, device_uuid: &str, relay_id: &str, session: &str) -> Result<()> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO presence (device_uuid, relay_id, session, connected_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (device_uuid) DO UPDATE SET \
+             relay_id = excluded.relay_id, session = excluded.session, \
+             connected_at = excluded.connected_at",
+        )
+        .bind(device_uuid)
+        .bind(relay_id)
+        .bind(session)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE devices SET last_seen = $1 WHERE uuid = $2")
+            .bind(now)
+            .bind(device_uuid)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn clear_presence(&self, device_uuid: &str, session: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM presence WHERE device_uuid = $1 AND session = $2")
+            .bind(device_uuid)
+            .bind(session)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE devices SET last_seen = $1 WHERE uuid = $2")
+            .bind(now_ms())
+            .bind(device_uuid)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn clear_relay_presence(&self, relay_id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM presence WHERE relay_id = $1")
+            .bind(relay_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn presence(&self, device_uuid: &str) -> Result<Option<Presence>> {
+        Ok(sqlx::query_as(
+            "SELECT p.device_uuid, p.relay_id, r.peer_addr, p.session, p.connected_at \
+             FROM presence p JOIN relays r ON r.id = p.relay_id \
+             WHERE p.device_uuid = $1 AND r.heartbeat_at > $2",
+        )
+        .bind(device_uuid)
+        .bind(live_cutoff())
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn open_tunnel(&self, t: &TunnelSession) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tunnel_sessions (id, user_id, username, device_uuid, port, relay_id, \
+             opened_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&t.id)
+        .bind(t.user_id)
+        .bind(&t.username)
+        .bind(&t.device_uuid)
+        .bind(t.port)
+        .bind(&t.relay_id)
+        .bind(t.opened_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn close_tunnel(
+        &self,
+        id: &str,
+        bytes_up: i64,
+        bytes_down: i64,
+        reason: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE tunnel_sessions SET closed_at = $1, bytes_up = $2, bytes_down = $3, \
+             close_reason = $4 WHERE id = $5",
+        )
+        .bind(now_ms())
+        .bind(bytes_up)
+        .bind(bytes_down)
+        .bind(reason)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_tunnels(&self, user_id: Option<Id>, limit: i64) -> Result<Vec<TunnelSession>> {
+        Ok(match user_id {
+            None => {
+                sqlx::query_as("SELECT * FROM tunnel_sessions ORDER BY opened_at DESC LIMIT $1")
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            Some(user_id) => {
+                sqlx::query_as(
+                    "SELECT * FROM tunnel_sessions WHERE user_id = $1 \
+                     ORDER BY opened_at DESC LIMIT $2",
+                )
+                .bind(user_id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        })
+    }
+}

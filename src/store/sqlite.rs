@@ -1,0 +1,42 @@
+//! The SQLite backend: the embedded default for a single relay.
+
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+
+use super::sql::SqlStore;
+use super::Result;
+
+/// Opens (creating if missing) the database file, turns on WAL, applies `migrations/sqlite`.
+///
+/// WAL lets the API read while a tunnel's audit row is written; the setting is stored in
+/// the file, so one `PRAGMA` at open is enough.
+pub async fn open(url: &str) -> Result<SqlStore> {
+    sqlx::any::install_default_drivers();
+    let pool = AnyPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect(&with_create_mode(url))
+        .await?;
+    sqlx::query("PRAGMA journal_mode=WAL")
+        .execute(&pool)
+        .await?;
+    sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+    Ok(SqlStore::new(pool, "sqlite"))
+}
+
+/// Adds `mode=rwc` (create if missing) unless the URL already says how to open the file.
+fn with_create_mode(url: &str) -> String {
+    if url.contains("mode=") || url.contains(":memory:") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    }
+}
+
+/// The default database URL for a data directory.
+pub fn default_url(data_dir: &std::path::Path) -> String {
+    format!("sqlite://{}", data_dir.join("cloudlink.db").display())
+}

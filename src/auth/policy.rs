@@ -60,3 +60,153 @@ pub async fn authorize(
         Err(AuthError::Store(e)) => Err(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::tokens::{self, UserClaims, USER_AUDIENCE};
+    use crate::store::{self, Id, Role};
+    use std::sync::Arc;
+
+    const UUID: &str = "0123456789abcdef0123456789abcdef";
+    const OTHER_UUID: &str = "fedcba9876543210fedcba9876543210";
+
+    struct World {
+        _dir: tempfile::TempDir,
+        store: Arc<dyn Store>,
+        keys: JwtKeys,
+    }
+
+    impl World {
+        async fn new() -> World {
+            let dir = tempfile::tempdir().unwrap();
+            let store = store::open(&store::sqlite::default_url(dir.path()))
+                .await
+                .unwrap();
+            let keys = JwtKeys::new(b"policy-test-secret-policy-test-secret", None).unwrap();
+            World {
+                _dir: dir,
+                store,
+                keys,
+            }
+        }
+
+        /// A user with an API key; returns their id and the key.
+        async fn user(&self, name: &str, admin: bool) -> (Id, String) {
+            let user = self.store.create_user(name, admin).await.unwrap();
+            let key = tokens::new_api_key();
+            self.store
+                .create_api_key(user.id, "k", &tokens::hash_secret(&key), "p")
+                .await
+                .unwrap();
+            (user.id, key)
+        }
+
+        async fn check(&self, token: &str, uuid: &str, port: u16) -> &'static str {
+            match authorize(self.store.as_ref(), &self.keys, token, uuid, port)
+                .await
+                .unwrap()
+            {
+                Decision::Allow { device, .. } => {
+                    assert_eq!(device.uuid, uuid);
+                    "allow"
+                }
+                Decision::Unauthenticated => "unauthenticated",
+                Decision::Forbidden => "forbidden",
+            }
+        }
+    }
+
+    /// Fleet `a` (ports 22222 and 80) holds UUID; fleet `b` (every port) holds OTHER_UUID.
+    async fn fleets(w: &World, owner: Id, member: Id) -> (Id, Id) {
+        let a = w.store.create_fleet("a", &[22222, 80], Some(owner)).await.unwrap();
+        let b = w.store.create_fleet("b", &[], None).await.unwrap();
+        w.store.set_member(a.id, member, Role::Member).await.unwrap();
+        w.store.create_device(UUID, a.id, "d1", "h1").await.unwrap();
+        w.store.create_device(OTHER_UUID, b.id, "d2", "h2").await.unwrap();
+        (a.id, b.id)
+    }
+
+    #[tokio::test]
+    async fn who_may_reach_what() {
+        let w = World::new().await;
+        let (_, admin) = w.user("root", true).await;
+        let (owner_id, owner) = w.user("olga", false).await;
+        let (member_id, member) = w.user("mike", false).await;
+        let (_, stranger) = w.user("sam", false).await;
+        fleets(&w, owner_id, member_id).await;
+
+        assert_eq!(w.check(&admin, UUID, 22222).await, "allow");
+        assert_eq!(w.check(&admin, OTHER_UUID, 9999).await, "allow");
+        assert_eq!(w.check(&admin, UUID, 9999).await, "forbidden", "allowlist binds admins");
+        assert_eq!(w.check(&owner, UUID, 22222).await, "allow");
+        assert_eq!(w.check(&member, UUID, 80).await, "allow");
+        assert_eq!(w.check(&member, UUID, 443).await, "forbidden", "port not allowed");
+        assert_eq!(w.check(&member, OTHER_UUID, 22222).await, "forbidden", "other fleet");
+        assert_eq!(w.check(&stranger, UUID, 22222).await, "forbidden", "non-member");
+        assert_eq!(
+            w.check(&stranger, "00000000000000000000000000000000", 22222).await,
+            "forbidden",
+            "unknown device reads like a forbidden one"
+        );
+        assert_eq!(w.check("clk_nonsense", UUID, 22222).await, "unauthenticated");
+        assert_eq!(w.check("", UUID, 22222).await, "unauthenticated");
+    }
+
+    #[tokio::test]
+    async fn revoked_keys_deleted_users_and_devices_lose_access() {
+        let w = World::new().await;
+        let (owner_id, owner) = w.user("olga", false).await;
+        let (member_id, member) = w.user("mike", false).await;
+        let (fleet_a, _) = fleets(&w, owner_id, member_id).await;
+
+        // Revoked key.
+        let keys = w.store.list_api_keys(member_id).await.unwrap();
+        assert!(w.store.revoke_api_key(member_id, keys[0].id).await.unwrap());
+        assert_eq!(w.check(&member, UUID, 22222).await, "unauthenticated");
+
+        // Removed membership.
+        assert_eq!(w.check(&owner, UUID, 22222).await, "allow");
+        assert!(w.store.remove_member(fleet_a, owner_id).await.unwrap());
+        assert_eq!(w.check(&owner, UUID, 22222).await, "forbidden");
+        w.store.set_member(fleet_a, owner_id, Role::Owner).await.unwrap();
+
+        // Deleted device.
+        assert!(w.store.delete_device(UUID).await.unwrap());
+        assert_eq!(w.check(&owner, UUID, 22222).await, "forbidden");
+
+        // Deleted user, by key and by JWT.
+        let (jwt, _) = w.keys.mint("olga", 60);
+        assert_eq!(w.check(&jwt, OTHER_UUID, 1).await, "forbidden");
+        assert!(w.store.delete_user(owner_id).await.unwrap());
+        assert_eq!(w.check(&owner, OTHER_UUID, 1).await, "unauthenticated");
+        assert_eq!(w.check(&jwt, OTHER_UUID, 1).await, "unauthenticated");
+    }
+
+    #[tokio::test]
+    async fn jwts_are_checked_like_keys_and_expire() {
+        let w = World::new().await;
+        let (owner_id, _) = w.user("olga", false).await;
+        let (member_id, _) = w.user("mike", false).await;
+        fleets(&w, owner_id, member_id).await;
+
+        let (jwt, _) = w.keys.mint("mike", 60);
+        assert_eq!(w.check(&jwt, UUID, 22222).await, "allow");
+        assert_eq!(w.check(&jwt, OTHER_UUID, 22222).await, "forbidden");
+
+        let now = tokens::unix_now();
+        let expired = UserClaims {
+            sub: "mike".into(),
+            exp: now - 1,
+            iat: now - 61,
+            aud: USER_AUDIENCE.into(),
+        };
+        let expired = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &expired,
+            &jsonwebtoken::EncodingKey::from_secret(b"policy-test-secret-policy-test-secret"),
+        )
+        .unwrap();
+        assert_eq!(w.check(&expired, UUID, 22222).await, "unauthenticated");
+    }
+}

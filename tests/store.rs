@@ -1,0 +1,227 @@
+//! One conformance suite, run against both store backends.
+
+mod common;
+
+use std::sync::Arc;
+
+use cloudlink::store::{self, Role, Store, StoreError, TunnelSession};
+use common::pg::TempPg;
+
+const D1: &str = "0123456789abcdef0123456789abcdef";
+const D2: &str = "fedcba9876543210fedcba9876543210";
+
+async fn conformance(s: Arc<dyn Store>) {
+    s.ping().await.unwrap();
+
+    // Users.
+    assert_eq!(s.count_users().await.unwrap(), 0);
+    let alice = s.create_user("alice", true).await.unwrap();
+    let bob = s.create_user("bob", false).await.unwrap();
+    assert!(alice.is_admin && !bob.is_admin);
+    assert!(matches!(
+        s.create_user("alice", false).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(s.count_users().await.unwrap(), 2);
+    assert_eq!(s.user_by_id(bob.id).await.unwrap(), Some(bob.clone()));
+    assert_eq!(s.user_by_name("bob").await.unwrap(), Some(bob.clone()));
+    assert_eq!(s.user_by_name("carol").await.unwrap(), None);
+    let names: Vec<_> = s
+        .list_users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.username)
+        .collect();
+    assert_eq!(names, ["alice", "bob"]);
+
+    // API keys.
+    let k1 = s.create_api_key(bob.id, "laptop", "hash1", "clk_1").await.unwrap();
+    assert!(matches!(
+        s.create_api_key(alice.id, "dup", "hash1", "clk_1").await,
+        Err(StoreError::Conflict)
+    ));
+    let (found, owner) = s.api_key_by_hash("hash1").await.unwrap().unwrap();
+    assert_eq!((found.id, owner.id), (k1.id, bob.id));
+    assert_eq!(found.last_used_at, None);
+    s.touch_api_key(k1.id, 1_000_000).await.unwrap();
+    s.touch_api_key(k1.id, 1_000_001).await.unwrap(); // within a minute: not rewritten
+    let listed = s.list_api_keys(bob.id).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].last_used_at, Some(1_000_000));
+    assert!(!s.revoke_api_key(alice.id, k1.id).await.unwrap(), "not alice's key");
+    assert!(s.revoke_api_key(bob.id, k1.id).await.unwrap());
+    assert!(!s.revoke_api_key(bob.id, k1.id).await.unwrap(), "already revoked");
+    assert_eq!(s.api_key_by_hash("hash1").await.unwrap(), None);
+    assert!(s.list_api_keys(bob.id).await.unwrap()[0].revoked_at.is_some());
+
+    // SSH keys.
+    let sk = s
+        .add_ssh_key(bob.id, "laptop", "ssh-ed25519 AAAA bob", "SHA256:x")
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.add_ssh_key(bob.id, "again", "ssh-ed25519 AAAA bob", "SHA256:x").await,
+        Err(StoreError::Conflict)
+    ));
+    s.add_ssh_key(alice.id, "same key, other user", "ssh-ed25519 AAAA bob", "SHA256:x")
+        .await
+        .unwrap();
+    assert_eq!(s.list_ssh_keys(bob.id).await.unwrap(), vec![sk.clone()]);
+    assert!(!s.delete_ssh_key(alice.id, sk.id).await.unwrap());
+    assert!(s.delete_ssh_key(bob.id, sk.id).await.unwrap());
+    assert!(s.list_ssh_keys(bob.id).await.unwrap().is_empty());
+
+    // Fleets and members.
+    let pis = s.create_fleet("pis", &[22222, 80], Some(bob.id)).await.unwrap();
+    assert_eq!(pis.allowed_ports, vec![22222, 80]);
+    let gw = s.create_fleet("gateways", &[], None).await.unwrap();
+    assert!(matches!(
+        s.create_fleet("pis", &[], None).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(s.member_role(pis.id, bob.id).await.unwrap(), Some(Role::Owner));
+    assert_eq!(s.member_role(gw.id, bob.id).await.unwrap(), None);
+    assert_eq!(s.list_fleets(None).await.unwrap().len(), 2);
+    let bobs: Vec<_> = s
+        .list_fleets(Some(bob.id))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|f| f.name)
+        .collect();
+    assert_eq!(bobs, ["pis"]);
+    s.set_fleet_ports(pis.id, &[]).await.unwrap();
+    assert!(s
+        .fleet_by_name("pis")
+        .await
+        .unwrap()
+        .unwrap()
+        .allowed_ports
+        .is_empty());
+    s.set_member(pis.id, alice.id, Role::Member).await.unwrap();
+    s.set_member(pis.id, alice.id, Role::Owner).await.unwrap(); // role change, no conflict
+    let members = s.list_members(pis.id).await.unwrap();
+    assert_eq!(members.len(), 2);
+    assert_eq!((members[0].username.as_str(), members[0].role), ("alice", Role::Owner));
+    assert!(s.remove_member(pis.id, alice.id).await.unwrap());
+    assert!(!s.remove_member(pis.id, alice.id).await.unwrap());
+
+    // Devices.
+    let d1 = s.create_device(D1, pis.id, "pi1", "dh1").await.unwrap();
+    assert_eq!((d1.fleet.as_str(), d1.online, d1.last_seen), ("pis", false, None));
+    s.create_device(D2, gw.id, "gw1", "dh2").await.unwrap();
+    assert!(matches!(
+        s.create_device(D1, gw.id, "again", "dh3").await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(s.device(D1).await.unwrap().unwrap().name, "pi1");
+    assert_eq!(s.device_by_key_hash("dh2").await.unwrap().unwrap().uuid, D2);
+    assert_eq!(s.list_devices(None).await.unwrap().len(), 2);
+    let visible: Vec<_> = s
+        .list_devices(Some(bob.id))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.uuid)
+        .collect();
+    assert_eq!(visible, [D1]);
+    let access = s.device_access(bob.id, D1).await.unwrap().unwrap();
+    assert_eq!(access.role, Some(Role::Owner));
+    assert!(access.allowed_ports.is_empty());
+    let access = s.device_access(bob.id, D2).await.unwrap().unwrap();
+    assert_eq!(access.role, None);
+    assert_eq!(s.device_access(bob.id, "nope").await.unwrap(), None);
+
+    // Relays and presence.
+    s.register_relay("r1", "127.0.0.1:7000").await.unwrap();
+    s.set_presence(D1, "r1", "sess-1").await.unwrap();
+    let p = s.presence(D1).await.unwrap().unwrap();
+    assert_eq!((p.relay_id.as_str(), p.session.as_str()), ("r1", "sess-1"));
+    assert_eq!(p.peer_addr, "127.0.0.1:7000");
+    let d1 = s.device(D1).await.unwrap().unwrap();
+    assert!(d1.online && d1.last_seen.is_some());
+    s.heartbeat("r1").await.unwrap();
+    // A newer session replaces; clearing the older one then changes nothing.
+    s.set_presence(D1, "r1", "sess-2").await.unwrap();
+    s.clear_presence(D1, "sess-1").await.unwrap();
+    assert_eq!(s.presence(D1).await.unwrap().unwrap().session, "sess-2");
+    s.clear_presence(D1, "sess-2").await.unwrap();
+    assert_eq!(s.presence(D1).await.unwrap(), None);
+    assert!(!s.device(D1).await.unwrap().unwrap().online);
+    s.set_presence(D2, "r1", "sess-3").await.unwrap();
+    s.clear_relay_presence("r1").await.unwrap();
+    assert_eq!(s.presence(D2).await.unwrap(), None);
+
+    // Tunnel audit.
+    let t = TunnelSession {
+        id: "t1".into(),
+        user_id: bob.id,
+        username: "bob".into(),
+        device_uuid: D1.into(),
+        port: 22222,
+        relay_id: "r1".into(),
+        opened_at: store::now_ms(),
+        closed_at: None,
+        bytes_up: 0,
+        bytes_down: 0,
+        close_reason: None,
+    };
+    s.open_tunnel(&t).await.unwrap();
+    s.open_tunnel(&TunnelSession {
+        id: "t2".into(),
+        user_id: alice.id,
+        username: "alice".into(),
+        opened_at: t.opened_at + 1,
+        ..t.clone()
+    })
+    .await
+    .unwrap();
+    s.close_tunnel("t1", 10, 20, "closed").await.unwrap();
+    let all = s.list_tunnels(None, 10).await.unwrap();
+    assert_eq!(all.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["t2", "t1"]);
+    let bobs = s.list_tunnels(Some(bob.id), 10).await.unwrap();
+    assert_eq!(bobs.len(), 1);
+    assert_eq!(
+        (bobs[0].bytes_up, bobs[0].bytes_down, bobs[0].close_reason.as_deref()),
+        (10, 20, Some("closed"))
+    );
+    assert!(bobs[0].closed_at.is_some());
+    assert_eq!(s.list_tunnels(None, 1).await.unwrap().len(), 1);
+
+    // Deletes cascade; audit rows stay.
+    assert!(s.delete_device(D1).await.unwrap());
+    assert!(!s.delete_device(D1).await.unwrap());
+    assert!(s.delete_fleet(gw.id).await.unwrap());
+    assert_eq!(s.device(D2).await.unwrap(), None, "fleet delete takes its devices");
+    assert!(s.delete_user(bob.id).await.unwrap());
+    assert_eq!(s.list_members(pis.id).await.unwrap(), vec![]);
+    assert_eq!(s.api_key_by_hash("hash1").await.unwrap(), None);
+    assert_eq!(s.list_tunnels(None, 10).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn sqlite_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = store::sqlite::default_url(dir.path());
+    conformance(store::open(&url).await.unwrap()).await;
+    // Reopening applies no migration twice and keeps the data.
+    let again = store::open(&url).await.unwrap();
+    assert_eq!(again.count_users().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn postgres_conformance() {
+    let Some(pg) = TempPg::start() else { return };
+    conformance(store::open(&pg.url).await.unwrap()).await;
+    let again = store::open(&pg.url).await.unwrap();
+    assert_eq!(again.count_users().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn unknown_scheme_is_refused() {
+    assert!(matches!(
+        store::open("mysql://x").await,
+        Err(StoreError::UnsupportedUrl(_))
+    ));
+}

@@ -13,18 +13,33 @@
 //!   implementation per backend" on purpose: the dialects differ in nothing the queries use.
 //! - [`auth`]: tokens (API keys, device keys, JWTs), authentication, the reach policy, and
 //!   OpenSSH public key checks.
+//! - [`proto`]: bytes on the wire, no I/O policy: CONNECT heads, frames, messages.
+//! - [`quic`]: UDP sockets and transport settings shared by relay and agent.
+//! - [`forward`]: the hot path, one QUIC stream joined to one socket.
 //! - [`relay`]: the server. `mod.rs` starts and stops the listeners together; `api/` is the
-//!   REST API; `state.rs` what the listeners share; `datadir.rs` the generated files;
-//!   `limits.rs` per-source auth limits; `metrics.rs` Prometheus.
-//! - [`cli`]: the user commands (login, users, keys, fleets, devices).
+//!   REST API; `devices.rs` the QUIC listener and device sessions; `proxy.rs` the CONNECT
+//!   listeners and tunnel set-up; `registry.rs` who is connected; `authcache.rs` recent
+//!   authorization answers; `tls.rs` the certificate; `state.rs` what the listeners share;
+//!   `datadir.rs` the generated files; `limits.rs` per-source auth limits; `metrics.rs`.
+//! - [`agent`]: the device side: dial, hello, serve tunnel streams, reconnect with backoff;
+//!   `authorized_keys.rs` answers sshd's `AuthorizedKeysCommand`.
+//! - [`tls_client`]: which servers the agent and CLI trust (system roots, a CA file, none).
+//! - [`cli`]: the user commands: `admin.rs` (login, users, keys, fleets, devices),
+//!   `connect.rs` (CONNECT through the relay), `tunnel.rs` (`device tunnel`, `proxy`),
+//!   `ssh.rs` (`device ssh`), `settings.rs` (the saved login).
 //!
 //! Secrets (API keys, device keys) are stored only as SHA-256 and never logged.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod forward;
+pub mod proto;
+pub mod quic;
 pub mod relay;
 pub mod store;
+pub mod tls_client;

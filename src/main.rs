@@ -4,7 +4,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use cloudlink::cli::{self, admin, Output};
+use cloudlink::agent::{self, AgentArgs, AgentConfig};
+use cloudlink::cli::{self, admin, ssh, tunnel, Output};
 use cloudlink::config::{RelayArgs, RelayConfig};
 use cloudlink::relay::Relay;
 
@@ -42,12 +43,51 @@ enum Command {
     /// Manage fleets and their members.
     #[command(subcommand)]
     Fleet(admin::FleetCmd),
-    /// Register, list and remove devices.
+    /// Reach devices (tunnel, ssh) and manage them (register, list, rm).
     #[command(subcommand)]
-    Device(admin::DeviceAdminCmd),
+    Device(DeviceCmd),
+    /// Bridge stdin/stdout to a device port (for ssh's ProxyCommand).
+    Proxy {
+        /// Device uuid.
+        uuid: String,
+        /// Device port.
+        port: u16,
+    },
+    /// Run the device agent (dials the relay, serves tunnels).
+    Agent {
+        #[command(flatten)]
+        args: AgentArgs,
+        #[command(subcommand)]
+        command: Option<AgentCmd>,
+    },
     /// Manage your SSH public keys.
     #[command(subcommand)]
     Key(admin::KeyCmd),
+}
+
+#[derive(Subcommand)]
+enum DeviceCmd {
+    /// Forward local ports to the device's ports: -p R, R:L, R:ADDR or R:ADDR:L.
+    Tunnel {
+        /// Device uuid.
+        uuid: String,
+        /// Port spec (repeatable).
+        #[arg(short = 'p', long = "port", required = true)]
+        ports: Vec<String>,
+    },
+    /// SSH into the device (through the relay for a uuid, directly for an IP or *.local).
+    Ssh(ssh::SshArgs),
+    #[command(flatten)]
+    Admin(admin::DeviceAdminCmd),
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Print a cloud user's SSH keys for this device (sshd's AuthorizedKeysCommand).
+    AuthorizedKeys {
+        /// The login name sshd asks about (%u).
+        username: String,
+    },
 }
 
 fn init_tracing(default: &str) {
@@ -61,11 +101,36 @@ fn init_tracing(default: &str) {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let out = if cli.json { Output::Json } else { Output::Table };
+    let out = if cli.json {
+        Output::Json
+    } else {
+        Output::Table
+    };
     let result = match cli.command {
         Command::Relay(args) => {
             init_tracing("info");
             run_relay(args).await
+        }
+        Command::Agent {
+            args,
+            command: None,
+        } => {
+            init_tracing("info");
+            run_agent(args).await
+        }
+        Command::Agent {
+            args,
+            command: Some(AgentCmd::AuthorizedKeys { username }),
+        } => {
+            init_tracing("warn");
+            authorized_keys(args, &username).await
+        }
+        Command::Device(DeviceCmd::Ssh(args)) => {
+            init_tracing("warn");
+            match ssh::run(args) {
+                Ok(code) => std::process::exit(code),
+                Err(e) => Err(e),
+            }
         }
         command => {
             init_tracing("warn");
@@ -80,7 +145,9 @@ async fn main() {
 
 async fn run_command(command: Command, out: Output) -> Result<()> {
     match command {
-        Command::Relay(_) => unreachable!("handled in main"),
+        Command::Relay(_) | Command::Agent { .. } | Command::Device(DeviceCmd::Ssh(_)) => {
+            unreachable!("handled in main")
+        }
         Command::Migrate { database_url } => {
             cloudlink::store::migrate(&database_url)
                 .await
@@ -93,7 +160,9 @@ async fn run_command(command: Command, out: Output) -> Result<()> {
         Command::User(cmd) => admin::user(cmd, out).await,
         Command::ApiKey(cmd) => admin::api_key(cmd, out).await,
         Command::Fleet(cmd) => admin::fleet(cmd, out).await,
-        Command::Device(cmd) => admin::device(cmd, out).await,
+        Command::Device(DeviceCmd::Admin(cmd)) => admin::device(cmd, out).await,
+        Command::Device(DeviceCmd::Tunnel { uuid, ports }) => tunnel::tunnel(&uuid, &ports).await,
+        Command::Proxy { uuid, port } => tunnel::proxy(&uuid, port).await,
         Command::Key(cmd) => admin::key(cmd, out).await,
     }
 }
@@ -110,9 +179,37 @@ async fn run_relay(args: RelayArgs) -> Result<()> {
         println!("bootstrap admin key written to {}", path.display());
     }
     let addrs = relay.addrs();
-    tracing::info!(api = %addrs.api, "relay listening");
-    println!("relay listening: api={}", addrs.api);
+    tracing::info!(api = %addrs.api, proxy = %addrs.proxy, device = %addrs.device, "relay listening");
+    let tls = addrs
+        .proxy_tls
+        .map(|a| format!(" proxy_tls={a}"))
+        .unwrap_or_default();
+    println!(
+        "relay listening: api={} proxy={}{tls} device={}",
+        addrs.api, addrs.proxy, addrs.device
+    );
     relay.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn run_agent(args: AgentArgs) -> Result<()> {
+    let config = AgentConfig::load(&args)?;
+    cli::install_crypto();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let trigger = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        trigger.cancel();
+    });
+    tracing::info!(uuid = %config.uuid, relays = ?config.relay, "agent starting");
+    agent::run(config, stop).await?;
+    Ok(())
+}
+
+async fn authorized_keys(args: AgentArgs, username: &str) -> Result<()> {
+    let config = AgentConfig::load(&args)?;
+    let keys = agent::authorized_keys::lookup(&config, username).await?;
+    print!("{keys}");
     Ok(())
 }
 

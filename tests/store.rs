@@ -36,7 +36,10 @@ async fn conformance(s: Arc<dyn Store>) {
     assert_eq!(names, ["alice", "bob"]);
 
     // API keys.
-    let k1 = s.create_api_key(bob.id, "laptop", "hash1", "clk_1").await.unwrap();
+    let k1 = s
+        .create_api_key(bob.id, "laptop", "hash1", "clk_1")
+        .await
+        .unwrap();
     assert!(matches!(
         s.create_api_key(alice.id, "dup", "hash1", "clk_1").await,
         Err(StoreError::Conflict)
@@ -49,11 +52,19 @@ async fn conformance(s: Arc<dyn Store>) {
     let listed = s.list_api_keys(bob.id).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].last_used_at, Some(1_000_000));
-    assert!(!s.revoke_api_key(alice.id, k1.id).await.unwrap(), "not alice's key");
+    assert!(
+        !s.revoke_api_key(alice.id, k1.id).await.unwrap(),
+        "not alice's key"
+    );
     assert!(s.revoke_api_key(bob.id, k1.id).await.unwrap());
-    assert!(!s.revoke_api_key(bob.id, k1.id).await.unwrap(), "already revoked");
+    assert!(
+        !s.revoke_api_key(bob.id, k1.id).await.unwrap(),
+        "already revoked"
+    );
     assert_eq!(s.api_key_by_hash("hash1").await.unwrap(), None);
-    assert!(s.list_api_keys(bob.id).await.unwrap()[0].revoked_at.is_some());
+    assert!(s.list_api_keys(bob.id).await.unwrap()[0]
+        .revoked_at
+        .is_some());
 
     // SSH keys.
     let sk = s
@@ -61,26 +72,38 @@ async fn conformance(s: Arc<dyn Store>) {
         .await
         .unwrap();
     assert!(matches!(
-        s.add_ssh_key(bob.id, "again", "ssh-ed25519 AAAA bob", "SHA256:x").await,
+        s.add_ssh_key(bob.id, "again", "ssh-ed25519 AAAA bob", "SHA256:x")
+            .await,
         Err(StoreError::Conflict)
     ));
-    s.add_ssh_key(alice.id, "same key, other user", "ssh-ed25519 AAAA bob", "SHA256:x")
-        .await
-        .unwrap();
+    s.add_ssh_key(
+        alice.id,
+        "same key, other user",
+        "ssh-ed25519 AAAA bob",
+        "SHA256:x",
+    )
+    .await
+    .unwrap();
     assert_eq!(s.list_ssh_keys(bob.id).await.unwrap(), vec![sk.clone()]);
     assert!(!s.delete_ssh_key(alice.id, sk.id).await.unwrap());
     assert!(s.delete_ssh_key(bob.id, sk.id).await.unwrap());
     assert!(s.list_ssh_keys(bob.id).await.unwrap().is_empty());
 
     // Fleets and members.
-    let pis = s.create_fleet("pis", &[22222, 80], Some(bob.id)).await.unwrap();
+    let pis = s
+        .create_fleet("pis", &[22222, 80], Some(bob.id))
+        .await
+        .unwrap();
     assert_eq!(pis.allowed_ports, vec![22222, 80]);
     let gw = s.create_fleet("gateways", &[], None).await.unwrap();
     assert!(matches!(
         s.create_fleet("pis", &[], None).await,
         Err(StoreError::Conflict)
     ));
-    assert_eq!(s.member_role(pis.id, bob.id).await.unwrap(), Some(Role::Owner));
+    assert_eq!(
+        s.member_role(pis.id, bob.id).await.unwrap(),
+        Some(Role::Owner)
+    );
     assert_eq!(s.member_role(gw.id, bob.id).await.unwrap(), None);
     assert_eq!(s.list_fleets(None).await.unwrap().len(), 2);
     let bobs: Vec<_> = s
@@ -103,13 +126,19 @@ async fn conformance(s: Arc<dyn Store>) {
     s.set_member(pis.id, alice.id, Role::Owner).await.unwrap(); // role change, no conflict
     let members = s.list_members(pis.id).await.unwrap();
     assert_eq!(members.len(), 2);
-    assert_eq!((members[0].username.as_str(), members[0].role), ("alice", Role::Owner));
+    assert_eq!(
+        (members[0].username.as_str(), members[0].role),
+        ("alice", Role::Owner)
+    );
     assert!(s.remove_member(pis.id, alice.id).await.unwrap());
     assert!(!s.remove_member(pis.id, alice.id).await.unwrap());
 
     // Devices.
     let d1 = s.create_device(D1, pis.id, "pi1", "dh1").await.unwrap();
-    assert_eq!((d1.fleet.as_str(), d1.online, d1.last_seen), ("pis", false, None));
+    assert_eq!(
+        (d1.fleet.as_str(), d1.online, d1.last_seen),
+        ("pis", false, None)
+    );
     s.create_device(D2, gw.id, "gw1", "dh2").await.unwrap();
     assert!(matches!(
         s.create_device(D1, gw.id, "again", "dh3").await,
@@ -179,11 +208,18 @@ async fn conformance(s: Arc<dyn Store>) {
     .unwrap();
     s.close_tunnel("t1", 10, 20, "closed").await.unwrap();
     let all = s.list_tunnels(None, 10).await.unwrap();
-    assert_eq!(all.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["t2", "t1"]);
+    assert_eq!(
+        all.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        ["t2", "t1"]
+    );
     let bobs = s.list_tunnels(Some(bob.id), 10).await.unwrap();
     assert_eq!(bobs.len(), 1);
     assert_eq!(
-        (bobs[0].bytes_up, bobs[0].bytes_down, bobs[0].close_reason.as_deref()),
+        (
+            bobs[0].bytes_up,
+            bobs[0].bytes_down,
+            bobs[0].close_reason.as_deref()
+        ),
         (10, 20, Some("closed"))
     );
     assert!(bobs[0].closed_at.is_some());
@@ -193,7 +229,11 @@ async fn conformance(s: Arc<dyn Store>) {
     assert!(s.delete_device(D1).await.unwrap());
     assert!(!s.delete_device(D1).await.unwrap());
     assert!(s.delete_fleet(gw.id).await.unwrap());
-    assert_eq!(s.device(D2).await.unwrap(), None, "fleet delete takes its devices");
+    assert_eq!(
+        s.device(D2).await.unwrap(),
+        None,
+        "fleet delete takes its devices"
+    );
     assert!(s.delete_user(bob.id).await.unwrap());
     assert_eq!(s.list_members(pis.id).await.unwrap(), vec![]);
     assert_eq!(s.api_key_by_hash("hash1").await.unwrap(), None);

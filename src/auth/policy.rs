@@ -119,11 +119,21 @@ mod tests {
 
     /// Fleet `a` (ports 22222 and 80) holds UUID; fleet `b` (every port) holds OTHER_UUID.
     async fn fleets(w: &World, owner: Id, member: Id) -> (Id, Id) {
-        let a = w.store.create_fleet("a", &[22222, 80], Some(owner)).await.unwrap();
+        let a = w
+            .store
+            .create_fleet("a", &[22222, 80], Some(owner))
+            .await
+            .unwrap();
         let b = w.store.create_fleet("b", &[], None).await.unwrap();
-        w.store.set_member(a.id, member, Role::Member).await.unwrap();
+        w.store
+            .set_member(a.id, member, Role::Member)
+            .await
+            .unwrap();
         w.store.create_device(UUID, a.id, "d1", "h1").await.unwrap();
-        w.store.create_device(OTHER_UUID, b.id, "d2", "h2").await.unwrap();
+        w.store
+            .create_device(OTHER_UUID, b.id, "d2", "h2")
+            .await
+            .unwrap();
         (a.id, b.id)
     }
 
@@ -138,18 +148,38 @@ mod tests {
 
         assert_eq!(w.check(&admin, UUID, 22222).await, "allow");
         assert_eq!(w.check(&admin, OTHER_UUID, 9999).await, "allow");
-        assert_eq!(w.check(&admin, UUID, 9999).await, "forbidden", "allowlist binds admins");
+        assert_eq!(
+            w.check(&admin, UUID, 9999).await,
+            "forbidden",
+            "allowlist binds admins"
+        );
         assert_eq!(w.check(&owner, UUID, 22222).await, "allow");
         assert_eq!(w.check(&member, UUID, 80).await, "allow");
-        assert_eq!(w.check(&member, UUID, 443).await, "forbidden", "port not allowed");
-        assert_eq!(w.check(&member, OTHER_UUID, 22222).await, "forbidden", "other fleet");
-        assert_eq!(w.check(&stranger, UUID, 22222).await, "forbidden", "non-member");
         assert_eq!(
-            w.check(&stranger, "00000000000000000000000000000000", 22222).await,
+            w.check(&member, UUID, 443).await,
+            "forbidden",
+            "port not allowed"
+        );
+        assert_eq!(
+            w.check(&member, OTHER_UUID, 22222).await,
+            "forbidden",
+            "other fleet"
+        );
+        assert_eq!(
+            w.check(&stranger, UUID, 22222).await,
+            "forbidden",
+            "non-member"
+        );
+        assert_eq!(
+            w.check(&stranger, "00000000000000000000000000000000", 22222)
+                .await,
             "forbidden",
             "unknown device reads like a forbidden one"
         );
-        assert_eq!(w.check("clk_nonsense", UUID, 22222).await, "unauthenticated");
+        assert_eq!(
+            w.check("clk_nonsense", UUID, 22222).await,
+            "unauthenticated"
+        );
         assert_eq!(w.check("", UUID, 22222).await, "unauthenticated");
     }
 
@@ -169,7 +199,10 @@ mod tests {
         assert_eq!(w.check(&owner, UUID, 22222).await, "allow");
         assert!(w.store.remove_member(fleet_a, owner_id).await.unwrap());
         assert_eq!(w.check(&owner, UUID, 22222).await, "forbidden");
-        w.store.set_member(fleet_a, owner_id, Role::Owner).await.unwrap();
+        w.store
+            .set_member(fleet_a, owner_id, Role::Owner)
+            .await
+            .unwrap();
 
         // Deleted device.
         assert!(w.store.delete_device(UUID).await.unwrap());

@@ -209,7 +209,10 @@ mod tests {
             ..expired
         };
         let token = jsonwebtoken::encode(&Header::default(), &wrong_aud, &keys.encoding).unwrap();
-        assert!(keys.verify(&token).is_none(), "peer token accepted as user token");
+        assert!(
+            keys.verify(&token).is_none(),
+            "peer token accepted as user token"
+        );
         assert!(keys.verify("not.a.jwt").is_none());
     }
 }

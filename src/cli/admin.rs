@@ -29,7 +29,11 @@ pub struct LoginArgs {
     #[arg(long)]
     pub ca: Option<PathBuf>,
     /// The API key.
-    #[arg(long, conflicts_with = "key_file", required_unless_present = "key_file")]
+    #[arg(
+        long,
+        conflicts_with = "key_file",
+        required_unless_present = "key_file"
+    )]
     pub key: Option<String>,
     /// A file holding the API key (e.g. the relay's admin.key).
     #[arg(long)]
@@ -58,6 +62,8 @@ pub async fn login(args: LoginArgs, out: Output) -> Result<()> {
         proxy_tls: args.proxy_tls,
         ca: args.ca,
         key,
+        username: Some(me.username.clone()),
+        service_command: None,
     };
     let path = settings.save()?;
     out.record(
@@ -337,7 +343,10 @@ pub async fn fleet(cmd: FleetCmd, out: Output) -> Result<()> {
         }
         FleetCmd::Member(MemberCmd::Rm { fleet, user }) => {
             client
-                .call_empty(Method::DELETE, &format!("/v1/fleets/{fleet}/members/{user}"))
+                .call_empty(
+                    Method::DELETE,
+                    &format!("/v1/fleets/{fleet}/members/{user}"),
+                )
                 .await
         }
         FleetCmd::Member(MemberCmd::List { fleet }) => {
@@ -433,11 +442,8 @@ pub async fn device(cmd: DeviceAdminCmd, out: Output) -> Result<()> {
                 .call(Method::GET, &format!("/v1/devices/{uuid}"), None)
                 .await?;
             let cells = device_row(&d);
-            let fields: Vec<(&str, String)> = DEVICE_HEADERS
-                .iter()
-                .map(|h| *h)
-                .zip(cells)
-                .collect();
+            let fields: Vec<(&str, String)> =
+                DEVICE_HEADERS.iter().map(|h| *h).zip(cells).collect();
             out.record(&d, &fields)
         }
         DeviceAdminCmd::Rm { uuid } => {
@@ -451,7 +457,9 @@ pub async fn device(cmd: DeviceAdminCmd, out: Output) -> Result<()> {
                 .await?;
             out.list(
                 &tunnels,
-                &["OPENED", "USER", "DEVICE", "PORT", "UP", "DOWN", "CLOSED", "REASON"],
+                &[
+                    "OPENED", "USER", "DEVICE", "PORT", "UP", "DOWN", "CLOSED", "REASON",
+                ],
                 |t| {
                     vec![
                         t.opened_at.clone(),
@@ -504,7 +512,9 @@ pub async fn key(cmd: KeyCmd, out: Output) -> Result<()> {
                     .unwrap_or_else(|| file.display().to_string())
             });
             let body = json!({"title": title, "public_key": text});
-            let k: SshKeyView = client.call(Method::POST, "/v1/ssh-keys", Some(&body)).await?;
+            let k: SshKeyView = client
+                .call(Method::POST, "/v1/ssh-keys", Some(&body))
+                .await?;
             out.record(
                 &k,
                 &[
@@ -547,10 +557,7 @@ mod tests {
             default_proxy("https://relay.example.com/").unwrap(),
             "relay.example.com:3128"
         );
-        assert_eq!(
-            default_proxy("http://[::1]:8080").unwrap(),
-            "[::1]:3128"
-        );
+        assert_eq!(default_proxy("http://[::1]:8080").unwrap(), "[::1]:3128");
         assert!(default_proxy("relay").is_err());
     }
 }

@@ -1,7 +1,10 @@
 //! The user commands: login settings, an API client, and output for people or scripts.
 
 pub mod admin;
+pub mod connect;
 pub mod settings;
+pub mod ssh;
+pub mod tunnel;
 
 use anyhow::{anyhow, Context, Result};
 use reqwest::{Method, StatusCode};

@@ -24,6 +24,13 @@ pub struct Settings {
     pub ca: Option<PathBuf>,
     /// The API key.
     pub key: String,
+    /// The cloud username the key belongs to (the default ssh login name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The command `device ssh DEVICE SERVICE` runs to enter a service's container;
+    /// `{service}` is replaced by the service name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_command: Option<String>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -34,6 +41,7 @@ impl std::fmt::Debug for Settings {
             .field("proxy_tls", &self.proxy_tls)
             .field("ca", &self.ca)
             .field("key", &"***")
+            .field("username", &self.username)
             .finish()
     }
 }
@@ -91,8 +99,7 @@ impl Settings {
         file.write_all(text.as_bytes())
             .and_then(|_| file.sync_all())
             .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(path)
     }
 }

@@ -6,10 +6,15 @@
 //! drains.
 
 pub mod api;
+pub mod authcache;
 pub mod datadir;
+pub mod devices;
 pub mod limits;
 pub mod metrics;
+pub mod proxy;
+pub mod registry;
 pub mod state;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,6 +42,9 @@ pub enum RelayError {
     /// JWT key material.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The TLS certificate.
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     /// `CLOUDLINK_BOOTSTRAP_ADMIN_KEY` is not an API key.
     #[error("CLOUDLINK_BOOTSTRAP_ADMIN_KEY must start with clk_ and be at least 36 characters")]
     BootstrapKey,
@@ -65,6 +73,12 @@ pub enum RelayError {
 pub struct BoundAddrs {
     /// REST API.
     pub api: SocketAddr,
+    /// Plain CONNECT proxy.
+    pub proxy: SocketAddr,
+    /// TLS CONNECT proxy, if enabled.
+    pub proxy_tls: Option<SocketAddr>,
+    /// QUIC device listener (UDP).
+    pub device: SocketAddr,
 }
 
 /// A relay that has bound its sockets and is ready to serve.
@@ -73,6 +87,12 @@ pub struct Relay {
     shared: Arc<Shared>,
     /// The API listener.
     api: TcpListener,
+    /// The plain CONNECT listener.
+    proxy: TcpListener,
+    /// The TLS CONNECT listener and its acceptor.
+    proxy_tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
+    /// The QUIC endpoint devices dial.
+    devices: quinn::Endpoint,
     /// Where the bootstrap admin's key was written on this start, if it was.
     pub admin_key_path: Option<PathBuf>,
 }
@@ -102,7 +122,31 @@ impl Relay {
         tracing::info!(backend = store.backend(), "store open, migrations applied");
         let admin_key_path = bootstrap_admin(store.as_ref(), &config).await?;
 
+        let material = tls::material(&config)?;
+        let limits = &config.limits;
+        let transport = crate::quic::transport(
+            Duration::from_millis(limits.keep_alive_ms),
+            Duration::from_millis(limits.idle_timeout_ms),
+            // The agent opens only its control stream; a few more are allowed so that a
+            // stray one can be refused with a clear code instead of stalling.
+            4,
+        );
+        let server = tls::quic_server(&material, transport)?;
+        let bind_err = |what, addr| move |source| RelayError::Bind { what, addr, source };
+        let socket = crate::quic::udp_socket(config.device_listen)
+            .map_err(bind_err("devices (UDP)", config.device_listen))?;
+        let devices = crate::quic::endpoint(socket, Some(server))
+            .map_err(bind_err("devices (UDP)", config.device_listen))?;
         let api = bind_tcp("the API", config.api_listen).await?;
+        let proxy = bind_tcp("CONNECT", config.proxy_listen).await?;
+        let proxy_tls = match config.proxy_tls_listen {
+            Some(addr) => Some((
+                bind_tcp("CONNECT over TLS", addr).await?,
+                tls::tcp_acceptor(&material)?,
+            )),
+            None => None,
+        };
+        tracing::info!(cert = %material.cert_path.display(), "TLS certificate loaded");
         store
             .register_relay(&relay_id, &config.api_listen.to_string())
             .await?;
@@ -111,14 +155,24 @@ impl Relay {
         Ok(Relay {
             shared,
             api,
+            proxy,
+            proxy_tls,
+            devices,
             admin_key_path,
         })
     }
 
     /// Where each listener is bound.
     pub fn addrs(&self) -> BoundAddrs {
+        let c = &self.shared.config;
         BoundAddrs {
-            api: self.api.local_addr().unwrap_or(self.shared.config.api_listen),
+            api: self.api.local_addr().unwrap_or(c.api_listen),
+            proxy: self.proxy.local_addr().unwrap_or(c.proxy_listen),
+            proxy_tls: self
+                .proxy_tls
+                .as_ref()
+                .and_then(|(l, _)| l.local_addr().ok()),
+            device: self.devices.local_addr().unwrap_or(c.device_listen),
         }
     }
 
@@ -127,17 +181,36 @@ impl Relay {
         let shared = self.shared;
         let tracker = TaskTracker::new();
         let api = tracker.spawn(api::run(self.api, shared.clone()));
+        tracker.spawn(proxy::run(
+            self.proxy,
+            None,
+            shared.clone(),
+            tracker.clone(),
+        ));
+        if let Some((listener, acceptor)) = self.proxy_tls {
+            tracker.spawn(proxy::run(
+                listener,
+                Some(acceptor),
+                shared.clone(),
+                tracker.clone(),
+            ));
+        }
+        tracker.spawn(devices::run(self.devices, shared.clone()));
         tracker.spawn(heartbeat(shared.clone()));
-        tracker.close();
+        tracker.spawn(proxy::revalidate(shared.clone()));
 
         tokio::select! {
-            _ = shutdown => tracing::info!("shutting down"),
+            _ = shutdown => tracing::info!("shutting down: draining devices and tunnels"),
             _ = shared.shutdown.cancelled() => {}
         }
         shared.shutdown.cancel();
+        tracker.close();
         let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-            tracing::warn!(?grace, "grace period over; closing what is still open");
+            tracing::warn!(?grace, "grace period over; cutting what is still open");
+            proxy::cut_all(&shared, "shutdown");
+            // Cut tunnels end at once; devices still connected are closed by the endpoint.
+            let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
         }
         if let Err(e) = shared.store.clear_relay_presence(&shared.relay_id).await {
             tracing::warn!(error = %e, "could not clear presence rows on exit");

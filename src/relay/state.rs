@@ -4,8 +4,10 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use super::authcache::AuthCache;
 use super::limits::AuthFailures;
 use super::metrics::Metrics;
+use super::registry::Registry;
 use crate::auth::tokens::JwtKeys;
 use crate::config::RelayConfig;
 use crate::store::Store;
@@ -24,6 +26,10 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Failed authentications per source address.
     pub auth_failures: AuthFailures,
+    /// Device sessions and open tunnels on this relay.
+    pub registry: Registry,
+    /// Recent authorization answers for CONNECT.
+    pub auth_cache: AuthCache,
     /// Cancelled once, on SIGTERM/SIGINT: every listener stops accepting.
     pub shutdown: CancellationToken,
 }
@@ -37,6 +43,9 @@ impl Shared {
         relay_id: String,
     ) -> Arc<Shared> {
         let auth_failures = AuthFailures::new(config.limits.auth_failures_per_minute);
+        let auth_cache = AuthCache::new(std::time::Duration::from_millis(
+            config.limits.auth_cache_ms,
+        ));
         Arc::new(Shared {
             config,
             store,
@@ -44,7 +53,20 @@ impl Shared {
             relay_id,
             metrics: Metrics::new(),
             auth_failures,
+            registry: Registry::default(),
+            auth_cache,
             shutdown: CancellationToken::new(),
         })
+    }
+
+    /// Ends a deleted device's session at once: its key no longer works.
+    pub fn device_deleted(&self, uuid: &str) {
+        if let Some(session) = self.registry.take_device(uuid) {
+            self.metrics.devices_connected.dec();
+            session.conn.close(
+                quinn::VarInt::from_u32(crate::proto::messages::codes::DELETED),
+                b"device deleted",
+            );
+        }
     }
 }

@@ -280,8 +280,13 @@ pub trait Store: Send + Sync + 'static {
     async fn count_users(&self) -> Result<i64>;
 
     /// Stores a new API key's hash; [`StoreError::Conflict`] if that hash exists.
-    async fn create_api_key(&self, user_id: Id, name: &str, key_hash: &str, prefix: &str)
-        -> Result<ApiKey>;
+    async fn create_api_key(
+        &self,
+        user_id: Id,
+        name: &str,
+        key_hash: &str,
+        prefix: &str,
+    ) -> Result<ApiKey>;
     /// The unrevoked key with this hash and its user.
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<(ApiKey, User)>>;
     /// A user's keys, revoked ones included, oldest first.
@@ -305,8 +310,12 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_ssh_key(&self, user_id: Id, key_id: Id) -> Result<bool>;
 
     /// Creates a fleet, with `owner` (if any) as its first owner, in one transaction.
-    async fn create_fleet(&self, name: &str, allowed_ports: &[u16], owner: Option<Id>)
-        -> Result<Fleet>;
+    async fn create_fleet(
+        &self,
+        name: &str,
+        allowed_ports: &[u16],
+        owner: Option<Id>,
+    ) -> Result<Fleet>;
     /// Looks a fleet up by name.
     async fn fleet_by_name(&self, name: &str) -> Result<Option<Fleet>>;
     /// Every fleet (`None`) or the fleets a user belongs to, by name.
@@ -325,8 +334,13 @@ pub trait Store: Send + Sync + 'static {
     async fn remove_member(&self, fleet_id: Id, user_id: Id) -> Result<bool>;
 
     /// Registers a device; [`StoreError::Conflict`] if the uuid exists.
-    async fn create_device(&self, uuid: &str, fleet_id: Id, name: &str, key_hash: &str)
-        -> Result<Device>;
+    async fn create_device(
+        &self,
+        uuid: &str,
+        fleet_id: Id,
+        name: &str,
+        key_hash: &str,
+    ) -> Result<Device>;
     /// Looks a device up by uuid.
     async fn device(&self, uuid: &str) -> Result<Option<Device>>;
     /// Every device (`None`) or those in fleets the user belongs to, by fleet then name.

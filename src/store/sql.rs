@@ -109,10 +109,12 @@ impl Store for SqlStore {
     }
 
     async fn user_by_id(&self, id: Id) -> Result<Option<User>> {
-        let row = sqlx::query(AssertSqlSafe(format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1")))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.as_ref().map(user_from_row).transpose()?)
     }
 
@@ -132,7 +134,10 @@ impl Store for SqlStore {
         )))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(user_from_row).collect::<sqlx::Result<_>>()?)
+        Ok(rows
+            .iter()
+            .map(user_from_row)
+            .collect::<sqlx::Result<_>>()?)
     }
 
     async fn delete_user(&self, id: Id) -> Result<bool> {
@@ -171,12 +176,11 @@ impl Store for SqlStore {
     }
 
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<(ApiKey, User)>> {
-        let key: Option<ApiKey> = sqlx::query_as(
-            "SELECT * FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-        )
-        .bind(key_hash)
-        .fetch_optional(&self.pool)
-        .await?;
+        let key: Option<ApiKey> =
+            sqlx::query_as("SELECT * FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL")
+                .bind(key_hash)
+                .fetch_optional(&self.pool)
+                .await?;
         let Some(key) = key else { return Ok(None) };
         Ok(self.user_by_id(key.user_id).await?.map(|user| (key, user)))
     }
@@ -308,7 +312,10 @@ impl Store for SqlStore {
                 .await?
             }
         };
-        Ok(rows.iter().map(fleet_from_row).collect::<sqlx::Result<_>>()?)
+        Ok(rows
+            .iter()
+            .map(fleet_from_row)
+            .collect::<sqlx::Result<_>>()?)
     }
 
     async fn set_fleet_ports(&self, fleet_id: Id, allowed_ports: &[u16]) -> Result<()> {
@@ -329,11 +336,12 @@ impl Store for SqlStore {
     }
 
     async fn member_role(&self, fleet_id: Id, user_id: Id) -> Result<Option<Role>> {
-        let row = sqlx::query("SELECT role FROM fleet_members WHERE fleet_id = $1 AND user_id = $2")
-            .bind(fleet_id)
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT role FROM fleet_members WHERE fleet_id = $1 AND user_id = $2")
+                .bind(fleet_id)
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?;
         match row {
             None => Ok(None),
             Some(row) => Ok(role_from_row(&row, "role")?),
@@ -407,11 +415,13 @@ impl Store for SqlStore {
     }
 
     async fn device(&self, uuid: &str) -> Result<Option<Device>> {
-        let row = sqlx::query(AssertSqlSafe(format!("SELECT {DEVICE_COLUMNS} {DEVICE_FROM} WHERE d.uuid = $2")))
-            .bind(live_cutoff())
-            .bind(uuid)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {DEVICE_COLUMNS} {DEVICE_FROM} WHERE d.uuid = $2"
+        )))
+        .bind(live_cutoff())
+        .bind(uuid)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.as_ref().map(device_from_row).transpose()?)
     }
 
@@ -436,7 +446,10 @@ impl Store for SqlStore {
                 .await?
             }
         };
-        Ok(rows.iter().map(device_from_row).collect::<sqlx::Result<_>>()?)
+        Ok(rows
+            .iter()
+            .map(device_from_row)
+            .collect::<sqlx::Result<_>>()?)
     }
 
     async fn device_by_key_hash(&self, key_hash: &str) -> Result<Option<Device>> {

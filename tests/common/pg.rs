@@ -141,7 +141,10 @@ impl TempPg {
             .args(["-q", "-c", &format!("CREATE DATABASE {name}")])
             .status()
             .expect("psql runs");
-        assert!(status.success(), "cannot create a test database on DATABASE_URL");
+        assert!(
+            status.success(),
+            "cannot create a test database on DATABASE_URL"
+        );
         let (head, query) = match base.split_once('?') {
             Some((h, q)) => (h, format!("?{q}")),
             None => (base, String::new()),

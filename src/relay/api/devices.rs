@@ -121,7 +121,9 @@ pub async fn list_devices(
 ) -> Result<axum::Json<Vec<DeviceView>>, ApiError> {
     let member = (!caller.0.user.is_admin).then_some(caller.0.user.id);
     let devices = state.store.list_devices(member).await?;
-    Ok(axum::Json(devices.into_iter().map(DeviceView::from).collect()))
+    Ok(axum::Json(
+        devices.into_iter().map(DeviceView::from).collect(),
+    ))
 }
 
 /// The device and the caller's standing in its fleet, or 404.
@@ -170,6 +172,7 @@ pub async fn delete_device(
         )));
     }
     state.store.delete_device(&device.uuid).await?;
+    state.device_deleted(&device.uuid);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -235,7 +238,9 @@ pub async fn list_tunnels(
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let user = (!caller.0.user.is_admin).then_some(caller.0.user.id);
     let tunnels = state.store.list_tunnels(user, limit).await?;
-    Ok(axum::Json(tunnels.into_iter().map(TunnelView::from).collect()))
+    Ok(axum::Json(
+        tunnels.into_iter().map(TunnelView::from).collect(),
+    ))
 }
 
 /// The public SSH keys of `username`, one per line, for a device's sshd

@@ -138,7 +138,9 @@ pub async fn list_fleets(
 ) -> Result<axum::Json<Vec<FleetView>>, ApiError> {
     let member = (!caller.0.user.is_admin).then_some(caller.0.user.id);
     let fleets = state.store.list_fleets(member).await?;
-    Ok(axum::Json(fleets.into_iter().map(FleetView::from).collect()))
+    Ok(axum::Json(
+        fleets.into_iter().map(FleetView::from).collect(),
+    ))
 }
 
 /// Shows one fleet.

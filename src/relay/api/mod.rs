@@ -174,17 +174,17 @@ pub fn router(state: Arc<Shared>) -> Router {
             get(devices::get_device).delete(devices::delete_device),
         )
         .route("/v1/tunnels", get(devices::list_tunnels))
-        .route(
-            "/auth/v1/public-keys/{username}",
-            get(devices::public_keys),
-        )
+        .route("/auth/v1/public-keys/{username}", get(devices::public_keys))
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn_with_state(state.clone(), count_responses))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_responses,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
 }

@@ -186,7 +186,11 @@ impl From<ApiKey> for ApiKeyView {
     }
 }
 
-async fn issue_api_key(state: &Shared, user_id: Id, name: &str) -> Result<(ApiKey, String), ApiError> {
+async fn issue_api_key(
+    state: &Shared,
+    user_id: Id,
+    name: &str,
+) -> Result<(ApiKey, String), ApiError> {
     let key = tokens::new_api_key();
     let row = state
         .store
@@ -329,13 +333,17 @@ pub async fn add_ssh_key(
     let parsed = ssh_keys::parse(&body.public_key).map_err(|e| ApiError::bad(e.to_string()))?;
     let row = state
         .store
-        .add_ssh_key(caller.0.user.id, title, &parsed.openssh, &parsed.fingerprint)
+        .add_ssh_key(
+            caller.0.user.id,
+            title,
+            &parsed.openssh,
+            &parsed.fingerprint,
+        )
         .await
         .map_err(|e| match e {
-            StoreError::Conflict => ApiError::Conflict(format!(
-                "You already have the key {}.",
-                parsed.fingerprint
-            )),
+            StoreError::Conflict => {
+                ApiError::Conflict(format!("You already have the key {}.", parsed.fingerprint))
+            }
             e => e.into(),
         })?;
     Ok((StatusCode::CREATED, axum::Json(row.into())))

@@ -1,0 +1,141 @@
+//! `cloudlink agent authorized-keys USER`: the device's sshd `AuthorizedKeysCommand`.
+//!
+//! Prints the cloud user's public keys, as the relay answers for this device, and nothing
+//! else on stdout. It fails closed: if the relay cannot be asked, no key is printed, unless a
+//! cache directory is configured, in which case the last good answer for that user is.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use super::AgentConfig;
+use crate::tls_client::{self, Trust};
+
+/// Why no fresh answer came from the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    /// The config lacks `api`, `uuid` or `key`.
+    #[error("{0}")]
+    Config(String),
+    /// The relay could not be reached or did not answer in time.
+    #[error("cannot reach the relay API: {0}")]
+    Unreachable(String),
+    /// The relay refused the device key.
+    #[error("the relay refused this device's key")]
+    Unauthorized,
+    /// The relay answered something else.
+    #[error("the relay answered {0}")]
+    Status(u16),
+}
+
+/// The keys for `username`: fresh from the relay, or (when configured) from the cache.
+pub async fn lookup(config: &AgentConfig, username: &str) -> Result<String, KeysError> {
+    // Names that cannot be cloud usernames have no keys; nothing to ask.
+    if username.is_empty()
+        || username.len() > 63
+        || !username
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        return Ok(String::new());
+    }
+    match fetch(config, username).await {
+        Ok(keys) => {
+            if let Some(dir) = &config.authorized_keys_cache_dir {
+                if let Err(e) = store_cache(dir, username, &keys) {
+                    tracing::warn!(error = %e, "cannot update the authorized-keys cache");
+                }
+            }
+            Ok(keys)
+        }
+        Err(e @ (KeysError::Unreachable(_) | KeysError::Status(_))) => {
+            match config
+                .authorized_keys_cache_dir
+                .as_deref()
+                .and_then(|dir| std::fs::read_to_string(dir.join(username)).ok())
+            {
+                Some(cached) => {
+                    tracing::warn!(error = %e, "relay unreachable; answering from the cache");
+                    Ok(cached)
+                }
+                None => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn fetch(config: &AgentConfig, username: &str) -> Result<String, KeysError> {
+    let api = config
+        .api
+        .as_deref()
+        .ok_or_else(|| KeysError::Config("no `api` in the agent config".into()))?;
+    if config.key.0.is_empty() {
+        return Err(KeysError::Config(
+            "no device `key` in the agent config".into(),
+        ));
+    }
+    crate::cli::install_crypto();
+    let trust = match (&config.ca, config.insecure_skip_verify) {
+        (Some(ca), _) => Trust::CaFile(ca),
+        (None, true) => Trust::Insecure,
+        (None, false) => Trust::System,
+    };
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(
+        config.authorized_keys_timeout_secs.max(1),
+    ));
+    if api.starts_with("https://") {
+        let tls = tls_client::config(trust, &[b"http/1.1"])
+            .map_err(|e| KeysError::Config(e.to_string()))?;
+        builder = builder.tls_backend_preconfigured(tls);
+    }
+    let client = builder
+        .build()
+        .map_err(|e| KeysError::Config(e.to_string()))?;
+    let url = format!(
+        "{}/auth/v1/public-keys/{username}",
+        api.trim_end_matches('/')
+    );
+    let response = client
+        .get(url)
+        .bearer_auth(&config.key.0)
+        .send()
+        .await
+        .map_err(|e| KeysError::Unreachable(e.to_string()))?;
+    match response.status().as_u16() {
+        200 => {}
+        401 => return Err(KeysError::Unauthorized),
+        other => return Err(KeysError::Status(other)),
+    }
+    let body = response
+        .text()
+        .await
+        .map_err(|e| KeysError::Unreachable(e.to_string()))?;
+    // Only lines that look like keys go to sshd.
+    let mut keys = String::new();
+    for line in body.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if crate::auth::ssh_keys::parse(line).is_ok() {
+            keys.push_str(line);
+            keys.push('\n');
+        }
+    }
+    Ok(keys)
+}
+
+fn store_cache(dir: &Path, username: &str, keys: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let tmp = dir.join(format!(".{username}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(keys.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(tmp, dir.join(username))
+}

@@ -1,0 +1,211 @@
+//! Agent settings: `/etc/cloudlink/agent.toml` (or `--config`) < env < flags.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Secret;
+
+/// The default config file; read when it exists and `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/cloudlink/agent.toml";
+
+/// Everything the agent (and `agent authorized-keys`) needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Relays to dial, `HOST:PORT`, tried in turn (a name may resolve to many addresses).
+    pub relay: Vec<String>,
+    /// This device's uuid.
+    pub uuid: String,
+    /// This device's key.
+    pub key: Secret,
+    /// CA (or pinned dev certificate) to verify the relay with; default: system roots.
+    pub ca: Option<PathBuf>,
+    /// Accept any relay certificate (development only).
+    pub insecure_skip_verify: bool,
+    /// The name to verify the relay's certificate against; default: the relay's host.
+    pub server_name: Option<String>,
+    /// Local ports tunnels may reach; empty means every port.
+    pub allow_ports: Vec<u16>,
+    /// The relay's API, for `authorized-keys`.
+    pub api: Option<String>,
+    /// QUIC keep-alive, ms.
+    pub keep_alive_ms: u64,
+    /// QUIC idle timeout, ms.
+    pub idle_timeout_ms: u64,
+    /// Longest backoff between reconnect attempts, ms.
+    pub max_backoff_ms: u64,
+    /// `authorized-keys`: how long to wait for the relay, seconds.
+    pub authorized_keys_timeout_secs: u64,
+    /// `authorized-keys`: keep the last good answer per user here and serve it when the
+    /// relay cannot be reached. Off by default: a cached key keeps working after it was
+    /// removed in the cloud, for as long as the relay stays unreachable.
+    pub authorized_keys_cache_dir: Option<PathBuf>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            relay: Vec::new(),
+            uuid: String::new(),
+            key: Secret::default(),
+            ca: None,
+            insecure_skip_verify: false,
+            server_name: None,
+            allow_ports: Vec::new(),
+            api: None,
+            keep_alive_ms: 15_000,
+            idle_timeout_ms: 60_000,
+            max_backoff_ms: 60_000,
+            authorized_keys_timeout_secs: 5,
+            authorized_keys_cache_dir: None,
+        }
+    }
+}
+
+/// Flags and env for `cloudlink agent`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AgentArgs {
+    /// TOML config [default: /etc/cloudlink/agent.toml when it exists].
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Relay HOST:PORT (repeatable; tried in turn).
+    #[arg(long = "relay")]
+    pub relay: Vec<String>,
+    /// Device uuid.
+    #[arg(long, env = "CLOUDLINK_DEVICE_UUID")]
+    pub uuid: Option<String>,
+    /// Device key.
+    #[arg(long, env = "CLOUDLINK_DEVICE_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// CA or pinned certificate (PEM) to verify the relay with.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Accept any relay certificate (development only).
+    #[arg(long)]
+    pub insecure_skip_verify: bool,
+    /// Name to verify the relay certificate against [default: the relay's host].
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// Local port tunnels may reach (repeatable) [default: every port].
+    #[arg(long = "allow-port")]
+    pub allow_port: Vec<u16>,
+    /// The relay's API URL (for authorized-keys).
+    #[arg(long)]
+    pub api: Option<String>,
+}
+
+/// Errors loading the agent's configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: toml::de::Error,
+    },
+    /// A required setting is missing or invalid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl AgentConfig {
+    /// Layers the file, env and flags.
+    pub fn load(args: &AgentArgs) -> Result<AgentConfig, AgentConfigError> {
+        let mut config = match &args.config {
+            Some(path) => AgentConfig::from_file(path)?,
+            None if Path::new(DEFAULT_CONFIG).exists() => {
+                AgentConfig::from_file(Path::new(DEFAULT_CONFIG))?
+            }
+            None => AgentConfig::default(),
+        };
+        if !args.relay.is_empty() {
+            config.relay = args.relay.clone();
+        }
+        if let Some(v) = &args.uuid {
+            config.uuid = v.clone();
+        }
+        if let Some(v) = &args.key {
+            config.key = Secret(v.clone());
+        }
+        if let Some(v) = &args.ca {
+            config.ca = Some(v.clone());
+        }
+        if args.insecure_skip_verify {
+            config.insecure_skip_verify = true;
+        }
+        if let Some(v) = &args.server_name {
+            config.server_name = Some(v.clone());
+        }
+        if !args.allow_port.is_empty() {
+            config.allow_ports = args.allow_port.clone();
+        }
+        if let Some(v) = &args.api {
+            config.api = Some(v.clone());
+        }
+        Ok(config)
+    }
+
+    fn from_file(path: &Path) -> Result<AgentConfig, AgentConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AgentConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| AgentConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Checks what running the agent needs.
+    pub fn validate_for_agent(&self) -> Result<(), AgentConfigError> {
+        self.validate_identity()?;
+        if self.relay.is_empty() {
+            return Err(AgentConfigError::Invalid(
+                "no relay given (--relay HOST:PORT or `relay` in the config)".into(),
+            ));
+        }
+        if self.ca.is_some() && self.insecure_skip_verify {
+            return Err(AgentConfigError::Invalid(
+                "give either a CA file or --insecure-skip-verify, not both".into(),
+            ));
+        }
+        if self.keep_alive_ms == 0 || self.keep_alive_ms >= self.idle_timeout_ms {
+            return Err(AgentConfigError::Invalid(
+                "keep_alive_ms must be positive and below idle_timeout_ms".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the device identity.
+    pub fn validate_identity(&self) -> Result<(), AgentConfigError> {
+        if self.uuid.len() != 32 || !self.uuid.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(AgentConfigError::Invalid(
+                "the device uuid (--uuid or CLOUDLINK_DEVICE_UUID) must be 32 hex characters"
+                    .into(),
+            ));
+        }
+        if self.key.0.is_empty() {
+            return Err(AgentConfigError::Invalid(
+                "the device key (--key or CLOUDLINK_DEVICE_KEY) is missing".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether tunnels may reach `port`.
+    pub fn allows(&self, port: u16) -> bool {
+        self.allow_ports.is_empty() || self.allow_ports.contains(&port)
+    }
+}

@@ -1,0 +1,161 @@
+//! Opening a byte stream to a device port through the relay's CONNECT proxy.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+
+use anyhow::{anyhow, Context, Result};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::settings::Settings;
+use crate::proto::connect::head_end;
+use crate::tls_client::{self, Trust};
+
+/// Plain TCP or TLS to the relay.
+enum Inner {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// An open tunnel to a device port: read and write it like a socket.
+pub struct DeviceStream {
+    inner: Inner,
+    /// Device bytes that arrived with the relay's answer, served before reading more.
+    early: BytesMut,
+}
+
+/// The largest answer head we read from the relay.
+const MAX_ANSWER: usize = 16 * 1024;
+
+/// Opens a tunnel to `uuid:port` with the saved login.
+pub async fn open(settings: &Settings, uuid: &str, port: u16) -> Result<DeviceStream> {
+    let proxy = settings.proxy.as_deref().ok_or_else(|| {
+        anyhow!("no proxy address saved: run `cloudlink login` with --proxy HOST:PORT")
+    })?;
+    let tcp = TcpStream::connect(proxy)
+        .await
+        .with_context(|| format!("cannot reach the relay proxy at {proxy}"))?;
+    let _ = tcp.set_nodelay(true);
+    let inner = if settings.proxy_tls {
+        crate::cli::install_crypto();
+        let trust = match &settings.ca {
+            Some(ca) => Trust::CaFile(ca),
+            None => Trust::System,
+        };
+        let config = tls_client::config(trust, &[])?;
+        let host = proxy
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(proxy)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|_| anyhow!("{host} is not a valid TLS server name"))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .with_context(|| format!("TLS with the relay proxy at {proxy} failed"))?;
+        Inner::Tls(Box::new(tls))
+    } else {
+        Inner::Plain(tcp)
+    };
+    let mut stream = DeviceStream {
+        inner,
+        early: BytesMut::new(),
+    };
+    let request = format!(
+        "CONNECT {uuid}.cloudlink:{port} HTTP/1.1\r\nHost: {uuid}.cloudlink:{port}\r\n\
+         Proxy-Authorization: Bearer {}\r\n\r\n",
+        settings.key
+    );
+    stream.write_all(request.as_bytes()).await?;
+    stream.flush().await?;
+    let mut buf = BytesMut::with_capacity(1024);
+    let end = loop {
+        if let Some(end) = head_end(&buf) {
+            break end;
+        }
+        if buf.len() > MAX_ANSWER {
+            return Err(anyhow!("the relay sent an oversized answer"));
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(anyhow!("the relay closed the connection without answering"));
+        }
+    };
+    let head = buf.split_to(end);
+    let head = String::from_utf8_lossy(&head);
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("the relay's answer is not HTTP"))?;
+    if status == 200 {
+        stream.early = buf;
+        return Ok(stream);
+    }
+    // An error answer carries one sentence; read it (bounded) for the message.
+    while buf.len() < MAX_ANSWER {
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let sentence = String::from_utf8_lossy(&buf).trim().to_owned();
+    Err(anyhow!(
+        "relay refused {uuid}:{port} ({status}): {}",
+        if sentence.is_empty() {
+            "no reason given"
+        } else {
+            &sentence
+        }
+    ))
+}
+
+impl AsyncRead for DeviceStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.early.is_empty() {
+            let n = this.early.len().min(buf.remaining());
+            buf.put_slice(&this.early[..n]);
+            this.early.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        match &mut this.inner {
+            Inner::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for DeviceStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match &mut self.get_mut().inner {
+            Inner::Plain(s) => Pin::new(s).poll_write(cx, data),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, data),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().inner {
+            Inner::Plain(s) => Pin::new(s).poll_flush(cx),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().inner {
+            Inner::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Inner::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

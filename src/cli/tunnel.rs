@@ -1,0 +1,194 @@
+//! `cloudlink device tunnel` (local listeners) and `cloudlink proxy` (stdin/stdout bridge).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::connect;
+use super::settings::Settings;
+
+/// One `-p` spec: which device port, and where to listen for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortSpec {
+    /// The device port.
+    pub remote: u16,
+    /// The local address to listen on.
+    pub local: SocketAddr,
+}
+
+/// Parses the balena CLI's forms: `R`, `R:L`, `R:ADDR`, `R:ADDR:L`.
+pub fn parse_spec(spec: &str) -> Result<PortSpec> {
+    let port = |s: &str| -> Result<u16> {
+        match s.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(anyhow!("{s:?} in -p {spec} is not a port (1-65535)")),
+        }
+    };
+    // A local port of 0 asks the OS for a free one; the listener line shows which.
+    let local_port = |s: &str| -> Result<u16> {
+        s.parse::<u16>()
+            .map_err(|_| anyhow!("{s:?} in -p {spec} is not a port (0-65535)"))
+    };
+    let addr = |s: &str| -> Result<IpAddr> {
+        let s = if s == "localhost" { "127.0.0.1" } else { s };
+        s.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| anyhow!("{s:?} in -p {spec} is not an IP address"))
+    };
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (remote, ip, local) = match parts.as_slice() {
+        [r] => (port(r)?, loopback, port(r)?),
+        [r, x] if x.chars().all(|c| c.is_ascii_digit()) => (port(r)?, loopback, local_port(x)?),
+        [r, a] => (port(r)?, addr(a)?, port(r)?),
+        [r, a, l] => (port(r)?, addr(a)?, local_port(l)?),
+        _ => return Err(anyhow!("-p {spec}: expected R, R:L, R:ADDR or R:ADDR:L")),
+    };
+    Ok(PortSpec {
+        remote,
+        local: SocketAddr::new(ip, local),
+    })
+}
+
+/// Listens on every spec's local address and tunnels each connection to the device.
+pub async fn tunnel(uuid: &str, specs: &[String]) -> Result<()> {
+    let settings = Arc::new(Settings::load()?);
+    let uuid: Arc<str> = Arc::from(normalise_uuid(uuid)?);
+    let mut listeners = Vec::new();
+    for spec in specs {
+        let spec = parse_spec(spec)?;
+        let listener = TcpListener::bind(spec.local)
+            .await
+            .with_context(|| format!("cannot listen on {}", spec.local))?;
+        let local = listener.local_addr()?;
+        println!("Listening on {local} => {uuid}:{}", spec.remote);
+        listeners.push((listener, spec.remote));
+    }
+    if listeners.is_empty() {
+        return Err(anyhow!("give at least one -p PORT spec"));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (listener, remote) in listeners {
+        tasks.spawn(accept_loop(
+            listener,
+            remote,
+            uuid.clone(),
+            settings.clone(),
+        ));
+    }
+    tokio::select! {
+        done = tasks.join_next() => match done {
+            Some(Ok(Err(e))) => Err(e),
+            _ => Ok(()),
+        },
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    remote: u16,
+    uuid: Arc<str>,
+    settings: Arc<Settings>,
+) -> Result<()> {
+    let local = listener.local_addr()?;
+    loop {
+        let (client, peer) = listener.accept().await.context("accept failed")?;
+        let _ = client.set_nodelay(true);
+        println!("{peer} => {local} ===> {uuid}:{remote}");
+        let uuid = uuid.clone();
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            if let Err(e) = bridge(client, &settings, &uuid, remote).await {
+                // One failed connection does not stop the tunnel.
+                eprintln!("{peer} => {uuid}:{remote}: {e:#}");
+            }
+        });
+    }
+}
+
+async fn bridge(mut client: TcpStream, settings: &Settings, uuid: &str, port: u16) -> Result<()> {
+    let mut device = connect::open(settings, uuid, port).await?;
+    // Half-close propagates: EOF one way shuts down writing the other way, and the other
+    // direction runs on until its own EOF.
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut device, 64 * 1024, 64 * 1024)
+        .await
+        .map(drop)
+        .context("tunnel broke")
+}
+
+/// Bridges stdin/stdout to `uuid:port` (for ssh's `ProxyCommand`), with half-close: stdin's
+/// EOF half-closes the tunnel and the device's answer still arrives.
+pub async fn proxy(uuid: &str, port: u16) -> Result<()> {
+    let settings = Settings::load()?;
+    let uuid = normalise_uuid(uuid)?;
+    let device = connect::open(&settings, &uuid, port).await?;
+    let (mut from_device, mut to_device) = tokio::io::split(device);
+    let up = async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = stdin.read(&mut buf).await?;
+            if n == 0 {
+                return to_device.shutdown().await;
+            }
+            to_device.write_all(&buf[..n]).await?;
+        }
+    };
+    let up = tokio::spawn(up);
+    let mut stdout = tokio::io::stdout();
+    let copied = tokio::io::copy(&mut from_device, &mut stdout).await;
+    stdout.flush().await?;
+    // The device side is done: nothing more can be answered, so stop reading stdin too.
+    up.abort();
+    copied.map(drop).context("tunnel broke")
+}
+
+/// A uuid as the relay expects it: 32 hex characters, lowercase.
+pub fn normalise_uuid(uuid: &str) -> Result<String> {
+    if uuid.len() == 32 && uuid.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(uuid.to_ascii_lowercase())
+    } else {
+        Err(anyhow!(
+            "{uuid:?} is not a device uuid (32 hex characters; see `cloudlink device list`)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_forms() {
+        let s = parse_spec("22222").unwrap();
+        assert_eq!(
+            (s.remote, s.local),
+            (22222, "127.0.0.1:22222".parse().unwrap())
+        );
+        let s = parse_spec("22222:4321").unwrap();
+        assert_eq!(
+            (s.remote, s.local),
+            (22222, "127.0.0.1:4321".parse().unwrap())
+        );
+        let s = parse_spec("8080:0.0.0.0").unwrap();
+        assert_eq!((s.remote, s.local), (8080, "0.0.0.0:8080".parse().unwrap()));
+        let s = parse_spec("8080:127.0.0.2:9000").unwrap();
+        assert_eq!(
+            (s.remote, s.local),
+            (8080, "127.0.0.2:9000".parse().unwrap())
+        );
+        let s = parse_spec("22:localhost:0").unwrap();
+        assert_eq!((s.remote, s.local), (22, "127.0.0.1:0".parse().unwrap()));
+        let s = parse_spec("22:localhost:x").unwrap_err();
+        assert!(s.to_string().contains("not a port"));
+        assert!(parse_spec("0").is_err());
+        assert!(parse_spec("70000").is_err());
+        assert!(parse_spec("22:nonsense").is_err());
+        assert!(parse_spec("1:2:3:4").is_err());
+    }
+}

@@ -1,0 +1,358 @@
+//! The user side: HTTP/1.x CONNECT heads (PROTOCOL.md §1), parsed and answered.
+
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// A parsed CONNECT request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectHead {
+    /// `HTTP/1.0` or `HTTP/1.1`, echoed in the answer.
+    pub version: &'static str,
+    /// The method (only `CONNECT` is served).
+    pub method: String,
+    /// The request target, e.g. `7a3c….balena:22222`.
+    pub target: String,
+    /// The token from `Proxy-Authorization` (Basic password or Bearer), if any.
+    pub token: Option<String>,
+}
+
+/// Why a head could not be read or parsed; each maps to one status (or to silence).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeadError {
+    /// Not a parseable HTTP/1.x request.
+    #[error("{0}")]
+    BadRequest(&'static str),
+    /// The head grew past the size limit.
+    #[error("request head too large")]
+    TooLarge,
+    /// The head did not arrive within the timeout.
+    #[error("request head timed out")]
+    Timeout,
+    /// The client closed (or failed) before sending a whole head; nothing to answer.
+    #[error("client went away before sending a request")]
+    Closed,
+}
+
+/// The end of the head (index just past the blank line), if the buffer holds one.
+pub fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
+        .or_else(|| buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2))
+}
+
+/// Reads a head of at most `max` bytes within `timeout`; returns it and whatever the client
+/// sent after it (pipelined tunnel bytes, which belong to the tunnel).
+pub async fn read_head<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    timeout: Duration,
+) -> Result<(ConnectHeadBytes, BytesMut), HeadError> {
+    let mut buf = BytesMut::with_capacity(1024);
+    let read = async {
+        loop {
+            if let Some(end) = head_end(&buf) {
+                let head = buf.split_to(end);
+                return Ok((ConnectHeadBytes(head), buf));
+            }
+            if buf.len() > max {
+                return Err(HeadError::TooLarge);
+            }
+            // Reads of at most 1 KiB past the limit: the limit bounds our memory.
+            buf.reserve(1024);
+            match r.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Err(HeadError::Closed),
+                Ok(_) => {}
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(result) => {
+            let (head, rest) = result?;
+            if head.0.len() > max {
+                return Err(HeadError::TooLarge);
+            }
+            Ok((head, rest))
+        }
+        Err(_) => Err(HeadError::Timeout),
+    }
+}
+
+/// The raw bytes of a request head, up to and including the blank line.
+#[derive(Debug)]
+pub struct ConnectHeadBytes(pub BytesMut);
+
+/// Parses a request head.
+pub fn parse_head(raw: &[u8]) -> Result<ConnectHead, HeadError> {
+    let text = std::str::from_utf8(raw).map_err(|_| HeadError::BadRequest("not text"))?;
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let request_line = lines.next().unwrap_or_default();
+    let mut parts = request_line.split(' ').filter(|p| !p.is_empty());
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(HeadError::BadRequest("malformed request line"));
+    };
+    let version = match version {
+        "HTTP/1.1" => "HTTP/1.1",
+        "HTTP/1.0" => "HTTP/1.0",
+        _ => return Err(HeadError::BadRequest("unsupported HTTP version")),
+    };
+    if !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(HeadError::BadRequest("malformed method"));
+    }
+    let mut token = None;
+    for line in lines {
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = line
+            .split_once(':')
+            .ok_or(HeadError::BadRequest("malformed header line"))?;
+        if name.trim().eq_ignore_ascii_case("proxy-authorization") {
+            token = credentials(value.trim());
+        }
+    }
+    Ok(ConnectHead {
+        version,
+        method: method.to_owned(),
+        target: target.to_owned(),
+        token,
+    })
+}
+
+/// The token in a `Proxy-Authorization` value: Basic's password (the username is ignored)
+/// or Bearer's token.
+fn credentials(value: &str) -> Option<String> {
+    let (scheme, rest) = value.split_once(' ')?;
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return (!rest.is_empty()).then(|| rest.to_owned());
+    }
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(rest)
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (_, password) = decoded.split_once(':')?;
+    (!password.is_empty()).then(|| password.to_owned())
+}
+
+/// Why a CONNECT target is not a device.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TargetError {
+    /// Not `<uuid>[.<domain>][:<port>]` with a known domain.
+    #[error("the target must be <device uuid>[.<domain>]:<port>")]
+    NotADevice,
+    /// Port 0, above 65535, or not a number.
+    #[error("the port must be between 1 and 65535")]
+    BadPort,
+}
+
+/// Splits a target into a lowercase device uuid and a port (80 when absent).
+pub fn parse_target(target: &str, domains: &[String]) -> Result<(String, u16), TargetError> {
+    let (host, port) = match target.rsplit_once(':') {
+        Some((host, port)) => {
+            let port: u32 = port.parse().map_err(|_| TargetError::BadPort)?;
+            if port == 0 || port > 65535 {
+                return Err(TargetError::BadPort);
+            }
+            (host, port as u16)
+        }
+        None => (target, 80),
+    };
+    let uuid = match host.split_once('.') {
+        None => host,
+        Some((uuid, domain)) => {
+            if !domains.iter().any(|d| d.eq_ignore_ascii_case(domain)) {
+                return Err(TargetError::NotADevice);
+            }
+            uuid
+        }
+    };
+    if uuid.len() != 32 || !uuid.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(TargetError::NotADevice);
+    }
+    Ok((uuid.to_ascii_lowercase(), port))
+}
+
+/// `HTTP/1.x 200 Connection Established` and the blank line, alone.
+pub fn established(version: &str) -> Vec<u8> {
+    format!("{version} 200 Connection Established\r\n\r\n").into_bytes()
+}
+
+/// An error answer: status line, a one-sentence `text/plain` body, then the connection closes.
+pub fn error_response(
+    version: &str,
+    status: u16,
+    reason: &str,
+    message: &str,
+    extra_headers: &[(&str, String)],
+) -> Vec<u8> {
+    let body = format!("{message}\n");
+    let mut out = format!(
+        "{version} {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (name, value) in extra_headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("\r\n");
+    out.push_str(&body);
+    out.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn domains() -> Vec<String> {
+        ["balena", "cloudlink", "resin", "vpn"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    const UUID: &str = "7a3c9e0f2b5d41c8a6e4f1b2c3d4e5f6";
+
+    #[test]
+    fn parses_the_balena_cli_request_byte_for_byte() {
+        let token = base64::engine::general_purpose::STANDARD.encode("someone:clk_secret");
+        let raw = format!(
+            "CONNECT {UUID}.balena:22222 HTTP/1.0\r\nProxy-Authorization: Basic {token}\r\n\r\n"
+        );
+        let head = parse_head(raw.as_bytes()).unwrap();
+        assert_eq!(head.version, "HTTP/1.0");
+        assert_eq!(head.method, "CONNECT");
+        assert_eq!(head.token.as_deref(), Some("clk_secret"));
+        assert_eq!(
+            parse_target(&head.target, &domains()).unwrap(),
+            (UUID.to_owned(), 22222)
+        );
+    }
+
+    #[test]
+    fn bearer_host_and_other_headers() {
+        let raw = format!(
+            "CONNECT {UUID}:80 HTTP/1.1\r\nHost: {UUID}:80\r\nUser-Agent: curl\r\n\
+             proxy-authorization: Bearer eyJ.x.y\r\n\r\n"
+        );
+        let head = parse_head(raw.as_bytes()).unwrap();
+        assert_eq!(head.version, "HTTP/1.1");
+        assert_eq!(head.token.as_deref(), Some("eyJ.x.y"));
+        let raw = format!("CONNECT {UUID}:80 HTTP/1.1\r\n\r\n");
+        assert_eq!(parse_head(raw.as_bytes()).unwrap().token, None);
+    }
+
+    #[test]
+    fn targets() {
+        let d = domains();
+        let upper = UUID.to_uppercase();
+        assert_eq!(parse_target(&upper, &d).unwrap(), (UUID.to_owned(), 80));
+        assert_eq!(
+            parse_target(&format!("{UUID}.resin:1"), &d).unwrap(),
+            (UUID.to_owned(), 1)
+        );
+        assert_eq!(
+            parse_target(&format!("{UUID}:0"), &d),
+            Err(TargetError::BadPort)
+        );
+        assert_eq!(
+            parse_target(&format!("{UUID}:65536"), &d),
+            Err(TargetError::BadPort)
+        );
+        assert_eq!(
+            parse_target(&format!("{UUID}:x"), &d),
+            Err(TargetError::BadPort)
+        );
+        assert_eq!(
+            parse_target(&format!("{}:22", &UUID[..7]), &d),
+            Err(TargetError::NotADevice),
+            "short prefixes are not accepted"
+        );
+        assert_eq!(
+            parse_target(&format!("{UUID}.example.com:22"), &d),
+            Err(TargetError::NotADevice)
+        );
+        assert_eq!(
+            parse_target("example.com:443", &d),
+            Err(TargetError::NotADevice)
+        );
+    }
+
+    #[test]
+    fn malformed_heads() {
+        for raw in [
+            "\r\n\r\n",
+            "CONNECT\r\n\r\n",
+            "CONNECT a b c d\r\n\r\n",
+            "CONNECT x:1 HTTP/2\r\n\r\n",
+            "CONNECT x:1 HTTP/1.1\r\nno colon here\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_head(raw.as_bytes()), Err(HeadError::BadRequest(_))),
+                "{raw:?}"
+            );
+        }
+        assert!(parse_head(b"\xff\xfe\r\n\r\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn reads_head_and_keeps_pipelined_bytes() {
+        let raw = format!("CONNECT {UUID}:22 HTTP/1.1\r\n\r\nSSH-2.0-client\r\n");
+        let (head, rest) = read_head(&mut raw.as_bytes(), 8192, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(head.0.ends_with(b"\r\n\r\n"));
+        assert_eq!(&rest[..], b"SSH-2.0-client\r\n");
+    }
+
+    #[tokio::test]
+    async fn head_limits() {
+        let big = format!(
+            "CONNECT {UUID}:22 HTTP/1.1\r\nX: {}\r\n\r\n",
+            "a".repeat(9000)
+        );
+        let err = read_head(&mut big.as_bytes(), 8192, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert_eq!(err, HeadError::TooLarge);
+        let err = read_head(&mut &b"CONNECT"[..], 8192, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert_eq!(err, HeadError::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn head_timeout() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let reading = read_head(&mut server, 8192, Duration::from_secs(10));
+        let keep = tokio::io::AsyncWriteExt::write_all(&mut client, b"CONN");
+        let (result, _) = tokio::join!(reading, keep);
+        assert_eq!(result.unwrap_err(), HeadError::Timeout);
+    }
+
+    #[test]
+    fn responses() {
+        assert_eq!(
+            established("HTTP/1.0"),
+            b"HTTP/1.0 200 Connection Established\r\n\r\n"
+        );
+        let r = String::from_utf8(error_response(
+            "HTTP/1.1",
+            407,
+            "Proxy Authentication Required",
+            "Credentials are required.",
+            &[("Proxy-Authenticate", "Basic realm=\"cloudlink\"".into())],
+        ))
+        .unwrap();
+        assert!(r.starts_with("HTTP/1.1 407 Proxy Authentication Required\r\n"));
+        assert!(r.contains("Proxy-Authenticate: Basic realm=\"cloudlink\"\r\n"));
+        assert!(r.ends_with("\r\n\r\nCredentials are required.\n"));
+    }
+}

@@ -1,0 +1,194 @@
+//! The JSON messages of the device link (PROTOCOL.md §2), named by direction.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// Agent → relay, first frame on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "hello")]
+pub struct Hello {
+    /// Protocol version.
+    pub version: u32,
+    /// Device uuid.
+    pub uuid: String,
+    /// Device key.
+    pub key: String,
+    /// Agent name and version, for logs.
+    #[serde(default)]
+    pub agent: String,
+}
+
+/// Why a relay refused a hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RejectCode {
+    /// Unknown device or wrong key.
+    Unauthorized,
+    /// A protocol version this relay does not speak.
+    Version,
+    /// Refused as a duplicate session.
+    Duplicate,
+}
+
+impl RejectCode {
+    /// The wire form, also used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::Unauthorized => "unauthorized",
+            RejectCode::Version => "version",
+            RejectCode::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// Relay → agent on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum RelayControl {
+    /// The hello was accepted.
+    Welcome {
+        /// The relay's id.
+        relay: String,
+        /// This session's id.
+        session: String,
+    },
+    /// The hello was refused; the relay closes the connection.
+    Reject {
+        /// Why.
+        code: RejectCode,
+        /// For people.
+        message: String,
+    },
+    /// Reconnect elsewhere within `reconnect_ms`; open tunnels keep running.
+    Drain {
+        /// The window to reconnect in.
+        reconnect_ms: u64,
+    },
+    /// A newer session of the same device exists; this one ends.
+    Replaced,
+}
+
+/// Relay → agent, first frame on a tunnel stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "open")]
+pub struct TunnelOpen {
+    /// The local port to connect to.
+    pub port: u16,
+    /// Tunnel id, for logs on both ends.
+    pub tunnel: String,
+    /// Who asked, for logs on the device.
+    pub user: String,
+}
+
+/// Why a device refused a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefuseCode {
+    /// Nothing listens on the port (or it could not be reached).
+    Connect,
+    /// The agent's allowlist does not include the port.
+    Forbidden,
+}
+
+/// Agent → relay, the answer to [`TunnelOpen`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum OpenReply {
+    /// Connected to the local port; raw bytes follow.
+    Opened,
+    /// Not connected.
+    Refused {
+        /// Why.
+        code: RefuseCode,
+        /// For people.
+        message: String,
+    },
+}
+
+/// QUIC application close and stream error codes.
+pub mod codes {
+    /// Normal close.
+    pub const OK: u32 = 0;
+    /// The peer broke the protocol (bad frame, unexpected stream).
+    pub const PROTOCOL: u32 = 1;
+    /// The hello did not arrive in time.
+    pub const HELLO_TIMEOUT: u32 = 2;
+    /// The hello was rejected.
+    pub const REJECTED: u32 = 3;
+    /// A newer session of the device replaced this one.
+    pub const REPLACED: u32 = 4;
+    /// The relay is shutting down.
+    pub const SHUTDOWN: u32 = 5;
+    /// The device was deleted.
+    pub const DELETED: u32 = 6;
+    /// The relay cannot check the hello right now (store down); retry later.
+    pub const UNAVAILABLE: u32 = 7;
+    /// A tunnel stream was reset because its other side reset.
+    pub const STREAM_RESET: u32 = 16;
+    /// A tunnel stream was cut by the relay (revoked, idle, shutdown).
+    pub const STREAM_CANCELLED: u32 = 17;
+    /// The device opened a stream it may not open.
+    pub const STREAM_REFUSED: u32 = 18;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_forms_match_the_protocol() {
+        let hello: Hello = serde_json::from_str(
+            r#"{"type":"hello","version":1,"uuid":"u","key":"k","agent":"cloudlink-agent/0.1.0"}"#,
+        )
+        .unwrap();
+        assert_eq!(hello.uuid, "u");
+        assert_eq!(
+            serde_json::to_string(&RelayControl::Welcome {
+                relay: "r".into(),
+                session: "s".into()
+            })
+            .unwrap(),
+            r#"{"type":"welcome","relay":"r","session":"s"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&RelayControl::Reject {
+                code: RejectCode::Unauthorized,
+                message: "m".into()
+            })
+            .unwrap(),
+            r#"{"type":"reject","code":"unauthorized","message":"m"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&RelayControl::Drain { reconnect_ms: 5 }).unwrap(),
+            r#"{"type":"drain","reconnect_ms":5}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&RelayControl::Replaced).unwrap(),
+            r#"{"type":"replaced"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&TunnelOpen {
+                port: 22222,
+                tunnel: "t".into(),
+                user: "u".into()
+            })
+            .unwrap(),
+            r#"{"type":"open","port":22222,"tunnel":"t","user":"u"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&OpenReply::Opened).unwrap(),
+            r#"{"type":"opened"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&OpenReply::Refused {
+                code: RefuseCode::Connect,
+                message: "m".into()
+            })
+            .unwrap(),
+            r#"{"type":"refused","code":"connect","message":"m"}"#
+        );
+        assert!(serde_json::from_str::<Hello>(r#"{"type":"open","port":1}"#).is_err());
+    }
+}

@@ -1,0 +1,280 @@
+//! The QUIC listener devices dial, and each device's session on it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::VarInt;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::registry::DeviceSession;
+use super::state::Shared;
+use crate::auth::tokens;
+use crate::proto::messages::{codes, Hello, RejectCode, RelayControl, VERSION};
+use crate::proto::{frame, ProtoError};
+use crate::store::StoreError;
+
+/// How long after `drain` devices are asked to have reconnected elsewhere.
+const DRAIN_RECONNECT_MS: u64 = 5_000;
+
+fn close(conn: &quinn::Connection, code: u32, reason: &str) {
+    conn.close(VarInt::from_u32(code), reason.as_bytes());
+}
+
+/// Accepts device connections until shutdown, then tells every device to `drain` and waits
+/// (up to the grace period, enforced by the caller) for their connections to end.
+pub async fn run(endpoint: quinn::Endpoint, state: Arc<Shared>) {
+    let tracker = TaskTracker::new();
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+            _ = state.shutdown.cancelled() => break,
+        };
+        if state.registry.devices().len() >= state.config.limits.max_devices {
+            incoming.refuse();
+            continue;
+        }
+        let span = tracing::info_span!(
+            "device",
+            remote = %incoming.remote_address(),
+            device = tracing::field::Empty
+        );
+        tracker.spawn(session(incoming, state.clone()).instrument(span));
+    }
+    // Refuse new handshakes from here on; existing sessions drain.
+    endpoint.set_server_config(None);
+    for device in state.registry.devices() {
+        let _ = device.control.try_send(RelayControl::Drain {
+            reconnect_ms: DRAIN_RECONNECT_MS,
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    endpoint.close(VarInt::from_u32(codes::SHUTDOWN), b"relay shutting down");
+}
+
+/// Why a hello failed, and how the connection is closed for it.
+enum HelloFailure {
+    Timeout,
+    Protocol(ProtoError),
+    Reject(RejectCode, &'static str),
+    Store(StoreError),
+}
+
+/// Accepts the control stream and reads the hello, within the hello timeout.
+async fn read_hello(
+    conn: &quinn::Connection,
+    state: &Shared,
+) -> Result<(quinn::SendStream, quinn::RecvStream, Hello), HelloFailure> {
+    let limits = &state.config.limits;
+    let read = async {
+        let (send, mut recv) = conn
+            .accept_bi()
+            .await
+            .map_err(|e| HelloFailure::Protocol(ProtoError::Io(e.into())))?;
+        let hello: Hello = frame::read_required(&mut recv, limits.frame_max_bytes)
+            .await
+            .map_err(HelloFailure::Protocol)?;
+        Ok((send, recv, hello))
+    };
+    tokio::time::timeout(limits.hello_timeout(), read)
+        .await
+        .map_err(|_| HelloFailure::Timeout)?
+}
+
+/// Checks a hello's version and key; returns the normalised uuid.
+async fn check_hello(state: &Shared, hello: &Hello) -> Result<String, HelloFailure> {
+    if hello.version != VERSION {
+        return Err(HelloFailure::Reject(
+            RejectCode::Version,
+            "this relay speaks protocol version 1",
+        ));
+    }
+    let uuid = hello.uuid.to_ascii_lowercase();
+    let device = state
+        .store
+        .device(&uuid)
+        .await
+        .map_err(HelloFailure::Store)?;
+    let authorized =
+        device.is_some_and(|d| tokens::hashes_equal(&d.key_hash, &tokens::hash_secret(&hello.key)));
+    if authorized {
+        Ok(uuid)
+    } else {
+        Err(HelloFailure::Reject(
+            RejectCode::Unauthorized,
+            "unknown device or wrong device key",
+        ))
+    }
+}
+
+/// Finishes the control stream and waits (briefly) until the agent has read it, so that a
+/// last message is not lost to the connection close that follows.
+async fn finish_control(send: &mut quinn::SendStream) {
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+}
+
+async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
+    let hello_timeout = state.config.limits.hello_timeout();
+    let conn = match tokio::time::timeout(hello_timeout, incoming).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("handshake timed out");
+            return;
+        }
+    };
+    let (mut send, recv, hello) = match read_hello(&conn, &state).await {
+        Ok(ok) => ok,
+        Err(failure) => return refuse(&conn, &state, None, failure).await,
+    };
+    let uuid = match check_hello(&state, &hello).await {
+        Ok(uuid) => uuid,
+        Err(failure) => return refuse(&conn, &state, Some(&mut send), failure).await,
+    };
+    tracing::Span::current().record("device", uuid.as_str());
+    let session_id = tokens::new_device_uuid();
+    let (control_tx, mut control_rx) = mpsc::channel(4);
+    let device = Arc::new(DeviceSession {
+        uuid: uuid.clone(),
+        session: session_id.clone(),
+        conn: conn.clone(),
+        control: control_tx,
+    });
+    if let Some(old) = state.registry.insert_device(device) {
+        tracing::info!(device = %uuid, "a newer session replaces the open one");
+        // The old session's loop sends `replaced` and closes its connection; if that loop
+        // is gone already, closing here does it.
+        if old.control.try_send(RelayControl::Replaced).is_err() {
+            close(&old.conn, codes::REPLACED, "replaced by a newer session");
+        }
+    } else {
+        state.metrics.devices_connected.inc();
+    }
+    if let Err(e) = state
+        .store
+        .set_presence(&uuid, &state.relay_id, &session_id)
+        .await
+    {
+        tracing::warn!(device = %uuid, error = %e, "cannot record presence; the device is reachable here anyway");
+    }
+    let welcome = RelayControl::Welcome {
+        relay: state.relay_id.clone(),
+        session: session_id.clone(),
+    };
+    if frame::write(&mut send, &welcome).await.is_ok() {
+        state.metrics.device_hellos.inc();
+        tracing::info!(device = %uuid, agent = %hello.agent, "device connected");
+        serve(&conn, send, recv, &mut control_rx).await;
+    }
+    if state.registry.remove_device(&uuid, &session_id) {
+        state.metrics.devices_connected.dec();
+    }
+    if let Err(e) = state.store.clear_presence(&uuid, &session_id).await {
+        tracing::warn!(device = %uuid, error = %e, "cannot clear presence");
+    }
+    tracing::info!(device = %uuid, reason = %conn.close_reason().map(|r| r.to_string()).unwrap_or_default(), "device disconnected");
+}
+
+/// Runs a session until its connection ends: forwards control messages to the agent and
+/// refuses any stream the device opens (only the relay opens tunnel streams).
+async fn serve(
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    _recv: quinn::RecvStream,
+    control: &mut mpsc::Receiver<RelayControl>,
+) {
+    loop {
+        tokio::select! {
+            stream = conn.accept_bi() => match stream {
+                Ok((mut s, mut r)) => {
+                    tracing::warn!("device opened a stream of its own; refused");
+                    let _ = s.reset(VarInt::from_u32(codes::STREAM_REFUSED));
+                    let _ = r.stop(VarInt::from_u32(codes::STREAM_REFUSED));
+                }
+                Err(_) => return,
+            },
+            msg = control.recv() => match msg {
+                Some(RelayControl::Replaced) => {
+                    let _ = frame::write(&mut send, &RelayControl::Replaced).await;
+                    finish_control(&mut send).await;
+                    close(conn, codes::REPLACED, "replaced by a newer session");
+                    return;
+                }
+                Some(msg) => {
+                    if frame::write(&mut send, &msg).await.is_err() {
+                        return;
+                    }
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+async fn refuse(
+    conn: &quinn::Connection,
+    state: &Shared,
+    control: Option<&mut quinn::SendStream>,
+    failure: HelloFailure,
+) {
+    match failure {
+        HelloFailure::Timeout => {
+            tracing::info!("no hello in time; closing");
+            state
+                .metrics
+                .device_rejects
+                .with_label_values(&["timeout"])
+                .inc();
+            close(conn, codes::HELLO_TIMEOUT, "hello timeout");
+        }
+        HelloFailure::Protocol(e) => {
+            tracing::info!(error = %e, "bad hello; closing");
+            state
+                .metrics
+                .device_rejects
+                .with_label_values(&["protocol"])
+                .inc();
+            close(conn, codes::PROTOCOL, &e.to_string());
+        }
+        HelloFailure::Store(e) => {
+            tracing::warn!(error = %e, "cannot check a device hello");
+            state
+                .metrics
+                .device_rejects
+                .with_label_values(&["unavailable"])
+                .inc();
+            close(
+                conn,
+                codes::UNAVAILABLE,
+                "relay store unavailable; retry later",
+            );
+        }
+        HelloFailure::Reject(code, message) => {
+            tracing::info!(code = code.as_str(), "hello rejected");
+            state
+                .metrics
+                .device_rejects
+                .with_label_values(&[code.as_str()])
+                .inc();
+            if let Some(send) = control {
+                let reject = RelayControl::Reject {
+                    code,
+                    message: message.to_owned(),
+                };
+                if frame::write(send, &reject).await.is_ok() {
+                    finish_control(send).await;
+                }
+            }
+            close(conn, codes::REJECTED, message);
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Who is connected to this relay: device sessions and open tunnels.
+//!
+//! Both maps are touched once when something opens or closes, never per chunk, so a plain
+//! mutex (never held across an await) is enough.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::proto::messages::RelayControl;
+use crate::store::Id;
+
+/// One device's live QUIC session on this relay.
+pub struct DeviceSession {
+    /// Device uuid.
+    pub uuid: String,
+    /// This session's id (also in `presence`); a newer session replaces an older one.
+    pub session: String,
+    /// The QUIC connection, on which tunnel streams are opened.
+    pub conn: quinn::Connection,
+    /// Messages for the agent's control stream (`drain`, `replaced`).
+    pub control: mpsc::Sender<RelayControl>,
+}
+
+/// One open tunnel, as revocation checks and limits need it.
+pub struct TunnelEntry {
+    /// Tunnel id.
+    pub id: String,
+    /// The user who opened it.
+    pub user_id: Id,
+    /// The device.
+    pub device: String,
+    /// The device port.
+    pub port: u16,
+    /// The token that authorized it, re-checked every few seconds so that revoking a key or
+    /// membership ends the tunnel. Kept in memory only.
+    pub token: String,
+    /// Cancelling it ends the tunnel.
+    pub cancel: CancellationToken,
+    /// Why it was cancelled, set once before `cancel` fires.
+    pub reason: OnceLock<&'static str>,
+}
+
+impl TunnelEntry {
+    /// Ends the tunnel, recording why (the first reason wins).
+    pub fn end(&self, reason: &'static str) {
+        let _ = self.reason.set(reason);
+        self.cancel.cancel();
+    }
+}
+
+/// Which limit refused a new tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitHit {
+    /// The user has too many open tunnels.
+    User,
+    /// The device has too many open tunnels.
+    Device,
+    /// The relay has too many open tunnels.
+    Relay,
+}
+
+#[derive(Default)]
+struct Tunnels {
+    by_id: HashMap<String, Arc<TunnelEntry>>,
+    per_user: HashMap<Id, usize>,
+    per_device: HashMap<String, usize>,
+}
+
+/// The registry of this relay's device sessions and tunnels.
+#[derive(Default)]
+pub struct Registry {
+    devices: Mutex<HashMap<String, Arc<DeviceSession>>>,
+    tunnels: Mutex<Tunnels>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave these maps half-updated in a way that
+    // matters more than refusing service, so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Registry {
+    /// Registers a session; returns the one it replaces, if any.
+    pub fn insert_device(&self, session: Arc<DeviceSession>) -> Option<Arc<DeviceSession>> {
+        lock(&self.devices).insert(session.uuid.clone(), session)
+    }
+
+    /// Removes a device's session if it is still `session` (a newer one stays).
+    pub fn remove_device(&self, uuid: &str, session: &str) -> bool {
+        let mut devices = lock(&self.devices);
+        if devices.get(uuid).is_some_and(|s| s.session == session) {
+            devices.remove(uuid);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Removes a device's session whatever it is (the device was deleted).
+    pub fn take_device(&self, uuid: &str) -> Option<Arc<DeviceSession>> {
+        lock(&self.devices).remove(uuid)
+    }
+
+    /// The device's session on this relay.
+    pub fn device(&self, uuid: &str) -> Option<Arc<DeviceSession>> {
+        lock(&self.devices).get(uuid).cloned()
+    }
+
+    /// Every session (for drain on shutdown).
+    pub fn devices(&self) -> Vec<Arc<DeviceSession>> {
+        lock(&self.devices).values().cloned().collect()
+    }
+
+    /// Admits a tunnel under the limits, or says which limit refused it.
+    pub fn admit_tunnel(
+        &self,
+        entry: Arc<TunnelEntry>,
+        per_user: usize,
+        per_device: usize,
+        per_relay: usize,
+    ) -> Result<(), LimitHit> {
+        let mut t = lock(&self.tunnels);
+        if t.by_id.len() >= per_relay {
+            return Err(LimitHit::Relay);
+        }
+        if t.per_user.get(&entry.user_id).copied().unwrap_or(0) >= per_user {
+            return Err(LimitHit::User);
+        }
+        if t.per_device.get(&entry.device).copied().unwrap_or(0) >= per_device {
+            return Err(LimitHit::Device);
+        }
+        *t.per_user.entry(entry.user_id).or_default() += 1;
+        *t.per_device.entry(entry.device.clone()).or_default() += 1;
+        t.by_id.insert(entry.id.clone(), entry);
+        Ok(())
+    }
+
+    /// Forgets a tunnel that ended.
+    pub fn remove_tunnel(&self, id: &str) {
+        let mut t = lock(&self.tunnels);
+        let Some(entry) = t.by_id.remove(id) else {
+            return;
+        };
+        if let Some(n) = t.per_user.get_mut(&entry.user_id) {
+            *n -= 1;
+            if *n == 0 {
+                t.per_user.remove(&entry.user_id);
+            }
+        }
+        if let Some(n) = t.per_device.get_mut(&entry.device) {
+            *n -= 1;
+            if *n == 0 {
+                t.per_device.remove(&entry.device);
+            }
+        }
+    }
+
+    /// Every open tunnel.
+    pub fn tunnels(&self) -> Vec<Arc<TunnelEntry>> {
+        lock(&self.tunnels).by_id.values().cloned().collect()
+    }
+
+    /// How many tunnels are open.
+    pub fn tunnel_count(&self) -> usize {
+        lock(&self.tunnels).by_id.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, user: Id, device: &str) -> Arc<TunnelEntry> {
+        Arc::new(TunnelEntry {
+            id: id.into(),
+            user_id: user,
+            device: device.into(),
+            port: 22,
+            token: String::new(),
+            cancel: CancellationToken::new(),
+            reason: OnceLock::new(),
+        })
+    }
+
+    #[test]
+    fn tunnel_limits_count_and_release() {
+        let r = Registry::default();
+        r.admit_tunnel(entry("a", 1, "d1"), 2, 2, 3).unwrap();
+        r.admit_tunnel(entry("b", 1, "d2"), 2, 2, 3).unwrap();
+        assert_eq!(
+            r.admit_tunnel(entry("c", 1, "d3"), 2, 2, 3),
+            Err(LimitHit::User)
+        );
+        r.admit_tunnel(entry("c", 2, "d1"), 2, 2, 3).unwrap();
+        assert_eq!(
+            r.admit_tunnel(entry("d", 3, "d1"), 2, 2, 4),
+            Err(LimitHit::Device)
+        );
+        assert_eq!(
+            r.admit_tunnel(entry("d", 3, "d9"), 2, 2, 3),
+            Err(LimitHit::Relay)
+        );
+        r.remove_tunnel("a");
+        r.remove_tunnel("a");
+        assert_eq!(r.tunnel_count(), 2);
+        r.admit_tunnel(entry("e", 1, "d1"), 2, 2, 3).unwrap();
+    }
+}

@@ -1,0 +1,127 @@
+//! The relay's certificate: from `--tls-cert`/`--tls-key`, or a self-signed dev certificate
+//! generated once into the data directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::datadir;
+use crate::config::RelayConfig;
+use crate::proto::ALPN;
+
+/// File name of the generated dev certificate in the data directory.
+pub const DEV_CERT: &str = "relay-cert.pem";
+/// File name of its private key.
+pub const DEV_KEY: &str = "relay-key.pem";
+
+/// Errors loading or generating the certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or holds nothing usable.
+    #[error("{path}: {message}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Generating the dev certificate failed.
+    #[error("cannot generate the dev certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// Writing it failed.
+    #[error(transparent)]
+    DataDir(#[from] datadir::DataDirError),
+    /// rustls refused the certificate or key.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// quinn refused the TLS configuration.
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(String),
+}
+
+/// A certificate chain and its key.
+pub struct Material {
+    /// Leaf first.
+    pub certs: Vec<CertificateDer<'static>>,
+    /// The leaf's key.
+    pub key: PrivateKeyDer<'static>,
+    /// Where the chain came from, for the operator's log.
+    pub cert_path: PathBuf,
+}
+
+fn pem_error(path: &Path, message: impl std::fmt::Display) -> TlsError {
+    TlsError::Pem {
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+fn load(cert_path: &Path, key_path: &Path) -> Result<Material, TlsError> {
+    let certs = CertificateDer::pem_file_iter(cert_path)
+        .map_err(|e| pem_error(cert_path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(cert_path, e))?;
+    if certs.is_empty() {
+        return Err(pem_error(cert_path, "no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| pem_error(key_path, e))?;
+    Ok(Material {
+        certs,
+        key,
+        cert_path: cert_path.to_owned(),
+    })
+}
+
+/// The configured certificate, or the dev certificate (generated on first use) with SANs
+/// `localhost`, `127.0.0.1`, `::1` and every `tls_names` entry.
+pub fn material(config: &RelayConfig) -> Result<Material, TlsError> {
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        return load(cert, key);
+    }
+    let cert_path = config.data_dir.join(DEV_CERT);
+    let key_path = config.data_dir.join(DEV_KEY);
+    if !cert_path.exists() || !key_path.exists() {
+        let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
+        names.extend(config.tls_names.iter().cloned());
+        let generated = rcgen::generate_simple_self_signed(names)?;
+        // Remove a half-written pair so both files are made together.
+        let _ = std::fs::remove_file(&cert_path);
+        let _ = std::fs::remove_file(&key_path);
+        datadir::write_private(&key_path, generated.signing_key.serialize_pem().as_bytes())?;
+        datadir::write_private(&cert_path, generated.cert.pem().as_bytes())?;
+        tracing::info!(path = %cert_path.display(), "generated a self-signed dev certificate");
+    }
+    load(&cert_path, &key_path)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The QUIC server configuration for the device listener.
+pub fn quic_server(
+    material: &Material,
+    transport: quinn::TransportConfig,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(material.certs.clone(), material.key.clone_key())?;
+    crypto.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// The TLS acceptor for the TLS CONNECT listener.
+pub fn tcp_acceptor(material: &Material) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    let crypto = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(material.certs.clone(), material.key.clone_key())?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(crypto)))
+}

@@ -1,0 +1,143 @@
+//! Client-side TLS for the agent (QUIC) and the CLI (TLS proxy): which servers to trust.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{self, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+/// Which certificates to trust.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust<'a> {
+    /// The system's roots.
+    System,
+    /// The certificates in a PEM file: a private CA, or a relay's self-signed dev certificate.
+    CaFile(&'a Path),
+    /// Any certificate at all: for development only; the link is encrypted but not
+    /// authenticated.
+    Insecure,
+}
+
+/// Errors building a client TLS configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsClientError {
+    /// The CA file is unreadable or holds no certificate.
+    #[error("CA file {path}: {message}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The system has no usable root certificates.
+    #[error("no system root certificates found; pass a CA file")]
+    NoSystemRoots,
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(crypto::ring::default_provider())
+}
+
+fn roots(trust: &Trust<'_>) -> Result<RootCertStore, TlsClientError> {
+    let mut store = RootCertStore::empty();
+    match trust {
+        Trust::CaFile(path) => {
+            let shown = path.display().to_string();
+            let err = |message: String| TlsClientError::CaFile {
+                path: shown.clone(),
+                message,
+            };
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| err(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| err(e.to_string()))?;
+            let (added, _) = store.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(err("no usable certificate in the file".into()));
+            }
+        }
+        Trust::System => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = store.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(TlsClientError::NoSystemRoots);
+            }
+        }
+        Trust::Insecure => {}
+    }
+    Ok(store)
+}
+
+/// A client configuration trusting `trust`, offering `alpn`.
+pub fn config(trust: Trust<'_>, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TlsClientError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
+    let mut config = if trust == Trust::Insecure {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider())))
+            .with_no_client_auth()
+    } else {
+        builder
+            .with_root_certificates(roots(&trust)?)
+            .with_no_client_auth()
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// Accepts any certificate, but still checks handshake signatures (so the peer must hold
+/// the key of the certificate it shows).
+#[derive(Debug)]
+struct AcceptAny(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,4 +1,551 @@
-//! Helpers shared by the end-to-end tests: real relays, agents and databases on port 0.
+//! Helpers shared by the end-to-end tests: real relays and agents (the built binary) on
+//! port 0, real local services, a CONNECT client, and the API.
+//!
+//! Readiness is always an event: a process is ready when it prints its "listening" or
+//! "connected" line, never after a sleep.
 #![allow(dead_code)]
 
 pub mod pg;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cloudlink")
+}
+
+/// How long any single wait for a process event may take before the test fails.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Lines a child process writes, collected by a thread and readable as they come.
+pub struct Lines {
+    rx: Mutex<mpsc::Receiver<String>>,
+    all: Arc<Mutex<Vec<String>>>,
+}
+
+impl Lines {
+    fn spawn(reader: impl std::io::Read + Send + 'static, log: Option<PathBuf>) -> Lines {
+        let (tx, rx) = mpsc::channel();
+        let all = Arc::new(Mutex::new(Vec::new()));
+        let keep = all.clone();
+        std::thread::spawn(move || {
+            let mut file = log.map(|p| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .expect("log file")
+            });
+            for line in BufReader::new(reader).lines() {
+                let Ok(line) = line else { break };
+                if let Some(f) = file.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
+                keep.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Lines {
+            rx: Mutex::new(rx),
+            all,
+        }
+    }
+
+    /// Waits for a line containing `needle` and returns it.
+    pub fn wait_for(&self, needle: &str) -> String {
+        let rx = self.rx.lock().unwrap();
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "no line containing {needle:?} within {EVENT_TIMEOUT:?}; saw:\n{}",
+                    self.all.lock().unwrap().join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Everything seen so far.
+    pub fn text(&self) -> String {
+        self.all.lock().unwrap().join("\n")
+    }
+}
+
+fn field(line: &str, key: &str) -> Option<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+}
+
+/// A relay process.
+pub struct Relay {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub api: SocketAddr,
+    pub proxy: SocketAddr,
+    pub proxy_tls: Option<SocketAddr>,
+    pub device: SocketAddr,
+    pub stdout: Lines,
+    pub stderr: Lines,
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
+    /// Every log line of every run, for the "no secret in the logs" checks.
+    pub log_file: PathBuf,
+}
+
+impl Relay {
+    /// Starts a relay on port 0 everywhere with `extra` arguments.
+    pub fn start(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Relay {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let log_file = data_dir.with_extension("log");
+        Relay::spawn(
+            data_dir,
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            extra,
+            env,
+            log_file,
+        )
+    }
+
+    fn spawn(
+        data_dir: &Path,
+        api: &str,
+        proxy: &str,
+        device: &str,
+        extra: Vec<String>,
+        env: Vec<(String, String)>,
+        log_file: PathBuf,
+    ) -> Relay {
+        let mut cmd = Command::new(bin());
+        cmd.arg("relay")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args([
+                "--api-listen",
+                api,
+                "--proxy-listen",
+                proxy,
+                "--device-listen",
+                device,
+            ])
+            .args(&extra)
+            .env("RUST_LOG", "debug")
+            .env_remove("CLOUDLINK_DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("relay starts");
+        let stdout = Lines::spawn(child.stdout.take().unwrap(), Some(log_file.clone()));
+        let stderr = Lines::spawn(child.stderr.take().unwrap(), Some(log_file.clone()));
+        let line = stdout.wait_for("relay listening:");
+        Relay {
+            child: Some(child),
+            data_dir: data_dir.to_owned(),
+            api: field(&line, "api").expect("api addr"),
+            proxy: field(&line, "proxy").expect("proxy addr"),
+            proxy_tls: field(&line, "proxy_tls"),
+            device: field(&line, "device").expect("device addr"),
+            stdout,
+            stderr,
+            extra,
+            env,
+            log_file,
+        }
+    }
+
+    /// The bootstrap admin's key.
+    pub fn admin_key(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin.key"))
+            .expect("admin.key")
+            .trim()
+            .to_owned()
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let status = child.wait().expect("relay exits");
+            assert!(status.success(), "relay exited with {status}");
+        }
+    }
+
+    /// Stops and starts again on the same addresses and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        let next = Relay::spawn(
+            &self.data_dir,
+            &self.api.to_string(),
+            &self.proxy.to_string(),
+            &self.device.to_string(),
+            self.extra.clone(),
+            self.env.clone(),
+            self.log_file.clone(),
+        );
+        *self = next;
+    }
+
+    /// The relay's certificate (the generated dev one).
+    pub fn cert(&self) -> PathBuf {
+        self.data_dir.join("relay-cert.pem")
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An agent process.
+pub struct Agent {
+    child: Option<Child>,
+    pub stderr: Lines,
+}
+
+impl Agent {
+    /// Starts an agent for `uuid`/`key` against `relay`; returns once it is connected.
+    pub fn start(relay: &Relay, uuid: &str, key: &str, extra: &[&str]) -> Agent {
+        let agent = Agent::spawn(relay, uuid, key, extra);
+        agent.stderr.wait_for("connected to relay");
+        agent
+    }
+
+    /// Starts an agent without waiting.
+    pub fn spawn(relay: &Relay, uuid: &str, key: &str, extra: &[&str]) -> Agent {
+        let mut child = Command::new(bin())
+            .arg("agent")
+            .arg("--relay")
+            .arg(relay.device.to_string())
+            .arg("--ca")
+            .arg(relay.cert())
+            .args(["--server-name", "localhost"])
+            .args(extra)
+            .env("CLOUDLINK_DEVICE_UUID", uuid)
+            .env("CLOUDLINK_DEVICE_KEY", key)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agent starts");
+        let stderr = Lines::spawn(child.stderr.take().unwrap(), None);
+        Agent {
+            child: Some(child),
+            stderr,
+        }
+    }
+
+    /// SIGKILL, like a device losing power.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A relay with a logged-in CLI config and an admin API client.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub relay: Relay,
+    pub admin: Api,
+}
+
+impl World {
+    /// A relay on SQLite in a temp dir, with test-friendly limits merged into `config`.
+    pub fn new(config: &str) -> World {
+        World::with(config, &[], &[])
+    }
+
+    /// Like [`World::new`] with extra relay flags and env.
+    pub fn with(config: &str, extra: &[&str], env: &[(&str, &str)]) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relay.toml");
+        std::fs::write(&file, config).unwrap();
+        let mut args = vec!["--config", file.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let relay = Relay::start(&dir.path().join("data"), &args, env);
+        let admin = Api::new(relay.api, &relay.admin_key());
+        World { dir, relay, admin }
+    }
+
+    /// The CLI config dir of this world.
+    pub fn xdg(&self) -> PathBuf {
+        self.dir.path().join("xdg")
+    }
+
+    /// Runs the CLI with this world's config dir; returns (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(bin())
+            .args(args)
+            .env("XDG_CONFIG_HOME", self.xdg())
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("cli runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Runs the CLI and insists it succeeds; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.cli(args);
+        assert!(ok, "cloudlink {args:?} failed: {err}");
+        out
+    }
+
+    /// Logs the CLI in with `key`.
+    pub fn login(&self, key: &str) {
+        self.cli_ok(&[
+            "login",
+            "--api",
+            &format!("http://{}", self.relay.api),
+            "--proxy",
+            &self.relay.proxy.to_string(),
+            "--key",
+            key,
+        ]);
+    }
+
+    /// Creates a fleet (owned by the admin) and a device in it; returns (uuid, key).
+    pub async fn device_in(&self, fleet: &str) -> (String, String) {
+        let _ = self
+            .admin
+            .call("POST", "/v1/fleets", Some(json!({ "name": fleet })))
+            .await;
+        let (status, d) = self
+            .admin
+            .call(
+                "POST",
+                &format!("/v1/fleets/{fleet}/devices"),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(status, 201, "{d}");
+        (
+            d["uuid"].as_str().unwrap().to_owned(),
+            d["key"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Creates a user; returns their API key.
+    pub async fn user(&self, name: &str) -> String {
+        let (status, u) = self
+            .admin
+            .call("POST", "/v1/users", Some(json!({ "username": name })))
+            .await;
+        assert_eq!(status, 201, "{u}");
+        u["api_key"].as_str().unwrap().to_owned()
+    }
+}
+
+/// A plain HTTP client (installs the ring provider reqwest needs first).
+pub fn http() -> reqwest::Client {
+    cloudlink::cli::install_crypto();
+    reqwest::Client::new()
+}
+
+/// A tiny API client.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(addr: SocketAddr, token: &str) -> Api {
+        Api {
+            base: format!("http://{addr}"),
+            token: token.to_owned(),
+            http: http(),
+        }
+    }
+
+    pub fn as_user(&self, token: &str) -> Api {
+        Api {
+            token: token.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// Sends a request; returns the status and the JSON body (or the text as a string).
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("API reachable");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+}
+
+/// Sends a CONNECT and returns the stream and the whole answer head (status line first).
+pub async fn connect_raw(proxy: SocketAddr, request: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    (s, head)
+}
+
+/// Reads an HTTP answer head byte by byte (so no tunnel byte is consumed).
+pub async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await.unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// The status code of an answer head.
+pub fn status_of(head: &str) -> u16 {
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Opens a tunnel with a Bearer token; panics unless the answer is 200.
+pub async fn tunnel(proxy: SocketAddr, token: &str, uuid: &str, port: u16) -> TcpStream {
+    let (s, head) = connect_raw(
+        proxy,
+        &format!(
+            "CONNECT {uuid}.cloudlink:{port} HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status_of(&head), 200, "CONNECT answered: {head}");
+    s
+}
+
+/// An echo service on 127.0.0.1:0; returns its port.
+pub async fn echo_server() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// A service that reads until EOF and only then answers `got N bytes, sha256 H`.
+pub async fn digest_server() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use sha2::Digest;
+                let mut hasher = sha2::Sha256::new();
+                let mut n = 0u64;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => {
+                            hasher.update(&buf[..k]);
+                            n += k as u64;
+                        }
+                    }
+                }
+                let answer = format!("got {n} bytes, sha256 {}", hex::encode(hasher.finalize()));
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// A service that sends `len` pseudo-random bytes from `seed`, then closes.
+pub async fn source_server(len: usize, seed: u64) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let data = random_bytes(len, seed);
+                let _ = s.write_all(&data).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// Deterministic pseudo-random bytes (xorshift), fast enough for 64 MiB in a debug build.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Hex SHA-256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Writes a relay config with test-friendly limits, plus `extra` TOML lines for `[limits]`.
+pub fn limits(extra: &str) -> String {
+    format!("[limits]\nauth_failures_per_minute = 1000\n{extra}\n")
+}

@@ -423,11 +423,15 @@ mod tests {
             RelayConfig::from_file(&file),
             Err(ConfigError::Parse { .. })
         ));
-        let mut config = RelayConfig::default();
-        config.tls_cert = Some("c.pem".into());
+        let config = RelayConfig {
+            tls_cert: Some("c.pem".into()),
+            ..RelayConfig::default()
+        };
         assert!(config.validate().is_err());
-        let mut config = RelayConfig::default();
-        config.database_url = Some("mysql://x".into());
+        let config = RelayConfig {
+            database_url: Some("mysql://x".into()),
+            ..RelayConfig::default()
+        };
         assert!(config.validate().is_err());
     }
 }

@@ -171,7 +171,9 @@ impl Agent {
                     self.set_state(LinkState::Down(why));
                     failures = failures.saturating_add(1);
                     // Try the other relays at once before backing off.
-                    if next % relays.len() != 0 && matches!(other, Outcome::Unreachable(_)) {
+                    if !next.is_multiple_of(relays.len())
+                        && matches!(other, Outcome::Unreachable(_))
+                    {
                         Duration::ZERO
                     } else {
                         backoff(failures, Duration::from_millis(self.config.max_backoff_ms))

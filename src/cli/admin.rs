@@ -442,8 +442,7 @@ pub async fn device(cmd: DeviceAdminCmd, out: Output) -> Result<()> {
                 .call(Method::GET, &format!("/v1/devices/{uuid}"), None)
                 .await?;
             let cells = device_row(&d);
-            let fields: Vec<(&str, String)> =
-                DEVICE_HEADERS.iter().map(|h| *h).zip(cells).collect();
+            let fields: Vec<(&str, String)> = DEVICE_HEADERS.iter().copied().zip(cells).collect();
             out.record(&d, &fields)
         }
         DeviceAdminCmd::Rm { uuid } => {

@@ -506,24 +506,23 @@ async fn finish(
         }
         _ => tracing::info!(tunnel = %entry.id, up, down, reason = %reason, "tunnel ended"),
     }
-    // The audit write happens off the tunnel's path; the close waits for the open row.
-    let store = state.store.clone();
-    tokio::spawn(async move {
-        match opened.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(tunnel = %audit_id, error = %e, "audit row not written");
-                return;
-            }
-            Err(_) => return,
+    // The open row was written off the set-up path; the close waits for it. This runs in
+    // the connection's tracked task, so a graceful shutdown completes every audit row.
+    match opened.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(tunnel = %audit_id, error = %e, "audit row not written");
+            return;
         }
-        if let Err(e) = store
-            .close_tunnel(&audit_id, up as i64, down as i64, &reason)
-            .await
-        {
-            tracing::warn!(tunnel = %audit_id, error = %e, "audit row not completed");
-        }
-    });
+        Err(_) => return,
+    }
+    if let Err(e) = state
+        .store
+        .close_tunnel(&audit_id, up as i64, down as i64, &reason)
+        .await
+    {
+        tracing::warn!(tunnel = %audit_id, error = %e, "audit row not completed");
+    }
 }
 
 /// Every few seconds, re-checks each open tunnel's authorization without the cache and ends

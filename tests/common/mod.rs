@@ -5,6 +5,7 @@
 //! "connected" line, never after a sleep.
 #![allow(dead_code)]
 
+pub mod fake_device;
 pub mod pg;
 
 use std::io::{BufRead, BufReader, Write};
@@ -34,7 +35,7 @@ pub struct Lines {
 }
 
 impl Lines {
-    fn spawn(reader: impl std::io::Read + Send + 'static, log: Option<PathBuf>) -> Lines {
+    pub fn spawn(reader: impl std::io::Read + Send + 'static, log: Option<PathBuf>) -> Lines {
         let (tx, rx) = mpsc::channel();
         let all = Arc::new(Mutex::new(Vec::new()));
         let keep = all.clone();

@@ -1,0 +1,612 @@
+//! The data plane end to end: real relay and agent processes, real local services.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use cloudlink::proto::frame;
+use cloudlink::proto::messages::{codes, RejectCode, RelayControl};
+use common::{
+    connect_raw, digest_server, echo_server, fake_device, limits, random_bytes, sha256_hex,
+    source_server, status_of, tunnel, Agent, Api, World,
+};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Generous enough for debug builds on two cores; a wait this long means a real hang.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn read_to_end(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    tokio::time::timeout(IO_TIMEOUT, s.read_to_end(&mut out))
+        .await
+        .expect("read finished in time")
+        .expect("read succeeded");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_each_way_arrive_intact() {
+    const SIZE: usize = 64 * 1024 * 1024;
+    let w = World::new(&limits(""));
+    let (uuid, key) = w.device_in("pis").await;
+    let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let token = w.relay.admin_key();
+
+    // Up: the device hashes what it got and answers after our EOF.
+    let port = digest_server().await;
+    let data = random_bytes(SIZE, 7);
+    let mut s = tunnel(w.relay.proxy, &token, &uuid, port).await;
+    let (mut r, mut wr) = s.split();
+    let send = async {
+        wr.write_all(&data).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let mut answer = String::new();
+    let recv = r.read_to_string(&mut answer);
+    let (_, got) = tokio::time::timeout(IO_TIMEOUT, async { tokio::join!(send, recv) })
+        .await
+        .expect("upload finished in time");
+    got.unwrap();
+    assert_eq!(
+        answer,
+        format!("got {SIZE} bytes, sha256 {}", sha256_hex(&data))
+    );
+
+    // Down: the device sends, we hash.
+    let port = source_server(SIZE, 11).await;
+    let mut s = tunnel(w.relay.proxy, &token, &uuid, port).await;
+    let got = read_to_end(&mut s).await;
+    assert_eq!(got.len(), SIZE);
+    assert_eq!(sha256_hex(&got), sha256_hex(&random_bytes(SIZE, 11)));
+}
+
+#[tokio::test]
+async fn half_close_lets_the_reply_arrive_and_pipelined_bytes_count() {
+    let w = World::new(&limits(""));
+    let (uuid, key) = w.device_in("pis").await;
+    let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let port = digest_server().await;
+
+    // The request and the first tunnel bytes in one write: the bytes belong to the tunnel.
+    let mut s = tokio::net::TcpStream::connect(w.relay.proxy).await.unwrap();
+    let request = format!(
+        "CONNECT {uuid}:{port} HTTP/1.0\r\nProxy-Authorization: Bearer {}\r\n\r\nhello ",
+        w.relay.admin_key()
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let head = common::read_head(&mut s).await;
+    assert_eq!(head, "HTTP/1.0 200 Connection Established\r\n\r\n");
+    s.write_all(b"world").await.unwrap();
+    s.shutdown().await.unwrap();
+    let reply = String::from_utf8(read_to_end(&mut s).await).unwrap();
+    assert_eq!(
+        reply,
+        format!("got 11 bytes, sha256 {}", sha256_hex(b"hello world"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_tunnels() {
+    let w = World::new(&limits("tunnels_per_user = 200\ntunnels_per_device = 200"));
+    let (uuid, key) = w.device_in("pis").await;
+    let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let port = echo_server().await;
+    let token = w.relay.admin_key();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100u64 {
+        let (proxy, token, uuid) = (w.relay.proxy, token.clone(), uuid.clone());
+        tasks.spawn(async move {
+            let data = random_bytes(256 * 1024, i + 1);
+            let mut s = tunnel(proxy, &token, &uuid, port).await;
+            let (mut r, mut wr) = s.split();
+            let send = async {
+                wr.write_all(&data).await.unwrap();
+                wr.shutdown().await.unwrap();
+            };
+            let mut back = Vec::new();
+            let (_, n) = tokio::join!(send, r.read_to_end(&mut back));
+            n.unwrap();
+            assert_eq!(sha256_hex(&back), sha256_hex(&data), "tunnel {i}");
+        });
+    }
+    let all = async {
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+    };
+    tokio::time::timeout(IO_TIMEOUT, all)
+        .await
+        .expect("all tunnels done in time");
+}
+
+fn basic(user: &str, token: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{token}"))
+}
+
+#[tokio::test]
+async fn balena_request_api_keys_and_jwts_are_accepted() {
+    let w = World::new(&limits(""));
+    let (uuid, key) = w.device_in("pis").await;
+    let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let port = echo_server().await;
+
+    // The balena CLI's request, byte for byte: HTTP/1.0, no Host, Basic with any username.
+    let request = format!(
+        "CONNECT {uuid}.balena:{port} HTTP/1.0\r\nProxy-Authorization: Basic {}\r\n\r\n",
+        basic("whoever", &w.relay.admin_key())
+    );
+    let (mut s, head) = connect_raw(w.relay.proxy, &request).await;
+    assert_eq!(head, "HTTP/1.0 200 Connection Established\r\n\r\n");
+    s.write_all(b"ping").await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut s).await, b"ping");
+
+    // A JWT from /v1/auth/token, as Bearer and as Basic.
+    let (_, t) = w.admin.call("POST", "/v1/auth/token", None).await;
+    let jwt = t["token"].as_str().unwrap();
+    let mut s = tunnel(w.relay.proxy, jwt, &uuid, port).await;
+    s.write_all(b"jwt").await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut s).await, b"jwt");
+    let request = format!(
+        "CONNECT {}.resin:{port} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {}\r\n\r\n",
+        uuid.to_uppercase(),
+        basic("", jwt)
+    );
+    let (_, head) = connect_raw(w.relay.proxy, &request).await;
+    assert_eq!(head, "HTTP/1.1 200 Connection Established\r\n\r\n");
+}
+
+async fn status(w: &World, request: &str) -> u16 {
+    status_of(&connect_raw(w.relay.proxy, request).await.1)
+}
+
+#[tokio::test]
+async fn every_error_status_for_its_condition() {
+    let w = World::new(&limits("head_timeout_ms = 300\nopen_timeout_ms = 1000"));
+    let (uuid, key) = w.device_in("pis").await;
+    let (offline_uuid, _) = w.device_in("pis").await;
+    let (other_uuid, _) = w.device_in("other").await;
+    let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let admin = w.relay.admin_key();
+    let olga = w.user("olga").await;
+    let (s, _) = w
+        .admin
+        .call(
+            "POST",
+            "/v1/fleets/pis/members",
+            Some(json!({"username": "olga", "role": "member"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let echo = echo_server().await;
+    let req = |target: &str, token: &str| {
+        format!("CONNECT {target} HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n\r\n")
+    };
+
+    // 400
+    assert_eq!(status(&w, &req("example.com:443", &admin)).await, 400);
+    assert_eq!(status(&w, &req(&format!("{uuid}:0"), &admin)).await, 400);
+    assert_eq!(
+        status(&w, &req(&format!("{uuid}:65536"), &admin)).await,
+        400
+    );
+    assert_eq!(
+        status(&w, &req(&format!("{}:22", &uuid[..7]), &admin)).await,
+        400
+    );
+    assert_eq!(status(&w, "BLAH\r\n\r\n").await, 400);
+    // 405
+    let (_, head) = connect_raw(w.relay.proxy, "GET http://example.com/ HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status_of(&head), 405);
+    assert!(head.contains("Allow: CONNECT"));
+    // 407
+    let (_, head) = connect_raw(
+        w.relay.proxy,
+        &format!("CONNECT {uuid}:{echo} HTTP/1.1\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status_of(&head), 407);
+    assert!(head.contains("Proxy-Authenticate: Basic realm=\"cloudlink\""));
+    assert_eq!(
+        status(&w, &req(&format!("{uuid}:{echo}"), "clk_nope")).await,
+        407
+    );
+    assert_eq!(
+        status(&w, &req(&format!("{uuid}:{echo}"), "a.b.c")).await,
+        407
+    );
+    // 403: not their fleet, no such device, port not allowed: one answer.
+    assert_eq!(
+        status(&w, &req(&format!("{other_uuid}:{echo}"), &olga)).await,
+        403
+    );
+    assert_eq!(
+        status(&w, &req(&format!("{}:{echo}", "0".repeat(32)), &olga)).await,
+        403
+    );
+    let (s, _) = w
+        .admin
+        .call(
+            "PATCH",
+            "/v1/fleets/pis",
+            Some(json!({"allowed_ports": [22222]})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        status(&w, &req(&format!("{uuid}:{echo}"), &olga)).await,
+        403
+    );
+    let (s, _) = w
+        .admin
+        .call(
+            "PATCH",
+            "/v1/fleets/pis",
+            Some(json!({"allowed_ports": []})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    // 408: a client that never sends its head.
+    let mut silent = tokio::net::TcpStream::connect(w.relay.proxy).await.unwrap();
+    let head = common::read_head(&mut silent).await;
+    assert_eq!(status_of(&head), 408);
+    // 431
+    let big = format!(
+        "CONNECT {uuid}:{echo} HTTP/1.1\r\nX-Filler: {}\r\n\r\n",
+        "a".repeat(9 * 1024)
+    );
+    assert_eq!(status(&w, &big).await, 431);
+    // 502: nothing listens there.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (_, head) = connect_raw(w.relay.proxy, &req(&format!("{uuid}:{closed}"), &admin)).await;
+    assert_eq!(status_of(&head), 502, "{head}");
+    // 503: registered, not connected.
+    assert_eq!(
+        status(&w, &req(&format!("{offline_uuid}:{echo}"), &admin)).await,
+        503
+    );
+    // 504: a device that takes the stream but never answers.
+    let (timid_uuid, timid_key) = w.device_in("pis").await;
+    let (_conn, _send, _recv, answer) =
+        fake_device::hello(w.relay.device, &w.relay.cert(), &timid_uuid, &timid_key).await;
+    assert!(matches!(answer, RelayControl::Welcome { .. }));
+    assert_eq!(
+        status(&w, &req(&format!("{timid_uuid}:{echo}"), &admin)).await,
+        504
+    );
+    // And the working case still works after all that.
+    assert_eq!(
+        status(&w, &req(&format!("{uuid}:{echo}"), &olga)).await,
+        200
+    );
+}
+
+#[tokio::test]
+async fn agent_allowlist_refuses_with_502() {
+    let w = World::new(&limits(""));
+    let (uuid, key) = w.device_in("pis").await;
+    let allowed = echo_server().await;
+    let other = echo_server().await;
+    let _agent = Agent::start(
+        &w.relay,
+        &uuid,
+        &key,
+        &["--allow-port", &allowed.to_string()],
+    );
+    let token = w.relay.admin_key();
+    let req = |port: u16| {
+        format!("CONNECT {uuid}:{port} HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n\r\n")
+    };
+    let (_, head) = connect_raw(w.relay.proxy, &req(other)).await;
+    assert_eq!(status_of(&head), 502);
+    assert_eq!(
+        status_of(&connect_raw(w.relay.proxy, &req(allowed)).await.1),
+        200
+    );
+}
+
+#[tokio::test]
+async fn limits_answer_429_with_retry_after() {
+    let w = World::new("[limits]\nauth_failures_per_minute = 2\ntunnels_per_user = 1\n");
+    let (uuid, key) = w.device_in("pis").await;
+    let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let echo = echo_server().await;
+    let token = w.relay.admin_key();
+    let _open = tunnel(w.relay.proxy, &token, &uuid, echo).await;
+    let (_, head) = connect_raw(
+        w.relay.proxy,
+        &format!("CONNECT {uuid}:{echo} HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(status_of(&head), 429);
+    assert!(head.contains("Retry-After: "));
+
+    let bad =
+        format!("CONNECT {uuid}:{echo} HTTP/1.1\r\nProxy-Authorization: Bearer clk_x\r\n\r\n");
+    assert_eq!(status(&w, &bad).await, 407);
+    assert_eq!(status(&w, &bad).await, 407);
+    let (_, head) = connect_raw(w.relay.proxy, &bad).await;
+    assert_eq!(status_of(&head), 429, "guessing is throttled");
+    assert!(head.contains("Retry-After: "));
+}
+
+#[tokio::test]
+async fn revoking_a_key_ends_open_tunnels() {
+    let w = World::new(&limits(""));
+    let (uuid, key) = w.device_in("pis").await;
+    let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let echo = echo_server().await;
+    let (status, k) = w
+        .admin
+        .call("POST", "/v1/api-keys", Some(json!({"name": "temp"})))
+        .await;
+    assert_eq!(status, 201);
+    let mut s = tunnel(w.relay.proxy, k["key"].as_str().unwrap(), &uuid, echo).await;
+    s.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).await.unwrap();
+    let (status, _) = w
+        .admin
+        .call("DELETE", &format!("/v1/api-keys/{}", k["id"]), None)
+        .await;
+    assert_eq!(status, 204);
+    // The relay cuts the tunnel within its revalidation period: the read ends.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "tunnel still open 10 s after revocation");
+}
+
+#[tokio::test]
+async fn agent_restart_and_relay_restart_recover_by_themselves() {
+    let mut w = World::new(&limits(""));
+    let (uuid, key) = w.device_in("pis").await;
+    let echo = echo_server().await;
+    let mut agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let token = w.relay.admin_key();
+    let roundtrip = |proxy, msg: &'static [u8]| {
+        let (token, uuid) = (token.clone(), uuid.clone());
+        async move {
+            let mut s = tunnel(proxy, &token, &uuid, echo).await;
+            s.write_all(msg).await.unwrap();
+            s.shutdown().await.unwrap();
+            assert_eq!(read_to_end(&mut s).await, msg);
+        }
+    };
+    roundtrip(w.relay.proxy, b"one").await;
+
+    // Power loss on the device; it boots again and its new session replaces the stale one.
+    agent.kill();
+    let agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    roundtrip(w.relay.proxy, b"two").await;
+    let (_, d) = w
+        .admin
+        .call("GET", &format!("/v1/devices/{uuid}"), None)
+        .await;
+    assert_eq!(d["online"], true);
+
+    // The relay restarts; the same agent comes back on its own.
+    w.relay.restart();
+    agent.stderr.wait_for("relay link down");
+    agent.stderr.wait_for("connected to relay");
+    roundtrip(w.relay.proxy, b"three").await;
+
+    // The audit log has every tunnel, with bytes each way.
+    let admin = Api::new(w.relay.api, &token);
+    let (_, tunnels) = admin.call("GET", "/v1/tunnels", None).await;
+    let tunnels = tunnels.as_array().unwrap();
+    assert!(tunnels.len() >= 2, "{tunnels:?}");
+    let first = tunnels
+        .iter()
+        .find(|t| t["bytes_up"] == 3 && t["close_reason"] == "closed");
+    assert!(first.is_some(), "{tunnels:?}");
+    assert_eq!(first.unwrap()["bytes_down"], 3);
+    assert_eq!(first.unwrap()["user"], "admin");
+    let (_, d) = admin
+        .call("GET", &format!("/v1/devices/{uuid}"), None)
+        .await;
+    assert!(d["last_seen"].is_string());
+}
+
+#[tokio::test]
+async fn agent_survives_a_relay_that_is_down_at_boot() {
+    let mut w = World::new(&limits(""));
+    let (uuid, key) = w.device_in("pis").await;
+    let cert = w.relay.cert();
+    let device = w.relay.device;
+    w.relay.stop();
+    // The agent boots while the relay is down…
+    assert_eq!(w.relay.device, device);
+    let agent = common::Agent::spawn(&w.relay, &uuid, &key, &[]);
+    agent.stderr.wait_for("relay link down");
+    assert!(cert.exists());
+    // …and connects once it is back.
+    w.relay.restart();
+    agent.stderr.wait_for("connected to relay");
+}
+
+#[tokio::test]
+async fn device_misbehaviour_is_refused_with_codes() {
+    let w = World::new(&limits("hello_timeout_ms = 300"));
+    let (uuid, key) = w.device_in("pis").await;
+    let dev = w.relay.device;
+    let cert = w.relay.cert();
+
+    // Wrong key: a reject frame, then a close.
+    let (conn, _s, _r, answer) = fake_device::hello(dev, &cert, &uuid, "wrong").await;
+    assert!(matches!(
+        answer,
+        RelayControl::Reject {
+            code: RejectCode::Unauthorized,
+            ..
+        }
+    ));
+    assert_eq!(
+        fake_device::close_code(&conn).await,
+        u64::from(codes::REJECTED)
+    );
+
+    // A hello that never comes.
+    let conn = fake_device::dial(dev, &cert).await;
+    assert_eq!(
+        fake_device::close_code(&conn).await,
+        u64::from(codes::HELLO_TIMEOUT)
+    );
+
+    // An oversized frame.
+    let conn = fake_device::dial(dev, &cert).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&(1u32 << 20).to_be_bytes()).await.unwrap();
+    assert_eq!(
+        fake_device::close_code(&conn).await,
+        u64::from(codes::PROTOCOL)
+    );
+
+    // A malformed one.
+    let conn = fake_device::dial(dev, &cert).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0, 0, 0, 5, b'n', b'o', b'p', b'e', b'!'])
+        .await
+        .unwrap();
+    assert_eq!(
+        fake_device::close_code(&conn).await,
+        u64::from(codes::PROTOCOL)
+    );
+
+    // A device that opens a stream of its own is refused, and keeps its session.
+    let (conn, _s, mut control, answer) = fake_device::hello(dev, &cert, &uuid, &key).await;
+    assert!(matches!(answer, RelayControl::Welcome { .. }));
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"let me in").await.unwrap();
+    let refused = recv.read_to_end(1024).await;
+    assert!(
+        matches!(refused, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) if code.into_inner() == u64::from(codes::STREAM_REFUSED)),
+        "{refused:?}"
+    );
+    let (_, d) = w
+        .admin
+        .call("GET", &format!("/v1/devices/{uuid}"), None)
+        .await;
+    assert_eq!(d["online"], true);
+
+    // A newer session replaces it: the old one hears `replaced` and is closed.
+    let (_conn2, _s2, _r2, answer) = fake_device::hello(dev, &cert, &uuid, &key).await;
+    assert!(matches!(answer, RelayControl::Welcome { .. }));
+    let msg: RelayControl = frame::read_required(&mut control, frame::MAX_FRAME)
+        .await
+        .unwrap();
+    assert_eq!(msg, RelayControl::Replaced);
+    assert_eq!(
+        fake_device::close_code(&conn).await,
+        u64::from(codes::REPLACED)
+    );
+
+    // Deleting the device ends its session at once.
+    let (s, _) = w
+        .admin
+        .call("DELETE", &format!("/v1/devices/{uuid}"), None)
+        .await;
+    assert_eq!(s, 204);
+    assert_eq!(
+        fake_device::close_code(&_conn2).await,
+        u64::from(codes::DELETED)
+    );
+
+    // None of that hurt the relay.
+    let (s, _) = w.admin.call("GET", "/v1/me", None).await;
+    assert_eq!(s, 200);
+    let metrics = common::http()
+        .get(format!("http://{}/metrics", w.relay.api))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("cloudlink_device_rejects_total{code=\"unauthorized\"} 1"),
+        "{metrics}"
+    );
+}
+
+// Multi-threaded: the test blocks on child processes while its echo service must keep going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_tunnel_and_proxy_over_the_tls_listener() {
+    let w = World::with(&limits(""), &["--proxy-tls-listen", "127.0.0.1:0"], &[]);
+    let (uuid, key) = w.device_in("pis").await;
+    let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let echo = echo_server().await;
+    let tls = w.relay.proxy_tls.expect("TLS listener bound");
+    w.cli_ok(&[
+        "login",
+        "--api",
+        &format!("http://{}", w.relay.api),
+        "--proxy",
+        &format!("localhost:{}", tls.port()),
+        "--proxy-tls",
+        "--ca",
+        w.relay.cert().to_str().unwrap(),
+        "--key",
+        &w.relay.admin_key(),
+    ]);
+
+    // `cloudlink proxy` bridges stdin/stdout with half-close.
+    let out = std::process::Command::new(common::bin())
+        .args(["proxy", &uuid, &echo.to_string()])
+        .env("XDG_CONFIG_HOME", w.xdg())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(b"through TLS")?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"through TLS");
+
+    // `cloudlink device tunnel` listens locally, one CONNECT per connection.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = std::process::Command::new(common::bin())
+        .args(["device", "tunnel", &uuid, "-p", &format!("{echo}:0")])
+        .args(["-p", &format!("{closed}:127.0.0.1:0")])
+        .env("XDG_CONFIG_HOME", w.xdg())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = common::Lines::spawn(child.stdout.take().unwrap(), None);
+    let errors = common::Lines::spawn(child.stderr.take().unwrap(), None);
+    let addr_of = |line: String| -> std::net::SocketAddr {
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    let local = addr_of(lines.wait_for(&format!("=> {uuid}:{echo}")));
+    let dead = addr_of(lines.wait_for(&format!("=> {uuid}:{closed}")));
+    // A connection to a device port nothing listens on fails alone; the tunnel keeps going.
+    let mut s = tokio::net::TcpStream::connect(dead).await.unwrap();
+    assert!(read_to_end(&mut s).await.is_empty());
+    errors.wait_for("502");
+    for round in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(local).await.unwrap();
+        s.write_all(format!("round {round}").as_bytes())
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+        assert_eq!(
+            read_to_end(&mut s).await,
+            format!("round {round}").as_bytes()
+        );
+        lines.wait_for(&format!("===> {uuid}:{echo}"));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -7,6 +7,7 @@
 
 pub mod fake_device;
 pub mod pg;
+pub mod sshd;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -310,17 +311,25 @@ impl World {
 
     /// Runs the CLI with this world's config dir; returns (success, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(bin())
-            .args(args)
-            .env("XDG_CONFIG_HOME", self.xdg())
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("cli runs");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        cli_in(&self.xdg(), args, None)
+    }
+
+    /// Logs a CLI config dir in with `key`.
+    pub fn login_in(&self, xdg: &Path, key: &str) {
+        let (ok, _, err) = cli_in(
+            xdg,
+            &[
+                "login",
+                "--api",
+                &format!("http://{}", self.relay.api),
+                "--proxy",
+                &self.relay.proxy.to_string(),
+                "--key",
+                key,
+            ],
+            None,
+        );
+        assert!(ok, "login failed: {err}");
     }
 
     /// Runs the CLI and insists it succeeds; returns stdout.
@@ -373,6 +382,32 @@ impl World {
         assert_eq!(status, 201, "{u}");
         u["api_key"].as_str().unwrap().to_owned()
     }
+}
+
+/// Runs the CLI with config dir `xdg` and optional stdin; returns (success, stdout, stderr).
+pub fn cli_in(xdg: &Path, args: &[&str], stdin: Option<&[u8]>) -> (bool, String, String) {
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("XDG_CONFIG_HOME", xdg)
+        .env("NO_COLOR", "1")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cli runs");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input).unwrap();
+    }
+    let out = child.wait_with_output().expect("cli runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A plain HTTP client (installs the ring provider reqwest needs first).

@@ -1,0 +1,184 @@
+//! A real OpenSSH `sshd` for tests, in inetd mode (`sshd -i`) behind a listener on port 0,
+//! whose `AuthorizedKeysCommand` is the built `cloudlink agent authorized-keys`.
+//!
+//! sshd refuses an `AuthorizedKeysCommand` below a group- or world-writable directory (such
+//! as /tmp), so the binary and its config are copied to a fresh root-owned 0755 directory
+//! under /run. Running sshd this way needs root; without root (and without
+//! `CLOUDLINK_REQUIRE_SSH=1`) the SSH tests are skipped with a note.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Where `sshd` is, if installed.
+pub fn sshd_path() -> Option<PathBuf> {
+    ["/usr/sbin/sshd", "/usr/bin/sshd", "/sbin/sshd"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Whether the SSH tests can run here; panics when they are required but cannot.
+pub fn available() -> bool {
+    let required = std::env::var("CLOUDLINK_REQUIRE_SSH").is_ok_and(|v| v == "1");
+    let ok = sshd_path().is_some()
+        && is_root()
+        && Path::new("/usr/bin/ssh").is_file()
+        && Path::new("/usr/bin/ssh-keygen").is_file();
+    assert!(
+        ok || !required,
+        "CLOUDLINK_REQUIRE_SSH=1 but sshd/ssh/ssh-keygen are missing or we are not root"
+    );
+    if !ok {
+        eprintln!("note: needs root and OpenSSH (server and client); skipping the SSH test");
+    }
+    ok
+}
+
+/// A running inetd-style sshd.
+pub struct Sshd {
+    /// The root-owned directory holding the binary copy, config and host keys.
+    pub dir: PathBuf,
+    /// The port sshd answers on (127.0.0.1).
+    pub port: u16,
+    /// sshd's config file; rewrite it to change the host key.
+    pub config: PathBuf,
+    /// The accept loop.
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn keygen(path: &Path) {
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .stdout(Stdio::null())
+        .status()
+        .expect("ssh-keygen runs");
+    assert!(status.success());
+}
+
+impl Sshd {
+    /// Starts sshd whose keys come from the relay at `api` for device `uuid`/`key`.
+    pub async fn start(api: std::net::SocketAddr, uuid: &str, key: &str) -> Sshd {
+        // Privilege separation needs this directory (Debian creates it only at service start).
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let dir = PathBuf::from(format!(
+            "/run/cloudlink-test-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.join("cloudlink");
+        std::fs::copy(super::bin(), &bin).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let agent_config = dir.join("agent.toml");
+        std::fs::write(
+            &agent_config,
+            format!("api = \"http://{api}\"\nuuid = \"{uuid}\"\nkey = \"{key}\"\n"),
+        )
+        .unwrap();
+        // Readable by the AuthorizedKeysCommandUser (nobody); a real device uses a group.
+        std::fs::set_permissions(&agent_config, std::fs::Permissions::from_mode(0o644)).unwrap();
+        keygen(&dir.join("host_a"));
+        keygen(&dir.join("host_b"));
+        let config = dir.join("sshd_config");
+        write_config(&dir, &config, "host_a");
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sshd_bin = sshd_path().expect("sshd installed");
+        let log = dir.join("sshd.log");
+        let sshd_config = config.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let stream = stream.into_std().unwrap();
+                stream.set_nonblocking(false).unwrap();
+                let stdout = stream.try_clone().unwrap();
+                let log = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap();
+                let child = Command::new(&sshd_bin)
+                    .arg("-i")
+                    .arg("-e")
+                    .arg("-f")
+                    .arg(&config)
+                    .stdin(Stdio::from(std::os::fd::OwnedFd::from(stream)))
+                    .stdout(Stdio::from(std::os::fd::OwnedFd::from(stdout)))
+                    .stderr(Stdio::from(log))
+                    .spawn();
+                if let Ok(mut child) = child {
+                    tokio::task::spawn_blocking(move || child.wait());
+                }
+            }
+        });
+        Sshd {
+            dir,
+            port,
+            config: sshd_config,
+            task,
+        }
+    }
+
+    /// Rewrites the config with host key `host_key` (a file name in [`Sshd::dir`]).
+    pub fn write_config(&self, host_key: &str) {
+        write_config(&self.dir, &self.config, host_key);
+    }
+
+    /// What sshd logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default()
+    }
+}
+
+fn write_config(dir: &Path, config: &Path, host_key: &str) {
+    let bin = dir.join("cloudlink");
+    let agent_config = dir.join("agent.toml");
+    let text = format!(
+        "HostKey {dir}/{host_key}\n\
+             AuthorizedKeysFile none\n\
+             AuthorizedKeysCommand {bin} agent authorized-keys --config {cfg} %u\n\
+             AuthorizedKeysCommandUser nobody\n\
+             PubkeyAuthentication yes\n\
+             PasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\n\
+             PermitRootLogin prohibit-password\n\
+             UsePAM no\n\
+             LogLevel VERBOSE\n",
+        dir = dir.display(),
+        bin = bin.display(),
+        cfg = agent_config.display(),
+    );
+    std::fs::write(config, text).unwrap();
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// A user key pair for the ssh client; returns the private key path.
+pub fn user_key(dir: &Path) -> PathBuf {
+    let path = dir.join("id_ed25519");
+    keygen(&path);
+    path
+}

@@ -1,0 +1,322 @@
+//! SSH with cloud keys, end to end: OpenSSH's `ssh` and `sshd`, the relay and the agent.
+//!
+//! The device's sshd asks `cloudlink agent authorized-keys %u` for the keys of the local
+//! login name; the test logs in as `root` (the one account sure to exist), so the cloud user
+//! is called `root` too.
+
+mod common;
+
+use common::{cli_in, limits, sshd, Agent, World};
+use serde_json::json;
+
+fn ssh_opts(key: &std::path::Path) -> Vec<String> {
+    [
+        "-i",
+        key.to_str().unwrap(),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=20",
+        "-F",
+        "/dev/null",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Runs `cloudlink device ssh` with `script` on stdin; returns (success, stdout, stderr).
+fn device_ssh(
+    xdg: &std::path::Path,
+    uuid: &str,
+    port: u16,
+    key: &std::path::Path,
+    login: Option<&str>,
+    script: &str,
+) -> (bool, String, String) {
+    let port = port.to_string();
+    let mut args = vec!["device", "ssh", uuid, "--port", &port];
+    if let Some(login) = login {
+        args.extend(["-l", login]);
+    }
+    args.push("--");
+    let opts = ssh_opts(key);
+    args.extend(opts.iter().map(String::as_str));
+    cli_in(xdg, &args, Some(script.as_bytes()))
+}
+
+// Multi-threaded: the test waits on child processes while the sshd listener keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_with_cloud_keys_through_relay_and_agent() {
+    if !sshd::available() {
+        return;
+    }
+    let w = World::new(&limits(""));
+    let (uuid, device_key) = w.device_in("pis").await;
+    let (s, _) = w
+        .admin
+        .call("POST", "/v1/fleets", Some(json!({"name": "other"})))
+        .await;
+    assert_eq!(s, 201);
+    let sshd = sshd::Sshd::start(w.relay.api, &uuid, &device_key).await;
+    let _agent = Agent::start(
+        &w.relay,
+        &uuid,
+        &device_key,
+        &["--allow-port", &sshd.port.to_string()],
+    );
+
+    // The cloud user `root` adds their key with the CLI, and belongs to another fleet only.
+    let root_key = w.user("root").await;
+    let root_xdg = w.dir.path().join("xdg-root");
+    w.login_in(&root_xdg, &root_key);
+    let key = sshd::user_key(w.dir.path());
+    let pubkey = key.with_extension("pub");
+    let (ok, out, err) = cli_in(
+        &root_xdg,
+        &["--json", "key", "add", pubkey.to_str().unwrap()],
+        None,
+    );
+    assert!(ok, "{err}");
+    let key_id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].to_string();
+    let (s, _) = w
+        .admin
+        .call(
+            "POST",
+            "/v1/fleets/other/members",
+            Some(json!({"username": "root", "role": "member"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+
+    // The admin reaches the device; sshd refuses root, whose fleet this is not.
+    w.login(&w.relay.admin_key());
+    let (ok, _, err) = device_ssh(
+        &w.xdg(),
+        &uuid,
+        sshd.port,
+        &key,
+        Some("root"),
+        "echo hi; exit\n",
+    );
+    assert!(!ok, "a user of another fleet logged in");
+    assert!(err.contains("Permission denied"), "{err}\n{}", sshd.log());
+
+    // Made a member, root logs in; the command runs on the "device".
+    let (s, _) = w
+        .admin
+        .call(
+            "POST",
+            "/v1/fleets/pis/members",
+            Some(json!({"username": "root", "role": "member"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (ok, out, err) = device_ssh(
+        &w.xdg(),
+        &uuid,
+        sshd.port,
+        &key,
+        Some("root"),
+        "echo via-relay-$((40 + 2)); exit\n",
+    );
+    assert!(ok, "ssh failed: {err}\n{}", sshd.log());
+    assert_eq!(out.trim(), "via-relay-42");
+
+    // Root's own CLI login: the login name defaults to the cloud username.
+    let (ok, out, err) = device_ssh(&root_xdg, &uuid, sshd.port, &key, None, "whoami\n");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "root");
+
+    // `device tunnel` plus plain ssh works the same.
+    let mut tunnel = std::process::Command::new(common::bin())
+        .args(["device", "tunnel", &uuid, "-p", &format!("{}:0", sshd.port)])
+        .env("XDG_CONFIG_HOME", w.xdg())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = common::Lines::spawn(tunnel.stdout.take().unwrap(), None);
+    let line = lines.wait_for("Listening on");
+    let local: std::net::SocketAddr = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let out = std::process::Command::new("ssh")
+        .args(ssh_opts(&key))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+        ])
+        .args([
+            "-p",
+            &local.port().to_string(),
+            "root@127.0.0.1",
+            "echo plain-ssh",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "plain-ssh");
+    let _ = tunnel.kill();
+    let _ = tunnel.wait();
+
+    // The device's host key is remembered per uuid; a changed key is refused loudly.
+    sshd.write_config("host_b");
+    let (ok, _, err) = device_ssh(&w.xdg(), &uuid, sshd.port, &key, Some("root"), "exit\n");
+    assert!(!ok);
+    assert!(
+        err.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+            || err.contains("Host key verification failed"),
+        "{err}"
+    );
+    sshd.write_config("host_a");
+
+    // After `cloudlink key rm` the login fails at once.
+    let (ok, _, err) = cli_in(&root_xdg, &["key", "rm", &key_id], None);
+    assert!(ok, "{err}");
+    let (ok, _, err) = device_ssh(&w.xdg(), &uuid, sshd.port, &key, Some("root"), "exit\n");
+    assert!(!ok, "a removed key still logs in");
+    assert!(err.contains("Permission denied"), "{err}");
+}
+
+const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAII/Hvbt8FLxaYtdZv3WeFjGcQvtgFIyIyn5kLztvBv4O test@cloudlink";
+
+/// Runs `cloudlink agent authorized-keys` with an agent config; returns (success, stdout).
+fn authorized_keys(config: &std::path::Path, user: &str) -> (bool, String, String) {
+    let out = std::process::Command::new(common::bin())
+        .args(["agent", "authorized-keys", user, "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorized_keys_answers_only_for_users_who_may_reach_the_device() {
+    let mut w = World::new(&limits(""));
+    let (uuid, device_key) = w.device_in("pis").await;
+    let (_, other_key) = w.device_in("other").await;
+    let alice = w.admin.as_user(&w.user("alice").await);
+    let (s, k) = alice
+        .call(
+            "POST",
+            "/v1/ssh-keys",
+            Some(json!({"title": "t", "public_key": ED25519})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (s, _) = w
+        .admin
+        .call(
+            "POST",
+            "/v1/fleets/pis/members",
+            Some(json!({"username": "alice", "role": "member"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+
+    // The device API, as balenaOS's stock script calls it.
+    let device = |key: &str| w.admin.as_user(key);
+    let (s, body) = device(&device_key)
+        .call("GET", "/auth/v1/public-keys/alice", None)
+        .await;
+    assert_eq!(
+        (s, body.as_str().unwrap()),
+        (200, format!("{ED25519}\n").as_str())
+    );
+    let (s, body) = device(&other_key)
+        .call("GET", "/auth/v1/public-keys/alice", None)
+        .await;
+    assert_eq!(
+        (s, body.as_str().unwrap()),
+        (200, ""),
+        "not alice's fleet: no keys"
+    );
+    let (s, body) = device(&device_key)
+        .call("GET", "/auth/v1/public-keys/nobody", None)
+        .await;
+    assert_eq!(
+        (s, body.as_str().unwrap()),
+        (200, ""),
+        "no such user: same empty answer"
+    );
+    let (s, _) = device("wrong")
+        .call("GET", "/auth/v1/public-keys/alice", None)
+        .await;
+    assert_eq!(s, 401);
+    let (s, _) = device(&w.relay.admin_key())
+        .call("GET", "/auth/v1/public-keys/alice", None)
+        .await;
+    assert_eq!(s, 401, "a user's key is not a device key");
+
+    // The agent command prints exactly the keys.
+    let config = w.dir.path().join("agent.toml");
+    let cache = w.dir.path().join("keys-cache");
+    let api = w.relay.api;
+    let write = |cache_dir: Option<&std::path::Path>| {
+        let mut text = format!(
+            "api = \"http://{api}\"\nuuid = \"{uuid}\"\nkey = \"{device_key}\"\n\
+             authorized_keys_timeout_secs = 2\n"
+        );
+        if let Some(dir) = cache_dir {
+            text.push_str(&format!(
+                "authorized_keys_cache_dir = \"{}\"\n",
+                dir.display()
+            ));
+        }
+        std::fs::write(&config, text).unwrap();
+    };
+    write(None);
+    let (ok, out, _) = authorized_keys(&config, "alice");
+    assert!(ok);
+    assert_eq!(out, format!("{ED25519}\n"));
+    let (ok, out, _) = authorized_keys(&config, "../etc/passwd");
+    assert!(ok && out.is_empty());
+
+    // Revocation is prompt: membership removed, then re-added, then the key removed.
+    let (s, _) = w
+        .admin
+        .call("DELETE", "/v1/fleets/pis/members/alice", None)
+        .await;
+    assert_eq!(s, 204);
+    assert_eq!(authorized_keys(&config, "alice").1, "");
+    let (s, _) = w
+        .admin
+        .call(
+            "POST",
+            "/v1/fleets/pis/members",
+            Some(json!({"username": "alice", "role": "member"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    write(Some(&cache));
+    assert_eq!(authorized_keys(&config, "alice").1, format!("{ED25519}\n"));
+
+    // The relay goes away: with the cache configured, the last good answer is served…
+    w.relay.stop();
+    let (ok, out, err) = authorized_keys(&config, "alice");
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("{ED25519}\n"));
+    // …without it, the command fails closed: no keys, a message on stderr, a failure code.
+    write(None);
+    let (ok, out, err) = authorized_keys(&config, "alice");
+    assert!(!ok);
+    assert!(out.is_empty());
+    assert!(err.contains("cannot reach the relay"), "{err}");
+
+    // Back up, a removed key is gone from the very next answer.
+    w.relay.restart();
+    let (s, _) = alice
+        .call("DELETE", &format!("/v1/ssh-keys/{}", k["id"]), None)
+        .await;
+    assert_eq!(s, 204);
+    assert_eq!(authorized_keys(&config, "alice").1, "");
+}

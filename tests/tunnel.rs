@@ -610,3 +610,82 @@ async fn cli_tunnel_and_proxy_over_the_tls_listener() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Whether an outside client is installed; under `CLOUDLINK_REQUIRE_TOOLS=1` it must be.
+fn tool(name: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let required = std::env::var("CLOUDLINK_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
+    assert!(
+        found || !required,
+        "CLOUDLINK_REQUIRE_TOOLS=1 but {name} is not installed"
+    );
+    if !found {
+        eprintln!("note: {name} not installed; skipping its part");
+    }
+    found
+}
+
+// Multi-threaded: the test waits on curl and socat while its services keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_and_socat_work_through_the_proxy() {
+    let w = World::new(&limits(""));
+    let (uuid, key) = w.device_in("pis").await;
+    let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let token = w.relay.admin_key();
+    let proxy = w.relay.proxy;
+
+    if tool("curl") {
+        // A one-shot HTTP server on the "device".
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let body = "hello from the device";
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            let _ = s.shutdown().await;
+        });
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "30", "-p", "-x"])
+            .arg(format!("http://me:{token}@{proxy}"))
+            .arg(format!("http://{uuid}.balena:{port}/"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, b"hello from the device");
+    }
+
+    if tool("socat") {
+        let echo = echo_server().await;
+        let mut child = std::process::Command::new("socat")
+            .arg("-")
+            .arg(format!(
+                "PROXY:{}:{uuid}.balena:{echo},proxyport={},proxyauth=me:{token}",
+                proxy.ip(),
+                proxy.port()
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(b"via socat").unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(out.stdout, b"via socat");
+    }
+}

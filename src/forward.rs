@@ -213,3 +213,11 @@ async fn tick_or_never(tick: &mut Option<tokio::time::Interval>) {
 pub fn arm_reset(stream: &tokio::net::TcpStream) {
     let _ = stream.set_zero_linger();
 }
+
+/// Closes a split TCP socket with a RST. Dropping a write half would send a FIN first,
+/// which the peer would read as a clean end, so the write half is forgotten instead.
+pub fn reset_tcp(r: tokio::net::tcp::OwnedReadHalf, w: tokio::net::tcp::OwnedWriteHalf) {
+    arm_reset(r.as_ref());
+    w.forget();
+    drop(r);
+}

@@ -607,3 +607,39 @@ async fn postgres_outage_is_503_then_recovers() {
     assert_eq!(status, 200, "recovered without a restart: {fleets}");
     assert_eq!(fleets[0]["name"], "before");
 }
+
+#[tokio::test]
+async fn migrate_command_prepares_both_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("new.db").display());
+    let run = |url: &str| {
+        std::process::Command::new(common::bin())
+            .args(["migrate", "--database-url", url])
+            .output()
+            .unwrap()
+    };
+    let out = run(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = cloudlink::store::open(&url).await.unwrap();
+    assert_eq!(
+        store.count_users().await.unwrap(),
+        0,
+        "migrated, not bootstrapped"
+    );
+    let bad = run("sqlite:///nonexistent-dir/x/y.db");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("error"));
+    if let Some(pg) = TempPg::start() {
+        let out = run(&pg.url);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(run(&pg.url).status.success(), "migrating twice is a no-op");
+    }
+}

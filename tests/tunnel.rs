@@ -689,3 +689,75 @@ async fn curl_and_socat_work_through_the_proxy() {
         assert_eq!(out.stdout, b"via socat");
     }
 }
+
+#[tokio::test]
+async fn resets_propagate_both_ways() {
+    let w = World::new(&limits(""));
+    let (uuid, key) = w.device_in("pis").await;
+    let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let token = w.relay.admin_key();
+
+    // The device's service resets its socket: the user sees a reset, not a clean close.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (device_side_tx, device_side_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let _ = device_side_tx.send(s);
+    });
+    let mut s = tunnel(w.relay.proxy, &token, &uuid, port).await;
+    let device_side = device_side_rx.await.unwrap();
+    device_side.set_zero_linger().unwrap();
+    drop(device_side);
+    let mut buf = [0u8; 16];
+    let got = tokio::time::timeout(IO_TIMEOUT, s.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a device-side reset arrives as a reset"
+    );
+
+    // The user resets: the device's service sees a reset.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (device_side_tx, device_side_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let _ = device_side_tx.send(s);
+    });
+    let s = tunnel(w.relay.proxy, &token, &uuid, port).await;
+    let mut device_side = device_side_rx.await.unwrap();
+    s.set_zero_linger().unwrap();
+    drop(s);
+    let got = tokio::time::timeout(IO_TIMEOUT, device_side.read(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(
+        got.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+}
+
+#[tokio::test]
+async fn idle_timeout_when_configured_closes_quiet_tunnels() {
+    let mut w = World::with(&limits(""), &["--tunnel-idle-timeout", "1"], &[]);
+    let (uuid, key) = w.device_in("pis").await;
+    let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let echo = echo_server().await;
+    let mut s = tunnel(w.relay.proxy, &w.relay.admin_key(), &uuid, echo).await;
+    s.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    s.read_exact(&mut one).await.unwrap();
+    // Nothing moves now; the relay cuts the tunnel after one to two idle periods.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "an idle tunnel outlived its idle timeout");
+    w.relay.stop();
+    w.relay.restart();
+    let (_, tunnels) = Api::new(w.relay.api, &w.relay.admin_key())
+        .call("GET", "/v1/tunnels", None)
+        .await;
+    assert_eq!(tunnels[0]["close_reason"], "idle", "{tunnels}");
+}

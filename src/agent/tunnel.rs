@@ -93,7 +93,7 @@ async fn connect_and_forward(
     )
     .await;
     if end.resets_socket() {
-        forward::arm_reset(r.as_ref());
+        forward::reset_tcp(r, w);
     }
     tracing::debug!(
         reason = %end.reason(),

@@ -1,5 +1,6 @@
 //! `cloudlink device ssh`: the system `ssh`, through the relay for a uuid, direct otherwise.
 
+use std::io::IsTerminal;
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -70,6 +71,10 @@ pub fn command(args: &SshArgs, settings: &Settings, exe: &Path) -> Result<std::p
     };
     if args.service.is_some() {
         cmd.arg("-t");
+    } else if !std::io::stdin().is_terminal() {
+        // Commands on stdin (`echo uptime | cloudlink device ssh …`): no tty, and no
+        // warning from ssh about not allocating one.
+        cmd.arg("-T");
     }
     cmd.args(&args.ssh_args);
     cmd.arg(&host);

@@ -44,8 +44,7 @@ impl ClientConn for TcpStream {
         self.into_split()
     }
     fn reset(r: Self::R, w: Self::W) {
-        forward::arm_reset(r.as_ref());
-        drop((r, w));
+        forward::reset_tcp(r, w);
     }
 }
 

@@ -8,7 +8,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use std::future::Future;
+
+use bytes::{Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -75,14 +77,63 @@ impl End {
     }
 }
 
-enum Dir {
+/// How one direction ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// A clean end of stream, passed on as a FIN.
     Eof,
+    /// Anything else; ends the whole tunnel.
     Abnormal(End),
 }
 
-async fn socket_to_quic<R: AsyncRead + Unpin>(
+/// The sending half of a QUIC stream, as the hot path uses it. A trait so that the loops
+/// can be driven by in-memory streams in tests (the allocation test counts what the loops
+/// themselves allocate, without quinn's own work).
+pub trait ChunkSend {
+    /// Queues one chunk, waiting for flow-control credit.
+    fn write_chunk(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), End>>;
+    /// Ends the stream (FIN).
+    fn finish(&mut self);
+}
+
+/// The receiving half of a QUIC stream, as the hot path uses it.
+pub trait ChunkRecv {
+    /// The next chunk of at most `max` bytes, `None` at FIN.
+    fn read_chunk(&mut self, max: usize) -> impl Future<Output = Result<Option<Bytes>, End>>;
+}
+
+impl ChunkSend for SendStream {
+    async fn write_chunk(&mut self, chunk: Bytes) -> Result<(), End> {
+        SendStream::write_chunk(self, chunk)
+            .await
+            .map_err(|e| match e {
+                quinn::WriteError::ConnectionLost(e) => End::ConnectionLost(e.to_string()),
+                _ => End::QuicReset,
+            })
+    }
+
+    fn finish(&mut self) {
+        // A stream the peer already stopped cannot be finished; that shows up on the other
+        // direction, so nothing is lost by ignoring it here.
+        let _ = SendStream::finish(self);
+    }
+}
+
+impl ChunkRecv for RecvStream {
+    async fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, End> {
+        match RecvStream::read_chunk(self, max, true).await {
+            Ok(chunk) => Ok(chunk.map(|c| c.bytes)),
+            Err(ReadError::ConnectionLost(e)) => Err(End::ConnectionLost(e.to_string())),
+            Err(_) => Err(End::QuicReset),
+        }
+    }
+}
+
+/// Socket to QUIC: reads into one reused buffer and hands each read to the stream as
+/// `Bytes` (no copy); the buffer's allocation is reclaimed once quinn releases the pieces.
+pub async fn socket_to_quic<R: AsyncRead + Unpin, S: ChunkSend>(
     socket: &mut R,
-    send: &mut SendStream,
+    send: &mut S,
     counters: &Counters,
 ) -> Dir {
     let mut buf = BytesMut::with_capacity(BUFFER);
@@ -92,18 +143,13 @@ async fn socket_to_quic<R: AsyncRead + Unpin>(
         }
         match socket.read_buf(&mut buf).await {
             Ok(0) => {
-                // A stream the peer already stopped cannot be finished; that shows up on
-                // the other direction, so nothing is lost by ignoring it here.
-                let _ = send.finish();
+                send.finish();
                 return Dir::Eof;
             }
             Ok(n) => {
                 counters.to_quic.fetch_add(n as u64, Ordering::Relaxed);
-                if let Err(e) = send.write_chunk(buf.split().freeze()).await {
-                    return Dir::Abnormal(match e {
-                        quinn::WriteError::ConnectionLost(e) => End::ConnectionLost(e.to_string()),
-                        _ => End::QuicReset,
-                    });
+                if let Err(end) = send.write_chunk(buf.split().freeze()).await {
+                    return Dir::Abnormal(end);
                 }
             }
             Err(_) => return Dir::Abnormal(End::SocketReset),
@@ -111,18 +157,19 @@ async fn socket_to_quic<R: AsyncRead + Unpin>(
     }
 }
 
-async fn quic_to_socket<W: AsyncWrite + Unpin>(
-    recv: &mut RecvStream,
+/// QUIC to socket: each chunk quinn hands over goes straight to `write_all`.
+pub async fn quic_to_socket<C: ChunkRecv, W: AsyncWrite + Unpin>(
+    recv: &mut C,
     socket: &mut W,
     counters: &Counters,
 ) -> Dir {
     loop {
-        match recv.read_chunk(CHUNK, true).await {
+        match recv.read_chunk(CHUNK).await {
             Ok(Some(chunk)) => {
                 counters
                     .from_quic
-                    .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-                if socket.write_all(&chunk.bytes).await.is_err() {
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                if socket.write_all(&chunk).await.is_err() {
                     return Dir::Abnormal(End::SocketReset);
                 }
             }
@@ -133,10 +180,7 @@ async fn quic_to_socket<W: AsyncWrite + Unpin>(
                     Err(_) => Dir::Abnormal(End::SocketReset),
                 };
             }
-            Err(ReadError::ConnectionLost(e)) => {
-                return Dir::Abnormal(End::ConnectionLost(e.to_string()))
-            }
-            Err(_) => return Dir::Abnormal(End::QuicReset),
+            Err(end) => return Dir::Abnormal(end),
         }
     }
 }

@@ -176,6 +176,11 @@ impl Relay {
         }
     }
 
+    /// The process id (for memory readings).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// The bootstrap admin's key.
     pub fn admin_key(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("admin.key"))

@@ -1,0 +1,721 @@
+//! `cargo bench --bench tunnel [-- OPTIONS]`: the hot path against this machine's limits.
+//!
+//! Scenarios (all on loopback, real sockets; the relay and the agent are separate processes
+//! of the release binary, so the figures are what a deployment gets):
+//!
+//! - a: one plain TCP stream (the kernel's limit here)
+//! - b: one quinn stream with the relay's TLS and transport settings (QUIC's limit here)
+//! - c: client → CONNECT → relay → QUIC → agent → TCP sink, upload and download
+//! - d: setup latency, CONNECT → 200 → first echoed byte, auth cache cold and warm
+//! - e: many concurrent tunnels, aggregate throughput and the slowest tunnel (fairness)
+//! - f: idle devices holding a QUIC connection each: relay memory per device, and the time
+//!   for all of them to reconnect after a relay restart
+//!
+//! Options: `--scenarios abcdef`, `--size-mib 1024` (a, b, c), `--setups 1000` (d),
+//! `--tunnels 200 --tunnel-mib 16` (e), `--devices 2000` (f). To measure a deployed relay
+//! instead of a local one (c, d, e): `--api URL --proxy HOST:PORT --device HOST:PORT
+//! --key ADMIN_KEY [--ca PEM]`; the agent still runs here.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const MIB: u64 = 1024 * 1024;
+
+struct Opts {
+    scenarios: String,
+    size: u64,
+    setups: usize,
+    tunnels: usize,
+    tunnel_size: u64,
+    devices: usize,
+    remote: Option<Remote>,
+}
+
+/// A deployed relay to measure instead of a local one.
+#[derive(Clone)]
+struct Remote {
+    api: String,
+    proxy: SocketAddr,
+    device: SocketAddr,
+    key: String,
+    ca: Option<PathBuf>,
+}
+
+fn parse_opts() -> Opts {
+    let mut o = Opts {
+        scenarios: "abcdef".into(),
+        size: 1024 * MIB,
+        setups: 1000,
+        tunnels: 200,
+        tunnel_size: 16 * MIB,
+        devices: 2000,
+        remote: None,
+    };
+    let (mut api, mut proxy, mut device, mut key, mut ca) = (None, None, None, None, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        match arg.as_str() {
+            "--bench" => {}
+            "--scenarios" => o.scenarios = value(),
+            "--size-mib" => o.size = value().parse::<u64>().expect("number") * MIB,
+            "--setups" => o.setups = value().parse().expect("number"),
+            "--tunnels" => o.tunnels = value().parse().expect("number"),
+            "--tunnel-mib" => o.tunnel_size = value().parse::<u64>().expect("number") * MIB,
+            "--devices" => o.devices = value().parse().expect("number"),
+            "--api" => api = Some(value()),
+            "--proxy" => proxy = Some(value().parse().expect("HOST:PORT")),
+            "--device" => device = Some(value().parse().expect("HOST:PORT")),
+            "--key" => key = Some(value()),
+            "--ca" => ca = Some(PathBuf::from(value())),
+            other => panic!("unknown option {other}; see the header of benches/tunnel.rs"),
+        }
+    }
+    if let Some(api) = api {
+        o.remote = Some(Remote {
+            api,
+            proxy: proxy.expect("--proxy with --api"),
+            device: device.expect("--device with --api"),
+            key: key.expect("--key with --api"),
+            ca,
+        });
+    }
+    o
+}
+
+/// One row of the result table.
+struct Row {
+    scenario: &'static str,
+    what: String,
+    value: String,
+    note: String,
+}
+
+fn gbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+/// Where the tunnels go: a local relay (with its temp dir) or a deployed one.
+struct Target {
+    _world: Option<common::World>,
+    proxy: SocketAddr,
+    device: SocketAddr,
+    ca: PathBuf,
+    key: String,
+    api: common::Api,
+}
+
+impl Target {
+    fn local(config: &str) -> Target {
+        let world = common::World::with(config, &[], &[("RUST_LOG", "info")]);
+        let api = common::Api::new(world.relay.api, &world.relay.admin_key());
+        Target {
+            proxy: world.relay.proxy,
+            device: world.relay.device,
+            ca: world.relay.cert(),
+            key: world.relay.admin_key(),
+            api,
+            _world: Some(world),
+        }
+    }
+
+    fn remote(r: &Remote) -> Target {
+        let addr = r
+            .api
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .expect("--api http://HOST:PORT");
+        Target {
+            _world: None,
+            proxy: r.proxy,
+            device: r.device,
+            ca: r.ca.clone().unwrap_or_default(),
+            key: r.key.clone(),
+            api: common::Api::new(addr, &r.key),
+        }
+    }
+
+    /// Registers a device and runs an agent process for it.
+    async fn device(&self, fleet: &str) -> (String, std::process::Child) {
+        let _ = self
+            .api
+            .call("POST", "/v1/fleets", Some(json!({ "name": fleet })))
+            .await;
+        let (status, d) = self
+            .api
+            .call(
+                "POST",
+                &format!("/v1/fleets/{fleet}/devices"),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(status, 201, "{d}");
+        let uuid = d["uuid"].as_str().unwrap().to_owned();
+        let mut cmd = std::process::Command::new(common::bin());
+        cmd.args(["agent", "--relay", &self.device.to_string()])
+            .env("CLOUDLINK_DEVICE_UUID", &uuid)
+            .env("CLOUDLINK_DEVICE_KEY", d["key"].as_str().unwrap())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if self.ca.as_os_str().is_empty() {
+            cmd.arg("--insecure-skip-verify");
+        } else {
+            cmd.arg("--ca")
+                .arg(&self.ca)
+                .args(["--server-name", "localhost"]);
+        }
+        let mut child = cmd.spawn().expect("agent starts");
+        let lines = common::Lines::spawn(child.stderr.take().unwrap(), None);
+        lines.wait_for("connected to relay");
+        // Dropping `lines` leaves its thread draining stderr, so the agent never blocks.
+        (uuid, child)
+    }
+
+    async fn tunnel(&self, uuid: &str, port: u16) -> TcpStream {
+        common::tunnel(self.proxy, &self.key, uuid, port).await
+    }
+}
+
+/// A local service that reads to EOF, then answers with the byte count (8 bytes, BE).
+async fn sink_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut buf = vec![0u8; MIB as usize];
+                let mut n = 0u64;
+                while let Ok(k) = s.read(&mut buf).await {
+                    if k == 0 {
+                        break;
+                    }
+                    n += k as u64;
+                }
+                let _ = s.write_all(&n.to_be_bytes()).await;
+            });
+        }
+    });
+    port
+}
+
+/// A local service that sends `len` bytes, then closes.
+async fn source_server(len: u64) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let buf = vec![0x5au8; MIB as usize];
+                let mut left = len;
+                while left > 0 {
+                    let k = left.min(MIB) as usize;
+                    if s.write_all(&buf[..k]).await.is_err() {
+                        return;
+                    }
+                    left -= k as u64;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+async fn upload(mut s: TcpStream, len: u64) -> Duration {
+    let start = Instant::now();
+    let buf = vec![0xa5u8; MIB as usize];
+    let mut left = len;
+    while left > 0 {
+        let k = left.min(MIB) as usize;
+        s.write_all(&buf[..k]).await.unwrap();
+        left -= k as u64;
+    }
+    s.shutdown().await.unwrap();
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).await.unwrap();
+    assert_eq!(u64::from_be_bytes(count), len, "the sink got every byte");
+    start.elapsed()
+}
+
+async fn download(mut s: TcpStream, len: u64) -> Duration {
+    let start = Instant::now();
+    let mut buf = vec![0u8; MIB as usize];
+    let mut n = 0u64;
+    loop {
+        let k = s.read(&mut buf).await.unwrap();
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+    }
+    assert_eq!(n, len, "every byte arrived");
+    start.elapsed()
+}
+
+/// a: one plain TCP stream.
+async fn tcp_limit(size: u64) -> f64 {
+    let port = sink_server().await;
+    let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    gbps(size, upload(s, size).await)
+}
+
+/// b: one quinn stream, the relay's TLS and transport settings, both ends in this process.
+async fn quic_limit(size: u64) -> f64 {
+    cloudlink::cli::install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    std::fs::write(&cert_path, generated.cert.pem()).unwrap();
+    let material = cloudlink::relay::tls::Material {
+        certs: vec![generated.cert.der().clone()],
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into()),
+        cert_path: cert_path.clone(),
+    };
+    let limits = cloudlink::config::Limits::default();
+    let transport = cloudlink::quic::transport(
+        Duration::from_millis(limits.keep_alive_ms),
+        Duration::from_millis(limits.idle_timeout_ms),
+        4,
+    );
+    let server = cloudlink::relay::tls::quic_server(&material, transport).unwrap();
+    let socket = cloudlink::quic::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+    let server = cloudlink::quic::endpoint(socket, Some(server)).unwrap();
+    let addr = server.local_addr().unwrap();
+    let receiver = tokio::spawn(async move {
+        let conn = server.accept().await.unwrap().await.unwrap();
+        let (_send, mut recv) = conn.accept_bi().await.unwrap();
+        let mut n = 0u64;
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.unwrap() {
+            n += chunk.bytes.len() as u64;
+        }
+        (n, Instant::now())
+    });
+    let tls = cloudlink::tls_client::config(
+        cloudlink::tls_client::Trust::CaFile(&cert_path),
+        &[cloudlink::proto::ALPN],
+    )
+    .unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(cloudlink::quic::transport(
+        Duration::from_millis(limits.keep_alive_ms),
+        Duration::from_millis(limits.idle_timeout_ms),
+        4096,
+    )));
+    let socket = cloudlink::quic::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+    let endpoint = cloudlink::quic::endpoint(socket, None).unwrap();
+    let conn = endpoint
+        .connect_with(client, addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let chunk = Bytes::from(vec![0x42u8; MIB as usize]);
+    let start = Instant::now();
+    let mut left = size;
+    while left > 0 {
+        let k = left.min(MIB) as usize;
+        send.write_chunk(chunk.slice(..k)).await.unwrap();
+        left -= k as u64;
+    }
+    send.finish().unwrap();
+    let (n, done) = receiver.await.unwrap();
+    assert_eq!(n, size);
+    gbps(size, done - start)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// d: sequential CONNECT → 200 → first echoed byte.
+async fn setup_latency(target: &Target, uuid: &str, echo: u16, n: usize) -> (Duration, Duration) {
+    let request = format!(
+        "CONNECT {uuid}:{echo} HTTP/1.1\r\nProxy-Authorization: Bearer {}\r\n\r\n",
+        target.key
+    );
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = Instant::now();
+        let mut s = TcpStream::connect(target.proxy).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let head = common::read_head(&mut s).await;
+        assert_eq!(common::status_of(&head), 200, "{head}");
+        s.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        times.push(start.elapsed());
+    }
+    times.sort();
+    (percentile(&times, 0.5), percentile(&times, 0.99))
+}
+
+/// e: `n` concurrent downloads of `size` each; (aggregate GB/s, slowest tunnel GB/s).
+async fn many_tunnels(target: &Target, uuid: &str, n: usize, size: u64) -> (f64, f64) {
+    let port = source_server(size).await;
+    let mut streams = Vec::with_capacity(n);
+    for _ in 0..n {
+        streams.push(target.tunnel(uuid, port).await);
+    }
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in streams {
+        tasks.spawn(download(s, size));
+    }
+    let mut slowest = Duration::ZERO;
+    while let Some(d) = tasks.join_next().await {
+        slowest = slowest.max(d.unwrap());
+    }
+    let wall = start.elapsed();
+    (gbps(size * n as u64, wall), gbps(size, slowest))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// One simulated device: dial, hello, stay; on drain or loss, reconnect as an agent would.
+async fn sim_device(
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    relay: SocketAddr,
+    uuid: String,
+    key: String,
+    connected: Arc<AtomicUsize>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use cloudlink::proto::frame;
+    use cloudlink::proto::messages::{Hello, RelayControl, VERSION};
+    use rand::Rng;
+    let mut pause = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.cancelled() => return,
+        }
+        pause = Duration::from_millis(rand::rng().random_range(100..1000));
+        let dial = async {
+            let conn = endpoint
+                .connect_with(client.clone(), relay, "localhost")
+                .ok()?
+                .await
+                .ok()?;
+            let (mut send, mut recv) = conn.open_bi().await.ok()?;
+            let hello = Hello {
+                version: VERSION,
+                uuid: uuid.clone(),
+                key: key.clone(),
+                agent: "bench".into(),
+            };
+            frame::write(&mut send, &hello).await.ok()?;
+            match frame::read_required(&mut recv, frame::MAX_FRAME)
+                .await
+                .ok()?
+            {
+                RelayControl::Welcome { .. } => Some((conn, send, recv)),
+                _ => None,
+            }
+        };
+        let Ok(Some((conn, _send, mut recv))) =
+            tokio::time::timeout(Duration::from_secs(5), dial).await
+        else {
+            continue;
+        };
+        connected.fetch_add(1, Ordering::SeqCst);
+        let msg = tokio::select! {
+            m = frame::read::<_, RelayControl>(&mut recv, frame::MAX_FRAME) => m.ok().flatten(),
+            _ = stop.cancelled() => None,
+        };
+        connected.fetch_sub(1, Ordering::SeqCst);
+        conn.close(0u32.into(), b"bye");
+        if let Some(RelayControl::Drain { reconnect_ms }) = msg {
+            pause = Duration::from_millis(rand::rng().random_range(0..=reconnect_ms));
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+    }
+}
+
+async fn wait_until(count: &AtomicUsize, n: usize, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    while count.load(Ordering::SeqCst) < n {
+        if start.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Some(start.elapsed())
+}
+
+/// f: N idle devices; relay RSS per device, and reconnect time after a restart.
+async fn idle_devices(n: usize) -> (f64, Option<Duration>) {
+    let mut world = common::World::with(
+        "[limits]\nauth_failures_per_minute = 100000\n",
+        &[],
+        &[("RUST_LOG", "warn")],
+    );
+    let api = common::Api::new(world.relay.api, &world.relay.admin_key());
+    let (s, _) = api
+        .call("POST", "/v1/fleets", Some(json!({"name": "idle"})))
+        .await;
+    assert_eq!(s, 201);
+    let mut creds = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (s, d) = api
+            .call("POST", "/v1/fleets/idle/devices", Some(json!({})))
+            .await;
+        assert_eq!(s, 201);
+        creds.push((
+            d["uuid"].as_str().unwrap().to_owned(),
+            d["key"].as_str().unwrap().to_owned(),
+        ));
+    }
+    cloudlink::cli::install_crypto();
+    let tls = cloudlink::tls_client::config(
+        cloudlink::tls_client::Trust::CaFile(&world.relay.cert()),
+        &[cloudlink::proto::ALPN],
+    )
+    .unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(cloudlink::quic::transport(
+        Duration::from_secs(15),
+        Duration::from_secs(60),
+        16,
+    )));
+    let socket = cloudlink::quic::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+    let endpoint = cloudlink::quic::endpoint(socket, None).unwrap();
+
+    // Let the relay settle, then read its memory before any device.
+    let pid = world.relay.pid().unwrap();
+    let before = rss_kib(pid);
+    let connected = Arc::new(AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    for (uuid, key) in creds {
+        tokio::spawn(sim_device(
+            endpoint.clone(),
+            client.clone(),
+            world.relay.device,
+            uuid,
+            key,
+            connected.clone(),
+            stop.clone(),
+        ));
+    }
+    wait_until(&connected, n, Duration::from_secs(120))
+        .await
+        .expect("every device connected");
+    let after = rss_kib(pid);
+    let per_device = (after.saturating_sub(before)) as f64 / n as f64;
+
+    let restart = Instant::now();
+    world.relay.restart();
+    let back = wait_until(&connected, n, Duration::from_secs(120))
+        .await
+        .map(|_| restart.elapsed());
+    stop.cancel();
+    (per_device, back)
+}
+
+fn main() {
+    let opts = parse_opts();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(run(opts));
+}
+
+async fn run(opts: Opts) {
+    let has = |c: char| opts.scenarios.contains(c);
+    let mut rows: Vec<Row> = Vec::new();
+    let size_mib = opts.size / MIB;
+    let (mut tcp, mut quic) = (None, None);
+    eprintln!(
+        "cloudlink tunnel benchmark on {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+
+    if has('a') {
+        let v = tcp_limit(opts.size).await;
+        tcp = Some(v);
+        rows.push(Row {
+            scenario: "a",
+            what: format!("TCP, one stream, {size_mib} MiB"),
+            value: format!("{v:.2} GB/s"),
+            note: "kernel loopback limit".into(),
+        });
+    }
+    if has('b') {
+        let v = quic_limit(opts.size).await;
+        quic = Some(v);
+        rows.push(Row {
+            scenario: "b",
+            what: format!("QUIC, one quinn stream, {size_mib} MiB"),
+            value: format!("{v:.2} GB/s"),
+            note: tcp
+                .map(|t| format!("{:.2} × TCP", v / t))
+                .unwrap_or_default(),
+        });
+    }
+
+    let needs_target = has('c') || has('d') || has('e');
+    let target = needs_target.then(|| match &opts.remote {
+        Some(r) => Target::remote(r),
+        None => Target::local(&format!(
+            "[limits]\nauth_failures_per_minute = 100000\ntunnels_per_user = {n}\n\
+             tunnels_per_device = {n}\n",
+            n = opts.tunnels.max(64) + 8
+        )),
+    });
+    let agent = match &target {
+        Some(t) => Some(t.device("bench").await),
+        None => None,
+    };
+
+    if let (Some(t), Some((uuid, _))) = (&target, &agent) {
+        if has('c') {
+            let sink = sink_server().await;
+            let up = gbps(
+                opts.size,
+                upload(t.tunnel(uuid, sink).await, opts.size).await,
+            );
+            let source = source_server(opts.size).await;
+            let down = gbps(
+                opts.size,
+                download(t.tunnel(uuid, source).await, opts.size).await,
+            );
+            for (dir, v) in [("upload", up), ("download", down)] {
+                let mut note = Vec::new();
+                if let Some(q) = quic {
+                    note.push(format!("{:.2} × QUIC (target ≥ 0.80)", v / q));
+                }
+                if let Some(t) = tcp {
+                    note.push(format!("{:.2} × TCP", v / t));
+                }
+                rows.push(Row {
+                    scenario: "c",
+                    what: format!("tunnel {dir}, {size_mib} MiB"),
+                    value: format!("{v:.2} GB/s"),
+                    note: note.join(", "),
+                });
+            }
+        }
+        if has('d') {
+            let echo = common::echo_server().await;
+            let (p50, p99) = setup_latency(t, uuid, echo, opts.setups).await;
+            rows.push(Row {
+                scenario: "d",
+                what: format!("setup, warm auth cache, {} sequential", opts.setups),
+                value: format!("p50 {:.2} ms, p99 {:.2} ms", ms(p50), ms(p99)),
+                note: "target p50 ≤ 1 ms, p99 ≤ 5 ms".into(),
+            });
+            if opts.remote.is_none() {
+                // The same relay set-up with the cache off: every CONNECT asks the store.
+                let cold = Target::local(
+                    "[limits]\nauth_failures_per_minute = 100000\nauth_cache_ms = 0\n",
+                );
+                let (cold_uuid, mut cold_agent) = cold.device("cold").await;
+                let (p50, p99) = setup_latency(&cold, &cold_uuid, echo, opts.setups).await;
+                let _ = cold_agent.kill();
+                rows.push(Row {
+                    scenario: "d",
+                    what: format!("setup, cold auth cache, {} sequential", opts.setups),
+                    value: format!("p50 {:.2} ms, p99 {:.2} ms", ms(p50), ms(p99)),
+                    note: "every CONNECT reads the store (SQLite)".into(),
+                });
+            }
+        }
+        if has('e') {
+            let (aggregate, slowest) = many_tunnels(t, uuid, opts.tunnels, opts.tunnel_size).await;
+            let fair = aggregate / opts.tunnels as f64;
+            rows.push(Row {
+                scenario: "e",
+                what: format!(
+                    "{} concurrent tunnels × {} MiB, aggregate",
+                    opts.tunnels,
+                    opts.tunnel_size / MIB
+                ),
+                value: format!("{aggregate:.2} GB/s"),
+                note: quic
+                    .map(|q| format!("{:.2} × QUIC", aggregate / q))
+                    .unwrap_or_default(),
+            });
+            rows.push(Row {
+                scenario: "e",
+                what: "slowest tunnel".into(),
+                value: format!("{:.1} MB/s", slowest * 1000.0),
+                note: format!("{:.2} × fair share (target ≥ 0.50)", slowest / fair),
+            });
+        }
+    }
+    if let Some((_, mut child)) = agent {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    drop(target);
+
+    if has('f') {
+        let (per_device, back) = idle_devices(opts.devices).await;
+        rows.push(Row {
+            scenario: "f",
+            what: format!("{} idle devices, relay memory", opts.devices),
+            value: format!("{per_device:.1} KiB/device"),
+            note: "target ≤ 48 KiB".into(),
+        });
+        rows.push(Row {
+            scenario: "f",
+            what: format!("{} devices reconnect after restart", opts.devices),
+            value: back
+                .map(|d| format!("{:.1} s", d.as_secs_f64()))
+                .unwrap_or_else(|| "not all within 120 s".into()),
+            note: "target ≤ 20 s (includes the 5 s drain window)".into(),
+        });
+    }
+
+    let w = |f: &dyn Fn(&Row) -> usize| rows.iter().map(f).max().unwrap_or(0);
+    let (ww, wv) = (
+        w(&|r| r.what.chars().count()),
+        w(&|r| r.value.chars().count()),
+    );
+    println!("\n| | scenario | result | vs. |\n|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:ww$} | {:wv$} | {} |",
+            r.scenario, r.what, r.value, r.note
+        );
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -761,3 +761,45 @@ async fn idle_timeout_when_configured_closes_quiet_tunnels() {
         .await;
     assert_eq!(tunnels[0]["close_reason"], "idle", "{tunnels}");
 }
+
+// Multi-threaded: the device's service must keep writing while the test waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_reading_does_not_make_the_relay_buffer() {
+    let w = World::new(&limits(""));
+    let (uuid, key) = w.device_in("pis").await;
+    let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let pid = w.relay.pid().unwrap();
+    let rss = || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    // The device offers 512 MiB as fast as it can; the user reads nothing.
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let counter = written.clone();
+    let source = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        for _ in 0..(512 * 16) {
+            if s.write_all(&chunk).await.is_err() {
+                return;
+            }
+            counter.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let before = rss();
+    let _stalled = tunnel(w.relay.proxy, &w.relay.admin_key(), &uuid, port).await;
+    // Back-pressure must stop the source long before it is done: waiting for it to finish
+    // has to time out.
+    let finished = tokio::time::timeout(Duration::from_secs(3), source).await;
+    assert!(finished.is_err(), "the whole 512 MiB went somewhere");
+    let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+    let growth_kib = rss().saturating_sub(before);
+    assert!(sent < 64 * 1024 * 1024, "{sent} bytes left the device");
+    assert!(growth_kib < 64 * 1024, "the relay grew by {growth_kib} KiB");
+}

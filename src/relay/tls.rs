@@ -125,3 +125,56 @@ pub fn tcp_acceptor(material: &Material) -> Result<tokio_rustls::TlsAcceptor, Tl
         .with_single_cert(material.certs.clone(), material.key.clone_key())?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(crypto)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls_client::{self, Trust};
+    use rustls::pki_types::ServerName;
+
+    /// A TLS handshake over an in-memory pipe, the client checking `name`.
+    async fn handshake(material: &Material, name: &str) -> bool {
+        let acceptor = tcp_acceptor(material).unwrap();
+        let client = tls_client::config(Trust::CaFile(&material.cert_path), &[]).unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move { acceptor.accept(b).await.is_ok() });
+        let name = ServerName::try_from(name.to_owned()).unwrap();
+        let ok = connector.connect(name, a).await.is_ok();
+        let _ = server.await;
+        ok
+    }
+
+    #[tokio::test]
+    async fn dev_certificate_names_and_reuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RelayConfig {
+            data_dir: dir.path().to_owned(),
+            tls_names: vec!["relay.example.com".into(), "192.0.2.7".into()],
+            ..RelayConfig::default()
+        };
+        let material = material(&config).unwrap();
+        for name in [
+            "localhost",
+            "127.0.0.1",
+            "::1",
+            "relay.example.com",
+            "192.0.2.7",
+        ] {
+            assert!(
+                handshake(&material, name).await,
+                "{name} is not in the certificate"
+            );
+        }
+        assert!(!handshake(&material, "other.example.com").await);
+        let key_mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join(DEV_KEY))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(key_mode & 0o777, 0o600);
+        // Generated once: a second start loads the same certificate.
+        let again = super::material(&config).unwrap();
+        assert_eq!(again.certs, material.certs);
+    }
+}

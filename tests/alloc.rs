@@ -10,6 +10,7 @@ use std::cell::Cell;
 
 use bytes::Bytes;
 use cloudlink::forward::{self, ChunkRecv, ChunkSend, Counters, Dir, End, CHUNK};
+
 use tokio::io::AsyncReadExt;
 // Without tokio's cooperative budget the loops never yield to the scheduler, whose queues
 // would otherwise allocate now and then and blur the count.
@@ -83,13 +84,22 @@ struct StaticSource {
 static DATA: [u8; CHUNK] = [7; CHUNK];
 
 impl ChunkRecv for StaticSource {
-    async fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, End> {
+    async fn read_chunks(&mut self, bufs: &mut [Bytes]) -> Result<Option<usize>, End> {
         if self.left == 0 {
             return Ok(None);
         }
-        let n = (max as u64).min(self.left).min(CHUNK as u64) as usize;
-        self.left -= n as u64;
-        Ok(Some(Bytes::from_static(&DATA[..n])))
+        // Packet-sized chunks, as quinn hands them over.
+        let mut filled = 0;
+        for buf in bufs.iter_mut() {
+            if self.left == 0 {
+                break;
+            }
+            let n = self.left.min(1200) as usize;
+            self.left -= n as u64;
+            *buf = Bytes::from_static(&DATA[..n]);
+            filled += 1;
+        }
+        Ok(Some(filled))
     }
 }
 

@@ -158,6 +158,8 @@ pub struct RelayConfig {
     pub tls_names: Vec<String>,
     /// Suffixes accepted after a uuid in a CONNECT target (`<uuid>.balena:22222`).
     pub device_domains: Vec<String>,
+    /// Runtime worker threads; 0 means one per core.
+    pub worker_threads: usize,
     /// Limits and timeouts.
     pub limits: Limits,
 }
@@ -180,6 +182,7 @@ impl Default for RelayConfig {
             device_domains: ["balena", "cloudlink", "resin", "vpn"]
                 .map(String::from)
                 .to_vec(),
+            worker_threads: 0,
             limits: Limits::default(),
         }
     }
@@ -230,6 +233,9 @@ pub struct RelayArgs {
     /// Seconds open tunnels may run on after SIGTERM.
     #[arg(long, env = "CLOUDLINK_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<u64>,
+    /// Runtime worker threads (0 = one per core).
+    #[arg(long, env = "CLOUDLINK_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Print the effective configuration (secrets masked) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -280,6 +286,9 @@ impl RelayConfig {
         }
         if let Some(v) = args.shutdown_grace {
             config.limits.shutdown_grace_secs = v;
+        }
+        if let Some(v) = args.worker_threads {
+            config.worker_threads = v;
         }
         config.validate()?;
         Ok(config)

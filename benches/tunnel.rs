@@ -149,24 +149,11 @@ impl Target {
 
     /// Registers a device and runs an agent process for it.
     async fn device(&self, fleet: &str) -> (String, std::process::Child) {
-        let _ = self
-            .api
-            .call("POST", "/v1/fleets", Some(json!({ "name": fleet })))
-            .await;
-        let (status, d) = self
-            .api
-            .call(
-                "POST",
-                &format!("/v1/fleets/{fleet}/devices"),
-                Some(json!({})),
-            )
-            .await;
-        assert_eq!(status, 201, "{d}");
-        let uuid = d["uuid"].as_str().unwrap().to_owned();
+        let (uuid, key) = self.api.register_device(fleet).await;
         let mut cmd = std::process::Command::new(common::bin());
         cmd.args(["agent", "--relay", &self.device.to_string()])
             .env("CLOUDLINK_DEVICE_UUID", &uuid)
-            .env("CLOUDLINK_DEVICE_KEY", d["key"].as_str().unwrap())
+            .env("CLOUDLINK_DEVICE_KEY", key)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::null())
@@ -389,16 +376,6 @@ async fn many_tunnels(target: &Target, uuid: &str, n: usize, size: u64) -> (f64,
     (gbps(size * n as u64, wall), gbps(size, slowest))
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
-}
-
 /// One simulated device: dial, hello, stay; on drain or loss, reconnect as an agent would.
 async fn sim_device(
     endpoint: quinn::Endpoint,
@@ -514,7 +491,7 @@ async fn idle_devices(n: usize) -> (f64, Option<Duration>) {
 
     // Let the relay settle, then read its memory before any device.
     let pid = world.relay.pid().unwrap();
-    let before = rss_kib(pid);
+    let before = common::rss_kib(pid);
     let connected = Arc::new(AtomicUsize::new(0));
     let stop = tokio_util::sync::CancellationToken::new();
     for (uuid, key) in creds {
@@ -531,7 +508,7 @@ async fn idle_devices(n: usize) -> (f64, Option<Duration>) {
     wait_until(&connected, n, Duration::from_secs(120))
         .await
         .expect("every device connected");
-    let after = rss_kib(pid);
+    let after = common::rss_kib(pid);
     let per_device = (after.saturating_sub(before)) as f64 / n as f64;
 
     let restart = Instant::now();

@@ -373,6 +373,9 @@ mod tests {
         let mut out = Trickle(Vec::new());
         write_all_chunks(&mut out, &mut chunks).await.unwrap();
         assert_eq!(out.0, b"hello partial vectored world");
-        assert!(chunks.iter().all(Bytes::is_empty), "written chunks are released");
+        assert!(
+            chunks.iter().all(Bytes::is_empty),
+            "written chunks are released"
+        );
     }
 }

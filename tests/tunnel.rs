@@ -769,14 +769,7 @@ async fn a_reader_that_stops_reading_does_not_make_the_relay_buffer() {
     let (uuid, key) = w.device_in("pis").await;
     let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
     let pid = w.relay.pid().unwrap();
-    let rss = || -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap()
-    };
+    let rss = || common::rss_kib(pid);
     // The device offers 512 MiB as fast as it can; the user reads nothing.
     let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

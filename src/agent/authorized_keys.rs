@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::AgentConfig;
-use crate::tls_client::{self, Trust};
+use crate::tls_client;
 
 /// Why no fresh answer came from the relay.
 #[derive(Debug, thiserror::Error)]
@@ -31,12 +31,7 @@ pub enum KeysError {
 /// The keys for `username`: fresh from the relay, or (when configured) from the cache.
 pub async fn lookup(config: &AgentConfig, username: &str) -> Result<String, KeysError> {
     // Names that cannot be cloud usernames have no keys; nothing to ask.
-    if username.is_empty()
-        || username.len() > 63
-        || !username
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-    {
+    if !crate::store::is_valid_name(username) {
         return Ok(String::new());
     }
     match fetch(config, username).await {
@@ -76,11 +71,7 @@ async fn fetch(config: &AgentConfig, username: &str) -> Result<String, KeysError
         ));
     }
     crate::cli::install_crypto();
-    let trust = match (&config.ca, config.insecure_skip_verify) {
-        (Some(ca), _) => Trust::CaFile(ca),
-        (None, true) => Trust::Insecure,
-        (None, false) => Trust::System,
-    };
+    let trust = config.trust();
     let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(
         config.authorized_keys_timeout_secs.max(1),
     ));

@@ -204,6 +204,16 @@ impl AgentConfig {
         Ok(())
     }
 
+    /// Which relay certificates to trust: the CA file, nothing (insecure), or the system's.
+    pub fn trust(&self) -> crate::tls_client::Trust<'_> {
+        use crate::tls_client::Trust;
+        match (&self.ca, self.insecure_skip_verify) {
+            (Some(ca), _) => Trust::CaFile(ca),
+            (None, true) => Trust::Insecure,
+            (None, false) => Trust::System,
+        }
+    }
+
     /// Whether tunnels may reach `port`.
     pub fn allows(&self, port: u16) -> bool {
         self.allow_ports.is_empty() || self.allow_ports.contains(&port)

@@ -77,11 +77,7 @@ struct Agent {
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     config.validate_for_agent()?;
-    let trust = match (&config.ca, config.insecure_skip_verify) {
-        (Some(ca), _) => Trust::CaFile(ca),
-        (None, true) => Trust::Insecure,
-        (None, false) => Trust::System,
-    };
+    let trust = config.trust();
     if trust == Trust::Insecure {
         tracing::warn!("relay certificate NOT verified (--insecure-skip-verify): development only");
     }

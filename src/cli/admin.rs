@@ -63,7 +63,8 @@ pub async fn login(args: LoginArgs, out: Output) -> Result<()> {
         ca: args.ca,
         key,
         username: Some(me.username.clone()),
-        service_command: None,
+        // A setting the person made by hand survives logging in again.
+        service_command: Settings::load().ok().and_then(|old| old.service_command),
     };
     let path = settings.save()?;
     out.record(

@@ -34,7 +34,7 @@ pub async fn run(endpoint: quinn::Endpoint, state: Arc<Shared>) {
             },
             _ = state.shutdown.cancelled() => break,
         };
-        if state.registry.devices().len() >= state.config.limits.max_devices {
+        if state.registry.device_count() >= state.config.limits.max_devices {
             incoming.refuse();
             continue;
         }

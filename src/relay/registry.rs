@@ -109,6 +109,11 @@ impl Registry {
         lock(&self.devices).get(uuid).cloned()
     }
 
+    /// How many devices are connected.
+    pub fn device_count(&self) -> usize {
+        lock(&self.devices).len()
+    }
+
     /// Every session (for drain on shutdown).
     pub fn devices(&self) -> Vec<Arc<DeviceSession>> {
         lock(&self.devices).values().cloned().collect()

@@ -2,6 +2,8 @@
 //!
 //! Every query uses `$N` parameters (Postgres' form, which SQLite also reads positionally),
 //! integers for flags and Unix milliseconds for time, so the same text runs on both.
+//! Where a query is assembled with `format!` (shared column lists), every piece is a
+//! constant of this file; values always travel as bound parameters, hence `AssertSqlSafe`.
 
 use async_trait::async_trait;
 use sqlx::any::AnyRow;

@@ -346,36 +346,12 @@ impl World {
 
     /// Logs the CLI in with `key`.
     pub fn login(&self, key: &str) {
-        self.cli_ok(&[
-            "login",
-            "--api",
-            &format!("http://{}", self.relay.api),
-            "--proxy",
-            &self.relay.proxy.to_string(),
-            "--key",
-            key,
-        ]);
+        self.login_in(&self.xdg(), key);
     }
 
     /// Creates a fleet (owned by the admin) and a device in it; returns (uuid, key).
     pub async fn device_in(&self, fleet: &str) -> (String, String) {
-        let _ = self
-            .admin
-            .call("POST", "/v1/fleets", Some(json!({ "name": fleet })))
-            .await;
-        let (status, d) = self
-            .admin
-            .call(
-                "POST",
-                &format!("/v1/fleets/{fleet}/devices"),
-                Some(json!({})),
-            )
-            .await;
-        assert_eq!(status, 201, "{d}");
-        (
-            d["uuid"].as_str().unwrap().to_owned(),
-            d["key"].as_str().unwrap().to_owned(),
-        )
+        self.admin.register_device(fleet).await
     }
 
     /// Creates a user; returns their API key.
@@ -443,6 +419,26 @@ impl Api {
             token: token.to_owned(),
             ..self.clone()
         }
+    }
+
+    /// Creates `fleet` if needed and registers a device in it; returns (uuid, key).
+    pub async fn register_device(&self, fleet: &str) -> (String, String) {
+        // The fleet may exist already (409); the device registration below is what counts.
+        let _ = self
+            .call("POST", "/v1/fleets", Some(json!({ "name": fleet })))
+            .await;
+        let (status, d) = self
+            .call(
+                "POST",
+                &format!("/v1/fleets/{fleet}/devices"),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(status, 201, "{d}");
+        (
+            d["uuid"].as_str().unwrap().to_owned(),
+            d["key"].as_str().unwrap().to_owned(),
+        )
     }
 
     /// Sends a request; returns the status and the JSON body (or the text as a string).
@@ -584,6 +580,25 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A process's resident memory in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS in /proc status")
 }
 
 /// Writes a relay config with test-friendly limits, plus `extra` TOML lines for `[limits]`.

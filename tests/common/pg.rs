@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::is_root;
+
 /// A running throwaway cluster (or a fresh database on `DATABASE_URL`).
 pub struct TempPg {
     /// The database URL for the store.
@@ -38,14 +40,6 @@ fn postgres_bin_dir() -> Option<PathBuf> {
     candidates
         .into_iter()
         .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 fn required() -> bool {

@@ -10,20 +10,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use super::is_root;
+
 /// Where `sshd` is, if installed.
 pub fn sshd_path() -> Option<PathBuf> {
     ["/usr/sbin/sshd", "/usr/bin/sshd", "/sbin/sshd"]
         .iter()
         .map(PathBuf::from)
         .find(|p| p.is_file())
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 /// Whether the SSH tests can run here; panics when they are required but cannot.

@@ -25,14 +25,7 @@ pub use error::ApiError;
 
 /// Checks a user, fleet, device or key name: `[a-z0-9][a-z0-9_-]{0,62}`.
 pub fn validate_name(what: &str, name: &str) -> Result<(), ApiError> {
-    let bytes = name.as_bytes();
-    let ok = !bytes.is_empty()
-        && bytes.len() <= 63
-        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-');
-    if ok {
+    if crate::store::is_valid_name(name) {
         Ok(())
     } else {
         Err(ApiError::bad(format!(

@@ -215,4 +215,41 @@ mod tests {
         );
         assert!(keys.verify("not.a.jwt").is_none());
     }
+
+    #[test]
+    fn tokens_from_an_outside_identity_service() {
+        // The service holds an Ed25519 private key; the relay is given its public key.
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let public = dir.path().join("idp.pem");
+        std::fs::write(&public, pair.public_key_pem()).unwrap();
+        let keys = JwtKeys::new(b"0123456789abcdef0123456789abcdef", Some(&public)).unwrap();
+        let service = EncodingKey::from_ed_pem(pair.serialize_pem().as_bytes()).unwrap();
+        let claims = UserClaims {
+            sub: "carol".into(),
+            exp: unix_now() + 60,
+            iat: unix_now(),
+            aud: USER_AUDIENCE.into(),
+        };
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &service).unwrap();
+        assert_eq!(keys.verify(&token).unwrap().sub, "carol");
+
+        // Another service's key is not trusted.
+        let stranger = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let forged = EncodingKey::from_ed_pem(stranger.serialize_pem().as_bytes()).unwrap();
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &forged).unwrap();
+        assert!(keys.verify(&token).is_none());
+        // Without a configured key, EdDSA tokens are refused outright.
+        let plain = JwtKeys::new(b"0123456789abcdef0123456789abcdef", None).unwrap();
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &service).unwrap();
+        assert!(plain.verify(&token).is_none());
+
+        std::fs::write(&public, "not a key").unwrap();
+        assert!(matches!(
+            JwtKeys::new(b"0123456789abcdef0123456789abcdef", Some(&public)),
+            Err(KeyError::Format(_))
+        ));
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
@@ -20,7 +20,7 @@ use super::state::Shared;
 use crate::auth::policy::{self, Decision};
 use crate::auth::{Credential, Principal};
 use crate::forward::{self, Counters, End};
-use crate::proto::connect::{self, ConnectHead, HeadError, TargetError};
+use crate::proto::connect::{self, ConnectHead, HeadError};
 use crate::proto::frame;
 use crate::proto::messages::{OpenReply, RefuseCode, TunnelOpen};
 use crate::store::{now_ms, TunnelSession};
@@ -229,6 +229,19 @@ async fn refuse<C: ClientConn>(mut client: C, state: &Shared, version: &str, ref
         .inc();
     let _ = client.write_all(&refusal.response(version)).await;
     let _ = client.shutdown().await;
+    // Closing with unread bytes from the client would send a RST that can overtake the
+    // answer; read (and drop) what is still coming for a moment first, within bounds.
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// A CONNECT that passed every check, with its device stream open and accepted.
@@ -255,9 +268,7 @@ async fn admit(
         return Err(Refusal::TooMany(wait.as_secs().max(1), "failed attempts"));
     }
     let (device, port) = connect::parse_target(&head.target, &state.config.device_domains)
-        .map_err(|e| match e {
-            TargetError::NotADevice | TargetError::BadPort => Refusal::BadRequest(e.to_string()),
-        })?;
+        .map_err(|e| Refusal::BadRequest(e.to_string()))?;
     let token = head.token.as_deref().ok_or(Refusal::AuthRequired)?;
     let principal = match authorize(state, token, &device, port).await? {
         Decision::Allow { principal, .. } => principal,

@@ -80,15 +80,7 @@ async fn ssh_with_cloud_keys_through_relay_and_agent() {
     );
     assert!(ok, "{err}");
     let key_id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].to_string();
-    let (s, _) = w
-        .admin
-        .call(
-            "POST",
-            "/v1/fleets/other/members",
-            Some(json!({"username": "root", "role": "member"})),
-        )
-        .await;
-    assert_eq!(s, 201);
+    w.admin.add_member("other", "root").await;
 
     // The admin reaches the device; sshd refuses root, whose fleet this is not.
     w.login(&w.relay.admin_key());
@@ -104,15 +96,7 @@ async fn ssh_with_cloud_keys_through_relay_and_agent() {
     assert!(err.contains("Permission denied"), "{err}\n{}", sshd.log());
 
     // Made a member, root logs in; the command runs on the "device".
-    let (s, _) = w
-        .admin
-        .call(
-            "POST",
-            "/v1/fleets/pis/members",
-            Some(json!({"username": "root", "role": "member"})),
-        )
-        .await;
-    assert_eq!(s, 201);
+    w.admin.add_member("pis", "root").await;
     let (ok, out, err) = device_ssh(
         &w.xdg(),
         &uuid,
@@ -213,15 +197,7 @@ async fn authorized_keys_answers_only_for_users_who_may_reach_the_device() {
         )
         .await;
     assert_eq!(s, 201);
-    let (s, _) = w
-        .admin
-        .call(
-            "POST",
-            "/v1/fleets/pis/members",
-            Some(json!({"username": "alice", "role": "member"})),
-        )
-        .await;
-    assert_eq!(s, 201);
+    w.admin.add_member("pis", "alice").await;
 
     // The device API, as balenaOS's stock script calls it.
     let device = |key: &str| w.admin.as_user(key);
@@ -288,15 +264,7 @@ async fn authorized_keys_answers_only_for_users_who_may_reach_the_device() {
         .await;
     assert_eq!(s, 204);
     assert_eq!(authorized_keys(&config, "alice").1, "");
-    let (s, _) = w
-        .admin
-        .call(
-            "POST",
-            "/v1/fleets/pis/members",
-            Some(json!({"username": "alice", "role": "member"})),
-        )
-        .await;
-    assert_eq!(s, 201);
+    w.admin.add_member("pis", "alice").await;
     write(Some(&cache));
     assert_eq!(authorized_keys(&config, "alice").1, format!("{ED25519}\n"));
 

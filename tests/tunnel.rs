@@ -172,15 +172,7 @@ async fn every_error_status_for_its_condition() {
     let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
     let admin = w.relay.admin_key();
     let olga = w.user("olga").await;
-    let (s, _) = w
-        .admin
-        .call(
-            "POST",
-            "/v1/fleets/pis/members",
-            Some(json!({"username": "olga", "role": "member"})),
-        )
-        .await;
-    assert_eq!(s, 201);
+    w.admin.add_member("pis", "olga").await;
     let echo = echo_server().await;
     let req = |target: &str, token: &str| {
         format!("CONNECT {target} HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n\r\n")

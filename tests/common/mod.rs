@@ -441,6 +441,18 @@ impl Api {
         )
     }
 
+    /// Makes `user` a member of `fleet`.
+    pub async fn add_member(&self, fleet: &str, user: &str) {
+        let (status, body) = self
+            .call(
+                "POST",
+                &format!("/v1/fleets/{fleet}/members"),
+                Some(json!({ "username": user, "role": "member" })),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+
     /// Sends a request; returns the status and the JSON body (or the text as a string).
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();

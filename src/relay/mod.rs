@@ -147,6 +147,8 @@ impl Relay {
             None => None,
         };
         tracing::info!(cert = %material.cert_path.display(), "TLS certificate loaded");
+        // The peer link between relays (PROTOCOL.md §3) is not built yet, so there is no peer
+        // address to publish; the API address tells operators which relay a row is.
         store
             .register_relay(&relay_id, &config.api_listen.to_string())
             .await?;

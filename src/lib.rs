@@ -21,7 +21,8 @@
 //!   listeners and tunnel set-up; `registry.rs` who is connected; `authcache.rs` recent
 //!   authorization answers; `tls.rs` the certificate; `state.rs` what the listeners share;
 //!   `datadir.rs` the generated files; `limits.rs` per-source auth limits; `metrics.rs`.
-//! - [`agent`]: the device side: dial, hello, serve tunnel streams, reconnect with backoff;
+//! - [`agent`]: the device side. `mod.rs` dials, says hello, serves tunnel streams and
+//!   reconnects with backoff; `tunnel.rs` one tunnel stream; `config.rs` its settings;
 //!   `authorized_keys.rs` answers sshd's `AuthorizedKeysCommand`.
 //! - [`tls_client`]: which servers the agent and CLI trust (system roots, a CA file, none).
 //! - [`cli`]: the user commands: `admin.rs` (login, users, keys, fleets, devices),

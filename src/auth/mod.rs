@@ -39,8 +39,23 @@ pub enum AuthError {
     Store(#[from] StoreError),
 }
 
-/// Resolves a bearer token (API key or JWT) to the user it belongs to.
+/// Resolves a bearer token (API key or JWT) to the user it belongs to, and records the
+/// use of an API key (`last_used`, at most once a minute).
 pub async fn authenticate(
+    store: &dyn Store,
+    keys: &JwtKeys,
+    token: &str,
+) -> Result<Principal, AuthError> {
+    let principal = identify(store, keys, token).await?;
+    if let Credential::ApiKey(id) = principal.credential {
+        store.touch_api_key(id, crate::store::now_ms()).await?;
+    }
+    Ok(principal)
+}
+
+/// Resolves a bearer token without recording a use: for re-checking a token that
+/// authorized something earlier (an open tunnel), which is not a new use of it.
+pub async fn identify(
     store: &dyn Store,
     keys: &JwtKeys,
     token: &str,
@@ -54,7 +69,6 @@ pub async fn authenticate(
         if !tokens::hashes_equal(&key.key_hash, &hash) {
             return Err(AuthError::InvalidToken);
         }
-        store.touch_api_key(key.id, crate::store::now_ms()).await?;
         Ok(Principal {
             user,
             credential: Credential::ApiKey(key.id),

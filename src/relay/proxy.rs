@@ -18,7 +18,7 @@ use tracing::Instrument;
 use super::registry::{LimitHit, TunnelEntry};
 use super::state::Shared;
 use crate::auth::policy::{self, Decision};
-use crate::auth::{Credential, Principal};
+use crate::auth::{AuthError, Credential, Principal};
 use crate::forward::{self, Counters, End};
 use crate::proto::connect::{self, ConnectHead, HeadError};
 use crate::proto::frame;
@@ -577,22 +577,27 @@ pub const REVALIDATE_EVERY: Duration = Duration::from_secs(2);
 /// membership and port must still be there.
 async fn still_allowed(state: &Shared, entry: &TunnelEntry) -> Option<bool> {
     let store = state.store.as_ref();
-    let decision = if crate::auth::tokens::is_api_key(&entry.token) {
-        policy::authorize(store, &state.jwt, &entry.token, &entry.device, entry.port).await
+    let principal = if crate::auth::tokens::is_api_key(&entry.token) {
+        // The key must still exist unrevoked; re-checking it is not a use of it.
+        match crate::auth::identify(store, &state.jwt, &entry.token).await {
+            Ok(principal) => principal,
+            Err(AuthError::InvalidToken) => return Some(false),
+            Err(AuthError::Store(_)) => return None,
+        }
     } else {
         match store.user_by_id(entry.user_id).await {
-            Ok(Some(user)) => {
-                let principal = Principal {
-                    user,
-                    credential: Credential::Jwt { exp: 0 },
-                };
-                policy::may_reach(store, principal, &entry.device, entry.port).await
-            }
+            Ok(Some(user)) => Principal {
+                user,
+                credential: Credential::Jwt { exp: 0 },
+            },
             Ok(None) => return Some(false),
             Err(_) => return None,
         }
     };
-    decision.ok().map(|d| matches!(d, Decision::Allow { .. }))
+    policy::may_reach(store, principal, &entry.device, entry.port)
+        .await
+        .ok()
+        .map(|d| matches!(d, Decision::Allow { .. }))
 }
 
 /// Cuts every open tunnel (after the shutdown grace period).

@@ -31,13 +31,15 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)
-                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            registry
-                .register(Box::new(c.clone()))
-                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            c
+            register(
+                &registry,
+                name,
+                IntCounterVec::new(Opts::new(name, help), labels),
+            )
         };
+        let gauge = |name: &str, help: &str| register(&registry, name, IntGauge::new(name, help));
+        let counter =
+            |name: &str, help: &str| register(&registry, name, IntCounter::new(name, help));
         let api_responses = counter_vec(
             "cloudlink_api_responses_total",
             "API responses by status",
@@ -63,22 +65,8 @@ impl Metrics {
             "Bytes carried by ended tunnels, by direction",
             &["direction"],
         );
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            registry
-                .register(Box::new(g.clone()))
-                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            g
-        };
         let devices_connected = gauge("cloudlink_devices_connected", "Devices connected now");
         let tunnels_open = gauge("cloudlink_tunnels_open", "Tunnels open now");
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            registry
-                .register(Box::new(c.clone()))
-                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
-            c
-        };
         let device_hellos = counter("cloudlink_device_hellos_total", "Device hellos accepted");
         let auth_failures = counter("cloudlink_auth_failures_total", "Failed authentications");
         Metrics {
@@ -102,6 +90,19 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// Registers a freshly made metric. The names and labels are constants of this file, so a
+/// failure here is a programming error caught by any test that starts a relay.
+fn register<M>(registry: &Registry, name: &str, made: prometheus::Result<M>) -> M
+where
+    M: prometheus::core::Collector + Clone + 'static,
+{
+    let metric = made.unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    metric
 }
 
 impl Default for Metrics {

@@ -190,7 +190,7 @@ impl AgentConfig {
 
     /// Checks the device identity.
     pub fn validate_identity(&self) -> Result<(), AgentConfigError> {
-        if self.uuid.len() != 32 || !self.uuid.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if crate::proto::device_uuid(&self.uuid).is_none() {
             return Err(AgentConfigError::Invalid(
                 "the device uuid (--uuid or CLOUDLINK_DEVICE_UUID) must be 32 hex characters"
                     .into(),

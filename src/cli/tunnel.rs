@@ -150,13 +150,9 @@ pub async fn proxy(uuid: &str, port: u16) -> Result<()> {
 
 /// A uuid as the relay expects it: 32 hex characters, lowercase.
 pub fn normalise_uuid(uuid: &str) -> Result<String> {
-    if uuid.len() == 32 && uuid.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(uuid.to_ascii_lowercase())
-    } else {
-        Err(anyhow!(
-            "{uuid:?} is not a device uuid (32 hex characters; see `cloudlink device list`)"
-        ))
-    }
+    crate::proto::device_uuid(uuid).ok_or_else(|| {
+        anyhow!("{uuid:?} is not a device uuid (32 hex characters; see `cloudlink device list`)")
+    })
 }
 
 #[cfg(test)]

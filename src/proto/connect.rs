@@ -175,10 +175,8 @@ pub fn parse_target(target: &str, domains: &[String]) -> Result<(String, u16), T
             uuid
         }
     };
-    if uuid.len() != 32 || !uuid.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(TargetError::NotADevice);
-    }
-    Ok((uuid.to_ascii_lowercase(), port))
+    let uuid = super::device_uuid(uuid).ok_or(TargetError::NotADevice)?;
+    Ok((uuid, port))
 }
 
 /// `HTTP/1.x 200 Connection Established` and the blank line, alone.

@@ -8,6 +8,12 @@ pub mod messages;
 /// The QUIC ALPN of the device link.
 pub const ALPN: &[u8] = b"cloudlink/1";
 
+/// A device uuid in its one canonical form: 32 hex characters, any case in, lowercase out.
+pub fn device_uuid(raw: &str) -> Option<String> {
+    (raw.len() == 32 && raw.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| raw.to_ascii_lowercase())
+}
+
 /// Errors reading or writing the device link's frames and messages.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {

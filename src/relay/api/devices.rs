@@ -66,11 +66,8 @@ pub struct RegisteredDevice {
 
 /// Normalises a uuid path segment: 32 hex characters, any case.
 pub fn parse_uuid(raw: &str) -> Result<String, ApiError> {
-    if raw.len() == 32 && raw.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(raw.to_ascii_lowercase())
-    } else {
-        Err(ApiError::bad("A device uuid is 32 hex characters."))
-    }
+    crate::proto::device_uuid(raw)
+        .ok_or_else(|| ApiError::bad("A device uuid is 32 hex characters."))
 }
 
 /// Registers a device in a fleet (owners and admins).

@@ -265,7 +265,7 @@ async fn tcp_limit(size: u64) -> f64 {
 
 /// b: one quinn stream, the relay's TLS and transport settings, both ends in this process.
 async fn quic_limit(size: u64) -> f64 {
-    cloudlink::cli::install_crypto();
+    cloudlink::tls_client::install_crypto();
     let dir = tempfile::tempdir().unwrap();
     let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let cert_path = dir.path().join("cert.pem");
@@ -473,7 +473,7 @@ async fn idle_devices(n: usize) -> (f64, Option<Duration>) {
             d["key"].as_str().unwrap().to_owned(),
         ));
     }
-    cloudlink::cli::install_crypto();
+    cloudlink::tls_client::install_crypto();
     let tls = cloudlink::tls_client::config(
         cloudlink::tls_client::Trust::CaFile(&world.relay.cert()),
         &[cloudlink::proto::ALPN],

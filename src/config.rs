@@ -26,6 +26,59 @@ impl Serialize for Secret {
     }
 }
 
+/// An optional listener: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// Not listening.
+    Off,
+    /// Listening here.
+    At(SocketAddr),
+}
+
+impl Listen {
+    /// The address, unless off.
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Listen::Off => None,
+            Listen::At(a) => Some(a),
+        }
+    }
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Listen::Off);
+        }
+        s.parse()
+            .map(Listen::At)
+            .map_err(|_| format!("{s:?} is neither HOST:PORT (an IP address) nor `off`"))
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Off => f.write_str("off"),
+            Listen::At(a) => a.fmt(f),
+        }
+    }
+}
+
+impl Serialize for Listen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Errors in loading or checking the configuration, before anything is bound.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -73,14 +126,33 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// Close a tunnel that carried no byte either way for this long; 0 = never.
     pub tunnel_idle_timeout_secs: u64,
-    /// Open tunnels per user.
+    /// Open tunnels per user, over all devices.
     pub tunnels_per_user: usize,
-    /// Open tunnels per device.
+    /// Open tunnels per device, over all users.
     pub tunnels_per_device: usize,
+    /// Open tunnels of one user to one device: below the per-device limit, so that one
+    /// user cannot hold a device against everyone else.
+    pub tunnels_per_user_device: usize,
     /// Open tunnels on this relay.
     pub tunnels_per_relay: usize,
-    /// Failed authentications per source IP per minute before 429.
+    /// Failed authentications per source (IPv4 address or IPv6 /64) per minute; further
+    /// failures answer 429. Valid credentials are never refused by it.
     pub auth_failures_per_minute: u32,
+    /// CONNECT connections not yet authenticated, in total; more wait in the kernel's
+    /// accept queue.
+    pub proxy_unauthenticated_max: usize,
+    /// CONNECT connections not yet authenticated, per source address; more answer 429.
+    pub proxy_unauthenticated_per_source: usize,
+    /// How long an API client has to send a request's headers.
+    pub api_header_timeout_ms: u64,
+    /// How long an API client has to send a request's body.
+    pub api_body_timeout_ms: u64,
+    /// Open API connections (plain and TLS together); more wait in the accept queue.
+    pub api_connections_max: usize,
+    /// QUIC handshakes in progress (connections not yet through their hello) above which
+    /// a new connection from an address that has not proven it can receive is sent a
+    /// Retry first, so a flood of spoofed Initials costs one stateless packet each.
+    pub quic_retry_above_pending: usize,
     /// The largest control frame.
     pub frame_max_bytes: usize,
     /// How long an authorization answer may be reused.
@@ -98,13 +170,20 @@ impl Default for Limits {
             head_max_bytes: 8 * 1024,
             open_timeout_ms: 10_000,
             hello_timeout_ms: 10_000,
-            keep_alive_ms: 15_000,
-            idle_timeout_ms: 60_000,
+            keep_alive_ms: 10_000,
+            idle_timeout_ms: 30_000,
             tunnel_idle_timeout_secs: 0,
-            tunnels_per_user: 64,
+            tunnels_per_user: 256,
             tunnels_per_device: 64,
+            tunnels_per_user_device: 32,
             tunnels_per_relay: 65_536,
             auth_failures_per_minute: 20,
+            proxy_unauthenticated_max: 10_000,
+            proxy_unauthenticated_per_source: 256,
+            api_header_timeout_ms: 10_000,
+            api_body_timeout_ms: 30_000,
+            api_connections_max: 10_000,
+            quic_retry_above_pending: 1_000,
             frame_max_bytes: 64 * 1024,
             auth_cache_ms: 2_000,
             shutdown_grace_secs: 30,
@@ -126,6 +205,14 @@ impl Limits {
     pub fn hello_timeout(&self) -> Duration {
         Duration::from_millis(self.hello_timeout_ms)
     }
+    /// [`Limits::api_header_timeout_ms`] as a duration.
+    pub fn api_header_timeout(&self) -> Duration {
+        Duration::from_millis(self.api_header_timeout_ms)
+    }
+    /// [`Limits::api_body_timeout_ms`] as a duration.
+    pub fn api_body_timeout(&self) -> Duration {
+        Duration::from_millis(self.api_body_timeout_ms)
+    }
 }
 
 /// Everything a relay needs to start.
@@ -136,12 +223,15 @@ pub struct RelayConfig {
     pub data_dir: PathBuf,
     /// `sqlite://…` or `postgres://…`; default `sqlite://<data_dir>/cloudlink.db`.
     pub database_url: Option<String>,
-    /// The REST API, `/metrics`, `/healthz`.
+    /// The REST API, `/metrics`, `/healthz`, in plain HTTP: for balena's CLI on a trusted
+    /// network and for a TLS-terminating load balancer in front.
     pub api_listen: SocketAddr,
-    /// The plain-TCP CONNECT proxy.
+    /// The REST API over TLS (HTTPS); what the CLI and agents use.
+    pub api_tls_listen: Listen,
+    /// The plain-TCP CONNECT proxy: for balena's CLI and a TLS-terminating load balancer.
     pub proxy_listen: SocketAddr,
-    /// The TLS CONNECT proxy; off unless set.
-    pub proxy_tls_listen: Option<SocketAddr>,
+    /// The CONNECT proxy over TLS.
+    pub proxy_tls_listen: Listen,
     /// The QUIC (UDP) listener devices dial.
     pub device_listen: SocketAddr,
     /// Signs user JWTs; default: generated once and kept in `<data_dir>/jwt-secret`.
@@ -170,8 +260,9 @@ impl Default for RelayConfig {
             data_dir: PathBuf::from("./cloudlink-data"),
             database_url: None,
             api_listen: ([0, 0, 0, 0], 8080).into(),
+            api_tls_listen: Listen::At(([0, 0, 0, 0], 8443).into()),
             proxy_listen: ([0, 0, 0, 0], 3128).into(),
-            proxy_tls_listen: None,
+            proxy_tls_listen: Listen::At(([0, 0, 0, 0], 3129).into()),
             device_listen: ([0, 0, 0, 0], 4433).into(),
             jwt_secret: None,
             jwt_public_key: None,
@@ -200,15 +291,20 @@ pub struct RelayArgs {
     /// sqlite://PATH or postgres://… [default: sqlite://<data-dir>/cloudlink.db].
     #[arg(long, env = "CLOUDLINK_DATABASE_URL")]
     pub database_url: Option<String>,
-    /// REST API address [default: 0.0.0.0:8080].
+    /// Plain-HTTP REST API [default: 0.0.0.0:8080]. Secrets cross it in the clear: keep it
+    /// for balena's CLI on a trusted network or behind a TLS-terminating load balancer.
     #[arg(long, env = "CLOUDLINK_API_LISTEN")]
     pub api_listen: Option<SocketAddr>,
-    /// Plain CONNECT proxy address [default: 0.0.0.0:3128].
+    /// HTTPS REST API, ADDR or `off` [default: 0.0.0.0:8443].
+    #[arg(long, env = "CLOUDLINK_API_TLS_LISTEN")]
+    pub api_tls_listen: Option<Listen>,
+    /// Plain CONNECT proxy [default: 0.0.0.0:3128]. Keys cross it in the clear: keep it for
+    /// balena's CLI or behind a TLS-terminating load balancer.
     #[arg(long, env = "CLOUDLINK_PROXY_LISTEN")]
     pub proxy_listen: Option<SocketAddr>,
-    /// TLS CONNECT proxy address [default: off].
+    /// CONNECT proxy over TLS, ADDR or `off` [default: 0.0.0.0:3129].
     #[arg(long, env = "CLOUDLINK_PROXY_TLS_LISTEN")]
-    pub proxy_tls_listen: Option<SocketAddr>,
+    pub proxy_tls_listen: Option<Listen>,
     /// QUIC device listener, UDP [default: 0.0.0.0:4433].
     #[arg(long, env = "CLOUDLINK_DEVICE_LISTEN")]
     pub device_listen: Option<SocketAddr>,
@@ -264,7 +360,10 @@ impl RelayConfig {
             config.database_url = Some(v.clone());
         }
         if let Some(v) = args.proxy_tls_listen {
-            config.proxy_tls_listen = Some(v);
+            config.proxy_tls_listen = v;
+        }
+        if let Some(v) = args.api_tls_listen {
+            config.api_tls_listen = v;
         }
         if let Some(v) = &args.jwt_secret {
             config.jwt_secret = Some(Secret(v.clone()));
@@ -350,10 +449,36 @@ impl RelayConfig {
             ("limits.head_timeout_ms", l.head_timeout_ms),
             ("limits.open_timeout_ms", l.open_timeout_ms),
             ("limits.hello_timeout_ms", l.hello_timeout_ms),
+            ("limits.api_header_timeout_ms", l.api_header_timeout_ms),
+            ("limits.api_body_timeout_ms", l.api_body_timeout_ms),
         ] {
             if v == 0 {
                 return invalid(key, "must be positive");
             }
+        }
+        for (key, v) in [
+            ("limits.tunnels_per_user", l.tunnels_per_user),
+            ("limits.tunnels_per_device", l.tunnels_per_device),
+            ("limits.tunnels_per_user_device", l.tunnels_per_user_device),
+            ("limits.tunnels_per_relay", l.tunnels_per_relay),
+            (
+                "limits.proxy_unauthenticated_max",
+                l.proxy_unauthenticated_max,
+            ),
+            (
+                "limits.proxy_unauthenticated_per_source",
+                l.proxy_unauthenticated_per_source,
+            ),
+            ("limits.api_connections_max", l.api_connections_max),
+        ] {
+            if v == 0 {
+                return invalid(key, "must be positive");
+            }
+        }
+        if l.proxy_unauthenticated_max > tokio::sync::Semaphore::MAX_PERMITS
+            || l.api_connections_max > tokio::sync::Semaphore::MAX_PERMITS
+        {
+            return invalid("limits", "connection caps are too large");
         }
         if self.device_domains.iter().any(|d| d.is_empty()) {
             return invalid("device_domains", "entries must not be empty");

@@ -4,6 +4,23 @@
 //! half-close on the other while the other direction keeps flowing. A reset on either side
 //! ends both, and the caller resets the socket. Per chunk there is one `read_chunk` or one
 //! buffer split, one write and one relaxed atomic add: no lock, no log, no copy.
+//!
+//! # A crash must not look like a clean end
+//!
+//! When a process dies, the kernel closes its sockets. A socket closed with nothing unread
+//! sends a FIN, and the far end reads a clean end of stream: a download cut short by a
+//! relay crash would look complete. So while a tunnel socket carries data it has `SO_LINGER`
+//! set to zero ([`arm_reset`]): closing it, by us or by the kernel when the process dies,
+//! sends a RST. Only an orderly end (both directions finished with FINs, [`End::Closed`])
+//! disarms it ([`disarm_reset`]) before the socket is dropped. A half-close does not
+//! disarm: `shutdown(Write)` sends its FIN at once whatever the linger setting, and a crash
+//! while the other direction still flows must still reset. This costs nothing per chunk and
+//! needs no cooperation from the peer; the alternatives (a trailer or length framing on
+//! the user side) would break plain CONNECT clients.
+//!
+//! On the QUIC side a crashed peer sends nothing; the survivor notices by the idle timeout
+//! (keep-alive 10 s, idle 30 s by default), ends the tunnel as [`End::ConnectionLost`]
+//! and resets its socket.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -303,9 +320,19 @@ async fn tick_or_never(tick: &mut Option<tokio::time::Interval>) {
     }
 }
 
-/// Makes dropping `stream` send a TCP RST instead of a FIN.
+/// Makes closing `stream` (by us, or by the kernel when this process dies) send a TCP RST
+/// instead of a FIN. Failing to set it only weakens crash reporting, so it is not an error.
 pub fn arm_reset(stream: &tokio::net::TcpStream) {
-    let _ = stream.set_zero_linger();
+    if let Err(e) = stream.set_zero_linger() {
+        tracing::debug!(error = %e, "cannot arm SO_LINGER 0");
+    }
+}
+
+/// Undoes [`arm_reset`]: closing `stream` sends an orderly FIN again.
+pub fn disarm_reset(stream: &tokio::net::TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_linger(None) {
+        tracing::debug!(error = %e, "cannot disarm SO_LINGER");
+    }
 }
 
 /// Closes a split TCP socket with a RST. Dropping a write half would send a FIN first,

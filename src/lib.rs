@@ -16,15 +16,22 @@
 //! - [`proto`]: bytes on the wire, no I/O policy: CONNECT heads, frames, messages.
 //! - [`quic`]: UDP sockets and transport settings shared by relay and agent.
 //! - [`forward`]: the hot path, one QUIC stream joined to one socket.
-//! - [`relay`]: the server. `mod.rs` starts and stops the listeners together; `api/` is the
-//!   REST API; `devices.rs` the QUIC listener and device sessions; `proxy.rs` the CONNECT
-//!   listeners and tunnel set-up; `registry.rs` who is connected; `authcache.rs` recent
-//!   authorization answers; `tls.rs` the certificate; `state.rs` what the listeners share;
-//!   `datadir.rs` the generated files; `limits.rs` per-source auth limits; `metrics.rs`.
+//! - [`logsafe`]: the one escaping path for peer-supplied text on its way to a log line.
+//! - [`relay`]: the server. `mod.rs` starts and stops the listeners together; `listen.rs`
+//!   one service's plain and TLS listeners with a capped accept loop; `api/` is the REST API
+//!   (served by hyper with header and body timeouts); `devices.rs` the QUIC listener, its
+//!   admission and device sessions; `proxy/` the CONNECT listeners (`mod.rs` the edge,
+//!   `admit.rs` credentials, policy, limits and the device stream, `tunnel.rs` the joined
+//!   streams and their audit row, `refusal.rs` each refusal's side and answer);
+//!   `revalidate.rs` revocation of open tunnels; `registry.rs` who is connected;
+//!   `authcache.rs` recent authorization answers; `tls.rs` the certificate; `state.rs` what
+//!   the listeners share; `datadir.rs` the generated files; `limits.rs` per-source limits
+//!   (failed authentications, unauthenticated connections); `metrics.rs`.
 //! - [`agent`]: the device side. `mod.rs` dials, says hello, serves tunnel streams and
 //!   reconnects with backoff; `tunnel.rs` one tunnel stream; `config.rs` its settings;
 //!   `authorized_keys.rs` answers sshd's `AuthorizedKeysCommand`.
-//! - [`tls_client`]: which servers the agent and CLI trust (system roots, a CA file, none).
+//! - [`tls_client`]: which servers the agent and CLI trust (system roots, a CA file, none),
+//!   and the HTTP client both use for a relay's API.
 //! - [`cli`]: the user commands: `admin.rs` (login, users, keys, fleets, devices),
 //!   `connect.rs` (CONNECT through the relay), `tunnel.rs` (`device tunnel`, `proxy`),
 //!   `ssh.rs` (`device ssh`), `settings.rs` (the saved login).
@@ -39,6 +46,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod forward;
+pub mod logsafe;
 pub mod proto;
 pub mod quic;
 pub mod relay;

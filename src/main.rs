@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use cloudlink::agent::{self, AgentArgs, AgentConfig};
-use cloudlink::cli::{self, admin, ssh, tunnel, Output};
+use cloudlink::cli::{admin, ssh, tunnel, Output};
 use cloudlink::config::{RelayArgs, RelayConfig};
 use cloudlink::relay::Relay;
 
@@ -196,20 +196,23 @@ fn run_relay(args: RelayArgs) -> Result<()> {
 }
 
 async fn serve_relay(config: RelayConfig) -> Result<()> {
-    cli::install_crypto();
+    cloudlink::tls_client::install_crypto();
     let relay = Relay::start(config).await?;
     if let Some(path) = &relay.admin_key_path {
         println!("bootstrap admin key written to {}", path.display());
     }
     let addrs = relay.addrs();
-    tracing::info!(api = %addrs.api, proxy = %addrs.proxy, device = %addrs.device, "relay listening");
-    let tls = addrs
-        .proxy_tls
-        .map(|a| format!(" proxy_tls={a}"))
-        .unwrap_or_default();
+    tracing::info!(api = %addrs.api, api_tls = ?addrs.api_tls, proxy = %addrs.proxy, proxy_tls = ?addrs.proxy_tls, device = %addrs.device, "relay listening");
+    let optional = |name: &str, addr: Option<std::net::SocketAddr>| {
+        addr.map(|a| format!(" {name}={a}")).unwrap_or_default()
+    };
     println!(
-        "relay listening: api={} proxy={}{tls} device={}",
-        addrs.api, addrs.proxy, addrs.device
+        "relay listening: api={}{} proxy={}{} device={}",
+        addrs.api,
+        optional("api_tls", addrs.api_tls),
+        addrs.proxy,
+        optional("proxy_tls", addrs.proxy_tls),
+        addrs.device
     );
     relay.run(shutdown_signal()).await?;
     Ok(())
@@ -217,7 +220,7 @@ async fn serve_relay(config: RelayConfig) -> Result<()> {
 
 async fn run_agent(args: AgentArgs) -> Result<()> {
     let config = AgentConfig::load(&args)?;
-    cli::install_crypto();
+    cloudlink::tls_client::install_crypto();
     let stop = tokio_util::sync::CancellationToken::new();
     let trigger = stop.clone();
     tokio::spawn(async move {

@@ -1,4 +1,5 @@
-//! Client-side TLS for the agent (QUIC) and the CLI (TLS proxy): which servers to trust.
+//! Client-side TLS for the agent (QUIC, authorized-keys) and the CLI (API, TLS proxy): which
+//! servers to trust, and the HTTP client both use for a relay's API.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -38,6 +39,51 @@ pub enum TlsClientError {
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The HTTP client could not be built.
+    #[error("cannot set up the HTTP client: {0}")]
+    Http(String),
+}
+
+/// Installs the ring crypto provider once for rustls users in this process.
+pub fn install_crypto() {
+    // Fails only if a provider is installed already, which is what we want anyway.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A reqwest client for a relay's API: HTTPS verified against `trust` (system roots or a
+/// CA file; the same options as the device link), or plain HTTP for an `http://` URL.
+pub fn http_client(
+    base: &str,
+    trust: Trust<'_>,
+    timeout: std::time::Duration,
+) -> Result<reqwest::Client, TlsClientError> {
+    install_crypto();
+    let mut builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .user_agent(concat!("cloudlink/", env!("CARGO_PKG_VERSION")));
+    if base.starts_with("https://") {
+        let tls = config(trust, &[b"http/1.1"])?;
+        builder = builder.tls_backend_preconfigured(tls);
+    }
+    builder
+        .build()
+        .map_err(|e| TlsClientError::Http(e.to_string()))
+}
+
+/// An error with its causes, `outer: inner: innermost`: reqwest's own message hides the
+/// part a person needs ("connection refused", "invalid peer certificate").
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 fn provider() -> Arc<CryptoProvider> {

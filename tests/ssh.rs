@@ -236,11 +236,14 @@ async fn authorized_keys_answers_only_for_users_who_may_reach_the_device() {
     // The agent command prints exactly the keys.
     let config = w.dir.path().join("agent.toml");
     let cache = w.dir.path().join("keys-cache");
-    let api = w.relay.api;
+    // Over the HTTPS API, trusting the relay's certificate as the device link does.
+    let api_port = w.relay.api_tls.expect("HTTPS API").port();
+    let ca = w.relay.cert();
     let write = |cache_dir: Option<&std::path::Path>| {
         let mut text = format!(
-            "api = \"http://{api}\"\nuuid = \"{uuid}\"\nkey = \"{device_key}\"\n\
-             authorized_keys_timeout_secs = 2\n"
+            "api = \"https://localhost:{api_port}\"\nca = \"{}\"\nuuid = \"{uuid}\"\n\
+             key = \"{device_key}\"\nauthorized_keys_timeout_secs = 2\n",
+            ca.display()
         );
         if let Some(dir) = cache_dir {
             text.push_str(&format!(
@@ -256,6 +259,19 @@ async fn authorized_keys_answers_only_for_users_who_may_reach_the_device() {
     assert_eq!(out, format!("{ED25519}\n"));
     let (ok, out, _) = authorized_keys(&config, "../etc/passwd");
     assert!(ok && out.is_empty());
+    // Without the CA the relay is not trusted: no keys, and the reason is said.
+    let untrusting = w.dir.path().join("agent-untrusting.toml");
+    std::fs::write(
+        &untrusting,
+        format!(
+            "api = \"https://localhost:{api_port}\"\nuuid = \"{uuid}\"\n\
+             key = \"{device_key}\"\n"
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = authorized_keys(&untrusting, "alice");
+    assert!(!ok && out.is_empty());
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
 
     // Revocation is prompt: membership removed, then re-added, then the key removed.
     let (s, _) = w

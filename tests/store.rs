@@ -37,11 +37,12 @@ async fn conformance(s: Arc<dyn Store>) {
 
     // API keys.
     let k1 = s
-        .create_api_key(bob.id, "laptop", "hash1", "clk_1")
+        .create_api_key(bob.id, "laptop", "hash1", "clk_1", None)
         .await
         .unwrap();
     assert!(matches!(
-        s.create_api_key(alice.id, "dup", "hash1", "clk_1").await,
+        s.create_api_key(alice.id, "dup", "hash1", "clk_1", None)
+            .await,
         Err(StoreError::Conflict)
     ));
     let (found, owner) = s.api_key_by_hash("hash1").await.unwrap().unwrap();
@@ -65,6 +66,25 @@ async fn conformance(s: Arc<dyn Store>) {
     assert!(s.list_api_keys(bob.id).await.unwrap()[0]
         .revoked_at
         .is_some());
+    let revoked = s.api_key_by_id(k1.id).await.unwrap().unwrap();
+    assert!(
+        !revoked.is_active(store::now_ms()),
+        "revoked keys are inactive"
+    );
+    assert_eq!(s.api_key_by_id(9_999_999).await.unwrap(), None);
+    // Expiry is stored and read back; whether the key is active is the caller's check.
+    let at = store::now_ms() + 5_000;
+    let k2 = s
+        .create_api_key(bob.id, "ci", "hash-exp", "clk_2", Some(at))
+        .await
+        .unwrap();
+    assert_eq!(k2.expires_at, Some(at));
+    let (found, _) = s.api_key_by_hash("hash-exp").await.unwrap().unwrap();
+    assert!(found.is_active(at - 1) && !found.is_active(at));
+    assert_eq!(
+        s.api_key_by_id(k2.id).await.unwrap().unwrap().expires_at,
+        Some(at)
+    );
 
     // SSH keys.
     let sk = s
@@ -161,6 +181,40 @@ async fn conformance(s: Arc<dyn Store>) {
     let access = s.device_access(bob.id, D2).await.unwrap().unwrap();
     assert_eq!(access.role, None);
     assert_eq!(s.device_access(bob.id, "nope").await.unwrap(), None);
+
+    // Key rotation: the old key stays valid until its deadline or until forgotten.
+    let now = store::now_ms();
+    assert!(s
+        .rotate_device_key(D1, "dh1-new", now + 60_000)
+        .await
+        .unwrap());
+    assert!(!s.rotate_device_key("nope", "x", now).await.unwrap());
+    let d = s
+        .device_by_key_hash("dh1")
+        .await
+        .unwrap()
+        .expect("old key in grace");
+    assert_eq!(d.uuid, D1);
+    assert_eq!(d.key_matches("dh1", now), Some(store::KeyMatch::Previous));
+    assert_eq!(
+        d.key_matches("dh1-new", now),
+        Some(store::KeyMatch::Current)
+    );
+    assert_eq!(d.key_matches("dh1", now + 60_001), None, "grace over");
+    assert_eq!(
+        s.device_by_key_hash("dh1-new").await.unwrap().unwrap().uuid,
+        D1
+    );
+    s.forget_previous_device_key(D1).await.unwrap();
+    assert_eq!(s.device_by_key_hash("dh1").await.unwrap(), None);
+    let d = s.device(D1).await.unwrap().unwrap();
+    assert_eq!((d.prev_key_hash, d.prev_key_until), (None, None));
+    assert!(s.rotate_device_key(D2, "dh2-new", now - 1).await.unwrap());
+    assert_eq!(
+        s.device_by_key_hash("dh2").await.unwrap(),
+        None,
+        "a grace period in the past accepts nothing"
+    );
 
     // Relays and presence.
     s.register_relay("r1", "127.0.0.1:7000").await.unwrap();

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::AgentConfig;
-use crate::tls_client;
 
 /// Why no fresh answer came from the relay.
 #[derive(Debug, thiserror::Error)]
@@ -70,19 +69,12 @@ async fn fetch(config: &AgentConfig, username: &str) -> Result<String, KeysError
             "no device `key` in the agent config".into(),
         ));
     }
-    crate::cli::install_crypto();
-    let trust = config.trust();
-    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(
-        config.authorized_keys_timeout_secs.max(1),
-    ));
-    if api.starts_with("https://") {
-        let tls = tls_client::config(trust, &[b"http/1.1"])
-            .map_err(|e| KeysError::Config(e.to_string()))?;
-        builder = builder.tls_backend_preconfigured(tls);
-    }
-    let client = builder
-        .build()
-        .map_err(|e| KeysError::Config(e.to_string()))?;
+    let client = crate::tls_client::http_client(
+        api,
+        config.trust(),
+        Duration::from_secs(config.authorized_keys_timeout_secs.max(1)),
+    )
+    .map_err(|e| KeysError::Config(format!("{e:#}")))?;
     let url = format!(
         "{}/auth/v1/public-keys/{username}",
         api.trim_end_matches('/')
@@ -92,7 +84,7 @@ async fn fetch(config: &AgentConfig, username: &str) -> Result<String, KeysError
         .bearer_auth(&config.key.0)
         .send()
         .await
-        .map_err(|e| KeysError::Unreachable(e.to_string()))?;
+        .map_err(|e| KeysError::Unreachable(crate::tls_client::chain(&e)))?;
     match response.status().as_u16() {
         200 => {}
         401 => return Err(KeysError::Unauthorized),

@@ -29,9 +29,12 @@ pub struct AgentConfig {
     pub allow_ports: Vec<u16>,
     /// The relay's API, for `authorized-keys`.
     pub api: Option<String>,
-    /// QUIC keep-alive, ms.
+    /// QUIC keep-alive, ms: how often an idle link sends a packet. It holds NAT bindings
+    /// open and lets each side notice a dead peer; on metered cellular links a longer one
+    /// costs less data (README: "Liveness and data cost").
     pub keep_alive_ms: u64,
-    /// QUIC idle timeout, ms.
+    /// QUIC idle timeout, ms: a relay silent this long is gone. The link uses the smaller
+    /// of this and the relay's (30 s by default).
     pub idle_timeout_ms: u64,
     /// Longest backoff between reconnect attempts, ms.
     pub max_backoff_ms: u64,
@@ -54,8 +57,8 @@ impl Default for AgentConfig {
             server_name: None,
             allow_ports: Vec::new(),
             api: None,
-            keep_alive_ms: 15_000,
-            idle_timeout_ms: 60_000,
+            keep_alive_ms: 10_000,
+            idle_timeout_ms: 30_000,
             max_backoff_ms: 60_000,
             authorized_keys_timeout_secs: 5,
             authorized_keys_cache_dir: None,

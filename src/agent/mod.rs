@@ -117,7 +117,8 @@ impl Agent {
         match &state {
             LinkState::Connected(relay) => tracing::info!(%relay, "connected to relay"),
             LinkState::Down(why) => {
-                tracing::warn!(reason = %why, "relay link down; retrying with backoff")
+                // The reason may quote the relay's own words: escaped like any peer text.
+                tracing::warn!(reason = %crate::logsafe::Peer(why), "relay link down; retrying with backoff")
             }
             LinkState::Starting => {}
         }

@@ -30,7 +30,7 @@ pub async fn serve(
     {
         Ok(Ok(open)) => open,
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "bad tunnel request from the relay");
+            tracing::warn!(error = %crate::logsafe::Peer(&e.to_string()), "bad tunnel request from the relay");
             let _ = send.reset(VarInt::from_u32(codes::PROTOCOL));
             return;
         }
@@ -39,8 +39,12 @@ pub async fn serve(
             return;
         }
     };
-    let span =
-        tracing::info_span!("tunnel", id = %open.tunnel, user = %open.user, port = open.port);
+    let span = tracing::info_span!(
+        "tunnel",
+        id = %crate::logsafe::Peer(&open.tunnel),
+        user = %crate::logsafe::Peer(&open.user),
+        port = open.port
+    );
     connect_and_forward(open.port, send, recv, &config)
         .instrument(span)
         .await;
@@ -81,6 +85,8 @@ async fn connect_and_forward(
     }
     tracing::debug!("tunnel open");
     let counters = Counters::default();
+    // A crash of this agent resets the service's connection instead of ending it cleanly.
+    forward::arm_reset(&local);
     let (mut r, mut w) = local.into_split();
     let end = forward::join(
         send,
@@ -94,6 +100,8 @@ async fn connect_and_forward(
     .await;
     if end.resets_socket() {
         forward::reset_tcp(r, w);
+    } else {
+        forward::disarm_reset(r.as_ref());
     }
     tracing::debug!(
         reason = %end.reason(),

@@ -5,7 +5,7 @@ pub mod ssh_keys;
 pub mod tokens;
 
 use crate::store::{Id, Store, StoreError, User};
-use tokens::JwtKeys;
+use tokens::{Expiry, JwtKeys, Subject};
 
 /// How a principal proved who they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,7 +16,21 @@ pub enum Credential {
     Jwt {
         /// Expiry, Unix seconds.
         exp: u64,
+        /// The API key it was minted from (relay-minted tokens); `None` for tokens from an
+        /// outside identity service.
+        key: Option<Id>,
     },
+}
+
+impl Credential {
+    /// The API key that stands behind this credential, if any: the key itself, or the key
+    /// a relay-minted JWT came from.
+    pub fn api_key(&self) -> Option<Id> {
+        match self {
+            Credential::ApiKey(id) => Some(*id),
+            Credential::Jwt { key, .. } => *key,
+        }
+    }
 }
 
 /// An authenticated caller.
@@ -31,7 +45,8 @@ pub struct Principal {
 /// Why a token did not authenticate.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    /// No such key, a revoked key, a bad or expired JWT, or a deleted user.
+    /// No such key, a revoked or expired key, a bad or expired JWT, a JWT whose key or
+    /// user is gone, or a deleted user.
     #[error("the token is unknown, revoked or expired")]
     InvalidToken,
     /// The store could not answer.
@@ -39,49 +54,75 @@ pub enum AuthError {
     Store(#[from] StoreError),
 }
 
-/// Resolves a bearer token (API key or JWT) to the user it belongs to, and records the
-/// use of an API key (`last_used`, at most once a minute).
+/// Resolves a bearer token (API key or JWT) for a new request. Recording an API key's use
+/// (`last_used`) is the relay's business ([`crate::relay::state::Shared::record_key_use`]):
+/// it is bookkeeping, and must never decide whether a valid key works.
 pub async fn authenticate(
     store: &dyn Store,
     keys: &JwtKeys,
     token: &str,
 ) -> Result<Principal, AuthError> {
-    let principal = identify(store, keys, token).await?;
-    if let Credential::ApiKey(id) = principal.credential {
-        store.touch_api_key(id, crate::store::now_ms()).await?;
-    }
-    Ok(principal)
+    identify(store, keys, token, Expiry::Check).await
 }
 
-/// Resolves a bearer token without recording a use: for re-checking a token that
-/// authorized something earlier (an open tunnel), which is not a new use of it.
+/// Resolves a bearer token. With [`Expiry::Ignore`] it re-checks
+/// a token that authorized something earlier (an open tunnel): the JWT's own expiry does
+/// not matter then, but its user and its API key must still be there.
 pub async fn identify(
     store: &dyn Store,
     keys: &JwtKeys,
     token: &str,
+    expiry: Expiry,
 ) -> Result<Principal, AuthError> {
+    let now = crate::store::now_ms();
     if tokens::is_api_key(token) {
         let hash = tokens::hash_secret(token);
         let (key, user) = store
             .api_key_by_hash(&hash)
             .await?
             .ok_or(AuthError::InvalidToken)?;
-        if !tokens::hashes_equal(&key.key_hash, &hash) {
+        if !tokens::hashes_equal(&key.key_hash, &hash) || !key.is_active(now) {
             return Err(AuthError::InvalidToken);
         }
-        Ok(Principal {
+        return Ok(Principal {
             user,
             credential: Credential::ApiKey(key.id),
-        })
-    } else {
-        let claims = keys.verify(token).ok_or(AuthError::InvalidToken)?;
-        let user = store
-            .user_by_name(&claims.sub)
-            .await?
-            .ok_or(AuthError::InvalidToken)?;
-        Ok(Principal {
-            user,
-            credential: Credential::Jwt { exp: claims.exp },
-        })
+        });
+    }
+    let verified = keys.verify(token, expiry).ok_or(AuthError::InvalidToken)?;
+    match verified.subject {
+        Subject::Relay { user_id, key_id } => {
+            let user = store
+                .user_by_id(user_id)
+                .await?
+                .ok_or(AuthError::InvalidToken)?;
+            let key = store
+                .api_key_by_id(key_id)
+                .await?
+                .ok_or(AuthError::InvalidToken)?;
+            if key.user_id != user.id || !key.is_active(now) {
+                return Err(AuthError::InvalidToken);
+            }
+            Ok(Principal {
+                user,
+                credential: Credential::Jwt {
+                    exp: verified.exp,
+                    key: Some(key_id),
+                },
+            })
+        }
+        Subject::Outside { username } => {
+            let user = store
+                .user_by_name(&username)
+                .await?
+                .ok_or(AuthError::InvalidToken)?;
+            Ok(Principal {
+                user,
+                credential: Credential::Jwt {
+                    exp: verified.exp,
+                    key: None,
+                },
+            })
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use super::tokens::JwtKeys;
 use super::{authenticate, AuthError, Principal};
-use crate::store::{Device, Store, StoreError};
+use crate::store::{Device, Store, StoreError, User};
 
 /// The answer to "may this token reach device D on port P".
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,8 +11,8 @@ pub enum Decision {
     Allow {
         /// The caller.
         principal: Principal,
-        /// The device.
-        device: Device,
+        /// The device (boxed: the answer is cached and moved around; the device row is big).
+        device: Box<Device>,
     },
     /// The token proves nobody (unknown, revoked, expired, deleted user): 407 / 401.
     Unauthenticated,
@@ -31,19 +31,41 @@ pub async fn may_reach(
     device_uuid: &str,
     port: u16,
 ) -> Result<Decision, StoreError> {
-    let Some(access) = store.device_access(principal.user.id, device_uuid).await? else {
-        return Ok(Decision::Forbidden);
+    Ok(
+        match reach(store, &principal.user, device_uuid, port).await? {
+            Some(device) => Decision::Allow {
+                principal,
+                device: Box::new(device),
+            },
+            None => Decision::Forbidden,
+        },
+    )
+}
+
+/// Whether `user` may reach `device_uuid` on `port`, by the same rule as [`may_reach`]:
+/// for callers that already know the user (the devices' authorized-keys lookup).
+pub async fn user_may_reach(
+    store: &dyn Store,
+    user: &User,
+    device_uuid: &str,
+    port: u16,
+) -> Result<bool, StoreError> {
+    Ok(reach(store, user, device_uuid, port).await?.is_some())
+}
+
+/// The reach rule itself, in this one place: the device if `user` may reach it on `port`.
+async fn reach(
+    store: &dyn Store,
+    user: &User,
+    device_uuid: &str,
+    port: u16,
+) -> Result<Option<Device>, StoreError> {
+    let Some(access) = store.device_access(user.id, device_uuid).await? else {
+        return Ok(None);
     };
     let port_open = access.allowed_ports.is_empty() || access.allowed_ports.contains(&port);
-    let allowed = (principal.user.is_admin || access.role.is_some()) && port_open;
-    Ok(if allowed {
-        Decision::Allow {
-            principal,
-            device: access.device,
-        }
-    } else {
-        Decision::Forbidden
-    })
+    let allowed = (user.is_admin || access.role.is_some()) && port_open;
+    Ok(allowed.then_some(access.device))
 }
 
 /// Authenticates `token` and asks [`may_reach`]: the whole check a CONNECT needs.
@@ -96,10 +118,16 @@ mod tests {
             let user = self.store.create_user(name, admin).await.unwrap();
             let key = tokens::new_api_key();
             self.store
-                .create_api_key(user.id, "k", &tokens::hash_secret(&key), "p")
+                .create_api_key(user.id, "k", &tokens::hash_secret(&key), "p", None)
                 .await
                 .unwrap();
             (user.id, key)
+        }
+
+        /// A relay JWT for the user, minted from their first API key.
+        async fn jwt(&self, user_id: Id) -> String {
+            let key = self.store.list_api_keys(user_id).await.unwrap()[0].id;
+            self.keys.mint(user_id, key, 60).0
         }
 
         async fn check(&self, token: &str, uuid: &str, port: u16) -> &'static str {
@@ -209,7 +237,7 @@ mod tests {
         assert_eq!(w.check(&owner, UUID, 22222).await, "forbidden");
 
         // Deleted user, by key and by JWT.
-        let (jwt, _) = w.keys.mint("olga", 60);
+        let jwt = w.jwt(owner_id).await;
         assert_eq!(w.check(&jwt, OTHER_UUID, 1).await, "forbidden");
         assert!(w.store.delete_user(owner_id).await.unwrap());
         assert_eq!(w.check(&owner, OTHER_UUID, 1).await, "unauthenticated");
@@ -223,16 +251,19 @@ mod tests {
         let (member_id, _) = w.user("mike", false).await;
         fleets(&w, owner_id, member_id).await;
 
-        let (jwt, _) = w.keys.mint("mike", 60);
+        let jwt = w.jwt(member_id).await;
         assert_eq!(w.check(&jwt, UUID, 22222).await, "allow");
         assert_eq!(w.check(&jwt, OTHER_UUID, 22222).await, "forbidden");
 
         let now = tokens::unix_now();
+        let key = w.store.list_api_keys(member_id).await.unwrap()[0].id;
         let expired = UserClaims {
-            sub: "mike".into(),
-            exp: now - 1,
-            iat: now - 61,
+            sub: member_id.to_string(),
+            exp: now - tokens::JWT_LEEWAY_SECS - 1,
+            iat: now - 3600,
+            nbf: None,
             aud: USER_AUDIENCE.into(),
+            kid: Some(key),
         };
         let expired = jsonwebtoken::encode(
             &jsonwebtoken::Header::default(),

@@ -57,17 +57,71 @@ pub fn is_api_key(token: &str) -> bool {
     token.starts_with(API_KEY_PREFIX)
 }
 
+/// How far a JWT's clocks may be off: `exp`, `nbf` and `iat` are checked with this much
+/// leeway, for relays and identity services whose clocks differ by a few seconds.
+pub const JWT_LEEWAY_SECS: u64 = 30;
+
 /// Claims of a user JWT.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+///
+/// Tokens the relay mints (HS256, `POST /v1/auth/token`) name the user by row id and carry
+/// the id of the API key they came from, so deleting the user, re-creating a user of the
+/// same name, or revoking (or expiring) that key ends them. Tokens an outside identity
+/// service mints (RS256/EdDSA) name the user by username and carry no key id: that service
+/// knows people by name, and their lifetime is its business.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserClaims {
-    /// The username. Outside identity services know people by name, not by our row ids.
+    /// Relay-minted: the user's id, in decimal. Outside-minted: the username.
     pub sub: String,
     /// Expiry, Unix seconds.
     pub exp: u64,
-    /// Issued at, Unix seconds.
+    /// Issued at, Unix seconds; one from the future (beyond the leeway) is refused.
     pub iat: u64,
+    /// Not before, Unix seconds, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     /// Always [`USER_AUDIENCE`]; keeps peer tokens and user tokens apart.
     pub aud: String,
+    /// Relay-minted: the id of the API key this token was minted from (a token renewed
+    /// from a token keeps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<i64>,
+}
+
+/// Who signed a valid token, which decides how its subject is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subject {
+    /// Signed by a relay of this deployment: a user id and the API key behind it.
+    Relay {
+        /// The user's row id.
+        user_id: i64,
+        /// The API key's row id.
+        key_id: i64,
+    },
+    /// Signed by the configured outside identity service: a username.
+    Outside {
+        /// The username.
+        username: String,
+    },
+}
+
+/// A token whose signature and claims checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedJwt {
+    /// Whose it is.
+    pub subject: Subject,
+    /// Expiry, Unix seconds.
+    pub exp: u64,
+}
+
+/// Whether a token's expiry is checked: always for a new request; not when re-checking a
+/// token that opened a tunnel earlier (a short-lived token expiring does not cut the
+/// tunnel it opened; revoking what stands behind it does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// `exp` must be in the future (within the leeway).
+    Check,
+    /// `exp` is not looked at; signature, audience, `nbf`, `iat` still are.
+    Ignore,
 }
 
 /// Errors from reading key material.
@@ -123,14 +177,17 @@ impl JwtKeys {
         })
     }
 
-    /// Mints an HS256 token for `username`, valid for `ttl_secs`; returns it and its expiry.
-    pub fn mint(&self, username: &str, ttl_secs: u64) -> (String, u64) {
+    /// Mints an HS256 token for user `user_id` from API key `key_id`, valid for
+    /// `ttl_secs`; returns it and its expiry.
+    pub fn mint(&self, user_id: i64, key_id: i64, ttl_secs: u64) -> (String, u64) {
         let now = unix_now();
         let claims = UserClaims {
-            sub: username.to_owned(),
+            sub: user_id.to_string(),
             exp: now + ttl_secs,
             iat: now,
+            nbf: None,
             aud: USER_AUDIENCE.to_owned(),
+            kid: Some(key_id),
         };
         // Encoding HS256 claims made of strings and integers cannot fail.
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
@@ -138,22 +195,46 @@ impl JwtKeys {
         (token, claims.exp)
     }
 
-    /// The claims of a valid, unexpired user token signed by us or the outside service.
-    pub fn verify(&self, token: &str) -> Option<UserClaims> {
+    /// The subject of a valid user token signed by us or the outside service: signature,
+    /// audience, `nbf` and `iat` always checked, `exp` as `expiry` says, each with
+    /// [`JWT_LEEWAY_SECS`].
+    pub fn verify(&self, token: &str, expiry: Expiry) -> Option<VerifiedJwt> {
         let header = jsonwebtoken::decode_header(token).ok()?;
-        let key = match header.alg {
-            Algorithm::HS256 => &self.hs256,
+        let (key, ours) = match header.alg {
+            Algorithm::HS256 => (&self.hs256, true),
             alg => match &self.external {
-                Some((key, ext_alg)) if *ext_alg == alg => key,
+                Some((key, ext_alg)) if *ext_alg == alg => (key, false),
                 _ => return None,
             },
         };
         let mut validation = Validation::new(header.alg);
         validation.set_audience(&[USER_AUDIENCE]);
-        validation.leeway = 0;
-        jsonwebtoken::decode::<UserClaims>(token, key, &validation)
-            .ok()
-            .map(|data| data.claims)
+        validation.leeway = JWT_LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.validate_exp = expiry == Expiry::Check;
+        if expiry == Expiry::Ignore {
+            validation.required_spec_claims.remove("exp");
+        }
+        let claims = jsonwebtoken::decode::<UserClaims>(token, key, &validation)
+            .ok()?
+            .claims;
+        if claims.iat > unix_now() + JWT_LEEWAY_SECS {
+            return None;
+        }
+        let subject = if ours {
+            Subject::Relay {
+                user_id: claims.sub.parse().ok()?,
+                key_id: claims.kid?,
+            }
+        } else {
+            Subject::Outside {
+                username: claims.sub,
+            }
+        };
+        Some(VerifiedJwt {
+            subject,
+            exp: claims.exp,
+        })
     }
 }
 
@@ -183,37 +264,111 @@ mod tests {
         assert_eq!(display_prefix(&a).len(), 12);
     }
 
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    fn claims(sub: &str, kid: Option<i64>) -> UserClaims {
+        UserClaims {
+            sub: sub.into(),
+            exp: unix_now() + 60,
+            iat: unix_now(),
+            nbf: None,
+            aud: USER_AUDIENCE.into(),
+            kid,
+        }
+    }
+
+    fn sign(claims: &UserClaims) -> String {
+        jsonwebtoken::encode(
+            &Header::default(),
+            claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn jwt_round_trip_and_rejections() {
-        let keys = JwtKeys::new(b"0123456789abcdef0123456789abcdef", None).unwrap();
-        let (token, exp) = keys.mint("alice", 60);
-        let claims = keys.verify(&token).unwrap();
-        assert_eq!(claims.sub, "alice");
-        assert_eq!(claims.exp, exp);
+        let keys = JwtKeys::new(SECRET, None).unwrap();
+        let (token, exp) = keys.mint(7, 9, 60);
+        let v = keys.verify(&token, Expiry::Check).unwrap();
+        assert_eq!(
+            v.subject,
+            Subject::Relay {
+                user_id: 7,
+                key_id: 9
+            }
+        );
+        assert_eq!(v.exp, exp);
 
         let other = JwtKeys::new(b"another secret, another relay....", None).unwrap();
-        assert!(other.verify(&token).is_none(), "foreign signature accepted");
+        assert!(
+            other.verify(&token, Expiry::Check).is_none(),
+            "foreign signature accepted"
+        );
 
         let expired = UserClaims {
-            sub: "alice".into(),
-            exp: unix_now() - 10,
+            exp: unix_now() - JWT_LEEWAY_SECS - 10,
             iat: unix_now() - 100,
-            aud: USER_AUDIENCE.into(),
+            ..claims("7", Some(9))
         };
-        let token = jsonwebtoken::encode(&Header::default(), &expired, &keys.encoding).unwrap();
-        assert!(keys.verify(&token).is_none(), "expired token accepted");
+        assert!(keys.verify(&sign(&expired), Expiry::Check).is_none());
+        assert!(
+            keys.verify(&sign(&expired), Expiry::Ignore).is_some(),
+            "re-checks of open tunnels ignore expiry"
+        );
 
         let wrong_aud = UserClaims {
             aud: "cloudlink-peer".into(),
-            exp: unix_now() + 60,
-            ..expired
+            ..claims("7", Some(9))
         };
-        let token = jsonwebtoken::encode(&Header::default(), &wrong_aud, &keys.encoding).unwrap();
         assert!(
-            keys.verify(&token).is_none(),
+            keys.verify(&sign(&wrong_aud), Expiry::Check).is_none(),
             "peer token accepted as user token"
         );
-        assert!(keys.verify("not.a.jwt").is_none());
+        assert!(keys.verify("not.a.jwt", Expiry::Check).is_none());
+    }
+
+    #[test]
+    fn relay_tokens_need_a_user_id_and_a_key_id() {
+        let keys = JwtKeys::new(SECRET, None).unwrap();
+        assert!(keys
+            .verify(&sign(&claims("7", Some(9))), Expiry::Check)
+            .is_some());
+        assert!(
+            keys.verify(&sign(&claims("alice", Some(9))), Expiry::Check)
+                .is_none(),
+            "a name where an id belongs"
+        );
+        assert!(
+            keys.verify(&sign(&claims("7", None)), Expiry::Check)
+                .is_none(),
+            "no key id"
+        );
+    }
+
+    #[test]
+    fn clocks_are_checked_with_a_small_leeway() {
+        let keys = JwtKeys::new(SECRET, None).unwrap();
+        let now = unix_now();
+        let future_nbf = UserClaims {
+            nbf: Some(now + 600),
+            ..claims("7", Some(9))
+        };
+        assert!(keys.verify(&sign(&future_nbf), Expiry::Check).is_none());
+        let future_iat = UserClaims {
+            iat: now + 600,
+            ..claims("7", Some(9))
+        };
+        assert!(keys.verify(&sign(&future_iat), Expiry::Check).is_none());
+        let slightly_ahead = UserClaims {
+            iat: now + 5,
+            nbf: Some(now + 5),
+            ..claims("7", Some(9))
+        };
+        assert!(
+            keys.verify(&sign(&slightly_ahead), Expiry::Check).is_some(),
+            "within the leeway"
+        );
     }
 
     #[test]
@@ -225,26 +380,26 @@ mod tests {
         std::fs::write(&public, pair.public_key_pem()).unwrap();
         let keys = JwtKeys::new(b"0123456789abcdef0123456789abcdef", Some(&public)).unwrap();
         let service = EncodingKey::from_ed_pem(pair.serialize_pem().as_bytes()).unwrap();
-        let claims = UserClaims {
-            sub: "carol".into(),
-            exp: unix_now() + 60,
-            iat: unix_now(),
-            aud: USER_AUDIENCE.into(),
-        };
+        let claims = claims("carol", None);
         let token =
             jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &service).unwrap();
-        assert_eq!(keys.verify(&token).unwrap().sub, "carol");
+        assert_eq!(
+            keys.verify(&token, Expiry::Check).unwrap().subject,
+            Subject::Outside {
+                username: "carol".into()
+            }
+        );
 
         // Another service's key is not trusted.
         let stranger = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
         let forged = EncodingKey::from_ed_pem(stranger.serialize_pem().as_bytes()).unwrap();
         let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &forged).unwrap();
-        assert!(keys.verify(&token).is_none());
+        assert!(keys.verify(&token, Expiry::Check).is_none());
         // Without a configured key, EdDSA tokens are refused outright.
         let plain = JwtKeys::new(b"0123456789abcdef0123456789abcdef", None).unwrap();
         let token =
             jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &service).unwrap();
-        assert!(plain.verify(&token).is_none());
+        assert!(plain.verify(&token, Expiry::Check).is_none());
 
         std::fs::write(&public, "not a key").unwrap();
         assert!(matches!(

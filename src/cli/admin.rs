@@ -9,23 +9,27 @@ use serde_json::json;
 
 use super::settings::Settings;
 use super::{ApiClient, Output};
-use crate::relay::api::devices::{DeviceView, RegisteredDevice, TunnelView};
+use crate::relay::api::devices::{DeviceView, RegisteredDevice, RotatedKey, TunnelView};
 use crate::relay::api::fleets::{FleetView, MemberView};
 use crate::relay::api::users::{ApiKeyView, CreatedApiKey, CreatedUser, SshKeyView, UserView};
 
 /// `cloudlink login`.
 #[derive(Debug, Args)]
 pub struct LoginArgs {
-    /// The relay's API, e.g. http://relay.example.com:8080.
+    /// The relay's API: a host (HTTPS on port 8443), or a URL such as
+    /// https://relay.example.com:8443. An http:// URL sends the key unencrypted.
     #[arg(long)]
     pub api: String,
-    /// The relay's CONNECT proxy, HOST:PORT [default: the API host, port 3128].
+    /// The relay's CONNECT proxy, HOST:PORT [default: the API host, port 3129 over TLS for
+    /// an https API, 3128 for an http one].
     #[arg(long)]
     pub proxy: Option<String>,
-    /// The proxy address is the relay's TLS listener.
+    /// The proxy address is a TLS listener [default: yes when --proxy is not given and the
+    /// API is https].
     #[arg(long)]
     pub proxy_tls: bool,
-    /// CA or pinned certificate (PEM) for the TLS proxy.
+    /// CA or pinned certificate (PEM) to verify the relay's API and TLS proxy with
+    /// [default: the system's roots].
     #[arg(long)]
     pub ca: Option<PathBuf>,
     /// The API key.
@@ -50,16 +54,25 @@ pub async fn login(args: LoginArgs, out: Output) -> Result<()> {
             .to_owned(),
         (None, None) => return Err(anyhow!("give --key or --key-file")),
     };
-    let proxy = match args.proxy {
-        Some(p) => p,
-        None => default_proxy(&args.api)?,
+    let api = normalise_api(&args.api)?;
+    let tls = api.starts_with("https://");
+    if !tls {
+        eprintln!(
+            "warning: {api} is plain HTTP: your API key crosses the network unencrypted. \
+             Use https:// (the relay serves HTTPS on port 8443) unless a TLS-terminating \
+             proxy sits in between."
+        );
+    }
+    let (proxy, proxy_tls) = match args.proxy {
+        Some(p) => (p, args.proxy_tls),
+        None => (default_proxy(&api, tls)?, tls || args.proxy_tls),
     };
-    let client = ApiClient::new(&args.api, &key)?;
+    let client = ApiClient::new(&api, &key, args.ca.as_deref())?;
     let me: UserView = client.call(Method::GET, "/v1/me", None).await?;
     let settings = Settings {
-        api: args.api.trim_end_matches('/').to_owned(),
+        api,
         proxy: Some(proxy),
-        proxy_tls: args.proxy_tls,
+        proxy_tls,
         ca: args.ca,
         key,
         username: Some(me.username.clone()),
@@ -76,8 +89,35 @@ pub async fn login(args: LoginArgs, out: Output) -> Result<()> {
     )
 }
 
-/// `http://host:8080` → `host:3128`.
-fn default_proxy(api: &str) -> Result<String> {
+/// The API base URL: a bare host (or HOST:PORT) means HTTPS, on port 8443 unless given.
+fn normalise_api(api: &str) -> Result<String> {
+    let api = api.trim().trim_end_matches('/');
+    if api.is_empty() {
+        return Err(anyhow!("--api is empty"));
+    }
+    if api.contains("://") {
+        if !(api.starts_with("https://") || api.starts_with("http://")) {
+            return Err(anyhow!(
+                "--api must be an https:// (or http://) URL or a host"
+            ));
+        }
+        return Ok(api.to_owned());
+    }
+    let has_port = match api.rsplit_once(':') {
+        Some((host, port)) => {
+            port.chars().all(|c| c.is_ascii_digit()) && (!host.contains(':') || host.ends_with(']'))
+        }
+        None => false,
+    };
+    Ok(if has_port {
+        format!("https://{api}")
+    } else {
+        format!("https://{api}:8443")
+    })
+}
+
+/// `https://host:8443` → `host:3129` (TLS), `http://host:8080` → `host:3128`.
+fn default_proxy(api: &str, tls: bool) -> Result<String> {
     let rest = api
         .split_once("://")
         .map(|(_, r)| r)
@@ -87,18 +127,20 @@ fn default_proxy(api: &str) -> Result<String> {
         Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
         _ => authority,
     };
-    Ok(format!("{host}:3128"))
+    Ok(format!("{host}:{}", if tls { 3129 } else { 3128 }))
 }
 
-/// Shows the logged-in user.
+/// Shows the logged-in user and the relay they are logged in to.
 pub async fn whoami(out: Output) -> Result<()> {
-    let client = ApiClient::from_settings(&Settings::load()?)?;
+    let settings = Settings::load()?;
+    let client = ApiClient::from_settings(&settings)?;
     let me: UserView = client.call(Method::GET, "/v1/me", None).await?;
     out.record(
         &me,
         &[
             ("username", me.username.clone()),
             ("admin", me.admin.to_string()),
+            ("relay", settings.api.clone()),
         ],
     )
 }
@@ -164,6 +206,9 @@ pub enum ApiKeyCmd {
     Create {
         /// A label for it.
         name: String,
+        /// Make it stop working after this long: 90s, 45m, 12h, 30d [default: never].
+        #[arg(long, value_parser = parse_duration)]
+        expires: Option<u64>,
     },
     /// List your API keys.
     List,
@@ -178,8 +223,11 @@ pub enum ApiKeyCmd {
 pub async fn api_key(cmd: ApiKeyCmd, out: Output) -> Result<()> {
     let client = ApiClient::from_settings(&Settings::load()?)?;
     match cmd {
-        ApiKeyCmd::Create { name } => {
-            let body = json!({"name": name});
+        ApiKeyCmd::Create { name, expires } => {
+            let mut body = json!({"name": name});
+            if let Some(secs) = expires {
+                body["expires_in_secs"] = json!(secs);
+            }
             let k: CreatedApiKey = client
                 .call(Method::POST, "/v1/api-keys", Some(&body))
                 .await?;
@@ -189,6 +237,10 @@ pub async fn api_key(cmd: ApiKeyCmd, out: Output) -> Result<()> {
                     ("id", k.id.to_string()),
                     ("name", k.name.clone()),
                     ("key", k.key.clone()),
+                    (
+                        "expires",
+                        k.expires_at.clone().unwrap_or_else(|| "never".into()),
+                    ),
                 ],
             )
         }
@@ -196,7 +248,15 @@ pub async fn api_key(cmd: ApiKeyCmd, out: Output) -> Result<()> {
             let keys: Vec<ApiKeyView> = client.call(Method::GET, "/v1/api-keys", None).await?;
             out.list(
                 &keys,
-                &["ID", "NAME", "PREFIX", "CREATED", "LAST USED", "REVOKED"],
+                &[
+                    "ID",
+                    "NAME",
+                    "PREFIX",
+                    "CREATED",
+                    "LAST USED",
+                    "EXPIRES",
+                    "REVOKED",
+                ],
                 |k| {
                     vec![
                         k.id.to_string(),
@@ -204,6 +264,7 @@ pub async fn api_key(cmd: ApiKeyCmd, out: Output) -> Result<()> {
                         k.prefix.clone(),
                         k.created_at.clone(),
                         k.last_used_at.clone().unwrap_or_else(|| "-".into()),
+                        k.expires_at.clone().unwrap_or_else(|| "never".into()),
                         k.revoked_at.clone().unwrap_or_else(|| "-".into()),
                     ]
                 },
@@ -384,6 +445,15 @@ pub enum DeviceAdminCmd {
         /// Device uuid.
         uuid: String,
     },
+    /// Give a device a new key (shown once). The old key keeps working until the agent
+    /// connects with the new one, or the grace period ends.
+    RotateKey {
+        /// Device uuid.
+        uuid: String,
+        /// How long the old key keeps working at most: 90s, 45m, 12h, 30d.
+        #[arg(long, value_parser = parse_duration, default_value = "24h")]
+        grace: u64,
+    },
     /// List recent tunnels (admins: everyone's; others: their own).
     Tunnels {
         /// At most this many.
@@ -450,6 +520,31 @@ pub async fn device(cmd: DeviceAdminCmd, out: Output) -> Result<()> {
             client
                 .call_empty(Method::DELETE, &format!("/v1/devices/{uuid}"))
                 .await
+        }
+        DeviceAdminCmd::RotateKey { uuid, grace } => {
+            let body = json!({ "grace_secs": grace });
+            let r: RotatedKey = client
+                .call(
+                    Method::POST,
+                    &format!("/v1/devices/{uuid}/rotate-key"),
+                    Some(&body),
+                )
+                .await?;
+            out.record(
+                &r,
+                &[
+                    ("uuid", r.uuid.clone()),
+                    ("key", r.key.clone()),
+                    ("old key valid until", r.old_key_valid_until.clone()),
+                ],
+            )?;
+            if out == Output::Table {
+                eprintln!(
+                    "Put the new key in the agent's config and restart it; the old key stops \
+                     working once the agent has connected with the new one."
+                );
+            }
+            Ok(())
         }
         DeviceAdminCmd::Tunnels { limit } => {
             let tunnels: Vec<TunnelView> = client
@@ -543,21 +638,78 @@ pub async fn key(cmd: KeyCmd, out: Output) -> Result<()> {
     }
 }
 
+/// A duration for humans: `90s`, `45m`, `12h`, `30d` (or plain seconds), in seconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 90s, 45m, 12h or 30d"))?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    match n.checked_mul(unit) {
+        Some(0) | None => Err(format!("{s:?} must be positive and not absurdly long")),
+        Some(secs) => Ok(secs),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::default_proxy;
+    use super::*;
 
     #[test]
     fn default_proxy_uses_the_api_host() {
         assert_eq!(
-            default_proxy("http://relay.example.com:8080").unwrap(),
+            default_proxy("http://relay.example.com:8080", false).unwrap(),
             "relay.example.com:3128"
         );
         assert_eq!(
-            default_proxy("https://relay.example.com/").unwrap(),
-            "relay.example.com:3128"
+            default_proxy("https://relay.example.com/", true).unwrap(),
+            "relay.example.com:3129"
         );
-        assert_eq!(default_proxy("http://[::1]:8080").unwrap(), "[::1]:3128");
-        assert!(default_proxy("relay").is_err());
+        assert_eq!(
+            default_proxy("http://[::1]:8080", false).unwrap(),
+            "[::1]:3128"
+        );
+        assert!(default_proxy("relay", true).is_err());
+    }
+
+    #[test]
+    fn login_prefers_tls() {
+        assert_eq!(
+            normalise_api("relay.example.com").unwrap(),
+            "https://relay.example.com:8443"
+        );
+        assert_eq!(
+            normalise_api("127.0.0.1:9443").unwrap(),
+            "https://127.0.0.1:9443"
+        );
+        assert_eq!(normalise_api("[::1]").unwrap(), "https://[::1]:8443");
+        assert_eq!(normalise_api("[::1]:1").unwrap(), "https://[::1]:1");
+        assert_eq!(
+            normalise_api("http://relay:8080/").unwrap(),
+            "http://relay:8080"
+        );
+        assert!(normalise_api("ftp://relay").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30d"), Ok(30 * 86_400));
+        assert_eq!(parse_duration("12h"), Ok(12 * 3600));
+        assert_eq!(parse_duration("45m"), Ok(45 * 60));
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert!(parse_duration("0d").is_err());
+        assert!(parse_duration("3w").is_err());
+        assert!(parse_duration("-1d").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
     }
 }

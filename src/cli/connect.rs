@@ -39,7 +39,7 @@ pub async fn open(settings: &Settings, uuid: &str, port: u16) -> Result<DeviceSt
         .with_context(|| format!("cannot reach the relay proxy at {proxy}"))?;
     let _ = tcp.set_nodelay(true);
     let inner = if settings.proxy_tls {
-        crate::cli::install_crypto();
+        crate::tls_client::install_crypto();
         let trust = match &settings.ca {
             Some(ca) => Trust::CaFile(ca),
             None => Trust::System,
@@ -111,6 +111,16 @@ pub async fn open(settings: &Settings, uuid: &str, port: u16) -> Result<DeviceSt
             &sentence
         }
     ))
+}
+
+impl DeviceStream {
+    /// The TCP socket to the relay underneath (for the reset-on-crash linger setting).
+    pub fn tcp(&self) -> &TcpStream {
+        match &self.inner {
+            Inner::Plain(s) => s,
+            Inner::Tls(s) => s.get_ref().0,
+        }
+    }
 }
 
 impl AsyncRead for DeviceStream {

@@ -23,21 +23,15 @@ pub struct ApiClient {
     token: String,
 }
 
-/// Installs the ring crypto provider once for rustls users in this process.
-pub fn install_crypto() {
-    // Fails only if a provider is installed already, which is what we want anyway.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
 impl ApiClient {
-    /// A client for `base` authenticating with `token`.
-    pub fn new(base: &str, token: &str) -> Result<ApiClient> {
-        install_crypto();
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(30))
-            .user_agent(concat!("cloudlink/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("cannot set up the HTTP client")?;
+    /// A client for `base` authenticating with `token`, trusting the CA file `ca` (or the
+    /// system's roots) for an `https://` base.
+    pub fn new(base: &str, token: &str, ca: Option<&std::path::Path>) -> Result<ApiClient> {
+        let trust = match ca {
+            Some(ca) => crate::tls_client::Trust::CaFile(ca),
+            None => crate::tls_client::Trust::System,
+        };
+        let http = crate::tls_client::http_client(base, trust, std::time::Duration::from_secs(30))?;
         Ok(ApiClient {
             http,
             base: base.trim_end_matches('/').to_owned(),
@@ -47,7 +41,7 @@ impl ApiClient {
 
     /// A client from the saved login.
     pub fn from_settings(settings: &Settings) -> Result<ApiClient> {
-        ApiClient::new(&settings.api, &settings.key)
+        ApiClient::new(&settings.api, &settings.key, settings.ca.as_deref())
     }
 
     /// Sends a request and decodes the JSON answer; an API error becomes its one sentence.
@@ -77,10 +71,13 @@ impl ApiClient {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| anyhow!("cannot reach the relay API at {}: {e}", self.base))?;
+        let response = request.send().await.map_err(|e| {
+            anyhow!(
+                "cannot reach the relay API at {}: {}",
+                self.base,
+                crate::tls_client::chain(&e)
+            )
+        })?;
         let status = response.status();
         let bytes = response
             .bytes()

@@ -112,13 +112,29 @@ async fn accept_loop(
 }
 
 async fn bridge(mut client: TcpStream, settings: &Settings, uuid: &str, port: u16) -> Result<()> {
-    let mut device = connect::open(settings, uuid, port).await?;
+    let mut device = match connect::open(settings, uuid, port).await {
+        Ok(device) => device,
+        Err(e) => {
+            // The local client must not read the refusal as an empty, complete answer.
+            crate::forward::arm_reset(&client);
+            return Err(e);
+        }
+    };
+    // Until both directions end cleanly, a failure on either side (or this process dying)
+    // resets the other instead of ending it with a FIN that reads like a complete
+    // transfer (forward.rs explains the linger trick).
+    crate::forward::arm_reset(&client);
+    crate::forward::arm_reset(device.tcp());
     // Half-close propagates: EOF one way shuts down writing the other way, and the other
     // direction runs on until its own EOF.
-    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut device, 64 * 1024, 64 * 1024)
-        .await
-        .map(drop)
-        .context("tunnel broke")
+    let copied =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut device, 64 * 1024, 64 * 1024)
+            .await;
+    if copied.is_ok() {
+        crate::forward::disarm_reset(&client);
+        crate::forward::disarm_reset(device.tcp());
+    }
+    copied.map(drop).context("tunnel broke")
 }
 
 /// Bridges stdin/stdout to `uuid:port` (for ssh's `ProxyCommand`), with half-close: stdin's

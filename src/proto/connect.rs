@@ -25,6 +25,10 @@ pub enum HeadError {
     /// Not a parseable HTTP/1.x request.
     #[error("{0}")]
     BadRequest(&'static str),
+    /// A well-formed request whose method is not exactly `CONNECT`; carries the version
+    /// to answer in.
+    #[error("only CONNECT is served")]
+    MethodNotAllowed(&'static str),
     /// The head grew past the size limit.
     #[error("request head too large")]
     TooLarge,
@@ -85,37 +89,54 @@ pub async fn read_head<R: AsyncRead + Unpin>(
 #[derive(Debug)]
 pub struct ConnectHeadBytes(pub BytesMut);
 
-/// Parses a request head.
+/// How many header lines a CONNECT head may carry; real clients send two or three.
+const MAX_HEADERS: usize = 64;
+
+/// Parses a request head strictly (PROTOCOL.md §1): an HTTP/1.0 or 1.1 request line whose
+/// method is exactly `CONNECT` (anything else is [`HeadError::MethodNotAllowed`], 405), at
+/// most one `Proxy-Authorization` header (two are ambiguous: 400), and well-formed header
+/// lines. `Host` and every other header are ignored.
 pub fn parse_head(raw: &[u8]) -> Result<ConnectHead, HeadError> {
-    let text = std::str::from_utf8(raw).map_err(|_| HeadError::BadRequest("not text"))?;
-    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
-    let request_line = lines.next().unwrap_or_default();
-    let mut parts = request_line.split(' ').filter(|p| !p.is_empty());
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(HeadError::BadRequest("malformed request line"));
-    };
-    let version = match version {
-        "HTTP/1.1" => "HTTP/1.1",
-        "HTTP/1.0" => "HTTP/1.0",
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(raw) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(HeadError::BadRequest("incomplete request")),
+        Err(httparse::Error::Version) => {
+            return Err(HeadError::BadRequest("unsupported HTTP version"))
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(_) => return Err(HeadError::BadRequest("malformed request")),
+    }
+    let version = match request.version {
+        Some(0) => "HTTP/1.0",
+        Some(1) => "HTTP/1.1",
         _ => return Err(HeadError::BadRequest("unsupported HTTP version")),
     };
-    if !method.bytes().all(|b| b.is_ascii_alphabetic()) {
-        return Err(HeadError::BadRequest("malformed method"));
+    let (Some(method), Some(target)) = (request.method, request.path) else {
+        return Err(HeadError::BadRequest("malformed request line"));
+    };
+    // Exactly `CONNECT`: methods are case-sensitive (RFC 9110 §9.1).
+    if method != "CONNECT" {
+        return Err(HeadError::MethodNotAllowed(version));
     }
-    let mut token = None;
-    for line in lines {
-        if line.is_empty() {
-            break;
+    let mut auth = request
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("proxy-authorization"));
+    let token = match (auth.next(), auth.next()) {
+        (None, _) => None,
+        (Some(_), Some(_)) => {
+            return Err(HeadError::BadRequest(
+                "more than one Proxy-Authorization header",
+            ))
         }
-        let (name, value) = line
-            .split_once(':')
-            .ok_or(HeadError::BadRequest("malformed header line"))?;
-        if name.trim().eq_ignore_ascii_case("proxy-authorization") {
-            token = credentials(value.trim());
+        (Some(h), None) => {
+            let value = std::str::from_utf8(h.value)
+                .map_err(|_| HeadError::BadRequest("Proxy-Authorization is not text"))?;
+            credentials(value.trim())
         }
-    }
+    };
     Ok(ConnectHead {
         version,
         method: method.to_owned(),
@@ -157,13 +178,7 @@ pub enum TargetError {
 /// Splits a target into a lowercase device uuid and a port (80 when absent).
 pub fn parse_target(target: &str, domains: &[String]) -> Result<(String, u16), TargetError> {
     let (host, port) = match target.rsplit_once(':') {
-        Some((host, port)) => {
-            let port: u32 = port.parse().map_err(|_| TargetError::BadPort)?;
-            if port == 0 || port > 65535 {
-                return Err(TargetError::BadPort);
-            }
-            (host, port as u16)
-        }
+        Some((host, port)) => (host, parse_port(port)?),
         None => (target, 80),
     };
     let uuid = match host.split_once('.') {
@@ -177,6 +192,22 @@ pub fn parse_target(target: &str, domains: &[String]) -> Result<(String, u16), T
     };
     let uuid = super::device_uuid(uuid).ok_or(TargetError::NotADevice)?;
     Ok((uuid, port))
+}
+
+/// A port in plain decimal, 1 to 65535: digits only, no sign, no leading zero, no spaces
+/// (`str::parse` would take `+22`).
+pub fn parse_port(s: &str) -> Result<u16, TargetError> {
+    let plain = !s.is_empty()
+        && s.len() <= 5
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && !s.starts_with('0');
+    if !plain {
+        return Err(TargetError::BadPort);
+    }
+    match s.parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        _ => Err(TargetError::BadPort),
+    }
 }
 
 /// `HTTP/1.x 200 Connection Established` and the blank line, alone.
@@ -291,6 +322,7 @@ mod tests {
             "CONNECT a b c d\r\n\r\n",
             "CONNECT x:1 HTTP/2\r\n\r\n",
             "CONNECT x:1 HTTP/1.1\r\nno colon here\r\n\r\n",
+            "CONNECT x:1 HTTP/1.1\r\nBad Name: v\r\n\r\n",
         ] {
             assert!(
                 matches!(parse_head(raw.as_bytes()), Err(HeadError::BadRequest(_))),
@@ -298,6 +330,79 @@ mod tests {
             );
         }
         assert!(parse_head(b"\xff\xfe\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn only_exactly_connect_is_served() {
+        for method in ["connect", "Connect", "GET", "POST", "CONNECTX"] {
+            let raw = format!("{method} {UUID}:22 HTTP/1.0\r\n\r\n");
+            assert_eq!(
+                parse_head(raw.as_bytes()),
+                Err(HeadError::MethodNotAllowed("HTTP/1.0")),
+                "{method}"
+            );
+        }
+    }
+
+    #[test]
+    fn two_proxy_authorization_headers_are_refused() {
+        let raw = format!(
+            "CONNECT {UUID}:22 HTTP/1.1\r\nProxy-Authorization: Bearer a\r\n\
+             proxy-authorization: Bearer b\r\n\r\n"
+        );
+        assert!(matches!(
+            parse_head(raw.as_bytes()),
+            Err(HeadError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn ports_are_plain_decimal() {
+        let d = domains();
+        for bad in [
+            "+22", "-22", "022", " 22", "22 ", "0x16", "", "99999", "2_2", "١٢",
+        ] {
+            assert_eq!(
+                parse_target(&format!("{UUID}.balena:{bad}"), &d),
+                Err(TargetError::BadPort),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(parse_port("65535"), Ok(65535));
+        assert_eq!(parse_port("1"), Ok(1));
+    }
+
+    /// A seeded mutational fuzz of the head parser and target parser: random edits of real
+    /// heads, and random bytes, must never panic, and whatever parses must be well-formed.
+    /// `CLOUDLINK_FUZZ_ITERS` raises the count for a longer run.
+    #[test]
+    fn fuzz_connect_heads() {
+        let token = base64::engine::general_purpose::STANDARD.encode("u:clk_x");
+        let seeds = [
+            format!("CONNECT {UUID}.balena:22222 HTTP/1.0\r\nProxy-Authorization: Basic {token}\r\n\r\n"),
+            format!("CONNECT {UUID}:80 HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Bearer t\r\n\r\n"),
+            "GET / HTTP/1.1\r\n\r\n".to_owned(),
+        ];
+        let mut rng = crate::proto::fuzz::Rng::new(0x5eed_c0de);
+        for i in 0..crate::proto::fuzz::iterations() {
+            let input = if i % 10 == 0 {
+                {
+                    let len = rng.below(300);
+                    rng.bytes(len)
+                }
+            } else {
+                rng.mutate(seeds[i % seeds.len()].as_bytes())
+            };
+            if let Ok(head) = parse_head(&input) {
+                assert_eq!(head.method, "CONNECT");
+                assert!(head.version == "HTTP/1.0" || head.version == "HTTP/1.1");
+                if let Ok((uuid, port)) = parse_target(&head.target, &domains()) {
+                    assert!(port >= 1);
+                    assert_eq!(crate::proto::device_uuid(&uuid).as_deref(), Some(&*uuid));
+                }
+            }
+            let _ = head_end(&input);
+        }
     }
 
     #[tokio::test]

@@ -20,6 +20,30 @@ pub struct Hello {
     pub agent: String,
 }
 
+/// The longest device key a hello may carry (balenaOS keys are 32 hex characters, ours 64).
+pub const MAX_KEY_LEN: usize = 256;
+/// The longest `agent` name a hello may carry.
+pub const MAX_AGENT_LEN: usize = 128;
+/// The longest `uuid` a hello may carry before it is even looked at.
+pub const MAX_UUID_LEN: usize = 64;
+
+impl Hello {
+    /// Checks the lengths of the peer-chosen fields (PROTOCOL.md §2), before any of them
+    /// is looked up or logged.
+    pub fn check_fields(&self) -> Result<(), &'static str> {
+        if self.uuid.len() > MAX_UUID_LEN {
+            return Err("hello uuid too long");
+        }
+        if self.key.len() > MAX_KEY_LEN {
+            return Err("hello key too long");
+        }
+        if self.agent.chars().count() > MAX_AGENT_LEN {
+            return Err("hello agent name too long");
+        }
+        Ok(())
+    }
+}
+
 /// Why a relay refused a hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -3,7 +3,9 @@
 //! Setting up a tunnel would otherwise cost two or three store queries; a repeated CONNECT
 //! within the TTL costs a hash lookup. Only `Allow` answers are cached, and only for a few
 //! seconds (DESIGN.md allows that); the revalidation loop ends tunnels whose access was
-//! revoked, cache or no cache.
+//! revoked, cache or no cache. A revocation made through this relay's API clears the cache
+//! at once, and so does the revalidation loop when it finds access gone, so a revoked
+//! token gets no new tunnel on this relay after either.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -43,6 +45,14 @@ impl AuthCache {
             .get(&key)
             .filter(|(at, _)| at.elapsed() < self.ttl)
             .map(|(_, d)| d.clone())
+    }
+
+    /// Forgets every answer (after a revocation: cheaper than finding the affected ones).
+    pub fn clear(&self) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Remembers an answer (only `Allow` answers are kept).

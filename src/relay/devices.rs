@@ -13,7 +13,7 @@ use super::state::Shared;
 use crate::auth::tokens;
 use crate::proto::messages::{codes, Hello, RejectCode, RelayControl, VERSION};
 use crate::proto::{frame, ProtoError};
-use crate::store::StoreError;
+use crate::store::{KeyMatch, StoreError};
 
 /// How long after `drain` devices are asked to have reconnected elsewhere.
 const DRAIN_RECONNECT_MS: u64 = 5_000;
@@ -34,10 +34,34 @@ pub async fn run(endpoint: quinn::Endpoint, state: Arc<Shared>) {
             },
             _ = state.shutdown.cancelled() => break,
         };
-        if state.registry.device_count() >= state.config.limits.max_devices {
-            incoming.refuse();
-            continue;
+        match admission(&endpoint, &incoming, &state) {
+            Admission::Accept => {}
+            Admission::Retry => {
+                state
+                    .metrics
+                    .quic_admissions
+                    .with_label_values(&["retry"])
+                    .inc();
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
+            }
+            Admission::Refuse => {
+                state
+                    .metrics
+                    .quic_admissions
+                    .with_label_values(&["refuse"])
+                    .inc();
+                incoming.refuse();
+                continue;
+            }
         }
+        state
+            .metrics
+            .quic_admissions
+            .with_label_values(&["accept"])
+            .inc();
         let span = tracing::info_span!(
             "device",
             remote = %incoming.remote_address(),
@@ -55,6 +79,34 @@ pub async fn run(endpoint: quinn::Endpoint, state: Arc<Shared>) {
     tracker.close();
     tracker.wait().await;
     endpoint.close(VarInt::from_u32(codes::SHUTDOWN), b"relay shutting down");
+}
+
+/// What the listener does with a new connection, before any handshake work.
+#[derive(Debug, PartialEq, Eq)]
+enum Admission {
+    /// Start the handshake.
+    Accept,
+    /// Send a stateless Retry: the client must prove it receives at its address first.
+    Retry,
+    /// Refuse at once (CONNECTION_REFUSED), cheaply.
+    Refuse,
+}
+
+/// Admission by open connections (as quinn's server example does): refuse past
+/// `max_devices`; while more than `quic_retry_above_pending` handshakes are in progress,
+/// make addresses that have not been validated prove themselves with a Retry, so a flood
+/// of spoofed Initials costs us one stateless packet each instead of connection state.
+fn admission(endpoint: &quinn::Endpoint, incoming: &quinn::Incoming, state: &Shared) -> Admission {
+    let limits = &state.config.limits;
+    let open = endpoint.open_connections();
+    if open >= limits.max_devices {
+        return Admission::Refuse;
+    }
+    let pending = open.saturating_sub(state.registry.device_count());
+    if pending >= limits.quic_retry_above_pending && !incoming.remote_address_validated() {
+        return Admission::Retry;
+    }
+    Admission::Accept
 }
 
 /// Why a hello failed, and how the connection is closed for it.
@@ -86,29 +138,34 @@ async fn read_hello(
         .map_err(|_| HelloFailure::Timeout)?
 }
 
-/// Checks a hello's version and key; returns the normalised uuid.
-async fn check_hello(state: &Shared, hello: &Hello) -> Result<String, HelloFailure> {
+/// Checks a hello's fields, version and key; returns the normalised uuid and which of the
+/// device's keys it used.
+async fn check_hello(state: &Shared, hello: &Hello) -> Result<(String, KeyMatch), HelloFailure> {
+    hello
+        .check_fields()
+        .map_err(|e| HelloFailure::Protocol(ProtoError::Unexpected(e)))?;
     if hello.version != VERSION {
         return Err(HelloFailure::Reject(
             RejectCode::Version,
             "this relay speaks protocol version 1",
         ));
     }
-    let uuid = hello.uuid.to_ascii_lowercase();
+    let unauthorized = HelloFailure::Reject(
+        RejectCode::Unauthorized,
+        "unknown device or wrong device key",
+    );
+    let Some(uuid) = crate::proto::device_uuid(&hello.uuid) else {
+        return Err(unauthorized);
+    };
     let device = state
         .store
         .device(&uuid)
         .await
         .map_err(HelloFailure::Store)?;
-    let authorized =
-        device.is_some_and(|d| tokens::hashes_equal(&d.key_hash, &tokens::hash_secret(&hello.key)));
-    if authorized {
-        Ok(uuid)
-    } else {
-        Err(HelloFailure::Reject(
-            RejectCode::Unauthorized,
-            "unknown device or wrong device key",
-        ))
+    let hash = tokens::hash_secret(&hello.key);
+    match device.and_then(|d| d.key_matches(&hash, crate::store::now_ms())) {
+        Some(which) => Ok((uuid, which)),
+        None => Err(unauthorized),
     }
 }
 
@@ -136,10 +193,18 @@ async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
         Ok(ok) => ok,
         Err(failure) => return refuse(&conn, &state, None, failure).await,
     };
-    let uuid = match check_hello(&state, &hello).await {
-        Ok(uuid) => uuid,
+    let (uuid, key) = match check_hello(&state, &hello).await {
+        Ok(found) => found,
         Err(failure) => return refuse(&conn, &state, Some(&mut send), failure).await,
     };
+    if key == KeyMatch::Current {
+        // After a rotation, the first hello with the new key retires the old one.
+        if let Err(e) = state.store.forget_previous_device_key(&uuid).await {
+            tracing::warn!(device = %uuid, error = %e, "cannot retire the previous device key");
+        }
+    } else {
+        tracing::info!(device = %uuid, "device connected with its previous key (rotation grace period)");
+    }
     tracing::Span::current().record("device", uuid.as_str());
     let session_id = tokens::new_device_uuid();
     let (control_tx, mut control_rx) = mpsc::channel(4);
@@ -172,7 +237,7 @@ async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
     };
     if frame::write(&mut send, &welcome).await.is_ok() {
         state.metrics.device_hellos.inc();
-        tracing::info!(device = %uuid, agent = %hello.agent, "device connected");
+        tracing::info!(device = %uuid, agent = %crate::logsafe::Peer(&hello.agent), "device connected");
         serve(&conn, send, recv, &mut control_rx).await;
     }
     if state.registry.remove_device(&uuid, &session_id) {
@@ -181,7 +246,11 @@ async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
     if let Err(e) = state.store.clear_presence(&uuid, &session_id).await {
         tracing::warn!(device = %uuid, error = %e, "cannot clear presence");
     }
-    tracing::info!(device = %uuid, reason = %conn.close_reason().map(|r| r.to_string()).unwrap_or_default(), "device disconnected");
+    let reason = conn
+        .close_reason()
+        .map(|r| r.to_string())
+        .unwrap_or_default();
+    tracing::info!(device = %uuid, reason = %crate::logsafe::Peer(&reason), "device disconnected");
 }
 
 /// Runs a session until its connection ends: forwards control messages to the agent and
@@ -237,7 +306,7 @@ async fn refuse(
             close(conn, codes::HELLO_TIMEOUT, "hello timeout");
         }
         HelloFailure::Protocol(e) => {
-            tracing::info!(error = %e, "bad hello; closing");
+            tracing::info!(error = %crate::logsafe::Peer(&e.to_string()), "bad hello; closing");
             state
                 .metrics
                 .device_rejects

@@ -24,6 +24,11 @@ pub struct Metrics {
     pub tunnel_bytes: IntCounterVec,
     /// Failed authentications (API and proxy).
     pub auth_failures: IntCounter,
+    /// What the QUIC listener did with new connections: `accept`, `retry`, `refuse`.
+    pub quic_admissions: IntCounterVec,
+    /// Store writes that failed where the relay carried on without them (`last_used`,
+    /// presence, audit rows), by what was being written.
+    pub store_write_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -65,6 +70,16 @@ impl Metrics {
             "Bytes carried by ended tunnels, by direction",
             &["direction"],
         );
+        let quic_admissions = counter_vec(
+            "cloudlink_quic_admissions_total",
+            "New QUIC connections by what the listener did: accept, retry or refuse",
+            &["action"],
+        );
+        let store_write_failures = counter_vec(
+            "cloudlink_store_write_failures_total",
+            "Store writes that failed while the relay carried on, by what was written",
+            &["what"],
+        );
         let devices_connected = gauge("cloudlink_devices_connected", "Devices connected now");
         let tunnels_open = gauge("cloudlink_tunnels_open", "Tunnels open now");
         let device_hellos = counter("cloudlink_device_hellos_total", "Device hellos accepted");
@@ -80,6 +95,8 @@ impl Metrics {
             tunnels_closed,
             tunnel_bytes,
             auth_failures,
+            quic_admissions,
+            store_write_failures,
         }
     }
 

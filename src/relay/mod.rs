@@ -10,9 +10,11 @@ pub mod authcache;
 pub mod datadir;
 pub mod devices;
 pub mod limits;
+pub mod listen;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;
+pub mod revalidate;
 pub mod state;
 pub mod tls;
 
@@ -23,6 +25,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+
+use listen::Listeners;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::tokens::{self, JwtKeys, KeyError};
@@ -71,8 +75,10 @@ pub enum RelayError {
 /// The addresses the relay actually listens on (port 0 in the config becomes a real port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BoundAddrs {
-    /// REST API.
+    /// REST API, plain HTTP.
     pub api: SocketAddr,
+    /// REST API over TLS, if enabled.
+    pub api_tls: Option<SocketAddr>,
     /// Plain CONNECT proxy.
     pub proxy: SocketAddr,
     /// TLS CONNECT proxy, if enabled.
@@ -85,12 +91,10 @@ pub struct BoundAddrs {
 pub struct Relay {
     /// State shared with every listener.
     shared: Arc<Shared>,
-    /// The API listener.
-    api: TcpListener,
-    /// The plain CONNECT listener.
-    proxy: TcpListener,
-    /// The TLS CONNECT listener and its acceptor.
-    proxy_tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
+    /// The API listeners (plain and HTTPS).
+    api: Listeners,
+    /// The CONNECT listeners (plain and TLS).
+    proxy: Listeners,
     /// The QUIC endpoint devices dial.
     devices: quinn::Endpoint,
     /// Where the bootstrap admin's key was written on this start, if it was.
@@ -109,6 +113,7 @@ async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, R
 impl Relay {
     /// Prepares the data directory and store and binds every listener.
     pub async fn start(config: RelayConfig) -> Result<Relay, RelayError> {
+        raise_fd_limit();
         datadir::ensure(&config.data_dir)?;
         let secret = match &config.jwt_secret {
             Some(secret) => secret.0.clone(),
@@ -138,11 +143,18 @@ impl Relay {
         let devices = crate::quic::endpoint(socket, Some(server))
             .map_err(bind_err("devices (UDP)", config.device_listen))?;
         let api = bind_tcp("the API", config.api_listen).await?;
+        let api_tls = match config.api_tls_listen.addr() {
+            Some(addr) => Some((
+                bind_tcp("the API over TLS", addr).await?,
+                tls::tcp_acceptor(&material, &[b"http/1.1"])?,
+            )),
+            None => None,
+        };
         let proxy = bind_tcp("CONNECT", config.proxy_listen).await?;
-        let proxy_tls = match config.proxy_tls_listen {
+        let proxy_tls = match config.proxy_tls_listen.addr() {
             Some(addr) => Some((
                 bind_tcp("CONNECT over TLS", addr).await?,
-                tls::tcp_acceptor(&material)?,
+                tls::tcp_acceptor(&material, &[])?,
             )),
             None => None,
         };
@@ -156,9 +168,14 @@ impl Relay {
         let shared = Shared::new(config, store, jwt, relay_id);
         Ok(Relay {
             shared,
-            api,
-            proxy,
-            proxy_tls,
+            api: Listeners {
+                plain: api,
+                tls: api_tls,
+            },
+            proxy: Listeners {
+                plain: proxy,
+                tls: proxy_tls,
+            },
             devices,
             admin_key_path,
         })
@@ -168,12 +185,10 @@ impl Relay {
     pub fn addrs(&self) -> BoundAddrs {
         let c = &self.shared.config;
         BoundAddrs {
-            api: self.api.local_addr().unwrap_or(c.api_listen),
-            proxy: self.proxy.local_addr().unwrap_or(c.proxy_listen),
-            proxy_tls: self
-                .proxy_tls
-                .as_ref()
-                .and_then(|(l, _)| l.local_addr().ok()),
+            api: self.api.addrs().0.unwrap_or(c.api_listen),
+            api_tls: self.api.addrs().1,
+            proxy: self.proxy.addrs().0.unwrap_or(c.proxy_listen),
+            proxy_tls: self.proxy.addrs().1,
             device: self.devices.local_addr().unwrap_or(c.device_listen),
         }
     }
@@ -183,23 +198,10 @@ impl Relay {
         let shared = self.shared;
         let tracker = TaskTracker::new();
         let api = tracker.spawn(api::run(self.api, shared.clone()));
-        tracker.spawn(proxy::run(
-            self.proxy,
-            None,
-            shared.clone(),
-            tracker.clone(),
-        ));
-        if let Some((listener, acceptor)) = self.proxy_tls {
-            tracker.spawn(proxy::run(
-                listener,
-                Some(acceptor),
-                shared.clone(),
-                tracker.clone(),
-            ));
-        }
+        tracker.spawn(proxy::run(self.proxy, shared.clone(), tracker.clone()));
         tracker.spawn(devices::run(self.devices, shared.clone()));
         tracker.spawn(heartbeat(shared.clone()));
-        tracker.spawn(proxy::revalidate(shared.clone()));
+        tracker.spawn(revalidate::revalidate(shared.clone()));
 
         tokio::select! {
             _ = shutdown => tracing::info!("shutting down: draining devices and tunnels"),
@@ -210,7 +212,7 @@ impl Relay {
         let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(?grace, "grace period over; cutting what is still open");
-            proxy::cut_all(&shared, "shutdown");
+            revalidate::cut_all(&shared, "shutdown");
             // Cut tunnels end at once; devices still connected are closed by the endpoint.
             let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
         }
@@ -225,6 +227,28 @@ impl Relay {
             _ => Ok(()),
         }
     }
+}
+
+/// Raises the soft limit on open files to the hard limit: a relay holds a socket per
+/// tunnel and per waiting client, and the common default soft limit of 1024 would make it
+/// refuse connections (the API first) long before memory or CPU run short.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    let before = limit.current;
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, ?before, "cannot raise the open-files limit");
+            return;
+        }
+    }
+    let shown = |v: Option<u64>| v.map_or("unlimited".to_owned(), |n| n.to_string());
+    tracing::info!(
+        open_files = %shown(limit.current),
+        was = %shown(before),
+        "open-files limit"
+    );
 }
 
 /// Marks this relay alive every 5 s so other relays (and `online`) count its devices.
@@ -280,6 +304,7 @@ async fn bootstrap_admin(
             "bootstrap",
             &tokens::hash_secret(&key),
             &tokens::display_prefix(&key),
+            None,
         )
         .await?;
     Ok(Some(path))

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Limits;
 use crate::proto::messages::RelayControl;
 use crate::store::Id;
 
@@ -56,6 +57,8 @@ impl TunnelEntry {
 pub enum LimitHit {
     /// The user has too many open tunnels.
     User,
+    /// The user has too many open tunnels to this device.
+    UserDevice,
     /// The device has too many open tunnels.
     Device,
     /// The relay has too many open tunnels.
@@ -67,6 +70,17 @@ struct Tunnels {
     by_id: HashMap<String, Arc<TunnelEntry>>,
     per_user: HashMap<Id, usize>,
     per_device: HashMap<String, usize>,
+    per_user_device: HashMap<(Id, String), usize>,
+}
+
+/// Takes one from a count, removing the entry at zero so the maps only hold what is open.
+fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
 }
 
 /// The registry of this relay's device sessions and tunnels.
@@ -120,25 +134,25 @@ impl Registry {
     }
 
     /// Admits a tunnel under the limits, or says which limit refused it.
-    pub fn admit_tunnel(
-        &self,
-        entry: Arc<TunnelEntry>,
-        per_user: usize,
-        per_device: usize,
-        per_relay: usize,
-    ) -> Result<(), LimitHit> {
+    pub fn admit_tunnel(&self, entry: Arc<TunnelEntry>, limits: &Limits) -> Result<(), LimitHit> {
         let mut t = lock(&self.tunnels);
-        if t.by_id.len() >= per_relay {
+        let pair = (entry.user_id, entry.device.clone());
+        let count = |n: Option<&usize>| n.copied().unwrap_or(0);
+        if t.by_id.len() >= limits.tunnels_per_relay {
             return Err(LimitHit::Relay);
         }
-        if t.per_user.get(&entry.user_id).copied().unwrap_or(0) >= per_user {
+        if count(t.per_user.get(&entry.user_id)) >= limits.tunnels_per_user {
             return Err(LimitHit::User);
         }
-        if t.per_device.get(&entry.device).copied().unwrap_or(0) >= per_device {
+        if count(t.per_user_device.get(&pair)) >= limits.tunnels_per_user_device {
+            return Err(LimitHit::UserDevice);
+        }
+        if count(t.per_device.get(&entry.device)) >= limits.tunnels_per_device {
             return Err(LimitHit::Device);
         }
         *t.per_user.entry(entry.user_id).or_default() += 1;
         *t.per_device.entry(entry.device.clone()).or_default() += 1;
+        *t.per_user_device.entry(pair).or_default() += 1;
         t.by_id.insert(entry.id.clone(), entry);
         Ok(())
     }
@@ -149,18 +163,12 @@ impl Registry {
         let Some(entry) = t.by_id.remove(id) else {
             return;
         };
-        if let Some(n) = t.per_user.get_mut(&entry.user_id) {
-            *n -= 1;
-            if *n == 0 {
-                t.per_user.remove(&entry.user_id);
-            }
-        }
-        if let Some(n) = t.per_device.get_mut(&entry.device) {
-            *n -= 1;
-            if *n == 0 {
-                t.per_device.remove(&entry.device);
-            }
-        }
+        release(&mut t.per_user, &entry.user_id);
+        release(&mut t.per_device, &entry.device);
+        release(
+            &mut t.per_user_device,
+            &(entry.user_id, entry.device.clone()),
+        );
     }
 
     /// Every open tunnel.
@@ -190,27 +198,50 @@ mod tests {
         })
     }
 
+    fn limits(user: usize, user_device: usize, device: usize, relay: usize) -> Limits {
+        Limits {
+            tunnels_per_user: user,
+            tunnels_per_user_device: user_device,
+            tunnels_per_device: device,
+            tunnels_per_relay: relay,
+            ..Limits::default()
+        }
+    }
+
     #[test]
     fn tunnel_limits_count_and_release() {
         let r = Registry::default();
-        r.admit_tunnel(entry("a", 1, "d1"), 2, 2, 3).unwrap();
-        r.admit_tunnel(entry("b", 1, "d2"), 2, 2, 3).unwrap();
+        let l = limits(2, 2, 2, 3);
+        r.admit_tunnel(entry("a", 1, "d1"), &l).unwrap();
+        r.admit_tunnel(entry("b", 1, "d2"), &l).unwrap();
+        assert_eq!(r.admit_tunnel(entry("c", 1, "d3"), &l), Err(LimitHit::User));
+        r.admit_tunnel(entry("c", 2, "d1"), &l).unwrap();
+        let more = limits(2, 2, 2, 4);
         assert_eq!(
-            r.admit_tunnel(entry("c", 1, "d3"), 2, 2, 3),
-            Err(LimitHit::User)
-        );
-        r.admit_tunnel(entry("c", 2, "d1"), 2, 2, 3).unwrap();
-        assert_eq!(
-            r.admit_tunnel(entry("d", 3, "d1"), 2, 2, 4),
+            r.admit_tunnel(entry("d", 3, "d1"), &more),
             Err(LimitHit::Device)
         );
         assert_eq!(
-            r.admit_tunnel(entry("d", 3, "d9"), 2, 2, 3),
+            r.admit_tunnel(entry("d", 3, "d9"), &l),
             Err(LimitHit::Relay)
         );
         r.remove_tunnel("a");
         r.remove_tunnel("a");
         assert_eq!(r.tunnel_count(), 2);
-        r.admit_tunnel(entry("e", 1, "d1"), 2, 2, 3).unwrap();
+        r.admit_tunnel(entry("e", 1, "d1"), &l).unwrap();
+    }
+
+    #[test]
+    fn one_user_cannot_hold_a_device() {
+        let r = Registry::default();
+        let l = limits(10, 2, 3, 100);
+        r.admit_tunnel(entry("a", 1, "d1"), &l).unwrap();
+        r.admit_tunnel(entry("b", 1, "d1"), &l).unwrap();
+        assert_eq!(
+            r.admit_tunnel(entry("c", 1, "d1"), &l),
+            Err(LimitHit::UserDevice)
+        );
+        r.admit_tunnel(entry("c", 2, "d1"), &l).unwrap();
+        r.admit_tunnel(entry("d", 1, "d2"), &l).unwrap();
     }
 }

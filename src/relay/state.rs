@@ -1,16 +1,23 @@
 //! What every part of a running relay shares.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::authcache::AuthCache;
-use super::limits::AuthFailures;
+use super::limits::{AuthFailures, SourceSlots};
 use super::metrics::Metrics;
 use super::registry::Registry;
 use crate::auth::tokens::JwtKeys;
+use crate::auth::Principal;
 use crate::config::RelayConfig;
-use crate::store::Store;
+use crate::store::{Id, Store};
+
+/// How often an API key's `last_used` is written: at most once a minute per key.
+const KEY_USE_EVERY: Duration = Duration::from_secs(60);
 
 /// The relay's shared state, behind one `Arc`.
 pub struct Shared {
@@ -32,6 +39,13 @@ pub struct Shared {
     pub auth_cache: AuthCache,
     /// Cancelled once, on SIGTERM/SIGINT: every listener stops accepting.
     pub shutdown: CancellationToken,
+    /// Places for CONNECT connections that have not authenticated yet, in total.
+    pub proxy_pending: Arc<Semaphore>,
+    /// Places for CONNECT connections that have not authenticated yet, per source.
+    pub proxy_sources: SourceSlots,
+    /// When each API key's use was last sent to the store, so a busy key costs one write
+    /// a minute and a failing store one attempt a minute, not one per request.
+    key_uses: Mutex<HashMap<Id, Instant>>,
 }
 
 impl Shared {
@@ -47,7 +61,6 @@ impl Shared {
             config.limits.auth_cache_ms,
         ));
         Arc::new(Shared {
-            config,
             store,
             jwt,
             relay_id,
@@ -56,7 +69,45 @@ impl Shared {
             registry: Registry::default(),
             auth_cache,
             shutdown: CancellationToken::new(),
+            proxy_pending: Arc::new(Semaphore::new(config.limits.proxy_unauthenticated_max)),
+            proxy_sources: SourceSlots::new(config.limits.proxy_unauthenticated_per_source),
+            key_uses: Mutex::new(HashMap::new()),
+            config,
         })
+    }
+
+    /// Records in the background that the API key behind `principal` was used. A store
+    /// that cannot take the write is logged and counted; it never fails the request (a
+    /// valid key keeps working on a full disk).
+    pub fn record_key_use(self: &Arc<Self>, principal: &Principal) {
+        let crate::auth::Credential::ApiKey(key) = principal.credential else {
+            return;
+        };
+        {
+            let mut uses = self.key_uses.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            if uses
+                .get(&key)
+                .is_some_and(|at| now.duration_since(*at) < KEY_USE_EVERY)
+            {
+                return;
+            }
+            if uses.len() >= 100_000 {
+                uses.retain(|_, at| now.duration_since(*at) < KEY_USE_EVERY);
+            }
+            uses.insert(key, now);
+        }
+        let state = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = state.store.touch_api_key(key, crate::store::now_ms()).await {
+                tracing::warn!(error = %e, key, "cannot record an API key's last use");
+                state
+                    .metrics
+                    .store_write_failures
+                    .with_label_values(&["api_key_last_used"])
+                    .inc();
+            }
+        });
     }
 
     /// Ends a deleted device's session at once: its key no longer works.

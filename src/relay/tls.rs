@@ -117,12 +117,16 @@ pub fn quic_server(
     Ok(config)
 }
 
-/// The TLS acceptor for the TLS CONNECT listener.
-pub fn tcp_acceptor(material: &Material) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
-    let crypto = rustls::ServerConfig::builder_with_provider(provider())
+/// A TLS acceptor for a TCP listener (API, CONNECT proxy) offering `alpn`.
+pub fn tcp_acceptor(
+    material: &Material,
+    alpn: &[&[u8]],
+) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(material.certs.clone(), material.key.clone_key())?;
+    crypto.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(crypto)))
 }
 
@@ -134,7 +138,7 @@ mod tests {
 
     /// A TLS handshake over an in-memory pipe, the client checking `name`.
     async fn handshake(material: &Material, name: &str) -> bool {
-        let acceptor = tcp_acceptor(material).unwrap();
+        let acceptor = tcp_acceptor(material, &[]).unwrap();
         let client = tls_client::config(Trust::CaFile(&material.cert_path), &[]).unwrap();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
         let (a, b) = tokio::io::duplex(64 * 1024);

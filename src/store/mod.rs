@@ -14,6 +14,7 @@ pub mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use sqlx::error::DatabaseError as _;
 
 /// A row id (users, keys, fleets).
 pub type Id = i64;
@@ -60,8 +61,23 @@ impl From<sqlx::Error> for StoreError {
             // or 08 (connection exception); both mean "try again later", not "bug".
             sqlx::Error::Database(db)
                 if db
-                    .code()
-                    .is_some_and(|c| c.starts_with("57") || c.starts_with("08")) =>
+                    .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                    .is_some_and(|pg| {
+                        let c = pg.code();
+                        c.starts_with("57") || c.starts_with("08") || c.starts_with("53")
+                    }) =>
+            {
+                StoreError::Unavailable(e)
+            }
+            // SQLite's faults of the machine rather than of the query: a full disk, an I/O
+            // error, a database busy or locked past the busy timeout, a read-only or
+            // unopenable file. The operator fixes them and the relay carries on.
+            sqlx::Error::Database(db)
+                if db
+                    .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+                    .and_then(|e| e.code())
+                    .and_then(|c| c.parse::<i32>().ok())
+                    .is_some_and(|c| SQLITE_TRANSIENT.contains(&(c & 0xff))) =>
             {
                 StoreError::Unavailable(e)
             }
@@ -69,6 +85,11 @@ impl From<sqlx::Error> for StoreError {
         }
     }
 }
+
+/// SQLite primary result codes that mean "the machine, not the query": SQLITE_BUSY (5),
+/// SQLITE_LOCKED (6), SQLITE_NOMEM (7), SQLITE_READONLY (8), SQLITE_IOERR (10),
+/// SQLITE_FULL (13), SQLITE_CANTOPEN (14).
+const SQLITE_TRANSIENT: [i32; 7] = [5, 6, 7, 8, 10, 13, 14];
 
 /// Shorthand for store results.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -105,6 +126,15 @@ pub struct ApiKey {
     pub last_used_at: Option<Millis>,
     /// When it was revoked; a revoked key never authenticates again.
     pub revoked_at: Option<Millis>,
+    /// When it stops working, if it was made with an expiry.
+    pub expires_at: Option<Millis>,
+}
+
+impl ApiKey {
+    /// Whether the key authenticates at `now`: not revoked and not expired.
+    pub fn is_active(&self, now: Millis) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|at| at > now)
+    }
 }
 
 /// A user's public SSH key, served to devices' sshd.
@@ -197,12 +227,44 @@ pub struct Device {
     pub name: String,
     /// Hex SHA-256 of the device key.
     pub key_hash: String,
+    /// After a key rotation: hex SHA-256 of the previous key, still accepted until
+    /// `prev_key_until` or until the agent connects with the new key.
+    pub prev_key_hash: Option<String>,
+    /// Until when the previous key is accepted.
+    pub prev_key_until: Option<Millis>,
     /// When it was registered.
     pub created_at: Millis,
     /// When its agent last connected or disconnected.
     pub last_seen: Option<Millis>,
     /// Whether a live relay holds a session for it right now.
     pub online: bool,
+}
+
+/// Which of a device's keys a presented key matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyMatch {
+    /// The current key.
+    Current,
+    /// The previous key, within its grace period after a rotation.
+    Previous,
+}
+
+impl Device {
+    /// Whether `key_hash` (hex SHA-256 of a presented key) is this device's key at `now`,
+    /// compared in constant time.
+    pub fn key_matches(&self, key_hash: &str, now: Millis) -> Option<KeyMatch> {
+        use crate::auth::tokens::hashes_equal;
+        if hashes_equal(&self.key_hash, key_hash) {
+            return Some(KeyMatch::Current);
+        }
+        let previous_valid = self.prev_key_until.is_some_and(|until| until > now);
+        match &self.prev_key_hash {
+            Some(prev) if previous_valid && hashes_equal(prev, key_hash) => {
+                Some(KeyMatch::Previous)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// What the policy needs to know about one device for one user, in one query.
@@ -286,9 +348,12 @@ pub trait Store: Send + Sync + 'static {
         name: &str,
         key_hash: &str,
         prefix: &str,
+        expires_at: Option<Millis>,
     ) -> Result<ApiKey>;
-    /// The unrevoked key with this hash and its user.
+    /// The unrevoked key with this hash and its user (expiry is the caller's to check).
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<(ApiKey, User)>>;
+    /// A key by row id, revoked or not.
+    async fn api_key_by_id(&self, key_id: Id) -> Result<Option<ApiKey>>;
     /// A user's keys, revoked ones included, oldest first.
     async fn list_api_keys(&self, user_id: Id) -> Result<Vec<ApiKey>>;
     /// Revokes one of a user's keys; false if it is not theirs or already revoked.
@@ -345,8 +410,18 @@ pub trait Store: Send + Sync + 'static {
     async fn device(&self, uuid: &str) -> Result<Option<Device>>;
     /// Every device (`None`) or those in fleets the user belongs to, by fleet then name.
     async fn list_devices(&self, member: Option<Id>) -> Result<Vec<Device>>;
-    /// The device whose key has this hash.
+    /// The device whose key (or previous key, within its grace period) has this hash.
     async fn device_by_key_hash(&self, key_hash: &str) -> Result<Option<Device>>;
+    /// Replaces a device's key, keeping the old one acceptable until `keep_old_until`;
+    /// false if there is no such device.
+    async fn rotate_device_key(
+        &self,
+        uuid: &str,
+        new_key_hash: &str,
+        keep_old_until: Millis,
+    ) -> Result<bool>;
+    /// Stops accepting a device's previous key (its agent has connected with the new one).
+    async fn forget_previous_device_key(&self, uuid: &str) -> Result<()>;
     /// Deletes a device; false if there was none.
     async fn delete_device(&self, uuid: &str) -> Result<bool>;
     /// The device, its fleet's ports and the user's role there: everything the policy needs.

@@ -10,8 +10,8 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyPool, AssertSqlSafe, Row};
 
 use super::{
-    format_ports, now_ms, parse_ports, ApiKey, Device, DeviceAccess, Fleet, Id, Member, Presence,
-    Result, Role, SshKey, Store, StoreError, TunnelSession, User, RELAY_DEAD_AFTER_MS,
+    format_ports, now_ms, parse_ports, ApiKey, Device, DeviceAccess, Fleet, Id, Member, Millis,
+    Presence, Result, Role, SshKey, Store, StoreError, TunnelSession, User, RELAY_DEAD_AFTER_MS,
 };
 
 /// A [`Store`] on an `AnyPool`, for either backend.
@@ -61,7 +61,7 @@ fn role_from_row(row: &AnyRow, column: &str) -> sqlx::Result<Option<Role>> {
 
 /// Device columns plus `online`, computed against live relays; binds `$1` as the cut-off.
 const DEVICE_COLUMNS: &str = "d.uuid, d.fleet_id, f.name AS fleet, d.name, d.key_hash, \
-     d.created_at, d.last_seen, \
+     d.prev_key_hash, d.prev_key_until, d.created_at, d.last_seen, \
      CASE WHEN EXISTS (SELECT 1 FROM presence p JOIN relays r ON r.id = p.relay_id \
        WHERE p.device_uuid = d.uuid AND r.heartbeat_at > $1) THEN 1 ELSE 0 END AS online, \
      f.allowed_ports";
@@ -76,10 +76,25 @@ fn device_from_row(row: &AnyRow) -> sqlx::Result<Device> {
         fleet: row.try_get("fleet")?,
         name: row.try_get("name")?,
         key_hash: row.try_get("key_hash")?,
+        prev_key_hash: row.try_get("prev_key_hash")?,
+        prev_key_until: row.try_get("prev_key_until")?,
         created_at: row.try_get("created_at")?,
         last_seen: row.try_get("last_seen")?,
         online: row.try_get::<i64, _>("online")? != 0,
     })
+}
+
+/// The one row an `INSERT … RETURNING` gave back, from a statement run to its end.
+///
+/// SQLite hands out RETURNING rows before it commits, and commits when the statement is
+/// stepped to completion. `fetch_one` stops after the first row, so a commit that then
+/// failed (a full disk) went unnoticed and the API showed a key that was never stored.
+/// Every RETURNING query therefore uses `fetch_all`, which steps to the end, where the
+/// commit's error surfaces, and takes its row here.
+fn returned<T>(rows: Vec<T>) -> Result<T> {
+    rows.into_iter()
+        .next()
+        .ok_or(StoreError::Database(sqlx::Error::RowNotFound))
 }
 
 fn live_cutoff() -> i64 {
@@ -105,9 +120,9 @@ impl Store for SqlStore {
         .bind(username)
         .bind(i64::from(is_admin))
         .bind(now_ms())
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(user_from_row(&row)?)
+        Ok(user_from_row(&returned(row)?)?)
     }
 
     async fn user_by_id(&self, id: Id) -> Result<Option<User>> {
@@ -163,18 +178,29 @@ impl Store for SqlStore {
         name: &str,
         key_hash: &str,
         prefix: &str,
+        expires_at: Option<Millis>,
     ) -> Result<ApiKey> {
         Ok(sqlx::query_as(
-            "INSERT INTO api_keys (user_id, name, key_hash, prefix, created_at) \
-             VALUES ($1, $2, $3, $4, $5) RETURNING *",
+            "INSERT INTO api_keys (user_id, name, key_hash, prefix, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
         )
         .bind(user_id)
         .bind(name)
         .bind(key_hash)
         .bind(prefix)
         .bind(now_ms())
-        .fetch_one(&self.pool)
-        .await?)
+        .bind(expires_at)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)
+        .and_then(returned)?)
+    }
+
+    async fn api_key_by_id(&self, key_id: Id) -> Result<Option<ApiKey>> {
+        Ok(sqlx::query_as("SELECT * FROM api_keys WHERE id = $1")
+            .bind(key_id)
+            .fetch_optional(&self.pool)
+            .await?)
     }
 
     async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<(ApiKey, User)>> {
@@ -238,8 +264,10 @@ impl Store for SqlStore {
         .bind(public_key)
         .bind(fingerprint)
         .bind(now_ms())
-        .fetch_one(&self.pool)
-        .await?)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::from)
+        .and_then(returned)?)
     }
 
     async fn list_ssh_keys(&self, user_id: Id) -> Result<Vec<SshKey>> {
@@ -274,9 +302,9 @@ impl Store for SqlStore {
         .bind(name)
         .bind(format_ports(allowed_ports))
         .bind(now_ms())
-        .fetch_one(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
-        let fleet = fleet_from_row(&row)?;
+        let fleet = fleet_from_row(&returned(row)?)?;
         if let Some(owner) = owner {
             sqlx::query("INSERT INTO fleet_members (fleet_id, user_id, role) VALUES ($1, $2, $3)")
                 .bind(fleet.id)
@@ -456,13 +484,44 @@ impl Store for SqlStore {
 
     async fn device_by_key_hash(&self, key_hash: &str) -> Result<Option<Device>> {
         let row = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {DEVICE_COLUMNS} {DEVICE_FROM} WHERE d.key_hash = $2"
+            "SELECT {DEVICE_COLUMNS} {DEVICE_FROM} WHERE d.key_hash = $2 \
+             OR (d.prev_key_hash = $2 AND d.prev_key_until > $3)"
         )))
         .bind(live_cutoff())
         .bind(key_hash)
+        .bind(now_ms())
         .fetch_optional(&self.pool)
         .await?;
         Ok(row.as_ref().map(device_from_row).transpose()?)
+    }
+
+    async fn rotate_device_key(
+        &self,
+        uuid: &str,
+        new_key_hash: &str,
+        keep_old_until: Millis,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE devices SET prev_key_hash = key_hash, prev_key_until = $1, key_hash = $2 \
+             WHERE uuid = $3",
+        )
+        .bind(keep_old_until)
+        .bind(new_key_hash)
+        .bind(uuid)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn forget_previous_device_key(&self, uuid: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE devices SET prev_key_hash = NULL, prev_key_until = NULL \
+             WHERE uuid = $1 AND prev_key_hash IS NOT NULL",
+        )
+        .bind(uuid)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn delete_device(&self, uuid: &str) -> Result<bool> {

@@ -9,7 +9,7 @@ use cloudlink::tls_client::{self, Trust};
 
 /// Dials the relay's device listener; returns the connection (handshake done, no hello).
 pub async fn dial(device: std::net::SocketAddr, cert: &Path) -> quinn::Connection {
-    cloudlink::cli::install_crypto();
+    cloudlink::tls_client::install_crypto();
     let tls = tls_client::config(Trust::CaFile(cert), &[cloudlink::proto::ALPN]).unwrap();
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -33,15 +33,29 @@ pub async fn hello(
     quinn::RecvStream,
     RelayControl,
 ) {
-    let conn = dial(device, cert).await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let hello = Hello {
         version: VERSION,
         uuid: uuid.into(),
         key: key.into(),
         agent: "fake".into(),
     };
-    frame::write(&mut send, &hello).await.unwrap();
+    hello_with(device, cert, &hello).await
+}
+
+/// Dials and sends `hello` as it is; returns like [`hello`].
+pub async fn hello_with(
+    device: std::net::SocketAddr,
+    cert: &Path,
+    hello: &Hello,
+) -> (
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+    RelayControl,
+) {
+    let conn = dial(device, cert).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    frame::write(&mut send, hello).await.unwrap();
     let answer = frame::read_required(&mut recv, frame::MAX_FRAME)
         .await
         .expect("an answer to hello");

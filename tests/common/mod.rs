@@ -92,11 +92,36 @@ fn field(line: &str, key: &str) -> Option<SocketAddr> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Where a relay's listeners are (or are to be) bound.
+#[derive(Clone)]
+struct Listeners {
+    api: String,
+    api_tls: String,
+    proxy: String,
+    proxy_tls: String,
+    device: String,
+}
+
+impl Listeners {
+    /// Port 0 everywhere, TLS listeners included (their defaults are fixed ports).
+    fn any() -> Listeners {
+        let any = "127.0.0.1:0".to_owned();
+        Listeners {
+            api: any.clone(),
+            api_tls: any.clone(),
+            proxy: any.clone(),
+            proxy_tls: any.clone(),
+            device: any,
+        }
+    }
+}
+
 /// A relay process.
 pub struct Relay {
     child: Option<Child>,
     pub data_dir: PathBuf,
     pub api: SocketAddr,
+    pub api_tls: Option<SocketAddr>,
     pub proxy: SocketAddr,
     pub proxy_tls: Option<SocketAddr>,
     pub device: SocketAddr,
@@ -117,39 +142,56 @@ impl Relay {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let log_file = data_dir.with_extension("log");
-        Relay::spawn(
-            data_dir,
-            "127.0.0.1:0",
-            "127.0.0.1:0",
-            "127.0.0.1:0",
-            extra,
-            env,
-            log_file,
-        )
+        Relay::spawn(data_dir, Listeners::any(), extra, env, log_file, &[])
+    }
+
+    /// Starts a relay with `wrapper` in front of the binary (e.g. `prlimit --nofile=…`).
+    pub fn start_wrapped(
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Relay {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let log_file = data_dir.with_extension("log");
+        Relay::spawn(data_dir, Listeners::any(), extra, env, log_file, wrapper)
     }
 
     fn spawn(
         data_dir: &Path,
-        api: &str,
-        proxy: &str,
-        device: &str,
+        at: Listeners,
         extra: Vec<String>,
         env: Vec<(String, String)>,
         log_file: PathBuf,
+        wrapper: &[&str],
     ) -> Relay {
-        let mut cmd = Command::new(bin());
-        cmd.arg("relay")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args([
-                "--api-listen",
-                api,
-                "--proxy-listen",
-                proxy,
-                "--device-listen",
-                device,
-            ])
-            .args(&extra)
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin());
+                cmd
+            }
+            None => Command::new(bin()),
+        };
+        // Listeners named in `extra` win (clap takes a flag once): a test may move one.
+        let named = |flag: &str| extra.iter().any(|a| a == flag);
+        cmd.arg("relay").arg("--data-dir").arg(data_dir);
+        for (flag, addr) in [
+            ("--api-listen", &at.api),
+            ("--api-tls-listen", &at.api_tls),
+            ("--proxy-listen", &at.proxy),
+            ("--proxy-tls-listen", &at.proxy_tls),
+            ("--device-listen", &at.device),
+        ] {
+            if !named(flag) {
+                cmd.args([flag, addr]);
+            }
+        }
+        cmd.args(&extra)
             .env("RUST_LOG", "debug")
             .env_remove("CLOUDLINK_DATABASE_URL")
             .stdout(Stdio::piped())
@@ -165,6 +207,7 @@ impl Relay {
             child: Some(child),
             data_dir: data_dir.to_owned(),
             api: field(&line, "api").expect("api addr"),
+            api_tls: field(&line, "api_tls"),
             proxy: field(&line, "proxy").expect("proxy addr"),
             proxy_tls: field(&line, "proxy_tls"),
             device: field(&line, "device").expect("device addr"),
@@ -203,16 +246,36 @@ impl Relay {
     /// Stops and starts again on the same addresses and data.
     pub fn restart(&mut self) {
         self.stop();
+        self.start_again();
+    }
+
+    /// Starts the (stopped or killed) relay again on the same addresses and data.
+    pub fn start_again(&mut self) {
+        let off = |a: Option<SocketAddr>| a.map_or("off".to_owned(), |a| a.to_string());
+        let at = Listeners {
+            api: self.api.to_string(),
+            api_tls: off(self.api_tls),
+            proxy: self.proxy.to_string(),
+            proxy_tls: off(self.proxy_tls),
+            device: self.device.to_string(),
+        };
         let next = Relay::spawn(
             &self.data_dir,
-            &self.api.to_string(),
-            &self.proxy.to_string(),
-            &self.device.to_string(),
+            at,
             self.extra.clone(),
             self.env.clone(),
             self.log_file.clone(),
+            &[],
         );
         *self = next;
+    }
+
+    /// SIGKILL, like a crash or the OOM killer.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// The relay's certificate (the generated dev one).
@@ -393,7 +456,7 @@ pub fn cli_in(xdg: &Path, args: &[&str], stdin: Option<&[u8]>) -> (bool, String,
 
 /// A plain HTTP client (installs the ring provider reqwest needs first).
 pub fn http() -> reqwest::Client {
-    cloudlink::cli::install_crypto();
+    cloudlink::tls_client::install_crypto();
     reqwest::Client::new()
 }
 
@@ -411,6 +474,22 @@ impl Api {
             base: format!("http://{addr}"),
             token: token.to_owned(),
             http: http(),
+        }
+    }
+
+    /// A client of the relay's HTTPS API, trusting the relay's dev certificate.
+    pub fn tls(relay: &Relay, token: &str) -> Api {
+        let addr = relay.api_tls.expect("HTTPS API bound");
+        let http = cloudlink::tls_client::http_client(
+            "https://",
+            cloudlink::tls_client::Trust::CaFile(&relay.cert()),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        Api {
+            base: format!("https://localhost:{}", addr.port()),
+            token: token.to_owned(),
+            http,
         }
     }
 
@@ -611,6 +690,18 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .expect("VmRSS in /proc status")
+}
+
+/// The relay's Prometheus text.
+pub async fn metrics(relay: &Relay) -> String {
+    http()
+        .get(format!("http://{}/metrics", relay.api))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 /// Writes a relay config with test-friendly limits, plus `extra` TOML lines for `[limits]`.

@@ -12,7 +12,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{bearer, Caller, Path};
 use super::fleets::{managed_fleet, visible_fleet, Standing};
 use super::{rfc3339, validate_name};
-use crate::auth::tokens;
+use crate::auth::{policy, tokens};
 use crate::relay::state::Shared;
 use crate::store::{Device, TunnelSession};
 
@@ -169,6 +169,7 @@ pub async fn delete_device(
         )));
     }
     state.store.delete_device(&device.uuid).await?;
+    state.auth_cache.clear();
     state.device_deleted(&device.uuid);
     Ok(StatusCode::NO_CONTENT)
 }
@@ -257,12 +258,9 @@ pub async fn public_keys(
     let device = device_from_key(&state, &headers).await?;
     let mut body = String::new();
     if let Some(user) = state.store.user_by_name(&username).await? {
-        let reachable = user.is_admin
-            || state
-                .store
-                .member_role(device.fleet_id, user.id)
-                .await?
-                .is_some();
+        // The same rule as a CONNECT to the device's sshd: one place decides reach.
+        let reachable =
+            policy::user_may_reach(state.store.as_ref(), &user, &device.uuid, SSH_PORT).await?;
         if reachable {
             for key in state.store.list_ssh_keys(user.id).await? {
                 body.push_str(&key.public_key);
@@ -283,9 +281,80 @@ async fn device_from_key(state: &Shared, headers: &HeaderMap) -> Result<Device, 
         .device_by_key_hash(&hash)
         .await?
         .ok_or(ApiError::Unauthorized)?;
-    if tokens::hashes_equal(&device.key_hash, &hash) {
-        Ok(device)
-    } else {
-        Err(ApiError::Unauthorized)
+    match device.key_matches(&hash, crate::store::now_ms()) {
+        Some(_) => Ok(device),
+        None => Err(ApiError::Unauthorized),
     }
+}
+
+/// The device port of its SSH server (balenaOS: 22222), which the authorized-keys lookup
+/// answers for.
+pub const SSH_PORT: u16 = 22222;
+
+/// `POST /v1/devices/{uuid}/rotate-key`.
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {
+    /// How long the old key keeps working, seconds (default 86,400: a day). It stops
+    /// earlier, as soon as the agent connects with the new key.
+    pub grace_secs: Option<u64>,
+}
+
+/// A device's new key (shown only here).
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct RotatedKey {
+    /// The device.
+    pub uuid: String,
+    /// The new device key; stored only as a hash.
+    pub key: String,
+    /// Until when the old key is still accepted (RFC 3339), unless the agent connects with
+    /// the new one sooner.
+    pub old_key_valid_until: String,
+}
+
+/// The longest grace period a rotation may give the old key: 30 days.
+const MAX_ROTATION_GRACE_SECS: u64 = 30 * 86_400;
+
+/// Gives a device a new key without downtime (owners and admins): the old key keeps
+/// working until the agent has connected with the new one, or the grace period ends.
+#[utoipa::path(post, path = "/v1/devices/{uuid}/rotate-key", tag = "devices",
+    params(("uuid" = String, Path)), request_body = RotateKey,
+    responses((status = 200, body = RotatedKey), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn rotate_key(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+    Path(uuid): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<RotatedKey>, ApiError> {
+    let body: RotateKey = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateKey::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("Invalid JSON: {e}")))?
+    };
+    let grace = body.grace_secs.unwrap_or(86_400);
+    if grace > MAX_ROTATION_GRACE_SECS {
+        return Err(ApiError::bad("grace_secs may be at most 30 days."));
+    }
+    let (device, standing) = visible_device(&state, &caller, &uuid).await?;
+    if standing != Standing::Manager {
+        return Err(ApiError::Forbidden(format!(
+            "Only owners of fleet {} and admins may rotate its devices' keys.",
+            device.fleet
+        )));
+    }
+    let key = tokens::new_device_key();
+    let until = crate::store::now_ms() + (grace as i64) * 1000;
+    if !state
+        .store
+        .rotate_device_key(&device.uuid, &tokens::hash_secret(&key), until)
+        .await?
+    {
+        return Err(ApiError::not_found(format!("Device {}", device.uuid)));
+    }
+    Ok(axum::Json(RotatedKey {
+        uuid: device.uuid,
+        key,
+        old_key_valid_until: rfc3339(until),
+    }))
 }

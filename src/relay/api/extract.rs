@@ -35,18 +35,20 @@ impl FromRequestParts<Arc<Shared>> for Caller {
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip());
-        if let Some(wait) = ip.and_then(|ip| state.auth_failures.retry_after(ip)) {
-            return Err(ApiError::TooManyRequests(wait.as_secs().max(1)));
-        }
         let token = bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
         match authenticate(state.store.as_ref(), &state.jwt, token).await {
-            Ok(principal) => Ok(Caller(principal)),
+            Ok(principal) => {
+                state.record_key_use(&principal);
+                Ok(Caller(principal))
+            }
             Err(AuthError::InvalidToken) => {
                 state.metrics.auth_failures.inc();
-                if let Some(ip) = ip {
-                    state.auth_failures.record(ip);
+                // Only failed credentials are throttled: a valid key from the same address
+                // was authenticated above, whatever else that address did.
+                match ip.and_then(|ip| state.auth_failures.record(ip)) {
+                    Some(wait) => Err(ApiError::TooManyRequests(wait.as_secs().max(1))),
+                    None => Err(ApiError::Unauthorized),
                 }
-                Err(ApiError::Unauthorized)
             }
             Err(AuthError::Store(e)) => Err(e.into()),
         }

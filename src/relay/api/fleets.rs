@@ -173,6 +173,7 @@ pub async fn patch_fleet(
         .store
         .set_fleet_ports(fleet.id, &body.allowed_ports)
         .await?;
+    state.auth_cache.clear();
     fleet.allowed_ports = body.allowed_ports;
     Ok(axum::Json(fleet.into()))
 }
@@ -187,6 +188,7 @@ pub async fn delete_fleet(
 ) -> Result<StatusCode, ApiError> {
     let fleet = managed_fleet(&state, &caller, &name).await?;
     state.store.delete_fleet(fleet.id).await?;
+    state.auth_cache.clear();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -278,6 +280,7 @@ pub async fn remove_member(
         .await?
         .ok_or_else(not_member)?;
     if state.store.remove_member(fleet.id, user.id).await? {
+        state.auth_cache.clear();
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(not_member())

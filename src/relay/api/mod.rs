@@ -9,6 +9,7 @@ pub mod users;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::header;
@@ -16,10 +17,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
-use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use super::listen::{Accepted, Listeners};
 use super::state::Shared;
 pub use error::ApiError;
 
@@ -80,7 +83,7 @@ impl Modify for BearerAuth {
         fleets::create_fleet, fleets::list_fleets, fleets::get_fleet, fleets::patch_fleet,
         fleets::delete_fleet, fleets::list_members, fleets::add_member, fleets::remove_member,
         devices::register_device, devices::list_devices, devices::get_device,
-        devices::delete_device, devices::list_tunnels, devices::public_keys,
+        devices::delete_device, devices::rotate_key, devices::list_tunnels, devices::public_keys,
         healthz, readyz,
     )
 )]
@@ -92,11 +95,17 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// The store answers; 503 while it does not.
+/// The store takes writes; 503 while it does not (unreachable, full, read-only, locked).
+/// A load balancer then sends users to a relay that can record what they do.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = String), (status = 503, body = error::ErrorBody)))]
 pub async fn readyz(State(state): State<Arc<Shared>>) -> Result<&'static str, ApiError> {
-    state.store.ping().await?;
+    // The heartbeat is a real write of this relay's own row: the write path, not just a
+    // read, must work for the relay to be ready.
+    state.store.heartbeat(&state.relay_id).await.map_err(|e| {
+        tracing::warn!(error = %e, "not ready: the store does not take writes");
+        ApiError::Unavailable
+    })?;
     Ok("ready\n")
 }
 
@@ -166,6 +175,7 @@ pub fn router(state: Arc<Shared>) -> Router {
             "/v1/devices/{uuid}",
             get(devices::get_device).delete(devices::delete_device),
         )
+        .route("/v1/devices/{uuid}/rotate-key", post(devices::rotate_key))
         .route("/v1/tunnels", get(devices::list_tunnels))
         .route("/auth/v1/public-keys/{username}", get(devices::public_keys))
         .route("/v1/openapi.json", get(openapi))
@@ -182,13 +192,85 @@ pub fn router(state: Arc<Shared>) -> Router {
         .with_state(state)
 }
 
-/// Serves the API on `listener` until the relay shuts down.
-pub async fn run(listener: TcpListener, state: Arc<Shared>) -> std::io::Result<()> {
-    let shutdown = state.shutdown.clone();
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+/// Serves the API on its listeners (plain HTTP, and HTTPS when enabled) until the relay
+/// shuts down, then lets open requests finish.
+///
+/// Connections are served by hyper directly rather than `axum::serve`, for what a public
+/// listener needs and `axum::serve` does not offer: a header-read timeout (a silent
+/// connection is dropped after `limits.api_header_timeout_ms`), a body timeout, a TLS
+/// handshake bounded by the same timeout, and a cap on open connections shared by both
+/// API listeners; past it, new connections wait in the kernel's backlog.
+pub async fn run(listeners: Listeners, state: Arc<Shared>) -> std::io::Result<()> {
+    let limits = &state.config.limits;
+    let header_timeout = limits.api_header_timeout();
+    let conns = Arc::new(Semaphore::new(limits.api_connections_max));
+    let app = router(state.clone()).layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+        limits.api_body_timeout(),
+    ));
+    let tracker = TaskTracker::new();
+    while let Some(accepted) = listeners.next(&conns, &state.shutdown).await {
+        let Accepted {
+            stream,
+            peer,
+            tls,
+            permit,
+        } = accepted;
+        let app = app.clone();
+        let shutdown = state.shutdown.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => serve_connection(stream, peer, app, header_timeout, shutdown).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_connection(stream, peer, app, header_timeout, shutdown).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(client = %peer, error = %e, "API TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(client = %peer, "API TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+/// Serves HTTP/1.1 requests on one connection until the client leaves, a header read times
+/// out, or the relay shuts down (then the request in flight finishes first).
+async fn serve_connection<IO>(
+    io: IO,
+    peer: SocketAddr,
+    app: Router,
+    header_timeout: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let mut app = app.clone();
+        async move { tower::Service::call(&mut app, req.map(axum::body::Body::new)).await }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(client = %peer, error = %e, "API connection ended with an error");
+    }
 }

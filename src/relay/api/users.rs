@@ -81,7 +81,7 @@ pub async fn create_user(
             }
             e => e.into(),
         })?;
-    let (_, key) = issue_api_key(&state, user.id, "default").await?;
+    let (_, key) = issue_api_key(&state, user.id, "default", None).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(CreatedUser {
@@ -125,6 +125,7 @@ pub async fn delete_user(
         return Err(ApiError::bad("You cannot delete yourself."));
     }
     state.store.delete_user(user.id).await?;
+    state.auth_cache.clear();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -141,7 +142,13 @@ pub async fn me(caller: Caller) -> axum::Json<UserView> {
 pub struct NewApiKey {
     /// A label, `[a-z0-9][a-z0-9_-]{0,62}`.
     pub name: String,
+    /// Seconds until the key stops working (at most 10 years); default: never.
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
 }
+
+/// The longest expiry a key may be given: ten years.
+const MAX_KEY_LIFETIME_SECS: u64 = 10 * 366 * 86_400;
 
 /// A new API key (the secret is shown only here).
 #[derive(Serialize, Deserialize, ToSchema)]
@@ -154,6 +161,8 @@ pub struct CreatedApiKey {
     pub key: String,
     /// What later listings show of it.
     pub prefix: String,
+    /// When it stops working (RFC 3339), if it expires.
+    pub expires_at: Option<String>,
 }
 
 /// An API key in a listing: never the secret.
@@ -171,6 +180,8 @@ pub struct ApiKeyView {
     pub last_used_at: Option<String>,
     /// When it was revoked.
     pub revoked_at: Option<String>,
+    /// When it stops (or stopped) working, if it expires.
+    pub expires_at: Option<String>,
 }
 
 impl From<ApiKey> for ApiKeyView {
@@ -182,6 +193,7 @@ impl From<ApiKey> for ApiKeyView {
             created_at: rfc3339(k.created_at),
             last_used_at: k.last_used_at.map(rfc3339),
             revoked_at: k.revoked_at.map(rfc3339),
+            expires_at: k.expires_at.map(rfc3339),
         }
     }
 }
@@ -190,6 +202,7 @@ async fn issue_api_key(
     state: &Shared,
     user_id: Id,
     name: &str,
+    expires_at: Option<i64>,
 ) -> Result<(ApiKey, String), ApiError> {
     let key = tokens::new_api_key();
     let row = state
@@ -199,6 +212,7 @@ async fn issue_api_key(
             name,
             &tokens::hash_secret(&key),
             &tokens::display_prefix(&key),
+            expires_at,
         )
         .await?;
     Ok((row, key))
@@ -213,7 +227,15 @@ pub async fn create_api_key(
     Json(body): Json<NewApiKey>,
 ) -> Result<(StatusCode, axum::Json<CreatedApiKey>), ApiError> {
     validate_name("name", &body.name)?;
-    let (row, key) = issue_api_key(&state, caller.0.user.id, &body.name).await?;
+    let expires_at = match body.expires_in_secs {
+        None => None,
+        Some(0) => return Err(ApiError::bad("expires_in_secs must be positive.")),
+        Some(s) if s > MAX_KEY_LIFETIME_SECS => {
+            return Err(ApiError::bad("expires_in_secs may be at most ten years."))
+        }
+        Some(s) => Some(crate::store::now_ms() + (s as i64) * 1000),
+    };
+    let (row, key) = issue_api_key(&state, caller.0.user.id, &body.name, expires_at).await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(CreatedApiKey {
@@ -221,6 +243,7 @@ pub async fn create_api_key(
             name: row.name,
             key,
             prefix: row.prefix,
+            expires_at: row.expires_at.map(rfc3339),
         }),
     ))
 }
@@ -247,6 +270,7 @@ pub async fn revoke_api_key(
     Path(id): Path<Id>,
 ) -> Result<StatusCode, ApiError> {
     if state.store.revoke_api_key(caller.0.user.id, id).await? {
+        state.auth_cache.clear();
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found(format!("API key {id}")))
@@ -262,20 +286,35 @@ pub struct IssuedToken {
     pub expires_at: String,
 }
 
-/// Trades the caller's credential for a JWT valid for the configured lifetime (1 h default).
+/// Trades the caller's API key (or a JWT minted from one) for a JWT valid for the
+/// configured lifetime (1 h default), but never past the key's own expiry. The JWT is bound
+/// to the user and to that key: deleting either ends it.
 #[utoipa::path(post, path = "/v1/auth/token", tag = "keys",
-    responses((status = 200, body = IssuedToken)), security(("bearer" = [])))]
+    responses((status = 200, body = IssuedToken), (status = 403, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn issue_token(
     State(state): State<Arc<Shared>>,
     caller: Caller,
-) -> axum::Json<IssuedToken> {
-    let (token, exp) = state
-        .jwt
-        .mint(&caller.0.user.username, state.config.jwt_ttl_secs);
-    axum::Json(IssuedToken {
+) -> Result<axum::Json<IssuedToken>, ApiError> {
+    let Some(key_id) = caller.0.credential.api_key() else {
+        return Err(ApiError::Forbidden(
+            "Tokens from an outside identity service cannot be traded for relay tokens; \
+             ask that service for a new one."
+                .into(),
+        ));
+    };
+    let mut ttl = state.config.jwt_ttl_secs;
+    if let Some(key) = state.store.api_key_by_id(key_id).await? {
+        if let Some(expires_at) = key.expires_at {
+            let left = (expires_at - crate::store::now_ms()).max(0) as u64 / 1000;
+            ttl = ttl.min(left.max(1));
+        }
+    }
+    let (token, exp) = state.jwt.mint(caller.0.user.id, key_id, ttl);
+    Ok(axum::Json(IssuedToken {
         token,
         expires_at: rfc3339(exp as i64 * 1000),
-    })
+    }))
 }
 
 /// `POST /v1/ssh-keys`.

@@ -1,0 +1,111 @@
+//! Why a CONNECT was refused, which side caused it, and the answer it gets.
+
+use crate::proto::connect;
+
+/// The side whose doing a refusal is: it picks the status class and labels the metric, so
+/// an operator can tell "users are sending junk" from "devices are down" from "we are
+/// broken" at a glance (as pingora does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The person or program that sent the CONNECT.
+    User,
+    /// The device (its agent, or the service on it).
+    Device,
+    /// This relay or its store.
+    Relay,
+}
+
+impl Side {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::User => "user",
+            Side::Device => "device",
+            Side::Relay => "relay",
+        }
+    }
+}
+
+/// Why a CONNECT was refused; each variant names the side that caused it, which picks the
+/// status and labels the metric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// User: unparseable request, bad target or port.
+    BadRequest(String),
+    /// User: a method other than exactly CONNECT.
+    MethodNotAllowed,
+    /// User: no credentials, or ones that prove nobody.
+    AuthRequired,
+    /// User: authenticated, but no such device, not theirs, or a closed port.
+    Forbidden,
+    /// User: the head did not arrive in time.
+    HeadTimeout,
+    /// User: too many tunnels, connections or failed attempts; retry after this many
+    /// seconds.
+    TooMany(u64, &'static str),
+    /// User: head over the size limit.
+    HeadTooLarge,
+    /// Device: refused the port (nothing listening, or its allowlist).
+    DeviceRefused(String),
+    /// Device: not connected to this relay.
+    DeviceOffline,
+    /// Device: did not answer the stream in time.
+    DeviceTimeout,
+    /// Relay: the store cannot answer.
+    StoreUnavailable,
+}
+
+impl Refusal {
+    /// Status, reason phrase, and the side that caused it.
+    pub fn status(&self) -> (u16, &'static str, Side) {
+        match self {
+            Refusal::BadRequest(_) => (400, "Bad Request", Side::User),
+            Refusal::MethodNotAllowed => (405, "Method Not Allowed", Side::User),
+            Refusal::AuthRequired => (407, "Proxy Authentication Required", Side::User),
+            Refusal::Forbidden => (403, "Forbidden", Side::User),
+            Refusal::HeadTimeout => (408, "Request Timeout", Side::User),
+            Refusal::TooMany(..) => (429, "Too Many Requests", Side::User),
+            Refusal::HeadTooLarge => (431, "Request Header Fields Too Large", Side::User),
+            Refusal::DeviceRefused(_) => (502, "Bad Gateway", Side::Device),
+            Refusal::DeviceOffline => (503, "Service Unavailable", Side::Device),
+            Refusal::DeviceTimeout => (504, "Gateway Timeout", Side::Device),
+            Refusal::StoreUnavailable => (503, "Service Unavailable", Side::Relay),
+        }
+    }
+
+    /// The one sentence of the answer's body.
+    pub fn message(&self) -> String {
+        match self {
+            Refusal::BadRequest(why) => format!("Bad request: {why}."),
+            Refusal::MethodNotAllowed => "Only CONNECT is served here.".into(),
+            Refusal::AuthRequired => {
+                "A valid API key or token is required in Proxy-Authorization.".into()
+            }
+            Refusal::Forbidden => "You may not reach that device on that port.".into(),
+            Refusal::HeadTimeout => "The request did not arrive in time.".into(),
+            Refusal::TooMany(_, what) => format!("Too many {what}; try again later."),
+            Refusal::HeadTooLarge => "The request head is too large.".into(),
+            Refusal::DeviceRefused(why) => format!("The device refused the connection: {why}."),
+            Refusal::DeviceOffline => "The device is not connected.".into(),
+            Refusal::DeviceTimeout => "The device did not answer in time.".into(),
+            Refusal::StoreUnavailable => {
+                "The relay cannot check credentials right now; try again shortly.".into()
+            }
+        }
+    }
+
+    /// The whole answer.
+    pub fn response(&self, version: &str) -> Vec<u8> {
+        let (status, reason, _) = self.status();
+        let mut headers = Vec::new();
+        match self {
+            Refusal::AuthRequired => {
+                headers.push(("Proxy-Authenticate", "Basic realm=\"cloudlink\"".to_owned()))
+            }
+            Refusal::TooMany(secs, _) => headers.push(("Retry-After", secs.to_string())),
+            Refusal::MethodNotAllowed => headers.push(("Allow", "CONNECT".to_owned())),
+            _ => {}
+        }
+        connect::error_response(version, status, reason, &self.message(), &headers)
+    }
+}

@@ -234,8 +234,19 @@ pub struct RelayConfig {
     pub proxy_tls_listen: Listen,
     /// The QUIC (UDP) listener devices dial.
     pub device_listen: SocketAddr,
-    /// Signs user JWTs; default: generated once and kept in `<data_dir>/jwt-secret`.
+    /// Signs user JWTs; default: generated once and kept in the store, shared by every
+    /// relay of a cluster.
     pub jwt_secret: Option<Secret>,
+    /// The relay-to-relay listener (TCP, plain: keep it on a private network); `off` (the
+    /// default) is a single relay. On, it makes this relay a cluster member.
+    pub peer_listen: Listen,
+    /// The address other relays dial for this one, `HOST:PORT`; default: the peer
+    /// listener's bound address when that is a specific address.
+    pub peer_advertise: Option<String>,
+    /// This relay's id in `relays` and `presence`; default: generated once into the data dir.
+    pub relay_id: Option<String>,
+    /// Signs peer tokens between relays; default: generated once and kept in the store.
+    pub cluster_secret: Option<Secret>,
     /// An outside identity service's public key (PEM, RS256 or EdDSA) for the JWTs it mints.
     pub jwt_public_key: Option<PathBuf>,
     /// Lifetime of JWTs from `POST /v1/auth/token`, seconds.
@@ -265,6 +276,10 @@ impl Default for RelayConfig {
             proxy_tls_listen: Listen::At(([0, 0, 0, 0], 3129).into()),
             device_listen: ([0, 0, 0, 0], 4433).into(),
             jwt_secret: None,
+            peer_listen: Listen::Off,
+            peer_advertise: None,
+            relay_id: None,
+            cluster_secret: None,
             jwt_public_key: None,
             jwt_ttl_secs: 3600,
             tls_cert: None,
@@ -308,9 +323,25 @@ pub struct RelayArgs {
     /// QUIC device listener, UDP [default: 0.0.0.0:4433].
     #[arg(long, env = "CLOUDLINK_DEVICE_LISTEN")]
     pub device_listen: Option<SocketAddr>,
-    /// HS256 secret for user JWTs [default: generated into the data dir].
+    /// HS256 secret for user JWTs [default: generated once into the store, shared by the
+    /// cluster].
     #[arg(long, env = "CLOUDLINK_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Relay-to-relay listener, ADDR or `off` [default: off]. Turns on cluster mode (needs a
+    /// postgres:// store). Plain TCP: it must sit on a private network.
+    #[arg(long, env = "CLOUDLINK_PEER_LISTEN")]
+    pub peer_listen: Option<Listen>,
+    /// Address other relays dial for this one, HOST:PORT [default: the peer listener's
+    /// bound address, when it is not 0.0.0.0 or ::].
+    #[arg(long, env = "CLOUDLINK_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
+    /// This relay's id [default: generated once into the data dir].
+    #[arg(long, env = "CLOUDLINK_RELAY_ID")]
+    pub relay_id: Option<String>,
+    /// HS256 secret for peer tokens between relays [default: generated once into the
+    /// store].
+    #[arg(long, env = "CLOUDLINK_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
     /// PEM public key (RS256 or EdDSA) of an outside service that mints user JWTs.
     #[arg(long, env = "CLOUDLINK_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
@@ -368,6 +399,18 @@ impl RelayConfig {
         if let Some(v) = &args.jwt_secret {
             config.jwt_secret = Some(Secret(v.clone()));
         }
+        if let Some(v) = args.peer_listen {
+            config.peer_listen = v;
+        }
+        if let Some(v) = &args.peer_advertise {
+            config.peer_advertise = Some(v.clone());
+        }
+        if let Some(v) = &args.relay_id {
+            config.relay_id = Some(v.clone());
+        }
+        if let Some(v) = &args.cluster_secret {
+            config.cluster_secret = Some(Secret(v.clone()));
+        }
         if let Some(v) = &args.jwt_public_key {
             config.jwt_public_key = Some(v.clone());
         }
@@ -416,9 +459,43 @@ impl RelayConfig {
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return invalid("tls_cert", "tls_cert and tls_key go together");
         }
-        if let Some(secret) = &self.jwt_secret {
-            if secret.0.len() < 32 {
-                return invalid("jwt_secret", "must be at least 32 characters");
+        for (key, secret) in [
+            ("jwt_secret", &self.jwt_secret),
+            ("cluster_secret", &self.cluster_secret),
+        ] {
+            if secret.as_ref().is_some_and(|s| s.0.len() < 32) {
+                return invalid(key, "must be at least 32 characters");
+            }
+        }
+        if let Some(id) = &self.relay_id {
+            if !crate::store::is_valid_name(id) {
+                return invalid(
+                    "relay_id",
+                    "must be 1 to 63 characters of a-z, 0-9, _ and -, starting with a letter or digit",
+                );
+            }
+        }
+        if let Listen::At(addr) = self.peer_listen {
+            if !self.database_url().starts_with("postgres") {
+                return invalid(
+                    "peer_listen",
+                    "cluster mode needs a shared postgres:// store (--database-url); SQLite \
+                     serves a single relay",
+                );
+            }
+            if addr.ip().is_unspecified() && self.peer_advertise.is_none() {
+                return invalid(
+                    "peer_advertise",
+                    "the peer listener is on an unspecified address; say which address other \
+                     relays dial (--peer-advertise HOST:PORT)",
+                );
+            }
+        }
+        if let Some(adv) = &self.peer_advertise {
+            if adv.rsplit_once(':').is_none_or(|(host, port)| {
+                host.is_empty() || crate::proto::connect::parse_port(port).is_err()
+            }) {
+                return invalid("peer_advertise", "must be HOST:PORT");
             }
         }
         if let Some(url) = &self.database_url {

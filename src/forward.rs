@@ -53,7 +53,8 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn total(&self) -> u64 {
+    /// Bytes moved both ways so far.
+    pub fn total(&self) -> u64 {
         self.to_quic.load(Ordering::Relaxed) + self.from_quic.load(Ordering::Relaxed)
     }
 }
@@ -268,38 +269,14 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let end = {
-        let up = socket_to_quic(socket_r, &mut send, counters);
-        let down = quic_to_socket(&mut recv, socket_w, counters);
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        let mut idle_tick =
-            idle.map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
-        let mut last_total = counters.total();
-        loop {
-            tokio::select! {
-                r = &mut up, if !up_done => match r {
-                    Dir::Eof => up_done = true,
-                    Dir::Abnormal(end) => break end,
-                },
-                r = &mut down, if !down_done => match r {
-                    Dir::Eof => down_done = true,
-                    Dir::Abnormal(end) => break end,
-                },
-                _ = cancel.cancelled() => break End::Cancelled,
-                _ = tick_or_never(&mut idle_tick) => {
-                    let total = counters.total();
-                    if total == last_total {
-                        break End::Idle;
-                    }
-                    last_total = total;
-                }
-            }
-            if up_done && down_done {
-                break End::Closed;
-            }
-        }
-    };
+    let end = join_dirs(
+        socket_to_quic(socket_r, &mut send, counters),
+        quic_to_socket(&mut recv, socket_w, counters),
+        counters,
+        cancel,
+        idle,
+    )
+    .await;
     if end != End::Closed {
         let code = match end {
             End::Cancelled | End::Idle => codes::STREAM_CANCELLED,
@@ -309,6 +286,73 @@ where
         let _ = recv.stop(VarInt::from_u32(code));
     }
     end
+}
+
+/// Runs the two directions of a tunnel until both end cleanly ([`End::Closed`]), one ends
+/// abnormally (that end), `cancel` fires, or no byte moves for `idle`. Each direction
+/// passes its own FIN on as a half-close and the other keeps flowing; a `select!` over two
+/// whole copies would cut the reply after a half-close.
+pub async fn join_dirs(
+    up: impl Future<Output = Dir>,
+    down: impl Future<Output = Dir>,
+    counters: &Counters,
+    cancel: &CancellationToken,
+    idle: Option<Duration>,
+) -> End {
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    let mut idle_tick = idle.map(|d| tokio::time::interval_at(tokio::time::Instant::now() + d, d));
+    let mut last_total = counters.total();
+    loop {
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Dir::Eof => up_done = true,
+                Dir::Abnormal(end) => return end,
+            },
+            r = &mut down, if !down_done => match r {
+                Dir::Eof => down_done = true,
+                Dir::Abnormal(end) => return end,
+            },
+            _ = cancel.cancelled() => return End::Cancelled,
+            _ = tick_or_never(&mut idle_tick) => {
+                let total = counters.total();
+                if total == last_total {
+                    return End::Idle;
+                }
+                last_total = total;
+            }
+        }
+        if up_done && down_done {
+            return End::Closed;
+        }
+    }
+}
+
+/// Copies one direction between two byte streams (the TLS side of a forwarded tunnel):
+/// a FIN becomes a half-close of `w`; anything else ends the tunnel.
+pub async fn copy_dir<R, W>(r: &mut R, w: &mut W, counter: &AtomicU64) -> Dir
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) => {
+                return match w.shutdown().await {
+                    Ok(()) => Dir::Eof,
+                    Err(_) => Dir::Abnormal(End::SocketReset),
+                }
+            }
+            Ok(n) => {
+                if w.write_all(&buf[..n]).await.is_err() {
+                    return Dir::Abnormal(End::SocketReset);
+                }
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(_) => return Dir::Abnormal(End::SocketReset),
+        }
+    }
 }
 
 async fn tick_or_never(tick: &mut Option<tokio::time::Interval>) {

@@ -16,6 +16,7 @@
 //! - [`proto`]: bytes on the wire, no I/O policy: CONNECT heads, frames, messages.
 //! - [`quic`]: UDP sockets and transport settings shared by relay and agent.
 //! - [`forward`]: the hot path, one QUIC stream joined to one socket.
+//! - [`splice`]: TCP to TCP through a pipe with `splice(2)`, for forwarded tunnels.
 //! - [`logsafe`]: the one escaping path for peer-supplied text on its way to a log line.
 //! - [`relay`]: the server. `mod.rs` starts and stops the listeners together; `listen.rs`
 //!   one service's plain and TLS listeners with a capped accept loop; `api/` is the REST API
@@ -50,5 +51,6 @@ pub mod logsafe;
 pub mod proto;
 pub mod quic;
 pub mod relay;
+pub mod splice;
 pub mod store;
 pub mod tls_client;

@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a relay (API, CONNECT proxy, device listener).
-    Relay(RelayArgs),
+    Relay(Box<RelayArgs>),
     /// Apply database migrations and exit.
     Migrate {
         /// sqlite://PATH or postgres://…
@@ -120,7 +120,7 @@ fn main() {
     let result = match cli.command {
         Command::Relay(args) => {
             init_tracing("info");
-            run_relay(args)
+            run_relay(*args)
         }
         Command::Agent {
             args,
@@ -207,12 +207,13 @@ async fn serve_relay(config: RelayConfig) -> Result<()> {
         addr.map(|a| format!(" {name}={a}")).unwrap_or_default()
     };
     println!(
-        "relay listening: api={}{} proxy={}{} device={}",
+        "relay listening: api={}{} proxy={}{} device={}{}",
         addrs.api,
         optional("api_tls", addrs.api_tls),
         addrs.proxy,
         optional("proxy_tls", addrs.proxy_tls),
-        addrs.device
+        addrs.device,
+        optional("peer", addrs.peer),
     );
     relay.run(shutdown_signal()).await?;
     Ok(())

@@ -108,21 +108,23 @@ async fn a_jwt_does_not_outlive_its_user_or_pass_to_a_namesake() {
     assert_eq!(status, 401, "an old JWT logs in a namesake: {me}");
 }
 
-/// A token signed with the relay's own secret, as an attacker who knows the format could
-/// shape it; only the clocks are wrong.
-fn forge(w: &World, claims: &UserClaims) -> String {
-    let secret = std::fs::read_to_string(w.relay.data_dir.join("jwt-secret")).unwrap();
+/// The relay's JWT secret in the clock test, given on its command line.
+const JWT_SECRET: &str = "jwt-clock-test-secret-jwt-clock-test";
+
+/// A token signed with the relay's own secret, as the relay would shape it; only the
+/// clocks are wrong.
+fn forge(claims: &UserClaims) -> String {
     jsonwebtoken::encode(
         &Header::default(),
         claims,
-        &EncodingKey::from_secret(secret.trim().as_bytes()),
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
     )
     .unwrap()
 }
 
 #[tokio::test]
 async fn jwt_clocks_are_checked() {
-    let w = World::new(&limits(""));
+    let w = World::with(&limits(""), &["--jwt-secret", JWT_SECRET], &[]);
     let (_, keys) = w.admin.call("GET", "/v1/api-keys", None).await;
     let kid = keys[0]["id"].as_i64().unwrap();
     let (_, me) = w.admin.call("GET", "/v1/me", None).await;
@@ -138,7 +140,7 @@ async fn jwt_clocks_are_checked() {
     };
     let (status, _) = w
         .admin
-        .as_user(&forge(&w, &good))
+        .as_user(&forge(&good))
         .call("GET", "/v1/me", None)
         .await;
     assert_eq!(status, 200, "the well-formed token is accepted");
@@ -168,7 +170,7 @@ async fn jwt_clocks_are_checked() {
     ] {
         let (status, _) = w
             .admin
-            .as_user(&forge(&w, &claims))
+            .as_user(&forge(&claims))
             .call("GET", "/v1/me", None)
             .await;
         assert_eq!(status, 401, "{what} accepted");
@@ -432,7 +434,21 @@ async fn unauthenticated_connections_are_capped_in_total() {
 
 #[tokio::test]
 async fn the_api_drops_connections_that_send_no_headers() {
-    let w = World::new(&limits("api_header_timeout_ms = 300"));
+    let w = World::new(&limits(
+        "api_header_timeout_ms = 300\napi_body_timeout_ms = 300",
+    ));
+    // A body that never comes is answered (not waited for) once the body timeout passes.
+    let mut s = tokio::net::TcpStream::connect(w.relay.api).await.unwrap();
+    let head = format!(
+        "POST /v1/api-keys HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"na",
+        w.relay.admin_key()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), read_head(&mut s))
+        .await
+        .expect("a stalled body is held open");
+    assert!(status_of(&answer) >= 400, "{answer}");
     for addr in [w.relay.api, w.relay.api_tls.unwrap()] {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")

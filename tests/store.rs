@@ -156,7 +156,7 @@ async fn conformance(s: Arc<dyn Store>) {
     // Devices.
     let d1 = s.create_device(D1, pis.id, "pi1", "dh1").await.unwrap();
     assert_eq!(
-        (d1.fleet.as_str(), d1.online, d1.last_seen),
+        (d1.fleet.as_str(), d1.online(), d1.last_seen),
         ("pis", false, None)
     );
     s.create_device(D2, gw.id, "gw1", "dh2").await.unwrap();
@@ -223,18 +223,75 @@ async fn conformance(s: Arc<dyn Store>) {
     assert_eq!((p.relay_id.as_str(), p.session.as_str()), ("r1", "sess-1"));
     assert_eq!(p.peer_addr, "127.0.0.1:7000");
     let d1 = s.device(D1).await.unwrap().unwrap();
-    assert!(d1.online && d1.last_seen.is_some());
-    s.heartbeat("r1").await.unwrap();
+    assert!(d1.online() && d1.last_seen.is_some());
+    assert_eq!(d1.relay.as_deref(), Some("r1"));
+    let status = store::RelayStatus {
+        draining: true,
+        devices: 3,
+        tunnels: 4,
+    };
+    s.heartbeat("r1", status).await.unwrap();
+    let relays = s.list_relays().await.unwrap();
+    assert_eq!(relays.len(), 1);
+    let r1 = &relays[0];
+    assert_eq!(
+        (r1.id.as_str(), r1.draining, r1.devices, r1.tunnels),
+        ("r1", true, 3, 4)
+    );
+    assert!(r1.alive(store::now_ms()));
+    assert!(!r1.alive(store::now_ms() + store::RELAY_DEAD_AFTER_MS + 1));
     // A newer session replaces; clearing the older one then changes nothing.
     s.set_presence(D1, "r1", "sess-2").await.unwrap();
     s.clear_presence(D1, "sess-1").await.unwrap();
     assert_eq!(s.presence(D1).await.unwrap().unwrap().session, "sess-2");
     s.clear_presence(D1, "sess-2").await.unwrap();
     assert_eq!(s.presence(D1).await.unwrap(), None);
-    assert!(!s.device(D1).await.unwrap().unwrap().online);
+    assert!(!s.device(D1).await.unwrap().unwrap().online());
     s.set_presence(D2, "r1", "sess-3").await.unwrap();
     s.clear_relay_presence("r1").await.unwrap();
     assert_eq!(s.presence(D2).await.unwrap(), None);
+
+    // Every presence change reaches subscribers (NOTIFY on Postgres), promptly.
+    let mut changes = s.presence_changes();
+    // The Postgres listener connects in the background: repeat until one arrives.
+    let mut heard = None;
+    for _ in 0..50 {
+        s.set_presence(D2, "r1", "sess-4").await.unwrap();
+        if let Ok(Ok(change)) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), changes.recv()).await
+        {
+            heard = Some(change);
+            break;
+        }
+    }
+    assert_eq!(
+        heard,
+        Some(store::PresenceChange {
+            device_uuid: D2.into(),
+            relay_id: "r1".into(),
+            session: "sess-4".into(),
+        })
+    );
+    s.clear_relay_presence("r1").await.unwrap();
+
+    // Dead relays are pruned with their presence; a clean stop removes a relay's rows.
+    s.register_relay("r2", "127.0.0.1:7001").await.unwrap();
+    s.set_presence(D2, "r2", "sess-5").await.unwrap();
+    assert_eq!(s.prune_relays(store::now_ms() - 60_000).await.unwrap(), 0);
+    assert_eq!(s.prune_relays(store::now_ms() + 1).await.unwrap(), 2);
+    assert_eq!(s.list_relays().await.unwrap(), vec![]);
+    s.register_relay("r1", "127.0.0.1:7000").await.unwrap();
+    s.set_presence(D2, "r1", "sess-6").await.unwrap();
+    s.remove_relay("r1").await.unwrap();
+    assert_eq!(s.list_relays().await.unwrap(), vec![]);
+    assert_eq!(s.presence(D2).await.unwrap(), None);
+    s.register_relay("r1", "127.0.0.1:7000").await.unwrap();
+
+    // Shared secrets: the first value stored wins.
+    assert_eq!(s.shared_secret("k", "first").await.unwrap(), "first");
+    assert_eq!(s.shared_secret("k", "second").await.unwrap(), "first");
+    let lock = s.startup_lock().await.unwrap();
+    lock.release().await;
 
     // Tunnel audit.
     let t = TunnelSession {
@@ -249,6 +306,7 @@ async fn conformance(s: Arc<dyn Store>) {
         bytes_up: 0,
         bytes_down: 0,
         close_reason: None,
+        device_relay: None,
     };
     s.open_tunnel(&t).await.unwrap();
     s.open_tunnel(&TunnelSession {
@@ -256,6 +314,7 @@ async fn conformance(s: Arc<dyn Store>) {
         user_id: alice.id,
         username: "alice".into(),
         opened_at: t.opened_at + 1,
+        device_relay: Some("r9".into()),
         ..t.clone()
     })
     .await
@@ -266,6 +325,7 @@ async fn conformance(s: Arc<dyn Store>) {
         all.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
         ["t2", "t1"]
     );
+    assert_eq!(all[0].device_relay.as_deref(), Some("r9"));
     let bobs = s.list_tunnels(Some(bob.id), 10).await.unwrap();
     assert_eq!(bobs.len(), 1);
     assert_eq!(

@@ -72,6 +72,12 @@ struct Agent {
     client: quinn::ClientConfig,
     shutdown: CancellationToken,
     state: LinkState,
+    /// The address of a relay that is draining: tried last until we connect elsewhere.
+    avoid: Option<SocketAddr>,
+    /// The address of the current (or last) session's relay.
+    connected_to: Option<SocketAddr>,
+    /// Tunnels open now, on any session (a drained session's tunnels run on).
+    tunnels: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -104,6 +110,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         client,
         shutdown,
         state: LinkState::Starting,
+        avoid: None,
+        connected_to: None,
+        tunnels: Default::default(),
     };
     agent.run().await;
     Ok(())
@@ -144,8 +153,21 @@ impl Agent {
                 Outcome::Drain(ms) => {
                     failures = 0;
                     self.set_state(LinkState::Down(format!("relay {relay} is draining")));
-                    // Spread the reconnects of a whole fleet over the window.
-                    Duration::from_millis(rand::rng().random_range(0..=*ms))
+                    self.avoid = self.connected_to;
+                    if self.tunnels.load(std::sync::atomic::Ordering::Acquire) > 0 {
+                        // Someone is using this device: make the new link at once (the old
+                        // one keeps its tunnels), so new tunnels find it without a gap.
+                        Duration::ZERO
+                    } else {
+                        // Spread the reconnects of a whole fleet over the window.
+                        Duration::from_millis(rand::rng().random_range(0..=*ms))
+                    }
+                }
+                Outcome::Rejected(RejectCode::Draining, _) => {
+                    // Landed on a draining relay (a load balancer's choice): try another
+                    // one at once.
+                    self.set_state(LinkState::Down(format!("relay {relay} is draining")));
+                    Duration::ZERO
                 }
                 other => {
                     if started.elapsed() >= STABLE_SESSION && matches!(other, Outcome::Lost(_)) {
@@ -195,6 +217,11 @@ impl Agent {
         };
         let server_name = self.config.server_name.clone().unwrap_or(host);
         let mut last_error = String::from("no address");
+        let mut addrs = addrs;
+        // A draining relay's address goes last, behind every other address of the name.
+        if let Some(avoid) = self.avoid {
+            addrs.sort_by_key(|a| *a == avoid);
+        }
         for addr in addrs {
             let dial = self.dial(addr, &server_name);
             let dialed = tokio::select! {
@@ -204,7 +231,16 @@ impl Agent {
             match dialed {
                 Ok(Ok((conn, control, relay_id))) => {
                     self.set_state(LinkState::Connected(format!("{relay} ({relay_id})")));
+                    if self.avoid != Some(addr) {
+                        self.avoid = None;
+                    }
+                    self.connected_to = Some(addr);
                     return self.serve(conn, control).await;
+                }
+                Ok(Err(Outcome::Rejected(RejectCode::Draining, m))) => {
+                    // Another address of the same name may be a live relay.
+                    self.avoid = Some(addr);
+                    last_error = m;
                 }
                 Ok(Err(Outcome::Unreachable(e))) => last_error = e,
                 Ok(Err(other)) => return other,
@@ -259,7 +295,13 @@ impl Agent {
             tokio::select! {
                 stream = conn.accept_bi() => match stream {
                     Ok((send, recv)) => {
-                        tokio::spawn(tunnel::serve(send, recv, self.config.clone()));
+                        let config = self.config.clone();
+                        let tunnels = self.tunnels.clone();
+                        tokio::spawn(async move {
+                            tunnels.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                            tunnel::serve(send, recv, config).await;
+                            tunnels.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                        });
                     }
                     Err(e) => break Outcome::Lost(e.to_string()),
                 },

@@ -54,6 +54,8 @@ pub enum RejectCode {
     Version,
     /// Refused as a duplicate session.
     Duplicate,
+    /// The relay is draining (shutting down): connect to another relay at once.
+    Draining,
 }
 
 impl RejectCode {
@@ -63,6 +65,7 @@ impl RejectCode {
             RejectCode::Unauthorized => "unauthorized",
             RejectCode::Version => "version",
             RejectCode::Duplicate => "duplicate",
+            RejectCode::Draining => "draining",
         }
     }
 }

@@ -22,16 +22,28 @@ fn close(conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(VarInt::from_u32(code), reason.as_bytes());
 }
 
-/// Accepts device connections until shutdown, then tells every device to `drain` and waits
-/// (up to the grace period, enforced by the caller) for their connections to end.
+/// Accepts device connections until shutdown. When the relay starts draining it tells
+/// every device to `drain` (reconnect elsewhere, keeping open tunnels) and from then on
+/// rejects new hellos with `draining`, so a device that lands here again through a load
+/// balancer moves on at once. At shutdown the endpoint closes whatever is still open.
 pub async fn run(endpoint: quinn::Endpoint, state: Arc<Shared>) {
     let tracker = TaskTracker::new();
+    let mut drain_sent = false;
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => incoming,
                 None => break,
             },
+            _ = state.draining.cancelled(), if !drain_sent => {
+                drain_sent = true;
+                for device in state.registry.devices() {
+                    let _ = device.control.try_send(RelayControl::Drain {
+                        reconnect_ms: DRAIN_RECONNECT_MS,
+                    });
+                }
+                continue;
+            }
             _ = state.shutdown.cancelled() => break,
         };
         match admission(&endpoint, &incoming, &state) {
@@ -69,16 +81,49 @@ pub async fn run(endpoint: quinn::Endpoint, state: Arc<Shared>) {
         );
         tracker.spawn(session(incoming, state.clone()).instrument(span));
     }
-    // Refuse new handshakes from here on; existing sessions drain.
     endpoint.set_server_config(None);
-    for device in state.registry.devices() {
-        let _ = device.control.try_send(RelayControl::Drain {
-            reconnect_ms: DRAIN_RECONNECT_MS,
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
     endpoint.close(VarInt::from_u32(codes::SHUTDOWN), b"relay shutting down");
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+}
+
+/// Takes `old` out of service because a newer session of its device exists (on this relay
+/// or another): it gets no new tunnels, hears `replaced`, and closes once its open tunnels
+/// have ended (or the grace period passed).
+pub fn supersede(state: &Shared, old: &DeviceSession) {
+    state.metrics.presence_conflicts.inc();
+    tracing::info!(device = %old.uuid, session = %old.session, "session superseded by a newer one");
+    if old.control.try_send(RelayControl::Replaced).is_err() {
+        // Its loop is gone or stuck: nothing left to wait for.
+        close(&old.conn, codes::REPLACED, "replaced by a newer session");
+    }
+}
+
+/// Supersedes local sessions whose device has connected elsewhere since (PROTOCOL.md §2):
+/// presence changes come from every relay through the store (Postgres `LISTEN/NOTIFY`).
+pub async fn watch_presence(state: Arc<Shared>) {
+    let mut changes = state.store.presence_changes();
+    loop {
+        let change = tokio::select! {
+            change = changes.recv() => change,
+            _ = state.shutdown.cancelled() => return,
+        };
+        match change {
+            Ok(change) => {
+                if let Some(old) = state
+                    .registry
+                    .supersede(&change.device_uuid, &change.session)
+                {
+                    state.metrics.devices_connected.dec();
+                    supersede(&state, &old);
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "presence changes came faster than handled");
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
 }
 
 /// What the listener does with a new connection, before any handshake work.
@@ -193,7 +238,15 @@ async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
         Ok(ok) => ok,
         Err(failure) => return refuse(&conn, &state, None, failure).await,
     };
-    let (uuid, key) = match check_hello(&state, &hello).await {
+    let checked = if state.draining.is_cancelled() {
+        Err(HelloFailure::Reject(
+            RejectCode::Draining,
+            "this relay is draining; connect to another one",
+        ))
+    } else {
+        check_hello(&state, &hello).await
+    };
+    let (uuid, key) = match checked {
         Ok(found) => found,
         Err(failure) => return refuse(&conn, &state, Some(&mut send), failure).await,
     };
@@ -213,16 +266,12 @@ async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
         session: session_id.clone(),
         conn: conn.clone(),
         control: control_tx,
+        tunnels: Default::default(),
+        tunnel_ended: Default::default(),
     });
-    if let Some(old) = state.registry.insert_device(device) {
-        tracing::info!(device = %uuid, "a newer session replaces the open one");
-        // The old session's loop sends `replaced` and closes its connection; if that loop
-        // is gone already, closing here does it.
-        if old.control.try_send(RelayControl::Replaced).is_err() {
-            close(&old.conn, codes::REPLACED, "replaced by a newer session");
-        }
-    } else {
-        state.metrics.devices_connected.inc();
+    match state.registry.insert_device(device.clone()) {
+        Some(old) => supersede(&state, &old),
+        None => state.metrics.devices_connected.inc(),
     }
     if let Err(e) = state
         .store
@@ -238,7 +287,7 @@ async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
     if frame::write(&mut send, &welcome).await.is_ok() {
         state.metrics.device_hellos.inc();
         tracing::info!(device = %uuid, agent = %crate::logsafe::Peer(&hello.agent), "device connected");
-        serve(&conn, send, recv, &mut control_rx).await;
+        serve(&device, send, recv, &mut control_rx, &state).await;
     }
     if state.registry.remove_device(&uuid, &session_id) {
         state.metrics.devices_connected.dec();
@@ -254,13 +303,16 @@ async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
 }
 
 /// Runs a session until its connection ends: forwards control messages to the agent and
-/// refuses any stream the device opens (only the relay opens tunnel streams).
+/// refuses any stream the device opens (only the relay opens tunnel streams). A superseded
+/// session tells the agent `replaced`, then lets its open tunnels finish before closing.
 async fn serve(
-    conn: &quinn::Connection,
+    device: &DeviceSession,
     mut send: quinn::SendStream,
     _recv: quinn::RecvStream,
     control: &mut mpsc::Receiver<RelayControl>,
+    state: &Shared,
 ) {
+    let conn = &device.conn;
     loop {
         tokio::select! {
             stream = conn.accept_bi() => match stream {
@@ -274,6 +326,11 @@ async fn serve(
             msg = control.recv() => match msg {
                 Some(RelayControl::Replaced) => {
                     let _ = frame::write(&mut send, &RelayControl::Replaced).await;
+                    let grace = Duration::from_secs(state.config.limits.shutdown_grace_secs);
+                    tokio::select! {
+                        _ = tokio::time::timeout(grace, device.tunnels_done()) => {}
+                        _ = conn.closed() => {}
+                    }
                     finish_control(&mut send).await;
                     close(conn, codes::REPLACED, "replaced by a newer session");
                     return;

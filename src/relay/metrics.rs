@@ -26,6 +26,17 @@ pub struct Metrics {
     pub auth_failures: IntCounter,
     /// What the QUIC listener did with new connections: `accept`, `retry`, `refuse`.
     pub quic_admissions: IntCounterVec,
+    /// Device sessions superseded by a newer session of the same device (here or on
+    /// another relay).
+    pub presence_conflicts: IntCounter,
+    /// Relays of the cluster whose heartbeat is fresh, as this relay last saw.
+    pub relays_alive: IntGauge,
+    /// Tunnels that came in over the peer link (this relay holds the device).
+    pub peer_tunnels_in: IntCounter,
+    /// Tunnels this relay forwarded over the peer link (another relay holds the device).
+    pub peer_tunnels_out: IntCounter,
+    /// 1 while this relay drains (after SIGTERM), else 0.
+    pub draining: IntGauge,
     /// Store writes that failed where the relay carried on without them (`last_used`,
     /// presence, audit rows), by what was being written.
     pub store_write_failures: IntCounterVec,
@@ -80,6 +91,20 @@ impl Metrics {
             "Store writes that failed while the relay carried on, by what was written",
             &["what"],
         );
+        let presence_conflicts = counter(
+            "cloudlink_presence_conflicts_total",
+            "Device sessions superseded by a newer session of the same device",
+        );
+        let relays_alive = gauge("cloudlink_relays_alive", "Relays with a fresh heartbeat");
+        let peer_tunnels_in = counter(
+            "cloudlink_peer_tunnels_in_total",
+            "Tunnels forwarded to this relay by another relay",
+        );
+        let peer_tunnels_out = counter(
+            "cloudlink_peer_tunnels_out_total",
+            "Tunnels this relay forwarded to the relay holding the device",
+        );
+        let draining = gauge("cloudlink_draining", "1 while this relay drains");
         let devices_connected = gauge("cloudlink_devices_connected", "Devices connected now");
         let tunnels_open = gauge("cloudlink_tunnels_open", "Tunnels open now");
         let device_hellos = counter("cloudlink_device_hellos_total", "Device hellos accepted");
@@ -97,6 +122,11 @@ impl Metrics {
             auth_failures,
             quic_admissions,
             store_write_failures,
+            presence_conflicts,
+            relays_alive,
+            peer_tunnels_in,
+            peer_tunnels_out,
+            draining,
         }
     }
 

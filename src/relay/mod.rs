@@ -12,6 +12,7 @@ pub mod devices;
 pub mod limits;
 pub mod listen;
 pub mod metrics;
+pub mod peer;
 pub mod proxy;
 pub mod registry;
 pub mod revalidate;
@@ -30,7 +31,7 @@ use listen::Listeners;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::tokens::{self, JwtKeys, KeyError};
-use crate::config::RelayConfig;
+use crate::config::{Listen, RelayConfig};
 use crate::store::{self, StoreError};
 use state::Shared;
 
@@ -83,6 +84,8 @@ pub struct BoundAddrs {
     pub proxy: SocketAddr,
     /// TLS CONNECT proxy, if enabled.
     pub proxy_tls: Option<SocketAddr>,
+    /// The peer link, in cluster mode.
+    pub peer: Option<SocketAddr>,
     /// QUIC device listener (UDP).
     pub device: SocketAddr,
 }
@@ -95,6 +98,8 @@ pub struct Relay {
     api: Listeners,
     /// The CONNECT listeners (plain and TLS).
     proxy: Listeners,
+    /// The peer listener (cluster mode).
+    peer: Option<TcpListener>,
     /// The QUIC endpoint devices dial.
     devices: quinn::Endpoint,
     /// Where the bootstrap admin's key was written on this start, if it was.
@@ -115,19 +120,36 @@ impl Relay {
     pub async fn start(config: RelayConfig) -> Result<Relay, RelayError> {
         raise_fd_limit();
         datadir::ensure(&config.data_dir)?;
-        let secret = match &config.jwt_secret {
-            Some(secret) => secret.0.clone(),
-            None => datadir::persistent(&config.data_dir, "jwt-secret", tokens::new_device_key)?,
+        let relay_id = match &config.relay_id {
+            Some(id) => id.clone(),
+            None => datadir::persistent(&config.data_dir, "relay-id", || {
+                format!("relay-{}", &tokens::new_device_uuid()[..12])
+            })?,
         };
-        let jwt = JwtKeys::new(secret.as_bytes(), config.jwt_public_key.as_deref())?;
-        let relay_id = datadir::persistent(&config.data_dir, "relay-id", || {
-            format!("relay-{}", &tokens::new_device_uuid()[..12])
-        })?;
         let store = store::open(&config.database_url()).await?;
         tracing::info!(backend = store.backend(), "store open, migrations applied");
+        // Relays starting together on an empty database take turns at the writes every
+        // relay must agree on.
+        let lock = store.startup_lock().await?;
         let admin_key_path = bootstrap_admin(store.as_ref(), &config).await?;
+        let secret = match &config.jwt_secret {
+            Some(secret) => secret.0.clone(),
+            None => shared_secret(store.as_ref(), &config, "jwt-secret").await?,
+        };
+        let jwt = JwtKeys::new(secret.as_bytes(), config.jwt_public_key.as_deref())?;
+        let peer_keys = match config.peer_listen {
+            Listen::Off => None,
+            Listen::At(_) => {
+                let secret = match &config.cluster_secret {
+                    Some(secret) => secret.0.clone(),
+                    None => shared_secret(store.as_ref(), &config, "cluster-secret").await?,
+                };
+                Some(peer::PeerKeys::new(secret.as_bytes()))
+            }
+        };
+        let material = tls::material(&config, store.as_ref()).await?;
+        lock.release().await;
 
-        let material = tls::material(&config)?;
         let limits = &config.limits;
         let transport = crate::quic::transport(
             Duration::from_millis(limits.keep_alive_ms),
@@ -158,14 +180,32 @@ impl Relay {
             )),
             None => None,
         };
+        let peer = match config.peer_listen.addr() {
+            Some(addr) => Some(bind_tcp("the peer link", addr).await?),
+            None => None,
+        };
         tracing::info!(cert = %material.cert_path.display(), "TLS certificate loaded");
-        // The peer link between relays (PROTOCOL.md §3) is not built yet, so there is no peer
-        // address to publish; the API address tells operators which relay a row is.
-        store
-            .register_relay(&relay_id, &config.api_listen.to_string())
-            .await?;
+        // Other relays dial the peer address; a single relay publishes its API address so
+        // operators can tell which relay a row is.
+        let published = match (&config.peer_advertise, &peer) {
+            (Some(advertised), _) => advertised.clone(),
+            (None, Some(listener)) => listener
+                .local_addr()
+                .map_err(|source| RelayError::Bind {
+                    what: "the peer link",
+                    addr: config.peer_listen.addr().unwrap_or(config.api_listen),
+                    source,
+                })?
+                .to_string(),
+            (None, None) => api
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| config.api_listen.to_string()),
+        };
+        store.register_relay(&relay_id, &published).await?;
         store.clear_relay_presence(&relay_id).await?;
-        let shared = Shared::new(config, store, jwt, relay_id);
+        tracing::info!(relay = %relay_id, peer_addr = %published, cluster = peer.is_some(), "relay registered");
+        let shared = Shared::new(config, store, jwt, peer_keys, relay_id);
         Ok(Relay {
             shared,
             api: Listeners {
@@ -176,6 +216,7 @@ impl Relay {
                 plain: proxy,
                 tls: proxy_tls,
             },
+            peer,
             devices,
             admin_key_path,
         })
@@ -189,35 +230,58 @@ impl Relay {
             api_tls: self.api.addrs().1,
             proxy: self.proxy.addrs().0.unwrap_or(c.proxy_listen),
             proxy_tls: self.proxy.addrs().1,
+            peer: self.peer.as_ref().and_then(|l| l.local_addr().ok()),
             device: self.devices.local_addr().unwrap_or(c.device_listen),
         }
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and drains.
+    /// Serves until `shutdown` resolves, then drains: `/readyz` says 503 at once (the API
+    /// keeps answering), the CONNECT listeners stop, devices are told to reconnect
+    /// elsewhere and new hellos are rejected with `draining`, while open tunnels (local and
+    /// forwarded) run on until they end or the grace period passes. Then the relay removes
+    /// its rows from the store and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
         let shared = self.shared;
-        let tracker = TaskTracker::new();
-        let api = tracker.spawn(api::run(self.api, shared.clone()));
-        tracker.spawn(proxy::run(self.proxy, shared.clone(), tracker.clone()));
-        tracker.spawn(devices::run(self.devices, shared.clone()));
-        tracker.spawn(heartbeat(shared.clone()));
-        tracker.spawn(revalidate::revalidate(shared.clone()));
+        let tunnels = TaskTracker::new();
+        let background = TaskTracker::new();
+        let api = background.spawn(api::run(self.api, shared.clone()));
+        background.spawn(proxy::run(self.proxy, shared.clone(), tunnels.clone()));
+        if let Some(listener) = self.peer {
+            background.spawn(peer::run(listener, shared.clone(), tunnels.clone()));
+        }
+        background.spawn(devices::run(self.devices, shared.clone()));
+        background.spawn(devices::watch_presence(shared.clone()));
+        background.spawn(heartbeat(shared.clone()));
+        background.spawn(revalidate::revalidate(shared.clone()));
 
         tokio::select! {
-            _ = shutdown => tracing::info!("shutting down: draining devices and tunnels"),
+            _ = shutdown => {}
             _ = shared.shutdown.cancelled() => {}
         }
-        shared.shutdown.cancel();
-        tracker.close();
+        tracing::info!("draining: devices move to other relays, open tunnels run on");
+        shared.draining.cancel();
+        shared.metrics.draining.set(1);
+        // Tell the cluster at once, not at the next heartbeat.
+        if let Err(e) = shared
+            .store
+            .heartbeat(&shared.relay_id, shared.status())
+            .await
+        {
+            tracing::warn!(error = %e, "could not report draining");
+        }
         let grace = Duration::from_secs(shared.config.limits.shutdown_grace_secs);
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, drained(&shared)).await.is_err() {
             tracing::warn!(?grace, "grace period over; cutting what is still open");
             revalidate::cut_all(&shared, "shutdown");
-            // Cut tunnels end at once; devices still connected are closed by the endpoint.
-            let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
         }
-        if let Err(e) = shared.store.clear_relay_presence(&shared.relay_id).await {
-            tracing::warn!(error = %e, "could not clear presence rows on exit");
+        tunnels.close();
+        // Cut tunnels end at once; their audit rows are completed in their own tasks.
+        let _ = tokio::time::timeout(Duration::from_secs(5), tunnels.wait()).await;
+        shared.shutdown.cancel();
+        background.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), background.wait()).await;
+        if let Err(e) = shared.store.remove_relay(&shared.relay_id).await {
+            tracing::warn!(error = %e, "could not remove this relay's rows on exit");
         }
         match api.await {
             Ok(Err(source)) => Err(RelayError::Serve {
@@ -227,6 +291,39 @@ impl Relay {
             _ => Ok(()),
         }
     }
+}
+
+/// Resolves once a draining relay holds nothing worth waiting for: no open tunnel and, in
+/// a cluster, no device (devices move to other relays; a single relay's devices have
+/// nowhere to go and reconnect once it is back).
+async fn drained(shared: &Shared) {
+    let cluster = shared.peer_keys.is_some();
+    loop {
+        let tunnels = shared.registry.tunnel_count();
+        let devices = if cluster {
+            shared.registry.device_count()
+        } else {
+            0
+        };
+        if tunnels == 0 && devices == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A secret every relay of the store must share: the store's, or (first relay) the one in
+/// this data directory from before clusters (so upgrading keeps tokens valid), or new.
+async fn shared_secret(
+    store: &dyn store::Store,
+    config: &RelayConfig,
+    name: &str,
+) -> Result<String, RelayError> {
+    let candidate = match datadir::read_trimmed(&config.data_dir.join(name))? {
+        Some(old) if !old.is_empty() => old,
+        _ => tokens::new_device_key(),
+    };
+    Ok(store.shared_secret(name, &candidate).await?)
 }
 
 /// Raises the soft limit on open files to the hard limit: a relay holds a socket per
@@ -251,16 +348,29 @@ fn raise_fd_limit() {
     );
 }
 
-/// Marks this relay alive every 5 s so other relays (and `online`) count its devices.
+/// How often a relay marks itself alive.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+
+/// Relays dead this long are removed from `relays` (with their presence rows).
+const PRUNE_DEAD_AFTER_MS: i64 = 3_600_000;
+
+/// Marks this relay alive every 5 s (with its device and tunnel counts and whether it
+/// drains) so other relays count its devices; once a minute, counts the live relays and
+/// prunes those dead for an hour.
 async fn heartbeat(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
     let mut failing = false;
+    let mut beats: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shared.shutdown.cancelled() => return,
         }
-        match shared.store.heartbeat(&shared.relay_id).await {
+        match shared
+            .store
+            .heartbeat(&shared.relay_id, shared.status())
+            .await
+        {
             Ok(()) if failing => {
                 tracing::info!("store reachable again");
                 failing = false;
@@ -272,6 +382,18 @@ async fn heartbeat(shared: Arc<Shared>) {
             }
             Err(_) => {}
         }
+        if beats.is_multiple_of(12) {
+            let now = store::now_ms();
+            if let Ok(relays) = shared.store.list_relays().await {
+                let alive = relays.iter().filter(|r| r.alive(now)).count();
+                shared.metrics.relays_alive.set(alive as i64);
+            }
+            match shared.store.prune_relays(now - PRUNE_DEAD_AFTER_MS).await {
+                Ok(0) | Err(_) => {}
+                Ok(n) => tracing::info!(relays = n, "pruned relays dead for an hour"),
+            }
+        }
+        beats += 1;
     }
 }
 
@@ -297,7 +419,15 @@ async fn bootstrap_admin(
         })?;
     }
     datadir::write_private(&path, format!("{key}\n").as_bytes())?;
-    let admin = store.create_user("admin", true).await?;
+    let admin = match store.create_user("admin", true).await {
+        Ok(admin) => admin,
+        // Another relay of the cluster bootstrapped the same empty store first.
+        Err(StoreError::Conflict) => {
+            let _ = std::fs::remove_file(&path);
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
     store
         .create_api_key(
             admin.id,

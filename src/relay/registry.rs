@@ -23,6 +23,42 @@ pub struct DeviceSession {
     pub conn: quinn::Connection,
     /// Messages for the agent's control stream (`drain`, `replaced`).
     pub control: mpsc::Sender<RelayControl>,
+    /// Tunnels open on this session; a superseded session closes when it reaches zero.
+    pub tunnels: std::sync::atomic::AtomicUsize,
+    /// Woken whenever a tunnel of this session ends.
+    pub tunnel_ended: tokio::sync::Notify,
+}
+
+impl DeviceSession {
+    /// Counts a tunnel on this session until the returned guard is dropped.
+    pub fn tunnel(self: &Arc<Self>) -> SessionTunnel {
+        self.tunnels
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        SessionTunnel(self.clone())
+    }
+
+    /// Waits until no tunnel is open on this session.
+    pub async fn tunnels_done(&self) {
+        loop {
+            let ended = self.tunnel_ended.notified();
+            if self.tunnels.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+/// One open tunnel's place on its device session.
+pub struct SessionTunnel(Arc<DeviceSession>);
+
+impl Drop for SessionTunnel {
+    fn drop(&mut self) {
+        self.0
+            .tunnels
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.tunnel_ended.notify_waiters();
+    }
 }
 
 /// One open tunnel, as revocation checks and limits need it.
@@ -38,6 +74,9 @@ pub struct TunnelEntry {
     /// The token that authorized it, re-checked every few seconds so that revoking a key or
     /// membership ends the tunnel. Kept in memory only.
     pub token: String,
+    /// Whether the revalidation loop re-checks it: tunnels that came in over the peer
+    /// link are re-checked by the relay the user came to, which holds the token.
+    pub revalidate: bool,
     /// Cancelling it ends the tunnel.
     pub cancel: CancellationToken,
     /// Why it was cancelled, set once before `cancel` fires.
@@ -110,6 +149,17 @@ impl Registry {
             true
         } else {
             false
+        }
+    }
+
+    /// Removes a device's session unless it is `current`: a newer session of the device
+    /// exists (here or on another relay), so the old one takes no new tunnels.
+    pub fn supersede(&self, uuid: &str, current: &str) -> Option<Arc<DeviceSession>> {
+        let mut devices = lock(&self.devices);
+        if devices.get(uuid).is_some_and(|s| s.session != current) {
+            devices.remove(uuid)
+        } else {
+            None
         }
     }
 
@@ -193,6 +243,7 @@ mod tests {
             device: device.into(),
             port: 22,
             token: String::new(),
+            revalidate: true,
             cancel: CancellationToken::new(),
             reason: OnceLock::new(),
         })

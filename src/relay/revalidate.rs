@@ -24,6 +24,10 @@ pub async fn revalidate(state: Arc<Shared>) {
         let mut answers: std::collections::HashMap<(String, String, u16), bool> =
             std::collections::HashMap::new();
         for entry in state.registry.tunnels() {
+            if !entry.revalidate {
+                // Came over the peer link: the entry relay holds the token and re-checks.
+                continue;
+            }
             let key = (entry.token.clone(), entry.device.clone(), entry.port);
             let allowed = match answers.get(&key) {
                 Some(allowed) => *allowed,

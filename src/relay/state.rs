@@ -27,6 +27,8 @@ pub struct Shared {
     pub store: Arc<dyn Store>,
     /// Signs and checks user JWTs.
     pub jwt: JwtKeys,
+    /// Signs and checks peer tokens (cluster mode only).
+    pub peer_keys: Option<super::peer::PeerKeys>,
     /// This relay's id in `relays` and `presence`.
     pub relay_id: String,
     /// Prometheus metrics.
@@ -37,7 +39,11 @@ pub struct Shared {
     pub registry: Registry,
     /// Recent authorization answers for CONNECT.
     pub auth_cache: AuthCache,
-    /// Cancelled once, on SIGTERM/SIGINT: every listener stops accepting.
+    /// Cancelled once, on SIGTERM/SIGINT: the relay drains. The CONNECT and peer listeners
+    /// stop accepting, the device listener rejects new devices with `draining`, devices
+    /// are told to reconnect elsewhere, `/readyz` answers 503; open tunnels run on.
+    pub draining: CancellationToken,
+    /// Cancelled last, when the drain is over: the API and the background loops stop.
     pub shutdown: CancellationToken,
     /// Places for CONNECT connections that have not authenticated yet, in total.
     pub proxy_pending: Arc<Semaphore>,
@@ -54,6 +60,7 @@ impl Shared {
         config: RelayConfig,
         store: Arc<dyn Store>,
         jwt: JwtKeys,
+        peer_keys: Option<super::peer::PeerKeys>,
         relay_id: String,
     ) -> Arc<Shared> {
         let auth_failures = AuthFailures::new(config.limits.auth_failures_per_minute);
@@ -63,17 +70,28 @@ impl Shared {
         Arc::new(Shared {
             store,
             jwt,
+            peer_keys,
             relay_id,
             metrics: Metrics::new(),
             auth_failures,
             registry: Registry::default(),
             auth_cache,
+            draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             proxy_pending: Arc::new(Semaphore::new(config.limits.proxy_unauthenticated_max)),
             proxy_sources: SourceSlots::new(config.limits.proxy_unauthenticated_per_source),
             key_uses: Mutex::new(HashMap::new()),
             config,
         })
+    }
+
+    /// What the heartbeat reports: draining, devices and tunnels now.
+    pub fn status(&self) -> crate::store::RelayStatus {
+        crate::store::RelayStatus {
+            draining: self.draining.is_cancelled(),
+            devices: self.registry.device_count() as i64,
+            tunnels: self.registry.tunnel_count() as i64,
+        }
     }
 
     /// Records in the background that the API key behind `principal` was used. A store

@@ -10,6 +10,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use super::datadir;
 use crate::config::RelayConfig;
 use crate::proto::ALPN;
+use crate::store::{Store, StoreError};
 
 /// File name of the generated dev certificate in the data directory.
 pub const DEV_CERT: &str = "relay-cert.pem";
@@ -39,6 +40,9 @@ pub enum TlsError {
     /// quinn refused the TLS configuration.
     #[error("QUIC TLS configuration: {0}")]
     Quic(String),
+    /// The store could not share the dev certificate.
+    #[error("dev certificate in the store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// A certificate chain and its key.
@@ -74,26 +78,64 @@ fn load(cert_path: &Path, key_path: &Path) -> Result<Material, TlsError> {
     })
 }
 
-/// The configured certificate, or the dev certificate (generated on first use) with SANs
-/// `localhost`, `127.0.0.1`, `::1` and every `tls_names` entry.
-pub fn material(config: &RelayConfig) -> Result<Material, TlsError> {
+/// The name of the dev certificate's row in the store's shared secrets.
+const DEV_TLS_SECRET: &str = "dev-tls";
+
+/// The configured certificate, or the dev certificate with SANs `localhost`, `127.0.0.1`,
+/// `::1` and every `tls_names` entry.
+///
+/// The dev certificate is one per store: the first relay's (carried over from its data
+/// directory, or generated) is kept in the store, and every relay of a cluster serves that
+/// one, so an agent pinned with `--ca` can fail over to any relay. Each relay writes it to
+/// its data directory too, for the agents' `--ca` and the CLI's.
+pub async fn material(config: &RelayConfig, store: &dyn Store) -> Result<Material, TlsError> {
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         return load(cert, key);
     }
     let cert_path = config.data_dir.join(DEV_CERT);
     let key_path = config.data_dir.join(DEV_KEY);
-    if !cert_path.exists() || !key_path.exists() {
-        let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
-        names.extend(config.tls_names.iter().cloned());
-        let generated = rcgen::generate_simple_self_signed(names)?;
-        // Remove a half-written pair so both files are made together.
+    let on_disk = match (
+        std::fs::read_to_string(&cert_path),
+        std::fs::read_to_string(&key_path),
+    ) {
+        (Ok(cert), Ok(key)) => Some((cert, key)),
+        _ => None,
+    };
+    let candidate = match &on_disk {
+        Some((cert, key)) => format!("{cert}{key}"),
+        None => {
+            let mut names: Vec<String> =
+                ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
+            names.extend(config.tls_names.iter().cloned());
+            let generated = rcgen::generate_simple_self_signed(names)?;
+            format!(
+                "{}{}",
+                generated.cert.pem(),
+                generated.signing_key.serialize_pem()
+            )
+        }
+    };
+    let shared = store.shared_secret(DEV_TLS_SECRET, &candidate).await?;
+    let (cert, key) = split_pem_pair(&shared)
+        .ok_or_else(|| pem_error(&cert_path, "the store's dev certificate is malformed"))?;
+    if on_disk.as_ref().map(|(c, k)| (c.as_str(), k.as_str())) != Some((cert, key)) {
+        // Remove an old or half-written pair so both files are made together.
         let _ = std::fs::remove_file(&cert_path);
         let _ = std::fs::remove_file(&key_path);
-        datadir::write_private(&key_path, generated.signing_key.serialize_pem().as_bytes())?;
-        datadir::write_private(&cert_path, generated.cert.pem().as_bytes())?;
-        tracing::info!(path = %cert_path.display(), "generated a self-signed dev certificate");
+        datadir::write_private(&key_path, key.as_bytes())?;
+        datadir::write_private(&cert_path, cert.as_bytes())?;
+        tracing::info!(path = %cert_path.display(), "wrote the cluster's self-signed dev certificate");
     }
     load(&cert_path, &key_path)
+}
+
+/// Splits "certificate PEM, then key PEM" at the end of the last certificate.
+fn split_pem_pair(pem: &str) -> Option<(&str, &str)> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let at = pem.rfind(END)? + END.len();
+    let at = at + pem[at..].len() - pem[at..].trim_start_matches(['\r', '\n']).len();
+    let (cert, key) = pem.split_at(at);
+    (!key.trim().is_empty()).then_some((cert, key))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -157,7 +199,10 @@ mod tests {
             tls_names: vec!["relay.example.com".into(), "192.0.2.7".into()],
             ..RelayConfig::default()
         };
-        let material = material(&config).unwrap();
+        let store = crate::store::open(&crate::store::sqlite::default_url(dir.path()))
+            .await
+            .unwrap();
+        let material = material(&config, store.as_ref()).await.unwrap();
         for name in [
             "localhost",
             "127.0.0.1",
@@ -178,7 +223,15 @@ mod tests {
         );
         assert_eq!(key_mode & 0o777, 0o600);
         // Generated once: a second start loads the same certificate.
-        let again = super::material(&config).unwrap();
+        let again = super::material(&config, store.as_ref()).await.unwrap();
         assert_eq!(again.certs, material.certs);
+        // A second relay on the same store, with a data dir of its own, serves the same one.
+        let other = tempfile::tempdir().unwrap();
+        let config = RelayConfig {
+            data_dir: other.path().to_owned(),
+            ..config
+        };
+        let shared = super::material(&config, store.as_ref()).await.unwrap();
+        assert_eq!(shared.certs, material.certs);
     }
 }

@@ -236,8 +236,8 @@ pub struct Device {
     pub created_at: Millis,
     /// When its agent last connected or disconnected.
     pub last_seen: Option<Millis>,
-    /// Whether a live relay holds a session for it right now.
-    pub online: bool,
+    /// The live relay that holds a session for it right now, if one does.
+    pub relay: Option<String>,
 }
 
 /// Which of a device's keys a presented key matched.
@@ -250,6 +250,11 @@ pub enum KeyMatch {
 }
 
 impl Device {
+    /// Whether a live relay holds a session for it right now.
+    pub fn online(&self) -> bool {
+        self.relay.is_some()
+    }
+
     /// Whether `key_hash` (hex SHA-256 of a presented key) is this device's key at `now`,
     /// compared in constant time.
     pub fn key_matches(&self, key_hash: &str, now: Millis) -> Option<KeyMatch> {
@@ -318,7 +323,131 @@ pub struct TunnelSession {
     pub bytes_down: i64,
     /// Why it ended (`closed`, `reset`, `revoked`, `shutdown`, …).
     pub close_reason: Option<String>,
+    /// For a tunnel forwarded to another relay: the relay that held the device.
+    pub device_relay: Option<String>,
 }
+
+/// A relay of the cluster as `GET /v1/relays` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayRow {
+    /// Its id.
+    pub id: String,
+    /// The address other relays dial (its API address on a single relay).
+    pub peer_addr: String,
+    /// When it started.
+    pub started_at: Millis,
+    /// Its last heartbeat.
+    pub heartbeat_at: Millis,
+    /// Whether it is draining (SIGTERM received).
+    pub draining: bool,
+    /// Devices connected to it, as of its last heartbeat.
+    pub devices: i64,
+    /// Tunnels open on it, as of its last heartbeat.
+    pub tunnels: i64,
+}
+
+impl RelayRow {
+    /// Whether its heartbeat is fresh at `now`.
+    pub fn alive(&self, now: Millis) -> bool {
+        self.heartbeat_at > now - RELAY_DEAD_AFTER_MS
+    }
+}
+
+/// What a relay reports with each heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStatus {
+    /// Draining: no new tunnels or devices.
+    pub draining: bool,
+    /// Devices connected now.
+    pub devices: i64,
+    /// Tunnels open now.
+    pub tunnels: i64,
+}
+
+/// A device's presence moved: it connected to `relay_id` in `session`. Every relay hears
+/// it (Postgres `LISTEN/NOTIFY`; in-process on SQLite), and a relay holding an older
+/// session of the device supersedes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    /// The device.
+    pub device_uuid: String,
+    /// The relay it connected to.
+    pub relay_id: String,
+    /// The new session.
+    pub session: String,
+}
+
+impl PresenceChange {
+    /// The NOTIFY payload: three space-free tokens separated by spaces.
+    pub fn to_payload(&self) -> String {
+        format!("{} {} {}", self.device_uuid, self.relay_id, self.session)
+    }
+
+    /// Parses a NOTIFY payload; `None` for anything else.
+    pub fn from_payload(payload: &str) -> Option<PresenceChange> {
+        let mut parts = payload.split(' ');
+        let (Some(d), Some(r), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        Some(PresenceChange {
+            device_uuid: d.to_owned(),
+            relay_id: r.to_owned(),
+            session: s.to_owned(),
+        })
+    }
+}
+
+/// Held while a relay does its start-up writes (bootstrap admin, shared secrets), so
+/// relays starting at the same moment on an empty database take turns. On Postgres it
+/// holds a session advisory lock on one pooled connection; on SQLite it holds nothing.
+pub struct StartupLock(Option<sqlx::pool::PoolConnection<sqlx::Any>>);
+
+impl StartupLock {
+    /// A lock that locks nothing (SQLite: one relay per database).
+    pub fn none() -> StartupLock {
+        StartupLock(None)
+    }
+
+    /// Takes the advisory lock on `conn`.
+    pub(crate) async fn take(
+        mut conn: sqlx::pool::PoolConnection<sqlx::Any>,
+    ) -> Result<StartupLock> {
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(STARTUP_LOCK_KEY)
+            .execute(&mut *conn)
+            .await?;
+        Ok(StartupLock(Some(conn)))
+    }
+
+    /// Gives the lock back. If unlocking fails, the connection is closed, which ends the
+    /// session and with it the lock.
+    pub async fn release(mut self) {
+        if let Some(mut conn) = self.0.take() {
+            let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(STARTUP_LOCK_KEY)
+                .execute(&mut *conn)
+                .await;
+            if unlocked.is_err() {
+                drop(conn.detach());
+            }
+        }
+    }
+}
+
+impl Drop for StartupLock {
+    fn drop(&mut self) {
+        // Not released (an error on the way): close the session rather than return a
+        // locked connection to the pool.
+        if let Some(conn) = self.0.take() {
+            drop(conn.detach());
+        }
+    }
+}
+
+/// The advisory lock key for start-up ("clnkstrt").
+const STARTUP_LOCK_KEY: i64 = 0x636c_6e6b_7374_7274;
 
 /// The store interface. Every method is one short transaction; none holds a lock across calls.
 #[async_trait]
@@ -429,8 +558,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Registers (or re-registers) a relay and its peer address.
     async fn register_relay(&self, relay_id: &str, peer_addr: &str) -> Result<()>;
-    /// Marks a relay alive now.
-    async fn heartbeat(&self, relay_id: &str) -> Result<()>;
+    /// Marks a relay alive now, with its state.
+    async fn heartbeat(&self, relay_id: &str, status: RelayStatus) -> Result<()>;
+    /// Removes a relay's row and its presence rows (a clean stop).
+    async fn remove_relay(&self, relay_id: &str) -> Result<()>;
+    /// Removes relays whose heartbeat is older than `before`, with their presence rows;
+    /// how many.
+    async fn prune_relays(&self, before: Millis) -> Result<u64>;
+    /// Every registered relay, by id.
+    async fn list_relays(&self) -> Result<Vec<RelayRow>>;
+    /// The value of the cluster-wide secret `name`: `candidate` if nobody stored one yet
+    /// (the first relay's wins; later callers get that one).
+    async fn shared_secret(&self, name: &str, candidate: &str) -> Result<String>;
+    /// Takes the start-up lock (see [`StartupLock`]).
+    async fn startup_lock(&self) -> Result<StartupLock>;
+    /// Presence changes from every relay, as they happen.
+    fn presence_changes(&self) -> tokio::sync::broadcast::Receiver<PresenceChange>;
     /// Records that a device is connected to a relay in a session, replacing any older row.
     async fn set_presence(&self, device_uuid: &str, relay_id: &str, session: &str) -> Result<()>;
     /// Removes a device's presence row if it still names this session, and sets `last_seen`.

@@ -21,5 +21,5 @@ pub async fn open(url: &str) -> Result<SqlStore> {
         .connect(url)
         .await?;
     sqlx::migrate!("migrations/postgres").run(&pool).await?;
-    Ok(SqlStore::new(pool, "postgres"))
+    Ok(SqlStore::new(pool, "postgres", Some(url.to_owned())))
 }

@@ -8,10 +8,12 @@
 use async_trait::async_trait;
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, AssertSqlSafe, Row};
+use tokio::sync::broadcast;
 
 use super::{
     format_ports, now_ms, parse_ports, ApiKey, Device, DeviceAccess, Fleet, Id, Member, Millis,
-    Presence, Result, Role, SshKey, Store, StoreError, TunnelSession, User, RELAY_DEAD_AFTER_MS,
+    Presence, PresenceChange, RelayRow, RelayStatus, Result, Role, SshKey, StartupLock, Store,
+    StoreError, TunnelSession, User, RELAY_DEAD_AFTER_MS,
 };
 
 /// A [`Store`] on an `AnyPool`, for either backend.
@@ -20,12 +22,57 @@ pub struct SqlStore {
     pool: AnyPool,
     /// Which backend the pool talks to, for logs.
     backend: &'static str,
+    /// Postgres: the URL the presence listener connects with. SQLite: `None`, and presence
+    /// changes are published in-process (one relay per database).
+    listen_url: Option<String>,
+    /// Where presence changes go to every subscriber in this process.
+    presence_tx: broadcast::Sender<PresenceChange>,
+    /// Whether the Postgres listener task runs (started by the first subscriber).
+    listening: std::sync::Once,
 }
 
+/// The Postgres NOTIFY channel of presence changes.
+const PRESENCE_CHANNEL: &str = "cloudlink_presence";
+
 impl SqlStore {
-    /// Wraps a pool whose migrations have been applied.
-    pub fn new(pool: AnyPool, backend: &'static str) -> Self {
-        SqlStore { pool, backend }
+    /// Wraps a pool whose migrations have been applied; `listen_url` is the Postgres URL
+    /// for `LISTEN` (none on SQLite).
+    pub fn new(pool: AnyPool, backend: &'static str, listen_url: Option<String>) -> Self {
+        SqlStore {
+            pool,
+            backend,
+            listen_url,
+            presence_tx: broadcast::channel(1024).0,
+            listening: std::sync::Once::new(),
+        }
+    }
+}
+
+/// Forwards Postgres presence notifications to `tx` for the life of the process,
+/// reconnecting after a lost connection (changes sent meanwhile are missed; the relay's
+/// periodic presence check catches up).
+async fn listen_presence(url: String, tx: broadcast::Sender<PresenceChange>) {
+    loop {
+        match sqlx::postgres::PgListener::connect(&url).await {
+            Ok(mut listener) => match listener.listen(PRESENCE_CHANNEL).await {
+                Ok(()) => loop {
+                    match listener.recv().await {
+                        Ok(n) => {
+                            if let Some(change) = PresenceChange::from_payload(n.payload()) {
+                                let _ = tx.send(change);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "presence listener lost its connection");
+                            break;
+                        }
+                    }
+                },
+                Err(e) => tracing::warn!(error = %e, "cannot LISTEN for presence changes"),
+            },
+            Err(e) => tracing::warn!(error = %e, "presence listener cannot connect"),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
 
@@ -59,11 +106,12 @@ fn role_from_row(row: &AnyRow, column: &str) -> sqlx::Result<Option<Role>> {
     }
 }
 
-/// Device columns plus `online`, computed against live relays; binds `$1` as the cut-off.
+/// Device columns plus `relay`, the live relay holding it (if any); binds `$1` as the
+/// cut-off for live heartbeats.
 const DEVICE_COLUMNS: &str = "d.uuid, d.fleet_id, f.name AS fleet, d.name, d.key_hash, \
      d.prev_key_hash, d.prev_key_until, d.created_at, d.last_seen, \
-     CASE WHEN EXISTS (SELECT 1 FROM presence p JOIN relays r ON r.id = p.relay_id \
-       WHERE p.device_uuid = d.uuid AND r.heartbeat_at > $1) THEN 1 ELSE 0 END AS online, \
+     (SELECT p.relay_id FROM presence p JOIN relays r ON r.id = p.relay_id \
+       WHERE p.device_uuid = d.uuid AND r.heartbeat_at > $1) AS relay, \
      f.allowed_ports";
 
 /// The tables [`DEVICE_COLUMNS`] reads.
@@ -80,7 +128,7 @@ fn device_from_row(row: &AnyRow) -> sqlx::Result<Device> {
         prev_key_until: row.try_get("prev_key_until")?,
         created_at: row.try_get("created_at")?,
         last_seen: row.try_get("last_seen")?,
-        online: row.try_get::<i64, _>("online")? != 0,
+        relay: row.try_get("relay")?,
     })
 }
 
@@ -566,13 +614,105 @@ impl Store for SqlStore {
         Ok(())
     }
 
-    async fn heartbeat(&self, relay_id: &str) -> Result<()> {
-        sqlx::query("UPDATE relays SET heartbeat_at = $1 WHERE id = $2")
-            .bind(now_ms())
-            .bind(relay_id)
-            .execute(&self.pool)
-            .await?;
+    async fn heartbeat(&self, relay_id: &str, status: RelayStatus) -> Result<()> {
+        sqlx::query(
+            "UPDATE relays SET heartbeat_at = $1, draining = $2, devices = $3, tunnels = $4 \
+             WHERE id = $5",
+        )
+        .bind(now_ms())
+        .bind(i64::from(status.draining))
+        .bind(status.devices)
+        .bind(status.tunnels)
+        .bind(relay_id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
+    }
+
+    async fn remove_relay(&self, relay_id: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM presence WHERE relay_id = $1")
+            .bind(relay_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM relays WHERE id = $1")
+            .bind(relay_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn prune_relays(&self, before: Millis) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM presence WHERE relay_id IN \
+             (SELECT id FROM relays WHERE heartbeat_at < $1)",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await?;
+        let done = sqlx::query("DELETE FROM relays WHERE heartbeat_at < $1")
+            .bind(before)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn list_relays(&self) -> Result<Vec<RelayRow>> {
+        let rows = sqlx::query(
+            "SELECT id, peer_addr, started_at, heartbeat_at, draining, devices, tunnels \
+             FROM relays ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let relay = |row: &AnyRow| -> sqlx::Result<RelayRow> {
+            Ok(RelayRow {
+                id: row.try_get("id")?,
+                peer_addr: row.try_get("peer_addr")?,
+                started_at: row.try_get("started_at")?,
+                heartbeat_at: row.try_get("heartbeat_at")?,
+                draining: row.try_get::<i64, _>("draining")? != 0,
+                devices: row.try_get("devices")?,
+                tunnels: row.try_get("tunnels")?,
+            })
+        };
+        Ok(rows.iter().map(relay).collect::<sqlx::Result<_>>()?)
+    }
+
+    async fn shared_secret(&self, name: &str, candidate: &str) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO cluster_secrets (name, value, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(candidate)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT value FROM cluster_secrets WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("value")?)
+    }
+
+    async fn startup_lock(&self) -> Result<StartupLock> {
+        if self.listen_url.is_none() {
+            return Ok(StartupLock::none());
+        }
+        StartupLock::take(self.pool.acquire().await?).await
+    }
+
+    fn presence_changes(&self) -> broadcast::Receiver<PresenceChange> {
+        let rx = self.presence_tx.subscribe();
+        if let Some(url) = &self.listen_url {
+            self.listening.call_once(|| {
+                tokio::spawn(listen_presence(url.clone(), self.presence_tx.clone()));
+            });
+        }
+        rx
     }
 
     async fn set_presence(&self, device_uuid: &str, relay_id: &str, session: &str) -> Result<()> {
@@ -595,7 +735,23 @@ impl Store for SqlStore {
             .bind(device_uuid)
             .execute(&mut *tx)
             .await?;
+        let change = PresenceChange {
+            device_uuid: device_uuid.to_owned(),
+            relay_id: relay_id.to_owned(),
+            session: session.to_owned(),
+        };
+        if self.listen_url.is_some() {
+            // Delivered to every relay's LISTEN when (and only if) this commits.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(PRESENCE_CHANNEL)
+                .bind(change.to_payload())
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
+        if self.listen_url.is_none() {
+            let _ = self.presence_tx.send(change);
+        }
         Ok(())
     }
 
@@ -638,7 +794,7 @@ impl Store for SqlStore {
     async fn open_tunnel(&self, t: &TunnelSession) -> Result<()> {
         sqlx::query(
             "INSERT INTO tunnel_sessions (id, user_id, username, device_uuid, port, relay_id, \
-             opened_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+             opened_at, device_relay) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&t.id)
         .bind(t.user_id)
@@ -647,6 +803,7 @@ impl Store for SqlStore {
         .bind(t.port)
         .bind(&t.relay_id)
         .bind(t.opened_at)
+        .bind(&t.device_relay)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -22,7 +22,7 @@ pub async fn open(url: &str) -> Result<SqlStore> {
         .execute(&pool)
         .await?;
     sqlx::migrate!("migrations/sqlite").run(&pool).await?;
-    Ok(SqlStore::new(pool, "sqlite"))
+    Ok(SqlStore::new(pool, "sqlite", None))
 }
 
 /// Adds `mode=rwc` (create if missing) unless the URL already says how to open the file.

@@ -136,13 +136,7 @@ pub struct Relay {
 impl Relay {
     /// Starts a relay on port 0 everywhere with `extra` arguments.
     pub fn start(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Relay {
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let log_file = data_dir.with_extension("log");
-        Relay::spawn(data_dir, Listeners::any(), extra, env, log_file, &[])
+        Relay::start_wrapped(data_dir, extra, env, &[])
     }
 
     /// Starts a relay with `wrapper` in front of the binary (e.g. `prlimit --nofile=…`).

@@ -27,17 +27,21 @@ pub struct DeviceView {
     pub fleet: String,
     /// Whether a live relay holds its connection now.
     pub online: bool,
+    /// The id of the relay that holds it, or null.
+    pub relay: Option<String>,
     /// When its agent last connected or disconnected (RFC 3339).
     pub last_seen: Option<String>,
 }
 
 impl From<Device> for DeviceView {
     fn from(d: Device) -> Self {
+        let online = d.online();
         DeviceView {
             uuid: d.uuid,
             name: d.name,
             fleet: d.fleet,
-            online: d.online,
+            online,
+            relay: d.relay,
             last_seen: d.last_seen.map(rfc3339),
         }
     }
@@ -64,6 +68,15 @@ pub struct RegisteredDevice {
     pub key: String,
 }
 
+/// A JSON body that may be left out (empty or blank: the defaults).
+fn optional_json<T: Default + serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("Invalid JSON: {e}")))
+    }
+}
+
 /// Normalises a uuid path segment: 32 hex characters, any case.
 pub fn parse_uuid(raw: &str) -> Result<String, ApiError> {
     crate::proto::device_uuid(raw)
@@ -82,11 +95,7 @@ pub async fn register_device(
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, axum::Json<RegisteredDevice>), ApiError> {
     // The body is optional: `device register FLEET` with no name sends none.
-    let body: NewDevice = if body.iter().all(u8::is_ascii_whitespace) {
-        NewDevice::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("Invalid JSON: {e}")))?
-    };
+    let body: NewDevice = optional_json(&body)?;
     if let Some(name) = &body.name {
         validate_name("name", name)?;
     }
@@ -185,8 +194,10 @@ pub struct TunnelView {
     pub device: String,
     /// Which port on the device.
     pub port: i64,
-    /// Which relay carried it.
+    /// The relay the user came to (which keeps this row).
     pub relay: String,
+    /// For a tunnel forwarded over the peer link: the relay that held the device.
+    pub device_relay: Option<String>,
     /// When the device accepted it (RFC 3339).
     pub opened_at: String,
     /// When it ended; absent while open.
@@ -207,6 +218,7 @@ impl From<TunnelSession> for TunnelView {
             device: t.device_uuid,
             port: t.port,
             relay: t.relay_id,
+            device_relay: t.device_relay,
             opened_at: rfc3339(t.opened_at),
             closed_at: t.closed_at.map(rfc3339),
             bytes_up: t.bytes_up,
@@ -327,11 +339,7 @@ pub async fn rotate_key(
     Path(uuid): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<axum::Json<RotatedKey>, ApiError> {
-    let body: RotateKey = if body.iter().all(u8::is_ascii_whitespace) {
-        RotateKey::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("Invalid JSON: {e}")))?
-    };
+    let body: RotateKey = optional_json(&body)?;
     let grace = body.grace_secs.unwrap_or(86_400);
     if grace > MAX_ROTATION_GRACE_SECS {
         return Err(ApiError::bad("grace_secs may be at most 30 days."));
@@ -357,4 +365,53 @@ pub async fn rotate_key(
         key,
         old_key_valid_until: rfc3339(until),
     }))
+}
+
+/// A relay of the cluster.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct RelayView {
+    /// Its id.
+    pub id: String,
+    /// The address other relays dial (a single relay's API address).
+    pub peer_addr: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// Its last heartbeat (RFC 3339).
+    pub heartbeat_at: String,
+    /// Whether its heartbeat is fresh (within 15 s).
+    pub alive: bool,
+    /// Whether it is draining (shutting down).
+    pub draining: bool,
+    /// Devices connected to it at its last heartbeat.
+    pub devices: i64,
+    /// Tunnels open on it at its last heartbeat.
+    pub tunnels: i64,
+}
+
+/// The relays of the cluster, live and recently dead (admins only).
+#[utoipa::path(get, path = "/v1/relays", tag = "relays",
+    responses((status = 200, body = [RelayView]), (status = 403, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list_relays(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+) -> Result<axum::Json<Vec<RelayView>>, ApiError> {
+    caller.require_admin()?;
+    let now = crate::store::now_ms();
+    let relays = state.store.list_relays().await?;
+    Ok(axum::Json(
+        relays
+            .into_iter()
+            .map(|r| RelayView {
+                alive: r.alive(now),
+                id: r.id,
+                peer_addr: r.peer_addr,
+                started_at: rfc3339(r.started_at),
+                heartbeat_at: rfc3339(r.heartbeat_at),
+                draining: r.draining,
+                devices: r.devices,
+                tunnels: r.tunnels,
+            })
+            .collect(),
+    ))
 }

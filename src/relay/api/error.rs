@@ -36,6 +36,9 @@ pub enum ApiError {
     /// The store cannot be reached.
     #[error("the relay's store is unavailable; try again shortly")]
     Unavailable,
+    /// The relay is draining (shutting down): use another relay.
+    #[error("this relay is draining; use another one")]
+    Draining,
     /// A bug or broken database; details are in the relay's log.
     #[error("internal error")]
     Internal,
@@ -52,7 +55,8 @@ pub struct ErrorBody {
 /// What went wrong.
 pub struct ErrorDetail {
     /// Stable, machine-readable: `bad_request`, `unauthorized`, `forbidden`, `not_found`,
-    /// `conflict`, `method_not_allowed`, `too_many_requests`, `unavailable`, `internal`.
+    /// `conflict`, `method_not_allowed`, `too_many_requests`, `unavailable`, `draining`,
+    /// `internal`.
     pub code: &'static str,
     /// One sentence for people.
     pub message: String,
@@ -70,6 +74,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -83,7 +83,7 @@ impl Modify for BearerAuth {
         fleets::create_fleet, fleets::list_fleets, fleets::get_fleet, fleets::patch_fleet,
         fleets::delete_fleet, fleets::list_members, fleets::add_member, fleets::remove_member,
         devices::register_device, devices::list_devices, devices::get_device,
-        devices::delete_device, devices::rotate_key, devices::list_tunnels, devices::public_keys,
+        devices::delete_device, devices::rotate_key, devices::list_tunnels, devices::public_keys, devices::list_relays,
         healthz, readyz,
     )
 )]
@@ -95,17 +95,25 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// The store takes writes; 503 while it does not (unreachable, full, read-only, locked).
-/// A load balancer then sends users to a relay that can record what they do.
+/// The store takes writes and the relay is not draining; 503 otherwise (store unreachable,
+/// full, read-only, locked; or SIGTERM received). A load balancer then sends users to a
+/// relay that can serve them and record what they do.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses((status = 200, body = String), (status = 503, body = error::ErrorBody)))]
 pub async fn readyz(State(state): State<Arc<Shared>>) -> Result<&'static str, ApiError> {
+    if state.draining.is_cancelled() {
+        return Err(ApiError::Draining);
+    }
     // The heartbeat is a real write of this relay's own row: the write path, not just a
     // read, must work for the relay to be ready.
-    state.store.heartbeat(&state.relay_id).await.map_err(|e| {
-        tracing::warn!(error = %e, "not ready: the store does not take writes");
-        ApiError::Unavailable
-    })?;
+    state
+        .store
+        .heartbeat(&state.relay_id, state.status())
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "not ready: the store does not take writes");
+            ApiError::Unavailable
+        })?;
     Ok("ready\n")
 }
 
@@ -177,6 +185,7 @@ pub fn router(state: Arc<Shared>) -> Router {
         )
         .route("/v1/devices/{uuid}/rotate-key", post(devices::rotate_key))
         .route("/v1/tunnels", get(devices::list_tunnels))
+        .route("/v1/relays", get(devices::list_relays))
         .route("/auth/v1/public-keys/{username}", get(devices::public_keys))
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))

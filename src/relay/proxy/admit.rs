@@ -1,5 +1,6 @@
-//! Admission of one CONNECT: target, credentials, policy, limits, and the device stream.
-//! The 200 is sent only after all of it succeeded (PROTOCOL.md §1).
+//! Admission of one CONNECT: target, credentials, policy, limits, and the route to the
+//! device: a stream on this relay's session with it, or the peer link to the relay that
+//! holds it. The 200 is sent only after all of it succeeded (PROTOCOL.md §1).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -9,19 +10,21 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Pending, Refusal};
 use crate::auth::policy::{self, Decision};
-use crate::auth::Principal;
 use crate::proto::connect::{self, ConnectHead};
 use crate::proto::frame;
 use crate::proto::messages::{OpenReply, RefuseCode, TunnelOpen};
-use crate::relay::registry::{LimitHit, TunnelEntry};
+use crate::relay::registry::{DeviceSession, LimitHit, SessionTunnel, TunnelEntry};
 use crate::relay::state::Shared;
+use crate::store::{Id, Presence};
 
-/// A CONNECT that passed every check, with its device stream open and accepted.
+/// A tunnel whose device stream is open and accepted on this relay.
 pub struct Admitted {
     /// The request's HTTP version, echoed in the answer.
     pub version: &'static str,
     /// Who asked.
-    pub principal: Principal,
+    pub user_id: Id,
+    /// Their name (audit row, logs).
+    pub username: String,
     /// The device uuid.
     pub device: String,
     /// The device port.
@@ -32,16 +35,47 @@ pub struct Admitted {
     pub send: quinn::SendStream,
     /// The device stream, receiving half.
     pub recv: quinn::RecvStream,
+    /// The tunnel's place on its device session (a superseded session waits for it).
+    pub on_session: SessionTunnel,
+    /// Whether this relay writes the audit row: not for a tunnel that came over the peer
+    /// link (the relay the user came to writes it, once).
+    pub audited: bool,
 }
 
-/// Checks the request and opens the device stream; any failure is a [`Refusal`]. The
+/// A tunnel to a device held by another relay, authorized here, to be forwarded.
+pub struct Forward {
+    /// The request's HTTP version, echoed in the answer.
+    pub version: &'static str,
+    /// Who asked.
+    pub user_id: Id,
+    /// Their name.
+    pub username: String,
+    /// The device uuid.
+    pub device: String,
+    /// The device port.
+    pub port: u16,
+    /// The tunnel's registry entry here (per-user limits, revocation).
+    pub entry: Arc<TunnelEntry>,
+    /// Where the device is.
+    pub owner: Presence,
+}
+
+/// Where an admitted CONNECT goes.
+pub enum Route {
+    /// The device is connected here.
+    Local(Admitted),
+    /// The device is connected to another relay of the cluster.
+    Peer(Forward),
+}
+
+/// Checks the request and finds the device; any failure is a [`Refusal`]. The
 /// connection's [`Pending`] places are given back once the caller has authenticated.
 pub async fn admit(
     head: &ConnectHead,
     peer: SocketAddr,
     state: &Arc<Shared>,
     pending: Pending,
-) -> Result<Admitted, Refusal> {
+) -> Result<Route, Refusal> {
     let (device, port) = connect::parse_target(&head.target, &state.config.device_domains)
         .map_err(|e| Refusal::BadRequest(e.to_string()))?;
     let token = head.token.as_deref().ok_or(Refusal::AuthRequired)?;
@@ -60,24 +94,63 @@ pub async fn admit(
     };
     drop(pending);
     state.record_key_use(&principal);
-    let session = state
-        .registry
-        .device(&device)
-        .ok_or(Refusal::DeviceOffline)?;
-    let entry = Arc::new(TunnelEntry {
-        id: crate::auth::tokens::new_device_uuid(),
-        user_id: principal.user.id,
-        device: device.clone(),
+    let user_id = principal.user.id;
+    let username = principal.user.username;
+    let entry = new_entry(user_id, &device, port, token, true, None);
+    if let Some(session) = state.registry.device(&device) {
+        return open_local(state, &session, entry, head.version, username, true)
+            .await
+            .map(Route::Local);
+    }
+    // Not here: the relay that holds it, if a live one does.
+    let owner = match state.store.presence(&device).await {
+        Ok(Some(p)) if p.relay_id != state.relay_id && state.peer_keys.is_some() => p,
+        Ok(_) => return Err(Refusal::DeviceOffline),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look up where a device is");
+            return Err(Refusal::StoreUnavailable);
+        }
+    };
+    admit_entry(state, &entry)?;
+    Ok(Route::Peer(Forward {
+        version: head.version,
+        user_id,
+        username,
+        device,
+        port,
+        entry,
+        owner,
+    }))
+}
+
+/// A registry entry for a new tunnel. `id` is given for tunnels that came over the peer
+/// link (the entry relay's tunnel id, so both relays' logs name the same tunnel).
+pub fn new_entry(
+    user_id: Id,
+    device: &str,
+    port: u16,
+    token: &str,
+    revalidate: bool,
+    id: Option<String>,
+) -> Arc<TunnelEntry> {
+    Arc::new(TunnelEntry {
+        id: id.unwrap_or_else(crate::auth::tokens::new_device_uuid),
+        user_id,
+        device: device.to_owned(),
         port,
         token: token.to_owned(),
+        revalidate,
         // Not a child of the shutdown token: open tunnels run on through the grace period.
         cancel: CancellationToken::new(),
         reason: OnceLock::new(),
-    });
-    let limits = &state.config.limits;
+    })
+}
+
+/// Counts the tunnel under the limits, or refuses with 429.
+pub fn admit_entry(state: &Shared, entry: &Arc<TunnelEntry>) -> Result<(), Refusal> {
     state
         .registry
-        .admit_tunnel(entry.clone(), limits)
+        .admit_tunnel(entry.clone(), &state.config.limits)
         .map_err(|hit| {
             Refusal::TooMany(
                 1,
@@ -88,12 +161,26 @@ pub async fn admit(
                     LimitHit::Relay => "open tunnels on this relay",
                 },
             )
-        })?;
+        })
+}
+
+/// Admits `entry` under the limits and opens its stream on the device's session here.
+pub async fn open_local(
+    state: &Shared,
+    session: &Arc<DeviceSession>,
+    entry: Arc<TunnelEntry>,
+    version: &'static str,
+    username: String,
+    audited: bool,
+) -> Result<Admitted, Refusal> {
+    admit_entry(state, &entry)?;
+    let limits = &state.config.limits;
     let open = TunnelOpen {
-        port,
+        port: entry.port,
         tunnel: entry.id.clone(),
-        user: principal.user.username.clone(),
+        user: username.clone(),
     };
+    let on_session = session.tunnel();
     match open_stream(
         &session.conn,
         &open,
@@ -103,13 +190,16 @@ pub async fn admit(
     .await
     {
         Ok((send, recv)) => Ok(Admitted {
-            version: head.version,
-            principal,
-            device,
-            port,
+            version,
+            user_id: entry.user_id,
+            username,
+            device: entry.device.clone(),
+            port: entry.port,
             entry,
             send,
             recv,
+            on_session,
+            audited,
         }),
         Err(refusal) => {
             state.registry.remove_tunnel(&entry.id);

@@ -33,6 +33,9 @@ pub trait ClientConn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type W: AsyncWrite + Unpin + Send;
     /// The TCP socket underneath (for the reset-on-crash linger setting).
     fn tcp(&self) -> &TcpStream;
+    /// The socket itself when the client speaks plain TCP (a forwarded tunnel can then
+    /// `splice` it); `None` over TLS.
+    fn plain_halves<'a>(r: &'a Self::R, w: &'a Self::W) -> Option<&'a TcpStream>;
     /// Splits for the two directions of a tunnel.
     fn halves(self) -> (Self::R, Self::W);
     /// Closes the connection after a tunnel: with a TCP RST when `reset`, otherwise with an
@@ -45,6 +48,9 @@ impl ClientConn for TcpStream {
     type W = OwnedWriteHalf;
     fn tcp(&self) -> &TcpStream {
         self
+    }
+    fn plain_halves<'a>(r: &'a Self::R, _w: &'a Self::W) -> Option<&'a TcpStream> {
+        Some(r.as_ref())
     }
     fn halves(self) -> (Self::R, Self::W) {
         self.into_split()
@@ -63,6 +69,9 @@ impl ClientConn for TlsStream<TcpStream> {
     type W = WriteHalf<Self>;
     fn tcp(&self) -> &TcpStream {
         self.get_ref().0
+    }
+    fn plain_halves<'a>(_r: &'a Self::R, _w: &'a Self::W) -> Option<&'a TcpStream> {
+        None
     }
     fn halves(self) -> (Self::R, Self::W) {
         tokio::io::split(self)
@@ -154,7 +163,10 @@ pub async fn serve<C: ClientConn>(
     };
     let version = head.version;
     match admit::admit(&head, peer, &state, pending).await {
-        Ok(admitted) => tunnel::run(client, leftover, admitted, &state).await,
+        Ok(admit::Route::Local(admitted)) => tunnel::run(client, leftover, admitted, &state).await,
+        Ok(admit::Route::Peer(forward)) => {
+            crate::relay::peer::forward(client, leftover, forward, &state).await
+        }
         Err(refusal) => refuse(client, &state, version, refusal).await,
     }
 }
@@ -174,7 +186,8 @@ fn head_refusal(e: HeadError) -> Option<(&'static str, Refusal)> {
     })
 }
 
-async fn refuse<C: ClientConn>(mut client: C, state: &Shared, version: &str, refusal: Refusal) {
+/// Answers `refusal` and closes.
+pub async fn refuse<C: ClientConn>(client: C, state: &Shared, version: &str, refusal: Refusal) {
     let (status, _, side) = refusal.status();
     tracing::info!(
         status,
@@ -187,7 +200,12 @@ async fn refuse<C: ClientConn>(mut client: C, state: &Shared, version: &str, ref
         .proxy_responses
         .with_label_values(&[&status.to_string(), side.as_str()])
         .inc();
-    let _ = client.write_all(&refusal.response(version)).await;
+    answer_and_close(client, &refusal.response(version)).await;
+}
+
+/// Writes a whole error answer and closes, without letting a RST overtake it.
+pub async fn answer_and_close<C: ClientConn>(mut client: C, answer: &[u8]) {
+    let _ = client.write_all(answer).await;
     let _ = client.shutdown().await;
     // Closing with unread bytes from the client would send a RST that can overtake the
     // answer; read (and drop) what is still coming for a moment first, within bounds.

@@ -8,12 +8,11 @@ use tokio::io::AsyncWriteExt;
 
 use super::admit::Admitted;
 use super::ClientConn;
-use crate::auth::Principal;
 use crate::forward::{self, Counters, End};
 use crate::proto::connect;
 use crate::relay::registry::TunnelEntry;
 use crate::relay::state::Shared;
-use crate::store::{now_ms, TunnelSession};
+use crate::store::{now_ms, Id, TunnelSession};
 
 /// Answers 200, forwards pipelined bytes, joins the streams, and records how it ended.
 pub async fn run<C: ClientConn>(
@@ -24,31 +23,28 @@ pub async fn run<C: ClientConn>(
 ) {
     let Admitted {
         version,
-        principal,
+        user_id,
+        username,
         device,
         port,
         entry,
         mut send,
         recv,
+        on_session,
+        audited,
     } = t;
     let counters = Counters::default();
     // The 200 goes out alone and flushed before any device byte (PROTOCOL.md §1).
-    let answered = client
-        .write_all(&connect::established(version))
-        .await
-        .is_ok()
-        && client.flush().await.is_ok();
+    let answered = answer_established(&mut client, version).await;
     state
         .metrics
         .proxy_responses
         .with_label_values(&["200", "none"])
         .inc();
-    let audit = audit_row(&entry, &principal, &device, port, state);
-    let store = state.store.clone();
-    let audit_id = audit.id.clone();
-    let opened = tokio::spawn(async move { store.open_tunnel(&audit).await });
+    let audit =
+        audited.then(|| Audit::open(state, &entry, user_id, &username, &device, port, None));
     state.metrics.tunnels_open.inc();
-    tracing::info!(tunnel = %entry.id, user = %principal.user.username, %device, port, "tunnel open");
+    tracing::info!(tunnel = %entry.id, user = %username, %device, port, "tunnel open");
 
     let end = if !answered {
         End::SocketReset
@@ -64,50 +60,88 @@ pub async fn run<C: ClientConn>(
         // connection instead of ending it with a FIN that reads like a complete transfer.
         forward::arm_reset(client.tcp());
         let (mut r, mut w) = client.halves();
-        let idle = match state.config.limits.tunnel_idle_timeout_secs {
-            0 => None,
-            s => Some(Duration::from_secs(s)),
-        };
         let end = if early_failed {
             End::QuicReset
         } else {
+            let idle = idle_timeout(state);
             forward::join(send, recv, &mut r, &mut w, &counters, &entry.cancel, idle).await
         };
         C::close(r, w, end.resets_socket());
         end
     };
-    finish(state, &entry, &counters, &end, audit_id, opened).await;
+    drop(on_session);
+    finish(state, &entry, &counters, &end, audit).await;
 }
 
-fn audit_row(
-    entry: &TunnelEntry,
-    principal: &Principal,
-    device: &str,
-    port: u16,
-    state: &Shared,
-) -> TunnelSession {
-    TunnelSession {
-        id: entry.id.clone(),
-        user_id: principal.user.id,
-        username: principal.user.username.clone(),
-        device_uuid: device.to_owned(),
-        port: port.into(),
-        relay_id: state.relay_id.clone(),
-        opened_at: now_ms(),
-        closed_at: None,
-        bytes_up: 0,
-        bytes_down: 0,
-        close_reason: None,
+/// Sends the 200 alone and flushed; false if the client is gone.
+pub async fn answer_established<C: ClientConn>(client: &mut C, version: &str) -> bool {
+    client
+        .write_all(&connect::established(version))
+        .await
+        .is_ok()
+        && client.flush().await.is_ok()
+}
+
+/// The tunnel idle timeout in force, if any.
+pub fn idle_timeout(state: &Shared) -> Option<Duration> {
+    match state.config.limits.tunnel_idle_timeout_secs {
+        0 => None,
+        s => Some(Duration::from_secs(s)),
     }
 }
 
-async fn finish(
+/// A tunnel's audit row: written (off the set-up path) when the tunnel opens, completed
+/// when it ends, by the relay the user came to.
+pub struct Audit {
+    /// The row's id (the tunnel id).
+    id: String,
+    /// The write of the opening row.
+    opened: tokio::task::JoinHandle<crate::store::Result<()>>,
+}
+
+impl Audit {
+    /// Starts writing the opening row. `device_relay` names the relay that held the device
+    /// when it is not this one.
+    pub fn open(
+        state: &Shared,
+        entry: &TunnelEntry,
+        user_id: Id,
+        username: &str,
+        device: &str,
+        port: u16,
+        device_relay: Option<String>,
+    ) -> Audit {
+        let row = TunnelSession {
+            id: entry.id.clone(),
+            user_id,
+            username: username.to_owned(),
+            device_uuid: device.to_owned(),
+            port: port.into(),
+            relay_id: state.relay_id.clone(),
+            opened_at: now_ms(),
+            closed_at: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            close_reason: None,
+            device_relay,
+        };
+        let store = state.store.clone();
+        Audit {
+            id: row.id.clone(),
+            opened: tokio::spawn(async move { store.open_tunnel(&row).await }),
+        }
+    }
+}
+
+/// Forgets the tunnel, counts it, logs how it ended, and completes its audit row (if this
+/// relay keeps one). Runs in the connection's tracked task, so a graceful shutdown
+/// completes every audit row.
+pub async fn finish(
     state: &Arc<Shared>,
     entry: &TunnelEntry,
     counters: &Counters,
     end: &End,
-    audit_id: String,
-    opened: tokio::task::JoinHandle<crate::store::Result<()>>,
+    audit: Option<Audit>,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     state.registry.remove_tunnel(&entry.id);
@@ -118,21 +152,10 @@ async fn finish(
     };
     let up = counters.to_quic.load(Relaxed);
     let down = counters.from_quic.load(Relaxed);
-    state
-        .metrics
-        .tunnels_closed
-        .with_label_values(&[&reason])
-        .inc();
-    state
-        .metrics
-        .tunnel_bytes
-        .with_label_values(&["up"])
-        .inc_by(up);
-    state
-        .metrics
-        .tunnel_bytes
-        .with_label_values(&["down"])
-        .inc_by(down);
+    let m = &state.metrics;
+    m.tunnels_closed.with_label_values(&[&reason]).inc();
+    m.tunnel_bytes.with_label_values(&["up"]).inc_by(up);
+    m.tunnel_bytes.with_label_values(&["down"]).inc_by(down);
     match end {
         End::Closed => tracing::info!(tunnel = %entry.id, up, down, "tunnel closed"),
         End::ConnectionLost(e) => {
@@ -140,31 +163,23 @@ async fn finish(
         }
         _ => tracing::info!(tunnel = %entry.id, up, down, reason = %reason, "tunnel ended"),
     }
-    // The open row was written off the set-up path; the close waits for it. This runs in
-    // the connection's tracked task, so a graceful shutdown completes every audit row.
-    match opened.await {
+    let Some(audit) = audit else { return };
+    // The open row was written off the set-up path; the close waits for it.
+    match audit.opened.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            tracing::warn!(tunnel = %audit_id, error = %e, "audit row not written");
-            state
-                .metrics
-                .store_write_failures
-                .with_label_values(&["audit"])
-                .inc();
+            tracing::warn!(tunnel = %audit.id, error = %e, "audit row not written");
+            m.store_write_failures.with_label_values(&["audit"]).inc();
             return;
         }
         Err(_) => return,
     }
     if let Err(e) = state
         .store
-        .close_tunnel(&audit_id, up as i64, down as i64, &reason)
+        .close_tunnel(&audit.id, up as i64, down as i64, &reason)
         .await
     {
-        tracing::warn!(tunnel = %audit_id, error = %e, "audit row not completed");
-        state
-            .metrics
-            .store_write_failures
-            .with_label_values(&["audit"])
-            .inc();
+        tracing::warn!(tunnel = %audit.id, error = %e, "audit row not completed");
+        m.store_write_failures.with_label_values(&["audit"]).inc();
     }
 }

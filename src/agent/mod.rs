@@ -294,19 +294,22 @@ impl Agent {
         let outcome = loop {
             tokio::select! {
                 stream = conn.accept_bi() => match stream {
-                    Ok((send, recv)) => {
-                        let config = self.config.clone();
-                        let tunnels = self.tunnels.clone();
-                        tokio::spawn(async move {
-                            tunnels.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                            tunnel::serve(send, recv, config).await;
-                            tunnels.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-                        });
-                    }
+                    Ok((send, recv)) => self.spawn_tunnel(send, recv),
                     Err(e) => break Outcome::Lost(e.to_string()),
                 },
                 msg = rx.recv() => match msg {
-                    Some(RelayControl::Drain { reconnect_ms }) => break Outcome::Drain(reconnect_ms),
+                    Some(RelayControl::Drain { reconnect_ms }) => {
+                        // Make before break: the draining relay may still route a tunnel
+                        // here until this device's new session is up, so the old link
+                        // keeps serving until the relay closes it.
+                        tokio::spawn(serve_drained(
+                            conn.clone(),
+                            self.config.clone(),
+                            self.tunnels.clone(),
+                            self.shutdown.clone(),
+                        ));
+                        break Outcome::Drain(reconnect_ms);
+                    }
                     Some(RelayControl::Replaced) => break Outcome::Replaced,
                     Some(other) => tracing::debug!(?other, "ignoring control message"),
                     // The control stream ended; the connection's end will show on accept.
@@ -322,8 +325,53 @@ impl Agent {
             }
         };
         reader.abort();
-        // On drain the connection stays open while its tunnels run; the streams hold it.
         outcome
+    }
+
+    fn spawn_tunnel(&self, send: quinn::SendStream, recv: quinn::RecvStream) {
+        tokio::spawn(counted_tunnel(
+            send,
+            recv,
+            self.config.clone(),
+            self.tunnels.clone(),
+        ));
+    }
+}
+
+/// Serves one tunnel stream, counted among the agent's open tunnels.
+async fn counted_tunnel(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    config: Arc<AgentConfig>,
+    tunnels: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    tunnels.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    tunnel::serve(send, recv, config).await;
+    tunnels.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+}
+
+/// Keeps serving tunnel streams on a drained relay's connection until the relay closes it
+/// (after this device's new session superseded it and its tunnels ended) or the agent
+/// stops.
+async fn serve_drained(
+    conn: quinn::Connection,
+    config: Arc<AgentConfig>,
+    tunnels: Arc<std::sync::atomic::AtomicUsize>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    tokio::spawn(counted_tunnel(send, recv, config.clone(), tunnels.clone()));
+                }
+                Err(_) => return,
+            },
+            _ = shutdown.cancelled() => {
+                conn.close(VarInt::from_u32(codes::OK), b"agent stopping");
+                return;
+            }
+        }
     }
 }
 

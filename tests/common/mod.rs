@@ -125,6 +125,8 @@ pub struct Relay {
     pub proxy: SocketAddr,
     pub proxy_tls: Option<SocketAddr>,
     pub device: SocketAddr,
+    /// The peer link (cluster mode).
+    pub peer: Option<SocketAddr>,
     pub stdout: Lines,
     pub stderr: Lines,
     extra: Vec<String>,
@@ -205,6 +207,7 @@ impl Relay {
             proxy: field(&line, "proxy").expect("proxy addr"),
             proxy_tls: field(&line, "proxy_tls"),
             device: field(&line, "device").expect("device addr"),
+            peer: field(&line, "peer"),
             stdout,
             stderr,
             extra,
@@ -303,12 +306,27 @@ impl Agent {
 
     /// Starts an agent without waiting.
     pub fn spawn(relay: &Relay, uuid: &str, key: &str, extra: &[&str]) -> Agent {
-        let mut child = Command::new(bin())
-            .arg("agent")
-            .arg("--relay")
-            .arg(relay.device.to_string())
+        Agent::spawn_to(&[relay], uuid, key, extra)
+    }
+
+    /// Starts an agent that knows several relays (a cluster), tried in turn; returns once
+    /// it is connected.
+    pub fn start_to(relays: &[&Relay], uuid: &str, key: &str, extra: &[&str]) -> Agent {
+        let agent = Agent::spawn_to(relays, uuid, key, extra);
+        agent.stderr.wait_for("connected to relay");
+        agent
+    }
+
+    /// Starts an agent for several relays without waiting.
+    pub fn spawn_to(relays: &[&Relay], uuid: &str, key: &str, extra: &[&str]) -> Agent {
+        let mut cmd = Command::new(bin());
+        cmd.arg("agent");
+        for relay in relays {
+            cmd.arg("--relay").arg(relay.device.to_string());
+        }
+        let mut child = cmd
             .arg("--ca")
-            .arg(relay.cert())
+            .arg(relays[0].cert())
             .args(["--server-name", "localhost"])
             .args(extra)
             .env("CLOUDLINK_DEVICE_UUID", uuid)

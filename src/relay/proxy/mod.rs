@@ -104,7 +104,7 @@ pub struct Pending {
 /// slowloris cannot take every file descriptor). A source address over its own cap is
 /// answered 429 at once.
 pub async fn run(listeners: Listeners, state: Arc<Shared>, tracker: TaskTracker) {
-    while let Some(accepted) = listeners.next(&state.proxy_pending, &state.shutdown).await {
+    while let Some(accepted) = listeners.next(&state.proxy_pending, &state.draining).await {
         let Accepted {
             stream,
             peer,

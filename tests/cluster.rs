@@ -1,0 +1,514 @@
+//! A cluster of real relays on one throwaway Postgres: joining, shared secrets,
+//! forwarding over the peer link, presence across relays, relay death and drain.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::pg::TempPg;
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The cluster secret of these tests, so a test can mint peer tokens of its own.
+const CLUSTER_SECRET: &str = "cluster-test-secret-cluster-test-secret";
+
+/// A relay of the cluster in `dir`, on the shared store.
+fn member(dir: &Path, name: &str, url: &str, config: &str) -> Relay {
+    let file = dir.join(format!("{name}.toml"));
+    std::fs::write(&file, config).unwrap();
+    Relay::start(
+        &dir.join(name),
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--database-url",
+            url,
+            "--peer-listen",
+            "127.0.0.1:0",
+            "--relay-id",
+            name,
+            "--cluster-secret",
+            CLUSTER_SECRET,
+        ],
+        &[],
+    )
+}
+
+/// The admin key, from whichever data directory the bootstrap wrote it to.
+fn admin_key(relays: &[&Relay]) -> String {
+    let keys: Vec<String> = relays
+        .iter()
+        .filter_map(|r| std::fs::read_to_string(r.data_dir.join("admin.key")).ok())
+        .collect();
+    assert_eq!(keys.len(), 1, "exactly one relay bootstraps the admin");
+    keys[0].trim().to_owned()
+}
+
+/// Retries `f` until true or `limit` passes; how long it took.
+async fn eventually<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if f().await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+async fn connect_status(proxy: SocketAddr, token: &str, uuid: &str, port: u16) -> (u16, String) {
+    let request =
+        format!("CONNECT {uuid}:{port} HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n\r\n");
+    let head = connect_raw(proxy, &request).await.1;
+    (status_of(&head), head)
+}
+
+async fn read_to_end(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
+    out
+}
+
+/// Which relay the API says holds the device.
+async fn holder(api: &Api, uuid: &str) -> Option<String> {
+    let (status, d) = api.call("GET", &format!("/v1/devices/{uuid}"), None).await;
+    assert_eq!(status, 200, "{d}");
+    d["relay"].as_str().map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_start_together_and_share_one_identity() {
+    let Some(pg) = TempPg::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // All three at the same moment, on an empty database.
+    let starts: Vec<_> = ["r1", "r2", "r3"]
+        .into_iter()
+        .map(|name| {
+            let dir = dir.path().to_owned();
+            let url = pg.url.clone();
+            std::thread::spawn(move || member(&dir, name, &url, &limits("")))
+        })
+        .collect();
+    let relays: Vec<Relay> = starts.into_iter().map(|t| t.join().unwrap()).collect();
+    let all: Vec<&Relay> = relays.iter().collect();
+    let key = admin_key(&all);
+    // One dev certificate for the cluster.
+    let cert = std::fs::read(relays[0].cert()).unwrap();
+    for r in &relays {
+        assert_eq!(
+            std::fs::read(r.cert()).unwrap(),
+            cert,
+            "relays serve different certificates"
+        );
+    }
+    // A JWT from one relay works on every relay.
+    let (status, t) = Api::new(relays[0].api, &key)
+        .call("POST", "/v1/auth/token", None)
+        .await;
+    assert_eq!(status, 200, "{t}");
+    let jwt = t["token"].as_str().unwrap();
+    for r in &relays {
+        let (status, me) = Api::new(r.api, jwt).call("GET", "/v1/me", None).await;
+        assert_eq!((status, me["username"].as_str()), (200, Some("admin")));
+    }
+    let (status, list) = Api::new(relays[2].api, &key)
+        .call("GET", "/v1/relays", None)
+        .await;
+    assert_eq!(status, 200, "{list}");
+    let alive: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["alive"] == true)
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(alive, ["r1", "r2", "r3"]);
+    // A clean stop removes the relay's own row.
+    let mut relays = relays;
+    relays[2].stop();
+    let (_, list) = Api::new(relays[0].api, &key)
+        .call("GET", "/v1/relays", None)
+        .await;
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+}
+
+#[test]
+fn cluster_mode_refuses_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["relay", "--data-dir"])
+        .arg(dir.path())
+        .args(["--peer-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("postgres"), "{err}");
+}
+
+/// Two relays; a device on `a`; users come to `b`.
+struct Pair {
+    _dir: tempfile::TempDir,
+    _pg: TempPg,
+    a: Relay,
+    b: Relay,
+    key: String,
+    uuid: String,
+    device_key: String,
+}
+
+async fn pair(config: &str) -> Option<Pair> {
+    let pg = TempPg::start()?;
+    let dir = tempfile::tempdir().unwrap();
+    let a = member(dir.path(), "a", &pg.url, config);
+    let b = member(dir.path(), "b", &pg.url, config);
+    let key = admin_key(&[&a, &b]);
+    let (uuid, device_key) = Api::new(a.api, &key).register_device("pis").await;
+    Some(Pair {
+        _dir: dir,
+        _pg: pg,
+        a,
+        b,
+        key,
+        uuid,
+        device_key,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_through_another_relay_is_forwarded_intact() {
+    let Some(p) = pair(&limits("")).await else {
+        return;
+    };
+    let _agent = Agent::start(&p.a, &p.uuid, &p.device_key, &[]);
+    assert_eq!(
+        holder(&Api::new(p.b.api, &p.key), &p.uuid).await.as_deref(),
+        Some("a")
+    );
+
+    // 64 MiB up through b (spliced: plain TCP both sides), with half-close for the answer.
+    let digest = digest_server().await;
+    let data = random_bytes(64 << 20, 11);
+    let mut s = tunnel(p.b.proxy, &p.key, &p.uuid, digest).await;
+    s.write_all(&data).await.unwrap();
+    s.shutdown().await.unwrap();
+    let answer = String::from_utf8(read_to_end(&mut s).await).unwrap();
+    assert_eq!(
+        answer,
+        format!("got {} bytes, sha256 {}", data.len(), sha256_hex(&data))
+    );
+    // 64 MiB down.
+    let source = source_server(64 << 20, 12).await;
+    let mut s = tunnel(p.b.proxy, &p.key, &p.uuid, source).await;
+    let got = read_to_end(&mut s).await;
+    assert_eq!(sha256_hex(&got), sha256_hex(&random_bytes(64 << 20, 12)));
+
+    // The owner's refusal passes back unchanged: nothing listens on that device port.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (status, head) = connect_status(p.b.proxy, &p.key, &p.uuid, closed).await;
+    assert_eq!(status, 502, "{head}");
+
+    // The audit row is written once, by the entry relay, naming both.
+    let (_, tunnels) = Api::new(p.a.api, &p.key)
+        .call("GET", "/v1/tunnels", None)
+        .await;
+    let rows = tunnels.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{tunnels}");
+    for row in rows {
+        assert_eq!(
+            (row["relay"].as_str(), row["device_relay"].as_str()),
+            (Some("b"), Some("a"))
+        );
+    }
+    let text = metrics(&p.b).await;
+    assert!(
+        text.contains("cloudlink_peer_tunnels_out_total 3"),
+        "{text}"
+    );
+    let text = metrics(&p.a).await;
+    assert!(text.contains("cloudlink_peer_tunnels_in_total 2"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_tunnel_over_tls_and_revocation_across_relays() {
+    let Some(p) = pair(&limits("")).await else {
+        return;
+    };
+    let _agent = Agent::start(&p.a, &p.uuid, &p.device_key, &[]);
+    let echo = echo_server().await;
+    // A key made on a, used on b's TLS proxy (the copying path), revoked on a.
+    let (status, k) = Api::new(p.a.api, &p.key)
+        .call("POST", "/v1/api-keys", Some(json!({"name": "temp"})))
+        .await;
+    assert_eq!(status, 201);
+    let temp = k["key"].as_str().unwrap().to_owned();
+    let xdg = p._dir.path().join("xdg");
+    let (ok, _, err) = cli_in(
+        &xdg,
+        &[
+            "login",
+            "--api",
+            &format!("https://localhost:{}", p.b.api_tls.unwrap().port()),
+            "--proxy",
+            &format!("localhost:{}", p.b.proxy_tls.unwrap().port()),
+            "--proxy-tls",
+            "--ca",
+            p.b.cert().to_str().unwrap(),
+            "--key",
+            &temp,
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli_in(
+        &xdg,
+        &["proxy", &p.uuid, &echo.to_string()],
+        Some(b"tls hop"),
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, "tls hop");
+
+    let mut open = tunnel(p.b.proxy, &temp, &p.uuid, echo).await;
+    open.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    open.read_exact(&mut one).await.unwrap();
+    let (status, _) = Api::new(p.a.api, &p.key)
+        .call("DELETE", &format!("/v1/api-keys/{}", k["id"]), None)
+        .await;
+    assert_eq!(status, 204);
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), open.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "a forwarded tunnel outlived its revoked key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_listener_takes_only_peer_tokens() {
+    let Some(p) = pair(&limits("")).await else {
+        return;
+    };
+    let _agent = Agent::start(&p.a, &p.uuid, &p.device_key, &[]);
+    let echo = echo_server().await;
+    let peer = p.a.peer.expect("peer listener");
+    let mint = |secret: &str, hop: u32| {
+        let now = cloudlink::auth::tokens::unix_now();
+        let claims = cloudlink::relay::peer::PeerClaims {
+            sub: 1,
+            usr: "admin".into(),
+            dev: p.uuid.clone(),
+            port: echo,
+            tid: "t".into(),
+            hop,
+            ver: cloudlink::relay::peer::PEER_VERSION,
+            aud: cloudlink::relay::peer::PEER_AUDIENCE.into(),
+            iat: now,
+            exp: now + 30,
+        };
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let (status, _) = connect_status(peer, &p.key, &p.uuid, echo).await;
+    assert_eq!(status, 407, "a user's API key opened the peer link");
+    let (_, t) = Api::new(p.a.api, &p.key)
+        .call("POST", "/v1/auth/token", None)
+        .await;
+    let (status, _) = connect_status(peer, t["token"].as_str().unwrap(), &p.uuid, echo).await;
+    assert_eq!(status, 407, "a user's JWT opened the peer link");
+    let forged = mint("another-secret-another-secret-another", 1);
+    assert_eq!(connect_status(peer, &forged, &p.uuid, echo).await.0, 407);
+    let looping = mint(CLUSTER_SECRET, 2);
+    assert_eq!(connect_status(peer, &looping, &p.uuid, echo).await.0, 403);
+    let good = mint(CLUSTER_SECRET, 1);
+    assert_eq!(connect_status(peer, &good, &p.uuid, echo).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_moving_relays_supersedes_its_old_session() {
+    let Some(p) = pair(&limits("")).await else {
+        return;
+    };
+    let echo = echo_server().await;
+    let (conn, _s, mut control, answer) =
+        fake_device::hello(p.a.device, &p.a.cert(), &p.uuid, &p.device_key).await;
+    assert!(matches!(
+        answer,
+        cloudlink::proto::messages::RelayControl::Welcome { .. }
+    ));
+    let api = Api::new(p.b.api, &p.key);
+    assert_eq!(holder(&api, &p.uuid).await.as_deref(), Some("a"));
+    // The real agent connects to b: a hears it through Postgres and supersedes.
+    let _agent = Agent::start(&p.b, &p.uuid, &p.device_key, &[]);
+    let started = Instant::now();
+    let msg: cloudlink::proto::messages::RelayControl = tokio::time::timeout(
+        Duration::from_secs(5),
+        cloudlink::proto::frame::read_required(&mut control, cloudlink::proto::frame::MAX_FRAME),
+    )
+    .await
+    .expect("no `replaced` within 5 s")
+    .unwrap();
+    assert_eq!(msg, cloudlink::proto::messages::RelayControl::Replaced);
+    eprintln!(
+        "the old relay heard of the move {:?} after the new hello",
+        started.elapsed()
+    );
+    assert_eq!(
+        fake_device::close_code(&conn).await,
+        u64::from(cloudlink::proto::messages::codes::REPLACED)
+    );
+    assert_eq!(holder(&api, &p.uuid).await.as_deref(), Some("b"));
+    // Tunnels through either relay reach it.
+    for proxy in [p.a.proxy, p.b.proxy] {
+        let mut s = tunnel(proxy, &p.key, &p.uuid, echo).await;
+        s.write_all(b"hi").await.unwrap();
+        s.shutdown().await.unwrap();
+        assert_eq!(read_to_end(&mut s).await, b"hi");
+    }
+    let text = metrics(&p.a).await;
+    assert!(
+        text.contains("cloudlink_presence_conflicts_total 1"),
+        "{text}"
+    );
+}
+
+/// Short liveness so a dead relay is noticed in ~1.5 s.
+const FAST: &str = "keep_alive_ms = 300\nidle_timeout_ms = 1500";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relay_s_devices_come_back_through_a_survivor() {
+    let Some(mut p) = pair(&limits(FAST)).await else {
+        return;
+    };
+    let config = p._dir.path().join("agent.toml");
+    std::fs::write(&config, "keep_alive_ms = 300\nidle_timeout_ms = 1500\n").unwrap();
+    let agent = Agent::start_to(
+        &[&p.a, &p.b],
+        &p.uuid,
+        &p.device_key,
+        &["--config", config.to_str().unwrap()],
+    );
+    let echo = echo_server().await;
+    let api = Api::new(p.b.api, &p.key);
+    assert_eq!(holder(&api, &p.uuid).await.as_deref(), Some("a"));
+    p.a.kill();
+    // Until the agent is back, CONNECTs through b answer 503 at once, never hang.
+    let (status, _) = tokio::time::timeout(
+        Duration::from_secs(8),
+        connect_status(p.b.proxy, &p.key, &p.uuid, echo),
+    )
+    .await
+    .expect("a CONNECT hung while the device's relay was dead");
+    assert!(status == 503 || status == 200, "{status}");
+    let back = eventually(Duration::from_secs(45), || async {
+        connect_status(p.b.proxy, &p.key, &p.uuid, echo).await.0 == 200
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "the device did not come back through b:\n{}",
+        agent.stderr.text()
+    );
+    eprintln!("device reachable through the survivor {back:?} after the kill");
+    assert_eq!(holder(&api, &p.uuid).await.as_deref(), Some("b"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_relay_lets_transfers_finish_while_devices_move() {
+    let Some(mut p) = pair(&limits("shutdown_grace_secs = 30")).await else {
+        return;
+    };
+    let _agent = Agent::start_to(&[&p.a, &p.b], &p.uuid, &p.device_key, &[]);
+    let api = Api::new(p.b.api, &p.key);
+    assert_eq!(holder(&api, &p.uuid).await.as_deref(), Some("a"));
+    // Two downloads in flight into a: one local on a, one forwarded from b. The service
+    // trickles, so both are still running when a gets SIGTERM.
+    let slow = slow_source(8 << 20, 21).await;
+    let mut local = tunnel(p.a.proxy, &p.key, &p.uuid, slow).await;
+    let mut forwarded = tunnel(p.b.proxy, &p.key, &p.uuid, slow).await;
+    let reading = tokio::spawn(async move {
+        let l = read_to_end(&mut local).await;
+        let f = read_to_end(&mut forwarded).await;
+        (l, f)
+    });
+    let pid = p.a.pid().unwrap();
+    let sigterm = Instant::now();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    // New tunnels reach the device through b within 2 s: make-before-break.
+    let echo = echo_server().await;
+    let moved = eventually(Duration::from_secs(10), || async {
+        connect_status(p.b.proxy, &p.key, &p.uuid, echo).await.0 == 200
+            && holder(&api, &p.uuid).await.as_deref() == Some("b")
+    })
+    .await;
+    assert!(moved.is_some(), "the device did not move to b");
+    eprintln!(
+        "new tunnels through b {:?} after SIGTERM",
+        sigterm.elapsed()
+    );
+    // a says it is draining, not ready, and takes no new CONNECT; its API still answers.
+    let (status, relays) = api.call("GET", "/v1/relays", None).await;
+    assert_eq!(status, 200);
+    let a_row = relays
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "a")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(a_row["draining"], true, "{relays}");
+    let ready = http()
+        .get(format!("http://{}/readyz", p.a.api))
+        .send()
+        .await
+        .expect("the API answers during the drain");
+    assert_eq!(ready.status().as_u16(), 503);
+    assert!(
+        tokio::net::TcpStream::connect(p.a.proxy).await.is_err()
+            || connect_status(p.a.proxy, &p.key, &p.uuid, echo).await.0 == 0,
+        "a draining relay took a new CONNECT"
+    );
+    // The transfers that were running finish intact.
+    let (l, f) = tokio::time::timeout(Duration::from_secs(60), reading)
+        .await
+        .expect("transfers did not finish")
+        .unwrap();
+    let want = sha256_hex(&random_bytes(8 << 20, 21));
+    assert_eq!(sha256_hex(&l), want, "the local transfer was cut");
+    assert_eq!(sha256_hex(&f), want, "the forwarded transfer was cut");
+    p.a.stop();
+}
+
+/// A service that sends `len` pseudo-random bytes slowly (64 KiB every 20 ms), then closes.
+async fn slow_source(len: usize, seed: u64) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let data = random_bytes(len, seed);
+                for chunk in data.chunks(64 * 1024) {
+                    if s.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    port
+}

@@ -153,6 +153,10 @@ pub struct Limits {
     /// a new connection from an address that has not proven it can receive is sent a
     /// Retry first, so a flood of spoofed Initials costs one stateless packet each.
     pub quic_retry_above_pending: usize,
+    /// QUIC handshakes (connections not yet through their hello) in progress at most; past
+    /// it new connections are refused at once, cheaply, and their agents back off, rather
+    /// than started and left to time out when a whole relay's devices arrive together.
+    pub handshakes_max: usize,
     /// The largest control frame.
     pub frame_max_bytes: usize,
     /// How long an authorization answer may be reused.
@@ -184,6 +188,7 @@ impl Default for Limits {
             api_body_timeout_ms: 30_000,
             api_connections_max: 10_000,
             quic_retry_above_pending: 1_000,
+            handshakes_max: 2_000,
             frame_max_bytes: 64 * 1024,
             auth_cache_ms: 2_000,
             shutdown_grace_secs: 30,
@@ -547,6 +552,7 @@ impl RelayConfig {
                 l.proxy_unauthenticated_per_source,
             ),
             ("limits.api_connections_max", l.api_connections_max),
+            ("limits.handshakes_max", l.handshakes_max),
         ] {
             if v == 0 {
                 return invalid(key, "must be positive");

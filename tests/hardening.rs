@@ -478,6 +478,27 @@ async fn quic_admission_sends_retries_under_load() {
 }
 
 #[tokio::test]
+async fn handshakes_in_flight_are_capped() {
+    let w = World::new(&limits("handshakes_max = 1\nhello_timeout_ms = 500"));
+    let (uuid, key) = w.device_in("pis").await;
+    // One connection sits between handshake and hello: the cap is full.
+    let idle = fake_device::dial(w.relay.device, &w.relay.cert()).await;
+    let refused = fake_device::try_dial(w.relay.device, &w.relay.cert()).await;
+    assert!(
+        matches!(refused, Err(quinn::ConnectionError::ConnectionClosed(_))),
+        "{refused:?}"
+    );
+    // Once it is gone (closed by the hello timeout), devices get in again.
+    drop(idle);
+    let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let text = metrics(&w.relay).await;
+    assert!(
+        text.contains("cloudlink_quic_admissions_total{action=\"refuse\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn connect_heads_are_parsed_strictly() {
     let w = World::new(&limits(""));
     let (uuid, _) = w.device_in("pis").await;

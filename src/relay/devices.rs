@@ -138,9 +138,11 @@ enum Admission {
 }
 
 /// Admission by open connections (as quinn's server example does): refuse past
-/// `max_devices`; while more than `quic_retry_above_pending` handshakes are in progress,
-/// make addresses that have not been validated prove themselves with a Retry, so a flood
-/// of spoofed Initials costs us one stateless packet each instead of connection state.
+/// `max_devices` or past `handshakes_max` handshakes in flight (a storm of reconnecting
+/// devices is served as fast as it can be finished, the rest back off and come again);
+/// while more than `quic_retry_above_pending` handshakes are in progress, make addresses
+/// that have not been validated prove themselves with a Retry, so a flood of spoofed
+/// Initials costs us one stateless packet each instead of connection state.
 fn admission(endpoint: &quinn::Endpoint, incoming: &quinn::Incoming, state: &Shared) -> Admission {
     let limits = &state.config.limits;
     let open = endpoint.open_connections();
@@ -148,6 +150,9 @@ fn admission(endpoint: &quinn::Endpoint, incoming: &quinn::Incoming, state: &Sha
         return Admission::Refuse;
     }
     let pending = open.saturating_sub(state.registry.device_count());
+    if pending >= limits.handshakes_max {
+        return Admission::Refuse;
+    }
     if pending >= limits.quic_retry_above_pending && !incoming.remote_address_validated() {
         return Admission::Retry;
     }

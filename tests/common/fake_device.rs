@@ -9,16 +9,22 @@ use cloudlink::tls_client::{self, Trust};
 
 /// Dials the relay's device listener; returns the connection (handshake done, no hello).
 pub async fn dial(device: std::net::SocketAddr, cert: &Path) -> quinn::Connection {
+    try_dial(device, cert)
+        .await
+        .expect("QUIC handshake with the relay")
+}
+
+/// Dials, returning how the handshake ended.
+pub async fn try_dial(
+    device: std::net::SocketAddr,
+    cert: &Path,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
     cloudlink::tls_client::install_crypto();
     let tls = tls_client::config(Trust::CaFile(cert), &[cloudlink::proto::ALPN]).unwrap();
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    endpoint
-        .connect(device, "localhost")
-        .unwrap()
-        .await
-        .expect("QUIC handshake with the relay")
+    endpoint.connect(device, "localhost").unwrap().await
 }
 
 /// Dials and says hello; returns the connection, the control stream and the relay's answer.

@@ -163,12 +163,6 @@ impl Agent {
                         Duration::from_millis(rand::rng().random_range(0..=*ms))
                     }
                 }
-                Outcome::Rejected(RejectCode::Draining, _) => {
-                    // Landed on a draining relay (a load balancer's choice): try another
-                    // one at once.
-                    self.set_state(LinkState::Down(format!("relay {relay} is draining")));
-                    Duration::ZERO
-                }
                 other => {
                     if started.elapsed() >= STABLE_SESSION && matches!(other, Outcome::Lost(_)) {
                         failures = 0;
@@ -238,9 +232,11 @@ impl Agent {
                     return self.serve(conn, control).await;
                 }
                 Ok(Err(Outcome::Rejected(RejectCode::Draining, m))) => {
-                    // Another address of the same name may be a live relay.
+                    // Landed on a draining relay (a load balancer's choice): the next
+                    // address of the name, then the next relay of the list, at once; only
+                    // when every one fails does the agent back off.
                     self.avoid = Some(addr);
-                    last_error = m;
+                    last_error = format!("{addr} is draining: {m}");
                 }
                 Ok(Err(Outcome::Unreachable(e))) => last_error = e,
                 Ok(Err(other)) => return other,
@@ -392,7 +388,7 @@ async fn read_control(mut recv: quinn::RecvStream, tx: mpsc::Sender<RelayControl
 }
 
 /// Exponential backoff with full jitter: a random pause up to min(cap, 1 s × 2^failures).
-fn backoff(failures: u32, cap: Duration) -> Duration {
+pub fn backoff(failures: u32, cap: Duration) -> Duration {
     let ceiling = Duration::from_secs(1)
         .saturating_mul(1u32 << failures.min(16))
         .min(cap);

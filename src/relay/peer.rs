@@ -137,6 +137,7 @@ pub async fn forward<C: ClientConn>(
         Ok(found) => found,
         Err(why) => {
             state.registry.remove_tunnel(&f.entry.id);
+            state.remember_owner(&f.device, None);
             tracing::warn!(owner = %f.owner.relay_id, addr = %f.owner.peer_addr, "cannot forward: {why}");
             return proxy::refuse(client, state, f.version, Refusal::DeviceOffline).await;
         }
@@ -145,6 +146,10 @@ pub async fn forward<C: ClientConn>(
     if status != 200 {
         // The owner's answer reaches the user unchanged, in the user's HTTP version.
         state.registry.remove_tunnel(&f.entry.id);
+        if status == 503 {
+            // It no longer holds the device: ask the store next time.
+            state.remember_owner(&f.device, None);
+        }
         state
             .metrics
             .proxy_responses

@@ -49,6 +49,10 @@ pub struct Shared {
     pub proxy_pending: Arc<Semaphore>,
     /// Places for CONNECT connections that have not authenticated yet, per source.
     pub proxy_sources: SourceSlots,
+    /// Where recently forwarded devices are (device → owner relay), for a few seconds: a
+    /// CONNECT through a peer hop then costs no store round trip. Dropped on any presence
+    /// change of the device and when the owner cannot be reached.
+    pub owners: Mutex<HashMap<String, (crate::store::Presence, Instant)>>,
     /// When each API key's use was last sent to the store, so a busy key costs one write
     /// a minute and a failing store one attempt a minute, not one per request.
     key_uses: Mutex<HashMap<Id, Instant>>,
@@ -81,8 +85,35 @@ impl Shared {
             proxy_pending: Arc::new(Semaphore::new(config.limits.proxy_unauthenticated_max)),
             proxy_sources: SourceSlots::new(config.limits.proxy_unauthenticated_per_source),
             key_uses: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
             config,
         })
+    }
+
+    /// The relay that holds `device`, as recently seen; see [`Shared::owners`].
+    pub fn cached_owner(&self, device: &str) -> Option<crate::store::Presence> {
+        let ttl = std::time::Duration::from_millis(self.config.limits.auth_cache_ms);
+        let owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        owners
+            .get(device)
+            .filter(|(_, at)| at.elapsed() < ttl)
+            .map(|(p, _)| p.clone())
+    }
+
+    /// Remembers where `presence.device_uuid` is, or (`None`) forgets it.
+    pub fn remember_owner(&self, device: &str, presence: Option<crate::store::Presence>) {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        match presence {
+            Some(p) if self.config.limits.auth_cache_ms > 0 => {
+                if owners.len() >= 50_000 {
+                    owners.clear();
+                }
+                owners.insert(device.to_owned(), (p, Instant::now()));
+            }
+            _ => {
+                owners.remove(device);
+            }
+        }
     }
 
     /// What the heartbeat reports: draining, devices and tunnels now.

@@ -103,13 +103,22 @@ pub async fn admit(
             .map(Route::Local);
     }
     // Not here: the relay that holds it, if a live one does.
-    let owner = match state.store.presence(&device).await {
-        Ok(Some(p)) if p.relay_id != state.relay_id && state.peer_keys.is_some() => p,
-        Ok(_) => return Err(Refusal::DeviceOffline),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot look up where a device is");
-            return Err(Refusal::StoreUnavailable);
-        }
+    if state.peer_keys.is_none() {
+        return Err(Refusal::DeviceOffline);
+    }
+    let owner = match state.cached_owner(&device) {
+        Some(p) => p,
+        None => match state.store.presence(&device).await {
+            Ok(Some(p)) if p.relay_id != state.relay_id => {
+                state.remember_owner(&device, Some(p.clone()));
+                p
+            }
+            Ok(_) => return Err(Refusal::DeviceOffline),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look up where a device is");
+                return Err(Refusal::StoreUnavailable);
+            }
+        },
     };
     admit_entry(state, &entry)?;
     Ok(Route::Peer(Forward {

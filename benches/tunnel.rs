@@ -381,7 +381,8 @@ async fn many_tunnels(target: &Target, uuid: &str, n: usize, size: u64) -> (f64,
 
 /// One simulated device: dial, hello, stay; on drain or loss, reconnect as the agent does
 /// (a random pause within the drain window; after a failed dial, exponential backoff with
-/// full jitter, capped at 60 s: `agent::backoff`).
+/// full jitter, capped at 60 s, or 8 s soon after a drain: `agent::backoff`,
+/// `agent::backoff_cap`).
 async fn sim_device(
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
@@ -396,13 +397,16 @@ async fn sim_device(
     use rand::Rng;
     let mut pause = Duration::ZERO;
     let mut failures = 0u32;
+    let mut drained_at: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = stop.cancelled() => return,
         }
         failures = failures.saturating_add(1);
-        pause = cloudlink::agent::backoff(failures, Duration::from_secs(60));
+        let cap =
+            cloudlink::agent::backoff_cap(drained_at.map(|t| t.elapsed()), Duration::from_secs(60));
+        pause = cloudlink::agent::backoff(failures, cap);
         let dial = async {
             let conn = endpoint
                 .connect_with(client.clone(), relay, "localhost")
@@ -439,6 +443,7 @@ async fn sim_device(
         connected.fetch_sub(1, Ordering::SeqCst);
         conn.close(0u32.into(), b"bye");
         if let Some(RelayControl::Drain { reconnect_ms }) = msg {
+            drained_at = Some(Instant::now());
             pause = Duration::from_millis(rand::rng().random_range(0..=reconnect_ms));
         }
         if stop.is_cancelled() {

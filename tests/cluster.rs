@@ -47,22 +47,6 @@ fn admin_key(relays: &[&Relay]) -> String {
     keys[0].trim().to_owned()
 }
 
-/// Retries `f` until true or `limit` passes; how long it took.
-async fn eventually<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if f().await {
-            return Some(started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    None
-}
-
 async fn connect_status(proxy: SocketAddr, token: &str, uuid: &str, port: u16) -> (u16, String) {
     let request =
         format!("CONNECT {uuid}:{port} HTTP/1.1\r\nProxy-Authorization: Bearer {token}\r\n\r\n");

@@ -5,7 +5,7 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::json;
@@ -83,24 +83,6 @@ async fn status_of_get(api: std::net::SocketAddr, path: &str) -> u16 {
         .expect("API reachable")
         .status()
         .as_u16()
-}
-
-/// Retries `f` until it returns true or `limit` passes; how long it took.
-async fn eventually<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(50);
-    while started.elapsed() < limit {
-        if f().await {
-            return Some(started.elapsed());
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(500));
-    }
-    None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

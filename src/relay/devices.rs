@@ -189,9 +189,12 @@ async fn read_hello(
         .map_err(|_| HelloFailure::Timeout)?
 }
 
-/// Checks a hello's fields, version and key; returns the normalised uuid and which of the
-/// device's keys it used.
-async fn check_hello(state: &Shared, hello: &Hello) -> Result<(String, KeyMatch), HelloFailure> {
+/// Checks a hello's fields, version and key; returns the normalised uuid, which of the
+/// device's keys it used, and whether the device is in a key rotation.
+async fn check_hello(
+    state: &Shared,
+    hello: &Hello,
+) -> Result<(String, KeyMatch, bool), HelloFailure> {
     hello
         .check_fields()
         .map_err(|e| HelloFailure::Protocol(ProtoError::Unexpected(e)))?;
@@ -214,8 +217,9 @@ async fn check_hello(state: &Shared, hello: &Hello) -> Result<(String, KeyMatch)
         .await
         .map_err(HelloFailure::Store)?;
     let hash = tokens::hash_secret(&hello.key);
+    let rotating = device.as_ref().is_some_and(|d| d.prev_key_hash.is_some());
     match device.and_then(|d| d.key_matches(&hash, crate::store::now_ms())) {
-        Some(which) => Ok((uuid, which)),
+        Some(which) => Ok((uuid, which, rotating)),
         None => Err(unauthorized),
     }
 }
@@ -252,14 +256,17 @@ async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
     } else {
         check_hello(&state, &hello).await
     };
-    let (uuid, key) = match checked {
+    let (uuid, key, rotating) = match checked {
         Ok(found) => found,
         Err(failure) => return refuse(&conn, &state, Some(&mut send), failure).await,
     };
     if key == KeyMatch::Current {
-        // After a rotation, the first hello with the new key retires the old one.
-        if let Err(e) = state.store.forget_previous_device_key(&uuid).await {
-            tracing::warn!(device = %uuid, error = %e, "cannot retire the previous device key");
+        // After a rotation, the first hello with the new key retires the old one. (Only
+        // then: a write per hello would serialize a fleet's reconnects on the store.)
+        if rotating {
+            if let Err(e) = state.store.forget_previous_device_key(&uuid).await {
+                tracing::warn!(device = %uuid, error = %e, "cannot retire the previous device key");
+            }
         }
     } else {
         tracing::info!(device = %uuid, "device connected with its previous key (rotation grace period)");
@@ -298,8 +305,12 @@ async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
     if state.registry.remove_device(&uuid, &session_id) {
         state.metrics.devices_connected.dec();
     }
-    if let Err(e) = state.store.clear_presence(&uuid, &session_id).await {
-        tracing::warn!(device = %uuid, error = %e, "cannot clear presence");
+    // At shutdown the relay removes all of its presence rows in one statement; one write
+    // per device here would only hold up the exit.
+    if !state.shutdown.is_cancelled() {
+        if let Err(e) = state.store.clear_presence(&uuid, &session_id).await {
+            tracing::warn!(device = %uuid, error = %e, "cannot clear presence");
+        }
     }
     let reason = conn
         .close_reason()

@@ -631,6 +631,15 @@ impl Store for SqlStore {
 
     async fn remove_relay(&self, relay_id: &str) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        // Its devices were last seen now, as each session's own end would have recorded.
+        sqlx::query(
+            "UPDATE devices SET last_seen = $1 WHERE uuid IN \
+             (SELECT device_uuid FROM presence WHERE relay_id = $2)",
+        )
+        .bind(now_ms())
+        .bind(relay_id)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("DELETE FROM presence WHERE relay_id = $1")
             .bind(relay_id)
             .execute(&mut *tx)

@@ -704,6 +704,26 @@ pub fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc status")
 }
 
+/// Retries `f` (with a short pause between tries) until it returns true or `limit`
+/// passes; how long it took. For conditions another process brings about in its own time,
+/// never as a stand-in for readiness.
+pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(20);
+    while started.elapsed() < limit {
+        if f().await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+    None
+}
+
 /// The relay's Prometheus text.
 pub async fn metrics(relay: &Relay) -> String {
     http()

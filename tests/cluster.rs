@@ -408,6 +408,32 @@ async fn a_killed_relay_s_devices_come_back_through_a_survivor() {
     assert_eq!(holder(&api, &p.uuid).await.as_deref(), Some("b"));
 }
 
+/// The same with default liveness settings (keep-alive 10 s, idle 30 s): the device must
+/// be reachable through the survivor within 45 s of the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_default_settings_a_dead_relay_s_device_is_back_within_45_s() {
+    let Some(mut p) = pair(&limits("")).await else {
+        return;
+    };
+    let agent = Agent::start_to(&[&p.a, &p.b], &p.uuid, &p.device_key, &[]);
+    let echo = echo_server().await;
+    let killed = Instant::now();
+    p.a.kill();
+    let back = eventually(Duration::from_secs(45), || async {
+        connect_status(p.b.proxy, &p.key, &p.uuid, echo).await.0 == 200
+    })
+    .await;
+    assert!(
+        back.is_some(),
+        "not back through the survivor within 45 s:\n{}",
+        agent.stderr.text()
+    );
+    eprintln!(
+        "with default settings: back {:?} after the kill",
+        killed.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_relay_lets_transfers_finish_while_devices_move() {
     let Some(mut p) = pair(&limits("shutdown_grace_secs = 30")).await else {

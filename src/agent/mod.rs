@@ -186,9 +186,11 @@ impl Agent {
                     };
                     self.set_state(LinkState::Down(why));
                     failures = failures.saturating_add(1);
-                    // Try the other relays at once before backing off.
+                    // Try the other relays at once before backing off: one that cannot be
+                    // reached, or one whose link was lost (it may have died), says nothing
+                    // about the next one in the list.
                     if !next.is_multiple_of(relays.len())
-                        && matches!(other, Outcome::Unreachable(_))
+                        && matches!(other, Outcome::Unreachable(_) | Outcome::Lost(_))
                     {
                         Duration::ZERO
                     } else {

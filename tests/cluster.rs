@@ -333,7 +333,9 @@ async fn a_device_moving_relays_supersedes_its_old_session() {
     ));
     let api = Api::new(p.b.api, &p.key);
     assert_eq!(holder(&api, &p.uuid).await.as_deref(), Some("a"));
-    // The real agent connects to b: a hears it through Postgres and supersedes.
+    // The real agent connects to b: a hears it through Postgres and supersedes (once a
+    // listens: its LISTEN connects in the background at start).
+    p.a.stderr.wait_for("listening for presence changes");
     let _agent = Agent::start(&p.b, &p.uuid, &p.device_key, &[]);
     let started = Instant::now();
     let msg: cloudlink::proto::messages::RelayControl = tokio::time::timeout(

@@ -49,13 +49,20 @@ impl SqlStore {
 }
 
 /// Forwards Postgres presence notifications to `tx` for the life of the process,
-/// reconnecting after a lost connection (changes sent meanwhile are missed; the relay's
-/// periodic presence check catches up).
+/// reconnecting after a lost connection. Changes sent meanwhile are missed: a session
+/// that should have been superseded then lives on until its own connection ends (the
+/// agent dropped it when it moved, so the relay's idle timeout closes it) or its relay
+/// drains.
 async fn listen_presence(url: String, tx: broadcast::Sender<PresenceChange>) {
+    let mut announced = false;
     loop {
         match sqlx::postgres::PgListener::connect(&url).await {
             Ok(mut listener) => match listener.listen(PRESENCE_CHANNEL).await {
                 Ok(()) => loop {
+                    if !announced {
+                        tracing::info!("listening for presence changes");
+                        announced = true;
+                    }
                     match listener.recv().await {
                         Ok(n) => {
                             if let Some(change) = PresenceChange::from_payload(n.payload()) {

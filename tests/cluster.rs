@@ -445,8 +445,8 @@ async fn a_draining_relay_lets_transfers_finish_while_devices_move() {
     let api = Api::new(p.b.api, &p.key);
     assert_eq!(holder(&api, &p.uuid).await.as_deref(), Some("a"));
     // Two downloads in flight into a: one local on a, one forwarded from b. The service
-    // trickles, so both are still running when a gets SIGTERM.
-    let slow = slow_source(8 << 20, 21).await;
+    // trickles (64 KiB every 20 ms), so both are still running when a gets SIGTERM.
+    let slow = paced_source(8 << 20, 21, Some(Duration::from_millis(20))).await;
     let mut local = tunnel(p.a.proxy, &p.key, &p.uuid, slow).await;
     let mut forwarded = tunnel(p.b.proxy, &p.key, &p.uuid, slow).await;
     let reading = tokio::spawn(async move {
@@ -502,27 +502,6 @@ async fn a_draining_relay_lets_transfers_finish_while_devices_move() {
     assert_eq!(sha256_hex(&l), want, "the local transfer was cut");
     assert_eq!(sha256_hex(&f), want, "the forwarded transfer was cut");
     p.a.stop();
-}
-
-/// A service that sends `len` pseudo-random bytes slowly (64 KiB every 20 ms), then closes.
-async fn slow_source(len: usize, seed: u64) -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let data = random_bytes(len, seed);
-                for chunk in data.chunks(64 * 1024) {
-                    if s.write_all(chunk).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    port
 }
 
 /// One checksummed round trip through `proxy`: 256 KiB up to the digest service, its

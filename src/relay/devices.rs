@@ -110,7 +110,7 @@ pub async fn watch_presence(state: Arc<Shared>) {
         };
         match change {
             Ok(change) => {
-                state.remember_owner(&change.device_uuid, None);
+                state.owners.remove(&change.device_uuid);
                 if let Some(old) = state
                     .registry
                     .supersede(&change.device_uuid, &change.session)

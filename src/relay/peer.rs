@@ -137,7 +137,7 @@ pub async fn forward<C: ClientConn>(
         Ok(found) => found,
         Err(why) => {
             state.registry.remove_tunnel(&f.entry.id);
-            state.remember_owner(&f.device, None);
+            state.owners.remove(&f.device);
             tracing::warn!(owner = %f.owner.relay_id, addr = %f.owner.peer_addr, "cannot forward: {why}");
             return proxy::refuse(client, state, f.version, Refusal::DeviceOffline).await;
         }
@@ -148,7 +148,7 @@ pub async fn forward<C: ClientConn>(
         state.registry.remove_tunnel(&f.entry.id);
         if status == 503 {
             // It no longer holds the device: ask the store next time.
-            state.remember_owner(&f.device, None);
+            state.owners.remove(&f.device);
         }
         state
             .metrics

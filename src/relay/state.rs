@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::authcache::AuthCache;
+use super::authcache::{AuthCache, TtlCache};
 use super::limits::{AuthFailures, SourceSlots};
 use super::metrics::Metrics;
 use super::registry::Registry;
@@ -49,10 +49,10 @@ pub struct Shared {
     pub proxy_pending: Arc<Semaphore>,
     /// Places for CONNECT connections that have not authenticated yet, per source.
     pub proxy_sources: SourceSlots,
-    /// Where recently forwarded devices are (device → owner relay), for a few seconds: a
-    /// CONNECT through a peer hop then costs no store round trip. Dropped on any presence
-    /// change of the device and when the owner cannot be reached.
-    pub owners: Mutex<HashMap<String, (crate::store::Presence, Instant)>>,
+    /// Where recently forwarded devices are (device → owner relay), for the auth cache's
+    /// lifetime: a CONNECT through a peer hop then costs no store round trip. Dropped on
+    /// any presence change of the device and when the owner cannot be reached.
+    pub owners: TtlCache<String, crate::store::Presence>,
     /// When each API key's use was last sent to the store, so a busy key costs one write
     /// a minute and a failing store one attempt a minute, not one per request.
     key_uses: Mutex<HashMap<Id, Instant>>,
@@ -68,9 +68,7 @@ impl Shared {
         relay_id: String,
     ) -> Arc<Shared> {
         let auth_failures = AuthFailures::new(config.limits.auth_failures_per_minute);
-        let auth_cache = AuthCache::new(std::time::Duration::from_millis(
-            config.limits.auth_cache_ms,
-        ));
+        let cache_ttl = std::time::Duration::from_millis(config.limits.auth_cache_ms);
         Arc::new(Shared {
             store,
             jwt,
@@ -79,41 +77,15 @@ impl Shared {
             metrics: Metrics::new(),
             auth_failures,
             registry: Registry::default(),
-            auth_cache,
+            auth_cache: AuthCache::new(cache_ttl),
+            owners: TtlCache::new(cache_ttl),
             draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             proxy_pending: Arc::new(Semaphore::new(config.limits.proxy_unauthenticated_max)),
             proxy_sources: SourceSlots::new(config.limits.proxy_unauthenticated_per_source),
             key_uses: Mutex::new(HashMap::new()),
-            owners: Mutex::new(HashMap::new()),
             config,
         })
-    }
-
-    /// The relay that holds `device`, as recently seen; see [`Shared::owners`].
-    pub fn cached_owner(&self, device: &str) -> Option<crate::store::Presence> {
-        let ttl = std::time::Duration::from_millis(self.config.limits.auth_cache_ms);
-        let owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        owners
-            .get(device)
-            .filter(|(_, at)| at.elapsed() < ttl)
-            .map(|(p, _)| p.clone())
-    }
-
-    /// Remembers where `presence.device_uuid` is, or (`None`) forgets it.
-    pub fn remember_owner(&self, device: &str, presence: Option<crate::store::Presence>) {
-        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        match presence {
-            Some(p) if self.config.limits.auth_cache_ms > 0 => {
-                if owners.len() >= 50_000 {
-                    owners.clear();
-                }
-                owners.insert(device.to_owned(), (p, Instant::now()));
-            }
-            _ => {
-                owners.remove(device);
-            }
-        }
     }
 
     /// What the heartbeat reports: draining, devices and tunnels now.

@@ -651,13 +651,31 @@ pub async fn digest_server() -> u16 {
 
 /// A service that sends `len` pseudo-random bytes from `seed`, then closes.
 pub async fn source_server(len: usize, seed: u64) -> u16 {
+    paced_source(len, seed, None).await
+}
+
+/// Like [`source_server`], but with `pause` after each 64 KiB when given, so a transfer
+/// is still running when a test acts on it.
+pub async fn paced_source(len: usize, seed: u64, pause: Option<Duration>) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
                 let data = random_bytes(len, seed);
-                let _ = s.write_all(&data).await;
+                let chunk = if pause.is_some() {
+                    64 * 1024
+                } else {
+                    data.len().max(1)
+                };
+                for piece in data.chunks(chunk) {
+                    if s.write_all(piece).await.is_err() {
+                        return;
+                    }
+                    if let Some(pause) = pause {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
                 let _ = s.shutdown().await;
             });
         }

@@ -106,11 +106,11 @@ pub async fn admit(
     if state.peer_keys.is_none() {
         return Err(Refusal::DeviceOffline);
     }
-    let owner = match state.cached_owner(&device) {
+    let owner = match state.owners.get(&device) {
         Some(p) => p,
         None => match state.store.presence(&device).await {
             Ok(Some(p)) if p.relay_id != state.relay_id => {
-                state.remember_owner(&device, Some(p.clone()));
+                state.owners.put(device.clone(), p.clone());
                 p
             }
             Ok(_) => return Err(Refusal::DeviceOffline),
@@ -224,7 +224,8 @@ async fn authorize(
     device: &str,
     port: u16,
 ) -> Result<Decision, Refusal> {
-    if let Some(decision) = state.auth_cache.get(token, device, port) {
+    let key = (token.to_owned(), device.to_owned(), port);
+    if let Some(decision) = state.auth_cache.get(&key) {
         return Ok(decision);
     }
     let decision = policy::authorize(state.store.as_ref(), &state.jwt, token, device, port)
@@ -233,7 +234,9 @@ async fn authorize(
             tracing::warn!(error = %e, "cannot authorize a CONNECT");
             Refusal::StoreUnavailable
         })?;
-    state.auth_cache.put(token, device, port, &decision);
+    if matches!(decision, Decision::Allow { .. }) {
+        state.auth_cache.put(key, decision.clone());
+    }
     Ok(decision)
 }
 

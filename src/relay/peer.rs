@@ -216,23 +216,13 @@ async fn ask_owner(
         .map_err(|e| format!("write failed: {e}"))?;
     // The owner answers within its own open timeout; a little more for the hop.
     let wait = state.config.limits.open_timeout() + PEER_DIAL_TIMEOUT;
-    let read = async {
-        let mut buf = BytesMut::with_capacity(1024);
-        loop {
-            if let Some(end) = connect::head_end(&buf) {
-                return Ok(buf.split_to(end).to_vec()).map(|head| (head, buf));
-            }
-            if buf.len() > MAX_ANSWER {
-                return Err("oversized answer".to_owned());
-            }
-            if peer.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
-                return Err("closed before answering".to_owned());
-            }
-        }
+    // An answer head reads like a request head: up to the blank line, bounded, in time.
+    let (head, rest) = match connect::read_head(&mut peer, MAX_ANSWER, wait).await {
+        Ok((head, rest)) => (head.0.to_vec(), rest),
+        Err(HeadError::Timeout) => return Err("no answer in time".to_owned()),
+        Err(HeadError::TooLarge) => return Err("oversized answer".to_owned()),
+        Err(_) => return Err("closed before answering".to_owned()),
     };
-    let (head, rest) = tokio::time::timeout(wait, read)
-        .await
-        .map_err(|_| "no answer in time".to_owned())??;
     let status: u16 = std::str::from_utf8(&head)
         .ok()
         .and_then(|h| h.split_whitespace().nth(1))

@@ -237,8 +237,13 @@ pub struct RelayConfig {
     pub proxy_listen: SocketAddr,
     /// The CONNECT proxy over TLS.
     pub proxy_tls_listen: Listen,
-    /// The QUIC (UDP) listener devices dial.
-    pub device_listen: SocketAddr,
+    /// The QUIC (UDP) listener devices dial, or `off`.
+    pub device_listen: Listen,
+    /// The TLS-over-TCP device listener (PROTOCOL.md §2b), for devices whose network blocks
+    /// UDP, or `off`; default: the TCP twin of the bound QUIC address (same IP and port
+    /// number), or 0.0.0.0:4433 when QUIC is off. It may share an address with the TLS API
+    /// and TLS CONNECT listeners: ALPN then picks the service.
+    pub device_tcp_listen: Option<Listen>,
     /// Signs user JWTs; default: generated once and kept in the store, shared by every
     /// relay of a cluster.
     pub jwt_secret: Option<Secret>,
@@ -279,7 +284,8 @@ impl Default for RelayConfig {
             api_tls_listen: Listen::At(([0, 0, 0, 0], 8443).into()),
             proxy_listen: ([0, 0, 0, 0], 3128).into(),
             proxy_tls_listen: Listen::At(([0, 0, 0, 0], 3129).into()),
-            device_listen: ([0, 0, 0, 0], 4433).into(),
+            device_listen: Listen::At(([0, 0, 0, 0], 4433).into()),
+            device_tcp_listen: None,
             jwt_secret: None,
             peer_listen: Listen::Off,
             peer_advertise: None,
@@ -325,9 +331,14 @@ pub struct RelayArgs {
     /// CONNECT proxy over TLS, ADDR or `off` [default: 0.0.0.0:3129].
     #[arg(long, env = "CLOUDLINK_PROXY_TLS_LISTEN")]
     pub proxy_tls_listen: Option<Listen>,
-    /// QUIC device listener, UDP [default: 0.0.0.0:4433].
+    /// QUIC device listener, UDP, ADDR or `off` [default: 0.0.0.0:4433].
     #[arg(long, env = "CLOUDLINK_DEVICE_LISTEN")]
-    pub device_listen: Option<SocketAddr>,
+    pub device_listen: Option<Listen>,
+    /// TLS-over-TCP device listener, for networks that block UDP, ADDR or `off` [default:
+    /// the QUIC address's TCP twin]. May share the TLS API's or TLS proxy's address (ALPN
+    /// picks the service), e.g. everything on 443.
+    #[arg(long, env = "CLOUDLINK_DEVICE_TCP_LISTEN")]
+    pub device_tcp_listen: Option<Listen>,
     /// HS256 secret for user JWTs [default: generated once into the store, shared by the
     /// cluster].
     #[arg(long, env = "CLOUDLINK_JWT_SECRET", hide_env_values = true)]
@@ -391,6 +402,9 @@ impl RelayConfig {
         }
         if let Some(v) = args.device_listen {
             config.device_listen = v;
+        }
+        if let Some(v) = args.device_tcp_listen {
+            config.device_tcp_listen = Some(v);
         }
         if let Some(v) = &args.database_url {
             config.database_url = Some(v.clone());
@@ -479,6 +493,12 @@ impl RelayConfig {
                     "must be 1 to 63 characters of a-z, 0-9, _ and -, starting with a letter or digit",
                 );
             }
+        }
+        if self.device_listen == Listen::Off && self.device_tcp_listen == Some(Listen::Off) {
+            return invalid(
+                "device_listen",
+                "with both device_listen and device_tcp_listen off, no device can connect",
+            );
         }
         if let Listen::At(addr) = self.peer_listen {
             if !self.database_url().starts_with("postgres") {

@@ -28,10 +28,11 @@ use std::time::Duration;
 use std::future::Future;
 
 use bytes::{Bytes, BytesMut};
-use quinn::{ReadError, RecvStream, SendStream, VarInt};
+use quinn::{ReadError, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::link::{LinkRecv, LinkSend};
 use crate::proto::messages::codes;
 
 /// The most bytes moved per read: 64 KiB cut CPU per GB by a quarter to a third against
@@ -253,12 +254,12 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Joins a QUIC stream to a socket until both directions end, one side resets, `cancel`
+/// Joins a device-link stream (QUIC or HTTP/2) to a socket until both directions end, one side resets, `cancel`
 /// fires, or nothing moves for `idle` (when set). On any end but [`End::Closed`] the QUIC
 /// stream is reset both ways; the caller resets the socket (see [`End::resets_socket`]).
 pub async fn join<R, W>(
-    mut send: SendStream,
-    mut recv: RecvStream,
+    mut send: LinkSend,
+    mut recv: LinkRecv,
     socket_r: &mut R,
     socket_w: &mut W,
     counters: &Counters,
@@ -282,8 +283,8 @@ where
             End::Cancelled | End::Idle => codes::STREAM_CANCELLED,
             _ => codes::STREAM_RESET,
         };
-        let _ = send.reset(VarInt::from_u32(code));
-        let _ = recv.stop(VarInt::from_u32(code));
+        send.reset(code);
+        recv.stop(code);
     }
     end
 }

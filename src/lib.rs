@@ -15,7 +15,9 @@
 //!   OpenSSH public key checks.
 //! - [`proto`]: bytes on the wire, no I/O policy: CONNECT heads, frames, messages.
 //! - [`quic`]: UDP sockets and transport settings shared by relay and agent.
-//! - [`forward`]: the hot path, one QUIC stream joined to one socket.
+//! - [`forward`]: the hot path, one device-link stream joined to one socket.
+//! - [`link`]: the device link's two transports behind one face: QUIC, and TLS over TCP
+//!   with HTTP/2 streams (`link/h2.rs`) where UDP is blocked.
 //! - [`splice`]: TCP to TCP through a pipe with `splice(2)`, for forwarded tunnels.
 //! - [`logsafe`]: the one escaping path for peer-supplied text on its way to a log line.
 //! - [`relay`]: the server. `mod.rs` starts and stops the listeners together; `listen.rs`
@@ -47,6 +49,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod forward;
+pub mod link;
 pub mod logsafe;
 pub mod proto;
 pub mod quic;

@@ -202,17 +202,18 @@ async fn serve_relay(config: RelayConfig) -> Result<()> {
         println!("bootstrap admin key written to {}", path.display());
     }
     let addrs = relay.addrs();
-    tracing::info!(api = %addrs.api, api_tls = ?addrs.api_tls, proxy = %addrs.proxy, proxy_tls = ?addrs.proxy_tls, device = %addrs.device, "relay listening");
+    tracing::info!(api = %addrs.api, api_tls = ?addrs.api_tls, proxy = %addrs.proxy, proxy_tls = ?addrs.proxy_tls, device = ?addrs.device, device_tcp = ?addrs.device_tcp, "relay listening");
     let optional = |name: &str, addr: Option<std::net::SocketAddr>| {
         addr.map(|a| format!(" {name}={a}")).unwrap_or_default()
     };
     println!(
-        "relay listening: api={}{} proxy={}{} device={}{}",
+        "relay listening: api={}{} proxy={}{}{}{}{}",
         addrs.api,
         optional("api_tls", addrs.api_tls),
         addrs.proxy,
         optional("proxy_tls", addrs.proxy_tls),
-        addrs.device,
+        optional("device", addrs.device),
+        optional("device_tcp", addrs.device_tcp),
         optional("peer", addrs.peer),
     );
     relay.run(shutdown_signal()).await?;

@@ -68,6 +68,38 @@ async fn holder(api: &Api, uuid: &str) -> Option<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_on_the_tcp_link_is_reached_through_either_relay() {
+    let Some(p) = pair(&limits("")).await else {
+        return;
+    };
+    let entry = format!("tcp://{}", p.a.device_tcp.expect("a TCP device listener"));
+    let agent = Agent::spawn_with(&[entry], &p.a.cert(), &p.uuid, &p.device_key, &[], &[]);
+    agent.stderr.wait_for("connected to relay");
+    // Either relay shows where the device is and how it is connected.
+    for relay in [&p.a, &p.b] {
+        let (status, d) = Api::new(relay.api, &p.key)
+            .call("GET", &format!("/v1/devices/{}", p.uuid), None)
+            .await;
+        assert_eq!(status, 200, "{d}");
+        assert_eq!(
+            (d["relay"].as_str(), d["transport"].as_str()),
+            (Some("a"), Some("tcp"))
+        );
+    }
+    // A checksummed transfer through b is forwarded to a, then over the TCP link.
+    let digest = digest_server().await;
+    let data = random_bytes(8 << 20, 31);
+    let mut s = tunnel(p.b.proxy, &p.key, &p.uuid, digest).await;
+    s.write_all(&data).await.unwrap();
+    s.shutdown().await.unwrap();
+    let answer = String::from_utf8(read_to_end(&mut s).await).unwrap();
+    assert_eq!(
+        answer,
+        format!("got {} bytes, sha256 {}", data.len(), sha256_hex(&data))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_relays_start_together_and_share_one_identity() {
     let Some(pg) = TempPg::start() else { return };
     let dir = tempfile::tempdir().unwrap();

@@ -218,13 +218,14 @@ async fn conformance(s: Arc<dyn Store>) {
 
     // Relays and presence.
     s.register_relay("r1", "127.0.0.1:7000").await.unwrap();
-    s.set_presence(D1, "r1", "sess-1").await.unwrap();
+    s.set_presence(D1, "r1", "sess-1", "quic").await.unwrap();
     let p = s.presence(D1).await.unwrap().unwrap();
     assert_eq!((p.relay_id.as_str(), p.session.as_str()), ("r1", "sess-1"));
     assert_eq!(p.peer_addr, "127.0.0.1:7000");
     let d1 = s.device(D1).await.unwrap().unwrap();
     assert!(d1.online() && d1.last_seen.is_some());
     assert_eq!(d1.relay.as_deref(), Some("r1"));
+    assert_eq!(d1.transport.as_deref(), Some("quic"));
     let status = store::RelayStatus {
         draining: true,
         devices: 3,
@@ -241,13 +242,13 @@ async fn conformance(s: Arc<dyn Store>) {
     assert!(r1.alive(store::now_ms()));
     assert!(!r1.alive(store::now_ms() + store::RELAY_DEAD_AFTER_MS + 1));
     // A newer session replaces; clearing the older one then changes nothing.
-    s.set_presence(D1, "r1", "sess-2").await.unwrap();
+    s.set_presence(D1, "r1", "sess-2", "quic").await.unwrap();
     s.clear_presence(D1, "sess-1").await.unwrap();
     assert_eq!(s.presence(D1).await.unwrap().unwrap().session, "sess-2");
     s.clear_presence(D1, "sess-2").await.unwrap();
     assert_eq!(s.presence(D1).await.unwrap(), None);
     assert!(!s.device(D1).await.unwrap().unwrap().online());
-    s.set_presence(D2, "r1", "sess-3").await.unwrap();
+    s.set_presence(D2, "r1", "sess-3", "quic").await.unwrap();
     s.clear_relay_presence("r1").await.unwrap();
     assert_eq!(s.presence(D2).await.unwrap(), None);
 
@@ -256,7 +257,7 @@ async fn conformance(s: Arc<dyn Store>) {
     // The Postgres listener connects in the background: repeat until one arrives.
     let mut heard = None;
     for _ in 0..50 {
-        s.set_presence(D2, "r1", "sess-4").await.unwrap();
+        s.set_presence(D2, "r1", "sess-4", "quic").await.unwrap();
         if let Ok(Ok(change)) =
             tokio::time::timeout(std::time::Duration::from_millis(200), changes.recv()).await
         {
@@ -276,12 +277,16 @@ async fn conformance(s: Arc<dyn Store>) {
 
     // Dead relays are pruned with their presence; a clean stop removes a relay's rows.
     s.register_relay("r2", "127.0.0.1:7001").await.unwrap();
-    s.set_presence(D2, "r2", "sess-5").await.unwrap();
+    s.set_presence(D2, "r2", "sess-5", "tcp").await.unwrap();
+    assert_eq!(
+        s.device(D2).await.unwrap().unwrap().transport.as_deref(),
+        Some("tcp")
+    );
     assert_eq!(s.prune_relays(store::now_ms() - 60_000).await.unwrap(), 0);
     assert_eq!(s.prune_relays(store::now_ms() + 1).await.unwrap(), 2);
     assert_eq!(s.list_relays().await.unwrap(), vec![]);
     s.register_relay("r1", "127.0.0.1:7000").await.unwrap();
-    s.set_presence(D2, "r1", "sess-6").await.unwrap();
+    s.set_presence(D2, "r1", "sess-6", "quic").await.unwrap();
     s.remove_relay("r1").await.unwrap();
     assert_eq!(s.list_relays().await.unwrap(), vec![]);
     assert_eq!(s.presence(D2).await.unwrap(), None);

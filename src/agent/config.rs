@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Secret;
+use crate::link::Transport;
 
 /// The default config file; read when it exists and `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/cloudlink/agent.toml";
@@ -13,8 +14,14 @@ pub const DEFAULT_CONFIG: &str = "/etc/cloudlink/agent.toml";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
-    /// Relays to dial, `HOST:PORT`, tried in turn (a name may resolve to many addresses).
+    /// Relays to dial, tried in turn (a name may resolve to many addresses):
+    /// `HOST:PORT` (both transports, same port), `quic://HOST:PORT` or `tcp://HOST:PORT`.
     pub relay: Vec<String>,
+    /// Which device link to use: `auto` (QUIC, falling back to TLS over TCP where UDP is
+    /// blocked), `quic` or `tcp`.
+    pub transport: TransportChoice,
+    /// While on TCP in `auto`, how often to try QUIC again, seconds (jittered).
+    pub quic_probe_secs: u64,
     /// This device's uuid.
     pub uuid: String,
     /// This device's key.
@@ -50,6 +57,8 @@ impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             relay: Vec::new(),
+            transport: TransportChoice::Auto,
+            quic_probe_secs: 600,
             uuid: String::new(),
             key: Secret::default(),
             ca: None,
@@ -66,15 +75,86 @@ impl Default for AgentConfig {
     }
 }
 
+/// Which device link the agent uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// QUIC first; TLS over TCP when no QUIC handshake completes within 3 s.
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// TLS over TCP only.
+    Tcp,
+}
+
+impl TransportChoice {
+    /// As written in agent.toml.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportChoice::Auto => "auto",
+            TransportChoice::Quic => "quic",
+            TransportChoice::Tcp => "tcp",
+        }
+    }
+}
+
+/// One `relay` entry: where, and which transports it may be reached with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelaySpec {
+    /// `HOST:PORT`.
+    pub addr: String,
+    /// The scheme given, if any.
+    pub only: Option<Transport>,
+}
+
+impl RelaySpec {
+    /// Parses `HOST:PORT`, `quic://HOST:PORT` or `tcp://HOST:PORT`.
+    pub fn parse(raw: &str) -> Result<RelaySpec, String> {
+        let (only, addr) = match raw.split_once("://") {
+            Some(("quic", rest)) => (Some(Transport::Quic), rest),
+            Some(("tcp", rest)) => (Some(Transport::Tcp), rest),
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "relay {raw}: unknown scheme {scheme}:// (use quic://, tcp:// or none)"
+                ))
+            }
+            None => (None, raw),
+        };
+        let addr = addr.trim_end_matches('/');
+        match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+            _ => return Err(format!("relay {raw} is not HOST:PORT")),
+        }
+        Ok(RelaySpec {
+            addr: addr.to_owned(),
+            only,
+        })
+    }
+
+    /// The transports to try, in order, under `choice`.
+    pub fn transports(&self, choice: TransportChoice) -> Vec<Transport> {
+        let allowed = |t| self.only.is_none_or(|only| only == t);
+        let wanted: &[Transport] = match choice {
+            TransportChoice::Auto => &[Transport::Quic, Transport::Tcp],
+            TransportChoice::Quic => &[Transport::Quic],
+            TransportChoice::Tcp => &[Transport::Tcp],
+        };
+        wanted.iter().copied().filter(|t| allowed(*t)).collect()
+    }
+}
+
 /// Flags and env for `cloudlink agent`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct AgentArgs {
     /// TOML config [default: /etc/cloudlink/agent.toml when it exists].
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
-    /// Relay HOST:PORT (repeatable; tried in turn).
+    /// Relay HOST:PORT, quic://HOST:PORT or tcp://HOST:PORT (repeatable; tried in turn).
     #[arg(long = "relay")]
     pub relay: Vec<String>,
+    /// Device link: auto (QUIC, else TLS over TCP), quic or tcp [default: auto].
+    #[arg(long, env = "CLOUDLINK_TRANSPORT")]
+    pub transport: Option<TransportChoice>,
     /// Device uuid.
     #[arg(long, env = "CLOUDLINK_DEVICE_UUID")]
     pub uuid: Option<String>,
@@ -135,6 +215,9 @@ impl AgentConfig {
         if !args.relay.is_empty() {
             config.relay = args.relay.clone();
         }
+        if let Some(v) = args.transport {
+            config.transport = v;
+        }
         if let Some(v) = &args.uuid {
             config.uuid = v.clone();
         }
@@ -176,6 +259,20 @@ impl AgentConfig {
         if self.relay.is_empty() {
             return Err(AgentConfigError::Invalid(
                 "no relay given (--relay HOST:PORT or `relay` in the config)".into(),
+            ));
+        }
+        for relay in &self.relay {
+            let spec = RelaySpec::parse(relay).map_err(AgentConfigError::Invalid)?;
+            if spec.transports(self.transport).is_empty() {
+                return Err(AgentConfigError::Invalid(format!(
+                    "relay {relay} cannot be reached with transport {}",
+                    self.transport.as_str()
+                )));
+            }
+        }
+        if self.quic_probe_secs == 0 {
+            return Err(AgentConfigError::Invalid(
+                "quic_probe_secs must be positive".into(),
             ));
         }
         if self.ca.is_some() && self.insecure_skip_verify {
@@ -220,5 +317,32 @@ impl AgentConfig {
     /// Whether tunnels may reach `port`.
     pub fn allows(&self, port: u16) -> bool {
         self.allow_ports.is_empty() || self.allow_ports.contains(&port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_entries_name_their_transports() {
+        let bare = RelaySpec::parse("relay.example.com:4433").unwrap();
+        assert_eq!(
+            bare.transports(TransportChoice::Auto),
+            vec![Transport::Quic, Transport::Tcp]
+        );
+        assert_eq!(bare.transports(TransportChoice::Tcp), vec![Transport::Tcp]);
+        let tcp = RelaySpec::parse("tcp://[::1]:443").unwrap();
+        assert_eq!(tcp.addr, "[::1]:443");
+        assert_eq!(tcp.transports(TransportChoice::Auto), vec![Transport::Tcp]);
+        assert!(tcp.transports(TransportChoice::Quic).is_empty());
+        let quic = RelaySpec::parse("quic://10.0.0.1:4433").unwrap();
+        assert_eq!(
+            quic.transports(TransportChoice::Auto),
+            vec![Transport::Quic]
+        );
+        for bad in ["http://x:1", "x", "tcp://x", "quic://:4433", "x:port"] {
+            assert!(RelaySpec::parse(bad).is_err(), "{bad} accepted");
+        }
     }
 }

@@ -1,22 +1,27 @@
-//! The device side: dial a relay, say hello, serve tunnel streams, reconnect forever.
+//! The device side: dial a relay (QUIC, or TLS over TCP where UDP is blocked), say hello,
+//! serve tunnel streams, reconnect forever.
 
 pub mod authorized_keys;
 pub mod config;
+pub mod link;
+pub mod proxy;
 pub mod tunnel;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quinn::VarInt;
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::proto::frame::{self, MAX_FRAME};
-use crate::proto::messages::{codes, Hello, RejectCode, RelayControl, VERSION};
+use crate::link::Transport;
+use crate::proto::messages::{codes, RejectCode, RelayControl};
 use crate::tls_client::{self, Trust};
-pub use config::{AgentArgs, AgentConfig};
+pub use config::{AgentArgs, AgentConfig, RelaySpec, TransportChoice};
+use link::{AgentLink, TunnelRequest};
 
 /// What the agent calls itself in its hello.
 pub const AGENT_NAME: &str = concat!("cloudlink-agent/", env!("CARGO_PKG_VERSION"));
@@ -26,6 +31,9 @@ const STABLE_SESSION: Duration = Duration::from_secs(10);
 
 /// How long one dial (handshake + hello) may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a QUIC handshake may take in `auto` before the agent tries TLS over TCP.
+pub const QUIC_FALLBACK: Duration = Duration::from_secs(3);
 
 /// Errors that stop the agent for good (everything else is retried).
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +51,7 @@ pub enum AgentError {
 
 /// Why a dial or a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Outcome {
+pub enum Outcome {
     /// Could not reach or talk to the relay.
     Unreachable(String),
     /// The relay refused the hello.
@@ -62,14 +70,25 @@ enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum LinkState {
     Starting,
-    Connected(String),
+    Connected(String, Transport),
     Down(String),
+}
+
+/// What the agent needs to dial QUIC, shareable with a background probe.
+#[derive(Clone)]
+struct QuicDialer {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    config: Arc<AgentConfig>,
 }
 
 struct Agent {
     config: Arc<AgentConfig>,
-    endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    relays: Vec<RelaySpec>,
+    /// `None` with `--transport tcp`: no UDP socket is needed.
+    quic: Option<QuicDialer>,
+    tcp_tls: tokio_rustls::TlsConnector,
+    proxies: proxy::ProxyEnv,
     shutdown: CancellationToken,
     state: LinkState,
     /// The address of a relay that is draining: tried last until we connect elsewhere.
@@ -78,6 +97,8 @@ struct Agent {
     connected_to: Option<SocketAddr>,
     /// Tunnels open now, on any session (a drained session's tunnels run on).
     tunnels: Arc<std::sync::atomic::AtomicUsize>,
+    /// Which transport last worked, per relay entry (`auto` starts there).
+    worked: HashMap<String, Transport>,
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -87,7 +108,41 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     if trust == Trust::Insecure {
         tracing::warn!("relay certificate NOT verified (--insecure-skip-verify): development only");
     }
-    let tls = tls_client::config(trust, &[crate::proto::ALPN])?;
+    let relays = config
+        .relay
+        .iter()
+        .map(|r| RelaySpec::parse(r).map_err(config::AgentConfigError::Invalid))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tcp_tls = tls_client::config(trust, &[crate::link::TCP_ALPN])?;
+    let tcp_tls = tokio_rustls::TlsConnector::from(Arc::new(tcp_tls));
+    let uses_quic = relays
+        .iter()
+        .any(|r| r.transports(config.transport).contains(&Transport::Quic));
+    let config = Arc::new(config);
+    let quic = if uses_quic {
+        Some(quic_dialer(config.clone())?)
+    } else {
+        None
+    };
+    let mut agent = Agent {
+        config,
+        relays,
+        quic,
+        tcp_tls,
+        proxies: proxy::ProxyEnv::from_env(),
+        shutdown,
+        state: LinkState::Starting,
+        avoid: None,
+        connected_to: None,
+        tunnels: Default::default(),
+        worked: HashMap::new(),
+    };
+    agent.run().await;
+    Ok(())
+}
+
+fn quic_dialer(config: Arc<AgentConfig>) -> Result<QuicDialer, AgentError> {
+    let tls = tls_client::config(config.trust(), &[crate::proto::ALPN])?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| {
         AgentError::Tls(tls_client::TlsClientError::Rustls(rustls::Error::General(
             e.to_string(),
@@ -104,18 +159,64 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         .or_else(|_| crate::quic::udp_socket((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))
         .map_err(AgentError::Socket)?;
     let endpoint = crate::quic::endpoint(socket, None).map_err(AgentError::Socket)?;
-    let mut agent = Agent {
-        config: Arc::new(config),
+    Ok(QuicDialer {
         endpoint,
         client,
-        shutdown,
-        state: LinkState::Starting,
-        avoid: None,
-        connected_to: None,
-        tunnels: Default::default(),
-    };
-    agent.run().await;
-    Ok(())
+        config,
+    })
+}
+
+impl QuicDialer {
+    /// Dials each address of `relay` in turn (`avoid` last) until one QUIC handshake and
+    /// hello succeed; the handshakes share one `budget`.
+    async fn dial(
+        &self,
+        relay: &str,
+        server_name: &str,
+        avoid: Option<SocketAddr>,
+        budget: Duration,
+    ) -> Result<(AgentLink, SocketAddr), (Outcome, Option<SocketAddr>)> {
+        let (_, mut addrs) = resolve(relay)
+            .await
+            .map_err(|e| (Outcome::Unreachable(e), None))?;
+        addrs.sort_by_key(|a| Some(*a) == avoid);
+        let deadline = tokio::time::Instant::now() + budget;
+        let mut last = (Outcome::Unreachable("no address".into()), None);
+        for addr in addrs {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let dial = link::dial_quic(
+                &self.endpoint,
+                &self.client,
+                &self.config,
+                addr,
+                server_name,
+                left,
+            );
+            match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
+                Ok(Ok(link)) => return Ok((link, addr)),
+                Ok(Err(Outcome::Rejected(RejectCode::Draining, m))) => {
+                    last = (
+                        Outcome::Unreachable(format!("{addr} is draining: {m}")),
+                        Some(addr),
+                    );
+                }
+                Ok(Err(e @ Outcome::Rejected(..))) => return Err((e, None)),
+                Ok(Err(e)) => last = (e, None),
+                Err(_) => {
+                    last = (
+                        Outcome::Unreachable(format!(
+                            "no answer from {addr} within {DIAL_TIMEOUT:?}"
+                        )),
+                        None,
+                    )
+                }
+            }
+        }
+        Err(last)
+    }
 }
 
 impl Agent {
@@ -124,7 +225,18 @@ impl Agent {
             return;
         }
         match &state {
-            LinkState::Connected(relay) => tracing::info!(%relay, "connected to relay"),
+            LinkState::Connected(relay, transport) => {
+                let was = match &self.state {
+                    LinkState::Connected(_, t) => Some(*t),
+                    _ => None,
+                };
+                tracing::info!(%relay, %transport, "connected to relay");
+                if *transport == Transport::Tcp && was != Some(Transport::Tcp) {
+                    tracing::info!("device link on TLS over TCP (QUIC did not get through, or TCP was asked for)");
+                } else if *transport == Transport::Quic && was == Some(Transport::Tcp) {
+                    tracing::info!("device link back on QUIC");
+                }
+            }
             LinkState::Down(why) => {
                 // The reason may quote the relay's own words: escaped like any peer text.
                 tracing::warn!(reason = %crate::logsafe::Peer(why), "relay link down; retrying with backoff")
@@ -134,8 +246,15 @@ impl Agent {
         self.state = state;
     }
 
+    fn close_endpoint(&self) {
+        if let Some(quic) = &self.quic {
+            quic.endpoint
+                .close(VarInt::from_u32(codes::OK), b"agent stopping");
+        }
+    }
+
     async fn run(&mut self) {
-        let relays = self.config.relay.clone();
+        let relays = self.relays.clone();
         let mut next = 0usize;
         let mut failures: u32 = 0;
         // When the last relay said `drain`: a restart or rolling upgrade is under way.
@@ -145,11 +264,13 @@ impl Agent {
             next = next.wrapping_add(1);
             let started = Instant::now();
             let outcome = self.session(&relay).await;
+            let relay = &relay.addr;
             let pause = match &outcome {
                 Outcome::Shutdown => {
-                    self.endpoint
-                        .close(VarInt::from_u32(codes::OK), b"agent stopping");
-                    self.endpoint.wait_idle().await;
+                    self.close_endpoint();
+                    if let Some(quic) = &self.quic {
+                        quic.endpoint.wait_idle().await;
+                    }
                     return;
                 }
                 Outcome::Drain(ms) => {
@@ -206,193 +327,339 @@ impl Agent {
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = self.shutdown.cancelled() => {
-                    self.endpoint.close(VarInt::from_u32(codes::OK), b"agent stopping");
+                    self.close_endpoint();
                     return;
                 }
             }
         }
     }
 
-    /// Dials one relay (each of its addresses in turn) and serves the session.
-    async fn session(&mut self, relay: &str) -> Outcome {
-        let (host, addrs) = match resolve(relay).await {
-            Ok(found) => found,
-            Err(e) => return Outcome::Unreachable(e),
-        };
-        let server_name = self.config.server_name.clone().unwrap_or(host);
-        let mut last_error = String::from("no address");
-        let mut addrs = addrs;
-        // A draining relay's address goes last, behind every other address of the name.
-        if let Some(avoid) = self.avoid {
-            addrs.sort_by_key(|a| *a == avoid);
+    /// The transports to try for `relay`, in order: in `auto`, the one that last worked
+    /// there goes first.
+    fn order(&self, relay: &RelaySpec) -> Vec<Transport> {
+        let mut order = relay.transports(self.config.transport);
+        if order.len() > 1 && self.worked.get(&relay.addr) == Some(&Transport::Tcp) {
+            order.reverse();
         }
-        for addr in addrs {
-            let dial = self.dial(addr, &server_name);
+        order
+    }
+
+    /// Dials one relay (each transport and address in turn) and serves the session.
+    async fn session(&mut self, relay: &RelaySpec) -> Outcome {
+        let order = self.order(relay);
+        let auto = order.len() > 1;
+        let mut last = Outcome::Unreachable("no transport".into());
+        let shutdown = self.shutdown.clone();
+        for transport in order {
             let dialed = tokio::select! {
-                d = tokio::time::timeout(DIAL_TIMEOUT, dial) => d,
-                _ = self.shutdown.cancelled() => return Outcome::Shutdown,
+                d = self.connect(relay, transport, auto) => d,
+                _ = shutdown.cancelled() => return Outcome::Shutdown,
             };
             match dialed {
-                Ok(Ok((conn, control, relay_id))) => {
-                    self.set_state(LinkState::Connected(format!("{relay} ({relay_id})")));
-                    if self.avoid != Some(addr) {
+                Ok((link, addr)) => {
+                    self.worked.insert(relay.addr.clone(), link.transport);
+                    self.set_state(LinkState::Connected(
+                        format!("{} ({})", relay.addr, link.relay_id),
+                        link.transport,
+                    ));
+                    if addr.is_none() || self.avoid != addr {
                         self.avoid = None;
                     }
-                    self.connected_to = Some(addr);
-                    return self.serve(conn, control).await;
+                    self.connected_to = addr;
+                    return self.serve(link, relay, auto).await;
                 }
+                // The relay answered: the other transport would hear the same.
+                Err(e @ Outcome::Rejected(..)) => return e,
+                Err(e) => last = e,
+            }
+        }
+        last
+    }
+
+    /// Dials `relay` over `transport`: QUIC to each of its addresses, or TCP directly to
+    /// each (or once through the `HTTPS_PROXY` proxy, which resolves the name itself).
+    async fn connect(
+        &mut self,
+        relay: &RelaySpec,
+        transport: Transport,
+        auto: bool,
+    ) -> Result<(AgentLink, Option<SocketAddr>), Outcome> {
+        let host = host_of(&relay.addr);
+        let server_name = self.config.server_name.clone().unwrap_or(host.clone());
+        if transport == Transport::Quic {
+            let quic = self
+                .quic
+                .as_ref()
+                .ok_or_else(|| Outcome::Unreachable("QUIC is off".into()))?;
+            let budget = if auto { QUIC_FALLBACK } else { DIAL_TIMEOUT };
+            return match quic
+                .dial(&relay.addr, &server_name, self.avoid, budget)
+                .await
+            {
+                Ok((link, addr)) => Ok((link, Some(addr))),
+                Err((e, draining)) => {
+                    if draining.is_some() {
+                        self.avoid = draining;
+                    }
+                    Err(e)
+                }
+            };
+        }
+        let proxy = self.proxies.for_host(&host).map_err(Outcome::Unreachable)?;
+        if let Some(proxy) = proxy {
+            let dial = async {
+                let tcp = proxy::connect(&proxy, &relay.addr, DIAL_TIMEOUT)
+                    .await
+                    .map_err(Outcome::Unreachable)?;
+                link::dial_tcp(tcp, &self.tcp_tls, &self.config, &server_name).await
+            };
+            return match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
+                Ok(r) => r.map(|link| (link, None)),
+                Err(_) => Err(Outcome::Unreachable(format!(
+                    "no answer from {} through the proxy within {DIAL_TIMEOUT:?}",
+                    relay.addr
+                ))),
+            };
+        }
+        let (_, mut addrs) = resolve(&relay.addr).await.map_err(Outcome::Unreachable)?;
+        // A draining relay's address goes last, behind every other address of the name.
+        addrs.sort_by_key(|a| Some(*a) == self.avoid);
+        let mut last = String::from("no address");
+        for addr in addrs {
+            let dial = async {
+                let tcp = TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| Outcome::Unreachable(format!("{addr}: {e}")))?;
+                let _ = tcp.set_nodelay(true);
+                link::dial_tcp(tcp, &self.tcp_tls, &self.config, &server_name).await
+            };
+            match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
+                Ok(Ok(link)) => return Ok((link, Some(addr))),
                 Ok(Err(Outcome::Rejected(RejectCode::Draining, m))) => {
                     // Landed on a draining relay (a load balancer's choice): the next
-                    // address of the name, then the next relay of the list, at once; only
-                    // when every one fails does the agent back off.
+                    // address, then the next relay, at once.
                     self.avoid = Some(addr);
-                    last_error = format!("{addr} is draining: {m}");
+                    last = format!("{addr} is draining: {m}");
                 }
-                Ok(Err(Outcome::Unreachable(e))) => last_error = e,
-                Ok(Err(other)) => return other,
-                Err(_) => last_error = format!("no answer from {addr} within {DIAL_TIMEOUT:?}"),
+                Ok(Err(Outcome::Unreachable(e))) => last = e,
+                Ok(Err(other)) => return Err(other),
+                Err(_) => last = format!("no answer from {addr} within {DIAL_TIMEOUT:?}"),
             }
         }
-        Outcome::Unreachable(last_error)
+        Err(Outcome::Unreachable(last))
     }
 
-    /// Handshake and hello.
-    async fn dial(
-        &self,
+    /// Serves tunnel requests until the link ends or the relay says drain/replaced. On TCP
+    /// in `auto`, QUIC is tried again in the background every `quic_probe_secs`
+    /// (jittered); once it works, the new QUIC session replaces this one make-before-break
+    /// (this link keeps its open tunnels until the relay closes it).
+    async fn serve(&mut self, mut link: AgentLink, relay: &RelaySpec, auto: bool) -> Outcome {
+        let probe_every = Duration::from_secs(self.config.quic_probe_secs);
+        let mut probe_at = None;
+        let mut probing: Option<tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>>> = None;
+        loop {
+            if auto && link.transport == Transport::Tcp && probe_at.is_none() && probing.is_none() {
+                probe_at = Some(tokio::time::Instant::now() + jitter(probe_every));
+            }
+            let event = tokio::select! {
+                request = link.requests.accept() => Event::Request(request),
+                msg = link.control.recv() => Event::Control(msg),
+                _ = sleep_until(probe_at) => Event::ProbeDue,
+                probed = join_probe(&mut probing) => Event::Probed(probed),
+                _ = self.shutdown.cancelled() => Event::Shutdown,
+            };
+            match event {
+                Event::Request(Ok(request)) => self.spawn_tunnel(request),
+                Event::Request(Err(e)) => return Outcome::Lost(e),
+                Event::Control(Some(RelayControl::Drain { reconnect_ms })) => {
+                    // Make before break: the draining relay may still route a tunnel here
+                    // until this device's new session is up, so the old link keeps
+                    // serving until the relay closes it.
+                    self.spawn_drained(link);
+                    return Outcome::Drain(reconnect_ms);
+                }
+                Event::Control(Some(RelayControl::Replaced)) => {
+                    // Our own QUIC probe replaces this session as it registers, before
+                    // its welcome arrives: wait for the probe before giving up the link.
+                    match probing.take() {
+                        Some(probe) => match probe.await.ok().flatten() {
+                            Some((quic, addr)) => self.adopt(&mut link, quic, addr, relay),
+                            None => return Outcome::Replaced,
+                        },
+                        None => return Outcome::Replaced,
+                    }
+                }
+                Event::Control(Some(other)) => {
+                    tracing::debug!(?other, "ignoring control message")
+                }
+                // The control stream ended; the link's end shows on accept.
+                Event::Control(None) => loop {
+                    tokio::select! {
+                        request = link.requests.accept() => match request {
+                            Ok(request) => self.spawn_tunnel(request),
+                            Err(e) => return Outcome::Lost(e),
+                        },
+                        _ = self.shutdown.cancelled() => {
+                            link.requests.close();
+                            return Outcome::Shutdown;
+                        }
+                    }
+                },
+                Event::ProbeDue => {
+                    probe_at = None;
+                    probing = self.probe_quic(relay);
+                }
+                Event::Probed(Some((quic, addr))) => self.adopt(&mut link, quic, addr, relay),
+                Event::Probed(None) => {
+                    tracing::debug!(relay = %relay.addr, "QUIC still does not get through");
+                }
+                Event::Shutdown => {
+                    link.requests.close();
+                    if let Some(probe) = probing {
+                        probe.abort();
+                    }
+                    return Outcome::Shutdown;
+                }
+            }
+        }
+    }
+
+    /// Moves to the QUIC link a probe made: the old link serves its open tunnels until
+    /// the relay closes it (make-before-break).
+    fn adopt(
+        &mut self,
+        link: &mut AgentLink,
+        quic: AgentLink,
         addr: SocketAddr,
-        server_name: &str,
-    ) -> Result<(quinn::Connection, Control, String), Outcome> {
-        let unreachable = |e: &dyn std::fmt::Display| Outcome::Unreachable(e.to_string());
-        let conn = self
-            .endpoint
-            .connect_with(self.client.clone(), addr, server_name)
-            .map_err(|e| unreachable(&e))?
-            .await
-            .map_err(|e| unreachable(&e))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
-        let hello = Hello {
-            version: VERSION,
-            uuid: self.config.uuid.clone(),
-            key: self.config.key.0.clone(),
-            agent: AGENT_NAME.into(),
-        };
-        frame::write(&mut send, &hello)
-            .await
-            .map_err(|e| unreachable(&e))?;
-        match frame::read_required::<_, RelayControl>(&mut recv, MAX_FRAME).await {
-            Ok(RelayControl::Welcome { relay, .. }) => Ok((conn, Control { send, recv }, relay)),
-            Ok(RelayControl::Reject { code, message }) => Err(Outcome::Rejected(code, message)),
-            Ok(other) => Err(Outcome::Unreachable(format!(
-                "unexpected {other:?} before welcome"
-            ))),
-            Err(e) => Err(Outcome::Unreachable(match conn.close_reason() {
-                Some(reason) => reason.to_string(),
-                None => e.to_string(),
-            })),
-        }
+        relay: &RelaySpec,
+    ) {
+        tracing::info!(relay = %relay.addr, "QUIC gets through again; moving the link over");
+        let old = std::mem::replace(link, quic);
+        self.spawn_drained(old);
+        self.worked.insert(relay.addr.clone(), Transport::Quic);
+        self.connected_to = Some(addr);
+        self.set_state(LinkState::Connected(
+            format!("{} ({})", relay.addr, link.relay_id),
+            Transport::Quic,
+        ));
     }
 
-    /// Serves tunnel streams until the connection ends or the relay says drain/replaced.
-    async fn serve(&self, conn: quinn::Connection, control: Control) -> Outcome {
-        let Control { send: _send, recv } = control;
-        let (tx, mut rx) = mpsc::channel(4);
-        let reader = tokio::spawn(read_control(recv, tx));
-        let outcome = loop {
-            tokio::select! {
-                stream = conn.accept_bi() => match stream {
-                    Ok((send, recv)) => self.spawn_tunnel(send, recv),
-                    Err(e) => break Outcome::Lost(e.to_string()),
-                },
-                msg = rx.recv() => match msg {
-                    Some(RelayControl::Drain { reconnect_ms }) => {
-                        // Make before break: the draining relay may still route a tunnel
-                        // here until this device's new session is up, so the old link
-                        // keeps serving until the relay closes it.
-                        tokio::spawn(serve_drained(
-                            conn.clone(),
-                            self.config.clone(),
-                            self.tunnels.clone(),
-                            self.shutdown.clone(),
-                        ));
-                        break Outcome::Drain(reconnect_ms);
-                    }
-                    Some(RelayControl::Replaced) => break Outcome::Replaced,
-                    Some(other) => tracing::debug!(?other, "ignoring control message"),
-                    // The control stream ended; the connection's end will show on accept.
-                    None => {
-                        let e = conn.closed().await;
-                        break Outcome::Lost(e.to_string());
-                    }
-                },
-                _ = self.shutdown.cancelled() => {
-                    conn.close(VarInt::from_u32(codes::OK), b"agent stopping");
-                    break Outcome::Shutdown;
-                }
-            }
-        };
-        reader.abort();
-        outcome
+    /// Starts a background QUIC dial to `relay`; `None` when QUIC is off.
+    fn probe_quic(
+        &self,
+        relay: &RelaySpec,
+    ) -> Option<tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>>> {
+        let quic = self.quic.clone()?;
+        let addr = relay.addr.clone();
+        let server_name = self
+            .config
+            .server_name
+            .clone()
+            .unwrap_or_else(|| host_of(&addr));
+        Some(tokio::spawn(async move {
+            quic.dial(&addr, &server_name, None, QUIC_FALLBACK)
+                .await
+                .ok()
+        }))
     }
 
-    fn spawn_tunnel(&self, send: quinn::SendStream, recv: quinn::RecvStream) {
+    fn spawn_tunnel(&self, request: TunnelRequest) {
         tokio::spawn(counted_tunnel(
-            send,
-            recv,
+            request,
             self.config.clone(),
             self.tunnels.clone(),
         ));
     }
+
+    fn spawn_drained(&self, link: AgentLink) {
+        tokio::spawn(serve_drained(
+            link,
+            self.config.clone(),
+            self.tunnels.clone(),
+            self.shutdown.clone(),
+        ));
+    }
 }
 
-/// Serves one tunnel stream, counted among the agent's open tunnels.
+/// What woke a session's loop.
+enum Event {
+    Request(Result<TunnelRequest, String>),
+    Control(Option<RelayControl>),
+    ProbeDue,
+    Probed(Option<(AgentLink, SocketAddr)>),
+    Shutdown,
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The probe's result once it finishes (never while none runs).
+async fn join_probe(
+    probe: &mut Option<tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>>>,
+) -> Option<(AgentLink, SocketAddr)> {
+    let Some(handle) = probe.as_mut() else {
+        return std::future::pending().await;
+    };
+    let result = handle.await.ok().flatten();
+    *probe = None;
+    result
+}
+
+/// `every`, give or take a fifth, so a fleet's probes do not line up.
+fn jitter(every: Duration) -> Duration {
+    let fifth = every.as_millis() as u64 / 5;
+    Duration::from_millis(
+        every.as_millis() as u64 - fifth + rand::rng().random_range(0..=2 * fifth),
+    )
+}
+
+/// The host part of `HOST:PORT` (brackets removed).
+fn host_of(addr: &str) -> String {
+    addr.rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
+}
+
+/// Serves one tunnel request, counted among the agent's open tunnels.
 async fn counted_tunnel(
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    request: TunnelRequest,
     config: Arc<AgentConfig>,
     tunnels: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     tunnels.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    tunnel::serve(send, recv, config).await;
+    tunnel::serve(request, config).await;
     tunnels.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
 }
 
-/// Keeps serving tunnel streams on a drained relay's connection until the relay closes it
+/// Keeps serving tunnel requests on a drained or replaced link until the relay closes it
 /// (after this device's new session superseded it and its tunnels ended) or the agent
 /// stops.
 async fn serve_drained(
-    conn: quinn::Connection,
+    mut link: AgentLink,
     config: Arc<AgentConfig>,
     tunnels: Arc<std::sync::atomic::AtomicUsize>,
     shutdown: CancellationToken,
 ) {
     loop {
         tokio::select! {
-            stream = conn.accept_bi() => match stream {
-                Ok((send, recv)) => {
-                    tokio::spawn(counted_tunnel(send, recv, config.clone(), tunnels.clone()));
+            request = link.requests.accept() => match request {
+                Ok(request) => {
+                    tokio::spawn(counted_tunnel(request, config.clone(), tunnels.clone()));
                 }
                 Err(_) => return,
             },
+            // Control messages on a link being left are of no use; read so none backs up.
+            _ = link.control.recv() => {}
             _ = shutdown.cancelled() => {
-                conn.close(VarInt::from_u32(codes::OK), b"agent stopping");
+                link.requests.close();
                 return;
             }
-        }
-    }
-}
-
-/// The control stream of a session. Our half stays open for the session's life: the relay
-/// reads nothing after the hello, but a close would read as a goodbye.
-struct Control {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-}
-
-/// Reads control frames into a channel (frame reads are not cancel-safe, so they run here).
-async fn read_control(mut recv: quinn::RecvStream, tx: mpsc::Sender<RelayControl>) {
-    while let Ok(Some(msg)) = frame::read::<_, RelayControl>(&mut recv, MAX_FRAME).await {
-        if tx.send(msg).await.is_err() {
-            return;
         }
     }
 }

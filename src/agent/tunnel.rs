@@ -1,43 +1,106 @@
-//! One tunnel stream on the device: read `open`, connect locally, answer, forward.
+//! One tunnel on the device: read what the relay asks for (an `open` frame on QUIC, a
+//! CONNECT request on HTTP/2), connect locally, answer, forward.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use quinn::VarInt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::link::TunnelRequest;
 use super::AgentConfig;
 use crate::forward::{self, Counters};
+use crate::link::h2 as link_h2;
+use crate::link::{LinkRecv, LinkSend};
 use crate::proto::frame::{self, MAX_FRAME};
 use crate::proto::messages::{codes, OpenReply, RefuseCode, TunnelOpen};
 
 /// How long the relay has to send `open`, and the local port to accept.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves one stream the relay opened.
-pub async fn serve(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    config: Arc<AgentConfig>,
-) {
-    let open: TunnelOpen = match tokio::time::timeout(
-        OPEN_TIMEOUT,
-        frame::read_required(&mut recv, MAX_FRAME),
-    )
-    .await
-    {
-        Ok(Ok(open)) => open,
-        Ok(Err(e)) => {
-            tracing::warn!(error = %crate::logsafe::Peer(&e.to_string()), "bad tunnel request from the relay");
-            let _ = send.reset(VarInt::from_u32(codes::PROTOCOL));
-            return;
+/// Where the answer to a tunnel request goes.
+enum Answer {
+    Quic(quinn::SendStream),
+    H2(h2::server::SendResponse<Bytes>),
+}
+
+impl Answer {
+    /// Says `opened`; the stream's sending half follows.
+    async fn opened(self) -> Option<LinkSend> {
+        match self {
+            Answer::Quic(mut send) => frame::write(&mut send, &OpenReply::Opened)
+                .await
+                .ok()
+                .map(|()| LinkSend::Quic(send)),
+            Answer::H2(mut respond) => respond
+                .send_response(http::Response::new(()), false)
+                .ok()
+                .map(LinkSend::H2),
         }
-        Err(_) => {
-            let _ = send.reset(VarInt::from_u32(codes::PROTOCOL));
-            return;
+    }
+
+    /// Says `refused` (a 502 or 403 with the message as body on HTTP/2).
+    async fn refuse(self, code: RefuseCode, message: &str) {
+        match self {
+            Answer::Quic(mut send) => {
+                let reply = OpenReply::Refused {
+                    code,
+                    message: message.to_owned(),
+                };
+                if frame::write(&mut send, &reply).await.is_ok() {
+                    let _ = send.finish();
+                }
+            }
+            Answer::H2(mut respond) => {
+                let (status, name) = match code {
+                    RefuseCode::Connect => (http::StatusCode::BAD_GATEWAY, "connect"),
+                    RefuseCode::Forbidden => (http::StatusCode::FORBIDDEN, "forbidden"),
+                };
+                let response = http::Response::builder()
+                    .status(status)
+                    .header(link_h2::REFUSED_HEADER, name)
+                    .header(http::header::CONTENT_TYPE, "text/plain")
+                    .body(())
+                    .expect("a valid response");
+                if let Ok(mut body) = respond.send_response(response, false) {
+                    let _ = body.send_data(Bytes::copy_from_slice(message.as_bytes()), true);
+                }
+            }
         }
+    }
+}
+
+/// Serves one tunnel request.
+pub async fn serve(request: TunnelRequest, config: Arc<AgentConfig>) {
+    let (open, answer, recv) = match request {
+        TunnelRequest::Quic(mut send, mut recv) => {
+            let read = frame::read_required::<_, TunnelOpen>(&mut recv, MAX_FRAME);
+            match tokio::time::timeout(OPEN_TIMEOUT, read).await {
+                Ok(Ok(open)) => (open, Answer::Quic(send), LinkRecv::Quic(recv)),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %crate::logsafe::Peer(&e.to_string()), "bad tunnel request from the relay");
+                    let _ = send.reset(VarInt::from_u32(codes::PROTOCOL));
+                    return;
+                }
+                Err(_) => {
+                    let _ = send.reset(VarInt::from_u32(codes::PROTOCOL));
+                    return;
+                }
+            }
+        }
+        TunnelRequest::H2(request, mut respond) => match connect_request(&request) {
+            Some(open) => (open, Answer::H2(respond), LinkRecv::H2(request.into_body())),
+            None => {
+                tracing::warn!("bad tunnel request from the relay");
+                let mut bad = http::Response::new(());
+                *bad.status_mut() = http::StatusCode::BAD_REQUEST;
+                let _ = respond.send_response(bad, true);
+                return;
+            }
+        },
     };
     let span = tracing::info_span!(
         "tunnel",
@@ -45,25 +108,36 @@ pub async fn serve(
         user = %crate::logsafe::Peer(&open.user),
         port = open.port
     );
-    connect_and_forward(open.port, send, recv, &config)
+    connect_and_forward(open.port, answer, recv, &config)
         .instrument(span)
         .await;
 }
 
-async fn connect_and_forward(
-    port: u16,
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    config: &AgentConfig,
-) {
+/// A CONNECT request as the §2 `open` it stands for: the port from `:authority`
+/// (`127.0.0.1:<port>`), the tunnel and user from their headers.
+fn connect_request(request: &http::Request<h2::RecvStream>) -> Option<TunnelOpen> {
+    let header = |name| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v: &http::HeaderValue| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let port = request.uri().authority()?.port_u16()?;
+    Some(TunnelOpen {
+        port,
+        tunnel: header(link_h2::TUNNEL_HEADER),
+        user: header(link_h2::USER_HEADER),
+    })
+}
+
+async fn connect_and_forward(port: u16, answer: Answer, recv: LinkRecv, config: &AgentConfig) {
     if !config.allows(port) {
         tracing::info!("refused: port not in the allowlist");
-        refuse(
-            &mut send,
-            RefuseCode::Forbidden,
-            "port not allowed on this device",
-        )
-        .await;
+        answer
+            .refuse(RefuseCode::Forbidden, "port not allowed on this device")
+            .await;
         return;
     }
     let local =
@@ -71,18 +145,20 @@ async fn connect_and_forward(
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 tracing::info!(error = %e, "refused: cannot connect locally");
-                refuse(&mut send, RefuseCode::Connect, &e.to_string()).await;
+                answer.refuse(RefuseCode::Connect, &e.to_string()).await;
                 return;
             }
             Err(_) => {
-                refuse(&mut send, RefuseCode::Connect, "local connect timed out").await;
+                answer
+                    .refuse(RefuseCode::Connect, "local connect timed out")
+                    .await;
                 return;
             }
         };
     let _ = local.set_nodelay(true);
-    if frame::write(&mut send, &OpenReply::Opened).await.is_err() {
+    let Some(send) = answer.opened().await else {
         return;
-    }
+    };
     tracing::debug!("tunnel open");
     let counters = Counters::default();
     // A crash of this agent resets the service's connection instead of ending it cleanly.
@@ -109,14 +185,4 @@ async fn connect_and_forward(
         down = counters.to_quic.load(std::sync::atomic::Ordering::Relaxed),
         "tunnel ended"
     );
-}
-
-async fn refuse(send: &mut quinn::SendStream, code: RefuseCode, message: &str) {
-    let reply = OpenReply::Refused {
-        code,
-        message: message.to_owned(),
-    };
-    if frame::write(send, &reply).await.is_ok() {
-        let _ = send.finish();
-    }
 }

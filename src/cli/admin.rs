@@ -468,11 +468,12 @@ fn device_row(d: &DeviceView) -> Vec<String> {
         d.name.clone(),
         d.fleet.clone(),
         if d.online { "online" } else { "offline" }.into(),
+        d.transport.clone().unwrap_or_else(|| "-".into()),
         d.last_seen.clone().unwrap_or_else(|| "never".into()),
     ]
 }
 
-const DEVICE_HEADERS: &[&str] = &["UUID", "NAME", "FLEET", "STATUS", "LAST SEEN"];
+const DEVICE_HEADERS: &[&str] = &["UUID", "NAME", "FLEET", "STATUS", "LINK", "LAST SEEN"];
 
 /// Runs a device admin command.
 pub async fn device(cmd: DeviceAdminCmd, out: Output) -> Result<()> {

@@ -1,6 +1,8 @@
 //! Prometheus metrics of one relay, served at `/metrics`.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 /// Every metric the relay keeps. Counters are bumped when something ends, never per chunk.
 pub struct Metrics {
@@ -10,10 +12,10 @@ pub struct Metrics {
     pub api_responses: IntCounterVec,
     /// CONNECT answers by status code and the side that caused it (`user`, `device`, `relay`).
     pub proxy_responses: IntCounterVec,
-    /// Devices connected to this relay now.
-    pub devices_connected: IntGauge,
-    /// Device hellos accepted.
-    pub device_hellos: IntCounter,
+    /// Devices connected to this relay now, by `transport` (`quic`, `tcp`).
+    pub devices_connected: IntGaugeVec,
+    /// Device hellos accepted, by `transport`.
+    pub device_hellos: IntCounterVec,
     /// Device hellos rejected, by reject code.
     pub device_rejects: IntCounterVec,
     /// Tunnels open now.
@@ -105,9 +107,23 @@ impl Metrics {
             "Tunnels this relay forwarded to the relay holding the device",
         );
         let draining = gauge("cloudlink_draining", "1 while this relay drains");
-        let devices_connected = gauge("cloudlink_devices_connected", "Devices connected now");
+        let devices_connected = register(
+            &registry,
+            "cloudlink_devices_connected",
+            IntGaugeVec::new(
+                Opts::new(
+                    "cloudlink_devices_connected",
+                    "Devices connected now, by transport",
+                ),
+                &["transport"],
+            ),
+        );
         let tunnels_open = gauge("cloudlink_tunnels_open", "Tunnels open now");
-        let device_hellos = counter("cloudlink_device_hellos_total", "Device hellos accepted");
+        let device_hellos = counter_vec(
+            "cloudlink_device_hellos_total",
+            "Device hellos accepted, by transport",
+            &["transport"],
+        );
         let auth_failures = counter("cloudlink_auth_failures_total", "Failed authentications");
         Metrics {
             registry,

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use listen::Listeners;
+use listen::{Listeners, Service};
 use tokio_util::task::TaskTracker;
 
 use crate::auth::tokens::{self, JwtKeys, KeyError};
@@ -86,8 +86,10 @@ pub struct BoundAddrs {
     pub proxy_tls: Option<SocketAddr>,
     /// The peer link, in cluster mode.
     pub peer: Option<SocketAddr>,
-    /// QUIC device listener (UDP).
-    pub device: SocketAddr,
+    /// QUIC device listener (UDP), unless off.
+    pub device: Option<SocketAddr>,
+    /// TLS/TCP device listener, unless off.
+    pub device_tcp: Option<SocketAddr>,
 }
 
 /// A relay that has bound its sockets and is ready to serve.
@@ -100,8 +102,12 @@ pub struct Relay {
     proxy: Listeners,
     /// The peer listener (cluster mode).
     peer: Option<TcpListener>,
-    /// The QUIC endpoint devices dial.
-    devices: quinn::Endpoint,
+    /// The QUIC endpoint devices dial, unless off.
+    devices: Option<quinn::Endpoint>,
+    /// The TLS/TCP device listener, unless off.
+    devices_tcp: Listeners,
+    /// Routers of TLS addresses that several services share.
+    routers: Vec<listen::Router>,
     /// Where the bootstrap admin's key was written on this start, if it was.
     pub admin_key_path: Option<PathBuf>,
 }
@@ -158,28 +164,56 @@ impl Relay {
             // stray one can be refused with a clear code instead of stalling.
             4,
         );
-        let server = tls::quic_server(&material, transport)?;
         let bind_err = |what, addr| move |source| RelayError::Bind { what, addr, source };
-        let socket = crate::quic::udp_socket(config.device_listen)
-            .map_err(bind_err("devices (UDP)", config.device_listen))?;
-        let devices = crate::quic::endpoint(socket, Some(server))
-            .map_err(bind_err("devices (UDP)", config.device_listen))?;
+        let devices = match config.device_listen.addr() {
+            Some(addr) => {
+                let server = tls::quic_server(&material, transport)?;
+                let socket =
+                    crate::quic::udp_socket(addr).map_err(bind_err("devices (UDP)", addr))?;
+                Some(
+                    crate::quic::endpoint(socket, Some(server))
+                        .map_err(bind_err("devices (UDP)", addr))?,
+                )
+            }
+            None => None,
+        };
+        let quic_bound = match &devices {
+            Some(endpoint) => Some(endpoint.local_addr().map_err(|source| {
+                RelayError::Bind {
+                    what: "devices (UDP)",
+                    addr: config
+                        .device_listen
+                        .addr()
+                        .unwrap_or(([0, 0, 0, 0], 0).into()),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        let device_tcp = device_tcp_addr(config.device_tcp_listen, quic_bound);
         let api = bind_tcp("the API", config.api_listen).await?;
-        let api_tls = match config.api_tls_listen.addr() {
-            Some(addr) => Some((
-                bind_tcp("the API over TLS", addr).await?,
-                tls::tcp_acceptor(&material, &[b"http/1.1"])?,
-            )),
-            None => None,
-        };
         let proxy = bind_tcp("CONNECT", config.proxy_listen).await?;
-        let proxy_tls = match config.proxy_tls_listen.addr() {
-            Some(addr) => Some((
-                bind_tcp("CONNECT over TLS", addr).await?,
-                tls::tcp_acceptor(&material, &[])?,
-            )),
-            None => None,
-        };
+        let mut wanted = Vec::new();
+        if let Some(addr) = config.api_tls_listen.addr() {
+            wanted.push((
+                Service::Api,
+                addr,
+                tls::tcp_server(&material, &[b"http/1.1"])?,
+            ));
+        }
+        if let Some(addr) = config.proxy_tls_listen.addr() {
+            wanted.push((Service::Proxy, addr, tls::tcp_server(&material, &[])?));
+        }
+        if let Some(addr) = device_tcp {
+            wanted.push((Service::Device, addr, tls::device_tcp_server(&material)?));
+        }
+        let mut bound = listen::bind_tls(wanted)
+            .await
+            .map_err(|(service, addr, source)| RelayError::Bind {
+                what: service.what(),
+                addr,
+                source,
+            })?;
         let peer = match config.peer_listen.addr() {
             Some(addr) => Some(bind_tcp("the peer link", addr).await?),
             None => None,
@@ -209,13 +243,18 @@ impl Relay {
         Ok(Relay {
             shared,
             api: Listeners {
-                plain: api,
-                tls: api_tls,
+                plain: Some(api),
+                tls: bound.take(Service::Api),
             },
             proxy: Listeners {
-                plain: proxy,
-                tls: proxy_tls,
+                plain: Some(proxy),
+                tls: bound.take(Service::Proxy),
             },
+            devices_tcp: Listeners {
+                plain: None,
+                tls: bound.take(Service::Device),
+            },
+            routers: bound.routers,
             peer,
             devices,
             admin_key_path,
@@ -231,7 +270,8 @@ impl Relay {
             proxy: self.proxy.addrs().0.unwrap_or(c.proxy_listen),
             proxy_tls: self.proxy.addrs().1,
             peer: self.peer.as_ref().and_then(|l| l.local_addr().ok()),
-            device: self.devices.local_addr().unwrap_or(c.device_listen),
+            device: self.devices.as_ref().and_then(|e| e.local_addr().ok()),
+            device_tcp: self.devices_tcp.addrs().1,
         }
     }
 
@@ -249,7 +289,15 @@ impl Relay {
         if let Some(listener) = self.peer {
             background.spawn(peer::run(listener, shared.clone(), tunnels.clone()));
         }
-        background.spawn(devices::run(self.devices, shared.clone()));
+        if let Some(endpoint) = self.devices {
+            background.spawn(devices::quic::run(endpoint, shared.clone()));
+        }
+        background.spawn(devices::tcp::run(self.devices_tcp, shared.clone()));
+        background.spawn(devices::announce_drain(shared.clone()));
+        for router in self.routers {
+            let timeout = shared.config.limits.hello_timeout();
+            background.spawn(router.run(timeout, shared.shutdown.clone()));
+        }
         background.spawn(devices::watch_presence(shared.clone()));
         background.spawn(heartbeat(shared.clone()));
         background.spawn(revalidate::revalidate(shared.clone()));
@@ -290,6 +338,17 @@ impl Relay {
             }),
             _ => Ok(()),
         }
+    }
+}
+
+/// Where the TLS/TCP device listener goes: as configured, else the TCP twin of the bound
+/// QUIC address (same IP and port number, so one firewall rule and one `HOST:PORT` serve
+/// both), else (QUIC off) 0.0.0.0:4433.
+fn device_tcp_addr(configured: Option<Listen>, quic: Option<SocketAddr>) -> Option<SocketAddr> {
+    match (configured, quic) {
+        (Some(listen), _) => listen.addr(),
+        (None, Some(quic)) => Some(quic),
+        (None, None) => Some(([0, 0, 0, 0], 4433).into()),
     }
 }
 
@@ -438,4 +497,22 @@ async fn bootstrap_admin(
         )
         .await?;
     Ok(Some(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tcp_device_listener_defaults_to_the_quic_address_twin() {
+        let quic: SocketAddr = "10.0.0.1:4433".parse().unwrap();
+        assert_eq!(device_tcp_addr(None, Some(quic)), Some(quic));
+        assert_eq!(
+            device_tcp_addr(None, None),
+            Some("0.0.0.0:4433".parse().unwrap())
+        );
+        assert_eq!(device_tcp_addr(Some(Listen::Off), Some(quic)), None);
+        let at: SocketAddr = "0.0.0.0:443".parse().unwrap();
+        assert_eq!(device_tcp_addr(Some(Listen::At(at)), Some(quic)), Some(at));
+    }
 }

@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::listen::{Accepted, Listeners};
+use super::listen::{Accepted, Conn, Listeners};
 use super::proxy::admit::{self, Forward};
 use super::proxy::tunnel::{self, Audit};
 use super::proxy::{self, ClientConn, Refusal};
@@ -343,17 +343,13 @@ where
 /// listener carries peer tokens only and must sit on a private network (deploy/ says how).
 pub async fn run(listener: TcpListener, state: Arc<Shared>, tracker: TaskTracker) {
     let listeners = Listeners {
-        plain: listener,
+        plain: Some(listener),
         tls: None,
     };
     let cap = Arc::new(Semaphore::new(state.config.limits.tunnels_per_relay));
     while let Some(accepted) = listeners.next(&cap, &state.shutdown).await {
-        let Accepted {
-            stream,
-            peer,
-            permit,
-            ..
-        } = accepted;
+        let Accepted { conn, peer, permit } = accepted;
+        let Conn::Plain(stream) = conn else { continue };
         let state = state.clone();
         let span = tracing::info_span!("peer", from = %peer);
         tracker.spawn(

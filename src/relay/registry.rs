@@ -13,14 +13,14 @@ use crate::config::Limits;
 use crate::proto::messages::RelayControl;
 use crate::store::Id;
 
-/// One device's live QUIC session on this relay.
+/// One device's live session on this relay (on either transport).
 pub struct DeviceSession {
     /// Device uuid.
     pub uuid: String,
     /// This session's id (also in `presence`); a newer session replaces an older one.
     pub session: String,
-    /// The QUIC connection, on which tunnel streams are opened.
-    pub conn: quinn::Connection,
+    /// The device link, on which tunnel streams are opened.
+    pub link: crate::relay::devices::DeviceLink,
     /// Messages for the agent's control stream (`drain`, `replaced`).
     pub control: mpsc::Sender<RelayControl>,
     /// Tunnels open on this session; a superseded session closes when it reaches zero.

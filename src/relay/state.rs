@@ -134,11 +134,10 @@ impl Shared {
     /// Ends a deleted device's session at once: its key no longer works.
     pub fn device_deleted(&self, uuid: &str) {
         if let Some(session) = self.registry.take_device(uuid) {
-            self.metrics.devices_connected.dec();
-            session.conn.close(
-                quinn::VarInt::from_u32(crate::proto::messages::codes::DELETED),
-                b"device deleted",
-            );
+            crate::relay::devices::connected(self, session.link.transport()).dec();
+            session
+                .link
+                .close(crate::proto::messages::codes::DELETED, "device deleted");
         }
     }
 }

@@ -159,17 +159,36 @@ pub fn quic_server(
     Ok(config)
 }
 
-/// A TLS acceptor for a TCP listener (API, CONNECT proxy) offering `alpn`.
-pub fn tcp_acceptor(
+/// TLS settings for a TCP listener (API, CONNECT proxy) offering `alpn`.
+pub fn tcp_server(
     material: &Material,
     alpn: &[&[u8]],
-) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(material.certs.clone(), material.key.clone_key())?;
     crypto.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(crypto)))
+    Ok(Arc::new(crypto))
+}
+
+/// TLS settings for the TLS/TCP device link: TLS 1.3 only and ALPN `cloudlink-tcp/1`,
+/// as on the QUIC link (PROTOCOL.md §2b).
+pub fn device_tcp_server(material: &Material) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(material.certs.clone(), material.key.clone_key())?;
+    crypto.alpn_protocols = vec![crate::link::TCP_ALPN.to_vec()];
+    Ok(Arc::new(crypto))
+}
+
+/// A TLS acceptor for a TCP listener (API, CONNECT proxy) offering `alpn`.
+pub fn tcp_acceptor(
+    material: &Material,
+    alpn: &[&[u8]],
+) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    Ok(tokio_rustls::TlsAcceptor::from(tcp_server(material, alpn)?))
 }
 
 #[cfg(test)]

@@ -238,6 +238,8 @@ pub struct Device {
     pub last_seen: Option<Millis>,
     /// The live relay that holds a session for it right now, if one does.
     pub relay: Option<String>,
+    /// How that session reaches the relay (`quic` or `tcp`), while there is one.
+    pub transport: Option<String>,
 }
 
 /// Which of a device's keys a presented key matched.
@@ -575,7 +577,13 @@ pub trait Store: Send + Sync + 'static {
     /// Presence changes from every relay, as they happen.
     fn presence_changes(&self) -> tokio::sync::broadcast::Receiver<PresenceChange>;
     /// Records that a device is connected to a relay in a session, replacing any older row.
-    async fn set_presence(&self, device_uuid: &str, relay_id: &str, session: &str) -> Result<()>;
+    async fn set_presence(
+        &self,
+        device_uuid: &str,
+        relay_id: &str,
+        session: &str,
+        transport: &str,
+    ) -> Result<()>;
     /// Removes a device's presence row if it still names this session, and sets `last_seen`.
     async fn clear_presence(&self, device_uuid: &str, session: &str) -> Result<()>;
     /// Removes every presence row of a relay (at its start and clean exit).

@@ -113,12 +113,15 @@ fn role_from_row(row: &AnyRow, column: &str) -> sqlx::Result<Option<Role>> {
     }
 }
 
-/// Device columns plus `relay`, the live relay holding it (if any); binds `$1` as the
+/// Device columns plus `relay`, the live relay holding it (if any), and the `transport`
+/// of that session; binds `$1` as the
 /// cut-off for live heartbeats.
 const DEVICE_COLUMNS: &str = "d.uuid, d.fleet_id, f.name AS fleet, d.name, d.key_hash, \
      d.prev_key_hash, d.prev_key_until, d.created_at, d.last_seen, \
      (SELECT p.relay_id FROM presence p JOIN relays r ON r.id = p.relay_id \
        WHERE p.device_uuid = d.uuid AND r.heartbeat_at > $1) AS relay, \
+     (SELECT p.transport FROM presence p JOIN relays r ON r.id = p.relay_id \
+       WHERE p.device_uuid = d.uuid AND r.heartbeat_at > $1) AS transport, \
      f.allowed_ports";
 
 /// The tables [`DEVICE_COLUMNS`] reads.
@@ -136,6 +139,7 @@ fn device_from_row(row: &AnyRow) -> sqlx::Result<Device> {
         created_at: row.try_get("created_at")?,
         last_seen: row.try_get("last_seen")?,
         relay: row.try_get("relay")?,
+        transport: row.try_get("transport")?,
     })
 }
 
@@ -731,19 +735,26 @@ impl Store for SqlStore {
         rx
     }
 
-    async fn set_presence(&self, device_uuid: &str, relay_id: &str, session: &str) -> Result<()> {
+    async fn set_presence(
+        &self,
+        device_uuid: &str,
+        relay_id: &str,
+        session: &str,
+        transport: &str,
+    ) -> Result<()> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO presence (device_uuid, relay_id, session, connected_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (device_uuid) DO UPDATE SET \
+            "INSERT INTO presence (device_uuid, relay_id, session, connected_at, transport) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (device_uuid) DO UPDATE SET \
              relay_id = excluded.relay_id, session = excluded.session, \
-             connected_at = excluded.connected_at",
+             connected_at = excluded.connected_at, transport = excluded.transport",
         )
         .bind(device_uuid)
         .bind(relay_id)
         .bind(session)
         .bind(now)
+        .bind(transport)
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE devices SET last_seen = $1 WHERE uuid = $2")

@@ -75,3 +75,119 @@ pub async fn close_code(conn: &quinn::Connection) -> u64 {
         other => panic!("expected an application close, got {other}"),
     }
 }
+
+/// A device on the TLS/TCP link, written from PROTOCOL.md §2b with the `h2` crate directly
+/// (not the agent's code), so that the tests hold the relay to the written wire format.
+pub mod tcp {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use cloudlink::proto::frame;
+    use cloudlink::proto::messages::{Hello, RelayControl, VERSION};
+    use cloudlink::tls_client::{self, Trust};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    use tokio::sync::mpsc;
+    use tokio_rustls::client::TlsStream;
+
+    /// TLS to the device TCP listener with ALPN `cloudlink-tcp/1`, nothing sent yet.
+    pub async fn tls(addr: std::net::SocketAddr, cert: &Path) -> TlsStream<TcpStream> {
+        cloudlink::tls_client::install_crypto();
+        let config = tls_client::config(Trust::CaFile(cert), &[b"cloudlink-tcp/1"]).unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+        assert_eq!(
+            tls.get_ref().1.alpn_protocol(),
+            Some(&b"cloudlink-tcp/1"[..])
+        );
+        tls
+    }
+
+    /// A request the relay sent on the HTTP/2 connection.
+    pub type Request = (
+        http::Request<h2::RecvStream>,
+        h2::server::SendResponse<Bytes>,
+    );
+
+    /// A fake device's session: control frames and tunnel requests as they arrive.
+    pub struct Session {
+        /// `welcome` or `reject`.
+        pub answer: RelayControl,
+        /// §2 frames from the control stream.
+        pub control: mpsc::UnboundedReceiver<RelayControl>,
+        /// CONNECT requests.
+        pub tunnels: mpsc::UnboundedReceiver<Request>,
+    }
+
+    /// Says hello; after `welcome`, serves HTTP/2 as §2b says (in the background).
+    pub async fn hello(addr: std::net::SocketAddr, cert: &Path, uuid: &str, key: &str) -> Session {
+        let mut tls = tls(addr, cert).await;
+        let hello = Hello {
+            version: VERSION,
+            uuid: uuid.into(),
+            key: key.into(),
+            agent: "fake-tcp".into(),
+        };
+        frame::write(&mut tls, &hello).await.unwrap();
+        tls.flush().await.unwrap();
+        let answer: RelayControl = frame::read_required(&mut tls, frame::MAX_FRAME)
+            .await
+            .expect("an answer to hello");
+        let (control_tx, control) = mpsc::unbounded_channel();
+        let (tunnel_tx, tunnels) = mpsc::unbounded_channel();
+        let (opened_tx, opened) = tokio::sync::oneshot::channel();
+        let welcomed = matches!(answer, RelayControl::Welcome { .. });
+        if welcomed {
+            tokio::spawn(async move {
+                let mut opened_tx = Some(opened_tx);
+                let mut conn = h2::server::handshake(tls).await.expect("HTTP/2 preface");
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    if req.method() == http::Method::POST
+                        && req.uri().path() == "/cloudlink/control"
+                    {
+                        let send = respond
+                            .send_response(http::Response::new(()), false)
+                            .unwrap();
+                        if let Some(opened) = opened_tx.take() {
+                            let _ = opened.send(());
+                        }
+                        let tx = control_tx.clone();
+                        tokio::spawn(async move {
+                            let _keep = send;
+                            let mut body = req.into_body();
+                            let mut buf = Vec::new();
+                            while let Some(Ok(data)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(data.len());
+                                buf.extend_from_slice(&data);
+                                while buf.len() >= 4 {
+                                    let len =
+                                        u32::from_be_bytes(buf[..4].try_into().unwrap()) as usize;
+                                    if buf.len() < 4 + len {
+                                        break;
+                                    }
+                                    let msg = serde_json::from_slice(&buf[4..4 + len]).unwrap();
+                                    buf.drain(..4 + len);
+                                    let _ = tx.send(msg);
+                                }
+                            }
+                        });
+                    } else {
+                        let _ = tunnel_tx.send((req, respond));
+                    }
+                }
+            });
+        }
+        if welcomed {
+            // The device is reachable once the relay has opened the control stream.
+            opened.await.expect("the relay opened the control stream");
+        }
+        Session {
+            answer,
+            control,
+            tunnels,
+        }
+    }
+}

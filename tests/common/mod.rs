@@ -100,6 +100,7 @@ struct Listeners {
     proxy: String,
     proxy_tls: String,
     device: String,
+    device_tcp: String,
 }
 
 impl Listeners {
@@ -111,7 +112,10 @@ impl Listeners {
             api_tls: any.clone(),
             proxy: any.clone(),
             proxy_tls: any.clone(),
-            device: any,
+            device: any.clone(),
+            // Not the default TCP twin of the QUIC port: another test may hold that port
+            // number on TCP.
+            device_tcp: any,
         }
     }
 }
@@ -124,7 +128,12 @@ pub struct Relay {
     pub api_tls: Option<SocketAddr>,
     pub proxy: SocketAddr,
     pub proxy_tls: Option<SocketAddr>,
+    /// Where agents dial: the QUIC listener (or, with QUIC off, the TCP one).
     pub device: SocketAddr,
+    /// The TLS/TCP device listener.
+    pub device_tcp: Option<SocketAddr>,
+    /// The QUIC device listener.
+    device_quic: Option<SocketAddr>,
     /// The peer link (cluster mode).
     pub peer: Option<SocketAddr>,
     pub stdout: Lines,
@@ -182,6 +191,7 @@ impl Relay {
             ("--proxy-listen", &at.proxy),
             ("--proxy-tls-listen", &at.proxy_tls),
             ("--device-listen", &at.device),
+            ("--device-tcp-listen", &at.device_tcp),
         ] {
             if !named(flag) {
                 cmd.args([flag, addr]);
@@ -206,7 +216,11 @@ impl Relay {
             api_tls: field(&line, "api_tls"),
             proxy: field(&line, "proxy").expect("proxy addr"),
             proxy_tls: field(&line, "proxy_tls"),
-            device: field(&line, "device").expect("device addr"),
+            device: field(&line, "device")
+                .or_else(|| field(&line, "device_tcp"))
+                .expect("device addr"),
+            device_tcp: field(&line, "device_tcp"),
+            device_quic: field(&line, "device"),
             peer: field(&line, "peer"),
             stdout,
             stderr,
@@ -254,7 +268,8 @@ impl Relay {
             api_tls: off(self.api_tls),
             proxy: self.proxy.to_string(),
             proxy_tls: off(self.proxy_tls),
-            device: self.device.to_string(),
+            device: off(self.device_quic),
+            device_tcp: off(self.device_tcp),
         };
         let next = Relay::spawn(
             &self.data_dir,
@@ -319,14 +334,31 @@ impl Agent {
 
     /// Starts an agent for several relays without waiting.
     pub fn spawn_to(relays: &[&Relay], uuid: &str, key: &str, extra: &[&str]) -> Agent {
+        let addrs: Vec<String> = relays.iter().map(|r| r.device.to_string()).collect();
+        Agent::spawn_with(&addrs, &relays[0].cert(), uuid, key, extra, &[])
+    }
+
+    /// Starts an agent with `--relay` entries as given (`quic://`, `tcp://` or bare),
+    /// trusting `cert`, with extra flags and environment, without waiting.
+    pub fn spawn_with(
+        relays: &[String],
+        cert: &Path,
+        uuid: &str,
+        key: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let mut cmd = Command::new(bin());
         cmd.arg("agent");
         for relay in relays {
-            cmd.arg("--relay").arg(relay.device.to_string());
+            cmd.arg("--relay").arg(relay);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
         }
         let mut child = cmd
             .arg("--ca")
-            .arg(relays[0].cert())
+            .arg(cert)
             .args(["--server-name", "localhost"])
             .args(extra)
             .env("CLOUDLINK_DEVICE_UUID", uuid)

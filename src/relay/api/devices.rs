@@ -29,6 +29,9 @@ pub struct DeviceView {
     pub online: bool,
     /// The id of the relay that holds it, or null.
     pub relay: Option<String>,
+    /// How its agent reaches that relay: `quic`, or `tcp` (TLS over TCP, where UDP is
+    /// blocked); null while offline.
+    pub transport: Option<String>,
     /// When its agent last connected or disconnected (RFC 3339).
     pub last_seen: Option<String>,
 }
@@ -42,6 +45,7 @@ impl From<Device> for DeviceView {
             fleet: d.fleet,
             online,
             relay: d.relay,
+            transport: d.transport,
             last_seen: d.last_seen.map(rfc3339),
         }
     }

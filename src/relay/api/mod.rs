@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::listen::{Accepted, Listeners};
+use super::listen::{Accepted, Conn, Listeners};
 use super::state::Shared;
 pub use error::ApiError;
 
@@ -218,20 +218,17 @@ pub async fn run(listeners: Listeners, state: Arc<Shared>) -> std::io::Result<()
     ));
     let tracker = TaskTracker::new();
     while let Some(accepted) = listeners.next(&conns, &state.shutdown).await {
-        let Accepted {
-            stream,
-            peer,
-            tls,
-            permit,
-        } = accepted;
+        let Accepted { conn, peer, permit } = accepted;
         let app = app.clone();
         let shutdown = state.shutdown.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            match tls {
-                None => serve_connection(stream, peer, app, header_timeout, shutdown).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+            match conn {
+                Conn::Plain(stream) => {
+                    serve_connection(stream, peer, app, header_timeout, shutdown).await
+                }
+                Conn::Tls(pending) => {
+                    match tokio::time::timeout(header_timeout, pending.finish()).await {
                         Ok(Ok(stream)) => {
                             serve_connection(stream, peer, app, header_timeout, shutdown).await
                         }

@@ -1,90 +1,107 @@
-//! The QUIC listener devices dial, and each device's session on it.
+//! Device sessions: the listeners devices dial (QUIC in `quic.rs`, TLS over TCP with HTTP/2
+//! streams in `tcp.rs`) and what a session is once its hello is accepted, whichever
+//! transport carries it.
+//!
+//! Everything above this module (admission, presence, limits, forwarding, audit) sees a
+//! [`DeviceLink`] that opens tunnel streams and never asks which transport it is.
+
+pub mod quic;
+pub mod tcp;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::VarInt;
+use bytes::Bytes;
 use tokio::sync::mpsc;
-use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use super::registry::DeviceSession;
 use super::state::Shared;
 use crate::auth::tokens;
-use crate::proto::messages::{codes, Hello, RejectCode, RelayControl, VERSION};
+use crate::link::{LinkRecv, LinkSend, Transport};
+use crate::proto::messages::{codes, Hello, OpenReply, RefuseCode, RejectCode, RelayControl};
+use crate::proto::messages::{TunnelOpen, VERSION};
 use crate::proto::{frame, ProtoError};
 use crate::store::{KeyMatch, StoreError};
 
 /// How long after `drain` devices are asked to have reconnected elsewhere.
 const DRAIN_RECONNECT_MS: u64 = 5_000;
 
-fn close(conn: &quinn::Connection, code: u32, reason: &str) {
-    conn.close(VarInt::from_u32(code), reason.as_bytes());
+/// A device's connection, on either transport.
+pub enum DeviceLink {
+    /// QUIC: tunnels are bidirectional streams.
+    Quic(quinn::Connection),
+    /// TLS over TCP: tunnels are HTTP/2 CONNECT streams the relay requests.
+    Tcp(tcp::TcpLink),
 }
 
-/// Accepts device connections until shutdown. When the relay starts draining it tells
-/// every device to `drain` (reconnect elsewhere, keeping open tunnels) and from then on
-/// rejects new hellos with `draining`, so a device that lands here again through a load
-/// balancer moves on at once. At shutdown the endpoint closes whatever is still open.
-pub async fn run(endpoint: quinn::Endpoint, state: Arc<Shared>) {
-    let tracker = TaskTracker::new();
-    let mut drain_sent = false;
-    loop {
-        let incoming = tokio::select! {
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => incoming,
-                None => break,
-            },
-            _ = state.draining.cancelled(), if !drain_sent => {
-                drain_sent = true;
-                for device in state.registry.devices() {
-                    let _ = device.control.try_send(RelayControl::Drain {
-                        reconnect_ms: DRAIN_RECONNECT_MS,
-                    });
-                }
-                continue;
-            }
-            _ = state.shutdown.cancelled() => break,
-        };
-        match admission(&endpoint, &incoming, &state) {
-            Admission::Accept => {}
-            Admission::Retry => {
-                state
-                    .metrics
-                    .quic_admissions
-                    .with_label_values(&["retry"])
-                    .inc();
-                if let Err(e) = incoming.retry() {
-                    e.into_incoming().refuse();
-                }
-                continue;
-            }
-            Admission::Refuse => {
-                state
-                    .metrics
-                    .quic_admissions
-                    .with_label_values(&["refuse"])
-                    .inc();
-                incoming.refuse();
-                continue;
-            }
+/// Why a tunnel stream could not be opened.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The link is gone.
+    Offline,
+    /// The agent said no.
+    Refused(RefuseCode, String),
+    /// The agent's answer made no sense.
+    Bad(String),
+}
+
+impl DeviceLink {
+    /// Which transport this is.
+    pub fn transport(&self) -> Transport {
+        match self {
+            DeviceLink::Quic(_) => Transport::Quic,
+            DeviceLink::Tcp(_) => Transport::Tcp,
         }
-        state
-            .metrics
-            .quic_admissions
-            .with_label_values(&["accept"])
-            .inc();
-        let span = tracing::info_span!(
-            "device",
-            remote = %incoming.remote_address(),
-            device = tracing::field::Empty
-        );
-        tracker.spawn(session(incoming, state.clone()).instrument(span));
     }
-    endpoint.set_server_config(None);
-    endpoint.close(VarInt::from_u32(codes::SHUTDOWN), b"relay shutting down");
-    tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+
+    /// Closes the link. QUIC carries `code` and `reason` to the agent; TCP has no room for
+    /// them and simply ends the connection.
+    pub fn close(&self, code: u32, reason: &str) {
+        match self {
+            DeviceLink::Quic(conn) => conn.close(quinn::VarInt::from_u32(code), reason.as_bytes()),
+            DeviceLink::Tcp(link) => link.close(),
+        }
+    }
+
+    /// Opens a tunnel stream to `open.port` on the device and waits for the agent's answer.
+    pub async fn open_tunnel(
+        &self,
+        open: &TunnelOpen,
+        max_frame: usize,
+    ) -> Result<(LinkSend, LinkRecv), OpenError> {
+        match self {
+            DeviceLink::Quic(conn) => {
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|_| OpenError::Offline)?;
+                frame::write(&mut send, open)
+                    .await
+                    .map_err(|_| OpenError::Offline)?;
+                match frame::read_required(&mut recv, max_frame).await {
+                    Ok(OpenReply::Opened) => Ok((LinkSend::Quic(send), LinkRecv::Quic(recv))),
+                    Ok(OpenReply::Refused { code, message }) => {
+                        Err(OpenError::Refused(code, message))
+                    }
+                    Err(e) => Err(OpenError::Bad(e.to_string())),
+                }
+            }
+            DeviceLink::Tcp(link) => link.open_tunnel(open, max_frame).await,
+        }
+    }
+}
+
+/// Accepts device connections on every device listener until shutdown. When the relay
+/// starts draining it tells every device to `drain` (reconnect elsewhere, keeping open
+/// tunnels); from then on the listeners reject new hellos with `draining`, so a device that
+/// lands here again through a load balancer moves on at once.
+pub async fn announce_drain(state: Arc<Shared>) {
+    tokio::select! {
+        _ = state.draining.cancelled() => {}
+        _ = state.shutdown.cancelled() => return,
+    }
+    for device in state.registry.devices() {
+        let _ = device.control.try_send(RelayControl::Drain {
+            reconnect_ms: DRAIN_RECONNECT_MS,
+        });
+    }
 }
 
 /// Takes `old` out of service because a newer session of its device exists (on this relay
@@ -95,7 +112,8 @@ pub fn supersede(state: &Shared, old: &DeviceSession) {
     tracing::info!(device = %old.uuid, session = %old.session, "session superseded by a newer one");
     if old.control.try_send(RelayControl::Replaced).is_err() {
         // Its loop is gone or stuck: nothing left to wait for.
-        close(&old.conn, codes::REPLACED, "replaced by a newer session");
+        old.link
+            .close(codes::REPLACED, "replaced by a newer session");
     }
 }
 
@@ -115,7 +133,7 @@ pub async fn watch_presence(state: Arc<Shared>) {
                     .registry
                     .supersede(&change.device_uuid, &change.session)
                 {
-                    state.metrics.devices_connected.dec();
+                    connected(&state, old.link.transport()).dec();
                     supersede(&state, &old);
                 }
             }
@@ -127,74 +145,64 @@ pub async fn watch_presence(state: Arc<Shared>) {
     }
 }
 
-/// What the listener does with a new connection, before any handshake work.
-#[derive(Debug, PartialEq, Eq)]
-enum Admission {
-    /// Start the handshake.
-    Accept,
-    /// Send a stateless Retry: the client must prove it receives at its address first.
-    Retry,
-    /// Refuse at once (CONNECTION_REFUSED), cheaply.
-    Refuse,
-}
-
-/// Admission by open connections (as quinn's server example does): refuse past
-/// `max_devices` or past `handshakes_max` handshakes in flight (a storm of reconnecting
-/// devices is served as fast as it can be finished, the rest back off and come again);
-/// while more than `quic_retry_above_pending` handshakes are in progress, make addresses
-/// that have not been validated prove themselves with a Retry, so a flood of spoofed
-/// Initials costs us one stateless packet each instead of connection state.
-fn admission(endpoint: &quinn::Endpoint, incoming: &quinn::Incoming, state: &Shared) -> Admission {
-    let limits = &state.config.limits;
-    let open = endpoint.open_connections();
-    if open >= limits.max_devices {
-        return Admission::Refuse;
-    }
-    let pending = open.saturating_sub(state.registry.device_count());
-    if pending >= limits.handshakes_max {
-        return Admission::Refuse;
-    }
-    if pending >= limits.quic_retry_above_pending && !incoming.remote_address_validated() {
-        return Admission::Retry;
-    }
-    Admission::Accept
+/// The gauge of devices connected over `transport`.
+pub fn connected(state: &Shared, transport: Transport) -> prometheus::IntGauge {
+    state
+        .metrics
+        .devices_connected
+        .with_label_values(&[transport.as_str()])
 }
 
 /// Why a hello failed, and how the connection is closed for it.
-enum HelloFailure {
+pub enum HelloFailure {
+    /// No hello within the hello timeout.
     Timeout,
+    /// Not a hello, or a malformed one.
     Protocol(ProtoError),
+    /// A hello the relay says no to, with a `reject` frame.
     Reject(RejectCode, &'static str),
+    /// The store could not be asked.
     Store(StoreError),
 }
 
-/// Accepts the control stream and reads the hello, within the hello timeout.
-async fn read_hello(
-    conn: &quinn::Connection,
-    state: &Shared,
-) -> Result<(quinn::SendStream, quinn::RecvStream, Hello), HelloFailure> {
-    let limits = &state.config.limits;
-    let read = async {
-        let (send, mut recv) = conn
-            .accept_bi()
-            .await
-            .map_err(|e| HelloFailure::Protocol(ProtoError::Io(e.into())))?;
-        let hello: Hello = frame::read_required(&mut recv, limits.frame_max_bytes)
-            .await
-            .map_err(HelloFailure::Protocol)?;
-        Ok((send, recv, hello))
-    };
-    tokio::time::timeout(limits.hello_timeout(), read)
-        .await
-        .map_err(|_| HelloFailure::Timeout)?
+impl HelloFailure {
+    /// Counts and logs the failure; the transport closes the connection.
+    fn record(&self, state: &Shared) {
+        let label = match self {
+            HelloFailure::Timeout => {
+                tracing::info!("no hello in time; closing");
+                "timeout"
+            }
+            HelloFailure::Protocol(e) => {
+                tracing::info!(error = %crate::logsafe::Peer(&e.to_string()), "bad hello; closing");
+                "protocol"
+            }
+            HelloFailure::Store(e) => {
+                tracing::warn!(error = %e, "cannot check a device hello");
+                "unavailable"
+            }
+            HelloFailure::Reject(code, _) => {
+                tracing::info!(code = code.as_str(), "hello rejected");
+                code.as_str()
+            }
+        };
+        state
+            .metrics
+            .device_rejects
+            .with_label_values(&[label])
+            .inc();
+    }
 }
 
-/// Checks a hello's fields, version and key; returns the normalised uuid, which of the
-/// device's keys it used, and whether the device is in a key rotation.
-async fn check_hello(
-    state: &Shared,
-    hello: &Hello,
-) -> Result<(String, KeyMatch, bool), HelloFailure> {
+/// Decides on a hello: the draining check, its fields, version and key. Returns the
+/// normalised uuid; a hello with the new key after a rotation retires the old one.
+async fn accept_hello(state: &Shared, hello: &Hello) -> Result<String, HelloFailure> {
+    if state.draining.is_cancelled() {
+        return Err(HelloFailure::Reject(
+            RejectCode::Draining,
+            "this relay is draining; connect to another one",
+        ));
+    }
     hello
         .check_fields()
         .map_err(|e| HelloFailure::Protocol(ProtoError::Unexpected(e)))?;
@@ -219,205 +227,149 @@ async fn check_hello(
     let hash = tokens::hash_secret(&hello.key);
     let rotating = device.as_ref().is_some_and(|d| d.prev_key_hash.is_some());
     match device.and_then(|d| d.key_matches(&hash, crate::store::now_ms())) {
-        Some(which) => Ok((uuid, which, rotating)),
+        Some(KeyMatch::Current) => {
+            // After a rotation, the first hello with the new key retires the old one.
+            // (Only then: a write per hello would serialize a fleet's reconnects.)
+            if rotating {
+                if let Err(e) = state.store.forget_previous_device_key(&uuid).await {
+                    tracing::warn!(device = %uuid, error = %e, "cannot retire the previous device key");
+                }
+            }
+            Ok(uuid)
+        }
+        Some(KeyMatch::Previous) => {
+            tracing::info!(device = %uuid, "device connected with its previous key (rotation grace period)");
+            Ok(uuid)
+        }
         None => Err(unauthorized),
     }
 }
 
-/// Finishes the control stream and waits (briefly) until the agent has read it, so that a
-/// last message is not lost to the connection close that follows.
-async fn finish_control(send: &mut quinn::SendStream) {
-    let _ = send.finish();
-    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+/// A session's control channel to its agent, as each transport carries it.
+pub trait Control: Send {
+    /// Sends one control frame; false if the channel is gone.
+    fn send(&mut self, msg: &RelayControl) -> impl std::future::Future<Output = bool> + Send;
+    /// Resolves when the link has ended, with why.
+    fn ended(&mut self) -> impl std::future::Future<Output = String> + Send;
+    /// Ends the control channel and waits briefly until the agent has read it, so that a
+    /// last message is not lost to the close that follows.
+    fn finish(&mut self) -> impl std::future::Future<Output = ()> + Send;
 }
 
-async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
-    let hello_timeout = state.config.limits.hello_timeout();
-    let conn = match tokio::time::timeout(hello_timeout, incoming).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!("handshake timed out");
-            return;
-        }
-    };
-    let (mut send, recv, hello) = match read_hello(&conn, &state).await {
-        Ok(ok) => ok,
-        Err(failure) => return refuse(&conn, &state, None, failure).await,
-    };
-    let checked = if state.draining.is_cancelled() {
-        Err(HelloFailure::Reject(
-            RejectCode::Draining,
-            "this relay is draining; connect to another one",
-        ))
-    } else {
-        check_hello(&state, &hello).await
-    };
-    let (uuid, key, rotating) = match checked {
-        Ok(found) => found,
-        Err(failure) => return refuse(&conn, &state, Some(&mut send), failure).await,
-    };
-    if key == KeyMatch::Current {
-        // After a rotation, the first hello with the new key retires the old one. (Only
-        // then: a write per hello would serialize a fleet's reconnects on the store.)
-        if rotating {
-            if let Err(e) = state.store.forget_previous_device_key(&uuid).await {
-                tracing::warn!(device = %uuid, error = %e, "cannot retire the previous device key");
-            }
-        }
-    } else {
-        tracing::info!(device = %uuid, "device connected with its previous key (rotation grace period)");
-    }
-    tracing::Span::current().record("device", uuid.as_str());
-    let session_id = tokens::new_device_uuid();
-    let (control_tx, mut control_rx) = mpsc::channel(4);
+/// A session in the registry and in presence: tunnels can reach it.
+pub struct Registered {
+    device: Arc<DeviceSession>,
+    messages: mpsc::Receiver<RelayControl>,
+}
+
+/// Puts an accepted session in the registry and presence (before the agent hears that it
+/// is connected, so that "connected" means reachable).
+async fn register(
+    state: &Arc<Shared>,
+    uuid: String,
+    session_id: String,
+    agent: &str,
+    link: DeviceLink,
+) -> Registered {
+    let transport = link.transport();
+    let (control_tx, messages) = mpsc::channel(4);
     let device = Arc::new(DeviceSession {
         uuid: uuid.clone(),
         session: session_id.clone(),
-        conn: conn.clone(),
+        link,
         control: control_tx,
         tunnels: Default::default(),
         tunnel_ended: Default::default(),
     });
     match state.registry.insert_device(device.clone()) {
-        Some(old) => supersede(&state, &old),
-        None => state.metrics.devices_connected.inc(),
+        Some(old) => {
+            connected(state, old.link.transport()).dec();
+            connected(state, transport).inc();
+            supersede(state, &old);
+        }
+        None => connected(state, transport).inc(),
     }
     if let Err(e) = state
         .store
-        .set_presence(&uuid, &state.relay_id, &session_id)
+        .set_presence(&uuid, &state.relay_id, &session_id, transport.as_str())
         .await
     {
         tracing::warn!(device = %uuid, error = %e, "cannot record presence; the device is reachable here anyway");
     }
-    let welcome = RelayControl::Welcome {
-        relay: state.relay_id.clone(),
-        session: session_id.clone(),
-    };
-    if frame::write(&mut send, &welcome).await.is_ok() {
-        state.metrics.device_hellos.inc();
-        tracing::info!(device = %uuid, agent = %crate::logsafe::Peer(&hello.agent), "device connected");
-        serve(&device, send, recv, &mut control_rx, &state).await;
-    }
-    if state.registry.remove_device(&uuid, &session_id) {
-        state.metrics.devices_connected.dec();
+    state
+        .metrics
+        .device_hellos
+        .with_label_values(&[transport.as_str()])
+        .inc();
+    tracing::info!(device = %uuid, %transport, agent = %crate::logsafe::Peer(agent), "device connected");
+    Registered { device, messages }
+}
+
+/// Serves a registered session until its link ends, then unregisters it.
+async fn run_session<C: Control>(state: &Arc<Shared>, mut registered: Registered, mut control: C) {
+    let reason = serve(
+        &registered.device,
+        &mut control,
+        &mut registered.messages,
+        state,
+    )
+    .await;
+    unregister(state, &registered, &reason).await;
+}
+
+/// Takes a session out of the registry and presence.
+async fn unregister(state: &Shared, registered: &Registered, reason: &str) {
+    let device = &registered.device;
+    let (uuid, session_id) = (&device.uuid, &device.session);
+    if state.registry.remove_device(uuid, session_id) {
+        connected(state, device.link.transport()).dec();
     }
     // At shutdown the relay removes all of its presence rows in one statement; one write
     // per device here would only hold up the exit.
     if !state.shutdown.is_cancelled() {
-        if let Err(e) = state.store.clear_presence(&uuid, &session_id).await {
+        if let Err(e) = state.store.clear_presence(uuid, session_id).await {
             tracing::warn!(device = %uuid, error = %e, "cannot clear presence");
         }
     }
-    let reason = conn
-        .close_reason()
-        .map(|r| r.to_string())
-        .unwrap_or_default();
-    tracing::info!(device = %uuid, reason = %crate::logsafe::Peer(&reason), "device disconnected");
+    tracing::info!(device = %uuid, reason = %crate::logsafe::Peer(reason), "device disconnected");
 }
 
-/// Runs a session until its connection ends: forwards control messages to the agent and
-/// refuses any stream the device opens (only the relay opens tunnel streams). A superseded
-/// session tells the agent `replaced`, then lets its open tunnels finish before closing.
-async fn serve(
+/// Runs a session until its link ends: forwards control messages to the agent. A
+/// superseded session tells the agent `replaced`, then lets its open tunnels finish before
+/// closing.
+async fn serve<C: Control>(
     device: &DeviceSession,
-    mut send: quinn::SendStream,
-    _recv: quinn::RecvStream,
-    control: &mut mpsc::Receiver<RelayControl>,
+    control: &mut C,
+    messages: &mut mpsc::Receiver<RelayControl>,
     state: &Shared,
-) {
-    let conn = &device.conn;
+) -> String {
     loop {
         tokio::select! {
-            stream = conn.accept_bi() => match stream {
-                Ok((mut s, mut r)) => {
-                    tracing::warn!("device opened a stream of its own; refused");
-                    let _ = s.reset(VarInt::from_u32(codes::STREAM_REFUSED));
-                    let _ = r.stop(VarInt::from_u32(codes::STREAM_REFUSED));
-                }
-                Err(_) => return,
-            },
-            msg = control.recv() => match msg {
+            reason = control.ended() => return reason,
+            msg = messages.recv() => match msg {
                 Some(RelayControl::Replaced) => {
-                    let _ = frame::write(&mut send, &RelayControl::Replaced).await;
+                    control.send(&RelayControl::Replaced).await;
                     let grace = Duration::from_secs(state.config.limits.shutdown_grace_secs);
                     tokio::select! {
                         _ = tokio::time::timeout(grace, device.tunnels_done()) => {}
-                        _ = conn.closed() => {}
+                        _ = control.ended() => {}
                     }
-                    finish_control(&mut send).await;
-                    close(conn, codes::REPLACED, "replaced by a newer session");
-                    return;
+                    control.finish().await;
+                    device.link.close(codes::REPLACED, "replaced by a newer session");
+                    return "replaced by a newer session".into();
                 }
                 Some(msg) => {
-                    if frame::write(&mut send, &msg).await.is_err() {
-                        return;
+                    if !control.send(&msg).await {
+                        return control.ended().await;
                     }
                 }
-                None => return,
+                None => return "session closed".into(),
             },
         }
     }
 }
 
-async fn refuse(
-    conn: &quinn::Connection,
-    state: &Shared,
-    control: Option<&mut quinn::SendStream>,
-    failure: HelloFailure,
-) {
-    match failure {
-        HelloFailure::Timeout => {
-            tracing::info!("no hello in time; closing");
-            state
-                .metrics
-                .device_rejects
-                .with_label_values(&["timeout"])
-                .inc();
-            close(conn, codes::HELLO_TIMEOUT, "hello timeout");
-        }
-        HelloFailure::Protocol(e) => {
-            tracing::info!(error = %crate::logsafe::Peer(&e.to_string()), "bad hello; closing");
-            state
-                .metrics
-                .device_rejects
-                .with_label_values(&["protocol"])
-                .inc();
-            close(conn, codes::PROTOCOL, &e.to_string());
-        }
-        HelloFailure::Store(e) => {
-            tracing::warn!(error = %e, "cannot check a device hello");
-            state
-                .metrics
-                .device_rejects
-                .with_label_values(&["unavailable"])
-                .inc();
-            close(
-                conn,
-                codes::UNAVAILABLE,
-                "relay store unavailable; retry later",
-            );
-        }
-        HelloFailure::Reject(code, message) => {
-            tracing::info!(code = code.as_str(), "hello rejected");
-            state
-                .metrics
-                .device_rejects
-                .with_label_values(&[code.as_str()])
-                .inc();
-            if let Some(send) = control {
-                let reject = RelayControl::Reject {
-                    code,
-                    message: message.to_owned(),
-                };
-                if frame::write(send, &reject).await.is_ok() {
-                    finish_control(send).await;
-                }
-            }
-            close(conn, codes::REJECTED, message);
-        }
-    }
+/// Encodes a control frame for a byte stream.
+fn control_frame(msg: &RelayControl) -> Bytes {
+    Bytes::from(frame::encode(msg))
 }

@@ -10,9 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Pending, Refusal};
 use crate::auth::policy::{self, Decision};
+use crate::link::{LinkRecv, LinkSend};
 use crate::proto::connect::{self, ConnectHead};
-use crate::proto::frame;
-use crate::proto::messages::{OpenReply, RefuseCode, TunnelOpen};
+use crate::proto::messages::{RefuseCode, TunnelOpen};
+use crate::relay::devices::{DeviceLink, OpenError};
 use crate::relay::registry::{DeviceSession, LimitHit, SessionTunnel, TunnelEntry};
 use crate::relay::state::Shared;
 use crate::store::{Id, Presence};
@@ -32,9 +33,9 @@ pub struct Admitted {
     /// The tunnel's registry entry (limits, revocation).
     pub entry: Arc<TunnelEntry>,
     /// The device stream, sending half.
-    pub send: quinn::SendStream,
+    pub send: LinkSend,
     /// The device stream, receiving half.
-    pub recv: quinn::RecvStream,
+    pub recv: LinkRecv,
     /// The tunnel's place on its device session (a superseded session waits for it).
     pub on_session: SessionTunnel,
     /// Whether this relay writes the audit row: not for a tunnel that came over the peer
@@ -191,7 +192,7 @@ pub async fn open_local(
     };
     let on_session = session.tunnel();
     match open_stream(
-        &session.conn,
+        &session.link,
         &open,
         limits.open_timeout(),
         limits.frame_max_bytes,
@@ -240,34 +241,29 @@ async fn authorize(
     Ok(decision)
 }
 
-/// Opens a tunnel stream, sends `open`, and waits for the device's answer.
+/// Opens a tunnel stream on the device's link and waits for the device's answer.
 async fn open_stream(
-    conn: &quinn::Connection,
+    link: &DeviceLink,
     open: &TunnelOpen,
     timeout: Duration,
     max_frame: usize,
-) -> Result<(quinn::SendStream, quinn::RecvStream), Refusal> {
-    let exchange = async {
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|_| Refusal::DeviceOffline)?;
-        frame::write(&mut send, open)
-            .await
-            .map_err(|_| Refusal::DeviceOffline)?;
-        let reply: OpenReply = frame::read_required(&mut recv, max_frame)
-            .await
-            .map_err(|e| Refusal::DeviceRefused(format!("bad answer from the agent ({e})")))?;
-        match reply {
-            OpenReply::Opened => Ok((send, recv)),
-            OpenReply::Refused { code, message } => Err(Refusal::DeviceRefused(match code {
-                RefuseCode::Connect => format!(
-                    "nothing accepts connections on port {} ({})",
-                    open.port,
-                    crate::logsafe::Peer(&message)
-                ),
-                RefuseCode::Forbidden => format!("port {} is not allowed by the device", open.port),
-            })),
-        }
-    };
-    tokio::time::timeout(timeout, exchange)
+) -> Result<(LinkSend, LinkRecv), Refusal> {
+    let opened = tokio::time::timeout(timeout, link.open_tunnel(open, max_frame))
         .await
-        .map_err(|_| Refusal::DeviceTimeout)?
+        .map_err(|_| Refusal::DeviceTimeout)?;
+    opened.map_err(|e| match e {
+        OpenError::Offline => Refusal::DeviceOffline,
+        OpenError::Bad(e) => Refusal::DeviceRefused(format!(
+            "bad answer from the agent ({})",
+            crate::logsafe::Peer(&e)
+        )),
+        OpenError::Refused(RefuseCode::Connect, message) => Refusal::DeviceRefused(format!(
+            "nothing accepts connections on port {} ({})",
+            open.port,
+            crate::logsafe::Peer(&message)
+        )),
+        OpenError::Refused(RefuseCode::Forbidden, _) => {
+            Refusal::DeviceRefused(format!("port {} is not allowed by the device", open.port))
+        }
+    })
 }

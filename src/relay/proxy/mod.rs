@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::limits::SourceSlot;
-use super::listen::{Accepted, Listeners};
+use super::listen::{Accepted, Conn, Listeners};
 use super::state::Shared;
 use crate::forward;
 use crate::proto::connect::{self, HeadError};
@@ -105,24 +105,21 @@ pub struct Pending {
 /// answered 429 at once.
 pub async fn run(listeners: Listeners, state: Arc<Shared>, tracker: TaskTracker) {
     while let Some(accepted) = listeners.next(&state.proxy_pending, &state.draining).await {
-        let Accepted {
-            stream,
-            peer,
-            tls,
-            permit,
-        } = accepted;
+        let Accepted { conn, peer, permit } = accepted;
         let pending = Pending {
             _total: permit,
             slot: state.proxy_sources.take(peer.ip()),
         };
         let state = state.clone();
         let span = tracing::info_span!("connect", client = %peer);
-        match tls {
-            None => tracker.spawn(serve(stream, peer, state, pending).instrument(span)),
-            Some(acceptor) => tracker.spawn(
+        match conn {
+            Conn::Plain(stream) => {
+                tracker.spawn(serve(stream, peer, state, pending).instrument(span))
+            }
+            Conn::Tls(tls) => tracker.spawn(
                 async move {
                     let timeout = state.config.limits.head_timeout();
-                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                    match tokio::time::timeout(timeout, tls.finish()).await {
                         Ok(Ok(tls)) => serve(tls, peer, state, pending).await,
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),

@@ -8,7 +8,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::admit::Admitted;
 use super::ClientConn;
-use crate::forward::{self, Counters, End};
+use crate::forward::{self, ChunkSend, Counters, End};
 use crate::proto::connect;
 use crate::relay::registry::TunnelEntry;
 use crate::relay::state::Shared;

@@ -1,0 +1,298 @@
+//! The agent's end of a device link, on either transport: dial, hello, and the tunnel
+//! requests the relay sends (PROTOCOL.md §2 and §2b).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::VarInt;
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Outcome, AGENT_NAME};
+use crate::link::h2::{self as link_h2, BodyReader, Heard, LastHeard};
+use crate::link::Transport;
+use crate::proto::frame::{self, MAX_FRAME};
+use crate::proto::messages::{codes, Hello, RelayControl, VERSION};
+
+/// One tunnel the relay asked for.
+pub enum TunnelRequest {
+    /// A QUIC stream; its first frame is `open`.
+    Quic(quinn::SendStream, quinn::RecvStream),
+    /// An HTTP/2 CONNECT request and where to answer it.
+    H2(
+        http::Request<h2::RecvStream>,
+        h2::server::SendResponse<Bytes>,
+    ),
+}
+
+/// What carries a link's tunnel requests.
+pub struct Requests(Carrier);
+
+enum Carrier {
+    Quic {
+        conn: quinn::Connection,
+        /// The control stream's sending half, open for the session's life: the relay
+        /// reads nothing after the hello, but a close would read as a goodbye.
+        _control: quinn::SendStream,
+    },
+    Tcp {
+        incoming: mpsc::Receiver<TunnelRequest>,
+        closer: CancellationToken,
+        reason: Arc<OnceLock<String>>,
+    },
+}
+
+/// A link that said hello and heard `welcome`.
+pub struct AgentLink {
+    /// Which transport.
+    pub transport: Transport,
+    /// The relay's id, from `welcome`.
+    pub relay_id: String,
+    /// Tunnel requests from the relay.
+    pub requests: Requests,
+    /// Control messages from the relay (`drain`, `replaced`).
+    pub control: mpsc::Receiver<RelayControl>,
+}
+
+impl Requests {
+    /// The next tunnel request; `Err` with why once the link has ended.
+    pub async fn accept(&mut self) -> Result<TunnelRequest, String> {
+        match &mut self.0 {
+            Carrier::Quic { conn, .. } => conn
+                .accept_bi()
+                .await
+                .map(|(s, r)| TunnelRequest::Quic(s, r))
+                .map_err(|e| e.to_string()),
+            Carrier::Tcp {
+                incoming, reason, ..
+            } => match incoming.recv().await {
+                Some(request) => Ok(request),
+                None => Err(reason
+                    .get()
+                    .cloned()
+                    .unwrap_or_else(|| "connection closed".into())),
+            },
+        }
+    }
+
+    /// Closes the link (the agent is stopping).
+    pub fn close(&self) {
+        match &self.0 {
+            Carrier::Quic { conn, .. } => {
+                conn.close(VarInt::from_u32(codes::OK), b"agent stopping")
+            }
+            Carrier::Tcp { closer, .. } => closer.cancel(),
+        }
+    }
+}
+
+/// Reads control frames into a channel (frame reads are not cancel-safe, so they run in
+/// their own task).
+async fn read_control<R: AsyncRead + Unpin>(mut recv: R, tx: mpsc::Sender<RelayControl>) {
+    while let Ok(Some(msg)) = frame::read::<_, RelayControl>(&mut recv, MAX_FRAME).await {
+        if tx.send(msg).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn hello(config: &super::AgentConfig) -> Hello {
+    Hello {
+        version: VERSION,
+        uuid: config.uuid.clone(),
+        key: config.key.0.clone(),
+        agent: AGENT_NAME.into(),
+    }
+}
+
+/// Reads the answer to a hello: `welcome` gives the relay's id.
+async fn read_welcome<R: AsyncRead + Unpin>(recv: &mut R) -> Result<String, Outcome> {
+    match frame::read_required::<_, RelayControl>(recv, MAX_FRAME).await {
+        Ok(RelayControl::Welcome { relay, .. }) => Ok(relay),
+        Ok(RelayControl::Reject { code, message }) => Err(Outcome::Rejected(code, message)),
+        Ok(other) => Err(Outcome::Unreachable(format!(
+            "unexpected {other:?} before welcome"
+        ))),
+        Err(e) => Err(Outcome::Unreachable(e.to_string())),
+    }
+}
+
+fn unreachable(e: &dyn std::fmt::Display) -> Outcome {
+    Outcome::Unreachable(e.to_string())
+}
+
+/// QUIC: the handshake must finish within `handshake` (the fallback timer in `auto`),
+/// then hello and welcome on the first stream.
+pub async fn dial_quic(
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    config: &super::AgentConfig,
+    addr: SocketAddr,
+    server_name: &str,
+    handshake: Duration,
+) -> Result<AgentLink, Outcome> {
+    let connecting = endpoint
+        .connect_with(client.clone(), addr, server_name)
+        .map_err(|e| unreachable(&e))?;
+    let conn = match tokio::time::timeout(handshake, connecting).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => return Err(unreachable(&e)),
+        Err(_) => {
+            return Err(Outcome::Unreachable(format!(
+                "no QUIC handshake with {addr} within {handshake:?}"
+            )))
+        }
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
+    frame::write(&mut send, &hello(config))
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let relay_id = read_welcome(&mut recv).await.map_err(|e| match e {
+        // A close reason says more than "connection lost" does.
+        Outcome::Unreachable(e) => Outcome::Unreachable(match conn.close_reason() {
+            Some(reason) => reason.to_string(),
+            None => e,
+        }),
+        other => other,
+    })?;
+    let (tx, control) = mpsc::channel(4);
+    tokio::spawn(read_control(recv, tx));
+    Ok(AgentLink {
+        transport: Transport::Quic,
+        relay_id,
+        requests: Requests(Carrier::Quic {
+            conn,
+            _control: send,
+        }),
+        control,
+    })
+}
+
+/// TLS over TCP: the TCP connection (direct or through an HTTP proxy), TLS with ALPN
+/// `cloudlink-tcp/1`, hello and welcome as frames, then HTTP/2 with the agent as server.
+pub async fn dial_tcp(
+    tcp: TcpStream,
+    tls: &tokio_rustls::TlsConnector,
+    config: &super::AgentConfig,
+    server_name: &str,
+) -> Result<AgentLink, Outcome> {
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+        .map_err(|e| Outcome::Unreachable(format!("{server_name}: {e}")))?;
+    let mut stream = tls.connect(name, tcp).await.map_err(|e| unreachable(&e))?;
+    frame::write(&mut stream, &hello(config))
+        .await
+        .map_err(|e| unreachable(&e))?;
+    stream.flush().await.map_err(|e| unreachable(&e))?;
+    let relay_id = read_welcome(&mut stream).await?;
+    let heard = LastHeard::default();
+    let mut connection = link_h2::server()
+        .handshake::<_, Bytes>(Heard::new(stream, heard.clone()))
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let ping = connection.ping_pong();
+    let (tunnels, incoming) = mpsc::channel(64);
+    let (control_tx, control) = mpsc::channel(4);
+    let (control_open, control_opened) = tokio::sync::oneshot::channel();
+    let closer = CancellationToken::new();
+    let reason: Arc<OnceLock<String>> = Arc::default();
+    let keep_alive = Duration::from_millis(config.keep_alive_ms);
+    let idle = Duration::from_millis(config.idle_timeout_ms);
+    {
+        let (closer, reason) = (closer.clone(), reason.clone());
+        tokio::spawn(async move {
+            let alive = async {
+                match ping {
+                    Some(ping) => link_h2::keep_alive(ping, heard, keep_alive, idle).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let why = tokio::select! {
+                why = accept_loop(&mut connection, tunnels, control_tx, control_open) => why,
+                why = alive => why,
+                _ = closer.cancelled() => {
+                    // GOAWAY, flushed while the connection winds down (briefly).
+                    connection.graceful_shutdown();
+                    let wind_down = async { while connection.accept().await.is_some() {} };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), wind_down).await;
+                    "closed by the agent".into()
+                }
+            };
+            let _ = reason.set(why);
+        });
+    }
+    // The relay opens the control stream once this session is registered: only then is
+    // the device reachable, and only then does the agent count itself connected.
+    if control_opened.await.is_err() {
+        return Err(Outcome::Unreachable(reason.get().cloned().unwrap_or_else(
+            || "the relay never opened the control stream".into(),
+        )));
+    }
+    Ok(AgentLink {
+        transport: Transport::Tcp,
+        relay_id,
+        requests: Requests(Carrier::Tcp {
+            incoming,
+            closer,
+            reason,
+        }),
+        control,
+    })
+}
+
+type H2Server = h2::server::Connection<Heard<tokio_rustls::client::TlsStream<TcpStream>>, Bytes>;
+
+/// Drives the HTTP/2 connection: the control stream's frames go to `control`, CONNECT
+/// streams to `tunnels`; anything else is answered 404. Returns why the connection ended.
+async fn accept_loop(
+    conn: &mut H2Server,
+    tunnels: mpsc::Sender<TunnelRequest>,
+    control: mpsc::Sender<RelayControl>,
+    opened: tokio::sync::oneshot::Sender<()>,
+) -> String {
+    let mut control = Some((control, opened));
+    loop {
+        let (request, mut respond) = match conn.accept().await {
+            Some(Ok(pair)) => pair,
+            Some(Err(e)) => return e.to_string(),
+            None => return "the relay closed the connection".into(),
+        };
+        if request.method() == http::Method::CONNECT {
+            // A full or closed queue: the agent is not taking tunnels (it is stopping, or
+            // far behind).
+            if let Err(
+                mpsc::error::TrySendError::Full(TunnelRequest::H2(_, mut respond))
+                | mpsc::error::TrySendError::Closed(TunnelRequest::H2(_, mut respond)),
+            ) = tunnels.try_send(TunnelRequest::H2(request, respond))
+            {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+            }
+        } else if request.method() == http::Method::POST
+            && request.uri().path() == link_h2::CONTROL_PATH
+        {
+            let Some((tx, opened)) = control.take() else {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                continue;
+            };
+            match respond.send_response(http::Response::new(()), false) {
+                Ok(ours) => {
+                    let _ = opened.send(());
+                    let body = BodyReader::new(request.into_body());
+                    tokio::spawn(async move {
+                        // Our side stays open, without data, for the session's life.
+                        let _ours = ours;
+                        read_control(body, tx).await;
+                    });
+                }
+                Err(e) => return e.to_string(),
+            }
+        } else {
+            let mut not_found = http::Response::new(());
+            *not_found.status_mut() = http::StatusCode::NOT_FOUND;
+            let _ = respond.send_response(not_found, true);
+        }
+    }
+}

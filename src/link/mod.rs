@@ -1,0 +1,105 @@
+//! The device link's two transports behind one face: QUIC (PROTOCOL.md §2) and TLS over
+//! TCP carrying HTTP/2 streams (§2b), for networks that block UDP.
+//!
+//! A tunnel stream is a [`LinkSend`] and a [`LinkRecv`] whichever transport carries it,
+//! so the hot path ([`crate::forward`]) and everything above it (admission, audit,
+//! forwarding) never ask which one it is. The match per chunk costs nothing measurable
+//! next to a syscall.
+
+pub mod h2;
+
+use bytes::Bytes;
+use quinn::VarInt;
+
+use crate::forward::{ChunkRecv, ChunkSend, End};
+
+/// ALPN of the TLS/TCP device link (PROTOCOL.md §2b).
+pub const TCP_ALPN: &[u8] = b"cloudlink-tcp/1";
+
+/// Which transport a device link uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// QUIC over UDP.
+    Quic,
+    /// TLS over TCP, tunnels as HTTP/2 streams.
+    Tcp,
+}
+
+impl Transport {
+    /// The name used in the API, metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The sending half of a tunnel stream.
+pub enum LinkSend {
+    /// A QUIC stream.
+    Quic(quinn::SendStream),
+    /// An HTTP/2 stream.
+    H2(::h2::SendStream<Bytes>),
+}
+
+/// The receiving half of a tunnel stream.
+pub enum LinkRecv {
+    /// A QUIC stream.
+    Quic(quinn::RecvStream),
+    /// An HTTP/2 stream.
+    H2(::h2::RecvStream),
+}
+
+impl LinkSend {
+    /// Resets the stream with `code` (QUIC) or `CANCEL` (HTTP/2, which has no room for
+    /// our codes; PROTOCOL.md §2b).
+    pub fn reset(&mut self, code: u32) {
+        match self {
+            LinkSend::Quic(s) => {
+                let _ = s.reset(VarInt::from_u32(code));
+            }
+            LinkSend::H2(s) => s.send_reset(::h2::Reason::CANCEL),
+        }
+    }
+}
+
+impl LinkRecv {
+    /// Tells the sender to stop (QUIC); on HTTP/2 the reset of the send half covers both.
+    pub fn stop(&mut self, code: u32) {
+        if let LinkRecv::Quic(r) = self {
+            let _ = r.stop(VarInt::from_u32(code));
+        }
+    }
+}
+
+impl ChunkSend for LinkSend {
+    async fn write_chunk(&mut self, chunk: Bytes) -> Result<(), End> {
+        match self {
+            LinkSend::Quic(s) => ChunkSend::write_chunk(s, chunk).await,
+            LinkSend::H2(s) => h2::write_chunk(s, chunk).await,
+        }
+    }
+
+    fn finish(&mut self) {
+        match self {
+            LinkSend::Quic(s) => ChunkSend::finish(s),
+            LinkSend::H2(s) => h2::finish(s),
+        }
+    }
+}
+
+impl ChunkRecv for LinkRecv {
+    async fn read_chunks(&mut self, bufs: &mut [Bytes]) -> Result<Option<usize>, End> {
+        match self {
+            LinkRecv::Quic(r) => ChunkRecv::read_chunks(r, bufs).await,
+            LinkRecv::H2(r) => h2::read_chunks(r, bufs).await,
+        }
+    }
+}

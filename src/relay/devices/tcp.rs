@@ -1,0 +1,331 @@
+//! The TLS/TCP device listener (PROTOCOL.md §2b): TLS 1.3, the §2 hello and welcome as
+//! frames, then one HTTP/2 connection on which the relay is the client and opens a
+//! CONNECT stream per tunnel.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::{accept_hello, control_frame, register, run_session, unregister};
+use super::{Control, DeviceLink, HelloFailure, OpenError};
+use crate::auth::tokens;
+use crate::link::h2::{self as link_h2, Heard, LastHeard};
+use crate::link::{LinkRecv, LinkSend};
+use crate::proto::frame;
+use crate::proto::messages::{Hello, RefuseCode, RelayControl, TunnelOpen};
+use crate::relay::listen::{Accepted, Conn, Listeners};
+use crate::relay::state::Shared;
+
+/// The relay's end of one device's TLS/TCP link.
+pub struct TcpLink {
+    requests: h2::client::SendRequest<Bytes>,
+    /// Cancelling it drops the connection.
+    closer: CancellationToken,
+}
+
+impl TcpLink {
+    /// Ends the connection (TCP has no room for a close code; the agent sees it end).
+    pub fn close(&self) {
+        self.closer.cancel();
+    }
+
+    /// Opens a CONNECT stream for `open` and waits for the agent's answer.
+    pub async fn open_tunnel(
+        &self,
+        open: &TunnelOpen,
+        max_frame: usize,
+    ) -> Result<(LinkSend, LinkRecv), OpenError> {
+        let mut requests = self
+            .requests
+            .clone()
+            .ready()
+            .await
+            .map_err(|_| OpenError::Offline)?;
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("127.0.0.1:{}", open.port))
+            .header(link_h2::TUNNEL_HEADER, &open.tunnel)
+            .header(link_h2::USER_HEADER, &open.user)
+            .body(())
+            .map_err(|e| OpenError::Bad(e.to_string()))?;
+        let (response, send) = requests
+            .send_request(request, false)
+            .map_err(|_| OpenError::Offline)?;
+        let response = response.await.map_err(|e| {
+            if e.is_reset() {
+                OpenError::Bad(format!("the agent reset the tunnel stream ({e})"))
+            } else {
+                OpenError::Offline
+            }
+        })?;
+        let status = response.status();
+        let refused = response
+            .headers()
+            .get(link_h2::REFUSED_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let mut body = response.into_body();
+        if status == http::StatusCode::OK {
+            return Ok((LinkSend::H2(send), LinkRecv::H2(body)));
+        }
+        let code = match (status.as_u16(), refused.as_deref()) {
+            (_, Some("connect")) | (502, None) => RefuseCode::Connect,
+            (_, Some("forbidden")) | (403, None) => RefuseCode::Forbidden,
+            _ => return Err(OpenError::Bad(format!("answered {status}"))),
+        };
+        Err(OpenError::Refused(
+            code,
+            read_text(&mut body, max_frame).await,
+        ))
+    }
+}
+
+/// Reads a refusal's text body, at most `max` bytes of it.
+async fn read_text(body: &mut h2::RecvStream, max: usize) -> String {
+    let mut text = Vec::new();
+    while text.len() < max {
+        match body.data().await {
+            Some(Ok(data)) => {
+                let _ = body.flow_control().release_capacity(data.len());
+                text.extend_from_slice(&data[..data.len().min(max - text.len())]);
+            }
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+/// Accepts device connections until shutdown. At most `handshakes_max` connections are
+/// between accept and `welcome` at once (past that, the kernel's backlog holds the rest),
+/// and none is taken past `max_devices`.
+pub async fn run(listeners: Listeners, state: Arc<Shared>) {
+    let limits = &state.config.limits;
+    let handshakes = Arc::new(Semaphore::new(limits.handshakes_max));
+    let tracker = TaskTracker::new();
+    while let Some(accepted) = listeners.next(&handshakes, &state.shutdown).await {
+        if state.registry.device_count() >= limits.max_devices {
+            tracing::debug!(remote = %accepted.peer, "device limit reached; connection dropped");
+            continue;
+        }
+        let span = tracing::info_span!(
+            "device",
+            remote = %accepted.peer,
+            device = tracing::field::Empty
+        );
+        tracker.spawn(session(accepted, state.clone()).instrument(span));
+    }
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+}
+
+type Tls = TlsStream<TcpStream>;
+
+async fn session(accepted: Accepted, state: Arc<Shared>) {
+    let Accepted { conn, permit, .. } = accepted;
+    let Conn::Tls(pending) = conn else {
+        return;
+    };
+    let limits = &state.config.limits;
+    // The handshake and the hello share the hello timeout.
+    let deadline = tokio::time::Instant::now() + limits.hello_timeout();
+    let mut tls = match tokio::time::timeout_at(deadline, pending.finish()).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+        Err(_) => return tracing::debug!("TLS handshake timed out"),
+    };
+    let read = frame::read_required::<_, Hello>(&mut tls, limits.frame_max_bytes);
+    let hello = match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(e)) => return refuse(tls, &state, HelloFailure::Protocol(e)).await,
+        Err(_) => return refuse(tls, &state, HelloFailure::Timeout).await,
+    };
+    let uuid = match accept_hello(&state, &hello).await {
+        Ok(uuid) => uuid,
+        Err(failure) => return refuse(tls, &state, failure).await,
+    };
+    tracing::Span::current().record("device", uuid.as_str());
+    let session_id = tokens::new_device_uuid();
+    let welcome = RelayControl::Welcome {
+        relay: state.relay_id.clone(),
+        session: session_id.clone(),
+    };
+    if frame::write(&mut tls, &welcome).await.is_err() || tls.flush().await.is_err() {
+        return;
+    }
+    let Some((link, ended)) = start_h2(tls, &state).await else {
+        return;
+    };
+    let requests = link.requests.clone();
+    let closer = link.closer.clone();
+    let registered = register(
+        &state,
+        uuid.clone(),
+        session_id,
+        &hello.agent,
+        DeviceLink::Tcp(link),
+    )
+    .await;
+    drop(permit);
+    // The agent counts itself connected once the control stream arrives, which is after
+    // the session is registered: "connected" means reachable.
+    match open_control(requests, &uuid, ended, &state).await {
+        Ok(control) => run_session(&state, registered, control).await,
+        Err(why) => {
+            closer.cancel();
+            unregister(&state, &registered, &why).await;
+        }
+    }
+}
+
+/// How a link's connection ended, once it has.
+#[derive(Clone)]
+struct Ended {
+    token: CancellationToken,
+    reason: Arc<OnceLock<String>>,
+}
+
+/// Starts HTTP/2 on the link (the relay is the client) and drives the connection, with
+/// keep-alive, in a task of its own.
+async fn start_h2(tls: Tls, state: &Shared) -> Option<(TcpLink, Ended)> {
+    let limits = &state.config.limits;
+    let heard = LastHeard::default();
+    let io = Heard::new(tls, heard.clone());
+    let setup = link_h2::client().handshake::<_, Bytes>(io);
+    let (requests, mut connection) = match tokio::time::timeout(limits.hello_timeout(), setup).await
+    {
+        Ok(Ok(ok)) => ok,
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "HTTP/2 setup failed");
+            return None;
+        }
+        Err(_) => {
+            tracing::info!("HTTP/2 setup timed out");
+            return None;
+        }
+    };
+    let ping = connection.ping_pong();
+    let closer = state.shutdown.child_token();
+    let ended = Ended {
+        token: CancellationToken::new(),
+        reason: Arc::default(),
+    };
+    let keep_alive = Duration::from_millis(limits.keep_alive_ms);
+    let idle = Duration::from_millis(limits.idle_timeout_ms);
+    {
+        let (closer, ended) = (closer.clone(), ended.clone());
+        tokio::spawn(async move {
+            let alive = async {
+                match ping {
+                    Some(ping) => link_h2::keep_alive(ping, heard, keep_alive, idle).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let why = tokio::select! {
+                r = connection => match r {
+                    Ok(()) => "the agent closed the connection".to_owned(),
+                    Err(e) => e.to_string(),
+                },
+                why = alive => why,
+                _ = closer.cancelled() => "closed by the relay".to_owned(),
+            };
+            let _ = ended.reason.set(why);
+            ended.token.cancel();
+        });
+    }
+    Some((TcpLink { requests, closer }, ended))
+}
+
+/// Opens the control stream (`POST /cloudlink/control`) and waits for the agent's 200.
+async fn open_control(
+    requests: h2::client::SendRequest<Bytes>,
+    uuid: &str,
+    ended: Ended,
+    state: &Shared,
+) -> Result<TcpControl, String> {
+    let open = async {
+        let mut requests = requests.ready().await?;
+        let request = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(format!("https://{uuid}{}", link_h2::CONTROL_PATH))
+            .body(())
+            .expect("a valid request");
+        let (response, send) = requests.send_request(request, false)?;
+        let response = response.await?;
+        Ok::<_, h2::Error>((response, send))
+    };
+    match tokio::time::timeout(state.config.limits.hello_timeout(), open).await {
+        Ok(Ok((response, send))) if response.status() == http::StatusCode::OK => Ok(TcpControl {
+            send,
+            body: response.into_body(),
+            ended,
+        }),
+        Ok(Ok((response, _))) => Err(format!(
+            "the agent answered the control stream with {}",
+            response.status()
+        )),
+        Ok(Err(e)) => Err(format!("cannot open the control stream: {e}")),
+        Err(_) => Err("the control stream was not answered in time".into()),
+    }
+}
+
+/// A TCP session's control stream, and the end of its connection.
+struct TcpControl {
+    send: h2::SendStream<Bytes>,
+    body: h2::RecvStream,
+    ended: Ended,
+}
+
+impl Control for TcpControl {
+    async fn send(&mut self, msg: &RelayControl) -> bool {
+        link_h2::write_chunk(&mut self.send, control_frame(msg))
+            .await
+            .is_ok()
+    }
+
+    /// Ends with the connection, or when the agent ends or resets its side of the control
+    /// stream (which ends the session, §2b). The agent sends no data on it; any is dropped.
+    async fn ended(&mut self) -> String {
+        loop {
+            tokio::select! {
+                _ = self.ended.token.cancelled() => {
+                    return self.ended.reason.get().cloned().unwrap_or_default();
+                }
+                data = self.body.data() => match data {
+                    Some(Ok(data)) => {
+                        let _ = self.body.flow_control().release_capacity(data.len());
+                    }
+                    Some(Err(e)) => return format!("control stream reset: {e}"),
+                    None => return "the agent ended the control stream".into(),
+                },
+            }
+        }
+    }
+
+    async fn finish(&mut self) {
+        link_h2::finish(&mut self.send);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.ended()).await;
+    }
+}
+
+/// Answers a failed hello: a `reject` frame and close_notify for a reject, a plain close
+/// otherwise (TCP has no room for a close code).
+async fn refuse(mut tls: Tls, state: &Shared, failure: HelloFailure) {
+    failure.record(state);
+    if let HelloFailure::Reject(code, message) = failure {
+        let reject = RelayControl::Reject {
+            code,
+            message: message.to_owned(),
+        };
+        if frame::write(&mut tls, &reject).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), tls.shutdown()).await;
+        }
+    }
+}

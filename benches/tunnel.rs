@@ -5,16 +5,21 @@
 //!
 //! - a: one plain TCP stream (the kernel's limit here)
 //! - b: one quinn stream with the relay's TLS and transport settings (QUIC's limit here)
-//! - c: client → CONNECT → relay → QUIC → agent → TCP sink, upload and download
-//! - d: setup latency, CONNECT → 200 → first echoed byte, auth cache cold and warm
+//! - c: client → CONNECT → relay → device link → agent → TCP sink, upload and download,
+//!   over each device link (QUIC, and TLS over TCP with HTTP/2 streams), with the relay's
+//!   CPU seconds per GB moved
+//! - d: setup latency, CONNECT → 200 → first echoed byte, auth cache cold and warm, over
+//!   each device link
 //! - e: many concurrent tunnels, aggregate throughput and the slowest tunnel (fairness)
 //! - f: idle devices holding a QUIC connection each: relay memory per device, and the time
-//!   for all of them to reconnect after a relay restart
+//!   for all of them to reconnect after a relay restart; then the same number of idle
+//!   devices on the TCP link: relay memory per device
 //! - g: a cluster of two relays on a throwaway Postgres: the same transfer and the same
 //!   setups through the device's own relay and through the other one (a peer hop), in one
 //!   run
 //!
-//! Options: `--scenarios abcdefg`, `--size-mib 1024` (a, b, c), `--setups 1000` (d),
+//! Options: `--scenarios abcdefg`, `--transport quic|tcp|both` (c, d, f; default both),
+//! `--size-mib 1024` (a, b, c), `--setups 1000` (d),
 //! `--tunnels 200 --tunnel-mib 16` (e), `--devices 2000` (f). To measure a deployed relay
 //! instead of a local one (c, d, e): `--api URL --proxy HOST:PORT --device HOST:PORT
 //! --key ADMIN_KEY [--ca PEM]`; the agent still runs here.
@@ -37,6 +42,7 @@ const MIB: u64 = 1024 * 1024;
 
 struct Opts {
     scenarios: String,
+    transports: Vec<&'static str>,
     size: u64,
     setups: usize,
     tunnels: usize,
@@ -58,6 +64,7 @@ struct Remote {
 fn parse_opts() -> Opts {
     let mut o = Opts {
         scenarios: "abcdefg".into(),
+        transports: vec!["quic", "tcp"],
         size: 1024 * MIB,
         setups: 1000,
         tunnels: 200,
@@ -72,6 +79,14 @@ fn parse_opts() -> Opts {
         match arg.as_str() {
             "--bench" => {}
             "--scenarios" => o.scenarios = value(),
+            "--transport" => {
+                o.transports = match value().as_str() {
+                    "quic" => vec!["quic"],
+                    "tcp" => vec!["tcp"],
+                    "both" => vec!["quic", "tcp"],
+                    other => panic!("--transport quic|tcp|both, not {other}"),
+                }
+            }
             "--size-mib" => o.size = value().parse::<u64>().expect("number") * MIB,
             "--setups" => o.setups = value().parse().expect("number"),
             "--tunnels" => o.tunnels = value().parse().expect("number"),
@@ -112,8 +127,12 @@ fn gbps(bytes: u64, d: Duration) -> f64 {
 /// Where the tunnels go: a local relay (with its temp dir) or a deployed one.
 struct Target {
     _world: Option<common::World>,
+    /// The local relay's process, for CPU readings.
+    relay_pid: Option<u32>,
     proxy: SocketAddr,
     device: SocketAddr,
+    /// The local relay's TCP device listener (a deployed relay: `device`, both links).
+    device_tcp: Option<SocketAddr>,
     ca: PathBuf,
     key: String,
     api: common::Api,
@@ -124,8 +143,10 @@ impl Target {
         let world = common::World::with(config, &[], &[("RUST_LOG", "info")]);
         let api = common::Api::new(world.relay.api, &world.relay.admin_key());
         Target {
+            relay_pid: world.relay.pid(),
             proxy: world.relay.proxy,
             device: world.relay.device,
+            device_tcp: world.relay.device_tcp,
             ca: world.relay.cert(),
             key: world.relay.admin_key(),
             api,
@@ -142,19 +163,26 @@ impl Target {
             .expect("--api http://HOST:PORT");
         Target {
             _world: None,
+            relay_pid: None,
             proxy: r.proxy,
             device: r.device,
+            device_tcp: None,
             ca: r.ca.clone().unwrap_or_default(),
             key: r.key.clone(),
             api: common::Api::new(addr, &r.key),
         }
     }
 
-    /// Registers a device and runs an agent process for it.
-    async fn device(&self, fleet: &str) -> (String, std::process::Child) {
+    /// Registers a device and runs an agent process for it on `transport`.
+    async fn device(&self, fleet: &str, transport: &str) -> (String, AgentProc) {
         let (uuid, key) = self.api.register_device(fleet).await;
         let mut cmd = std::process::Command::new(common::bin());
-        cmd.args(["agent", "--relay", &self.device.to_string()])
+        let relay = match (transport, self.device_tcp) {
+            ("tcp", Some(tcp)) => format!("tcp://{tcp}"),
+            _ => self.device.to_string(),
+        };
+        cmd.args(["agent", "--relay", &relay])
+            .args(["--transport", transport])
             .env("CLOUDLINK_DEVICE_UUID", &uuid)
             .env("CLOUDLINK_DEVICE_KEY", key)
             .env("RUST_LOG", "info")
@@ -172,11 +200,21 @@ impl Target {
         let lines = common::Lines::spawn(child.stderr.take().unwrap(), None);
         lines.wait_for("connected to relay");
         // Dropping `lines` leaves its thread draining stderr, so the agent never blocks.
-        (uuid, child)
+        (uuid, AgentProc(child))
     }
 
     async fn tunnel(&self, uuid: &str, port: u16) -> TcpStream {
         common::tunnel(self.proxy, &self.key, uuid, port).await
+    }
+}
+
+/// An agent process, stopped when dropped (also when a scenario panics).
+struct AgentProc(std::process::Child);
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -610,14 +648,16 @@ async fn peer_hop(size: u64, setups: usize) -> Option<Hop> {
         .to_owned();
     let target = |r: &common::Relay| Target {
         _world: None,
+        relay_pid: r.pid(),
         proxy: r.proxy,
         device: r.device,
+        device_tcp: r.device_tcp,
         ca: r.cert(),
         key: key.clone(),
         api: common::Api::new(r.api, &key),
     };
     let (direct, hop) = (target(&a), target(&b));
-    let (uuid, mut agent) = direct.device("hop").await;
+    let (uuid, agent) = direct.device("hop", "quic").await;
     let sink = sink_server().await;
     let source = source_server(size).await;
     let mut up = (0.0, 0.0);
@@ -635,13 +675,84 @@ async fn peer_hop(size: u64, setups: usize) -> Option<Hop> {
     let echo = common::echo_server().await;
     let (direct_p50, _) = setup_latency(&direct, &uuid, echo, setups).await;
     let (hop_p50, _) = setup_latency(&hop, &uuid, echo, setups).await;
-    let _ = agent.kill();
-    let _ = agent.wait();
+    drop(agent);
     Some(Hop {
         up,
         down,
         setup_p50: (direct_p50, hop_p50),
     })
+}
+
+/// f over TCP: N idle devices on the TLS/TCP link (the agent's own dialer, in this
+/// process); relay RSS per device.
+async fn idle_tcp_devices(n: usize) -> f64 {
+    // Each device is a socket here: raise this process's open-files limit for them.
+    let mut limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    limit.current = limit.maximum;
+    let _ = rustix::process::setrlimit(rustix::process::Resource::Nofile, limit);
+    let world = common::World::with(
+        "[limits]\nauth_failures_per_minute = 100000\n",
+        &[
+            "--device-listen",
+            "off",
+            "--device-tcp-listen",
+            "127.0.0.1:0",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    let api = common::Api::new(world.relay.api, &world.relay.admin_key());
+    let (s, _) = api
+        .call("POST", "/v1/fleets", Some(json!({"name": "idle"})))
+        .await;
+    assert_eq!(s, 201);
+    let mut creds = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (s, d) = api
+            .call("POST", "/v1/fleets/idle/devices", Some(json!({})))
+            .await;
+        assert_eq!(s, 201);
+        creds.push((
+            d["uuid"].as_str().unwrap().to_owned(),
+            d["key"].as_str().unwrap().to_owned(),
+        ));
+    }
+    cloudlink::tls_client::install_crypto();
+    let cert = world.relay.cert();
+    let tls = cloudlink::tls_client::config(
+        cloudlink::tls_client::Trust::CaFile(&cert),
+        &[cloudlink::link::TCP_ALPN],
+    )
+    .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let addr = world.relay.device_tcp.expect("TCP device listener");
+    let pid = world.relay.pid().unwrap();
+    let before = common::rss_kib(pid);
+    let mut links = Vec::with_capacity(n);
+    // A few at a time, as a fleet trickles in; the relay's handshake cap is not the subject.
+    for chunk in creds.chunks(64) {
+        let mut dials = tokio::task::JoinSet::new();
+        for (uuid, key) in chunk.iter().cloned() {
+            let tls = tls.clone();
+            dials.spawn(async move {
+                let config = cloudlink::agent::AgentConfig {
+                    uuid,
+                    key: cloudlink::config::Secret(key),
+                    ..Default::default()
+                };
+                let tcp = TcpStream::connect(addr).await.expect("TCP connect");
+                cloudlink::agent::link::dial_tcp(tcp, &tls, &config, "localhost")
+                    .await
+                    .map_err(|e| format!("{e:?}"))
+            });
+        }
+        while let Some(link) = dials.join_next().await {
+            links.push(link.unwrap().expect("an idle TCP device connects"));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = common::rss_kib(pid);
+    drop(links);
+    after.saturating_sub(before) as f64 / n as f64
 }
 
 fn main() {
@@ -694,17 +805,25 @@ async fn run(opts: Opts) {
         Some(r) => Target::remote(r),
         None => Target::local(&format!(
             "[limits]\nauth_failures_per_minute = 100000\ntunnels_per_user = {n}\n\
-             tunnels_per_device = {n}\n",
+             tunnels_per_device = {n}\ntunnels_per_user_device = {n}\n",
             n = opts.tunnels.max(64) + 8
         )),
     });
-    let agent = match &target {
-        Some(t) => Some(t.device("bench").await),
-        None => None,
-    };
+    // One agent per device link, each its own device on the same relay.
+    let mut agents = Vec::new();
+    if let Some(t) = &target {
+        for transport in &opts.transports {
+            let (uuid, child) = t.device(&format!("bench-{transport}"), transport).await;
+            agents.push((*transport, uuid, child));
+        }
+    }
 
-    if let (Some(t), Some((uuid, _))) = (&target, &agent) {
-        if has('c') {
+    if let Some(t) = &target {
+        // c, per link: throughput both ways and the relay's CPU per GB moved.
+        let mut link_rates: Vec<(&str, f64, f64)> = Vec::new();
+        for (transport, uuid, _) in agents.iter().filter(|_| has('c')) {
+            let cpu = || t.relay_pid.map(|p| cpu_secs(&p.to_string()));
+            let before = cpu();
             let sink = sink_server().await;
             let up = gbps(
                 opts.size,
@@ -715,6 +834,8 @@ async fn run(opts: Opts) {
                 opts.size,
                 download(t.tunnel(uuid, source).await, opts.size).await,
             );
+            let relay_cpu = cpu().zip(before).map(|(a, b)| a - b);
+            let quic_link = link_rates.iter().find(|(t, _, _)| *t == "quic").copied();
             for (dir, v) in [("upload", up), ("download", down)] {
                 let mut note = Vec::new();
                 if let Some(q) = quic {
@@ -723,46 +844,63 @@ async fn run(opts: Opts) {
                 if let Some(t) = tcp {
                     note.push(format!("{:.2} × TCP", v / t));
                 }
+                if let (Some((_, qu, qd)), true) = (quic_link, *transport == "tcp") {
+                    let q = if dir == "upload" { qu } else { qd };
+                    note.push(format!("{:.2} × the QUIC link (target ≥ 1.00)", v / q));
+                }
                 rows.push(Row {
                     scenario: "c",
-                    what: format!("tunnel {dir}, {size_mib} MiB"),
+                    what: format!("tunnel {dir} over {transport}, {size_mib} MiB"),
                     value: format!("{v:.2} GB/s"),
                     note: note.join(", "),
                 });
             }
+            if let Some(cpu) = relay_cpu {
+                let gb = 2.0 * opts.size as f64 / 1e9;
+                rows.push(Row {
+                    scenario: "c",
+                    what: format!("relay CPU over {transport}, both transfers"),
+                    value: format!("{:.2} CPU-s/GB", cpu / gb),
+                    note: "relay process only (user + system)".into(),
+                });
+            }
+            link_rates.push((transport, up, down));
         }
-        if has('d') {
+        for (transport, uuid, _) in agents.iter().filter(|_| has('d')) {
             let echo = common::echo_server().await;
             let (p50, p99) = setup_latency(t, uuid, echo, opts.setups).await;
             rows.push(Row {
                 scenario: "d",
-                what: format!("setup, warm auth cache, {} sequential", opts.setups),
+                what: format!(
+                    "setup over {transport}, warm auth cache, {} sequential",
+                    opts.setups
+                ),
                 value: format!("p50 {:.2} ms, p99 {:.2} ms", ms(p50), ms(p99)),
                 note: "target p50 ≤ 1 ms, p99 ≤ 5 ms".into(),
             });
-            if opts.remote.is_none() {
-                // The same relay set-up with the cache off: every CONNECT asks the store.
-                let cold = Target::local(
-                    "[limits]\nauth_failures_per_minute = 100000\nauth_cache_ms = 0\n",
-                );
-                let (cold_uuid, mut cold_agent) = cold.device("cold").await;
-                let (p50, p99) = setup_latency(&cold, &cold_uuid, echo, opts.setups).await;
-                let _ = cold_agent.kill();
-                rows.push(Row {
-                    scenario: "d",
-                    what: format!("setup, cold auth cache, {} sequential", opts.setups),
-                    value: format!("p50 {:.2} ms, p99 {:.2} ms", ms(p50), ms(p99)),
-                    note: "every CONNECT reads the store (SQLite)".into(),
-                });
-            }
         }
-        if has('e') {
+        if has('d') && opts.remote.is_none() {
+            // The same relay set-up with the cache off: every CONNECT asks the store.
+            let echo = common::echo_server().await;
+            let cold =
+                Target::local("[limits]\nauth_failures_per_minute = 100000\nauth_cache_ms = 0\n");
+            let (cold_uuid, cold_agent) = cold.device("cold", opts.transports[0]).await;
+            let (p50, p99) = setup_latency(&cold, &cold_uuid, echo, opts.setups).await;
+            drop(cold_agent);
+            rows.push(Row {
+                scenario: "d",
+                what: format!("setup, cold auth cache, {} sequential", opts.setups),
+                value: format!("p50 {:.2} ms, p99 {:.2} ms", ms(p50), ms(p99)),
+                note: "every CONNECT reads the store (SQLite)".into(),
+            });
+        }
+        if let (true, Some((transport, uuid, _))) = (has('e'), agents.first()) {
             let (aggregate, slowest) = many_tunnels(t, uuid, opts.tunnels, opts.tunnel_size).await;
             let fair = aggregate / opts.tunnels as f64;
             rows.push(Row {
                 scenario: "e",
                 what: format!(
-                    "{} concurrent tunnels × {} MiB, aggregate",
+                    "{} concurrent tunnels × {} MiB over {transport}, aggregate",
                     opts.tunnels,
                     opts.tunnel_size / MIB
                 ),
@@ -779,17 +917,23 @@ async fn run(opts: Opts) {
             });
         }
     }
-    if let Some((_, mut child)) = agent {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(agents);
     drop(target);
 
-    if has('f') {
+    if has('f') && opts.transports.contains(&"tcp") {
+        let per_device = idle_tcp_devices(opts.devices).await;
+        rows.push(Row {
+            scenario: "f",
+            what: format!("{} idle devices over tcp, relay memory", opts.devices),
+            value: format!("{per_device:.1} KiB/device"),
+            note: "target ≤ 48 KiB".into(),
+        });
+    }
+    if has('f') && opts.transports.contains(&"quic") {
         let idle = idle_devices(opts.devices).await;
         rows.push(Row {
             scenario: "f",
-            what: format!("{} idle devices, relay memory", opts.devices),
+            what: format!("{} idle devices over quic, relay memory", opts.devices),
             value: format!("{:.1} KiB/device", idle.per_device_kib),
             note: "target ≤ 48 KiB".into(),
         });

@@ -528,14 +528,9 @@ struct Idle {
     sim_cpu: f64,
 }
 
-/// f: N idle devices; relay RSS per device, and reconnect time after a restart.
-async fn idle_devices(n: usize) -> Idle {
-    let mut world = common::World::with(
-        "[limits]\nauth_failures_per_minute = 100000\n",
-        &[],
-        &[("RUST_LOG", "warn")],
-    );
-    let api = common::Api::new(world.relay.api, &world.relay.admin_key());
+/// Registers `n` devices in a fleet `idle`; their (uuid, key) pairs.
+async fn idle_fleet(relay: &common::Relay, n: usize) -> Vec<(String, String)> {
+    let api = common::Api::new(relay.api, &relay.admin_key());
     let (s, _) = api
         .call("POST", "/v1/fleets", Some(json!({"name": "idle"})))
         .await;
@@ -551,6 +546,17 @@ async fn idle_devices(n: usize) -> Idle {
             d["key"].as_str().unwrap().to_owned(),
         ));
     }
+    creds
+}
+
+/// f: N idle devices; relay RSS per device, and reconnect time after a restart.
+async fn idle_devices(n: usize) -> Idle {
+    let mut world = common::World::with(
+        "[limits]\nauth_failures_per_minute = 100000\n",
+        &[],
+        &[("RUST_LOG", "warn")],
+    );
+    let creds = idle_fleet(&world.relay, n).await;
     cloudlink::tls_client::install_crypto();
     let tls = cloudlink::tls_client::config(
         cloudlink::tls_client::Trust::CaFile(&world.relay.cert()),
@@ -700,22 +706,7 @@ async fn idle_tcp_devices(n: usize) -> f64 {
         ],
         &[("RUST_LOG", "warn")],
     );
-    let api = common::Api::new(world.relay.api, &world.relay.admin_key());
-    let (s, _) = api
-        .call("POST", "/v1/fleets", Some(json!({"name": "idle"})))
-        .await;
-    assert_eq!(s, 201);
-    let mut creds = Vec::with_capacity(n);
-    for _ in 0..n {
-        let (s, d) = api
-            .call("POST", "/v1/fleets/idle/devices", Some(json!({})))
-            .await;
-        assert_eq!(s, 201);
-        creds.push((
-            d["uuid"].as_str().unwrap().to_owned(),
-            d["key"].as_str().unwrap().to_owned(),
-        ));
-    }
+    let creds = idle_fleet(&world.relay, n).await;
     cloudlink::tls_client::install_crypto();
     let cert = world.relay.cert();
     let tls = cloudlink::tls_client::config(

@@ -11,24 +11,14 @@ use std::time::{Duration, Instant};
 use cloudlink::proto::frame;
 use cloudlink::proto::messages::RelayControl;
 use common::{
-    digest_server, echo_server, eventually, fake_device, limits, metrics, random_bytes, sha256_hex,
-    source_server, tunnel, Agent, Api, Relay, World,
+    dataplane, echo_server, eventually, fake_device, limits, metrics, random_bytes, read_all,
+    sha256_hex, source_server, tunnel, Agent, Api, Relay, World,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-/// Generous enough for debug builds on two cores; a wait this long means a real hang.
-const IO_TIMEOUT: Duration = Duration::from_secs(60);
-
-async fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    tokio::time::timeout(IO_TIMEOUT, s.read_to_end(&mut out))
-        .await
-        .expect("read finished in time")
-        .expect("read succeeded");
-    out
-}
+const IO_TIMEOUT: Duration = common::TRANSFER_TIMEOUT;
 
 /// The relay's TCP device address as a `tcp://` relay entry.
 fn tcp_entry(relay: &Relay) -> String {
@@ -52,7 +42,7 @@ async fn echo_roundtrip(proxy: SocketAddr, token: &str, uuid: &str, echo: u16, m
     let mut s = tunnel(proxy, token, uuid, echo).await;
     s.write_all(msg).await.unwrap();
     s.shutdown().await.unwrap();
-    assert_eq!(read_to_end(&mut s).await, msg);
+    assert_eq!(read_all(&mut s).await, msg);
 }
 
 /// A firewall in front of one port number: TCP passes to the relay's TCP device
@@ -226,7 +216,7 @@ async fn udp_swallowed_device_comes_online_over_tcp_and_moves_back_to_quic() {
     long.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"after!", "the TCP-link tunnel broke during the move");
     long.shutdown().await.unwrap();
-    assert_eq!(read_to_end(&mut long).await, b"");
+    assert_eq!(read_all(&mut long).await, b"");
     echo_roundtrip(w.relay.proxy, &token, &uuid, echo, b"new over quic").await;
     // The old TCP session closes once its tunnel is done: one device, on QUIC.
     let one = eventually(Duration::from_secs(10), || async {
@@ -288,38 +278,10 @@ async fn through_an_https_proxy_as_corporate_networks_require() {
 
 #[tokio::test]
 async fn sixty_four_mib_each_way_and_half_close_over_tcp() {
-    const SIZE: usize = 64 * 1024 * 1024;
     let w = World::new(&limits(""));
     let (uuid, key) = w.device_in("pis").await;
     let _agent = tcp_agent(&w.relay, &uuid, &key);
-    let token = w.relay.admin_key();
-
-    // Up, then a half-close: the device's answer comes back after our FIN.
-    let port = digest_server().await;
-    let data = random_bytes(SIZE, 7);
-    let mut s = tunnel(w.relay.proxy, &token, &uuid, port).await;
-    let (mut r, mut wr) = s.split();
-    let send = async {
-        wr.write_all(&data).await.unwrap();
-        wr.shutdown().await.unwrap();
-    };
-    let mut answer = String::new();
-    let recv = r.read_to_string(&mut answer);
-    let (_, got) = tokio::time::timeout(IO_TIMEOUT, async { tokio::join!(send, recv) })
-        .await
-        .expect("upload finished in time");
-    got.unwrap();
-    assert_eq!(
-        answer,
-        format!("got {SIZE} bytes, sha256 {}", sha256_hex(&data))
-    );
-
-    // Down: the device sends, we hash.
-    let port = source_server(SIZE, 11).await;
-    let mut s = tunnel(w.relay.proxy, &token, &uuid, port).await;
-    let got = read_to_end(&mut s).await;
-    assert_eq!(got.len(), SIZE);
-    assert_eq!(sha256_hex(&got), sha256_hex(&random_bytes(SIZE, 11)));
+    dataplane::checksummed_both_ways(w.relay.proxy, &w.relay.admin_key(), &uuid, 64 << 20).await;
 }
 
 #[tokio::test]
@@ -367,33 +329,7 @@ async fn a_hundred_concurrent_tunnels_over_tcp() {
     ));
     let (uuid, key) = w.device_in("pis").await;
     let _agent = tcp_agent(&w.relay, &uuid, &key);
-    let port = echo_server().await;
-    let token = w.relay.admin_key();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..100u64 {
-        let (proxy, token, uuid) = (w.relay.proxy, token.clone(), uuid.clone());
-        tasks.spawn(async move {
-            let data = random_bytes(256 * 1024, i + 1);
-            let mut s = tunnel(proxy, &token, &uuid, port).await;
-            let (mut r, mut wr) = s.split();
-            let send = async {
-                wr.write_all(&data).await.unwrap();
-                wr.shutdown().await.unwrap();
-            };
-            let mut back = Vec::new();
-            let (_, n) = tokio::join!(send, r.read_to_end(&mut back));
-            n.unwrap();
-            assert_eq!(sha256_hex(&back), sha256_hex(&data), "tunnel {i}");
-        });
-    }
-    let all = async {
-        while let Some(done) = tasks.join_next().await {
-            done.unwrap();
-        }
-    };
-    tokio::time::timeout(IO_TIMEOUT, all)
-        .await
-        .expect("all tunnels done in time");
+    dataplane::a_hundred_at_once(w.relay.proxy, &w.relay.admin_key(), &uuid).await;
 }
 
 #[tokio::test]
@@ -536,24 +472,7 @@ async fn revocation_metrics_and_device_list_on_tcp() {
     let w = World::new(&limits(""));
     let (uuid, key) = w.device_in("pis").await;
     let _agent = tcp_agent(&w.relay, &uuid, &key);
-    let echo = echo_server().await;
-    let (status, k) = w
-        .admin
-        .call("POST", "/v1/api-keys", Some(json!({"name": "temp"})))
-        .await;
-    assert_eq!(status, 201);
-    let mut s = tunnel(w.relay.proxy, k["key"].as_str().unwrap(), &uuid, echo).await;
-    s.write_all(b"before").await.unwrap();
-    let mut buf = [0u8; 6];
-    s.read_exact(&mut buf).await.unwrap();
-    let (status, _) = w
-        .admin
-        .call("DELETE", &format!("/v1/api-keys/{}", k["id"]), None)
-        .await;
-    assert_eq!(status, 204);
-    let mut rest = Vec::new();
-    let ended = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
-    assert!(ended.is_ok(), "tunnel still open 10 s after revocation");
+    dataplane::revoking_a_key_ends_open_tunnels(&w, &uuid).await;
 
     let m = metrics(&w.relay).await;
     assert!(

@@ -8,8 +8,8 @@ use base64::Engine;
 use cloudlink::proto::frame;
 use cloudlink::proto::messages::{codes, RejectCode, RelayControl};
 use common::{
-    connect_raw, digest_server, echo_server, fake_device, limits, random_bytes, sha256_hex,
-    source_server, status_of, tunnel, Agent, Api, World,
+    connect_raw, dataplane, digest_server, echo_server, fake_device, limits, sha256_hex, status_of,
+    tunnel, Agent, Api, World,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,38 +28,10 @@ async fn read_to_end(s: &mut tokio::net::TcpStream) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_each_way_arrive_intact() {
-    const SIZE: usize = 64 * 1024 * 1024;
     let w = World::new(&limits(""));
     let (uuid, key) = w.device_in("pis").await;
     let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
-    let token = w.relay.admin_key();
-
-    // Up: the device hashes what it got and answers after our EOF.
-    let port = digest_server().await;
-    let data = random_bytes(SIZE, 7);
-    let mut s = tunnel(w.relay.proxy, &token, &uuid, port).await;
-    let (mut r, mut wr) = s.split();
-    let send = async {
-        wr.write_all(&data).await.unwrap();
-        wr.shutdown().await.unwrap();
-    };
-    let mut answer = String::new();
-    let recv = r.read_to_string(&mut answer);
-    let (_, got) = tokio::time::timeout(IO_TIMEOUT, async { tokio::join!(send, recv) })
-        .await
-        .expect("upload finished in time");
-    got.unwrap();
-    assert_eq!(
-        answer,
-        format!("got {SIZE} bytes, sha256 {}", sha256_hex(&data))
-    );
-
-    // Down: the device sends, we hash.
-    let port = source_server(SIZE, 11).await;
-    let mut s = tunnel(w.relay.proxy, &token, &uuid, port).await;
-    let got = read_to_end(&mut s).await;
-    assert_eq!(got.len(), SIZE);
-    assert_eq!(sha256_hex(&got), sha256_hex(&random_bytes(SIZE, 11)));
+    dataplane::checksummed_both_ways(w.relay.proxy, &w.relay.admin_key(), &uuid, 64 << 20).await;
 }
 
 #[tokio::test]
@@ -94,33 +66,7 @@ async fn a_hundred_concurrent_tunnels() {
     ));
     let (uuid, key) = w.device_in("pis").await;
     let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
-    let port = echo_server().await;
-    let token = w.relay.admin_key();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..100u64 {
-        let (proxy, token, uuid) = (w.relay.proxy, token.clone(), uuid.clone());
-        tasks.spawn(async move {
-            let data = random_bytes(256 * 1024, i + 1);
-            let mut s = tunnel(proxy, &token, &uuid, port).await;
-            let (mut r, mut wr) = s.split();
-            let send = async {
-                wr.write_all(&data).await.unwrap();
-                wr.shutdown().await.unwrap();
-            };
-            let mut back = Vec::new();
-            let (_, n) = tokio::join!(send, r.read_to_end(&mut back));
-            n.unwrap();
-            assert_eq!(sha256_hex(&back), sha256_hex(&data), "tunnel {i}");
-        });
-    }
-    let all = async {
-        while let Some(done) = tasks.join_next().await {
-            done.unwrap();
-        }
-    };
-    tokio::time::timeout(IO_TIMEOUT, all)
-        .await
-        .expect("all tunnels done in time");
+    dataplane::a_hundred_at_once(w.relay.proxy, &w.relay.admin_key(), &uuid).await;
 }
 
 fn basic(user: &str, token: &str) -> String {
@@ -335,25 +281,7 @@ async fn revoking_a_key_ends_open_tunnels() {
     let w = World::new(&limits(""));
     let (uuid, key) = w.device_in("pis").await;
     let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
-    let echo = echo_server().await;
-    let (status, k) = w
-        .admin
-        .call("POST", "/v1/api-keys", Some(json!({"name": "temp"})))
-        .await;
-    assert_eq!(status, 201);
-    let mut s = tunnel(w.relay.proxy, k["key"].as_str().unwrap(), &uuid, echo).await;
-    s.write_all(b"before").await.unwrap();
-    let mut buf = [0u8; 6];
-    s.read_exact(&mut buf).await.unwrap();
-    let (status, _) = w
-        .admin
-        .call("DELETE", &format!("/v1/api-keys/{}", k["id"]), None)
-        .await;
-    assert_eq!(status, 204);
-    // The relay cuts the tunnel within its revalidation period: the read ends.
-    let mut rest = Vec::new();
-    let ended = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
-    assert!(ended.is_ok(), "tunnel still open 10 s after revocation");
+    dataplane::revoking_a_key_ends_open_tunnels(&w, &uuid).await;
 }
 
 #[tokio::test]

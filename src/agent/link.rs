@@ -40,7 +40,7 @@ enum Carrier {
         _control: quinn::SendStream,
     },
     Tcp {
-        incoming: mpsc::Receiver<TunnelRequest>,
+        incoming: mpsc::UnboundedReceiver<TunnelRequest>,
         closer: CancellationToken,
         reason: Arc<OnceLock<String>>,
     },
@@ -194,7 +194,9 @@ pub async fn dial_tcp(
         .await
         .map_err(|e| unreachable(&e))?;
     let ping = connection.ping_pong();
-    let (tunnels, incoming) = mpsc::channel(64);
+    // Unbounded here, bounded by HTTP/2: at most MAX_STREAMS requests are open at once, so
+    // a burst of tunnels waits in this queue instead of being refused.
+    let (tunnels, incoming) = mpsc::unbounded_channel();
     let (control_tx, control) = mpsc::channel(4);
     let (control_open, control_opened) = tokio::sync::oneshot::channel();
     let closer = CancellationToken::new();
@@ -204,12 +206,7 @@ pub async fn dial_tcp(
     {
         let (closer, reason) = (closer.clone(), reason.clone());
         tokio::spawn(async move {
-            let alive = async {
-                match ping {
-                    Some(ping) => link_h2::keep_alive(ping, heard, keep_alive, idle).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let alive = link_h2::keep_alive(ping, heard, keep_alive, idle);
             let why = tokio::select! {
                 why = accept_loop(&mut connection, tunnels, control_tx, control_open) => why,
                 why = alive => why,
@@ -249,7 +246,7 @@ type H2Server = h2::server::Connection<Heard<tokio_rustls::client::TlsStream<Tcp
 /// streams to `tunnels`; anything else is answered 404. Returns why the connection ended.
 async fn accept_loop(
     conn: &mut H2Server,
-    tunnels: mpsc::Sender<TunnelRequest>,
+    tunnels: mpsc::UnboundedSender<TunnelRequest>,
     control: mpsc::Sender<RelayControl>,
     opened: tokio::sync::oneshot::Sender<()>,
 ) -> String {
@@ -261,12 +258,9 @@ async fn accept_loop(
             None => return "the relay closed the connection".into(),
         };
         if request.method() == http::Method::CONNECT {
-            // A full or closed queue: the agent is not taking tunnels (it is stopping, or
-            // far behind).
-            if let Err(
-                mpsc::error::TrySendError::Full(TunnelRequest::H2(_, mut respond))
-                | mpsc::error::TrySendError::Closed(TunnelRequest::H2(_, mut respond)),
-            ) = tunnels.try_send(TunnelRequest::H2(request, respond))
+            // A closed queue: the agent is not taking tunnels (it is stopping).
+            if let Err(mpsc::error::SendError(TunnelRequest::H2(_, mut respond))) =
+                tunnels.send(TunnelRequest::H2(request, respond))
             {
                 respond.send_reset(h2::Reason::REFUSED_STREAM);
             }

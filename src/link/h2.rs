@@ -263,13 +263,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Heard<S> {
 
 /// Keeps the link alive and notices when it is dead: sends a PING whenever nothing has
 /// arrived for `every`, and returns (with why) once nothing has arrived for `idle`, or the
-/// connection is gone. The caller then closes the connection.
+/// connection is gone. The caller then closes the connection. Without a PING handle (h2
+/// hands it out once) it never returns.
 pub async fn keep_alive(
-    mut ping: PingPong,
+    ping: Option<PingPong>,
     heard: LastHeard,
     every: Duration,
     idle: Duration,
 ) -> String {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
     let mut tick = tokio::time::interval(every.min(idle) / 4);
     let mut pinging = false;
     loop {

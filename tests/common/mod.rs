@@ -790,3 +790,103 @@ pub async fn metrics(relay: &Relay) -> String {
 pub fn limits(extra: &str) -> String {
     format!("[limits]\nauth_failures_per_minute = 1000\n{extra}\n")
 }
+
+/// Generous enough for debug builds on two cores; a transfer this long means a real hang.
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Reads `s` to its end within [`TRANSFER_TIMEOUT`].
+pub async fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    tokio::time::timeout(TRANSFER_TIMEOUT, s.read_to_end(&mut out))
+        .await
+        .expect("read finished in time")
+        .expect("read succeeded");
+    out
+}
+
+/// The data plane's checks, the same whichever device link carries the tunnels.
+pub mod dataplane {
+    use super::*;
+
+    /// `size` bytes up to the device's digest service, answered after our half-close, then
+    /// `size` bytes down from its source; both checked with SHA-256.
+    pub async fn checksummed_both_ways(proxy: SocketAddr, token: &str, uuid: &str, size: usize) {
+        let port = digest_server().await;
+        let data = random_bytes(size, 7);
+        let mut s = tunnel(proxy, token, uuid, port).await;
+        let (mut r, mut wr) = s.split();
+        let send = async {
+            wr.write_all(&data).await.unwrap();
+            wr.shutdown().await.unwrap();
+        };
+        let mut answer = String::new();
+        let recv = r.read_to_string(&mut answer);
+        let (_, got) = tokio::time::timeout(TRANSFER_TIMEOUT, async { tokio::join!(send, recv) })
+            .await
+            .expect("upload finished in time");
+        got.unwrap();
+        assert_eq!(
+            answer,
+            format!("got {size} bytes, sha256 {}", sha256_hex(&data))
+        );
+
+        let port = source_server(size, 11).await;
+        let mut s = tunnel(proxy, token, uuid, port).await;
+        let got = read_all(&mut s).await;
+        assert_eq!(got.len(), size);
+        assert_eq!(sha256_hex(&got), sha256_hex(&random_bytes(size, 11)));
+    }
+
+    /// 100 tunnels at once, 256 KiB each through an echo service, each checked.
+    pub async fn a_hundred_at_once(proxy: SocketAddr, token: &str, uuid: &str) {
+        let port = echo_server().await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..100u64 {
+            let (token, uuid) = (token.to_owned(), uuid.to_owned());
+            tasks.spawn(async move {
+                let data = random_bytes(256 * 1024, i + 1);
+                let mut s = tunnel(proxy, &token, &uuid, port).await;
+                let (mut r, mut wr) = s.split();
+                let send = async {
+                    wr.write_all(&data).await.unwrap();
+                    wr.shutdown().await.unwrap();
+                };
+                let mut back = Vec::new();
+                let (_, n) = tokio::join!(send, r.read_to_end(&mut back));
+                n.unwrap();
+                assert_eq!(sha256_hex(&back), sha256_hex(&data), "tunnel {i}");
+            });
+        }
+        let all = async {
+            while let Some(done) = tasks.join_next().await {
+                done.unwrap();
+            }
+        };
+        tokio::time::timeout(TRANSFER_TIMEOUT, all)
+            .await
+            .expect("all tunnels done in time");
+    }
+
+    /// A tunnel opened with a fresh API key ends within 10 s of revoking that key.
+    pub async fn revoking_a_key_ends_open_tunnels(w: &World, uuid: &str) {
+        let echo = echo_server().await;
+        let (status, k) = w
+            .admin
+            .call("POST", "/v1/api-keys", Some(json!({"name": "temp"})))
+            .await;
+        assert_eq!(status, 201);
+        let mut s = tunnel(w.relay.proxy, k["key"].as_str().unwrap(), uuid, echo).await;
+        s.write_all(b"before").await.unwrap();
+        let mut buf = [0u8; 6];
+        s.read_exact(&mut buf).await.unwrap();
+        let (status, _) = w
+            .admin
+            .call("DELETE", &format!("/v1/api-keys/{}", k["id"]), None)
+            .await;
+        assert_eq!(status, 204);
+        // The relay cuts the tunnel within its revalidation period: the read ends.
+        let mut rest = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+        assert!(ended.is_ok(), "tunnel still open 10 s after revocation");
+    }
+}

@@ -222,12 +222,7 @@ async fn start_h2(tls: Tls, state: &Shared) -> Option<(TcpLink, Ended)> {
     {
         let (closer, ended) = (closer.clone(), ended.clone());
         tokio::spawn(async move {
-            let alive = async {
-                match ping {
-                    Some(ping) => link_h2::keep_alive(ping, heard, keep_alive, idle).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let alive = link_h2::keep_alive(ping, heard, keep_alive, idle);
             let why = tokio::select! {
                 r = connection => match r {
                     Ok(()) => "the agent closed the connection".to_owned(),

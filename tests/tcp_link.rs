@@ -468,6 +468,27 @@ async fn replaced_and_drain_reach_a_tcp_device_as_written() {
 }
 
 #[tokio::test]
+async fn a_session_whose_control_stream_ends_is_closed_and_offline() {
+    let w = World::new(&limits(""));
+    let (uuid, key) = w.device_in("pis").await;
+    let tcp = w.relay.device_tcp.unwrap();
+    let mut session = fake_device::tcp::hello(tcp, &w.relay.cert(), &uuid, &key).await;
+    assert_eq!(transport_of(&w.admin, &uuid).await, "tcp");
+    // §2b: the device ending its side of the control stream ends the session; the relay
+    // then closes the connection instead of leaving it open and unregistered.
+    let _ = session.end_control.take().unwrap().send(());
+    tokio::time::timeout(Duration::from_secs(5), &mut session.closed)
+        .await
+        .expect("the relay kept the connection open")
+        .unwrap();
+    let offline = eventually(Duration::from_secs(5), || async {
+        transport_of(&w.admin, &uuid).await.is_null()
+    })
+    .await;
+    assert!(offline.is_some(), "the device still shows online");
+}
+
+#[tokio::test]
 async fn revocation_metrics_and_device_list_on_tcp() {
     let w = World::new(&limits(""));
     let (uuid, key) = w.device_in("pis").await;
@@ -607,4 +628,74 @@ async fn one_port_for_api_proxy_and_devices_by_alpn() {
     let mut buf = [0u8; 8];
     s.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"one port");
+}
+
+#[tokio::test]
+async fn an_abandoned_tcp_dial_closes_its_connection() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    // A relay that says welcome and then never opens the control stream: the agent's dial
+    // waits for it until its caller gives up.
+    let w = World::new(&limits(""));
+    let data = &w.relay.data_dir;
+    let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(data.join("relay-cert.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(data.join("relay-key.pem")).unwrap();
+    cloudlink::tls_client::install_crypto();
+    let mut server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    server.alpn_protocols = vec![b"cloudlink-tcp/1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let _hello: cloudlink::proto::messages::Hello =
+            frame::read_required(&mut tls, frame::MAX_FRAME)
+                .await
+                .unwrap();
+        let welcome = RelayControl::Welcome {
+            relay: "fake".into(),
+            session: "s".into(),
+        };
+        frame::write(&mut tls, &welcome).await.unwrap();
+        let (_requests, connection) = h2::client::handshake(tls).await.unwrap();
+        // Holding `_requests` keeps our side open: only the agent can end it now.
+        let _ = connection.await;
+        let _ = closed_tx.send(());
+    });
+
+    let config = tls_client_config(&w.relay.cert());
+    let agent = cloudlink::agent::AgentConfig {
+        uuid: "ab".repeat(16),
+        key: cloudlink::config::Secret("k".into()),
+        ..Default::default()
+    };
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let dial = cloudlink::agent::link::dial_tcp(tcp, &config, &agent, "localhost");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), dial)
+            .await
+            .is_err(),
+        "the dial finished without a control stream"
+    );
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the abandoned link stayed open")
+        .unwrap();
+}
+
+fn tls_client_config(cert: &std::path::Path) -> tokio_rustls::TlsConnector {
+    let config = cloudlink::tls_client::config(
+        cloudlink::tls_client::Trust::CaFile(cert),
+        &[b"cloudlink-tcp/1"],
+    )
+    .unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
 }

@@ -42,6 +42,8 @@ enum Carrier {
     Tcp {
         incoming: mpsc::UnboundedReceiver<TunnelRequest>,
         closer: CancellationToken,
+        /// Dropping the link closes the connection, as dropping a QUIC connection does.
+        _close_on_drop: tokio_util::sync::DropGuard,
         reason: Arc<OnceLock<String>>,
     },
 }
@@ -221,6 +223,8 @@ pub async fn dial_tcp(
             let _ = reason.set(why);
         });
     }
+    // A dial given up from here on (its timeout) closes the connection.
+    let close_on_drop = closer.clone().drop_guard();
     // The relay opens the control stream once this session is registered: only then is
     // the device reachable, and only then does the agent count itself connected.
     if control_opened.await.is_err() {
@@ -234,6 +238,7 @@ pub async fn dial_tcp(
         requests: Requests(Carrier::Tcp {
             incoming,
             closer,
+            _close_on_drop: close_on_drop,
             reason,
         }),
         control,

@@ -120,6 +120,10 @@ pub mod tcp {
         pub control: mpsc::UnboundedReceiver<RelayControl>,
         /// CONNECT requests.
         pub tunnels: mpsc::UnboundedReceiver<Request>,
+        /// Sending on it ends our side of the control stream (END_STREAM).
+        pub end_control: Option<tokio::sync::oneshot::Sender<()>>,
+        /// Fires when the relay has closed the connection.
+        pub closed: tokio::sync::oneshot::Receiver<()>,
     }
 
     /// Says hello; after `welcome`, serves HTTP/2 as §2b says (in the background).
@@ -139,10 +143,13 @@ pub mod tcp {
         let (control_tx, control) = mpsc::unbounded_channel();
         let (tunnel_tx, tunnels) = mpsc::unbounded_channel();
         let (opened_tx, opened) = tokio::sync::oneshot::channel();
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel::<()>();
+        let (closed_tx, closed) = tokio::sync::oneshot::channel();
         let welcomed = matches!(answer, RelayControl::Welcome { .. });
         if welcomed {
             tokio::spawn(async move {
                 let mut opened_tx = Some(opened_tx);
+                let mut end_rx = Some(end_rx);
                 let mut conn = h2::server::handshake(tls).await.expect("HTTP/2 preface");
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
                     if req.method() == http::Method::POST
@@ -155,11 +162,29 @@ pub mod tcp {
                             let _ = opened.send(());
                         }
                         let tx = control_tx.clone();
+                        let mut end = end_rx.take();
                         tokio::spawn(async move {
-                            let _keep = send;
+                            let mut send = send;
                             let mut body = req.into_body();
                             let mut buf = Vec::new();
-                            while let Some(Ok(data)) = body.data().await {
+                            loop {
+                                let ending = async {
+                                    match end.as_mut() {
+                                        Some(end) => end.await.is_ok(),
+                                        None => std::future::pending().await,
+                                    }
+                                };
+                                let data = tokio::select! {
+                                    data = body.data() => data,
+                                    ended = ending => {
+                                        end = None;
+                                        if ended {
+                                            let _ = send.send_data(bytes::Bytes::new(), true);
+                                        }
+                                        continue;
+                                    }
+                                };
+                                let Some(Ok(data)) = data else { break };
                                 let _ = body.flow_control().release_capacity(data.len());
                                 buf.extend_from_slice(&data);
                                 while buf.len() >= 4 {
@@ -178,6 +203,7 @@ pub mod tcp {
                         let _ = tunnel_tx.send((req, respond));
                     }
                 }
+                let _ = closed_tx.send(());
             });
         }
         if welcomed {
@@ -188,6 +214,8 @@ pub mod tcp {
             answer,
             control,
             tunnels,
+            end_control: Some(end_tx),
+            closed,
         }
     }
 }

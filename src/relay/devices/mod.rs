@@ -88,10 +88,10 @@ impl DeviceLink {
     }
 }
 
-/// Accepts device connections on every device listener until shutdown. When the relay
-/// starts draining it tells every device to `drain` (reconnect elsewhere, keeping open
-/// tunnels); from then on the listeners reject new hellos with `draining`, so a device that
-/// lands here again through a load balancer moves on at once.
+/// When the relay starts draining, tells every connected device (on either link) to
+/// `drain`: reconnect elsewhere, keeping open tunnels. From then on both listeners reject
+/// new hellos with `draining` ([`accept_hello`]), so a device that lands here again through
+/// a load balancer moves on at once.
 pub async fn announce_drain(state: Arc<Shared>) {
     tokio::select! {
         _ = state.draining.cancelled() => {}

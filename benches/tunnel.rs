@@ -18,7 +18,15 @@
 //!   setups through the device's own relay and through the other one (a peer hop), in one
 //!   run
 //!
-//! Options: `--scenarios abcdefg`, `--transport quic|tcp|both` (c, d, f; default both),
+//! - h: against a peer, side by side: one stream through `cloudlink device tunnel` (CLI →
+//!   relay → QUIC → agent) and through rathole 0.5's TLS transport, rounds interleaved:
+//!   throughput each way, CPU seconds per GB per process, connect latency added (1,000
+//!   sequential TCP connect + 1 byte echoed, minus the same straight to the service), and
+//!   the relay's RSS. Needs rathole (`cargo install rathole --root DIR`, then `--rathole
+//!   DIR/bin/rathole` or `$RATHOLE`); fails without it unless `--no-peer` is given, which
+//!   runs Cloudlink's rows alone.
+//!
+//! Options: `--scenarios abcdefgh`, `--rounds 3` (h), `--rathole PATH`, `--no-peer`, `--transport quic|tcp|both` (c, d, f; default both),
 //! `--size-mib 1024` (a, b, c), `--setups 1000` (d),
 //! `--tunnels 200 --tunnel-mib 16` (e), `--devices 2000` (f). To measure a deployed relay
 //! instead of a local one (c, d, e): `--api URL --proxy HOST:PORT --device HOST:PORT
@@ -26,6 +34,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/peer.rs"]
+mod peer;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +52,9 @@ const MIB: u64 = 1024 * 1024;
 
 struct Opts {
     scenarios: String,
+    rounds: usize,
+    rathole: Option<PathBuf>,
+    no_peer: bool,
     transports: Vec<&'static str>,
     size: u64,
     setups: usize,
@@ -63,7 +76,10 @@ struct Remote {
 
 fn parse_opts() -> Opts {
     let mut o = Opts {
-        scenarios: "abcdefg".into(),
+        scenarios: "abcdefgh".into(),
+        rounds: 3,
+        rathole: None,
+        no_peer: false,
         transports: vec!["quic", "tcp"],
         size: 1024 * MIB,
         setups: 1000,
@@ -79,6 +95,9 @@ fn parse_opts() -> Opts {
         match arg.as_str() {
             "--bench" => {}
             "--scenarios" => o.scenarios = value(),
+            "--rounds" => o.rounds = value().parse().expect("number"),
+            "--rathole" => o.rathole = Some(PathBuf::from(value())),
+            "--no-peer" => o.no_peer = true,
             "--transport" => {
                 o.transports = match value().as_str() {
                     "quic" => vec!["quic"],
@@ -746,6 +765,193 @@ async fn idle_tcp_devices(n: usize) -> f64 {
     after.saturating_sub(before) as f64 / n as f64
 }
 
+/// One tool's figures in scenario h.
+#[derive(Default)]
+struct Side {
+    up: Vec<f64>,
+    down: Vec<f64>,
+    /// CPU seconds per process name, summed over the rounds.
+    cpu: Vec<(&'static str, f64)>,
+    latency: Option<(Duration, Duration)>,
+}
+
+impl Side {
+    fn add_cpu(&mut self, name: &'static str, secs: f64) {
+        match self.cpu.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, total)) => *total += secs,
+            None => self.cpu.push((name, secs)),
+        }
+    }
+}
+
+/// Uploads and downloads `size` through local ports `up` (to a sink) and `down` (from a
+/// source), counting the CPU of `procs`; returns the two rates.
+async fn one_round(
+    side: &mut Side,
+    procs: &[(&'static str, String)],
+    up: u16,
+    down: u16,
+    size: u64,
+) {
+    let before: Vec<f64> = procs.iter().map(|(_, pid)| cpu_secs(pid)).collect();
+    let connect = |port: u16| async move {
+        let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        s
+    };
+    side.up
+        .push(gbps(size, upload(connect(up).await, size).await));
+    side.down
+        .push(gbps(size, download(connect(down).await, size).await));
+    for ((name, pid), b) in procs.iter().zip(before) {
+        side.add_cpu(name, cpu_secs(pid) - b);
+    }
+}
+
+/// h: Cloudlink's tunnel (CLI, relay, agent over QUIC) against rathole's TLS transport.
+async fn head_to_head(opts: &Opts, rows: &mut Vec<Row>) {
+    let rathole = match (peer::find_rathole(opts.rathole.clone()), opts.no_peer) {
+        (Some(bin), false) => Some(bin),
+        (None, false) => panic!(
+            "scenario h needs rathole: `cargo install rathole --root /tmp/peers` and \
+             --rathole /tmp/peers/bin/rathole (or $RATHOLE), or --no-peer for our rows alone"
+        ),
+        (_, true) => None,
+    };
+    let size = opts.size;
+    let sink = sink_server().await;
+    let source = source_server(size).await;
+    let echo = common::echo_server().await;
+
+    let target = Target::local("[limits]\nauth_failures_per_minute = 100000\n");
+    let world = target._world.as_ref().expect("a local relay");
+    let (uuid, agent) = target.device("h", "quic").await;
+    world.login(&target.key);
+    let mut cli = std::process::Command::new(common::bin());
+    cli.args(["device", "tunnel", &uuid])
+        .args(["-p", &format!("{sink}:0"), "-p", &format!("{source}:0")])
+        .args(["-p", &format!("{echo}:0")])
+        .env("XDG_CONFIG_HOME", world.xdg())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut cli = peer::Proc(cli.spawn().expect("cloudlink device tunnel starts"));
+    let lines = common::Lines::spawn(cli.0.stdout.take().unwrap(), None);
+    // `Listening on 127.0.0.1:PORT => uuid:REMOTE`, one line per -p, in order.
+    let local: Vec<u16> = (0..3)
+        .map(|_| {
+            let line = lines.wait_for("Listening on");
+            line.split_whitespace()
+                .nth(2)
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .map(|a| a.port())
+                .expect("a listening address")
+        })
+        .collect();
+    let (cl_up, cl_down, cl_echo) = (local[0], local[1], local[2]);
+    peer::wait_echo(cl_echo, Duration::from_secs(30)).await;
+    let relay_pid = target.relay_pid.expect("local relay").to_string();
+    let ours_procs = vec![
+        ("relay", relay_pid.clone()),
+        ("agent", agent.0.id().to_string()),
+        ("cli", cli.pid()),
+    ];
+
+    let dir = tempfile::tempdir().unwrap();
+    let peer_side = match &rathole {
+        Some(bin) => {
+            let data = &world.relay.data_dir;
+            let (server, client, visitors) = peer::start_rathole(
+                bin,
+                dir.path(),
+                &data.join("relay-cert.pem"),
+                &data.join("relay-key.pem"),
+                &[("up", sink), ("down", source), ("echo", echo)],
+            )
+            .await;
+            peer::wait_echo(visitors[2], Duration::from_secs(30)).await;
+            Some((server, client, visitors))
+        }
+        None => None,
+    };
+
+    let (mut ours, mut theirs) = (Side::default(), Side::default());
+    for _ in 0..opts.rounds.max(1) {
+        one_round(&mut ours, &ours_procs, cl_up, cl_down, size).await;
+        if let Some((server, client, visitors)) = &peer_side {
+            let procs = [("server", server.pid()), ("client", client.pid())];
+            one_round(&mut theirs, &procs, visitors[0], visitors[1], size).await;
+        }
+    }
+    let direct = peer::connect_latency(echo, opts.setups).await;
+    ours.latency = Some(peer::connect_latency(cl_echo, opts.setups).await);
+    if let Some((_, _, visitors)) = &peer_side {
+        theirs.latency = Some(peer::connect_latency(visitors[2], opts.setups).await);
+    }
+    let rss = common::rss_kib(relay_pid.parse().unwrap());
+
+    let gb = 2.0 * size as f64 * opts.rounds.max(1) as f64 / 1e9;
+    let sides: Vec<(&str, &Side)> = std::iter::once(("cloudlink", &ours))
+        .chain(peer_side.as_ref().map(|_| ("rathole-tls", &theirs)))
+        .collect();
+    let size_mib = size / MIB;
+    for (tool, side) in &sides {
+        for (dir, rates) in [("upload", &side.up), ("download", &side.down)] {
+            let v = peer::median(rates.clone());
+            let note = if *tool == "cloudlink" && peer_side.is_some() {
+                let theirs_v = peer::median(if dir == "upload" {
+                    theirs.up.clone()
+                } else {
+                    theirs.down.clone()
+                });
+                format!("{:.2} × rathole-tls (target ≥ 1.20)", v / theirs_v)
+            } else {
+                format!("median of {} rounds", side.up.len())
+            };
+            rows.push(Row {
+                scenario: "h",
+                what: format!("{tool} {dir}, one stream, {size_mib} MiB"),
+                value: format!("{v:.2} GB/s"),
+                note,
+            });
+        }
+        let total: f64 = side.cpu.iter().map(|(_, s)| s).sum();
+        let parts: Vec<String> = side
+            .cpu
+            .iter()
+            .map(|(n, s)| format!("{n} {:.2}", s / gb))
+            .collect();
+        rows.push(Row {
+            scenario: "h",
+            what: format!("{tool} CPU, all processes"),
+            value: format!("{:.2} CPU-s/GB", total / gb),
+            note: parts.join(", "),
+        });
+        if let Some((p50, p99)) = side.latency {
+            rows.push(Row {
+                scenario: "h",
+                what: format!("{tool} connect latency added, {} sequential", opts.setups),
+                value: format!(
+                    "p50 +{:.2} ms, p99 +{:.2} ms",
+                    ms(p50.saturating_sub(direct.0)),
+                    ms(p99.saturating_sub(direct.1))
+                ),
+                note: format!(
+                    "direct p50 {:.2} ms, p99 {:.2} ms (target +0.3 / +1 ms)",
+                    ms(direct.0),
+                    ms(direct.1)
+                ),
+            });
+        }
+    }
+    rows.push(Row {
+        scenario: "h",
+        what: "relay RSS after the run".into(),
+        value: format!("{:.1} MiB", rss as f64 / 1024.0),
+        note: String::new(),
+    });
+    drop((cli, agent, peer_side));
+}
+
 fn main() {
     let opts = parse_opts();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -971,6 +1177,10 @@ async fn run(opts: Opts) {
                 note: "needs Postgres (initdb/pg_ctl or DATABASE_URL)".into(),
             }),
         }
+    }
+
+    if has('h') {
+        head_to_head(&opts, &mut rows).await;
     }
 
     let w = |f: &dyn Fn(&Row) -> usize| rows.iter().map(f).max().unwrap_or(0);

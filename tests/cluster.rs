@@ -86,17 +86,8 @@ async fn a_device_on_the_tcp_link_is_reached_through_either_relay() {
             (Some("a"), Some("tcp"))
         );
     }
-    // A checksummed transfer through b is forwarded to a, then over the TCP link.
-    let digest = digest_server().await;
-    let data = random_bytes(8 << 20, 31);
-    let mut s = tunnel(p.b.proxy, &p.key, &p.uuid, digest).await;
-    s.write_all(&data).await.unwrap();
-    s.shutdown().await.unwrap();
-    let answer = String::from_utf8(read_to_end(&mut s).await).unwrap();
-    assert_eq!(
-        answer,
-        format!("got {} bytes, sha256 {}", data.len(), sha256_hex(&data))
-    );
+    // Checksummed transfers through b are forwarded to a, then over the TCP link.
+    dataplane::checksummed_both_ways(p.b.proxy, &p.key, &p.uuid, 8 << 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use base64::Engine;
 use cloudlink::proto::frame;
 use cloudlink::proto::messages::{codes, RejectCode, RelayControl};
+use common::read_all as read_to_end;
 use common::{
     connect_raw, dataplane, digest_server, echo_server, fake_device, limits, sha256_hex, status_of,
     tunnel, Agent, Api, World,
@@ -15,16 +16,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Generous enough for debug builds on two cores; a wait this long means a real hang.
-const IO_TIMEOUT: Duration = Duration::from_secs(60);
-
-async fn read_to_end(s: &mut tokio::net::TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    tokio::time::timeout(IO_TIMEOUT, s.read_to_end(&mut out))
-        .await
-        .expect("read finished in time")
-        .expect("read succeeded");
-    out
-}
+const IO_TIMEOUT: Duration = common::TRANSFER_TIMEOUT;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_each_way_arrive_intact() {

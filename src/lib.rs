@@ -22,17 +22,21 @@
 //! - [`logsafe`]: the one escaping path for peer-supplied text on its way to a log line.
 //! - [`relay`]: the server. `mod.rs` starts and stops the listeners together; `listen.rs`
 //!   one service's plain and TLS listeners with a capped accept loop; `api/` is the REST API
-//!   (served by hyper with header and body timeouts); `devices.rs` the QUIC listener, its
-//!   admission and device sessions; `proxy/` the CONNECT listeners (`mod.rs` the edge,
+//!   (served by hyper with header and body timeouts); `devices/` the device listeners
+//!   (`mod.rs` a session whichever link carries it, `quic.rs` QUIC and its admission,
+//!   `tcp.rs` TLS over TCP with HTTP/2 streams); `listen.rs` also routes a TLS port shared
+//!   by several services by ALPN; `proxy/` the CONNECT listeners (`mod.rs` the edge,
 //!   `admit.rs` credentials, policy, limits and the device stream, `tunnel.rs` the joined
 //!   streams and their audit row, `refusal.rs` each refusal's side and answer);
 //!   `revalidate.rs` revocation of open tunnels; `registry.rs` who is connected;
 //!   `authcache.rs` recent authorization answers; `tls.rs` the certificate; `state.rs` what
 //!   the listeners share; `datadir.rs` the generated files; `limits.rs` per-source limits
 //!   (failed authentications, unauthenticated connections); `metrics.rs`.
-//! - [`agent`]: the device side. `mod.rs` dials, says hello, serves tunnel streams and
-//!   reconnects with backoff; `tunnel.rs` one tunnel stream; `config.rs` its settings;
-//!   `authorized_keys.rs` answers sshd's `AuthorizedKeysCommand`.
+//! - [`agent`]: the device side. `mod.rs` picks a relay and a transport (QUIC, TLS over
+//!   TCP as the fallback, the probe back to QUIC), serves tunnels and reconnects with
+//!   backoff; `link.rs` dials either link and says hello; `proxy.rs` `HTTPS_PROXY`;
+//!   `tunnel.rs` one tunnel; `config.rs` its settings; `authorized_keys.rs` answers sshd's
+//!   `AuthorizedKeysCommand`.
 //! - [`tls_client`]: which servers the agent and CLI trust (system roots, a CA file, none),
 //!   and the HTTP client both use for a relay's API.
 //! - [`cli`]: the user commands: `admin.rs` (login, users, keys, fleets, devices),

@@ -167,56 +167,66 @@ fn quic_dialer(config: Arc<AgentConfig>) -> Result<QuicDialer, AgentError> {
 }
 
 impl QuicDialer {
-    /// Dials each address of `relay` in turn (`avoid` last) until one QUIC handshake and
-    /// hello succeed; the handshakes share one `budget`.
+    /// Dials `relay` over QUIC (see [`each_address`]); the handshakes share `budget`.
     async fn dial(
         &self,
         relay: &str,
         server_name: &str,
-        avoid: Option<SocketAddr>,
+        avoid: &mut Option<SocketAddr>,
         budget: Duration,
-    ) -> Result<(AgentLink, SocketAddr), (Outcome, Option<SocketAddr>)> {
-        let (_, mut addrs) = resolve(relay)
-            .await
-            .map_err(|e| (Outcome::Unreachable(e), None))?;
-        addrs.sort_by_key(|a| Some(*a) == avoid);
-        let deadline = tokio::time::Instant::now() + budget;
-        let mut last = (Outcome::Unreachable("no address".into()), None);
-        for addr in addrs {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            let dial = link::dial_quic(
+    ) -> Result<(AgentLink, SocketAddr), Outcome> {
+        each_address(relay, avoid, budget, |addr, left| {
+            link::dial_quic(
                 &self.endpoint,
                 &self.client,
                 &self.config,
                 addr,
                 server_name,
                 left,
-            );
-            match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
-                Ok(Ok(link)) => return Ok((link, addr)),
-                Ok(Err(Outcome::Rejected(RejectCode::Draining, m))) => {
-                    last = (
-                        Outcome::Unreachable(format!("{addr} is draining: {m}")),
-                        Some(addr),
-                    );
-                }
-                Ok(Err(e @ Outcome::Rejected(..))) => return Err((e, None)),
-                Ok(Err(e)) => last = (e, None),
-                Err(_) => {
-                    last = (
-                        Outcome::Unreachable(format!(
-                            "no answer from {addr} within {DIAL_TIMEOUT:?}"
-                        )),
-                        None,
-                    )
-                }
-            }
-        }
-        Err(last)
+            )
+        })
+        .await
     }
+}
+
+/// Dials each address of `relay` in turn with `dial` until one session is up. An address
+/// that answered `draining` before (`avoid`) goes last; one that answers it now becomes
+/// `avoid` and the next address is tried at once (a load balancer's choice). Each dial
+/// gets [`DIAL_TIMEOUT`]; together they get `budget`, which `dial` is handed what is left
+/// of (the QUIC handshake's fallback timer in `auto`).
+async fn each_address<F, Fut>(
+    relay: &str,
+    avoid: &mut Option<SocketAddr>,
+    budget: Duration,
+    mut dial: F,
+) -> Result<(AgentLink, SocketAddr), Outcome>
+where
+    F: FnMut(SocketAddr, Duration) -> Fut,
+    Fut: std::future::Future<Output = Result<AgentLink, Outcome>>,
+{
+    let mut addrs = resolve(relay).await.map_err(Outcome::Unreachable)?;
+    addrs.sort_by_key(|a| Some(*a) == *avoid);
+    let deadline = tokio::time::Instant::now().checked_add(budget);
+    let mut last = String::from("no address");
+    for addr in addrs {
+        let left = deadline.map_or(budget, |d| {
+            d.saturating_duration_since(tokio::time::Instant::now())
+        });
+        if left.is_zero() {
+            break;
+        }
+        match tokio::time::timeout(DIAL_TIMEOUT, dial(addr, left)).await {
+            Ok(Ok(link)) => return Ok((link, addr)),
+            Ok(Err(Outcome::Rejected(RejectCode::Draining, m))) => {
+                *avoid = Some(addr);
+                last = format!("{addr} is draining: {m}");
+            }
+            Ok(Err(Outcome::Unreachable(e))) => last = e,
+            Ok(Err(other)) => return Err(other),
+            Err(_) => last = format!("no answer from {addr} within {DIAL_TIMEOUT:?}"),
+        }
+    }
+    Err(Outcome::Unreachable(last))
 }
 
 impl Agent {
@@ -392,18 +402,10 @@ impl Agent {
                 .as_ref()
                 .ok_or_else(|| Outcome::Unreachable("QUIC is off".into()))?;
             let budget = if auto { QUIC_FALLBACK } else { DIAL_TIMEOUT };
-            return match quic
-                .dial(&relay.addr, &server_name, self.avoid, budget)
-                .await
-            {
-                Ok((link, addr)) => Ok((link, Some(addr))),
-                Err((e, draining)) => {
-                    if draining.is_some() {
-                        self.avoid = draining;
-                    }
-                    Err(e)
-                }
-            };
+            let (link, addr) = quic
+                .dial(&relay.addr, &server_name, &mut self.avoid, budget)
+                .await?;
+            return Ok((link, Some(addr)));
         }
         let proxy = self.proxies.for_host(&host).map_err(Outcome::Unreachable)?;
         if let Some(proxy) = proxy {
@@ -421,32 +423,19 @@ impl Agent {
                 ))),
             };
         }
-        let (_, mut addrs) = resolve(&relay.addr).await.map_err(Outcome::Unreachable)?;
-        // A draining relay's address goes last, behind every other address of the name.
-        addrs.sort_by_key(|a| Some(*a) == self.avoid);
-        let mut last = String::from("no address");
-        for addr in addrs {
-            let dial = async {
+        let (tls, config) = (&self.tcp_tls, &self.config);
+        let (link, addr) = each_address(&relay.addr, &mut self.avoid, Duration::MAX, |addr, _| {
+            let server_name = &server_name;
+            async move {
                 let tcp = TcpStream::connect(addr)
                     .await
                     .map_err(|e| Outcome::Unreachable(format!("{addr}: {e}")))?;
                 let _ = tcp.set_nodelay(true);
-                link::dial_tcp(tcp, &self.tcp_tls, &self.config, &server_name).await
-            };
-            match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
-                Ok(Ok(link)) => return Ok((link, Some(addr))),
-                Ok(Err(Outcome::Rejected(RejectCode::Draining, m))) => {
-                    // Landed on a draining relay (a load balancer's choice): the next
-                    // address, then the next relay, at once.
-                    self.avoid = Some(addr);
-                    last = format!("{addr} is draining: {m}");
-                }
-                Ok(Err(Outcome::Unreachable(e))) => last = e,
-                Ok(Err(other)) => return Err(other),
-                Err(_) => last = format!("no answer from {addr} within {DIAL_TIMEOUT:?}"),
+                link::dial_tcp(tcp, tls, config, server_name).await
             }
-        }
-        Err(Outcome::Unreachable(last))
+        })
+        .await?;
+        Ok((link, Some(addr)))
     }
 
     /// Serves tunnel requests until the link ends or the relay says drain/replaced. On TCP
@@ -557,7 +546,7 @@ impl Agent {
             .clone()
             .unwrap_or_else(|| host_of(&addr));
         Some(tokio::spawn(async move {
-            quic.dial(&addr, &server_name, None, QUIC_FALLBACK)
+            quic.dial(&addr, &server_name, &mut None, QUIC_FALLBACK)
                 .await
                 .ok()
         }))
@@ -691,15 +680,8 @@ pub fn backoff(failures: u32, cap: Duration) -> Duration {
     Duration::from_millis(rand::rng().random_range(0..=ceiling.as_millis() as u64))
 }
 
-/// Splits `HOST:PORT` and resolves it (a name may give many addresses).
-async fn resolve(relay: &str) -> Result<(String, Vec<SocketAddr>), String> {
-    let (host, _) = relay
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{relay} is not HOST:PORT"))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
+/// Resolves `HOST:PORT` (a name may give many addresses).
+async fn resolve(relay: &str) -> Result<Vec<SocketAddr>, String> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(relay)
         .await
         .map_err(|e| format!("cannot resolve {relay}: {e}"))?
@@ -707,7 +689,7 @@ async fn resolve(relay: &str) -> Result<(String, Vec<SocketAddr>), String> {
     if addrs.is_empty() {
         return Err(format!("{relay} resolves to no address"));
     }
-    Ok((host, addrs))
+    Ok(addrs)
 }
 
 #[cfg(test)]

@@ -153,6 +153,9 @@ pub struct Limits {
     /// a new connection from an address that has not proven it can receive is sent a
     /// Retry first, so a flood of spoofed Initials costs one stateless packet each.
     pub quic_retry_above_pending: usize,
+    /// The largest QUIC packet path-MTU discovery tries (UDP payload bytes). The default,
+    /// 1452, is safe on the internet; raise it for devices on jumbo-frame or loopback paths.
+    pub quic_mtu_max: u16,
     /// QUIC handshakes (connections not yet through their hello) in progress at most; past
     /// it new connections are refused at once, cheaply, and their agents back off, rather
     /// than started and left to time out when a whole relay's devices arrive together.
@@ -188,6 +191,7 @@ impl Default for Limits {
             api_body_timeout_ms: 30_000,
             api_connections_max: 10_000,
             quic_retry_above_pending: 1_000,
+            quic_mtu_max: crate::quic::MTU_MAX_DEFAULT,
             handshakes_max: 2_000,
             frame_max_bytes: 64 * 1024,
             auth_cache_ms: 2_000,
@@ -541,6 +545,9 @@ impl RelayConfig {
         if l.frame_max_bytes < 1024 || l.frame_max_bytes > 16 * 1024 * 1024 {
             return invalid("limits.frame_max_bytes", "must be between 1 KiB and 16 MiB");
         }
+        if !crate::quic::MTU_MAX_RANGE.contains(&l.quic_mtu_max) {
+            return invalid("limits.quic_mtu_max", "must be between 1200 and 65527");
+        }
         if l.keep_alive_ms == 0 || l.keep_alive_ms >= l.idle_timeout_ms {
             return invalid(
                 "limits.keep_alive_ms",
@@ -670,5 +677,14 @@ mod tests {
             ..RelayConfig::default()
         };
         assert!(config.validate().is_err());
+        for (mtu, ok) in [(1199, false), (1200, true), (9000, true), (65528, false)] {
+            let mut config = RelayConfig::default();
+            config.limits.quic_mtu_max = mtu;
+            let err = config.validate().err().map(|e| e.to_string());
+            assert_eq!(err.is_none(), ok, "quic_mtu_max {mtu}: {err:?}");
+            if let Some(err) = err {
+                assert!(err.contains("limits.quic_mtu_max"), "{err}");
+            }
+        }
     }
 }

@@ -22,6 +22,9 @@ pub struct AgentConfig {
     pub transport: TransportChoice,
     /// While on TCP in `auto`, how often to try QUIC again, seconds (jittered).
     pub quic_probe_secs: u64,
+    /// The largest QUIC packet path-MTU discovery tries (UDP payload bytes); 1452, safe on
+    /// the internet, unless the path is known to carry more.
+    pub quic_mtu_max: u16,
     /// This device's uuid.
     pub uuid: String,
     /// This device's key.
@@ -59,6 +62,7 @@ impl Default for AgentConfig {
             relay: Vec::new(),
             transport: TransportChoice::Auto,
             quic_probe_secs: 600,
+            quic_mtu_max: crate::quic::MTU_MAX_DEFAULT,
             uuid: String::new(),
             key: Secret::default(),
             ca: None,
@@ -155,6 +159,9 @@ pub struct AgentArgs {
     /// Device link: auto (QUIC, else TLS over TCP), quic or tcp [default: auto].
     #[arg(long, env = "CLOUDLINK_TRANSPORT")]
     pub transport: Option<TransportChoice>,
+    /// Largest QUIC packet to probe for, 1200-65527 [default: 1452, safe on the internet].
+    #[arg(long, env = "CLOUDLINK_QUIC_MTU_MAX")]
+    pub quic_mtu_max: Option<u16>,
     /// Device uuid.
     #[arg(long, env = "CLOUDLINK_DEVICE_UUID")]
     pub uuid: Option<String>,
@@ -218,6 +225,9 @@ impl AgentConfig {
         if let Some(v) = args.transport {
             config.transport = v;
         }
+        if let Some(v) = args.quic_mtu_max {
+            config.quic_mtu_max = v;
+        }
         if let Some(v) = &args.uuid {
             config.uuid = v.clone();
         }
@@ -269,6 +279,11 @@ impl AgentConfig {
                     self.transport.as_str()
                 )));
             }
+        }
+        if !crate::quic::MTU_MAX_RANGE.contains(&self.quic_mtu_max) {
+            return Err(AgentConfigError::Invalid(
+                "quic_mtu_max must be between 1200 and 65527".into(),
+            ));
         }
         if self.quic_probe_secs == 0 {
             return Err(AgentConfigError::Invalid(

@@ -154,6 +154,7 @@ fn quic_dialer(config: Arc<AgentConfig>) -> Result<QuicDialer, AgentError> {
         Duration::from_millis(config.idle_timeout_ms),
         // Tunnel streams the relay may have open at once.
         4096,
+        config.quic_mtu_max,
     )));
     let socket = crate::quic::udp_socket((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
         .or_else(|_| crate::quic::udp_socket((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))

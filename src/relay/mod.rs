@@ -163,6 +163,7 @@ impl Relay {
             // The agent opens only its control stream; a few more are allowed so that a
             // stray one can be refused with a clear code instead of stalling.
             4,
+            limits.quic_mtu_max,
         );
         let bind_err = |what, addr| move |source| RelayError::Bind { what, addr, source };
         let devices = match config.device_listen.addr() {

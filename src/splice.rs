@@ -1,5 +1,6 @@
 //! TCP to TCP without a user-space copy: `splice(2)` through a pipe, for tunnels that cross
-//! the peer link when the user's side is plain TCP too (PROTOCOL.md §3).
+//! the peer link when the user's side is plain TCP too (PROTOCOL.md §3), and for
+//! `cloudlink device tunnel` when the relay's proxy is plain TCP.
 //!
 //! Each direction owns a pipe. Data moves socket → pipe → socket inside the kernel; the
 //! pipe is always drained before more is read, so it never fills and a slow receiver
@@ -11,10 +12,13 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
+use std::time::Duration;
+
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
-use crate::forward::{Dir, End, CHUNK};
+use crate::forward::{Counters, Dir, End, CHUNK};
 
 /// The pipe size asked for: bigger pipes mean fewer syscalls per megabyte. The kernel may
 /// give less (`fs.pipe-max-size`), which still works.
@@ -74,4 +78,27 @@ pub async fn splice_dir(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, counter: 
         }
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
+}
+
+/// Joins two TCP sockets both ways with [`splice_dir`] until both directions end, one fails,
+/// `cancel` fires or nothing moves for `idle` ([`crate::forward::join_dirs`]); `a` to `b`
+/// counts as `to_quic`. `None` when no pipe could be made: the caller copies instead.
+pub async fn join(
+    a: &TcpStream,
+    b: &TcpStream,
+    counters: &Counters,
+    cancel: &CancellationToken,
+    idle: Option<Duration>,
+) -> Option<End> {
+    let (up, down) = (Pipe::new().ok()?, Pipe::new().ok()?);
+    Some(
+        crate::forward::join_dirs(
+            splice_dir(a, b, &up, &counters.to_quic),
+            splice_dir(b, a, &down, &counters.from_quic),
+            counters,
+            cancel,
+            idle,
+        )
+        .await,
+    )
 }

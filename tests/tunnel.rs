@@ -533,6 +533,67 @@ async fn cli_tunnel_and_proxy_over_the_tls_listener() {
     let _ = child.wait();
 }
 
+/// Over a plain-TCP proxy `device tunnel` moves bytes with `splice`: a transfer arrives
+/// whole and in order across a half-close, and a relay that crashes mid-stream resets the
+/// local connection rather than ending it like a complete answer.
+#[tokio::test]
+async fn cli_tunnel_over_the_plain_proxy_is_whole_and_resets_on_a_relay_crash() {
+    let mut w = World::new(&limits(""));
+    let (uuid, key) = w.device_in("pis").await;
+    let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
+    let echo = echo_server().await;
+    w.login(&w.relay.admin_key());
+    let mut child = std::process::Command::new(common::bin())
+        .args(["device", "tunnel", &uuid, "-p", &format!("{echo}:0")])
+        .env("XDG_CONFIG_HOME", w.xdg())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = common::Lines::spawn(child.stdout.take().unwrap(), None);
+    let line = lines.wait_for("Listening on");
+    let local: std::net::SocketAddr = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+
+    let data = common::random_bytes(8 << 20, 11);
+    let mut s = tokio::net::TcpStream::connect(local).await.unwrap();
+    let (mut r, mut wr) = s.split();
+    let send = async {
+        wr.write_all(&data).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let (_, read) = tokio::time::timeout(IO_TIMEOUT, async {
+        tokio::join!(send, r.read_to_end(&mut back))
+    })
+    .await
+    .expect("the echo comes back");
+    read.unwrap();
+    assert!(
+        back == data,
+        "{} of {} bytes came back, or out of order",
+        back.len(),
+        data.len()
+    );
+
+    let mut s = tokio::net::TcpStream::connect(local).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 4];
+    s.read_exact(&mut pong).await.unwrap();
+    assert_eq!(&pong, b"ping");
+    w.relay.kill();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(IO_TIMEOUT, s.read_to_end(&mut rest))
+        .await
+        .expect("the crash reaches the local client");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "{rest:?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Whether an outside client is installed; under `CLOUDLINK_REQUIRE_TOOLS=1` it must be.
 fn tool(name: &str) -> bool {
     let found = std::process::Command::new("sh")

@@ -114,6 +114,18 @@ pub async fn open(settings: &Settings, uuid: &str, port: u16) -> Result<DeviceSt
 }
 
 impl DeviceStream {
+    /// The plain TCP socket to the relay and the device bytes already read from it, when
+    /// the proxy is not TLS (so the caller may `splice`); otherwise the stream itself.
+    pub fn into_plain(self) -> std::result::Result<(TcpStream, BytesMut), DeviceStream> {
+        match self.inner {
+            Inner::Plain(tcp) => Ok((tcp, self.early)),
+            inner => Err(DeviceStream {
+                inner,
+                early: self.early,
+            }),
+        }
+    }
+
     /// The TCP socket to the relay underneath (for the reset-on-crash linger setting).
     pub fn tcp(&self) -> &TcpStream {
         match &self.inner {

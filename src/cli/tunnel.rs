@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::connect;
@@ -112,7 +112,7 @@ async fn accept_loop(
 }
 
 async fn bridge(mut client: TcpStream, settings: &Settings, uuid: &str, port: u16) -> Result<()> {
-    let mut device = match connect::open(settings, uuid, port).await {
+    let device = match connect::open(settings, uuid, port).await {
         Ok(device) => device,
         Err(e) => {
             // The local client must not read the refusal as an empty, complete answer.
@@ -126,15 +126,42 @@ async fn bridge(mut client: TcpStream, settings: &Settings, uuid: &str, port: u1
     crate::forward::arm_reset(&client);
     crate::forward::arm_reset(device.tcp());
     // Half-close propagates: EOF one way shuts down writing the other way, and the other
-    // direction runs on until its own EOF.
-    let copied =
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut device, 64 * 1024, 64 * 1024)
-            .await;
-    if copied.is_ok() {
-        crate::forward::disarm_reset(&client);
-        crate::forward::disarm_reset(device.tcp());
+    // direction runs on until its own EOF. Over a plain-TCP proxy the bytes move inside the
+    // kernel (`splice`: the CLI's CPU per GB fell from 0.41-0.66 s to 0.27-0.37, README);
+    // over TLS they are copied.
+    match device.into_plain() {
+        Ok((mut relay, early)) => {
+            if !early.is_empty() {
+                client.write_all(&early).await.context("tunnel broke")?;
+            }
+            let counters = crate::forward::Counters::default();
+            let never = tokio_util::sync::CancellationToken::new();
+            match crate::splice::join(&client, &relay, &counters, &never, None).await {
+                Some(crate::forward::End::Closed) => {}
+                Some(end) => return Err(anyhow!("tunnel broke ({})", end.reason())),
+                None => copy(&mut client, &mut relay).await?,
+            }
+            crate::forward::disarm_reset(&relay);
+        }
+        Err(mut device) => {
+            copy(&mut client, &mut device).await?;
+            crate::forward::disarm_reset(device.tcp());
+        }
     }
-    copied.map(drop).context("tunnel broke")
+    crate::forward::disarm_reset(&client);
+    Ok(())
+}
+
+/// Copies both ways with 64 KiB buffers until both directions have ended.
+async fn copy<A, B>(a: &mut A, b: &mut B) -> Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, 64 * 1024, 64 * 1024)
+        .await
+        .map(drop)
+        .context("tunnel broke")
 }
 
 /// Bridges stdin/stdout to `uuid:port` (for ssh's `ProxyCommand`), with half-close: stdin's

@@ -287,25 +287,9 @@ async fn join<C: ClientConn>(
         }
         counters.from_quic.fetch_add(early.len() as u64, Relaxed);
     }
-    let pipes = match (crate::splice::Pipe::new(), crate::splice::Pipe::new()) {
-        (Ok(up), Ok(down)) => Some((up, down)),
-        _ => None,
-    };
-    let spliced = match (pipes, C::plain_halves(&r, &w)) {
-        (Some((up, down)), Some(user)) => {
-            let peer: &TcpStream = peer;
-            Some(
-                forward::join_dirs(
-                    crate::splice::splice_dir(user, peer, &up, &counters.to_quic),
-                    crate::splice::splice_dir(peer, user, &down, &counters.from_quic),
-                    counters,
-                    &f.entry.cancel,
-                    idle,
-                )
-                .await,
-            )
-        }
-        _ => None,
+    let spliced = match C::plain_halves(&r, &w) {
+        Some(user) => crate::splice::join(user, peer, counters, &f.entry.cancel, idle).await,
+        None => None,
     };
     let end = match spliced {
         Some(end) => end,

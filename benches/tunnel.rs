@@ -431,8 +431,9 @@ async fn setup_latency(target: &Target, uuid: &str, echo: u16, n: usize) -> (Dur
     (percentile(&times, 0.5), percentile(&times, 0.99))
 }
 
-/// e: `n` concurrent downloads of `size` each; (aggregate GB/s, slowest tunnel GB/s).
-async fn many_tunnels(target: &Target, uuid: &str, n: usize, size: u64) -> (f64, f64) {
+/// e: `n` concurrent downloads of `size` each; (aggregate GB/s, slowest tunnel GB/s, the
+/// local relay's RSS in KiB when the first download ends and the rest still run).
+async fn many_tunnels(target: &Target, uuid: &str, n: usize, size: u64) -> (f64, f64, Option<u64>) {
     let port = source_server(size).await;
     let mut streams = Vec::with_capacity(n);
     for _ in 0..n {
@@ -444,11 +445,15 @@ async fn many_tunnels(target: &Target, uuid: &str, n: usize, size: u64) -> (f64,
         tasks.spawn(download(s, size));
     }
     let mut slowest = Duration::ZERO;
+    let mut rss = None;
     while let Some(d) = tasks.join_next().await {
+        if rss.is_none() {
+            rss = target.relay_pid.map(common::rss_kib);
+        }
         slowest = slowest.max(d.unwrap());
     }
     let wall = start.elapsed();
-    (gbps(size * n as u64, wall), gbps(size, slowest))
+    (gbps(size * n as u64, wall), gbps(size, slowest), rss)
 }
 
 /// One simulated device: dial, hello, stay; on drain or loss, reconnect as the agent does
@@ -1129,7 +1134,8 @@ async fn run(opts: Opts) {
             });
         }
         if let (true, Some((transport, uuid, _))) = (has('e'), agents.first()) {
-            let (aggregate, slowest) = many_tunnels(t, uuid, opts.tunnels, opts.tunnel_size).await;
+            let (aggregate, slowest, rss) =
+                many_tunnels(t, uuid, opts.tunnels, opts.tunnel_size).await;
             let fair = aggregate / opts.tunnels as f64;
             rows.push(Row {
                 scenario: "e",
@@ -1149,6 +1155,14 @@ async fn run(opts: Opts) {
                 value: format!("{:.1} MB/s", slowest * 1000.0),
                 note: format!("{:.2} × fair share (target ≥ 0.50)", slowest / fair),
             });
+            if let Some(kib) = rss {
+                rows.push(Row {
+                    scenario: "e",
+                    what: format!("relay RSS with {} tunnels open", opts.tunnels),
+                    value: format!("{:.1} MiB", kib as f64 / 1024.0),
+                    note: "when the first download ends".into(),
+                });
+            }
         }
     }
     drop(agents);

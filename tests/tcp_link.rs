@@ -12,7 +12,7 @@ use cloudlink::proto::frame;
 use cloudlink::proto::messages::RelayControl;
 use common::{
     dataplane, echo_server, eventually, fake_device, limits, metrics, random_bytes, read_all,
-    sha256_hex, source_server, tunnel, Agent, Api, Relay, World,
+    sha256_hex, tunnel, Agent, Api, Relay, World,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -333,15 +333,38 @@ async fn a_hundred_concurrent_tunnels_over_tcp() {
 }
 
 #[tokio::test]
-async fn a_stalled_reader_does_not_stall_another_tunnel() {
+async fn stalled_readers_do_not_stall_another_tunnel() {
     let w = World::new(&limits(""));
     let (uuid, key) = w.device_in("pis").await;
     let _agent = tcp_agent(&w.relay, &uuid, &key);
     let token = w.relay.admin_key();
-    // One tunnel whose user never reads a 64 MiB download.
-    let source = source_server(64 << 20, 3).await;
-    let stalled = tunnel(w.relay.proxy, &token, &uuid, source).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Tunnels whose users never read, each filling its own stream window: 16 of them once
+    // used up the whole 16 MiB connection window, so that no other tunnel on the device
+    // could move a byte (PROTOCOL.md §2b). 24 leave no doubt, within the per-device limits.
+    let stalled_count = 24;
+    let (source, written) = endless_source().await;
+    let mut stalled = Vec::new();
+    for _ in 0..stalled_count {
+        stalled.push(tunnel(w.relay.proxy, &token, &uuid, source).await);
+    }
+    // Ready once the device's service, writing as fast as it can, has written nothing for
+    // a whole second: every buffer on the way (sockets, both ends' windows) is full.
+    let mut last = u64::MAX;
+    let mut moved = Instant::now();
+    let full = eventually(Duration::from_secs(60), || {
+        let now = written.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            moved = Instant::now();
+        }
+        std::future::ready(moved.elapsed() >= Duration::from_secs(1))
+    })
+    .await;
+    assert!(full.is_some(), "the stalled downloads kept moving");
+    assert!(
+        last >= (stalled_count as u64) * u64::from(cloudlink::link::h2::STREAM_WINDOW),
+        "only {last} bytes written into {stalled_count} stalled tunnels"
+    );
     // Another tunnel on the same link moves 32 MiB through and back meanwhile.
     let echo = echo_server().await;
     let data = random_bytes(32 << 20, 5);
@@ -356,10 +379,30 @@ async fn a_stalled_reader_does_not_stall_another_tunnel() {
         tokio::join!(send, r.read_to_end(&mut back))
     })
     .await
-    .expect("the second tunnel was held up by the stalled one");
+    .expect("the second tunnel was held up by the stalled ones");
     n.unwrap();
     assert_eq!(sha256_hex(&back), sha256_hex(&data));
     drop(stalled);
+}
+
+/// A service that writes to every connection until it blocks, counting what it wrote.
+async fn endless_source() -> (u16, Arc<std::sync::atomic::AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let total = written.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let total = total.clone();
+            tokio::spawn(async move {
+                let chunk = vec![0x5a; 64 << 10];
+                while s.write_all(&chunk).await.is_ok() {
+                    total.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (port, written)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,8 +22,11 @@ use crate::forward::End;
 /// can hold up, and what one tunnel can have in flight.
 pub const STREAM_WINDOW: u32 = 1 << 20;
 
-/// The connection's receive window, shared by every stream.
-pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// The connection's receive window, shared by every stream: HTTP/2's maximum, so that only
+/// [`STREAM_WINDOW`] bounds buffering, as on the QUIC link. At 16 MiB, 16 tunnels whose
+/// users stopped reading used it all up and stalled every other tunnel of the device;
+/// what a relay holds is bounded instead by its tunnels per device times the stream window.
+pub const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
 /// The largest DATA frame either side accepts.
 pub const MAX_FRAME: u32 = 64 << 10;

@@ -334,9 +334,24 @@ async fn a_hundred_concurrent_tunnels_over_tcp() {
 
 #[tokio::test]
 async fn stalled_readers_do_not_stall_another_tunnel() {
+    stalled_readers_case(true).await;
+}
+
+/// The same on the QUIC link, whose connection window must stay unbounded for the same
+/// reason (a 16 MiB one, tried for the relay's memory, answered 504s).
+#[tokio::test]
+async fn stalled_readers_do_not_stall_another_tunnel_over_quic() {
+    stalled_readers_case(false).await;
+}
+
+async fn stalled_readers_case(tcp: bool) {
     let w = World::new(&limits(""));
     let (uuid, key) = w.device_in("pis").await;
-    let _agent = tcp_agent(&w.relay, &uuid, &key);
+    let _agent = if tcp {
+        tcp_agent(&w.relay, &uuid, &key)
+    } else {
+        Agent::start(&w.relay, &uuid, &key, &[])
+    };
     let token = w.relay.admin_key();
     // Tunnels whose users never read, each filling its own stream window: 16 of them once
     // used up the whole 16 MiB connection window, so that no other tunnel on the device

@@ -12,7 +12,7 @@ use cloudlink::proto::frame;
 use cloudlink::proto::messages::RelayControl;
 use common::{
     dataplane, echo_server, eventually, fake_device, limits, metrics, random_bytes, read_all,
-    sha256_hex, tunnel, Agent, Api, Relay, World,
+    send_and_read_back, sha256_hex, tunnel, Agent, Api, Relay, World,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -384,18 +384,8 @@ async fn stalled_readers_case(tcp: bool) {
     let echo = echo_server().await;
     let data = random_bytes(32 << 20, 5);
     let mut s = tunnel(w.relay.proxy, &token, &uuid, echo).await;
-    let (mut r, mut wr) = s.split();
-    let send = async {
-        wr.write_all(&data).await.unwrap();
-        wr.shutdown().await.unwrap();
-    };
-    let mut back = Vec::new();
-    let (_, n) = tokio::time::timeout(IO_TIMEOUT, async {
-        tokio::join!(send, r.read_to_end(&mut back))
-    })
-    .await
-    .expect("the second tunnel was held up by the stalled ones");
-    n.unwrap();
+    let what = "the second tunnel was held up by the stalled ones";
+    let back = send_and_read_back(&mut s, &data, what).await;
     assert_eq!(sha256_hex(&back), sha256_hex(&data));
     drop(stalled);
 }

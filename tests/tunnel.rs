@@ -556,18 +556,7 @@ async fn cli_tunnel_over_the_plain_proxy_is_whole_and_resets_on_a_relay_crash() 
 
     let data = common::random_bytes(8 << 20, 11);
     let mut s = tokio::net::TcpStream::connect(local).await.unwrap();
-    let (mut r, mut wr) = s.split();
-    let send = async {
-        wr.write_all(&data).await.unwrap();
-        wr.shutdown().await.unwrap();
-    };
-    let mut back = Vec::new();
-    let (_, read) = tokio::time::timeout(IO_TIMEOUT, async {
-        tokio::join!(send, r.read_to_end(&mut back))
-    })
-    .await
-    .expect("the echo comes back");
-    read.unwrap();
+    let back = common::send_and_read_back(&mut s, &data, "the echo did not come back").await;
     assert!(
         back == data,
         "{} of {} bytes came back, or out of order",

@@ -360,4 +360,22 @@ mod tests {
             assert!(RelaySpec::parse(bad).is_err(), "{bad} accepted");
         }
     }
+
+    #[test]
+    fn quic_mtu_max_is_range_checked() {
+        for (mtu, ok) in [(1199, false), (1200, true), (8952, true), (65528, false)] {
+            let config = AgentConfig {
+                relay: vec!["relay.example.com:4433".into()],
+                uuid: "0123456789abcdef0123456789abcdef".into(),
+                key: Secret("k".into()),
+                quic_mtu_max: mtu,
+                ..AgentConfig::default()
+            };
+            let err = config.validate_for_agent().err().map(|e| e.to_string());
+            assert_eq!(err.is_none(), ok, "quic_mtu_max {mtu}: {err:?}");
+            if let Some(err) = err {
+                assert!(err.contains("quic_mtu_max"), "{err}");
+            }
+        }
+    }
 }

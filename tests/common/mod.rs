@@ -804,6 +804,24 @@ pub async fn read_all(s: &mut TcpStream) -> Vec<u8> {
     out
 }
 
+/// Writes `data` into `s` and half-closes it while reading all that comes back, and returns
+/// that; panics saying `what` if it takes longer than [`TRANSFER_TIMEOUT`].
+pub async fn send_and_read_back(s: &mut TcpStream, data: &[u8], what: &str) -> Vec<u8> {
+    let (mut r, mut wr) = s.split();
+    let send = async {
+        wr.write_all(data).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let (_, read) = tokio::time::timeout(TRANSFER_TIMEOUT, async {
+        tokio::join!(send, r.read_to_end(&mut back))
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}"));
+    read.unwrap();
+    back
+}
+
 /// The data plane's checks, the same whichever device link carries the tunnels.
 pub mod dataplane {
     use super::*;
@@ -846,14 +864,7 @@ pub mod dataplane {
             tasks.spawn(async move {
                 let data = random_bytes(256 * 1024, i + 1);
                 let mut s = tunnel(proxy, &token, &uuid, port).await;
-                let (mut r, mut wr) = s.split();
-                let send = async {
-                    wr.write_all(&data).await.unwrap();
-                    wr.shutdown().await.unwrap();
-                };
-                let mut back = Vec::new();
-                let (_, n) = tokio::join!(send, r.read_to_end(&mut back));
-                n.unwrap();
+                let back = send_and_read_back(&mut s, &data, "an echo took too long").await;
                 assert_eq!(sha256_hex(&back), sha256_hex(&data), "tunnel {i}");
             });
         }

@@ -29,7 +29,7 @@
 //! Options: `--scenarios abcdefgh`, `--rounds 3` (h), `--rathole PATH`, `--no-peer`,
 //! `--quic-mtu-max N` (h: bigger QUIC packets, for paths that carry them; never the
 //! headline), `--transport quic|tcp|both` (c, d, f; default both),
-//! `--size-mib 1024` (a, b, h), `--setups 1000` (d, h),
+//! `--size-mib 1024` (a, b, c, g, h), `--setups 1000` (d, g, h),
 //! `--tunnels 200 --tunnel-mib 16` (e), `--devices 2000` (f). To measure a deployed relay
 //! instead of a local one (c, d, e): `--api URL --proxy HOST:PORT --device HOST:PORT
 //! --key ADMIN_KEY [--ca PEM]`; the agent still runs here.

@@ -338,57 +338,17 @@ async fn tcp_limit(size: u64) -> f64 {
 
 /// b: one quinn stream, the relay's TLS and transport settings, both ends in this process.
 async fn quic_limit(size: u64) -> f64 {
-    cloudlink::tls_client::install_crypto();
-    let dir = tempfile::tempdir().unwrap();
-    let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let cert_path = dir.path().join("cert.pem");
-    std::fs::write(&cert_path, generated.cert.pem()).unwrap();
-    let material = cloudlink::relay::tls::Material {
-        certs: vec![generated.cert.der().clone()],
-        key: rustls::pki_types::PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into()),
-        cert_path: cert_path.clone(),
-    };
-    let limits = cloudlink::config::Limits::default();
-    let transport = cloudlink::quic::transport(
-        Duration::from_millis(limits.keep_alive_ms),
-        Duration::from_millis(limits.idle_timeout_ms),
-        4,
-        limits.quic_mtu_max,
-    );
-    let server = cloudlink::relay::tls::quic_server(&material, transport).unwrap();
-    let socket = cloudlink::quic::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
-    let server = cloudlink::quic::endpoint(socket, Some(server)).unwrap();
-    let addr = server.local_addr().unwrap();
+    let pair = common::quic_pair(cloudlink::config::Limits::default().quic_mtu_max).await;
+    let server = pair.server.clone();
     let receiver = tokio::spawn(async move {
-        let conn = server.accept().await.unwrap().await.unwrap();
-        let (_send, mut recv) = conn.accept_bi().await.unwrap();
+        let (_send, mut recv) = server.accept_bi().await.unwrap();
         let mut n = 0u64;
         while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.unwrap() {
             n += chunk.bytes.len() as u64;
         }
         (n, Instant::now())
     });
-    let tls = cloudlink::tls_client::config(
-        cloudlink::tls_client::Trust::CaFile(&cert_path),
-        &[cloudlink::proto::ALPN],
-    )
-    .unwrap();
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(cloudlink::quic::transport(
-        Duration::from_millis(limits.keep_alive_ms),
-        Duration::from_millis(limits.idle_timeout_ms),
-        4096,
-        limits.quic_mtu_max,
-    )));
-    let socket = cloudlink::quic::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
-    let endpoint = cloudlink::quic::endpoint(socket, None).unwrap();
-    let conn = endpoint
-        .connect_with(client, addr, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let (mut send, _recv) = pair.client.open_bi().await.unwrap();
     let chunk = Bytes::from(vec![0x42u8; MIB as usize]);
     let start = Instant::now();
     let mut left = size;
@@ -854,27 +814,11 @@ async fn head_to_head(opts: &Opts, rows: &mut Vec<Row>) {
     let world = target._world.as_ref().expect("a local relay");
     let (uuid, agent) = target.device("h", "quic").await;
     world.login(&target.key);
-    let mut cli = std::process::Command::new(common::bin());
-    cli.args(["device", "tunnel", &uuid])
-        .args(["-p", &format!("{sink}:0"), "-p", &format!("{source}:0")])
-        .args(["-p", &format!("{echo}:0")])
-        .env("XDG_CONFIG_HOME", world.xdg())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
-    let mut cli = peer::Proc(cli.spawn().expect("cloudlink device tunnel starts"));
-    let lines = common::Lines::spawn(cli.0.stdout.take().unwrap(), None);
-    // `Listening on 127.0.0.1:PORT => uuid:REMOTE`, one line per -p, in order.
-    let local: Vec<u16> = (0..3)
-        .map(|_| {
-            let line = lines.wait_for("Listening on");
-            line.split_whitespace()
-                .nth(2)
-                .and_then(|a| a.parse::<SocketAddr>().ok())
-                .map(|a| a.port())
-                .expect("a listening address")
-        })
-        .collect();
-    let (cl_up, cl_down, cl_echo) = (local[0], local[1], local[2]);
+    let specs = [sink, source, echo].map(|port| format!("{port}:0"));
+    let (cli, _lines, local) =
+        common::device_tunnel(&world.xdg(), &uuid, &specs, std::process::Stdio::null());
+    let cli = peer::Proc(cli);
+    let (cl_up, cl_down, cl_echo) = (local[0].port(), local[1].port(), local[2].port());
     peer::wait_echo(cl_echo, Duration::from_secs(30)).await;
     let relay_pid = target.relay_pid.expect("local relay").to_string();
     let ours_procs = vec![

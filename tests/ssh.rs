@@ -114,15 +114,10 @@ async fn ssh_with_cloud_keys_through_relay_and_agent() {
     assert_eq!(out.trim(), "root");
 
     // `device tunnel` plus plain ssh works the same.
-    let mut tunnel = std::process::Command::new(common::bin())
-        .args(["device", "tunnel", &uuid, "-p", &format!("{}:0", sshd.port)])
-        .env("XDG_CONFIG_HOME", w.xdg())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = common::Lines::spawn(tunnel.stdout.take().unwrap(), None);
-    let line = lines.wait_for("Listening on");
-    let local: std::net::SocketAddr = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let specs = [format!("{}:0", sshd.port)];
+    let (mut tunnel, _lines, local) =
+        common::device_tunnel(&w.xdg(), &uuid, &specs, std::process::Stdio::inherit());
+    let local = local[0];
     let out = std::process::Command::new("ssh")
         .args(ssh_opts(&key))
         .args([

@@ -490,21 +490,11 @@ async fn cli_tunnel_and_proxy_over_the_tls_listener() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let mut child = std::process::Command::new(common::bin())
-        .args(["device", "tunnel", &uuid, "-p", &format!("{echo}:0")])
-        .args(["-p", &format!("{closed}:127.0.0.1:0")])
-        .env("XDG_CONFIG_HOME", w.xdg())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let lines = common::Lines::spawn(child.stdout.take().unwrap(), None);
+    let specs = [format!("{echo}:0"), format!("{closed}:127.0.0.1:0")];
+    let (mut child, lines, local) =
+        common::device_tunnel(&w.xdg(), &uuid, &specs, std::process::Stdio::piped());
     let errors = common::Lines::spawn(child.stderr.take().unwrap(), None);
-    let addr_of = |line: String| -> std::net::SocketAddr {
-        line.split_whitespace().nth(2).unwrap().parse().unwrap()
-    };
-    let local = addr_of(lines.wait_for(&format!("=> {uuid}:{echo}")));
-    let dead = addr_of(lines.wait_for(&format!("=> {uuid}:{closed}")));
+    let (local, dead) = (local[0], local[1]);
     // A connection to a device port nothing listens on fails alone, with a reset (as a
     // refused local connection would), never as an empty but complete answer; the tunnel
     // keeps going.
@@ -543,16 +533,10 @@ async fn cli_tunnel_over_the_plain_proxy_is_whole_and_resets_on_a_relay_crash() 
     let _agent = Agent::start(&w.relay, &uuid, &key, &[]);
     let echo = echo_server().await;
     w.login(&w.relay.admin_key());
-    let mut child = std::process::Command::new(common::bin())
-        .args(["device", "tunnel", &uuid, "-p", &format!("{echo}:0")])
-        .env("XDG_CONFIG_HOME", w.xdg())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let lines = common::Lines::spawn(child.stdout.take().unwrap(), None);
-    let line = lines.wait_for("Listening on");
-    let local: std::net::SocketAddr = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    let specs = [format!("{echo}:0")];
+    let (mut child, _lines, local) =
+        common::device_tunnel(&w.xdg(), &uuid, &specs, std::process::Stdio::null());
+    let local = local[0];
 
     let data = common::random_bytes(8 << 20, 11);
     let mut s = tokio::net::TcpStream::connect(local).await.unwrap();
@@ -581,6 +565,41 @@ async fn cli_tunnel_over_the_plain_proxy_is_whole_and_resets_on_a_relay_crash() 
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// Path-MTU discovery stays at the internet-safe 1452 bytes by default and grows where
+/// `quic_mtu_max` allows it and the path carries it (loopback's MTU is 64 KiB).
+#[tokio::test]
+async fn quic_packets_stay_internet_safe_by_default_and_grow_where_allowed() {
+    let default = cloudlink::quic::MTU_MAX_DEFAULT;
+    assert_eq!(settled_mtu(default).await, default);
+    let big = settled_mtu(8952).await;
+    assert!(
+        big > default && big <= 8952,
+        "loopback carries 8952-byte datagrams; discovery settled on {big}"
+    );
+}
+
+/// Sends 4 MiB over one stream of a [`common::QuicPair`] and returns the packet size
+/// path-MTU discovery settled on at the sender.
+async fn settled_mtu(mtu_max: u16) -> u16 {
+    let pair = common::quic_pair(mtu_max).await;
+    let server = pair.server.clone();
+    let receiver = tokio::spawn(async move {
+        let (_send, mut recv) = server.accept_bi().await.unwrap();
+        while recv.read_chunk(usize::MAX, true).await.unwrap().is_some() {}
+    });
+    let (mut send, _recv) = pair.client.open_bi().await.unwrap();
+    let chunk = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    for _ in 0..64 {
+        send.write_chunk(chunk.clone()).await.unwrap();
+    }
+    send.finish().unwrap();
+    tokio::time::timeout(IO_TIMEOUT, receiver)
+        .await
+        .expect("the transfer ends")
+        .unwrap();
+    pair.client.stats().path.current_mtu
 }
 
 /// Whether an outside client is installed; under `CLOUDLINK_REQUIRE_TOOLS=1` it must be.

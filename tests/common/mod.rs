@@ -804,6 +804,104 @@ pub async fn read_all(s: &mut TcpStream) -> Vec<u8> {
     out
 }
 
+/// `cloudlink device tunnel UUID -p SPEC…` with the login saved in `xdg` and its stderr
+/// going to `stderr`: the process, its stdout lines, and each spec's local address in order
+/// (from its `Listening on ADDR => UUID:PORT` line).
+pub fn device_tunnel(
+    xdg: &Path,
+    uuid: &str,
+    specs: &[String],
+    stderr: Stdio,
+) -> (Child, Lines, Vec<SocketAddr>) {
+    let mut cmd = Command::new(bin());
+    cmd.args(["device", "tunnel", uuid]);
+    for spec in specs {
+        cmd.args(["-p", spec]);
+    }
+    let mut child = cmd
+        .env("XDG_CONFIG_HOME", xdg)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("cloudlink device tunnel starts");
+    let lines = Lines::spawn(child.stdout.take().unwrap(), None);
+    let local = specs
+        .iter()
+        .map(|_| {
+            let line = lines.wait_for("Listening on");
+            line.split_whitespace()
+                .nth(2)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no listening address in {line:?}"))
+        })
+        .collect();
+    (child, lines, local)
+}
+
+/// Two QUIC endpoints on loopback in this process, with the relay's TLS (a fresh
+/// self-signed certificate) and [`cloudlink::quic::transport`] at the default limits and
+/// packets up to `mtu_max`; the one connection between them, seen from each end.
+pub struct QuicPair {
+    /// The dialing end (the agent's stream cap).
+    pub client: quinn::Connection,
+    /// The accepting end (the relay's stream cap).
+    pub server: quinn::Connection,
+    _endpoints: (quinn::Endpoint, quinn::Endpoint),
+    _dir: tempfile::TempDir,
+}
+
+/// Connects a [`QuicPair`].
+pub async fn quic_pair(mtu_max: u16) -> QuicPair {
+    cloudlink::tls_client::install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    std::fs::write(&cert_path, generated.cert.pem()).unwrap();
+    let material = cloudlink::relay::tls::Material {
+        certs: vec![generated.cert.der().clone()],
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into()),
+        cert_path: cert_path.clone(),
+    };
+    let limits = cloudlink::config::Limits::default();
+    let transport = |streams| {
+        cloudlink::quic::transport(
+            Duration::from_millis(limits.keep_alive_ms),
+            Duration::from_millis(limits.idle_timeout_ms),
+            streams,
+            mtu_max,
+        )
+    };
+    let loopback = || cloudlink::quic::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+    let server_config = cloudlink::relay::tls::quic_server(&material, transport(4)).unwrap();
+    let server_end = cloudlink::quic::endpoint(loopback(), Some(server_config)).unwrap();
+    let tls = cloudlink::tls_client::config(
+        cloudlink::tls_client::Trust::CaFile(&cert_path),
+        &[cloudlink::proto::ALPN],
+    )
+    .unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
+    client_config.transport_config(Arc::new(transport(4096)));
+    let client_end = cloudlink::quic::endpoint(loopback(), None).unwrap();
+    let addr = server_end.local_addr().unwrap();
+    let (server, client) = tokio::join!(
+        async { server_end.accept().await.unwrap().await.unwrap() },
+        async {
+            client_end
+                .connect_with(client_config, addr, "localhost")
+                .unwrap()
+                .await
+                .unwrap()
+        },
+    );
+    QuicPair {
+        client,
+        server,
+        _endpoints: (client_end, server_end),
+        _dir: dir,
+    }
+}
+
 /// Writes `data` into `s` and half-closes it while reading all that comes back, and returns
 /// that; panics saying `what` if it takes longer than [`TRANSFER_TIMEOUT`].
 pub async fn send_and_read_back(s: &mut TcpStream, data: &[u8], what: &str) -> Vec<u8> {

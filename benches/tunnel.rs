@@ -203,7 +203,7 @@ impl Target {
     }
 
     /// Registers a device and runs an agent process for it on `transport`.
-    async fn device(&self, fleet: &str, transport: &str) -> (String, AgentProc) {
+    async fn device(&self, fleet: &str, transport: &str) -> (String, peer::Proc) {
         let (uuid, key) = self.api.register_device(fleet).await;
         let mut cmd = std::process::Command::new(common::bin());
         let relay = match (transport, self.device_tcp) {
@@ -232,21 +232,11 @@ impl Target {
         let lines = common::Lines::spawn(child.stderr.take().unwrap(), None);
         lines.wait_for("connected to relay");
         // Dropping `lines` leaves its thread draining stderr, so the agent never blocks.
-        (uuid, AgentProc(child))
+        (uuid, peer::Proc(child))
     }
 
     async fn tunnel(&self, uuid: &str, port: u16) -> TcpStream {
         common::tunnel(self.proxy, &self.key, uuid, port).await
-    }
-}
-
-/// An agent process, stopped when dropped (also when a scenario panics).
-struct AgentProc(std::process::Child);
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -823,7 +813,7 @@ async fn head_to_head(opts: &Opts, rows: &mut Vec<Row>) {
     let relay_pid = target.relay_pid.expect("local relay").to_string();
     let ours_procs = vec![
         ("relay", relay_pid.clone()),
-        ("agent", agent.0.id().to_string()),
+        ("agent", agent.pid()),
         ("cli", cli.pid()),
     ];
 

@@ -119,14 +119,11 @@ pub async fn start_rathole(
 
 /// Waits until a 1-byte echo through `port` comes back (the tunnel is up end to end).
 pub async fn wait_echo(port: u16, limit: Duration) {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if echo_once(port).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("nothing echoes through 127.0.0.1:{port} within {limit:?}");
+    let up = crate::common::eventually(limit, || async { echo_once(port).await.is_ok() }).await;
+    assert!(
+        up.is_some(),
+        "nothing echoes through 127.0.0.1:{port} within {limit:?}"
+    );
 }
 
 /// One TCP connect and one byte echoed back.

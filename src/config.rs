@@ -275,6 +275,8 @@ pub struct RelayConfig {
     pub device_domains: Vec<String>,
     /// Runtime worker threads; 0 means one per core.
     pub worker_threads: usize,
+    /// Where `POST /v1/ssh-keys/import` fetches `<login>.keys` from.
+    pub github_keys_url: String,
     /// Limits and timeouts.
     pub limits: Limits,
 }
@@ -304,6 +306,7 @@ impl Default for RelayConfig {
                 .map(String::from)
                 .to_vec(),
             worker_threads: 0,
+            github_keys_url: "https://github.com".to_owned(),
             limits: Limits::default(),
         }
     }
@@ -383,6 +386,9 @@ pub struct RelayArgs {
     /// Runtime worker threads (0 = one per core).
     #[arg(long, env = "CLOUDLINK_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// Where SSH key imports fetch `<login>.keys` [default: https://github.com].
+    #[arg(long, env = "CLOUDLINK_GITHUB_KEYS_URL")]
+    pub github_keys_url: Option<String>,
     /// Print the effective configuration (secrets masked) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -454,6 +460,9 @@ impl RelayConfig {
         }
         if let Some(v) = args.worker_threads {
             config.worker_threads = v;
+        }
+        if let Some(v) = &args.github_keys_url {
+            config.github_keys_url = v.clone();
         }
         config.validate()?;
         Ok(config)
@@ -537,6 +546,11 @@ impl RelayConfig {
         }
         if self.jwt_ttl_secs == 0 {
             return invalid("jwt_ttl_secs", "must be positive");
+        }
+        if !(self.github_keys_url.starts_with("https://")
+            || self.github_keys_url.starts_with("http://"))
+        {
+            return invalid("github_keys_url", "must start with https:// or http://");
         }
         let l = &self.limits;
         if l.head_max_bytes < 256 {

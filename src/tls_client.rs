@@ -57,6 +57,17 @@ pub fn http_client(
     trust: Trust<'_>,
     timeout: std::time::Duration,
 ) -> Result<reqwest::Client, TlsClientError> {
+    http_client_builder(base, trust, timeout)?
+        .build()
+        .map_err(|e| TlsClientError::Http(e.to_string()))
+}
+
+/// What [`http_client`] builds, for a caller that sets more (a redirect policy).
+pub fn http_client_builder(
+    base: &str,
+    trust: Trust<'_>,
+    timeout: std::time::Duration,
+) -> Result<reqwest::ClientBuilder, TlsClientError> {
     install_crypto();
     let mut builder = reqwest::Client::builder()
         .timeout(timeout)
@@ -65,9 +76,7 @@ pub fn http_client(
         let tls = config(trust, &[b"http/1.1"])?;
         builder = builder.tls_backend_preconfigured(tls);
     }
-    builder
-        .build()
-        .map_err(|e| TlsClientError::Http(e.to_string()))
+    Ok(builder)
 }
 
 /// An error with its causes, `outer: inner: innermost`: reqwest's own message hides the

@@ -72,6 +72,18 @@ mod tests {
     }
 
     #[test]
+    fn accepts_ecdsa() {
+        // `ssh-keygen -t ecdsa`, as macOS and many hardware tokens make them. Without
+        // ssh-key's `ecdsa` feature this was refused as malformed, though the error text
+        // promised ecdsa was accepted.
+        let k = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBLJiakeNo6367eo9DmcxFARDDSkr1+lGrgvyGAM0LLXHKupGeiSrq9I8jTda3bzo4snOHhKOn7Jxt34vXqwbnAg=";
+        assert_eq!(
+            parse(k).unwrap().fingerprint,
+            "SHA256:GSaPs7H7NOIW7T+mwkatTgI1d5qDRnbO7pbEl/IljPM"
+        );
+    }
+
+    #[test]
     fn refuses_short_rsa() {
         assert_eq!(parse(RSA_1024), Err(SshKeyError::RsaTooShort(1024)));
     }

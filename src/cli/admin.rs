@@ -11,7 +11,9 @@ use super::settings::Settings;
 use super::{ApiClient, Output};
 use crate::relay::api::devices::{DeviceView, RegisteredDevice, RotatedKey, TunnelView};
 use crate::relay::api::fleets::{FleetView, MemberView};
-use crate::relay::api::users::{ApiKeyView, CreatedApiKey, CreatedUser, SshKeyView, UserView};
+use crate::relay::api::users::{
+    ApiKeyView, CreatedApiKey, CreatedUser, ImportedSshKeys, SshKeyView, UserView,
+};
 
 /// `cloudlink login`.
 #[derive(Debug, Args)]
@@ -584,6 +586,13 @@ pub enum KeyCmd {
         #[arg(long)]
         title: Option<String>,
     },
+    /// Import the public keys of a GitHub account (https://github.com/<login>.keys, fetched
+    /// by the relay); keys you have already are skipped.
+    Import {
+        /// The GitHub login whose keys to add.
+        #[arg(long, value_name = "LOGIN")]
+        github: String,
+    },
     /// List your SSH keys.
     List,
     /// Remove one of your SSH keys.
@@ -620,16 +629,34 @@ pub async fn key(cmd: KeyCmd, out: Output) -> Result<()> {
                 ],
             )
         }
+        KeyCmd::Import { github } => {
+            let body = json!({ "github": github });
+            let r: ImportedSshKeys = client
+                .call(Method::POST, "/v1/ssh-keys/import", Some(&body))
+                .await?;
+            if out == Output::Json {
+                return out.record(&r, &[]);
+            }
+            for fingerprint in &r.duplicates {
+                eprintln!("skipped {fingerprint}: you have this key already");
+            }
+            for bad in &r.invalid {
+                eprintln!(
+                    "skipped line {} of {github}'s keys: {}",
+                    bad.line, bad.error
+                );
+            }
+            eprintln!(
+                "added {} of {github}'s keys ({} already yours, {} invalid)",
+                r.added.len(),
+                r.duplicates.len(),
+                r.invalid.len()
+            );
+            print_keys(&r.added, out)
+        }
         KeyCmd::List => {
             let keys: Vec<SshKeyView> = client.call(Method::GET, "/v1/ssh-keys", None).await?;
-            out.list(&keys, &["ID", "TITLE", "FINGERPRINT", "ADDED"], |k| {
-                vec![
-                    k.id.to_string(),
-                    k.title.clone(),
-                    k.fingerprint.clone(),
-                    k.created_at.clone(),
-                ]
-            })
+            print_keys(&keys, out)
         }
         KeyCmd::Rm { id } => {
             client
@@ -637,6 +664,17 @@ pub async fn key(cmd: KeyCmd, out: Output) -> Result<()> {
                 .await
         }
     }
+}
+
+fn print_keys(keys: &[SshKeyView], out: Output) -> Result<()> {
+    out.list(keys, &["ID", "TITLE", "FINGERPRINT", "ADDED"], |k| {
+        vec![
+            k.id.to_string(),
+            k.title.clone(),
+            k.fingerprint.clone(),
+            k.created_at.clone(),
+        ]
+    })
 }
 
 /// A duration for humans: `90s`, `45m`, `12h`, `30d` (or plain seconds), in seconds.

@@ -9,6 +9,7 @@ pub mod api;
 pub mod authcache;
 pub mod datadir;
 pub mod devices;
+pub mod github;
 pub mod limits;
 pub mod listen;
 pub mod metrics;

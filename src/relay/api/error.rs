@@ -33,6 +33,9 @@ pub enum ApiError {
     /// Too many failed authentications from this address.
     #[error("too many failed attempts; try again in {0} seconds")]
     TooManyRequests(u64),
+    /// A service the relay asked on the caller's behalf failed (GitHub, for key imports).
+    #[error("{0}")]
+    BadGateway(String),
     /// The store cannot be reached.
     #[error("the relay's store is unavailable; try again shortly")]
     Unavailable,
@@ -55,8 +58,8 @@ pub struct ErrorBody {
 /// What went wrong.
 pub struct ErrorDetail {
     /// Stable, machine-readable: `bad_request`, `unauthorized`, `forbidden`, `not_found`,
-    /// `conflict`, `method_not_allowed`, `too_many_requests`, `unavailable`, `draining`,
-    /// `internal`.
+    /// `conflict`, `method_not_allowed`, `too_many_requests`, `bad_gateway`, `unavailable`,
+    /// `draining`, `internal`.
     pub code: &'static str,
     /// One sentence for people.
     pub message: String,
@@ -73,6 +76,7 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
+            ApiError::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
             ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

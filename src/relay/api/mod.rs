@@ -79,7 +79,7 @@ impl Modify for BearerAuth {
     paths(
         users::create_user, users::list_users, users::delete_user, users::me,
         users::create_api_key, users::list_api_keys, users::revoke_api_key, users::issue_token,
-        users::add_ssh_key, users::list_ssh_keys, users::delete_ssh_key,
+        users::add_ssh_key, users::list_ssh_keys, users::delete_ssh_key, users::import_ssh_keys,
         fleets::create_fleet, fleets::list_fleets, fleets::get_fleet, fleets::patch_fleet,
         fleets::delete_fleet, fleets::list_members, fleets::add_member, fleets::remove_member,
         devices::register_device, devices::list_devices, devices::get_device,
@@ -158,6 +158,7 @@ pub fn router(state: Arc<Shared>) -> Router {
             "/v1/ssh-keys",
             post(users::add_ssh_key).get(users::list_ssh_keys),
         )
+        .route("/v1/ssh-keys/import", post(users::import_ssh_keys))
         .route("/v1/ssh-keys/{id}", delete(users::delete_ssh_key))
         .route(
             "/v1/fleets",

@@ -388,6 +388,93 @@ pub async fn add_ssh_key(
     Ok((StatusCode::CREATED, axum::Json(row.into())))
 }
 
+/// `POST /v1/ssh-keys/import`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportSshKeys {
+    /// A GitHub login: its public keys (`https://github.com/<login>.keys`) are added.
+    pub github: String,
+}
+
+/// What an import did.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ImportedSshKeys {
+    /// The keys added.
+    pub added: Vec<SshKeyView>,
+    /// Fingerprints of keys the caller had already, left as they were.
+    pub duplicates: Vec<String>,
+    /// Lines that are not keys we accept.
+    pub invalid: Vec<InvalidKeyLine>,
+}
+
+/// A line of an import that was not added.
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct InvalidKeyLine {
+    /// Its number, from 1.
+    pub line: usize,
+    /// Why it was refused.
+    pub error: String,
+}
+
+/// Adds the public keys of a GitHub account to the caller's account, skipping keys the
+/// caller has already and reporting lines that are not acceptable keys.
+#[utoipa::path(post, path = "/v1/ssh-keys/import", request_body = ImportSshKeys, tag = "keys",
+    responses((status = 200, body = ImportedSshKeys),
+        (status = 400, body = super::error::ErrorBody),
+        (status = 404, body = super::error::ErrorBody),
+        (status = 502, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn import_ssh_keys(
+    State(state): State<Arc<Shared>>,
+    caller: Caller,
+    Json(body): Json<ImportSshKeys>,
+) -> Result<axum::Json<ImportedSshKeys>, ApiError> {
+    use crate::relay::github::{self, GithubError};
+    let text = github::fetch_keys(&state.config.github_keys_url, &body.github)
+        .await
+        .map_err(|e| match e {
+            GithubError::BadLogin(_) => ApiError::bad(e.to_string()),
+            GithubError::UnknownLogin(_) => ApiError::NotFound(e.to_string()),
+            GithubError::Fetch { .. } => ApiError::BadGateway(e.to_string()),
+        })?;
+    let title = format!("GitHub {}", body.github);
+    let mut out = ImportedSshKeys {
+        added: Vec::new(),
+        duplicates: Vec::new(),
+        invalid: Vec::new(),
+    };
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = match ssh_keys::parse(line) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                out.invalid.push(InvalidKeyLine {
+                    line: i + 1,
+                    error: e.to_string(),
+                });
+                continue;
+            }
+        };
+        match state
+            .store
+            .add_ssh_key(
+                caller.0.user.id,
+                &title,
+                &parsed.openssh,
+                &parsed.fingerprint,
+            )
+            .await
+        {
+            Ok(row) => out.added.push(row.into()),
+            Err(StoreError::Conflict) => out.duplicates.push(parsed.fingerprint),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(axum::Json(out))
+}
+
 /// Lists the caller's SSH keys.
 #[utoipa::path(get, path = "/v1/ssh-keys", tag = "keys",
     responses((status = 200, body = [SshKeyView])), security(("bearer" = [])))]

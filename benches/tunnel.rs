@@ -446,6 +446,7 @@ async fn sim_device(
                 uuid: uuid.clone(),
                 key: key.clone(),
                 agent: "bench".into(),
+                ssh_login: None,
             };
             frame::write(&mut send, &hello).await.ok()?;
             match frame::read_required(&mut recv, frame::MAX_FRAME)

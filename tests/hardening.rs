@@ -333,6 +333,7 @@ async fn peer_text_cannot_forge_log_lines() {
         uuid: uuid.clone(),
         key: key.clone(),
         agent: forged.into(),
+        ssh_login: None,
     };
     let (_conn, _s, _r, answer) =
         fake_device::hello_with(w.relay.device, &w.relay.cert(), &hello).await;
@@ -349,6 +350,7 @@ async fn peer_text_cannot_forge_log_lines() {
     // Overlong fields are refused before they are looked at.
     let long = Hello {
         agent: "a".repeat(10_000),
+        ssh_login: None,
         ..hello
     };
     let (conn, _s, _r) = {

@@ -299,3 +299,73 @@ async fn authorized_keys_answers_only_for_users_who_may_reach_the_device() {
     assert_eq!(s, 204);
     assert_eq!(authorized_keys(&config, "alice").1, "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_logins_answer_every_user_who_may_reach_the_device() {
+    const ED25519_B: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFyLreSuR5YxOlt0757aSI/evzptYczk1HjS8BFScZ/A";
+    const ECDSA: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBLJiakeNo6367eo9DmcxFARDDSkr1+lGrgvyGAM0LLXHKupGeiSrq9I8jTda3bzo4snOHhKOn7Jxt34vXqwbnAg=";
+    let w = World::new(&limits(""));
+    let (uuid, device_key) = w.device_in("pis").await;
+    let _ = w.device_in("other").await;
+    for (user, fleet, key) in [
+        ("alice", "pis", ED25519),
+        ("bob", "pis", ED25519_B),
+        ("carol", "other", ECDSA),
+    ] {
+        let api = w.admin.as_user(&w.user(user).await);
+        let (s, _) = api
+            .call(
+                "POST",
+                "/v1/ssh-keys",
+                Some(json!({"title": "t", "public_key": key})),
+            )
+            .await;
+        assert_eq!(s, 201);
+        w.admin.add_member(fleet, user).await;
+    }
+    let body = |s: &str| s.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    let expected = format!("{} alice\n{} bob\n", body(ED25519), body(ED25519_B));
+
+    let config = w.dir.path().join("agent.toml");
+    let write = |root_login: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "api = \"http://{}\"\nuuid = \"{uuid}\"\nkey = \"{device_key}\"\n{root_login}",
+                w.relay.api
+            ),
+        )
+        .unwrap()
+    };
+    // Off (the default): `root` is only a cloud user named root, and there is none.
+    write("");
+    assert_eq!(
+        authorized_keys(&config, "root"),
+        (true, String::new(), String::new())
+    );
+    write("root_login = \"fleet-members\"\n");
+    let (ok, out, err) = authorized_keys(&config, "root");
+    assert!(ok, "{err}");
+    assert_eq!(
+        out, expected,
+        "fleet members' keys, each named; not carol's"
+    );
+    // Other accounts keep the per-user mapping.
+    assert_eq!(authorized_keys(&config, "alice").1, format!("{ED25519}\n"));
+    // The fleet's port rule applies as to a CONNECT: no 22222, no keys.
+    let (s, _) = w
+        .admin
+        .call(
+            "PATCH",
+            "/v1/fleets/pis",
+            Some(json!({"allowed_ports": [80]})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(authorized_keys(&config, "root").1, "");
+    // A bad setting is refused, not guessed at.
+    write("root_login = \"everyone\"\n");
+    let (ok, out, err) = authorized_keys(&config, "root");
+    assert!(!ok && out.is_empty() && err.contains("root_login"), "{err}");
+}

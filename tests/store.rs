@@ -218,8 +218,11 @@ async fn conformance(s: Arc<dyn Store>) {
 
     // Relays and presence.
     s.register_relay("r1", "127.0.0.1:7000").await.unwrap();
-    s.set_presence(D1, "r1", "sess-1", "quic").await.unwrap();
+    s.set_presence(D1, "r1", "sess-1", "quic", Some("root"))
+        .await
+        .unwrap();
     let p = s.presence(D1).await.unwrap().unwrap();
+    assert_eq!(p.ssh_login.as_deref(), Some("root"));
     assert_eq!((p.relay_id.as_str(), p.session.as_str()), ("r1", "sess-1"));
     assert_eq!(p.peer_addr, "127.0.0.1:7000");
     let d1 = s.device(D1).await.unwrap().unwrap();
@@ -242,13 +245,17 @@ async fn conformance(s: Arc<dyn Store>) {
     assert!(r1.alive(store::now_ms()));
     assert!(!r1.alive(store::now_ms() + store::RELAY_DEAD_AFTER_MS + 1));
     // A newer session replaces; clearing the older one then changes nothing.
-    s.set_presence(D1, "r1", "sess-2", "quic").await.unwrap();
+    s.set_presence(D1, "r1", "sess-2", "quic", None)
+        .await
+        .unwrap();
     s.clear_presence(D1, "sess-1").await.unwrap();
     assert_eq!(s.presence(D1).await.unwrap().unwrap().session, "sess-2");
     s.clear_presence(D1, "sess-2").await.unwrap();
     assert_eq!(s.presence(D1).await.unwrap(), None);
     assert!(!s.device(D1).await.unwrap().unwrap().online());
-    s.set_presence(D2, "r1", "sess-3", "quic").await.unwrap();
+    s.set_presence(D2, "r1", "sess-3", "quic", None)
+        .await
+        .unwrap();
     s.clear_relay_presence("r1").await.unwrap();
     assert_eq!(s.presence(D2).await.unwrap(), None);
 
@@ -257,7 +264,9 @@ async fn conformance(s: Arc<dyn Store>) {
     // The Postgres listener connects in the background: repeat until one arrives.
     let mut heard = None;
     for _ in 0..50 {
-        s.set_presence(D2, "r1", "sess-4", "quic").await.unwrap();
+        s.set_presence(D2, "r1", "sess-4", "quic", None)
+            .await
+            .unwrap();
         if let Ok(Ok(change)) =
             tokio::time::timeout(std::time::Duration::from_millis(200), changes.recv()).await
         {
@@ -277,7 +286,9 @@ async fn conformance(s: Arc<dyn Store>) {
 
     // Dead relays are pruned with their presence; a clean stop removes a relay's rows.
     s.register_relay("r2", "127.0.0.1:7001").await.unwrap();
-    s.set_presence(D2, "r2", "sess-5", "tcp").await.unwrap();
+    s.set_presence(D2, "r2", "sess-5", "tcp", None)
+        .await
+        .unwrap();
     assert_eq!(
         s.device(D2).await.unwrap().unwrap().transport.as_deref(),
         Some("tcp")
@@ -286,7 +297,9 @@ async fn conformance(s: Arc<dyn Store>) {
     assert_eq!(s.prune_relays(store::now_ms() + 1).await.unwrap(), 2);
     assert_eq!(s.list_relays().await.unwrap(), vec![]);
     s.register_relay("r1", "127.0.0.1:7000").await.unwrap();
-    s.set_presence(D2, "r1", "sess-6", "quic").await.unwrap();
+    s.set_presence(D2, "r1", "sess-6", "quic", None)
+        .await
+        .unwrap();
     s.remove_relay("r1").await.unwrap();
     assert_eq!(s.list_relays().await.unwrap(), vec![]);
     assert_eq!(s.presence(D2).await.unwrap(), None);
@@ -312,6 +325,7 @@ async fn conformance(s: Arc<dyn Store>) {
         bytes_down: 0,
         close_reason: None,
         device_relay: None,
+        kind: "connect".into(),
     };
     s.open_tunnel(&t).await.unwrap();
     s.open_tunnel(&TunnelSession {
@@ -320,18 +334,20 @@ async fn conformance(s: Arc<dyn Store>) {
         username: "alice".into(),
         opened_at: t.opened_at + 1,
         device_relay: Some("r9".into()),
+        device_uuid: D2.into(),
+        kind: "terminal".into(),
         ..t.clone()
     })
     .await
     .unwrap();
     s.close_tunnel("t1", 10, 20, "closed").await.unwrap();
-    let all = s.list_tunnels(None, 10).await.unwrap();
+    let all = s.list_tunnels(None, None, 10).await.unwrap();
     assert_eq!(
         all.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
         ["t2", "t1"]
     );
     assert_eq!(all[0].device_relay.as_deref(), Some("r9"));
-    let bobs = s.list_tunnels(Some(bob.id), 10).await.unwrap();
+    let bobs = s.list_tunnels(Some(bob.id), None, 10).await.unwrap();
     assert_eq!(bobs.len(), 1);
     assert_eq!(
         (
@@ -342,7 +358,66 @@ async fn conformance(s: Arc<dyn Store>) {
         (10, 20, Some("closed"))
     );
     assert!(bobs[0].closed_at.is_some());
-    assert_eq!(s.list_tunnels(None, 1).await.unwrap().len(), 1);
+    assert_eq!(s.list_tunnels(None, None, 1).await.unwrap().len(), 1);
+    let to_d2 = s.list_tunnels(None, Some(D2), 10).await.unwrap();
+    assert_eq!(
+        to_d2
+            .iter()
+            .map(|t| (t.id.as_str(), t.kind.as_str()))
+            .collect::<Vec<_>>(),
+        [("t2", "terminal")]
+    );
+    assert_eq!(
+        s.list_tunnels(Some(bob.id), Some(D2), 10).await.unwrap(),
+        vec![]
+    );
+
+    // Ephemeral terminal keys: one device, one login, until the window closes or the
+    // session removes its key.
+    let now = store::now_ms();
+    let key = |id: &str, device: &str, login: &str, expires_at| store::EphemeralKey {
+        id: id.into(),
+        device_uuid: device.into(),
+        login: login.into(),
+        user_id: bob.id,
+        public_key: format!("ssh-ed25519 AAAA{id}"),
+        expires_at,
+    };
+    s.add_ephemeral_key(&key("e1", D1, "root", now + 60_000))
+        .await
+        .unwrap();
+    s.add_ephemeral_key(&key("e2", D1, "bob", now + 60_000))
+        .await
+        .unwrap();
+    s.add_ephemeral_key(&key("e3", D2, "root", now + 60_000))
+        .await
+        .unwrap();
+    let found = s.ephemeral_keys(D1, "root", now).await.unwrap();
+    assert_eq!(
+        found,
+        vec![(key("e1", D1, "root", now + 60_000), "bob".to_owned())]
+    );
+    assert_eq!(
+        s.ephemeral_keys(D1, "root", now + 60_000).await.unwrap(),
+        vec![]
+    );
+    s.remove_ephemeral_key("e1").await.unwrap();
+    assert_eq!(s.ephemeral_keys(D1, "root", now).await.unwrap(), vec![]);
+    assert_eq!(s.ephemeral_keys(D1, "bob", now).await.unwrap().len(), 1);
+    // Adding a key sweeps out those whose window has closed.
+    s.add_ephemeral_key(&key("e4", D1, "root", now - 1))
+        .await
+        .unwrap();
+    s.add_ephemeral_key(&key("e5", D1, "root", now + 60_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.ephemeral_keys(D1, "root", now - 10).await.unwrap().len(),
+        1
+    );
+    s.remove_ephemeral_key("e2").await.unwrap();
+    s.remove_ephemeral_key("e3").await.unwrap();
+    s.remove_ephemeral_key("e5").await.unwrap();
 
     // Deletes cascade; audit rows stay.
     assert!(s.delete_device(D1).await.unwrap());
@@ -356,7 +431,7 @@ async fn conformance(s: Arc<dyn Store>) {
     assert!(s.delete_user(bob.id).await.unwrap());
     assert_eq!(s.list_members(pis.id).await.unwrap(), vec![]);
     assert_eq!(s.api_key_by_hash("hash1").await.unwrap(), None);
-    assert_eq!(s.list_tunnels(None, 10).await.unwrap().len(), 2);
+    assert_eq!(s.list_tunnels(None, None, 10).await.unwrap().len(), 2);
 }
 
 #[tokio::test]

@@ -1,7 +1,8 @@
 //! `cloudlink agent authorized-keys USER`: the device's sshd `AuthorizedKeysCommand`.
 //!
 //! Prints the cloud user's public keys, as the relay answers for this device, and nothing
-//! else on stdout. It fails closed: if the relay cannot be asked, no key is printed, unless a
+//! else on stdout; for `root` with `root_login = "fleet-members"`, the keys of every user who
+//! may reach the device, each commented with its owner's cloud username. It fails closed: if the relay cannot be asked, no key is printed, unless a
 //! cache directory is configured, in which case the last good answer for that user is.
 
 use std::io::Write;
@@ -75,9 +76,13 @@ async fn fetch(config: &AgentConfig, username: &str) -> Result<String, KeysError
         Duration::from_secs(config.authorized_keys_timeout_secs.max(1)),
     )
     .map_err(|e| KeysError::Config(format!("{e:#}")))?;
+    // With root logins on, `root` is every user who may reach this device (PROTOCOL.md §4).
+    let all_members =
+        username == "root" && config.root_login == super::config::RootLogin::FleetMembers;
     let url = format!(
-        "{}/auth/v1/public-keys/{username}",
-        api.trim_end_matches('/')
+        "{}/auth/v1/public-keys/{username}{}",
+        api.trim_end_matches('/'),
+        if all_members { "?all_members=true" } else { "" }
     );
     let response = client
         .get(url)

@@ -54,6 +54,25 @@ pub struct AgentConfig {
     /// relay cannot be reached. Off by default: a cached key keeps working after it was
     /// removed in the cloud, for as long as the relay stays unreachable.
     pub authorized_keys_cache_dir: Option<PathBuf>,
+    /// balenaOS's production behaviour: `fleet-members` lets every cloud user who may reach
+    /// this device log in as `root` with their own keys (`authorized-keys root` returns
+    /// them all, each commented with its owner's cloud username). `off` (the default): a
+    /// cloud user's keys open only the local account of the same name.
+    pub root_login: RootLogin,
+    /// The account the browser terminal logs users in as, told to the relay in the hello;
+    /// default: `root` with root logins on, otherwise each user's own cloud username.
+    pub ssh_login: Option<String>,
+}
+
+/// Who may log in as `root` with cloud keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RootLogin {
+    /// Nobody: cloud keys open only the account named like the cloud user.
+    #[default]
+    Off,
+    /// Every user who may reach this device (fleet members and admins).
+    FleetMembers,
 }
 
 impl Default for AgentConfig {
@@ -75,6 +94,8 @@ impl Default for AgentConfig {
             max_backoff_ms: 60_000,
             authorized_keys_timeout_secs: 5,
             authorized_keys_cache_dir: None,
+            root_login: RootLogin::Off,
+            ssh_login: None,
         }
     }
 }
@@ -303,8 +324,26 @@ impl AgentConfig {
         Ok(())
     }
 
+    /// The account this device's sshd logs users in as, for the hello's `ssh_login`.
+    pub fn advertised_login(&self) -> Option<String> {
+        match (&self.ssh_login, self.root_login) {
+            (Some(login), _) => Some(login.clone()),
+            (None, RootLogin::FleetMembers) => Some("root".to_owned()),
+            (None, RootLogin::Off) => None,
+        }
+    }
+
     /// Checks the device identity.
     pub fn validate_identity(&self) -> Result<(), AgentConfigError> {
+        if self
+            .ssh_login
+            .as_deref()
+            .is_some_and(|l| !crate::proto::messages::is_valid_login(l))
+        {
+            return Err(AgentConfigError::Invalid(
+                "ssh_login must be an account name (a-z, 0-9, _ and -, up to 32)".into(),
+            ));
+        }
         if crate::proto::device_uuid(&self.uuid).is_none() {
             return Err(AgentConfigError::Invalid(
                 "the device uuid (--uuid or CLOUDLINK_DEVICE_UUID) must be 32 hex characters"

@@ -108,6 +108,7 @@ fn hello(config: &super::AgentConfig) -> Hello {
         uuid: config.uuid.clone(),
         key: config.key.0.clone(),
         agent: AGENT_NAME.into(),
+        ssh_login: config.advertised_login(),
     }
 }
 

@@ -53,6 +53,34 @@ pub async fn user_may_reach(
     Ok(reach(store, user, device_uuid, port).await?.is_some())
 }
 
+/// Every user who may reach `device_uuid` on `port`: the device's fleet members and the
+/// admins, by the same rule as [`user_may_reach`].
+pub async fn users_reaching(
+    store: &dyn Store,
+    device_uuid: &str,
+    port: u16,
+) -> Result<Vec<User>, StoreError> {
+    let Some(device) = store.device(device_uuid).await? else {
+        return Ok(Vec::new());
+    };
+    let members: std::collections::HashSet<_> = store
+        .list_members(device.fleet_id)
+        .await?
+        .into_iter()
+        .map(|m| m.user_id)
+        .collect();
+    let mut out = Vec::new();
+    for user in store.list_users().await? {
+        // Only candidates are checked by the rule itself, one store read each.
+        if (user.is_admin || members.contains(&user.id))
+            && reach(store, &user, device_uuid, port).await?.is_some()
+        {
+            out.push(user);
+        }
+    }
+    Ok(out)
+}
+
 /// The reach rule itself, in this one place: the device if `user` may reach it on `port`.
 async fn reach(
     store: &dyn Store,

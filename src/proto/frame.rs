@@ -123,6 +123,7 @@ mod tests {
                 uuid: "0123456789abcdef0123456789abcdef".into(),
                 key: "k".into(),
                 agent: "a".into(),
+                ssh_login: None,
             }),
             encode(&RelayControl::Drain { reconnect_ms: 5 }),
             encode(&OpenReply::Opened),

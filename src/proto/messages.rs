@@ -18,6 +18,10 @@ pub struct Hello {
     /// Agent name and version, for logs.
     #[serde(default)]
     pub agent: String,
+    /// The account the device's sshd logs users in as (`root` with root logins on);
+    /// absent: each user's own cloud username (PROTOCOL.md §4, §5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_login: Option<String>,
 }
 
 /// The longest device key a hello may carry (balenaOS keys are 32 hex characters, ours 64).
@@ -40,8 +44,25 @@ impl Hello {
         if self.agent.chars().count() > MAX_AGENT_LEN {
             return Err("hello agent name too long");
         }
+        if self
+            .ssh_login
+            .as_deref()
+            .is_some_and(|l| !is_valid_login(l))
+        {
+            return Err("hello ssh_login is not an account name");
+        }
         Ok(())
     }
+}
+
+/// Whether `login` is a portable Unix account name (`^[a-z_][a-z0-9_-]{0,31}$`): what a
+/// hello's `ssh_login` and the agent's setting may name.
+pub fn is_valid_login(login: &str) -> bool {
+    let b = login.as_bytes();
+    (1..=32).contains(&b.len())
+        && (b[0].is_ascii_lowercase() || b[0] == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
 }
 
 /// Why a relay refused a hello.
@@ -163,6 +184,32 @@ pub mod codes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hello_ssh_login_is_an_account_name() {
+        let hello = |login: Option<&str>| Hello {
+            version: VERSION,
+            uuid: "0".repeat(32),
+            key: "k".into(),
+            agent: String::new(),
+            ssh_login: login.map(str::to_owned),
+        };
+        for ok in [
+            None,
+            Some("root"),
+            Some("pi"),
+            Some("_svc-1"),
+            Some(&*"a".repeat(32)),
+        ] {
+            assert_eq!(hello(ok).check_fields(), Ok(()), "{ok:?}");
+        }
+        for bad in ["", "Root", "1pi", "a b", "root;id", "../x", &"a".repeat(33)] {
+            assert!(hello(Some(bad)).check_fields().is_err(), "{bad:?}");
+        }
+        // Absent on the wire when unset, so older relays see the hello they know.
+        let wire = serde_json::to_string(&hello(None)).unwrap();
+        assert!(!wire.contains("ssh_login"), "{wire}");
+    }
 
     #[test]
     fn wire_forms_match_the_protocol() {

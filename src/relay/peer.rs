@@ -395,7 +395,15 @@ async fn admit_peer(
         .registry
         .device(&device)
         .ok_or(Refusal::DeviceOffline)?;
-    let entry = admit::new_entry(claims.sub, &device, port, "", false, Some(claims.tid));
+    let entry = admit::new_entry(
+        claims.sub,
+        &device,
+        port,
+        "",
+        false,
+        Some(claims.tid),
+        crate::relay::registry::TunnelKind::Connect,
+    );
     admit::open_local(state, &session, entry, head.version, claims.usr, false).await
 }
 

@@ -23,6 +23,9 @@ pub struct DeviceSession {
     pub link: crate::relay::devices::DeviceLink,
     /// Messages for the agent's control stream (`drain`, `replaced`).
     pub control: mpsc::Sender<RelayControl>,
+    /// The account its sshd logs users in as, from the hello; `None`: each user's own
+    /// cloud username.
+    pub ssh_login: Option<String>,
     /// Tunnels open on this session; a superseded session closes when it reaches zero.
     pub tunnels: std::sync::atomic::AtomicUsize,
     /// Woken whenever a tunnel of this session ends.
@@ -77,10 +80,31 @@ pub struct TunnelEntry {
     /// Whether the revalidation loop re-checks it: tunnels that came in over the peer
     /// link are re-checked by the relay the user came to, which holds the token.
     pub revalidate: bool,
+    /// What opened it (the audit row's `kind`).
+    pub kind: TunnelKind,
     /// Cancelling it ends the tunnel.
     pub cancel: CancellationToken,
     /// Why it was cancelled, set once before `cancel` fires.
     pub reason: OnceLock<&'static str>,
+}
+
+/// What opened a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelKind {
+    /// A CONNECT from a user's client.
+    Connect,
+    /// The browser terminal (PROTOCOL.md §5).
+    Terminal,
+}
+
+impl TunnelKind {
+    /// As the audit row stores it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TunnelKind::Connect => "connect",
+            TunnelKind::Terminal => "terminal",
+        }
+    }
 }
 
 impl TunnelEntry {
@@ -244,6 +268,7 @@ mod tests {
             port: 22,
             token: String::new(),
             revalidate: true,
+            kind: TunnelKind::Connect,
             cancel: CancellationToken::new(),
             reason: OnceLock::new(),
         })

@@ -298,6 +298,25 @@ pub struct Presence {
     pub session: String,
     /// When the session began.
     pub connected_at: Millis,
+    /// The account the device's sshd logs users in as, if its agent names one.
+    pub ssh_login: Option<String>,
+}
+
+/// A key a relay minted for one browser terminal session (PROTOCOL.md §5).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct EphemeralKey {
+    /// The terminal session's id (its tunnel id).
+    pub id: String,
+    /// The only device whose lookup returns it.
+    pub device_uuid: String,
+    /// The only account it is returned for.
+    pub login: String,
+    /// The user the session belongs to.
+    pub user_id: Id,
+    /// One OpenSSH public key line.
+    pub public_key: String,
+    /// After this the lookup no longer returns it.
+    pub expires_at: Millis,
 }
 
 /// A tunnel as the audit log records it.
@@ -327,6 +346,8 @@ pub struct TunnelSession {
     pub close_reason: Option<String>,
     /// For a tunnel forwarded to another relay: the relay that held the device.
     pub device_relay: Option<String>,
+    /// What opened it: `connect` or `terminal`.
+    pub kind: String,
 }
 
 /// A relay of the cluster as `GET /v1/relays` shows it.
@@ -583,6 +604,7 @@ pub trait Store: Send + Sync + 'static {
         relay_id: &str,
         session: &str,
         transport: &str,
+        ssh_login: Option<&str>,
     ) -> Result<()>;
     /// Removes a device's presence row if it still names this session, and sets `last_seen`.
     async fn clear_presence(&self, device_uuid: &str, session: &str) -> Result<()>;
@@ -601,8 +623,27 @@ pub trait Store: Send + Sync + 'static {
         bytes_down: i64,
         reason: &str,
     ) -> Result<()>;
-    /// The newest tunnels, all (`None`) or one user's, at most `limit`.
-    async fn list_tunnels(&self, user_id: Option<Id>, limit: i64) -> Result<Vec<TunnelSession>>;
+    /// The newest tunnels, all (`None`) or one user's, to any device (`None`) or one, at
+    /// most `limit`.
+    async fn list_tunnels(
+        &self,
+        user_id: Option<Id>,
+        device_uuid: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<TunnelSession>>;
+
+    /// Stores a terminal session's key, and drops every key whose window has passed.
+    async fn add_ephemeral_key(&self, key: &EphemeralKey) -> Result<()>;
+    /// The keys for `login` on `device_uuid` whose window is open at `now`, with their
+    /// users' names.
+    async fn ephemeral_keys(
+        &self,
+        device_uuid: &str,
+        login: &str,
+        now: Millis,
+    ) -> Result<Vec<(EphemeralKey, String)>>;
+    /// Ends a key's window (its session authenticated, or gave up).
+    async fn remove_ephemeral_key(&self, id: &str) -> Result<()>;
 }
 
 /// Opens the store the URL names and applies its migrations.

@@ -7,13 +7,13 @@
 
 use async_trait::async_trait;
 use sqlx::any::AnyRow;
-use sqlx::{AnyPool, AssertSqlSafe, Row};
+use sqlx::{AnyPool, AssertSqlSafe, FromRow, Row};
 use tokio::sync::broadcast;
 
 use super::{
-    format_ports, now_ms, parse_ports, ApiKey, Device, DeviceAccess, Fleet, Id, Member, Millis,
-    Presence, PresenceChange, RelayRow, RelayStatus, Result, Role, SshKey, StartupLock, Store,
-    StoreError, TunnelSession, User, RELAY_DEAD_AFTER_MS,
+    format_ports, now_ms, parse_ports, ApiKey, Device, DeviceAccess, EphemeralKey, Fleet, Id,
+    Member, Millis, Presence, PresenceChange, RelayRow, RelayStatus, Result, Role, SshKey,
+    StartupLock, Store, StoreError, TunnelSession, User, RELAY_DEAD_AFTER_MS,
 };
 
 /// A [`Store`] on an `AnyPool`, for either backend.
@@ -741,20 +741,23 @@ impl Store for SqlStore {
         relay_id: &str,
         session: &str,
         transport: &str,
+        ssh_login: Option<&str>,
     ) -> Result<()> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO presence (device_uuid, relay_id, session, connected_at, transport) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (device_uuid) DO UPDATE SET \
+            "INSERT INTO presence (device_uuid, relay_id, session, connected_at, transport, \
+             ssh_login) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device_uuid) DO UPDATE SET \
              relay_id = excluded.relay_id, session = excluded.session, \
-             connected_at = excluded.connected_at, transport = excluded.transport",
+             connected_at = excluded.connected_at, transport = excluded.transport, \
+             ssh_login = excluded.ssh_login",
         )
         .bind(device_uuid)
         .bind(relay_id)
         .bind(session)
         .bind(now)
         .bind(transport)
+        .bind(ssh_login)
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE devices SET last_seen = $1 WHERE uuid = $2")
@@ -808,8 +811,8 @@ impl Store for SqlStore {
 
     async fn presence(&self, device_uuid: &str) -> Result<Option<Presence>> {
         Ok(sqlx::query_as(
-            "SELECT p.device_uuid, p.relay_id, r.peer_addr, p.session, p.connected_at \
-             FROM presence p JOIN relays r ON r.id = p.relay_id \
+            "SELECT p.device_uuid, p.relay_id, r.peer_addr, p.session, p.connected_at, \
+             p.ssh_login FROM presence p JOIN relays r ON r.id = p.relay_id \
              WHERE p.device_uuid = $1 AND r.heartbeat_at > $2",
         )
         .bind(device_uuid)
@@ -821,7 +824,7 @@ impl Store for SqlStore {
     async fn open_tunnel(&self, t: &TunnelSession) -> Result<()> {
         sqlx::query(
             "INSERT INTO tunnel_sessions (id, user_id, username, device_uuid, port, relay_id, \
-             opened_at, device_relay) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             opened_at, device_relay, kind) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&t.id)
         .bind(t.user_id)
@@ -831,6 +834,7 @@ impl Store for SqlStore {
         .bind(&t.relay_id)
         .bind(t.opened_at)
         .bind(&t.device_relay)
+        .bind(&t.kind)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -857,24 +861,79 @@ impl Store for SqlStore {
         Ok(())
     }
 
-    async fn list_tunnels(&self, user_id: Option<Id>, limit: i64) -> Result<Vec<TunnelSession>> {
-        Ok(match user_id {
-            None => {
-                sqlx::query_as("SELECT * FROM tunnel_sessions ORDER BY opened_at DESC LIMIT $1")
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            Some(user_id) => {
-                sqlx::query_as(
-                    "SELECT * FROM tunnel_sessions WHERE user_id = $1 \
-                     ORDER BY opened_at DESC LIMIT $2",
-                )
-                .bind(user_id)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-            }
-        })
+    async fn list_tunnels(
+        &self,
+        user_id: Option<Id>,
+        device_uuid: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<TunnelSession>> {
+        // `$n IS NULL OR …` keeps one statement for every filter (both backends plan it
+        // well enough for an audit listing of at most 1000 rows).
+        Ok(sqlx::query_as(
+            "SELECT * FROM tunnel_sessions \
+             WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR device_uuid = $2) \
+             ORDER BY opened_at DESC LIMIT $3",
+        )
+        .bind(user_id)
+        .bind(device_uuid)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn add_ephemeral_key(&self, key: &EphemeralKey) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM ephemeral_keys WHERE expires_at <= $1")
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO ephemeral_keys (id, device_uuid, login, user_id, public_key, \
+             expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&key.id)
+        .bind(&key.device_uuid)
+        .bind(&key.login)
+        .bind(key.user_id)
+        .bind(&key.public_key)
+        .bind(key.expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn ephemeral_keys(
+        &self,
+        device_uuid: &str,
+        login: &str,
+        now: Millis,
+    ) -> Result<Vec<(EphemeralKey, String)>> {
+        let rows = sqlx::query(
+            "SELECT k.id, k.device_uuid, k.login, k.user_id, k.public_key, k.expires_at, \
+             u.username FROM ephemeral_keys k JOIN users u ON u.id = k.user_id \
+             WHERE k.device_uuid = $1 AND k.login = $2 AND k.expires_at > $3 ORDER BY k.id",
+        )
+        .bind(device_uuid)
+        .bind(login)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    EphemeralKey::from_row(row)?,
+                    row.try_get::<String, _>("username")?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn remove_ephemeral_key(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM ephemeral_keys WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }

@@ -44,6 +44,7 @@ pub async fn hello(
         uuid: uuid.into(),
         key: key.into(),
         agent: "fake".into(),
+        ssh_login: None,
     };
     hello_with(device, cert, &hello).await
 }
@@ -134,6 +135,7 @@ pub mod tcp {
             uuid: uuid.into(),
             key: key.into(),
             agent: "fake-tcp".into(),
+            ssh_login: None,
         };
         frame::write(&mut tls, &hello).await.unwrap();
         tls.flush().await.unwrap();

@@ -268,7 +268,7 @@ async fn register(
     state: &Arc<Shared>,
     uuid: String,
     session_id: String,
-    agent: &str,
+    hello: &Hello,
     link: DeviceLink,
 ) -> Registered {
     let transport = link.transport();
@@ -278,6 +278,7 @@ async fn register(
         session: session_id.clone(),
         link,
         control: control_tx,
+        ssh_login: hello.ssh_login.clone(),
         tunnels: Default::default(),
         tunnel_ended: Default::default(),
     });
@@ -291,7 +292,13 @@ async fn register(
     }
     if let Err(e) = state
         .store
-        .set_presence(&uuid, &state.relay_id, &session_id, transport.as_str())
+        .set_presence(
+            &uuid,
+            &state.relay_id,
+            &session_id,
+            transport.as_str(),
+            hello.ssh_login.as_deref(),
+        )
         .await
     {
         tracing::warn!(device = %uuid, error = %e, "cannot record presence; the device is reachable here anyway");
@@ -301,7 +308,7 @@ async fn register(
         .device_hellos
         .with_label_values(&[transport.as_str()])
         .inc();
-    tracing::info!(device = %uuid, %transport, agent = %crate::logsafe::Peer(agent), "device connected");
+    tracing::info!(device = %uuid, %transport, agent = %crate::logsafe::Peer(&hello.agent), "device connected");
     Registered { device, messages }
 }
 

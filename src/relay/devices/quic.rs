@@ -189,7 +189,7 @@ async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
         &state,
         uuid,
         session_id.clone(),
-        &hello.agent,
+        &hello,
         DeviceLink::Quic(conn.clone()),
     )
     .await;

@@ -169,7 +169,7 @@ async fn session(accepted: Accepted, state: Arc<Shared>) {
         &state,
         uuid.clone(),
         session_id,
-        &hello.agent,
+        &hello,
         DeviceLink::Tcp(link),
     )
     .await;

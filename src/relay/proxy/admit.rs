@@ -14,7 +14,7 @@ use crate::link::{LinkRecv, LinkSend};
 use crate::proto::connect::{self, ConnectHead};
 use crate::proto::messages::{RefuseCode, TunnelOpen};
 use crate::relay::devices::{DeviceLink, OpenError};
-use crate::relay::registry::{DeviceSession, LimitHit, SessionTunnel, TunnelEntry};
+use crate::relay::registry::{DeviceSession, LimitHit, SessionTunnel, TunnelEntry, TunnelKind};
 use crate::relay::state::Shared;
 use crate::store::{Id, Presence};
 
@@ -76,6 +76,7 @@ pub async fn admit(
     peer: SocketAddr,
     state: &Arc<Shared>,
     pending: Pending,
+    kind: TunnelKind,
 ) -> Result<Route, Refusal> {
     let (device, port) = connect::parse_target(&head.target, &state.config.device_domains)
         .map_err(|e| Refusal::BadRequest(e.to_string()))?;
@@ -97,7 +98,7 @@ pub async fn admit(
     state.record_key_use(&principal);
     let user_id = principal.user.id;
     let username = principal.user.username;
-    let entry = new_entry(user_id, &device, port, token, true, None);
+    let entry = new_entry(user_id, &device, port, token, true, None, kind);
     if let Some(session) = state.registry.device(&device) {
         return open_local(state, &session, entry, head.version, username, true)
             .await
@@ -142,6 +143,7 @@ pub fn new_entry(
     token: &str,
     revalidate: bool,
     id: Option<String>,
+    kind: TunnelKind,
 ) -> Arc<TunnelEntry> {
     Arc::new(TunnelEntry {
         id: id.unwrap_or_else(crate::auth::tokens::new_device_uuid),
@@ -150,6 +152,7 @@ pub fn new_entry(
         port,
         token: token.to_owned(),
         revalidate,
+        kind,
         // Not a child of the shutdown token: open tunnels run on through the grace period.
         cancel: CancellationToken::new(),
         reason: OnceLock::new(),

@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use super::limits::SourceSlot;
 use super::listen::{Accepted, Conn, Listeners};
+use super::registry::TunnelKind;
 use super::state::Shared;
 use crate::forward;
 use crate::proto::connect::{self, HeadError};
@@ -113,14 +114,13 @@ pub async fn run(listeners: Listeners, state: Arc<Shared>, tracker: TaskTracker)
         let state = state.clone();
         let span = tracing::info_span!("connect", client = %peer);
         match conn {
-            Conn::Plain(stream) => {
-                tracker.spawn(serve(stream, peer, state, pending).instrument(span))
-            }
+            Conn::Plain(stream) => tracker
+                .spawn(serve(stream, peer, state, pending, TunnelKind::Connect).instrument(span)),
             Conn::Tls(tls) => tracker.spawn(
                 async move {
                     let timeout = state.config.limits.head_timeout();
                     match tokio::time::timeout(timeout, tls.finish()).await {
-                        Ok(Ok(tls)) => serve(tls, peer, state, pending).await,
+                        Ok(Ok(tls)) => serve(tls, peer, state, pending, TunnelKind::Connect).await,
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
@@ -137,6 +137,7 @@ pub async fn serve<C: ClientConn>(
     peer: SocketAddr,
     state: Arc<Shared>,
     pending: Pending,
+    kind: TunnelKind,
 ) {
     if pending.slot.is_none() {
         let refusal = Refusal::TooMany(1, "connections from your address");
@@ -159,7 +160,7 @@ pub async fn serve<C: ClientConn>(
         },
     };
     let version = head.version;
-    match admit::admit(&head, peer, &state, pending).await {
+    match admit::admit(&head, peer, &state, pending, kind).await {
         Ok(admit::Route::Local(admitted)) => tunnel::run(client, leftover, admitted, &state).await,
         Ok(admit::Route::Peer(forward)) => {
             crate::relay::peer::forward(client, leftover, forward, &state).await

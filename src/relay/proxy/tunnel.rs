@@ -124,6 +124,7 @@ impl Audit {
             bytes_down: 0,
             close_reason: None,
             device_relay,
+            kind: entry.kind.as_str().to_owned(),
         };
         let store = state.store.clone();
         Audit {

@@ -224,6 +224,13 @@ impl Limits {
     }
 }
 
+/// The default command that enters a service's container on a balenaOS device; `{service}`
+/// is replaced by the service name. Used by `cloudlink device ssh --service` and by the
+/// browser terminal.
+pub const DEFAULT_SERVICE_COMMAND: &str = "sh -c 'id=$(balena-engine ps -q --filter name=^{service}_ | head -n1); \
+     [ -n \"$id\" ] || { echo \"no running container for service {service}\" >&2; exit 1; }; \
+     exec balena-engine exec -it \"$id\" sh -c \"command -v bash >/dev/null && exec bash || exec sh\"'";
+
 /// Everything a relay needs to start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -277,6 +284,8 @@ pub struct RelayConfig {
     pub worker_threads: usize,
     /// Where `POST /v1/ssh-keys/import` fetches `<login>.keys` from.
     pub github_keys_url: String,
+    /// What the browser terminal runs for a service (`{service}` is replaced by its name).
+    pub service_command: String,
     /// Limits and timeouts.
     pub limits: Limits,
 }
@@ -307,6 +316,7 @@ impl Default for RelayConfig {
                 .to_vec(),
             worker_threads: 0,
             github_keys_url: "https://github.com".to_owned(),
+            service_command: DEFAULT_SERVICE_COMMAND.to_owned(),
             limits: Limits::default(),
         }
     }
@@ -389,6 +399,10 @@ pub struct RelayArgs {
     /// Where SSH key imports fetch `<login>.keys` [default: https://github.com].
     #[arg(long, env = "CLOUDLINK_GITHUB_KEYS_URL")]
     pub github_keys_url: Option<String>,
+    /// What the browser terminal runs for a service; `{service}` is replaced by its name
+    /// [default: the balena-engine exec that `device ssh --service` uses].
+    #[arg(long, env = "CLOUDLINK_SERVICE_COMMAND")]
+    pub service_command: Option<String>,
     /// Print the effective configuration (secrets masked) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -463,6 +477,9 @@ impl RelayConfig {
         }
         if let Some(v) = &args.github_keys_url {
             config.github_keys_url = v.clone();
+        }
+        if let Some(v) = &args.service_command {
+            config.service_command = v.clone();
         }
         config.validate()?;
         Ok(config)
@@ -546,6 +563,12 @@ impl RelayConfig {
         }
         if self.jwt_ttl_secs == 0 {
             return invalid("jwt_ttl_secs", "must be positive");
+        }
+        if !self.service_command.contains("{service}") {
+            return invalid(
+                "service_command",
+                "must contain {service}, which is replaced by the service name",
+            );
         }
         if !(self.github_keys_url.starts_with("https://")
             || self.github_keys_url.starts_with("http://"))

@@ -62,7 +62,14 @@ pub struct AgentConfig {
     /// The account the browser terminal logs users in as, told to the relay in the hello;
     /// default: `root` with root logins on, otherwise each user's own cloud username.
     pub ssh_login: Option<String>,
+    /// The local port of this device's sshd: tunnels to the SSH port 22222 (what
+    /// `device ssh` and the browser terminal reach) connect here. Default 22222, as on
+    /// balenaOS; 22 for an sshd in its stock place.
+    pub ssh_port: u16,
 }
+
+/// The device port of its SSH server, as users and the relay name it.
+pub const SSH_PORT: u16 = 22222;
 
 /// Who may log in as `root` with cloud keys.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +103,7 @@ impl Default for AgentConfig {
             authorized_keys_cache_dir: None,
             root_login: RootLogin::Off,
             ssh_login: None,
+            ssh_port: SSH_PORT,
         }
     }
 }
@@ -306,6 +314,11 @@ impl AgentConfig {
                 "quic_mtu_max must be between 1200 and 65527".into(),
             ));
         }
+        if self.ssh_port == 0 {
+            return Err(AgentConfigError::Invalid(
+                "ssh_port must be a port (1-65535)".into(),
+            ));
+        }
         if self.quic_probe_secs == 0 {
             return Err(AgentConfigError::Invalid(
                 "quic_probe_secs must be positive".into(),
@@ -365,6 +378,16 @@ impl AgentConfig {
             (Some(ca), _) => Trust::CaFile(ca),
             (None, true) => Trust::Insecure,
             (None, false) => Trust::System,
+        }
+    }
+
+    /// The local port a tunnel to `port` connects to: [`AgentConfig::ssh_port`] for the
+    /// SSH port, otherwise the same port.
+    pub fn local_port(&self, port: u16) -> u16 {
+        if port == SSH_PORT {
+            self.ssh_port
+        } else {
+            port
         }
     }
 

@@ -140,8 +140,11 @@ async fn connect_and_forward(port: u16, answer: Answer, recv: LinkRecv, config: 
             .await;
         return;
     }
+    let local_port = config.local_port(port);
     let local =
-        match tokio::time::timeout(OPEN_TIMEOUT, TcpStream::connect(("127.0.0.1", port))).await {
+        match tokio::time::timeout(OPEN_TIMEOUT, TcpStream::connect(("127.0.0.1", local_port)))
+            .await
+        {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 tracing::info!(error = %e, "refused: cannot connect locally");

@@ -9,11 +9,7 @@ use anyhow::{anyhow, Context, Result};
 use super::settings::{config_dir, Settings};
 use super::tunnel::normalise_uuid;
 
-/// The default command that enters a service's container on a balenaOS device; `{service}`
-/// is replaced by the service name.
-pub const DEFAULT_SERVICE_COMMAND: &str = "sh -c 'id=$(balena-engine ps -q --filter name=^{service}_ | head -n1); \
-     [ -n \"$id\" ] || { echo \"no running container for service {service}\" >&2; exit 1; }; \
-     exec balena-engine exec -it \"$id\" sh -c \"command -v bash >/dev/null && exec bash || exec sh\"'";
+use crate::config::DEFAULT_SERVICE_COMMAND;
 
 /// `cloudlink device ssh` arguments.
 #[derive(Debug, clap::Args)]

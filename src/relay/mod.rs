@@ -19,6 +19,7 @@ pub mod registry;
 pub mod revalidate;
 pub mod state;
 pub mod tls;
+pub mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -284,7 +285,7 @@ impl Relay {
     /// its rows from the store and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
         let shared = self.shared;
-        let tunnels = TaskTracker::new();
+        let tunnels = shared.tunnel_tasks.clone();
         let background = TaskTracker::new();
         let api = background.spawn(api::run(self.api, shared.clone()));
         background.spawn(proxy::run(self.proxy, shared.clone(), tunnels.clone()));

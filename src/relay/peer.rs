@@ -268,7 +268,9 @@ async fn join<C: ClientConn>(
     state: &Shared,
 ) -> End {
     use std::sync::atomic::Ordering::Relaxed;
-    forward::arm_reset(client.tcp());
+    if let Some(tcp) = client.tcp() {
+        forward::arm_reset(tcp);
+    }
     forward::arm_reset(peer);
     let idle = tunnel::idle_timeout(state);
     let (mut r, mut w) = client.halves();

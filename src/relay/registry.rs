@@ -250,6 +250,11 @@ impl Registry {
         lock(&self.tunnels).by_id.values().cloned().collect()
     }
 
+    /// The open tunnel with this id.
+    pub fn tunnel(&self, id: &str) -> Option<Arc<TunnelEntry>> {
+        lock(&self.tunnels).by_id.get(id).cloned()
+    }
+
     /// How many tunnels are open.
     pub fn tunnel_count(&self) -> usize {
         lock(&self.tunnels).by_id.len()

@@ -45,6 +45,9 @@ pub struct Shared {
     pub draining: CancellationToken,
     /// Cancelled last, when the drain is over: the API and the background loops stop.
     pub shutdown: CancellationToken,
+    /// The tasks that serve tunnels (CONNECTs from outside, from peers, and the browser
+    /// terminal's from inside): shutdown waits for them so that audit rows are completed.
+    pub tunnel_tasks: tokio_util::task::TaskTracker,
     /// Places for CONNECT connections that have not authenticated yet, in total.
     pub proxy_pending: Arc<Semaphore>,
     /// Places for CONNECT connections that have not authenticated yet, per source.
@@ -81,6 +84,7 @@ impl Shared {
             owners: TtlCache::new(cache_ttl),
             draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
+            tunnel_tasks: tokio_util::task::TaskTracker::new(),
             proxy_pending: Arc::new(Semaphore::new(config.limits.proxy_unauthenticated_max)),
             proxy_sources: SourceSlots::new(config.limits.proxy_unauthenticated_per_source),
             key_uses: Mutex::new(HashMap::new()),

@@ -8,6 +8,7 @@
 pub mod fake_device;
 pub mod pg;
 pub mod sshd;
+pub mod terminal;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;

@@ -62,6 +62,12 @@ fn keygen(path: &Path) {
 impl Sshd {
     /// Starts sshd whose keys come from the relay at `api` for device `uuid`/`key`.
     pub async fn start(api: std::net::SocketAddr, uuid: &str, key: &str) -> Sshd {
+        Sshd::start_with(api, uuid, key, "").await
+    }
+
+    /// Like [`Sshd::start`], with `extra` lines in the agent.toml its key lookup reads
+    /// (`root_login = "fleet-members"`).
+    pub async fn start_with(api: std::net::SocketAddr, uuid: &str, key: &str, extra: &str) -> Sshd {
         // Privilege separation needs this directory (Debian creates it only at service start).
         std::fs::create_dir_all("/run/sshd").unwrap();
         let dir = PathBuf::from(format!(
@@ -77,7 +83,7 @@ impl Sshd {
         let agent_config = dir.join("agent.toml");
         std::fs::write(
             &agent_config,
-            format!("api = \"http://{api}\"\nuuid = \"{uuid}\"\nkey = \"{key}\"\n"),
+            format!("api = \"http://{api}\"\nuuid = \"{uuid}\"\nkey = \"{key}\"\n{extra}"),
         )
         .unwrap();
         // Readable by the AuthorizedKeysCommandUser (nobody); a real device uses a group.

@@ -70,13 +70,15 @@ pub enum Route {
 }
 
 /// Checks the request and finds the device; any failure is a [`Refusal`]. The
-/// connection's [`Pending`] places are given back once the caller has authenticated.
+/// connection's [`Pending`] places are given back once the caller has authenticated. `id`
+/// names the tunnel when its opener must find it in the registry (the terminal).
 pub async fn admit(
     head: &ConnectHead,
     peer: SocketAddr,
     state: &Arc<Shared>,
     pending: Pending,
     kind: TunnelKind,
+    id: Option<String>,
 ) -> Result<Route, Refusal> {
     let (device, port) = connect::parse_target(&head.target, &state.config.device_domains)
         .map_err(|e| Refusal::BadRequest(e.to_string()))?;
@@ -98,7 +100,7 @@ pub async fn admit(
     state.record_key_use(&principal);
     let user_id = principal.user.id;
     let username = principal.user.username;
-    let entry = new_entry(user_id, &device, port, token, true, None, kind);
+    let entry = new_entry(user_id, &device, port, token, true, id, kind);
     if let Some(session) = state.registry.device(&device) {
         return open_local(state, &session, entry, head.version, username, true)
             .await

@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf,
+};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -32,8 +34,9 @@ pub trait ClientConn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type R: AsyncRead + Unpin + Send;
     /// The write half.
     type W: AsyncWrite + Unpin + Send;
-    /// The TCP socket underneath (for the reset-on-crash linger setting).
-    fn tcp(&self) -> &TcpStream;
+    /// The TCP socket underneath (for the reset-on-crash linger setting); `None` for a
+    /// client inside this process.
+    fn tcp(&self) -> Option<&TcpStream>;
     /// The socket itself when the client speaks plain TCP (a forwarded tunnel can then
     /// `splice` it); `None` over TLS.
     fn plain_halves<'a>(r: &'a Self::R, w: &'a Self::W) -> Option<&'a TcpStream>;
@@ -47,8 +50,8 @@ pub trait ClientConn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 impl ClientConn for TcpStream {
     type R = OwnedReadHalf;
     type W = OwnedWriteHalf;
-    fn tcp(&self) -> &TcpStream {
-        self
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self)
     }
     fn plain_halves<'a>(r: &'a Self::R, _w: &'a Self::W) -> Option<&'a TcpStream> {
         Some(r.as_ref())
@@ -68,8 +71,8 @@ impl ClientConn for TcpStream {
 impl ClientConn for TlsStream<TcpStream> {
     type R = ReadHalf<Self>;
     type W = WriteHalf<Self>;
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.get_ref().0)
     }
     fn plain_halves<'a>(_r: &'a Self::R, _w: &'a Self::W) -> Option<&'a TcpStream> {
         None
@@ -84,6 +87,24 @@ impl ClientConn for TlsStream<TcpStream> {
         } else {
             forward::disarm_reset(stream.get_ref().0);
         }
+    }
+}
+
+/// A client inside this process (the browser terminal): one end of an in-memory pipe.
+impl ClientConn for DuplexStream {
+    type R = ReadHalf<Self>;
+    type W = WriteHalf<Self>;
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+    fn plain_halves<'a>(_r: &'a Self::R, _w: &'a Self::W) -> Option<&'a TcpStream> {
+        None
+    }
+    fn halves(self) -> (Self::R, Self::W) {
+        tokio::io::split(self)
+    }
+    fn close(_r: Self::R, _w: Self::W, _reset: bool) {
+        // Dropping the halves ends the pipe; the other end reads EOF either way.
     }
 }
 
@@ -114,13 +135,16 @@ pub async fn run(listeners: Listeners, state: Arc<Shared>, tracker: TaskTracker)
         let state = state.clone();
         let span = tracing::info_span!("connect", client = %peer);
         match conn {
-            Conn::Plain(stream) => tracker
-                .spawn(serve(stream, peer, state, pending, TunnelKind::Connect).instrument(span)),
+            Conn::Plain(stream) => tracker.spawn(
+                serve(stream, peer, state, pending, TunnelKind::Connect, None).instrument(span),
+            ),
             Conn::Tls(tls) => tracker.spawn(
                 async move {
                     let timeout = state.config.limits.head_timeout();
                     match tokio::time::timeout(timeout, tls.finish()).await {
-                        Ok(Ok(tls)) => serve(tls, peer, state, pending, TunnelKind::Connect).await,
+                        Ok(Ok(tls)) => {
+                            serve(tls, peer, state, pending, TunnelKind::Connect, None).await
+                        }
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
@@ -138,6 +162,7 @@ pub async fn serve<C: ClientConn>(
     state: Arc<Shared>,
     pending: Pending,
     kind: TunnelKind,
+    id: Option<String>,
 ) {
     if pending.slot.is_none() {
         let refusal = Refusal::TooMany(1, "connections from your address");
@@ -160,13 +185,95 @@ pub async fn serve<C: ClientConn>(
         },
     };
     let version = head.version;
-    match admit::admit(&head, peer, &state, pending, kind).await {
+    match admit::admit(&head, peer, &state, pending, kind, id).await {
         Ok(admit::Route::Local(admitted)) => tunnel::run(client, leftover, admitted, &state).await,
         Ok(admit::Route::Peer(forward)) => {
             crate::relay::peer::forward(client, leftover, forward, &state).await
         }
         Err(refusal) => refuse(client, &state, version, refusal).await,
     }
+}
+
+/// A tunnel for a client inside this relay (the browser terminal): `CONNECT uuid:port`
+/// with `token`, served exactly as one from outside (the same admission, limits, peer
+/// forwarding, revalidation and audit row, under `kind` and the tunnel id `id`), on an
+/// in-memory pipe. Returns this end of the pipe with the answer head read off it, or the
+/// refusal's status and its one-sentence reason.
+pub async fn connect_in_process(
+    state: &Arc<Shared>,
+    peer: SocketAddr,
+    token: &str,
+    (device, port): (&str, u16),
+    kind: TunnelKind,
+    id: &str,
+) -> Result<DuplexStream, (u16, String)> {
+    // The same caps as a connection from outside, under the caller's address.
+    let Ok(permit) = state.proxy_pending.clone().try_acquire_owned() else {
+        return Err((503, "The relay is busy; try again shortly.".into()));
+    };
+    let pending = Pending {
+        _total: permit,
+        slot: state.proxy_sources.take(peer.ip()),
+    };
+    let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
+    state.tunnel_tasks.spawn(serve(
+        theirs,
+        peer,
+        state.clone(),
+        pending,
+        kind,
+        Some(id.to_owned()),
+    ));
+    let head = format!(
+        "CONNECT {device}:{port} HTTP/1.1\r\nHost: {device}:{port}\r\n\
+         Proxy-Authorization: Bearer {token}\r\n\r\n"
+    );
+    let broken = || {
+        (
+            502,
+            "The relay's tunnel ended before it answered.".to_owned(),
+        )
+    };
+    ours.write_all(head.as_bytes())
+        .await
+        .map_err(|_| broken())?;
+    let limits = &state.config.limits;
+    // The answer head ends at the blank line; a 200 carries nothing after it before
+    // device bytes, which stay in the pipe for the caller.
+    let mut answer = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\r\n\r\n") {
+        if answer.len() > limits.head_max_bytes {
+            return Err(broken());
+        }
+        match ours.read(&mut byte).await {
+            Ok(1) => answer.push(byte[0]),
+            _ => return Err(broken()),
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    let status: u16 = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(broken)?;
+    if status == 200 {
+        return Ok(ours);
+    }
+    // A refusal's body is one line of text (refusal.rs); read what there is.
+    let mut body = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut chunk = [0u8; 1024];
+        while body.len() < 4096 {
+            match ours.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let message = String::from_utf8_lossy(&body).trim().to_owned();
+    Err((status, message))
 }
 
 /// The answer to a head that could not be read or parsed (`None`: the client left).

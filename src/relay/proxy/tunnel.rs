@@ -58,7 +58,9 @@ pub async fn run<C: ClientConn>(
         }
         // From here until an orderly close, a crash of this process resets the client's
         // connection instead of ending it with a FIN that reads like a complete transfer.
-        forward::arm_reset(client.tcp());
+        if let Some(tcp) = client.tcp() {
+            forward::arm_reset(tcp);
+        }
         let (mut r, mut w) = client.halves();
         let end = if early_failed {
             End::QuicReset

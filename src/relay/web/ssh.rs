@@ -1,0 +1,216 @@
+//! The browser terminal's SSH client: logs in to a device's sshd over a tunnel stream with
+//! a key minted for the one session (PROTOCOL.md §5), and opens a PTY with a shell or a
+//! service command.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::client::{self, Handle};
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::{ChannelReadHalf, ChannelWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::store::{EphemeralKey, Id, Store};
+
+/// How long a minted key is offered to the device's lookup at most.
+pub const KEY_WINDOW: Duration = Duration::from_secs(60);
+/// The SSH handshake and login, from first byte to an open shell.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A key for one terminal session: the private half stays in this process.
+pub struct SessionKey {
+    /// The row the device's lookup reads.
+    pub row: EphemeralKey,
+    /// The private half.
+    pub private: Arc<PrivateKey>,
+}
+
+impl SessionKey {
+    /// Mints a fresh Ed25519 key for `login` on `device`, valid for [`KEY_WINDOW`] from
+    /// `now` (milliseconds).
+    pub fn mint(id: &str, device: &str, login: &str, user_id: Id, now: i64) -> SessionKey {
+        let seed: [u8; 32] = rand::random();
+        let pair = russh::keys::ssh_key::private::Ed25519Keypair::from_seed(&seed);
+        let private = PrivateKey::from(pair);
+        let public_key = private.public_key().to_openssh().unwrap_or_default();
+        SessionKey {
+            row: EphemeralKey {
+                id: id.to_owned(),
+                device_uuid: device.to_owned(),
+                login: login.to_owned(),
+                user_id,
+                public_key,
+                expires_at: now + KEY_WINDOW.as_millis() as i64,
+            },
+            private: Arc::new(private),
+        }
+    }
+}
+
+/// Why no shell opened.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// The device's sshd did not take the key (or asked for more than it).
+    #[error("the device's SSH server refused the login as {0}")]
+    Refused(String),
+    /// SSH itself failed: the stream ended, a protocol error, no PTY or shell.
+    #[error("SSH to the device failed: {0}")]
+    Ssh(String),
+    /// The handshake and login took longer than [`LOGIN_TIMEOUT`].
+    #[error("the device's SSH server did not answer in time")]
+    Timeout,
+}
+
+/// What the terminal asks of the device.
+pub struct ShellRequest<'a> {
+    /// The account to log in as.
+    pub login: &'a str,
+    /// A command to run in the PTY instead of a login shell (a service).
+    pub command: Option<String>,
+    /// The terminal's size.
+    pub cols: u32,
+    /// The terminal's size.
+    pub rows: u32,
+}
+
+/// An open shell: its input, its output and status, and the connection that carries them.
+pub struct Shell {
+    /// Output, window changes, EOF.
+    pub read: ChannelReadHalf,
+    /// Input and window changes.
+    pub write: ChannelWriteHalf<client::Msg>,
+    /// Kept so that the connection lives as long as the shell.
+    pub handle: Handle<AcceptDevice>,
+}
+
+/// Accepts the device's host key: the stream reached the device over its own
+/// authenticated link (PROTOCOL.md §5), so only that device can answer on it.
+pub struct AcceptDevice;
+
+impl client::Handler for AcceptDevice {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// Logs in over `stream` with `key` and opens a PTY with a shell (or `command`). The key
+/// leaves the store as soon as authentication has ended, whichever way it ended.
+pub async fn open<S>(
+    stream: S,
+    key: &SessionKey,
+    store: &dyn Store,
+    request: ShellRequest<'_>,
+) -> Result<Shell, LoginError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let login = request.login.to_owned();
+    let config = Arc::new(client::Config {
+        // The session's own keep-alive: a device that vanishes is noticed even while the
+        // terminal is idle.
+        keepalive_interval: Some(Duration::from_secs(15)),
+        keepalive_max: 3,
+        ..Default::default()
+    });
+    let authenticate = async {
+        let mut handle = client::connect_stream(config, stream, AcceptDevice)
+            .await
+            .map_err(|e| LoginError::Ssh(e.to_string()))?;
+        let result = handle
+            .authenticate_publickey(
+                &login,
+                PrivateKeyWithHashAlg::new(key.private.clone(), None),
+            )
+            .await;
+        Ok::<_, LoginError>((handle, result))
+    };
+    let outcome = tokio::time::timeout(LOGIN_TIMEOUT, authenticate).await;
+    // Authentication is over (or abandoned): the key's window closes now, not at expiry.
+    if let Err(e) = store.remove_ephemeral_key(&key.row.id).await {
+        tracing::warn!(error = %e, "cannot remove a terminal key; it expires by itself");
+    }
+    let (handle, result) = outcome.map_err(|_| LoginError::Timeout)??;
+    match result {
+        Ok(auth) if auth.success() => {}
+        Ok(_) => return Err(LoginError::Refused(login)),
+        Err(e) => return Err(LoginError::Ssh(e.to_string())),
+    }
+    let shell = async {
+        let channel = handle.channel_open_session().await?;
+        channel
+            .request_pty(
+                false,
+                "xterm-256color",
+                request.cols,
+                request.rows,
+                0,
+                0,
+                &[],
+            )
+            .await?;
+        match &request.command {
+            Some(command) => channel.exec(false, command.as_bytes()).await?,
+            None => channel.request_shell(false).await?,
+        }
+        Ok::<_, russh::Error>(channel)
+    };
+    let channel = tokio::time::timeout(LOGIN_TIMEOUT, shell)
+        .await
+        .map_err(|_| LoginError::Timeout)?
+        .map_err(|e| LoginError::Ssh(e.to_string()))?;
+    let (read, write) = channel.split();
+    Ok(Shell {
+        read,
+        write,
+        handle,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_minted_key_is_offered_for_its_device_and_login_for_sixty_seconds() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = crate::store::sqlite::default_url(dir.path());
+        let store = crate::store::open(&url).await.unwrap();
+        let alice = store.create_user("alice", false).await.unwrap();
+        let t0 = 1_000_000;
+        let key = SessionKey::mint("s1", "dev1", "root", alice.id, t0);
+        assert!(
+            key.row.public_key.starts_with("ssh-ed25519 "),
+            "{}",
+            key.row.public_key
+        );
+        assert_eq!(key.row.expires_at - t0, 60_000);
+        store.add_ephemeral_key(&key.row).await.unwrap();
+        let offered = |device: &'static str, login: &'static str, at: i64| {
+            let store = store.clone();
+            async move { store.ephemeral_keys(device, login, at).await.unwrap().len() }
+        };
+        assert_eq!(offered("dev1", "root", t0).await, 1);
+        assert_eq!(offered("dev1", "root", t0 + 59_999).await, 1);
+        assert_eq!(
+            offered("dev1", "root", t0 + 60_000).await,
+            0,
+            "the window has closed"
+        );
+        assert_eq!(offered("dev2", "root", t0).await, 0, "another device");
+        assert_eq!(offered("dev1", "alice", t0).await, 0, "another login");
+        // Two sessions never share a key.
+        let other = SessionKey::mint("s2", "dev1", "root", alice.id, t0);
+        assert_ne!(other.row.public_key, key.row.public_key);
+        store.remove_ephemeral_key("s1").await.unwrap();
+        assert_eq!(
+            offered("dev1", "root", t0).await,
+            0,
+            "removed once authenticated"
+        );
+    }
+}

@@ -1,0 +1,475 @@
+//! `GET /v1/devices/{uuid}/terminal`: the browser terminal's WebSocket (PROTOCOL.md §5).
+//!
+//! The browser proves who it is in its first message; the relay checks reach as for a
+//! CONNECT to port 22222, opens that tunnel through its own CONNECT path (so limits,
+//! revocation, cluster forwarding and the audit row are the CLI's), logs in to the
+//! device's sshd with a key minted for the session, and carries terminal bytes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::ssh::{self, LoginError, SessionKey, ShellRequest};
+use crate::auth::{authenticate, policy, AuthError, Principal};
+use crate::relay::api::devices::SSH_PORT;
+use crate::relay::api::error::ApiError;
+use crate::relay::api::extract::Path;
+use crate::relay::registry::{TunnelEntry, TunnelKind};
+use crate::relay::state::Shared;
+
+/// How long the browser has to send its first message.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the relay pings an idle browser (keeps proxies in between from cutting it).
+const PING_EVERY: Duration = Duration::from_secs(30);
+/// The largest message the browser may send (a paste).
+const MAX_MESSAGE: usize = 1024 * 1024;
+
+/// `?service=NAME`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalQuery {
+    /// A service to enter instead of the host OS.
+    pub service: Option<String>,
+}
+
+/// Whether `name` may be a service name: 1 to 63 of `A-Za-z0-9_.-`, starting with a
+/// letter or digit. It goes into a command line on the device.
+pub fn is_valid_service(name: &str) -> bool {
+    let b = name.as_bytes();
+    (1..=63).contains(&b.len())
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// Messages from the browser.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum FromBrowser {
+    Auth {
+        token: String,
+        #[serde(default = "default_cols")]
+        cols: u32,
+        #[serde(default = "default_rows")]
+        rows: u32,
+    },
+    Resize {
+        cols: u32,
+        rows: u32,
+    },
+    #[serde(other)]
+    Unknown,
+}
+
+fn default_cols() -> u32 {
+    80
+}
+
+fn default_rows() -> u32 {
+    24
+}
+
+/// Control messages to the browser.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ToBrowser<'a> {
+    Started {
+        login: &'a str,
+    },
+    Exit {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        signal: Option<String>,
+    },
+    Error {
+        code: &'static str,
+        message: String,
+    },
+}
+
+/// Why a session could not start or was ended, as the browser is told.
+struct Failure {
+    code: &'static str,
+    message: String,
+}
+
+fn fail(code: &'static str, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+/// The upgrade: everything that can be checked before it is (the query, the origin).
+pub async fn terminal(
+    State(state): State<Arc<Shared>>,
+    Path(uuid): Path<String>,
+    query: Result<Query<TerminalQuery>, axum::extract::rejection::QueryRejection>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad(e.body_text()))?;
+    let Some(uuid) = crate::proto::device_uuid(&uuid) else {
+        return Err(ApiError::bad("A device uuid is 32 hex characters."));
+    };
+    if let Some(service) = &query.service {
+        if !is_valid_service(service) {
+            return Err(ApiError::bad(
+                "A service name is 1 to 63 letters, digits, '_', '.' and '-'.",
+            ));
+        }
+    }
+    if !same_origin(&headers) {
+        return Err(ApiError::Forbidden(
+            "A terminal may be opened only from this relay's own pages.".into(),
+        ));
+    }
+    let ws = ws.map_err(|_| ApiError::bad("This endpoint takes a WebSocket upgrade."))?;
+    Ok(ws
+        .max_message_size(MAX_MESSAGE)
+        .on_upgrade(move |socket| session(socket, state, uuid, query.service, peer))
+        .into_response())
+}
+
+/// No `Origin` (a non-browser client), or one naming the host the request was sent to.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, rest)| rest.trim_end_matches('/'));
+    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+}
+
+/// One terminal session, from the first message to the close.
+async fn session(
+    mut socket: WebSocket,
+    state: Arc<Shared>,
+    uuid: String,
+    service: Option<String>,
+    peer: SocketAddr,
+) {
+    let outcome = match start(&mut socket, &state, &uuid, service.as_deref(), peer).await {
+        Ok((shell, entry)) => run(&mut socket, &state, shell, &entry).await,
+        Err(failure) => Err(failure),
+    };
+    let close = match outcome {
+        Ok(exit) => {
+            let _ = send_json(&mut socket, &exit).await;
+            CloseFrame {
+                code: axum::extract::ws::close_code::NORMAL,
+                reason: "exit".into(),
+            }
+        }
+        Err(f) => {
+            tracing::info!(device = %uuid, code = f.code, "terminal ended: {}", f.message);
+            let _ = send_json(
+                &mut socket,
+                &ToBrowser::Error {
+                    code: f.code,
+                    message: f.message,
+                },
+            )
+            .await;
+            CloseFrame {
+                code: axum::extract::ws::close_code::POLICY,
+                reason: f.code.into(),
+            }
+        }
+    };
+    let _ = socket.send(Message::Close(Some(close))).await;
+}
+
+/// Authenticates the first message, checks reach, opens the tunnel and logs in.
+async fn start(
+    socket: &mut WebSocket,
+    state: &Arc<Shared>,
+    uuid: &str,
+    service: Option<&str>,
+    peer: SocketAddr,
+) -> Result<(ssh::Shell, Arc<TunnelEntry>), Failure> {
+    let (token, cols, rows) = match tokio::time::timeout(AUTH_TIMEOUT, socket.recv()).await {
+        Err(_) => return Err(fail("bad_request", "No authentication arrived in time.")),
+        Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str(text.as_str()) {
+            Ok(FromBrowser::Auth { token, cols, rows }) => (token, cols, rows),
+            _ => {
+                return Err(fail(
+                    "bad_request",
+                    "The first message must be {\"type\":\"auth\",\"token\":…}.",
+                ))
+            }
+        },
+        Ok(_) => return Err(fail("bad_request", "The first message must be text.")),
+    };
+    let (cols, rows) = (cols.clamp(1, 1000), rows.clamp(1, 1000));
+    let principal = who(state, &token, peer).await?;
+    let store = state.store.as_ref();
+    let user = &principal.user;
+    match policy::user_may_reach(store, user, uuid, SSH_PORT).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(fail(
+                "forbidden",
+                "You may not open a terminal on that device.",
+            ))
+        }
+        Err(e) => return Err(unavailable(e)),
+    }
+    // The account: what the device announced, else the user's own name.
+    let announced = match state.registry.device(uuid) {
+        Some(session) => Some(session.ssh_login.clone()),
+        None => match store.presence(uuid).await {
+            Ok(Some(p)) => Some(p.ssh_login),
+            Ok(None) => None,
+            Err(e) => return Err(unavailable(e)),
+        },
+    };
+    let Some(announced) = announced else {
+        return Err(fail("offline", "The device is not connected."));
+    };
+    let login = announced.unwrap_or_else(|| user.username.clone());
+    let id = crate::auth::tokens::new_device_uuid();
+    let key = SessionKey::mint(&id, uuid, &login, user.id, crate::store::now_ms());
+    if let Err(e) = store.add_ephemeral_key(&key.row).await {
+        return Err(unavailable(e));
+    }
+    let stream = match crate::relay::proxy::connect_in_process(
+        state,
+        peer,
+        &token,
+        (uuid, SSH_PORT),
+        TunnelKind::Terminal,
+        &id,
+    )
+    .await
+    {
+        Ok(stream) => stream,
+        Err((status, message)) => {
+            let _ = store.remove_ephemeral_key(&id).await;
+            return Err(refused(status, message));
+        }
+    };
+    // The tunnel's registry entry: revocation and shutdown end it, and say why.
+    let entry = state
+        .registry
+        .tunnel(&id)
+        .ok_or_else(|| fail("ended", "The tunnel to the device ended at once."))?;
+    let request = ShellRequest {
+        login: &login,
+        command: service.map(|s| state.config.service_command.replace("{service}", s)),
+        cols,
+        rows,
+    };
+    let shell = tokio::select! {
+        shell = ssh::open(stream, &key, store, request) => shell,
+        _ = entry.cancel.cancelled() => {
+            let _ = store.remove_ephemeral_key(&id).await;
+            return Err(cut(&entry));
+        }
+    };
+    let shell = shell.map_err(|e| match e {
+        LoginError::Refused(_) => fail("refused", format!("{e}.")),
+        LoginError::Timeout => fail("timeout", format!("{e}.")),
+        LoginError::Ssh(_) => fail("refused", format!("{e}.")),
+    })?;
+    tracing::info!(tunnel = %id, user = %user.username, device = %uuid, %login, service = ?service, "terminal started");
+    send_json(socket, &ToBrowser::Started { login: &login })
+        .await
+        .map_err(|_| fail("ended", "The browser left."))?;
+    Ok((shell, entry))
+}
+
+/// The caller behind a token, as the API authenticates (failures throttled per address).
+async fn who(state: &Arc<Shared>, token: &str, peer: SocketAddr) -> Result<Principal, Failure> {
+    match authenticate(state.store.as_ref(), &state.jwt, token).await {
+        Ok(principal) => {
+            state.record_key_use(&principal);
+            Ok(principal)
+        }
+        Err(AuthError::InvalidToken) => {
+            state.metrics.auth_failures.inc();
+            match state.auth_failures.record(peer.ip()) {
+                Some(wait) => Err(fail(
+                    "too_many_requests",
+                    format!(
+                        "Too many failed attempts; try again in {} seconds.",
+                        wait.as_secs().max(1)
+                    ),
+                )),
+                None => Err(fail(
+                    "unauthorized",
+                    "A valid API key or token is required.",
+                )),
+            }
+        }
+        Err(AuthError::Store(e)) => Err(unavailable(e)),
+    }
+}
+
+fn unavailable(e: crate::store::StoreError) -> Failure {
+    tracing::warn!(error = %e, "terminal: store unavailable");
+    fail(
+        "unavailable",
+        "The relay's store is unavailable; try again shortly.",
+    )
+}
+
+/// A refused in-process CONNECT, as the browser is told.
+fn refused(status: u16, message: String) -> Failure {
+    let code = match status {
+        400 => "bad_request",
+        403 => "forbidden",
+        407 => "unauthorized",
+        429 => "too_many_requests",
+        502 => "refused",
+        503 => "offline",
+        504 => "timeout",
+        _ => "ended",
+    };
+    fail(code, message)
+}
+
+/// Why a tunnel's entry was cancelled, as the browser is told.
+fn cut(entry: &TunnelEntry) -> Failure {
+    match entry.reason.get().copied() {
+        Some("revoked") => fail("revoked", "Your access to this device has ended."),
+        Some("shutdown") => fail(
+            "ended",
+            "The relay is shutting down; open the terminal again.",
+        ),
+        Some(other) => fail(
+            "ended",
+            format!("The tunnel to the device ended ({other})."),
+        ),
+        None => fail("ended", "The tunnel to the device ended."),
+    }
+}
+
+/// Carries bytes both ways until the shell exits, the browser leaves, or the tunnel is
+/// cut; returns the exit message for the browser.
+async fn run(
+    socket: &mut WebSocket,
+    state: &Shared,
+    mut shell: ssh::Shell,
+    entry: &TunnelEntry,
+) -> Result<ToBrowser<'static>, Failure> {
+    use russh::ChannelMsg;
+    let mut status = None;
+    let mut signal = None;
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.reset();
+    loop {
+        tokio::select! {
+            msg = shell.read.wait() => match msg {
+                Some(ChannelMsg::Data { data }) | Some(ChannelMsg::ExtendedData { data, .. }) => {
+                    if socket.send(Message::Binary(data.to_vec().into())).await.is_err() {
+                        return Err(fail("ended", "The browser left."));
+                    }
+                }
+                Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
+                Some(ChannelMsg::ExitSignal { signal_name, .. }) => {
+                    signal = Some(format!("{signal_name:?}"));
+                }
+                Some(ChannelMsg::Close) | None => break,
+                Some(_) => {}
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Binary(bytes))) => {
+                    if shell.write.data(&bytes[..]).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Text(text))) => match serde_json::from_str(text.as_str()) {
+                    Ok(FromBrowser::Resize { cols, rows }) => {
+                        let (cols, rows) = (cols.clamp(1, 1000), rows.clamp(1, 1000));
+                        let _ = shell.write.window_change(cols, rows, 0, 0).await;
+                    }
+                    Ok(_) => {}
+                    Err(_) => return Err(fail("bad_request", "A text message was not JSON.")),
+                },
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                    let _ = shell.write.close().await;
+                    return Err(fail("ended", "The browser closed the terminal."));
+                }
+                Some(Ok(_)) => {}
+            },
+            _ = ping.tick() => {
+                let _ = socket.send(Message::Ping(Vec::new().into())).await;
+            }
+            _ = entry.cancel.cancelled() => return Err(cut(entry)),
+            _ = state.shutdown.cancelled() => {
+                return Err(fail("ended", "The relay is shutting down; open the terminal again."));
+            }
+        }
+    }
+    if entry.cancel.is_cancelled() {
+        return Err(cut(entry));
+    }
+    match (status, signal) {
+        (None, None) => Err(fail("ended", "The session ended without an exit status.")),
+        (status, signal) => Ok(ToBrowser::Exit { status, signal }),
+    }
+}
+
+async fn send_json<T: Serialize>(socket: &mut WebSocket, msg: &T) -> Result<(), axum::Error> {
+    let text = serde_json::to_string(msg).unwrap_or_default();
+    socket.send(Message::Text(text.into())).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names() {
+        for ok in ["main", "my-app_2", "a.b", &"x".repeat(63)] {
+            assert!(is_valid_service(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "-x",
+            ".x",
+            "a b",
+            "a;id",
+            "$(id)",
+            "a/b",
+            &"x".repeat(64),
+        ] {
+            assert!(!is_valid_service(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn origin_must_be_this_host() {
+        let headers = |origin: Option<&str>, host: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, host.parse().unwrap());
+            if let Some(o) = origin {
+                h.insert(header::ORIGIN, o.parse().unwrap());
+            }
+            h
+        };
+        assert!(same_origin(&headers(None, "relay:8443")));
+        assert!(same_origin(&headers(
+            Some("https://relay:8443"),
+            "relay:8443"
+        )));
+        assert!(!same_origin(&headers(
+            Some("https://evil.example"),
+            "relay:8443"
+        )));
+        assert!(!same_origin(&headers(Some("null"), "relay:8443")));
+    }
+}

@@ -4,30 +4,10 @@
 
 mod common;
 
+use common::sshd::device_with_sshd;
 use common::terminal::{url, Term};
 use common::{limits, sshd, Agent, World};
 use serde_json::json;
-
-/// A device with a real sshd behind its agent, root logins on; returns the uuid, the
-/// device key, the sshd and the agent.
-async fn device_with_sshd(w: &World, fleet: &str) -> (String, String, sshd::Sshd, Agent) {
-    let (uuid, key) = w.device_in(fleet).await;
-    let sshd =
-        sshd::Sshd::start_with(w.relay.api, &uuid, &key, "root_login = \"fleet-members\"\n").await;
-    let config = w.dir.path().join(format!("agent-{uuid}.toml"));
-    std::fs::write(
-        &config,
-        format!("root_login = \"fleet-members\"\nssh_port = {}\n", sshd.port),
-    )
-    .unwrap();
-    let agent = Agent::start(
-        &w.relay,
-        &uuid,
-        &key,
-        &["--config", config.to_str().unwrap()],
-    );
-    (uuid, key, sshd, agent)
-}
 
 // Multi-threaded: sshd's accept loop runs in this runtime while the test waits on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,9 +169,18 @@ async fn terminal_refusals_say_why() {
         &plain_key,
         &["--config", config.to_str().unwrap()],
     );
-    let (code, message) = refusal(plain, alice_key.clone()).await;
+    let (code, message) = refusal(plain.clone(), alice_key.clone()).await;
     assert_eq!(code, "refused", "{message}");
     assert!(message.contains("refused the login as alice"), "{message}");
+    // The per-user mapping: a cloud user named like a local account (here `root`, the one
+    // sure to exist) gets a shell there, with the session key from the per-user lookup.
+    let root_key = w.user("root").await;
+    w.admin.add_member("pis", "root").await;
+    let mut t = Term::open(w.relay.api, &plain, None, &root_key).await;
+    assert_eq!(t.expect_control("started").await["login"], "root");
+    t.type_in("echo per-user-$((6*7)); exit\r").await;
+    t.expect_output("per-user-42").await;
+    assert_eq!(t.expect_control("exit").await["status"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,9 @@
 //! "connected" line, never after a sleep.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod fake_device;
+pub mod github;
 pub mod pg;
 pub mod sshd;
 pub mod terminal;

@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::is_root;
+use super::{is_root, Agent, World};
 
 /// Where `sshd` is, if installed.
 pub fn sshd_path() -> Option<PathBuf> {
@@ -181,4 +181,24 @@ pub fn user_key(dir: &Path) -> PathBuf {
     let path = dir.join("id_ed25519");
     keygen(&path);
     path
+}
+
+/// A device with a real sshd behind its agent, root logins on; returns the uuid, the
+/// device key, the sshd and the agent.
+pub async fn device_with_sshd(w: &World, fleet: &str) -> (String, String, Sshd, Agent) {
+    let (uuid, key) = w.device_in(fleet).await;
+    let sshd = Sshd::start_with(w.relay.api, &uuid, &key, "root_login = \"fleet-members\"\n").await;
+    let config = w.dir.path().join(format!("agent-{uuid}.toml"));
+    std::fs::write(
+        &config,
+        format!("root_login = \"fleet-members\"\nssh_port = {}\n", sshd.port),
+    )
+    .unwrap();
+    let agent = Agent::start(
+        &w.relay,
+        &uuid,
+        &key,
+        &["--config", config.to_str().unwrap()],
+    );
+    (uuid, key, sshd, agent)
 }

@@ -144,7 +144,11 @@ async fn count_responses(State(state): State<Arc<Shared>>, req: Request, next: N
 
 /// The API's routes.
 pub fn router(state: Arc<Shared>) -> Router {
-    Router::new()
+    let mut router = Router::new();
+    for path in crate::relay::web::paths() {
+        router = router.route(path, get(crate::relay::web::asset));
+    }
+    router
         .route("/v1/users", post(users::create_user).get(users::list_users))
         .route("/v1/users/{username}", delete(users::delete_user))
         .route("/v1/me", get(users::me))

@@ -1,0 +1,158 @@
+//! Headless Chromium driven over WebDriver (Debian's `chromium` and `chromium-driver`):
+//! a chromedriver process of the test's own, and a fantoccini client.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::elements::Element;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// Long enough for a debug-build relay and a cold Chromium on two busy cores.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Whether the browser tests can run; panics when they are required but cannot.
+pub fn available() -> bool {
+    let ok = Path::new(CHROMIUM).is_file() && Path::new(CHROMEDRIVER).is_file();
+    let required = std::env::var("CLOUDLINK_REQUIRE_BROWSER").is_ok_and(|v| v == "1");
+    assert!(
+        ok || !required,
+        "CLOUDLINK_REQUIRE_BROWSER=1 but {CHROMIUM} or {CHROMEDRIVER} is missing"
+    );
+    if !ok {
+        eprintln!("note: needs Debian's chromium and chromium-driver; skipping the browser test");
+    }
+    ok
+}
+
+/// A chromedriver and one browser session; both end when this is dropped.
+pub struct Browser {
+    driver: Child,
+    pub client: Client,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    /// Starts chromedriver on a free loopback port and a headless Chromium of
+    /// `width` × `height`.
+    pub async fn start(width: u32, height: u32) -> Browser {
+        // chromedriver takes no port 0: take a free one from the kernel, then hand it over.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut driver = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        // Ready when it says so on stdout.
+        let stdout = driver.stdout.take().unwrap();
+        let lines = super::Lines::spawn(stdout, None);
+        lines.wait_for("started successfully");
+        let profile = tempfile::tempdir().unwrap();
+        let caps = json!({
+            "goog:chromeOptions": {
+                "binary": CHROMIUM,
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    "--disable-dev-shm-usage",
+                    format!("--user-data-dir={}", profile.path().display()),
+                    format!("--window-size={width},{height}"),
+                ]
+            }
+        });
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let client = ClientBuilder::new(connector)
+            .capabilities(caps.as_object().unwrap().clone())
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await
+            .expect("a WebDriver session");
+        Browser {
+            driver,
+            client,
+            _profile: profile,
+        }
+    }
+
+    /// Waits for the element `css`.
+    pub async fn find(&self, css: &str) -> Element {
+        self.client
+            .wait()
+            .at_most(WAIT)
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css}: {e}"))
+    }
+
+    /// Waits until the text of `css` contains `text`; returns the whole text.
+    pub async fn text_contains(&self, css: &str, text: &str) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut last = String::new();
+        while std::time::Instant::now() < deadline {
+            if let Ok(el) = self.client.find(Locator::Css(css)).await {
+                if let Ok(t) = el.text().await {
+                    if t.contains(text) {
+                        return t;
+                    }
+                    last = t;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{css} never contained {text:?}; it said {last:?}");
+    }
+
+    /// Runs a script in the page and returns its value.
+    pub async fn js(&self, script: &str) -> serde_json::Value {
+        self.client.execute(script, vec![]).await.unwrap()
+    }
+
+    /// Logs in with an API key on the dashboard at `base`.
+    pub async fn login(&self, base: &str, key: &str) {
+        self.client.goto(base).await.unwrap();
+        self.find("#api-key").await.send_keys(key).await.unwrap();
+        self.find("#login button[type=submit]")
+            .await
+            .click()
+            .await
+            .unwrap();
+        self.find("#devices").await;
+    }
+
+    /// Types into the open terminal.
+    pub async fn type_in_terminal(&self, text: &str) {
+        self.find(".xterm-helper-textarea")
+            .await
+            .send_keys(text)
+            .await
+            .unwrap();
+    }
+
+    /// Saves a PNG of the window.
+    pub async fn screenshot(&self, path: &Path) {
+        let png = self.client.screenshot().await.unwrap();
+        std::fs::write(path, png).unwrap();
+    }
+
+    /// Ends the session and the driver.
+    pub async fn close(mut self) {
+        let _ = self.client.clone().close().await;
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}

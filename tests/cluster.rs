@@ -650,3 +650,61 @@ async fn a_rolling_restart_under_checksummed_traffic_loses_nothing() {
     eprintln!("rolling restart: {intact} round trips intact, {refused} refused before any byte");
     assert!(intact > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_through_another_relay_logs_in_with_a_key_any_relay_answers() {
+    if !sshd::available() {
+        return;
+    }
+    let Some(p) = pair(&limits("")).await else {
+        return;
+    };
+    // The device's sshd asks relay a for keys; the session's key is minted by relay b.
+    let sshd = sshd::Sshd::start_with(
+        p.a.api,
+        &p.uuid,
+        &p.device_key,
+        "root_login = \"fleet-members\"\n",
+    )
+    .await;
+    let config = p._dir.path().join("agent-terminal.toml");
+    std::fs::write(
+        &config,
+        format!("root_login = \"fleet-members\"\nssh_port = {}\n", sshd.port),
+    )
+    .unwrap();
+    let _agent = Agent::start(
+        &p.a,
+        &p.uuid,
+        &p.device_key,
+        &["--config", config.to_str().unwrap()],
+    );
+    let mut t = terminal::Term::open(p.b.api, &p.uuid, None, &p.key).await;
+    assert_eq!(
+        t.expect_control("started").await["login"],
+        "root",
+        "{}",
+        sshd.log()
+    );
+    t.type_in("echo across-$((6*7)); exit\r").await;
+    t.expect_output("across-42").await;
+    assert_eq!(t.expect_control("exit").await["status"], 0);
+    // One audit row, by the relay the browser came to, naming the device's relay.
+    let api = Api::new(p.b.api, &p.key);
+    let found = eventually(Duration::from_secs(10), || async {
+        let (_, rows) = api.call("GET", "/v1/tunnels", None).await;
+        rows.as_array().is_some_and(|rows| {
+            rows.len() == 1
+                && rows[0]["kind"] == "terminal"
+                && rows[0]["relay"] == "b"
+                && rows[0]["device_relay"] == "a"
+                && rows[0]["closed_at"].is_string()
+        })
+    })
+    .await;
+    assert!(
+        found.is_some(),
+        "{:?}",
+        api.call("GET", "/v1/tunnels", None).await
+    );
+}

@@ -7,8 +7,18 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::github::{fake_github, ECDSA, ED25519_A, ED25519_B};
-use common::{limits, World};
+use common::{limits, Api, World};
 use serde_json::json;
+
+/// `POST /v1/ssh-keys/import` for `login` as `api`'s user.
+async fn import(api: &Api, login: &str) -> (u16, serde_json::Value) {
+    api.call(
+        "POST",
+        "/v1/ssh-keys/import",
+        Some(json!({ "github": login })),
+    )
+    .await
+}
 
 #[tokio::test]
 async fn github_keys_are_imported_once_with_invalid_lines_reported() {
@@ -24,13 +34,7 @@ async fn github_keys_are_imported_once_with_invalid_lines_reported() {
         .await;
     assert_eq!(status, 201);
 
-    let (status, r) = bob
-        .call(
-            "POST",
-            "/v1/ssh-keys/import",
-            Some(json!({"github": "octocat"})),
-        )
-        .await;
+    let (status, r) = import(&bob, "octocat").await;
     assert_eq!(status, 200, "{r}");
     let added: Vec<&str> = r["added"]
         .as_array()
@@ -56,37 +60,17 @@ async fn github_keys_are_imported_once_with_invalid_lines_reported() {
     assert_eq!(list.as_array().unwrap().len(), 3);
 
     // Again: nothing new, every key a duplicate; a key twice in one answer is added once.
-    let (status, r) = bob
-        .call(
-            "POST",
-            "/v1/ssh-keys/import",
-            Some(json!({"github": "octocat"})),
-        )
-        .await;
+    let (status, r) = import(&bob, "octocat").await;
     assert_eq!((status, r["added"].as_array().unwrap().len()), (200, 0));
     assert_eq!(r["duplicates"].as_array().unwrap().len(), 3);
     let carol = w.admin.as_user(&w.user("carol").await);
-    let (status, r) = carol
-        .call(
-            "POST",
-            "/v1/ssh-keys/import",
-            Some(json!({"github": "dupes"})),
-        )
-        .await;
+    let (status, r) = import(&carol, "dupes").await;
     assert_eq!(status, 200);
     assert_eq!(r["added"].as_array().unwrap().len(), 1);
     assert_eq!(r["duplicates"].as_array().unwrap().len(), 1);
 
     // Without a token, nothing is fetched.
-    let (status, _) = w
-        .admin
-        .as_user("clk_nobody")
-        .call(
-            "POST",
-            "/v1/ssh-keys/import",
-            Some(json!({"github": "octocat"})),
-        )
-        .await;
+    let (status, _) = import(&w.admin.as_user("clk_nobody"), "octocat").await;
     assert_eq!(status, 401);
 }
 
@@ -95,17 +79,6 @@ async fn github_import_refuses_what_it_should() {
     let github = fake_github().await;
     let w = World::with(&limits(""), &["--github-keys-url", &github], &[]);
     let bob = w.admin.as_user(&w.user("bob").await);
-    let import = |login: &'static str| {
-        let bob = bob.clone();
-        async move {
-            bob.call(
-                "POST",
-                "/v1/ssh-keys/import",
-                Some(json!({"github": login})),
-            )
-            .await
-        }
-    };
 
     for login in [
         "",
@@ -115,11 +88,11 @@ async fn github_import_refuses_what_it_should() {
         "a?b",
         "x-x-x-x-x-x-x-x-x-x-x-x-x-x-x-x-x-x-x-x-",
     ] {
-        let (status, body) = import(login).await;
+        let (status, body) = import(&bob, login).await;
         assert_eq!(status, 400, "{login:?}: {body}");
         assert!(body.to_string().contains("not a GitHub login"), "{body}");
     }
-    let (status, body) = import("ghost").await;
+    let (status, body) = import(&bob, "ghost").await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(body["error"]["message"], "GitHub has no user \"ghost\".");
     for (login, says) in [
@@ -127,13 +100,13 @@ async fn github_import_refuses_what_it_should() {
         ("huge", "larger than 65536 bytes"),
         ("flaky", "500"),
     ] {
-        let (status, body) = import(login).await;
+        let (status, body) = import(&bob, login).await;
         assert_eq!(status, 502, "{login}: {body}");
         assert_eq!(body["error"]["code"], "bad_gateway");
         assert!(body.to_string().contains(says), "{login}: {body}");
     }
     let started = Instant::now();
-    let (status, body) = import("slow").await;
+    let (status, body) = import(&bob, "slow").await;
     assert_eq!(status, 502, "{body}");
     assert!(
         started.elapsed() < Duration::from_secs(20),
@@ -148,14 +121,7 @@ async fn github_import_refuses_what_it_should() {
     let url = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
     let w2 = World::with(&limits(""), &["--github-keys-url", &url], &[]);
-    let (status, body) = w2
-        .admin
-        .call(
-            "POST",
-            "/v1/ssh-keys/import",
-            Some(json!({"github": "octocat"})),
-        )
-        .await;
+    let (status, body) = import(&w2.admin, "octocat").await;
     assert_eq!(status, 502, "{body}");
     assert!(body.to_string().contains("Cannot fetch the keys"), "{body}");
 }

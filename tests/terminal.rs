@@ -116,6 +116,9 @@ async fn terminal_refusals_say_why() {
     assert_eq!(code, "forbidden", "another fleet's user");
     let (code, _) = refusal(uuid.clone(), "clk_wrong".into()).await;
     assert_eq!(code, "unauthorized");
+    // A token that would add lines to the tunnel's CONNECT head is refused as it is.
+    let (code, _) = refusal(uuid.clone(), format!("{alice_key}\r\n\r\nSSH-2.0-x")).await;
+    assert_eq!(code, "unauthorized");
 
     // The first message must be the auth message.
     let mut t = Term::connect(&url(w.relay.api, &uuid, None)).await;

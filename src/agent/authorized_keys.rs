@@ -2,8 +2,9 @@
 //!
 //! Prints the cloud user's public keys, as the relay answers for this device, and nothing
 //! else on stdout; for `root` with `root_login = "fleet-members"`, the keys of every user who
-//! may reach the device, each commented with its owner's cloud username. It fails closed: if the relay cannot be asked, no key is printed, unless a
-//! cache directory is configured, in which case the last good answer for that user is.
+//! may reach the device, each commented with its owner's cloud username. It fails closed:
+//! if the relay cannot be asked, no key is printed, unless a cache directory is configured,
+//! in which case the last good answer for that user is.
 
 use std::io::Write;
 use std::path::Path;

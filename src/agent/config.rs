@@ -68,9 +68,6 @@ pub struct AgentConfig {
     pub ssh_port: u16,
 }
 
-/// The device port of its SSH server, as users and the relay name it.
-pub const SSH_PORT: u16 = 22222;
-
 /// Who may log in as `root` with cloud keys.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -103,7 +100,7 @@ impl Default for AgentConfig {
             authorized_keys_cache_dir: None,
             root_login: RootLogin::Off,
             ssh_login: None,
-            ssh_port: SSH_PORT,
+            ssh_port: crate::proto::SSH_PORT,
         }
     }
 }
@@ -384,7 +381,7 @@ impl AgentConfig {
     /// The local port a tunnel to `port` connects to: [`AgentConfig::ssh_port`] for the
     /// SSH port, otherwise the same port.
     pub fn local_port(&self, port: u16) -> u16 {
-        if port == SSH_PORT {
+        if port == crate::proto::SSH_PORT {
             self.ssh_port
         } else {
             port

@@ -8,6 +8,10 @@ pub mod messages;
 /// The QUIC ALPN of the device link.
 pub const ALPN: &[u8] = b"cloudlink/1";
 
+/// The device port of its SSH server (balenaOS: 22222): what `device ssh`, the browser
+/// terminal and the authorized-keys lookup (PROTOCOL.md §4) mean by a device's sshd.
+pub const SSH_PORT: u16 = 22222;
+
 /// A device uuid in its one canonical form: 32 hex characters, any case in, lowercase out.
 pub fn device_uuid(raw: &str) -> Option<String> {
     (raw.len() == 32 && raw.bytes().all(|b| b.is_ascii_hexdigit()))

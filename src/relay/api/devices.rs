@@ -13,6 +13,7 @@ use super::extract::{bearer, Caller, Path};
 use super::fleets::{managed_fleet, visible_fleet, Standing};
 use super::{rfc3339, validate_name};
 use crate::auth::{policy, tokens};
+use crate::proto::SSH_PORT;
 use crate::relay::state::Shared;
 use crate::store::{Device, TunnelSession};
 
@@ -351,10 +352,6 @@ async fn device_from_key(state: &Shared, headers: &HeaderMap) -> Result<Device, 
         None => Err(ApiError::Unauthorized),
     }
 }
-
-/// The device port of its SSH server (balenaOS: 22222), which the authorized-keys lookup
-/// answers for.
-pub const SSH_PORT: u16 = 22222;
 
 /// `POST /v1/devices/{uuid}/rotate-key`.
 #[derive(Deserialize, ToSchema, Default)]

@@ -195,7 +195,7 @@ pub fn router(state: Arc<Shared>) -> Router {
         )
         .route("/v1/tunnels", get(devices::list_tunnels))
         .route("/v1/relays", get(devices::list_relays))
-        .route("/auth/v1/public-keys/{username}", get(devices::public_keys))
+        .route("/auth/v1/public-keys/{login}", get(devices::public_keys))
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::ssh::{self, LoginError, SessionKey, ShellRequest};
 use crate::auth::{authenticate, policy, AuthError, Principal};
-use crate::relay::api::devices::SSH_PORT;
+use crate::proto::SSH_PORT;
 use crate::relay::api::error::ApiError;
 use crate::relay::api::extract::Path;
 use crate::relay::registry::{TunnelEntry, TunnelKind};
@@ -214,6 +214,14 @@ async fn start(
         Ok(_) => return Err(fail("bad_request", "The first message must be text.")),
     };
     let (cols, rows) = (cols.clamp(1, 1000), rows.clamp(1, 1000));
+    // A token is printable ASCII; anything else never authenticates, and must not reach
+    // the CONNECT head the tunnel is opened with.
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(fail(
+            "unauthorized",
+            "A valid API key or token is required.",
+        ));
+    }
     let principal = who(state, &token, peer).await?;
     let store = state.store.as_ref();
     let user = &principal.user;

@@ -49,6 +49,12 @@ async fn terminal_opens_a_root_shell_with_a_session_key() {
         "the session key outlived its login: {keys}"
     );
 
+    // Ctrl-C reaches the foreground program through the PTY.
+    t.type_in("sleep 600\r").await;
+    t.type_in("\u{3}").await;
+    t.type_in("echo after-ctrl-c-$((1+1))\r").await;
+    t.expect_output("after-ctrl-c-2").await;
+
     t.type_in("exit 3\r").await;
     let exit = t.expect_control("exit").await;
     assert_eq!(exit["status"], 3);

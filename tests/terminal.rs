@@ -49,8 +49,11 @@ async fn terminal_opens_a_root_shell_with_a_session_key() {
         "the session key outlived its login: {keys}"
     );
 
-    // Ctrl-C reaches the foreground program through the PTY.
-    t.type_in("sleep 600\r").await;
+    // Ctrl-C reaches the foreground program through the PTY. It is sent once the shell is
+    // running the line (its marker printed; the quotes keep the typed echo from matching),
+    // so that it cannot arrive while the shell is still reading it.
+    t.type_in("echo sleep''ing-now; sleep 600\r").await;
+    t.expect_output("sleeping-now").await;
     t.type_in("\u{3}").await;
     t.type_in("echo after-ctrl-c-$((1+1))\r").await;
     t.expect_output("after-ctrl-c-2").await;

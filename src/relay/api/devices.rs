@@ -238,6 +238,7 @@ impl From<TunnelSession> for TunnelView {
 
 /// `GET /v1/tunnels` query.
 #[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelQuery {
     /// At most this many, newest first (default 100, at most 1000).
@@ -268,6 +269,7 @@ pub async fn list_tunnels(
 
 /// `GET /auth/v1/public-keys/{login}` query.
 #[derive(Deserialize, utoipa::IntoParams, Default)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PublicKeysQuery {
     /// Root logins (PROTOCOL.md §4): answer the keys of every user who may reach this

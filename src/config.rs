@@ -168,6 +168,11 @@ pub struct Limits {
     pub shutdown_grace_secs: u64,
     /// Devices connected at once.
     pub max_devices: usize,
+    /// How often the TLS certificate and key files are checked for a change (SIGHUP
+    /// reloads them at once).
+    pub tls_reload_check_ms: u64,
+    /// Audit rows deleted per statement when old ones are dropped.
+    pub audit_prune_batch: i64,
 }
 
 impl Default for Limits {
@@ -197,6 +202,8 @@ impl Default for Limits {
             auth_cache_ms: 2_000,
             shutdown_grace_secs: 30,
             max_devices: 100_000,
+            tls_reload_check_ms: 10_000,
+            audit_prune_batch: 500,
         }
     }
 }
@@ -231,6 +238,14 @@ pub const DEFAULT_SERVICE_COMMAND: &str = "sh -c 'id=$(balena-engine ps -q --fil
      [ -n \"$id\" ] || { echo \"no running container for service {service}\" >&2; exit 1; }; \
      exec balena-engine exec -it \"$id\" sh -c \"command -v bash >/dev/null && exec bash || exec sh\"'";
 
+/// `--audit-retention`: a duration in seconds, or `off` (0: keep every row).
+fn parse_retention(s: &str) -> Result<u64, String> {
+    match s.trim() {
+        "off" | "0" => Ok(0),
+        other => crate::cli::admin::parse_duration(other),
+    }
+}
+
 /// Everything a relay needs to start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -255,6 +270,10 @@ pub struct RelayConfig {
     /// number), or 0.0.0.0:4433 when QUIC is off. It may share an address with the TLS API
     /// and TLS CONNECT listeners: ALPN then picks the service.
     pub device_tcp_listen: Option<Listen>,
+    /// Serve `/metrics` here, plain HTTP, instead of on the API listeners.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Audit rows (tunnels) older than this many seconds are deleted; 0 keeps them all.
+    pub audit_retention_secs: u64,
     /// Signs user JWTs; default: generated once and kept in the store, shared by every
     /// relay of a cluster.
     pub jwt_secret: Option<Secret>,
@@ -301,6 +320,8 @@ impl Default for RelayConfig {
             proxy_tls_listen: Listen::At(([0, 0, 0, 0], 3129).into()),
             device_listen: Listen::At(([0, 0, 0, 0], 4433).into()),
             device_tcp_listen: None,
+            metrics_listen: None,
+            audit_retention_secs: 90 * 86_400,
             jwt_secret: None,
             peer_listen: Listen::Off,
             peer_advertise: None,
@@ -356,6 +377,14 @@ pub struct RelayArgs {
     /// picks the service), e.g. everything on 443.
     #[arg(long, env = "CLOUDLINK_DEVICE_TCP_LISTEN")]
     pub device_tcp_listen: Option<Listen>,
+    /// Serve `/metrics` on this address (plain HTTP) and not on the API listeners
+    /// [default: on the API listeners].
+    #[arg(long, env = "CLOUDLINK_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Delete audit rows older than this (`90d`, `12h`…) or keep them (`off`)
+    /// [default: 90d].
+    #[arg(long, env = "CLOUDLINK_AUDIT_RETENTION", value_parser = parse_retention)]
+    pub audit_retention: Option<u64>,
     /// HS256 secret for user JWTs [default: generated once into the store, shared by the
     /// cluster].
     #[arg(long, env = "CLOUDLINK_JWT_SECRET", hide_env_values = true)]
@@ -429,6 +458,12 @@ impl RelayConfig {
         }
         if let Some(v) = args.device_tcp_listen {
             config.device_tcp_listen = Some(v);
+        }
+        if let Some(v) = args.metrics_listen {
+            config.metrics_listen = Some(v);
+        }
+        if let Some(v) = args.audit_retention {
+            config.audit_retention_secs = v;
         }
         if let Some(v) = &args.database_url {
             config.database_url = Some(v.clone());

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use cloudlink::agent::{self, AgentArgs, AgentConfig};
-use cloudlink::cli::{admin, ssh, tunnel, Output};
+use cloudlink::cli::{admin, healthcheck, ssh, tunnel, Output};
 use cloudlink::config::{RelayArgs, RelayConfig};
 use cloudlink::relay::Relay;
 
@@ -16,6 +16,14 @@ struct Cli {
     /// Print results as JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Log lines as text or as one JSON object each.
+    #[arg(
+        long,
+        global = true,
+        env = "CLOUDLINK_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,6 +71,28 @@ enum Command {
     /// Manage your SSH public keys.
     #[command(subcommand)]
     Key(admin::KeyCmd),
+    /// Exit 0 if the relay or agent running here is healthy (a container's HEALTHCHECK).
+    Healthcheck(healthcheck::HealthArgs),
+    /// Copy a SQLite store to a new file while the relay runs (for Postgres: pg_dump).
+    Backup {
+        /// The new file (must not exist).
+        file: std::path::PathBuf,
+        /// The store [default: sqlite://<data-dir>/cloudlink.db].
+        #[arg(long, env = "CLOUDLINK_DATABASE_URL")]
+        database_url: Option<String>,
+        /// The relay's data directory [default: ./cloudlink-data].
+        #[arg(long, env = "CLOUDLINK_DATA_DIR")]
+        data_dir: Option<std::path::PathBuf>,
+    },
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, span fields (tunnel id, user, device) included.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -90,14 +120,22 @@ enum AgentCmd {
     },
 }
 
-fn init_tracing(default: &str) {
+fn init_tracing(default: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 /// A single-threaded runtime: the agent serves one QUIC connection, whose work quinn
@@ -119,32 +157,32 @@ fn main() {
     };
     let result = match cli.command {
         Command::Relay(args) => {
-            init_tracing("info");
+            init_tracing("info", cli.log_format);
             run_relay(*args)
         }
         Command::Agent {
             args,
             command: None,
         } => {
-            init_tracing("info");
+            init_tracing("info", cli.log_format);
             current_thread().and_then(|rt| rt.block_on(run_agent(args)))
         }
         Command::Agent {
             args,
             command: Some(AgentCmd::AuthorizedKeys { username }),
         } => {
-            init_tracing("warn");
+            init_tracing("warn", cli.log_format);
             current_thread().and_then(|rt| rt.block_on(authorized_keys(args, &username)))
         }
         Command::Device(DeviceCmd::Ssh(args)) => {
-            init_tracing("warn");
+            init_tracing("warn", cli.log_format);
             match ssh::run(args) {
                 Ok(code) => std::process::exit(code),
                 Err(e) => Err(e),
             }
         }
         command => {
-            init_tracing("warn");
+            init_tracing("warn", cli.log_format);
             current_thread().and_then(|rt| rt.block_on(run_command(command, out)))
         }
     };
@@ -175,6 +213,12 @@ async fn run_command(command: Command, out: Output) -> Result<()> {
         Command::Device(DeviceCmd::Tunnel { uuid, ports }) => tunnel::tunnel(&uuid, &ports).await,
         Command::Proxy { uuid, port } => tunnel::proxy(&uuid, port).await,
         Command::Key(cmd) => admin::key(cmd, out).await,
+        Command::Healthcheck(args) => healthcheck::run(args).await,
+        Command::Backup {
+            file,
+            database_url,
+            data_dir,
+        } => backup(&file, database_url, data_dir).await,
     }
 }
 
@@ -202,12 +246,12 @@ async fn serve_relay(config: RelayConfig) -> Result<()> {
         println!("bootstrap admin key written to {}", path.display());
     }
     let addrs = relay.addrs();
-    tracing::info!(api = %addrs.api, api_tls = ?addrs.api_tls, proxy = %addrs.proxy, proxy_tls = ?addrs.proxy_tls, device = ?addrs.device, device_tcp = ?addrs.device_tcp, "relay listening");
+    tracing::info!(api = %addrs.api, api_tls = ?addrs.api_tls, proxy = %addrs.proxy, proxy_tls = ?addrs.proxy_tls, device = ?addrs.device, device_tcp = ?addrs.device_tcp, peer = ?addrs.peer, metrics = ?addrs.metrics, "relay listening");
     let optional = |name: &str, addr: Option<std::net::SocketAddr>| {
         addr.map(|a| format!(" {name}={a}")).unwrap_or_default()
     };
     println!(
-        "relay listening: api={}{} proxy={}{}{}{}{}",
+        "relay listening: api={}{} proxy={}{}{}{}{}{}",
         addrs.api,
         optional("api_tls", addrs.api_tls),
         addrs.proxy,
@@ -215,6 +259,7 @@ async fn serve_relay(config: RelayConfig) -> Result<()> {
         optional("device", addrs.device),
         optional("device_tcp", addrs.device_tcp),
         optional("peer", addrs.peer),
+        optional("metrics", addrs.metrics),
     );
     relay.run(shutdown_signal()).await?;
     Ok(())
@@ -238,6 +283,30 @@ async fn authorized_keys(args: AgentArgs, username: &str) -> Result<()> {
     let config = AgentConfig::load(&args)?;
     let keys = agent::authorized_keys::lookup(&config, username).await?;
     print!("{keys}");
+    Ok(())
+}
+
+async fn backup(
+    file: &std::path::Path,
+    database_url: Option<String>,
+    data_dir: Option<std::path::PathBuf>,
+) -> Result<()> {
+    let url = database_url.unwrap_or_else(|| {
+        let dir = data_dir.unwrap_or_else(|| RelayConfig::default().data_dir);
+        cloudlink::store::sqlite::default_url(&dir)
+    });
+    if !url.starts_with("sqlite:") {
+        anyhow::bail!(
+            "`cloudlink backup` copies SQLite stores; back up Postgres with pg_dump (README, Operations)"
+        );
+    }
+    if file.exists() {
+        anyhow::bail!("{} exists; back up to a new file", file.display());
+    }
+    cloudlink::store::sqlite::backup(&url, file)
+        .await
+        .with_context(|| format!("backup of {url} failed"))?;
+    println!("backed up {url} to {}", file.display());
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use cloudlink::proto::messages::{codes, RejectCode, RelayControl};
 use common::read_all as read_to_end;
 use common::{
     connect_raw, dataplane, digest_server, echo_server, fake_device, limits, sha256_hex, status_of,
-    tunnel, Agent, Api, World,
+    tool, tunnel, Agent, Api, World,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -600,23 +600,6 @@ async fn settled_mtu(mtu_max: u16) -> u16 {
         .expect("the transfer ends")
         .unwrap();
     pair.client.stats().path.current_mtu
-}
-
-/// Whether an outside client is installed; under `CLOUDLINK_REQUIRE_TOOLS=1` it must be.
-fn tool(name: &str) -> bool {
-    let found = std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    let required = std::env::var("CLOUDLINK_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
-    assert!(
-        found || !required,
-        "CLOUDLINK_REQUIRE_TOOLS=1 but {name} is not installed"
-    );
-    if !found {
-        eprintln!("note: {name} not installed; skipping its part");
-    }
-    found
 }
 
 // Multi-threaded: the test waits on curl and socat while its services keep serving.

@@ -66,6 +66,9 @@ pub struct AgentConfig {
     /// `device ssh` and the browser terminal reach) connect here. Default 22222, as on
     /// balenaOS; 22 for an sshd in its stock place.
     pub ssh_port: u16,
+    /// A file the agent keeps saying whether its link is up (`up RELAY TRANSPORT`,
+    /// `down REASON` or `starting`), for `cloudlink healthcheck`.
+    pub status_file: Option<PathBuf>,
 }
 
 /// Who may log in as `root` with cloud keys.
@@ -101,6 +104,7 @@ impl Default for AgentConfig {
             root_login: RootLogin::Off,
             ssh_login: None,
             ssh_port: crate::proto::SSH_PORT,
+            status_file: None,
         }
     }
 }
@@ -209,6 +213,9 @@ pub struct AgentArgs {
     /// The relay's API URL (for authorized-keys).
     #[arg(long)]
     pub api: Option<String>,
+    /// Keep the link's state in this file, for `cloudlink healthcheck`.
+    #[arg(long, global = true, env = "CLOUDLINK_AGENT_STATUS_FILE")]
+    pub status_file: Option<PathBuf>,
 }
 
 /// Errors loading the agent's configuration.
@@ -274,6 +281,9 @@ impl AgentConfig {
         }
         if let Some(v) = &args.api {
             config.api = Some(v.clone());
+        }
+        if let Some(v) = &args.status_file {
+            config.status_file = Some(v.clone());
         }
         Ok(config)
     }

@@ -26,6 +26,21 @@ use link::{AgentLink, TunnelRequest};
 /// What the agent calls itself in its hello.
 pub const AGENT_NAME: &str = concat!("cloudlink-agent/", env!("CARGO_PKG_VERSION"));
 
+/// Replaces the status file with one line about `state` (written aside, then renamed, so
+/// a health check never reads half of it). A failure is logged, never fatal.
+fn write_status(path: &std::path::Path, state: &LinkState) {
+    let line = match state {
+        LinkState::Starting => "starting\n".to_owned(),
+        LinkState::Connected(relay, transport) => format!("up {relay} {transport}\n"),
+        LinkState::Down(why) => format!("down {}\n", why.replace(['\n', '\r'], " ")),
+    };
+    let aside = path.with_extension("tmp");
+    let written = std::fs::write(&aside, line).and_then(|()| std::fs::rename(&aside, path));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the status file");
+    }
+}
+
 /// A session that lasted at least this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
 
@@ -137,7 +152,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         tunnels: Default::default(),
         worked: HashMap::new(),
     };
+    if let Some(path) = &agent.config.status_file {
+        // Not the last run's "up".
+        write_status(path, &LinkState::Starting);
+    }
     agent.run().await;
+    if let Some(path) = &agent.config.status_file {
+        write_status(path, &LinkState::Down("agent stopped".into()));
+    }
     Ok(())
 }
 
@@ -234,6 +256,9 @@ impl Agent {
     fn set_state(&mut self, state: LinkState) {
         if self.state == state {
             return;
+        }
+        if let Some(path) = &self.config.status_file {
+            write_status(path, &state);
         }
         match &state {
             LinkState::Connected(relay, transport) => {

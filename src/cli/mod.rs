@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod connect;
+pub mod healthcheck;
 pub mod settings;
 pub mod ssh;
 pub mod tunnel;

@@ -1,8 +1,28 @@
 //! Prometheus metrics of one relay, served at `/metrics`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+
+/// Buckets of the tunnel set-up histogram, in seconds: the alert's 5 ms sits on one.
+const SETUP_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// The `kind` values of `cloudlink_store_errors_total`.
+pub const STORE_ERROR_KINDS: [&str; 2] = ["unavailable", "database"];
+/// The `reason` values of `cloudlink_device_disconnects_total` ([`disconnect_reason`]).
+pub const DISCONNECT_REASONS: [&str; 6] = [
+    "shutdown", "replaced", "timeout", "closed", "reset", "error",
+];
+/// Buckets of the store query histogram, in seconds.
+const STORE_BUCKETS: &[f64] = &[
+    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+];
 
 /// Every metric the relay keeps. Counters are bumped when something ends, never per chunk.
 pub struct Metrics {
@@ -22,8 +42,22 @@ pub struct Metrics {
     pub tunnels_open: IntGauge,
     /// Tunnels ended, by close reason.
     pub tunnels_closed: IntCounterVec,
-    /// Bytes carried by ended tunnels, by direction (`up` = user to device).
-    pub tunnel_bytes: IntCounterVec,
+    /// Bytes carried by tunnels, by direction (`up` = user to device), running ones
+    /// included: brought up to date from the tunnels' own counters at each scrape.
+    tunnel_bytes: IntCounterVec,
+    /// Bytes of tunnels that have ended, up and down; the running ones are read live.
+    ended_bytes: [AtomicU64; 2],
+    /// What `tunnel_bytes` last reported, up and down (it never goes back).
+    reported_bytes: Mutex<[u64; 2]>,
+    /// Seconds from a CONNECT head read to its 200 written.
+    pub tunnel_setup: HistogramVec,
+    /// Device links that ended, by a small set of reasons.
+    pub device_disconnects: IntCounterVec,
+    /// Store calls by operation, and how long they took.
+    pub store_queries: HistogramVec,
+    /// Store calls that failed, by kind (`unavailable`, `database`); the operation is in
+    /// the log line.
+    pub store_errors: IntCounterVec,
     /// Failed authentications (API and proxy).
     pub auth_failures: IntCounter,
     /// What the QUIC listener did with new connections: `accept`, `retry`, `refuse`.
@@ -39,6 +73,9 @@ pub struct Metrics {
     pub peer_tunnels_out: IntCounter,
     /// 1 while this relay drains (after SIGTERM), else 0.
     pub draining: IntGauge,
+    /// 1 while `/readyz` would answer 200 (not draining, the store takes writes), as the
+    /// last heartbeat or readiness probe found.
+    pub ready: IntGauge,
     /// Store writes that failed where the relay carried on without them (`last_used`,
     /// presence, audit rows), by what was being written.
     pub store_write_failures: IntCounterVec,
@@ -107,6 +144,10 @@ impl Metrics {
             "Tunnels this relay forwarded to the relay holding the device",
         );
         let draining = gauge("cloudlink_draining", "1 while this relay drains");
+        let ready = gauge(
+            "cloudlink_ready",
+            "1 while the relay is ready: not draining, and its store takes writes",
+        );
         let devices_connected = register(
             &registry,
             "cloudlink_devices_connected",
@@ -125,6 +166,58 @@ impl Metrics {
             &["transport"],
         );
         let auth_failures = counter("cloudlink_auth_failures_total", "Failed authentications");
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+            register(&registry, name, HistogramVec::new(opts, labels))
+        };
+        let tunnel_setup = histogram(
+            "cloudlink_tunnel_setup_seconds",
+            "From a CONNECT head read to its 200 written, by route (local or peer)",
+            &["route"],
+            SETUP_BUCKETS,
+        );
+        let device_disconnects = counter_vec(
+            "cloudlink_device_disconnects_total",
+            "Device links that ended, by reason",
+            &["reason"],
+        );
+        let store_queries = histogram(
+            "cloudlink_store_query_seconds",
+            "Store calls by operation and how long they took",
+            &["op"],
+            STORE_BUCKETS,
+        );
+        let store_errors = counter_vec(
+            "cloudlink_store_errors_total",
+            "Store calls that failed, by kind",
+            &["kind"],
+        );
+        // Every label value at 0 from the start: a dashboard or alert sees "none yet" as 0,
+        // not as no data.
+        for kind in STORE_ERROR_KINDS {
+            store_errors.with_label_values(&[kind]);
+        }
+        for reason in DISCONNECT_REASONS {
+            device_disconnects.with_label_values(&[reason]);
+        }
+        let build_info = register(
+            &registry,
+            "cloudlink_build_info",
+            IntGaugeVec::new(
+                Opts::new("cloudlink_build_info", "Always 1: the running version"),
+                &["version"],
+            ),
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // CPU, memory, open files of this process (Linux only: it reads /proc).
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .unwrap_or_else(|e| panic!("process metrics: {e}"));
         Metrics {
             registry,
             api_responses,
@@ -135,6 +228,12 @@ impl Metrics {
             tunnels_open,
             tunnels_closed,
             tunnel_bytes,
+            ended_bytes: Default::default(),
+            reported_bytes: Mutex::new([0; 2]),
+            tunnel_setup,
+            device_disconnects,
+            store_queries,
+            store_errors,
             auth_failures,
             quic_admissions,
             store_write_failures,
@@ -143,15 +242,77 @@ impl Metrics {
             peer_tunnels_in,
             peer_tunnels_out,
             draining,
+            ready,
         }
     }
 
-    /// The text exposition format.
-    pub fn render(&self) -> String {
+    /// Adds an ended tunnel's bytes (before it leaves the registry, so a scrape in between
+    /// counts them twice at worst, which [`Metrics::render`] never lets show as a drop).
+    pub fn tunnel_ended(&self, up: u64, down: u64) {
+        self.ended_bytes[0].fetch_add(up, Ordering::Relaxed);
+        self.ended_bytes[1].fetch_add(down, Ordering::Relaxed);
+    }
+
+    /// Records a tunnel's set-up time; `route` is `local` or `peer`.
+    pub fn tunnel_set_up(&self, route: &str, took: Duration) {
+        self.tunnel_setup
+            .with_label_values(&[route])
+            .observe(took.as_secs_f64());
+    }
+
+    /// The text exposition format, with the byte counters brought up to date from `live`,
+    /// the (up, down) counts of the tunnels running now.
+    pub fn render(&self, live: impl Iterator<Item = (u64, u64)>) -> String {
+        self.refresh_bytes(live);
         let mut out = Vec::new();
         // Encoding registered metrics into a Vec cannot fail.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Metrics {
+    /// Moves `tunnel_bytes` to ended + running bytes, never backwards: a tunnel counted in
+    /// both for an instant is held at the higher figure until the true one passes it.
+    fn refresh_bytes(&self, live: impl Iterator<Item = (u64, u64)>) {
+        let (mut up, mut down) = (
+            self.ended_bytes[0].load(Ordering::Relaxed),
+            self.ended_bytes[1].load(Ordering::Relaxed),
+        );
+        for (u, d) in live {
+            up += u;
+            down += d;
+        }
+        let mut reported = self
+            .reported_bytes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (i, (now, label)) in [(up, "up"), (down, "down")].into_iter().enumerate() {
+            if now > reported[i] {
+                self.tunnel_bytes
+                    .with_label_values(&[label])
+                    .inc_by(now - reported[i]);
+                reported[i] = now;
+            }
+        }
+    }
+}
+
+/// The label for a device link's end: a handful of values, whatever the peer's words.
+pub fn disconnect_reason(reason: &str, draining: bool) -> &'static str {
+    let reason = reason.to_ascii_lowercase();
+    if draining {
+        "shutdown"
+    } else if reason.starts_with("replaced") {
+        "replaced"
+    } else if reason.contains("timed out") || reason.contains("timeout") {
+        "timeout"
+    } else if reason.contains("closed") || reason.contains("drain") {
+        "closed"
+    } else if reason.contains("reset") {
+        "reset"
+    } else {
+        "error"
     }
 }
 
@@ -171,5 +332,58 @@ where
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, series: &str) -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
+    }
+
+    #[test]
+    fn bytes_count_running_tunnels_and_never_go_back() {
+        let m = Metrics::new();
+        let up = "cloudlink_tunnel_bytes_total{direction=\"up\"}";
+        let down = "cloudlink_tunnel_bytes_total{direction=\"down\"}";
+        let text = m.render([(100, 7), (50, 3)].into_iter());
+        assert_eq!((value(&text, up), value(&text, down)), (150, 10));
+        // The second tunnel ends: counted as ended while still listed as running.
+        m.tunnel_ended(60, 4);
+        let text = m.render([(100, 7), (60, 4)].into_iter());
+        assert_eq!((value(&text, up), value(&text, down)), (220, 15));
+        // It leaves the registry: the true total (160) is below what was shown; held.
+        let text = m.render([(100, 7)].into_iter());
+        assert_eq!((value(&text, up), value(&text, down)), (220, 15));
+        // The first one moves on past it.
+        let text = m.render([(200, 20)].into_iter());
+        assert_eq!((value(&text, up), value(&text, down)), (260, 24));
+    }
+
+    #[test]
+    fn disconnect_reasons_are_few() {
+        assert_eq!(
+            disconnect_reason("replaced by a newer session", false),
+            "replaced"
+        );
+        assert_eq!(disconnect_reason("timed out", false), "timeout");
+        assert_eq!(disconnect_reason("closed by peer: 0", false), "closed");
+        assert_eq!(disconnect_reason("connection reset", false), "reset");
+        assert_eq!(disconnect_reason("anything at all \u{7}", false), "error");
+        assert_eq!(disconnect_reason("timed out", true), "shutdown");
+    }
+
+    #[test]
+    fn build_info_and_process_metrics_are_exposed() {
+        let text = Metrics::new().render(std::iter::empty());
+        assert!(text.contains(&format!(
+            "cloudlink_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
     }
 }

@@ -92,6 +92,8 @@ pub struct BoundAddrs {
     pub device: Option<SocketAddr>,
     /// TLS/TCP device listener, unless off.
     pub device_tcp: Option<SocketAddr>,
+    /// The metrics listener, when `/metrics` has its own.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A relay that has bound its sockets and is ready to serve.
@@ -104,6 +106,10 @@ pub struct Relay {
     proxy: Listeners,
     /// The peer listener (cluster mode).
     peer: Option<TcpListener>,
+    /// The metrics listener, when `/metrics` is off the API.
+    metrics: Option<TcpListener>,
+    /// The served certificate, reloaded when its files change.
+    tls: tls::Material,
     /// The QUIC endpoint devices dial, unless off.
     devices: Option<quinn::Endpoint>,
     /// The TLS/TCP device listener, unless off.
@@ -134,7 +140,12 @@ impl Relay {
                 format!("relay-{}", &tokens::new_device_uuid()[..12])
             })?,
         };
-        let store = store::open(&config.database_url()).await?;
+        let metrics = metrics::Metrics::new();
+        let store: Arc<dyn store::Store> = Arc::new(store::metered::Metered::new(
+            store::open(&config.database_url()).await?,
+            metrics.store_queries.clone(),
+            metrics.store_errors.clone(),
+        ));
         tracing::info!(backend = store.backend(), "store open, migrations applied");
         // Relays starting together on an empty database take turns at the writes every
         // relay must agree on.
@@ -221,6 +232,10 @@ impl Relay {
             Some(addr) => Some(bind_tcp("the peer link", addr).await?),
             None => None,
         };
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(bind_tcp("metrics", addr).await?),
+            None => None,
+        };
         tracing::info!(cert = %material.cert_path.display(), "TLS certificate loaded");
         // Other relays dial the peer address; a single relay publishes its API address so
         // operators can tell which relay a row is.
@@ -242,7 +257,7 @@ impl Relay {
         store.register_relay(&relay_id, &published).await?;
         store.clear_relay_presence(&relay_id).await?;
         tracing::info!(relay = %relay_id, peer_addr = %published, cluster = peer.is_some(), "relay registered");
-        let shared = Shared::new(config, store, jwt, peer_keys, relay_id);
+        let shared = Shared::new(config, store, jwt, peer_keys, relay_id, metrics);
         Ok(Relay {
             shared,
             api: Listeners {
@@ -260,6 +275,8 @@ impl Relay {
             routers: bound.routers,
             peer,
             devices,
+            metrics: metrics_listener,
+            tls: material,
             admin_key_path,
         })
     }
@@ -275,6 +292,7 @@ impl Relay {
             peer: self.peer.as_ref().and_then(|l| l.local_addr().ok()),
             device: self.devices.as_ref().and_then(|e| e.local_addr().ok()),
             device_tcp: self.devices_tcp.addrs().1,
+            metrics: self.metrics.as_ref().and_then(|l| l.local_addr().ok()),
         }
     }
 
@@ -302,6 +320,23 @@ impl Relay {
             background.spawn(router.run(timeout, shared.shutdown.clone()));
         }
         background.spawn(devices::watch_presence(shared.clone()));
+        {
+            let every = Duration::from_millis(shared.config.limits.tls_reload_check_ms.max(100));
+            let stop = shared.shutdown.clone();
+            let material = self.tls;
+            background.spawn(async move { tls::watch(&material, every, stop).await });
+        }
+        if let Some(listener) = self.metrics {
+            let stop = shared.shutdown.clone();
+            let app = api::metrics_router(shared.clone());
+            background.spawn(async move {
+                let serve = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await });
+                if let Err(e) = serve.await {
+                    tracing::warn!(error = %e, "metrics listener failed");
+                }
+            });
+        }
         background.spawn(heartbeat(shared.clone()));
         background.spawn(revalidate::revalidate(shared.clone()));
 
@@ -312,6 +347,7 @@ impl Relay {
         tracing::info!("draining: devices move to other relays, open tunnels run on");
         shared.draining.cancel();
         shared.metrics.draining.set(1);
+        shared.metrics.ready.set(0);
         // Tell the cluster at once, not at the next heartbeat.
         if let Err(e) = shared
             .store
@@ -428,11 +464,13 @@ async fn heartbeat(shared: Arc<Shared>) {
             _ = tick.tick() => {}
             _ = shared.shutdown.cancelled() => return,
         }
-        match shared
+        let beat = shared
             .store
             .heartbeat(&shared.relay_id, shared.status())
-            .await
-        {
+            .await;
+        let ready = beat.is_ok() && !shared.draining.is_cancelled();
+        shared.metrics.ready.set(i64::from(ready));
+        match beat {
             Ok(()) if failing => {
                 tracing::info!("store reachable again");
                 failing = false;
@@ -445,6 +483,7 @@ async fn heartbeat(shared: Arc<Shared>) {
             Err(_) => {}
         }
         if beats.is_multiple_of(12) {
+            prune_audit(&shared).await;
             let now = store::now_ms();
             if let Ok(relays) = shared.store.list_relays().await {
                 let alive = relays.iter().filter(|r| r.alive(now)).count();
@@ -456,6 +495,42 @@ async fn heartbeat(shared: Arc<Shared>) {
             }
         }
         beats += 1;
+    }
+}
+
+/// Deletes audit rows older than `--audit-retention`, a small batch per statement, until
+/// none is left (or the relay stops).
+async fn prune_audit(shared: &Shared) {
+    let keep = shared.config.audit_retention_secs;
+    if keep == 0 {
+        return;
+    }
+    let before = store::now_ms()
+        .saturating_sub(i64::try_from(keep.saturating_mul(1000)).unwrap_or(i64::MAX));
+    let batch = shared.config.limits.audit_prune_batch.max(1);
+    let mut total = 0;
+    while !shared.shutdown.is_cancelled() {
+        match shared.store.prune_tunnels(before, batch).await {
+            Ok(n) => {
+                total += n;
+                if n < batch as u64 {
+                    break;
+                }
+                // Let other store work in between batches.
+                tokio::task::yield_now().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot delete old audit rows; will try again");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        tracing::info!(
+            rows = total,
+            days = keep / 86_400,
+            "deleted audit rows past the retention period"
+        );
     }
 }
 

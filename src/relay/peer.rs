@@ -124,10 +124,24 @@ impl PeerKeys {
 /// The entry side: forwards an authorized CONNECT to the relay that holds the device,
 /// passes its answer back, and joins the user's connection to the peer connection.
 pub async fn forward<C: ClientConn>(
+    client: C,
+    leftover: BytesMut,
+    f: Forward,
+    state: &Arc<Shared>,
+    received: std::time::Instant,
+) {
+    let span = tunnel::span(&f.entry.id, &f.username, &f.device);
+    forward_in_span(client, leftover, f, state, received)
+        .instrument(span)
+        .await
+}
+
+async fn forward_in_span<C: ClientConn>(
     mut client: C,
     leftover: BytesMut,
     f: Forward,
     state: &Arc<Shared>,
+    received: std::time::Instant,
 ) {
     let Some(keys) = &state.peer_keys else {
         state.registry.remove_tunnel(&f.entry.id);
@@ -159,8 +173,9 @@ pub async fn forward<C: ClientConn>(
         let answer = with_version(&answer, f.version);
         return proxy::answer_and_close(client, &answer).await;
     }
-    let counters = Counters::default();
+    let counters = &f.entry.counters;
     let answered = tunnel::answer_established(&mut client, f.version).await;
+    state.metrics.tunnel_set_up("peer", received.elapsed());
     state
         .metrics
         .proxy_responses
@@ -176,11 +191,11 @@ pub async fn forward<C: ClientConn>(
         Some(f.owner.relay_id.clone()),
     );
     state.metrics.tunnels_open.inc();
-    tracing::info!(tunnel = %f.entry.id, user = %f.username, device = %f.device, port = f.port, owner = %f.owner.relay_id, "tunnel open (forwarded)");
+    tracing::info!(port = f.port, owner = %f.owner.relay_id, "tunnel open (forwarded)");
     let end = if !answered {
         End::SocketReset
     } else {
-        join(client, &mut peer, leftover, early, &counters, &f, state).await
+        join(client, &mut peer, leftover, early, counters, &f, state).await
     };
     // The peer side follows the user side: reset on an abnormal end, FIN otherwise.
     if end.resets_socket() {
@@ -189,7 +204,7 @@ pub async fn forward<C: ClientConn>(
         forward::disarm_reset(&peer);
     }
     drop(peer);
-    tunnel::finish(state, &f.entry, &counters, &end, Some(audit)).await;
+    tunnel::finish(state, &f.entry, &end, Some(audit)).await;
 }
 
 /// Dials the owner and sends the CONNECT with a peer token; returns the connection, the
@@ -352,6 +367,7 @@ pub async fn run(listener: TcpListener, state: Arc<Shared>, tracker: TaskTracker
 async fn serve(mut stream: TcpStream, _peer: SocketAddr, state: Arc<Shared>) {
     let limits = &state.config.limits;
     let read = connect::read_head(&mut stream, limits.head_max_bytes, limits.head_timeout()).await;
+    let received = std::time::Instant::now();
     let (head, leftover) = match read {
         Ok(ok) => ok,
         Err(HeadError::Closed) => return,
@@ -370,7 +386,7 @@ async fn serve(mut stream: TcpStream, _peer: SocketAddr, state: Arc<Shared>) {
     match admit_peer(&head, &state).await {
         Ok(admitted) => {
             state.metrics.peer_tunnels_in.inc();
-            tunnel::run(stream, leftover, admitted, &state).await
+            tunnel::run(stream, leftover, admitted, &state, received).await
         }
         Err(refusal) => proxy::refuse(stream, &state, head.version, refusal).await,
     }

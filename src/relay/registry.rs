@@ -86,6 +86,8 @@ pub struct TunnelEntry {
     pub cancel: CancellationToken,
     /// Why it was cancelled, set once before `cancel` fires.
     pub reason: OnceLock<&'static str>,
+    /// Bytes moved so far, read by `/metrics` while the tunnel runs.
+    pub counters: crate::forward::Counters,
 }
 
 /// What opened a tunnel.
@@ -276,6 +278,7 @@ mod tests {
             kind: TunnelKind::Connect,
             cancel: CancellationToken::new(),
             reason: OnceLock::new(),
+            counters: Default::default(),
         })
     }
 

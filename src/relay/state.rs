@@ -69,6 +69,7 @@ impl Shared {
         jwt: JwtKeys,
         peer_keys: Option<super::peer::PeerKeys>,
         relay_id: String,
+        metrics: Metrics,
     ) -> Arc<Shared> {
         let auth_failures = AuthFailures::new(config.limits.auth_failures_per_minute);
         let cache_ttl = std::time::Duration::from_millis(config.limits.auth_cache_ms);
@@ -77,7 +78,7 @@ impl Shared {
             jwt,
             peer_keys,
             relay_id,
-            metrics: Metrics::new(),
+            metrics,
             auth_failures,
             registry: Registry::default(),
             auth_cache: AuthCache::new(cache_ttl),

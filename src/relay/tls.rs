@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
 
 use super::datadir;
 use crate::config::RelayConfig;
@@ -45,14 +46,35 @@ pub enum TlsError {
     Store(#[from] StoreError),
 }
 
-/// A certificate chain and its key.
+/// A certificate chain and its key, as every TLS listener serves it.
 pub struct Material {
-    /// Leaf first.
-    pub certs: Vec<CertificateDer<'static>>,
-    /// The leaf's key.
-    pub key: PrivateKeyDer<'static>,
-    /// Where the chain came from, for the operator's log.
+    /// Where the chain came from.
     pub cert_path: PathBuf,
+    /// Where the key came from.
+    pub key_path: PathBuf,
+    /// What new handshakes get: swapped by [`watch`] when the files change, so open
+    /// connections and tunnels keep their session while new ones see the new certificate.
+    pub resolver: Arc<Reloadable>,
+}
+
+/// The certificate new handshakes get; replaceable while the relay runs.
+#[derive(Debug)]
+pub struct Reloadable(std::sync::RwLock<Arc<CertifiedKey>>);
+
+impl Reloadable {
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn replace(&self, key: Arc<CertifiedKey>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = key;
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Reloadable {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
 }
 
 fn pem_error(path: &Path, message: impl std::fmt::Display) -> TlsError {
@@ -62,7 +84,25 @@ fn pem_error(path: &Path, message: impl std::fmt::Display) -> TlsError {
     }
 }
 
+impl Material {
+    /// The chain and key in these PEM files.
+    pub fn from_files(cert_path: &Path, key_path: &Path) -> Result<Material, TlsError> {
+        load(cert_path, key_path)
+    }
+}
+
 fn load(cert_path: &Path, key_path: &Path) -> Result<Material, TlsError> {
+    Ok(Material {
+        cert_path: cert_path.to_owned(),
+        key_path: key_path.to_owned(),
+        resolver: Arc::new(Reloadable(std::sync::RwLock::new(Arc::new(certified_key(
+            cert_path, key_path,
+        )?)))),
+    })
+}
+
+/// The chain and key from their PEM files, checked to belong together.
+fn certified_key(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, TlsError> {
     let certs = CertificateDer::pem_file_iter(cert_path)
         .map_err(|e| pem_error(cert_path, e))?
         .collect::<Result<Vec<_>, _>>()
@@ -71,11 +111,67 @@ fn load(cert_path: &Path, key_path: &Path) -> Result<Material, TlsError> {
         return Err(pem_error(cert_path, "no certificate in the file"));
     }
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| pem_error(key_path, e))?;
-    Ok(Material {
-        certs,
-        key,
-        cert_path: cert_path.to_owned(),
-    })
+    let certified = CertifiedKey::from_der(certs, key, &provider()).map_err(|e| {
+        pem_error(
+            key_path,
+            format!("does not go with {}: {e}", cert_path.display()),
+        )
+    })?;
+    Ok(certified)
+}
+
+/// What [`watch`] compares to see a change: each file's modification time and length.
+fn stamp(paths: [&Path; 2]) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    paths
+        .iter()
+        .map(|p| {
+            let meta = std::fs::metadata(p).ok()?;
+            Some((meta.modified().ok()?, meta.len()))
+        })
+        .collect()
+}
+
+/// Reloads the certificate and key when their files change (checked every `every`) or on
+/// SIGHUP, until `stop`. A pair that does not load (half-written, mismatched) is logged
+/// and the served one kept; the next change or SIGHUP tries again.
+pub async fn watch(
+    material: &Material,
+    every: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let paths = [material.cert_path.as_path(), material.key_path.as_path()];
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP; certificate files are still watched");
+            None
+        }
+    };
+    let mut seen = stamp(paths);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let asked = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => false,
+            Some(()) = async { match &mut hup { Some(h) => h.recv().await, None => None } } => true,
+        };
+        let now = stamp(paths);
+        if !asked && now == seen {
+            continue;
+        }
+        seen = now;
+        match certified_key(paths[0], paths[1]) {
+            Ok(key) => {
+                material.resolver.replace(Arc::new(key));
+                tracing::info!(cert = %paths[0].display(), on_signal = asked, "TLS certificate reloaded");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS certificate not reloaded; still serving the previous one")
+            }
+        }
+    }
 }
 
 /// The name of the dev certificate's row in the store's shared secrets.
@@ -150,7 +246,7 @@ pub fn quic_server(
     let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
-        .with_single_cert(material.certs.clone(), material.key.clone_key())?;
+        .with_cert_resolver(material.resolver.clone());
     crypto.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
@@ -167,7 +263,7 @@ pub fn tcp_server(
     let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(material.certs.clone(), material.key.clone_key())?;
+        .with_cert_resolver(material.resolver.clone());
     crypto.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(crypto))
 }
@@ -178,7 +274,7 @@ pub fn device_tcp_server(material: &Material) -> Result<Arc<rustls::ServerConfig
     let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
-        .with_single_cert(material.certs.clone(), material.key.clone_key())?;
+        .with_cert_resolver(material.resolver.clone());
     crypto.alpn_protocols = vec![crate::link::TCP_ALPN.to_vec()];
     Ok(Arc::new(crypto))
 }
@@ -243,7 +339,10 @@ mod tests {
         assert_eq!(key_mode & 0o777, 0o600);
         // Generated once: a second start loads the same certificate.
         let again = super::material(&config, store.as_ref()).await.unwrap();
-        assert_eq!(again.certs, material.certs);
+        assert_eq!(
+            again.resolver.current().cert,
+            material.resolver.current().cert
+        );
         // A second relay on the same store, with a data dir of its own, serves the same one.
         let other = tempfile::tempdir().unwrap();
         let config = RelayConfig {
@@ -251,6 +350,9 @@ mod tests {
             ..config
         };
         let shared = super::material(&config, store.as_ref()).await.unwrap();
-        assert_eq!(shared.certs, material.certs);
+        assert_eq!(
+            shared.resolver.current().cert,
+            material.resolver.current().cert
+        );
     }
 }

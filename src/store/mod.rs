@@ -7,6 +7,7 @@
 //! What really differs per backend (connect options, migrations, pragmas) lives in
 //! [`postgres`] and [`sqlite`].
 
+pub mod metered;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
@@ -623,6 +624,9 @@ pub trait Store: Send + Sync + 'static {
         bytes_down: i64,
         reason: &str,
     ) -> Result<()>;
+    /// Deletes at most `batch` audit rows of tunnels opened before `before`, oldest first;
+    /// how many. Callers loop in small batches so that no statement holds locks long.
+    async fn prune_tunnels(&self, before: Millis, batch: i64) -> Result<u64>;
     /// The newest tunnels, all (`None`) or one user's, to any device (`None`) or one, at
     /// most `limit`.
     async fn list_tunnels(

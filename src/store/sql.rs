@@ -861,6 +861,18 @@ impl Store for SqlStore {
         Ok(())
     }
 
+    async fn prune_tunnels(&self, before: Millis, batch: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM tunnel_sessions WHERE id IN \
+             (SELECT id FROM tunnel_sessions WHERE opened_at < $1 ORDER BY opened_at LIMIT $2)",
+        )
+        .bind(before)
+        .bind(batch)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn list_tunnels(
         &self,
         user_id: Option<Id>,

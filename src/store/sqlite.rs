@@ -36,6 +36,33 @@ fn with_create_mode(url: &str) -> String {
     }
 }
 
+/// Writes a consistent copy of the database at `url` to the new file `to`, while relays
+/// keep using it (`VACUUM INTO`: one read transaction; writers carry on in the WAL).
+pub async fn backup(url: &str, to: &std::path::Path) -> Result<()> {
+    sqlx::any::install_default_drivers();
+    let source = if url.contains("mode=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&mode=ro")
+    } else {
+        format!("{url}?mode=ro")
+    };
+    let pool = AnyPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect(&source)
+        .await?;
+    let target = to.to_str().ok_or_else(|| {
+        super::StoreError::UnsupportedUrl(format!("{}: not a UTF-8 path", to.display()))
+    })?;
+    sqlx::query("VACUUM INTO $1")
+        .bind(target)
+        .execute(&pool)
+        .await?;
+    pool.close().await;
+    Ok(())
+}
+
 /// The default database URL for a data directory.
 pub fn default_url(data_dir: &std::path::Path) -> String {
     format!("sqlite://{}", data_dir.join("cloudlink.db").display())

@@ -29,6 +29,24 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_cloudlink")
 }
 
+/// Whether an outside program is installed; under `CLOUDLINK_REQUIRE_TOOLS=1` it must be
+/// (scripts/test installs them), so a missing one fails the run instead of skipping.
+pub fn tool(name: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let required = std::env::var("CLOUDLINK_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
+    assert!(
+        found || !required,
+        "CLOUDLINK_REQUIRE_TOOLS=1 but {name} is not installed"
+    );
+    if !found {
+        eprintln!("note: {name} not installed; skipping its part");
+    }
+    found
+}
+
 /// How long any single wait for a process event may take before the test fails.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -139,6 +157,8 @@ pub struct Relay {
     device_quic: Option<SocketAddr>,
     /// The peer link (cluster mode).
     pub peer: Option<SocketAddr>,
+    /// The metrics listener, with `--metrics-listen`.
+    pub metrics: Option<SocketAddr>,
     pub stdout: Lines,
     pub stderr: Lines,
     extra: Vec<String>,
@@ -225,6 +245,7 @@ impl Relay {
             device_tcp: field(&line, "device_tcp"),
             device_quic: field(&line, "device"),
             peer: field(&line, "peer"),
+            metrics: field(&line, "metrics"),
             stdout,
             stderr,
             extra,
@@ -860,11 +881,9 @@ pub async fn quic_pair(mtu_max: u16) -> QuicPair {
     let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let cert_path = dir.path().join("cert.pem");
     std::fs::write(&cert_path, generated.cert.pem()).unwrap();
-    let material = cloudlink::relay::tls::Material {
-        certs: vec![generated.cert.der().clone()],
-        key: rustls::pki_types::PrivateKeyDer::Pkcs8(generated.signing_key.serialize_der().into()),
-        cert_path: cert_path.clone(),
-    };
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&key_path, generated.signing_key.serialize_pem()).unwrap();
+    let material = cloudlink::relay::tls::Material::from_files(&cert_path, &key_path).unwrap();
     let limits = cloudlink::config::Limits::default();
     let transport = |streams| {
         cloudlink::quic::transport(

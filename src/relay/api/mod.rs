@@ -112,15 +112,25 @@ pub async fn readyz(State(state): State<Arc<Shared>>) -> Result<&'static str, Ap
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, "not ready: the store does not take writes");
+            state.metrics.ready.set(0);
             ApiError::Unavailable
         })?;
+    state.metrics.ready.set(1);
     Ok("ready\n")
 }
 
 async fn metrics(State(state): State<Arc<Shared>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        state
+            .metrics
+            .render(state.registry.tunnels().iter().map(|t| {
+                use std::sync::atomic::Ordering::Relaxed;
+                (
+                    t.counters.to_quic.load(Relaxed),
+                    t.counters.from_quic.load(Relaxed),
+                )
+            })),
     )
 }
 
@@ -142,11 +152,22 @@ async fn count_responses(State(state): State<Arc<Shared>>, req: Request, next: N
     response
 }
 
-/// The API's routes.
+/// `/metrics` alone, for `--metrics-listen`.
+pub fn metrics_router(state: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// The API's routes (`/metrics` among them unless it has a listener of its own).
 pub fn router(state: Arc<Shared>) -> Router {
     let mut router = Router::new();
     for path in crate::relay::web::paths() {
         router = router.route(path, get(crate::relay::web::asset));
+    }
+    if state.config.metrics_listen.is_none() {
+        router = router.route("/metrics", get(metrics));
     }
     router
         .route("/v1/users", post(users::create_user).get(users::list_users))
@@ -199,7 +220,6 @@ pub fn router(state: Arc<Shared>) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(

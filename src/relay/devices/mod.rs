@@ -338,6 +338,12 @@ async fn unregister(state: &Shared, registered: &Registered, reason: &str) {
             tracing::warn!(device = %uuid, error = %e, "cannot clear presence");
         }
     }
+    let class = super::metrics::disconnect_reason(reason, state.draining.is_cancelled());
+    state
+        .metrics
+        .device_disconnects
+        .with_label_values(&[class])
+        .inc();
     tracing::info!(device = %uuid, reason = %crate::logsafe::Peer(reason), "device disconnected");
 }
 

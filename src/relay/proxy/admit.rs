@@ -158,6 +158,7 @@ pub fn new_entry(
         // Not a child of the shutdown token: open tunnels run on through the grace period.
         cancel: CancellationToken::new(),
         reason: OnceLock::new(),
+        counters: Default::default(),
     })
 }
 

@@ -177,6 +177,7 @@ pub async fn serve<C: ClientConn>(
                 None => return,
             },
         };
+    let received = std::time::Instant::now();
     let head = match connect::parse_head(&head.0) {
         Ok(head) => head,
         Err(e) => match head_refusal(e) {
@@ -186,9 +187,11 @@ pub async fn serve<C: ClientConn>(
     };
     let version = head.version;
     match admit::admit(&head, peer, &state, pending, kind, id).await {
-        Ok(admit::Route::Local(admitted)) => tunnel::run(client, leftover, admitted, &state).await,
+        Ok(admit::Route::Local(admitted)) => {
+            tunnel::run(client, leftover, admitted, &state, received).await
+        }
         Ok(admit::Route::Peer(forward)) => {
-            crate::relay::peer::forward(client, leftover, forward, &state).await
+            crate::relay::peer::forward(client, leftover, forward, &state, received).await
         }
         Err(refusal) => refuse(client, &state, version, refusal).await,
     }

@@ -1,25 +1,47 @@
 //! One admitted tunnel: the 200, the joined streams, and the audit row of how it ended.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use super::admit::Admitted;
 use super::ClientConn;
-use crate::forward::{self, ChunkSend, Counters, End};
+use crate::forward::{self, ChunkSend, End};
 use crate::proto::connect;
 use crate::relay::registry::TunnelEntry;
 use crate::relay::state::Shared;
 use crate::store::{now_ms, Id, TunnelSession};
+use tracing::Instrument;
 
 /// Answers 200, forwards pipelined bytes, joins the streams, and records how it ended.
+/// `received` is when the CONNECT head was read (for the set-up time). Every log line of
+/// the tunnel carries its id, user and device (the `tunnel` span).
 pub async fn run<C: ClientConn>(
+    client: C,
+    leftover: BytesMut,
+    t: Admitted,
+    state: &Arc<Shared>,
+    received: Instant,
+) {
+    let span = span(&t.entry.id, &t.username, &t.device);
+    run_in_span(client, leftover, t, state, received)
+        .instrument(span)
+        .await
+}
+
+/// The span every log line about one tunnel is in.
+pub fn span(id: &str, user: &str, device: &str) -> tracing::Span {
+    tracing::info_span!("tunnel", id = %id, user = %user, device = %device)
+}
+
+async fn run_in_span<C: ClientConn>(
     mut client: C,
     leftover: BytesMut,
     t: Admitted,
     state: &Arc<Shared>,
+    received: Instant,
 ) {
     let Admitted {
         version,
@@ -33,9 +55,10 @@ pub async fn run<C: ClientConn>(
         on_session,
         audited,
     } = t;
-    let counters = Counters::default();
+    let counters = &entry.counters;
     // The 200 goes out alone and flushed before any device byte (PROTOCOL.md §1).
     let answered = answer_established(&mut client, version).await;
+    state.metrics.tunnel_set_up("local", received.elapsed());
     state
         .metrics
         .proxy_responses
@@ -44,7 +67,7 @@ pub async fn run<C: ClientConn>(
     let audit =
         audited.then(|| Audit::open(state, &entry, user_id, &username, &device, port, None));
     state.metrics.tunnels_open.inc();
-    tracing::info!(tunnel = %entry.id, user = %username, %device, port, "tunnel open");
+    tracing::info!(port, "tunnel open");
 
     let end = if !answered {
         End::SocketReset
@@ -66,13 +89,13 @@ pub async fn run<C: ClientConn>(
             End::QuicReset
         } else {
             let idle = idle_timeout(state);
-            forward::join(send, recv, &mut r, &mut w, &counters, &entry.cancel, idle).await
+            forward::join(send, recv, &mut r, &mut w, counters, &entry.cancel, idle).await
         };
         C::close(r, w, end.resets_socket());
         end
     };
     drop(on_session);
-    finish(state, &entry, &counters, &end, audit).await;
+    finish(state, &entry, &end, audit).await;
 }
 
 /// Sends the 200 alone and flushed; false if the client is gone.
@@ -139,32 +162,26 @@ impl Audit {
 /// Forgets the tunnel, counts it, logs how it ended, and completes its audit row (if this
 /// relay keeps one). Runs in the connection's tracked task, so a graceful shutdown
 /// completes every audit row.
-pub async fn finish(
-    state: &Arc<Shared>,
-    entry: &TunnelEntry,
-    counters: &Counters,
-    end: &End,
-    audit: Option<Audit>,
-) {
+pub async fn finish(state: &Arc<Shared>, entry: &TunnelEntry, end: &End, audit: Option<Audit>) {
     use std::sync::atomic::Ordering::Relaxed;
+    let up = entry.counters.to_quic.load(Relaxed);
+    let down = entry.counters.from_quic.load(Relaxed);
+    let m = &state.metrics;
+    // Counted as ended before it stops being listed as running (metrics.rs).
+    m.tunnel_ended(up, down);
     state.registry.remove_tunnel(&entry.id);
-    state.metrics.tunnels_open.dec();
+    m.tunnels_open.dec();
     let reason = match end {
         End::Cancelled => entry.reason.get().copied().unwrap_or("shutdown").to_owned(),
         other => other.reason(),
     };
-    let up = counters.to_quic.load(Relaxed);
-    let down = counters.from_quic.load(Relaxed);
-    let m = &state.metrics;
     m.tunnels_closed.with_label_values(&[&reason]).inc();
-    m.tunnel_bytes.with_label_values(&["up"]).inc_by(up);
-    m.tunnel_bytes.with_label_values(&["down"]).inc_by(down);
     match end {
-        End::Closed => tracing::info!(tunnel = %entry.id, up, down, "tunnel closed"),
+        End::Closed => tracing::info!(up, down, "tunnel closed"),
         End::ConnectionLost(e) => {
-            tracing::warn!(tunnel = %entry.id, up, down, error = %e, "tunnel ended: device connection lost")
+            tracing::warn!(up, down, error = %e, "tunnel ended: device connection lost")
         }
-        _ => tracing::info!(tunnel = %entry.id, up, down, reason = %reason, "tunnel ended"),
+        _ => tracing::info!(up, down, reason = %reason, "tunnel ended"),
     }
     let Some(audit) = audit else { return };
     // The open row was written off the set-up path; the close waits for it.

@@ -49,12 +49,26 @@ async fn terminal_opens_a_root_shell_with_a_session_key() {
         "the session key outlived its login: {keys}"
     );
 
-    // Ctrl-C reaches the foreground program through the PTY. It is sent once the shell is
-    // running the line (its marker printed; the quotes keep the typed echo from matching),
-    // so that it cannot arrive while the shell is still reading it.
-    t.type_in("echo sleep''ing-now; sleep 600\r").await;
+    // Ctrl-C reaches the foreground program through the PTY. It is sent once that program
+    // runs: the marker comes from the foreground child itself (bash gives a child the
+    // terminal before it runs), not from the shell's own `echo`, after which a Ctrl-C could
+    // land while bash was still starting `sleep` with SIGINT ignored, and be lost. The
+    // quotes keep the typed echo from matching.
+    t.type_in("sh -c 'echo sleep''ing-now; exec sleep 600'\r")
+        .await;
     t.expect_output("sleeping-now").await;
     t.type_in("\u{3}").await;
+    // The next line once the shell prompts again, as a person types it: bash may drop
+    // what arrives while it recovers from the interrupted job.
+    let prompted = t
+        .until(|t| {
+            t.output
+                .rsplit("sleeping-now")
+                .next()
+                .is_some_and(|after| after.contains("# "))
+        })
+        .await;
+    assert!(prompted, "no prompt after Ctrl-C: {:?}", t.output);
     t.type_in("echo after-ctrl-c-$((1+1))\r").await;
     t.expect_output("after-ctrl-c-2").await;
 

@@ -42,7 +42,7 @@ pub async fn revalidate(state: Arc<Shared>) {
             };
             if !allowed {
                 state.auth_cache.clear();
-                tracing::info!(tunnel = %entry.id, "access revoked; ending tunnel");
+                tracing::info!(tunnel = %entry.id, user_id = entry.user_id, device = %entry.device, "access revoked; ending tunnel");
                 entry.end("revoked");
             }
         }

@@ -246,8 +246,8 @@ impl Metrics {
         }
     }
 
-    /// Adds an ended tunnel's bytes (before it leaves the registry, so a scrape in between
-    /// counts them twice at worst, which [`Metrics::render`] never lets show as a drop).
+    /// Adds an ended tunnel's bytes, once it has left the registry (a scrape in between
+    /// misses them for a moment, which [`Metrics::render`] never lets show as a drop).
     pub fn tunnel_ended(&self, up: u64, down: u64) {
         self.ended_bytes[0].fetch_add(up, Ordering::Relaxed);
         self.ended_bytes[1].fetch_add(down, Ordering::Relaxed);
@@ -272,8 +272,9 @@ impl Metrics {
 }
 
 impl Metrics {
-    /// Moves `tunnel_bytes` to ended + running bytes, never backwards: a tunnel counted in
-    /// both for an instant is held at the higher figure until the true one passes it.
+    /// Moves `tunnel_bytes` to ended + running bytes, never backwards: while a tunnel is
+    /// between the two (or counted in both) the last figure is held until the true one
+    /// reaches it.
     fn refresh_bytes(&self, live: impl Iterator<Item = (u64, u64)>) {
         let (mut up, mut down) = (
             self.ended_bytes[0].load(Ordering::Relaxed),

@@ -498,8 +498,12 @@ async fn heartbeat(shared: Arc<Shared>) {
     }
 }
 
+/// Statements [`prune_audit`] makes per round: it runs between heartbeats, which must not
+/// wait on a large backlog (that goes at up to 20 batches a minute instead).
+const PRUNE_BATCHES_PER_ROUND: usize = 20;
+
 /// Deletes audit rows older than `--audit-retention`, a small batch per statement, until
-/// none is left (or the relay stops).
+/// none is left, the round's batches are spent, or the relay stops.
 async fn prune_audit(shared: &Shared) {
     let keep = shared.config.audit_retention_secs;
     if keep == 0 {
@@ -509,7 +513,10 @@ async fn prune_audit(shared: &Shared) {
         .saturating_sub(i64::try_from(keep.saturating_mul(1000)).unwrap_or(i64::MAX));
     let batch = shared.config.limits.audit_prune_batch.max(1);
     let mut total = 0;
-    while !shared.shutdown.is_cancelled() {
+    for _ in 0..PRUNE_BATCHES_PER_ROUND {
+        if shared.shutdown.is_cancelled() {
+            break;
+        }
         match shared.store.prune_tunnels(before, batch).await {
             Ok(n) => {
                 total += n;

@@ -167,9 +167,10 @@ pub async fn finish(state: &Arc<Shared>, entry: &TunnelEntry, end: &End, audit: 
     let up = entry.counters.to_quic.load(Relaxed);
     let down = entry.counters.from_quic.load(Relaxed);
     let m = &state.metrics;
-    // Counted as ended before it stops being listed as running (metrics.rs).
-    m.tunnel_ended(up, down);
+    // Out of the running ones, then into the ended ones: a scrape in between sees too few
+    // bytes, which the counter holds over (metrics.rs), never too many.
     state.registry.remove_tunnel(&entry.id);
+    m.tunnel_ended(up, down);
     m.tunnels_open.dec();
     let reason = match end {
         End::Cancelled => entry.reason.get().copied().unwrap_or("shutdown").to_owned(),

@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use cloudlink::agent::{self, AgentArgs, AgentConfig};
-use cloudlink::cli::{admin, healthcheck, ssh, tunnel, Output};
+use cloudlink::cli::{admin, healthcheck, login, settings, ssh, tunnel, JsonArg, Output};
 use cloudlink::config::{RelayArgs, RelayConfig};
 use cloudlink::relay::Relay;
 
@@ -13,8 +13,9 @@ use cloudlink::relay::Relay;
 #[derive(Parser)]
 #[command(name = "cloudlink", version, about, propagate_version = true)]
 struct Cli {
-    /// Print results as JSON instead of tables.
-    #[arg(long, global = true)]
+    /// Before the subcommand, as older versions took it; commands that print data take
+    /// `--json` themselves.
+    #[arg(long, hide = true)]
     json: bool,
     /// Log lines as text or as one JSON object each.
     #[arg(
@@ -24,8 +25,21 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
+    /// The saved login to use: one profile per relay [default: default].
+    #[arg(long, global = true, env = "CLOUDLINK_PROFILE")]
+    profile: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// A group of data commands, `--json` taken anywhere after the group's name.
+#[derive(clap::Args)]
+struct Group<C: clap::Subcommand> {
+    /// Print results (and errors) as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: C,
 }
 
 #[derive(Subcommand)]
@@ -38,19 +52,26 @@ enum Command {
         #[arg(long, env = "CLOUDLINK_DATABASE_URL")]
         database_url: String,
     },
-    /// Check an API key against a relay and save the login.
-    Login(admin::LoginArgs),
-    /// Show who you are logged in as.
-    Whoami,
+    /// Check an API key against a relay and save the login (in the selected profile).
+    Login {
+        #[command(flatten)]
+        args: login::LoginArgs,
+        #[command(flatten)]
+        json: JsonArg,
+    },
+    /// Forget the selected profile's login.
+    Logout(JsonArg),
+    /// Show who you are logged in as, on which relay, in which profile.
+    Whoami(JsonArg),
     /// Manage users (admins).
-    #[command(subcommand)]
-    User(admin::UserCmd),
+    User(Group<admin::UserCmd>),
     /// Manage your API keys.
-    #[command(subcommand, name = "api-key")]
-    ApiKey(admin::ApiKeyCmd),
+    #[command(name = "api-key")]
+    ApiKey(Group<admin::ApiKeyCmd>),
     /// Manage fleets and their members.
-    #[command(subcommand)]
-    Fleet(admin::FleetCmd),
+    Fleet(Group<admin::FleetCmd>),
+    /// List the fleets you can see (`fleet list`).
+    Fleets(JsonArg),
     /// Reach devices (tunnel, ssh) and manage them (register, list, rm).
     #[command(subcommand)]
     Device(DeviceCmd),
@@ -60,6 +81,12 @@ enum Command {
         uuid: String,
         /// Device port.
         port: u16,
+        /// Reach the relay directly, ignoring HTTPS_PROXY.
+        #[arg(long)]
+        noproxy: bool,
+        /// Also write a refusal's explanation to this file (for `device ssh`).
+        #[arg(long, hide = true)]
+        report: Option<std::path::PathBuf>,
     },
     /// Run the device agent (dials the relay, serves tunnels).
     Agent {
@@ -69,8 +96,7 @@ enum Command {
         command: Option<AgentCmd>,
     },
     /// Manage your SSH public keys.
-    #[command(subcommand)]
-    Key(admin::KeyCmd),
+    Key(Group<admin::KeyCmd>),
     /// Exit 0 if the relay or agent running here is healthy (a container's HEALTHCHECK).
     Healthcheck(healthcheck::HealthArgs),
     /// Copy a SQLite store to a new file while the relay runs (for Postgres: pg_dump).
@@ -86,6 +112,22 @@ enum Command {
     },
 }
 
+impl Command {
+    /// Whether this command was asked for JSON.
+    fn json(&self) -> bool {
+        match self {
+            Command::Login { json, .. } => json.json,
+            Command::Logout(j) | Command::Whoami(j) | Command::Fleets(j) => j.json,
+            Command::User(g) => g.json,
+            Command::ApiKey(g) => g.json,
+            Command::Fleet(g) => g.json,
+            Command::Key(g) => g.json,
+            Command::Device(DeviceCmd::Admin(cmd)) => cmd.json(),
+            _ => false,
+        }
+    }
+}
+
 /// How log lines are written.
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LogFormat {
@@ -99,7 +141,7 @@ enum LogFormat {
 enum DeviceCmd {
     /// Forward local ports to the device's ports: -p R, R:L, R:ADDR or R:ADDR:L.
     Tunnel {
-        /// Device uuid.
+        /// Device uuid, short uuid (7+ characters) or name.
         uuid: String,
         /// Port spec (repeatable).
         #[arg(short = 'p', long = "port", required = true)]
@@ -150,12 +192,15 @@ fn current_thread() -> Result<tokio::runtime::Runtime> {
 
 fn main() {
     let cli = Cli::parse();
-    let out = if cli.json {
-        Output::Json
-    } else {
-        Output::Table
-    };
-    let result = match cli.command {
+    let json = cli.json || cli.command.json();
+    if cli.json && !cli.command.json() && !data_command(&cli.command) {
+        fail(
+            json,
+            anyhow::anyhow!("--json applies to commands that print data (lists, show, whoami …)"),
+        );
+    }
+    let out = if json { Output::Json } else { Output::Table };
+    let result = settings::select_profile(cli.profile).and_then(|()| match cli.command {
         Command::Relay(args) => {
             init_tracing("info", cli.log_format);
             run_relay(*args)
@@ -185,11 +230,55 @@ fn main() {
             init_tracing("warn", cli.log_format);
             current_thread().and_then(|rt| rt.block_on(run_command(command, out)))
         }
-    };
+    });
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+        fail(json, e);
     }
+}
+
+/// Whether a command prints data (and so takes `--json`).
+fn data_command(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Login { .. }
+            | Command::Logout(_)
+            | Command::Whoami(_)
+            | Command::User(_)
+            | Command::ApiKey(_)
+            | Command::Fleet(_)
+            | Command::Fleets(_)
+            | Command::Key(_)
+            | Command::Device(DeviceCmd::Admin(_))
+    )
+}
+
+/// Reports `e` on stderr (as `{"error":{"message":…}}` under `--json`) and exits 1.
+fn fail(json: bool, e: anyhow::Error) -> ! {
+    let message = describe(&e);
+    if json {
+        let body = serde_json::json!({ "error": { "message": message } });
+        eprintln!("{body}");
+    } else {
+        eprintln!("error: {message}");
+    }
+    std::process::exit(1);
+}
+
+/// `outer: cause: …`, each cause once: errors that quote their source in their own
+/// message would otherwise print it twice.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 async fn run_command(command: Command, out: Output) -> Result<()> {
@@ -204,15 +293,22 @@ async fn run_command(command: Command, out: Output) -> Result<()> {
             println!("migrations applied");
             Ok(())
         }
-        Command::Login(args) => admin::login(args, out).await,
-        Command::Whoami => admin::whoami(out).await,
-        Command::User(cmd) => admin::user(cmd, out).await,
-        Command::ApiKey(cmd) => admin::api_key(cmd, out).await,
-        Command::Fleet(cmd) => admin::fleet(cmd, out).await,
+        Command::Login { args, .. } => login::login(args, out).await,
+        Command::Logout(_) => login::logout(out),
+        Command::Whoami(_) => login::whoami(out).await,
+        Command::User(g) => admin::user(g.cmd, out).await,
+        Command::ApiKey(g) => admin::api_key(g.cmd, out).await,
+        Command::Fleet(g) => admin::fleet(g.cmd, out).await,
+        Command::Fleets(_) => admin::fleet(admin::FleetCmd::List, out).await,
         Command::Device(DeviceCmd::Admin(cmd)) => admin::device(cmd, out).await,
         Command::Device(DeviceCmd::Tunnel { uuid, ports }) => tunnel::tunnel(&uuid, &ports).await,
-        Command::Proxy { uuid, port } => tunnel::proxy(&uuid, port).await,
-        Command::Key(cmd) => admin::key(cmd, out).await,
+        Command::Proxy {
+            uuid,
+            port,
+            noproxy,
+            report,
+        } => tunnel::proxy(&uuid, port, noproxy, report.as_deref()).await,
+        Command::Key(g) => admin::key(g.cmd, out).await,
         Command::Healthcheck(args) => healthcheck::run(args).await,
         Command::Backup {
             file,

@@ -95,6 +95,30 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// What to do about a failure whose text (from [`chain`], or a QUIC or TLS error) says the
+/// relay's certificate is not trusted; `None` for every other failure.
+pub fn trust_hint(text: &str) -> Option<&'static str> {
+    const SIGNS: [&str; 4] = [
+        "UnknownIssuer",
+        "invalid peer certificate",
+        "certificate verify failed",
+        "NotValidForName",
+    ];
+    SIGNS.iter().any(|s| text.contains(s)).then_some(
+        "the relay's certificate is not trusted here: pass --ca FILE with the CA that signed it \
+         (for a relay's self-signed dev certificate: <data-dir>/relay-cert.pem)",
+    )
+}
+
+/// [`chain`] followed by the [`trust_hint`], when there is one.
+pub fn explain(e: &dyn std::error::Error) -> String {
+    let text = chain(e);
+    match trust_hint(&text) {
+        Some(hint) => format!("{text}\nhint: {hint}"),
+        None => text,
+    }
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(crypto::ring::default_provider())
 }

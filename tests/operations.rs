@@ -546,11 +546,9 @@ async fn audit_rows_past_the_retention_are_deleted_in_batches() {
     let config = dir.path().join("relay.toml");
     std::fs::write(&config, limits("audit_prune_batch = 2")).unwrap();
     let config = config.to_str().unwrap().to_owned();
-    let mut relay = Relay::start(
-        &dir.path().join("data"),
-        &["--config", &config, "--audit-retention", "1d"],
-        &[],
-    );
+    // First at the default retention (90 days): nothing here is that old, so the rows
+    // written below stay until the relay restarts with a day's retention.
+    let mut relay = Relay::start(&dir.path().join("data"), &["--config", &config], &[]);
     let store = cloudlink::store::open(&cloudlink::store::sqlite::default_url(&relay.data_dir))
         .await
         .unwrap();
@@ -575,7 +573,12 @@ async fn audit_rows_past_the_retention_are_deleted_in_batches() {
     }
     drop(store);
     // The relay prunes at start and every minute.
-    relay.restart();
+    relay.stop();
+    let relay = Relay::start(
+        &dir.path().join("data"),
+        &["--config", &config, "--audit-retention", "1d"],
+        &[],
+    );
     relay
         .stderr
         .wait_for("deleted audit rows past the retention period rows=5");

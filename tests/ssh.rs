@@ -6,25 +6,9 @@
 
 mod common;
 
+use common::sshd::ssh_opts;
 use common::{cli_in, limits, sshd, Agent, World};
 use serde_json::json;
-
-fn ssh_opts(key: &std::path::Path) -> Vec<String> {
-    [
-        "-i",
-        key.to_str().unwrap(),
-        "-o",
-        "IdentitiesOnly=yes",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "ConnectTimeout=20",
-        "-F",
-        "/dev/null",
-    ]
-    .map(String::from)
-    .to_vec()
-}
 
 /// Runs `cloudlink device ssh` with `script` on stdin; returns (success, stdout, stderr).
 fn device_ssh(

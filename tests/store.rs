@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::Arc;
 
-use cloudlink::store::{self, Role, Store, StoreError, TunnelSession};
+use cloudlink::store::{self, Device, DeviceFilter, Role, Store, StoreError, TunnelSession};
 use common::pg::TempPg;
 
 const D1: &str = "0123456789abcdef0123456789abcdef";
@@ -166,15 +166,49 @@ async fn conformance(s: Arc<dyn Store>) {
     ));
     assert_eq!(s.device(D1).await.unwrap().unwrap().name, "pi1");
     assert_eq!(s.device_by_key_hash("dh2").await.unwrap().unwrap().uuid, D2);
-    assert_eq!(s.list_devices(None).await.unwrap().len(), 2);
+    assert_eq!(
+        s.list_devices(None, &Default::default())
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
     let visible: Vec<_> = s
-        .list_devices(Some(bob.id))
+        .list_devices(Some(bob.id), &Default::default())
         .await
         .unwrap()
         .into_iter()
         .map(|d| d.uuid)
         .collect();
     assert_eq!(visible, [D1]);
+    // Short uuids and names narrow the listing, still within the member's fleets.
+    let by = |prefix: Option<&str>, name: Option<&str>| DeviceFilter {
+        uuid_prefix: prefix.map(str::to_owned),
+        name: name.map(str::to_owned),
+    };
+    let uuids = |devices: Vec<Device>| devices.into_iter().map(|d| d.uuid).collect::<Vec<_>>();
+    assert_eq!(
+        uuids(
+            s.list_devices(None, &by(Some(&D2[..7]), None))
+                .await
+                .unwrap()
+        ),
+        [D2]
+    );
+    assert_eq!(
+        uuids(s.list_devices(None, &by(None, Some("gw1"))).await.unwrap()),
+        [D2]
+    );
+    assert!(s
+        .list_devices(Some(bob.id), &by(Some(&D2[..7]), None))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s
+        .list_devices(None, &by(Some(&D1[..7]), Some("gw1")))
+        .await
+        .unwrap()
+        .is_empty());
     let access = s.device_access(bob.id, D1).await.unwrap().unwrap();
     assert_eq!(access.role, Some(Role::Owner));
     assert!(access.allowed_ports.is_empty());

@@ -275,7 +275,14 @@ impl Agent {
             }
             LinkState::Down(why) => {
                 // The reason may quote the relay's own words: escaped like any peer text.
-                tracing::warn!(reason = %crate::logsafe::Peer(why), "relay link down; retrying with backoff")
+                match crate::tls_client::trust_hint(why) {
+                    Some(hint) => {
+                        tracing::warn!(reason = %crate::logsafe::Peer(why), hint, "relay link down; retrying with backoff")
+                    }
+                    None => {
+                        tracing::warn!(reason = %crate::logsafe::Peer(why), "relay link down; retrying with backoff")
+                    }
+                }
             }
             LinkState::Starting => {}
         }

@@ -1,151 +1,20 @@
 //! The admin half of the CLI: login, users, API keys, fleets, members, devices, SSH keys.
 
+use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use reqwest::Method;
 use serde_json::json;
 
 use super::settings::Settings;
-use super::{ApiClient, Output};
+use super::{resolve, ApiClient, JsonArg, Output};
 use crate::relay::api::devices::{DeviceView, RegisteredDevice, RotatedKey, TunnelView};
 use crate::relay::api::fleets::{FleetView, MemberView};
 use crate::relay::api::users::{
     ApiKeyView, CreatedApiKey, CreatedUser, ImportedSshKeys, SshKeyView, UserView,
 };
-
-/// `cloudlink login`.
-#[derive(Debug, Args)]
-pub struct LoginArgs {
-    /// The relay's API: a host (HTTPS on port 8443), or a URL such as
-    /// https://relay.example.com:8443. An http:// URL sends the key unencrypted.
-    #[arg(long)]
-    pub api: String,
-    /// The relay's CONNECT proxy, HOST:PORT [default: the API host, port 3129 over TLS for
-    /// an https API, 3128 for an http one].
-    #[arg(long)]
-    pub proxy: Option<String>,
-    /// The proxy address is a TLS listener [default: yes when --proxy is not given and the
-    /// API is https].
-    #[arg(long)]
-    pub proxy_tls: bool,
-    /// CA or pinned certificate (PEM) to verify the relay's API and TLS proxy with
-    /// [default: the system's roots].
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
-    /// The API key.
-    #[arg(
-        long,
-        conflicts_with = "key_file",
-        required_unless_present = "key_file"
-    )]
-    pub key: Option<String>,
-    /// A file holding the API key (e.g. the relay's admin.key).
-    #[arg(long)]
-    pub key_file: Option<PathBuf>,
-}
-
-/// Checks the key against the API and saves the login.
-pub async fn login(args: LoginArgs, out: Output) -> Result<()> {
-    let key = match (&args.key, &args.key_file) {
-        (Some(key), _) => key.trim().to_owned(),
-        (None, Some(file)) => std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read {}", file.display()))?
-            .trim()
-            .to_owned(),
-        (None, None) => return Err(anyhow!("give --key or --key-file")),
-    };
-    let api = normalise_api(&args.api)?;
-    let tls = api.starts_with("https://");
-    if !tls {
-        eprintln!(
-            "warning: {api} is plain HTTP: your API key crosses the network unencrypted. \
-             Use https:// (the relay serves HTTPS on port 8443) unless a TLS-terminating \
-             proxy sits in between."
-        );
-    }
-    let (proxy, proxy_tls) = match args.proxy {
-        Some(p) => (p, args.proxy_tls),
-        None => (default_proxy(&api, tls)?, tls || args.proxy_tls),
-    };
-    let client = ApiClient::new(&api, &key, args.ca.as_deref())?;
-    let me: UserView = client.call(Method::GET, "/v1/me", None).await?;
-    let settings = Settings {
-        api,
-        proxy: Some(proxy),
-        proxy_tls,
-        ca: args.ca,
-        key,
-        username: Some(me.username.clone()),
-        // A setting the person made by hand survives logging in again.
-        service_command: Settings::load().ok().and_then(|old| old.service_command),
-    };
-    let path = settings.save()?;
-    out.record(
-        &me,
-        &[
-            ("logged in as", me.username.clone()),
-            ("saved to", path.display().to_string()),
-        ],
-    )
-}
-
-/// The API base URL: a bare host (or HOST:PORT) means HTTPS, on port 8443 unless given.
-fn normalise_api(api: &str) -> Result<String> {
-    let api = api.trim().trim_end_matches('/');
-    if api.is_empty() {
-        return Err(anyhow!("--api is empty"));
-    }
-    if api.contains("://") {
-        if !(api.starts_with("https://") || api.starts_with("http://")) {
-            return Err(anyhow!(
-                "--api must be an https:// (or http://) URL or a host"
-            ));
-        }
-        return Ok(api.to_owned());
-    }
-    let has_port = match api.rsplit_once(':') {
-        Some((host, port)) => {
-            port.chars().all(|c| c.is_ascii_digit()) && (!host.contains(':') || host.ends_with(']'))
-        }
-        None => false,
-    };
-    Ok(if has_port {
-        format!("https://{api}")
-    } else {
-        format!("https://{api}:8443")
-    })
-}
-
-/// `https://host:8443` → `host:3129` (TLS), `http://host:8080` → `host:3128`.
-fn default_proxy(api: &str, tls: bool) -> Result<String> {
-    let rest = api
-        .split_once("://")
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("--api must be a URL such as http://relay.example.com:8080"))?;
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let host = match authority.rsplit_once(':') {
-        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
-        _ => authority,
-    };
-    Ok(format!("{host}:{}", if tls { 3129 } else { 3128 }))
-}
-
-/// Shows the logged-in user and the relay they are logged in to.
-pub async fn whoami(out: Output) -> Result<()> {
-    let settings = Settings::load()?;
-    let client = ApiClient::from_settings(&settings)?;
-    let me: UserView = client.call(Method::GET, "/v1/me", None).await?;
-    out.record(
-        &me,
-        &[
-            ("username", me.username.clone()),
-            ("admin", me.admin.to_string()),
-            ("relay", settings.api.clone()),
-        ],
-    )
-}
 
 /// `cloudlink user …` (admins).
 #[derive(Debug, Subcommand)]
@@ -434,34 +303,67 @@ pub enum DeviceAdminCmd {
         /// A label for the device.
         #[arg(long)]
         name: Option<String>,
+        /// `--json`.
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// List the devices you can see.
-    List,
+    List {
+        /// `--json`.
+        #[command(flatten)]
+        json: JsonArg,
+    },
     /// Show one device.
     Show {
-        /// Device uuid.
+        /// Device uuid, short uuid (7+ characters) or name.
         uuid: String,
+        /// `--json`.
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Delete a device; its key stops working at once.
     Rm {
-        /// Device uuid.
+        /// Device uuid, short uuid (7+ characters) or name.
         uuid: String,
+        /// `--json`.
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// Give a device a new key (shown once). The old key keeps working until the agent
     /// connects with the new one, or the grace period ends.
     RotateKey {
-        /// Device uuid.
+        /// Device uuid, short uuid (7+ characters) or name.
         uuid: String,
         /// How long the old key keeps working at most: 90s, 45m, 12h, 30d.
         #[arg(long, value_parser = parse_duration, default_value = "24h")]
         grace: u64,
+        /// `--json`.
+        #[command(flatten)]
+        json: JsonArg,
     },
     /// List recent tunnels (admins: everyone's; others: their own).
     Tunnels {
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// `--json`.
+        #[command(flatten)]
+        json: JsonArg,
     },
+}
+
+impl DeviceAdminCmd {
+    /// Whether JSON output was asked for.
+    pub fn json(&self) -> bool {
+        match self {
+            DeviceAdminCmd::Register { json, .. }
+            | DeviceAdminCmd::List { json }
+            | DeviceAdminCmd::Show { json, .. }
+            | DeviceAdminCmd::Rm { json, .. }
+            | DeviceAdminCmd::RotateKey { json, .. }
+            | DeviceAdminCmd::Tunnels { json, .. } => json.json,
+        }
+    }
 }
 
 fn device_row(d: &DeviceView) -> Vec<String> {
@@ -481,7 +383,7 @@ const DEVICE_HEADERS: &[&str] = &["UUID", "NAME", "FLEET", "STATUS", "LINK", "LA
 pub async fn device(cmd: DeviceAdminCmd, out: Output) -> Result<()> {
     let client = ApiClient::from_settings(&Settings::load()?)?;
     match cmd {
-        DeviceAdminCmd::Register { fleet, name } => {
+        DeviceAdminCmd::Register { fleet, name, .. } => {
             let body = match name {
                 Some(name) => json!({ "name": name }),
                 None => json!({}),
@@ -507,24 +409,24 @@ pub async fn device(cmd: DeviceAdminCmd, out: Output) -> Result<()> {
             }
             Ok(())
         }
-        DeviceAdminCmd::List => {
+        DeviceAdminCmd::List { .. } => {
             let devices: Vec<DeviceView> = client.call(Method::GET, "/v1/devices", None).await?;
             out.list(&devices, DEVICE_HEADERS, device_row)
         }
-        DeviceAdminCmd::Show { uuid } => {
-            let d: DeviceView = client
-                .call(Method::GET, &format!("/v1/devices/{uuid}"), None)
-                .await?;
+        DeviceAdminCmd::Show { uuid, .. } => {
+            let d = resolve::device(&client, &uuid).await?;
             let cells = device_row(&d);
             let fields: Vec<(&str, String)> = DEVICE_HEADERS.iter().copied().zip(cells).collect();
             out.record(&d, &fields)
         }
-        DeviceAdminCmd::Rm { uuid } => {
+        DeviceAdminCmd::Rm { uuid, .. } => {
+            let uuid = resolve::device(&client, &uuid).await?.uuid;
             client
                 .call_empty(Method::DELETE, &format!("/v1/devices/{uuid}"))
                 .await
         }
-        DeviceAdminCmd::RotateKey { uuid, grace } => {
+        DeviceAdminCmd::RotateKey { uuid, grace, .. } => {
+            let uuid = resolve::device(&client, &uuid).await?.uuid;
             let body = json!({ "grace_secs": grace });
             let r: RotatedKey = client
                 .call(
@@ -549,7 +451,7 @@ pub async fn device(cmd: DeviceAdminCmd, out: Output) -> Result<()> {
             }
             Ok(())
         }
-        DeviceAdminCmd::Tunnels { limit } => {
+        DeviceAdminCmd::Tunnels { limit, .. } => {
             let tunnels: Vec<TunnelView> = client
                 .call(Method::GET, &format!("/v1/tunnels?limit={limit}"), None)
                 .await?;
@@ -578,11 +480,15 @@ pub async fn device(cmd: DeviceAdminCmd, out: Output) -> Result<()> {
 /// `cloudlink key …` (SSH public keys).
 #[derive(Debug, Subcommand)]
 pub enum KeyCmd {
-    /// Add an OpenSSH public key from a file (e.g. ~/.ssh/id_ed25519.pub).
+    /// Add an OpenSSH public key: `key add NAME [FILE]` (stdin when no FILE), or
+    /// `key add FILE [--title NAME]`.
     Add {
-        /// The .pub file.
-        file: PathBuf,
-        /// A label [default: the key's comment, else the file name].
+        /// The key's name, or the .pub file in the `key add FILE` form.
+        name: String,
+        /// The .pub file (e.g. ~/.ssh/id_ed25519.pub) [default: read the key from stdin].
+        file: Option<PathBuf>,
+        /// A label, for the `key add FILE` form [default: the key's comment, else the file
+        /// name].
         #[arg(long)]
         title: Option<String>,
     },
@@ -606,16 +512,8 @@ pub enum KeyCmd {
 pub async fn key(cmd: KeyCmd, out: Output) -> Result<()> {
     let client = ApiClient::from_settings(&Settings::load()?)?;
     match cmd {
-        KeyCmd::Add { file, title } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            let text = text.trim();
-            let title = title.unwrap_or_else(|| {
-                text.split_whitespace()
-                    .nth(2)
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| file.display().to_string())
-            });
+        KeyCmd::Add { name, file, title } => {
+            let (title, text) = key_to_add(name, file, title)?;
             let body = json!({"title": title, "public_key": text});
             let k: SshKeyView = client
                 .call(Method::POST, "/v1/ssh-keys", Some(&body))
@@ -666,6 +564,61 @@ pub async fn key(cmd: KeyCmd, out: Output) -> Result<()> {
     }
 }
 
+/// The title and public key text `key add` sends. `NAME FILE`, `NAME` (the key on stdin)
+/// and the older `FILE [--title T]` are told apart by whether the one argument is a file.
+/// A private key is refused here, before anything leaves this machine.
+fn key_to_add(
+    name: String,
+    file: Option<PathBuf>,
+    title: Option<String>,
+) -> Result<(String, String)> {
+    let single_is_file = file.is_none()
+        && (title.is_some() || std::path::Path::new(&name).is_file() || name.contains('/'));
+    let (title, file) = match file {
+        Some(file) => (Some(name), Some(file)),
+        None if single_is_file => (title, Some(PathBuf::from(name))),
+        None => (Some(name), None),
+    };
+    let (text, source) = match &file {
+        Some(file) => (
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?,
+            file.display().to_string(),
+        ),
+        None => {
+            if std::io::stdin().is_terminal() {
+                eprintln!("Paste the public key (one line), then press Enter:");
+            }
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .context("cannot read the key from stdin")?;
+            (line, "stdin".to_owned())
+        }
+    };
+    if text.contains("PRIVATE KEY-----") {
+        let public = file
+            .as_ref()
+            .map(|f| format!("{}.pub", f.display()))
+            .unwrap_or_else(|| "the .pub file next to it".into());
+        return Err(anyhow!(
+            "{source} holds a PRIVATE key; it was not sent. Add the public key instead:              {public} (`ssh-keygen -y -f KEY` prints it)"
+        ));
+    }
+    let text = text.trim().to_owned();
+    if text.is_empty() {
+        return Err(anyhow!("{source} holds no key"));
+    }
+    let title = title.unwrap_or_else(|| {
+        text.split_whitespace()
+            .nth(2)
+            .map(str::to_owned)
+            .unwrap_or_else(|| source.clone())
+    });
+    Ok((title, text))
+}
+
 fn print_keys(keys: &[SshKeyView], out: Output) -> Result<()> {
     out.list(keys, &["ID", "TITLE", "FINGERPRINT", "ADDED"], |k| {
         vec![
@@ -703,42 +656,6 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_proxy_uses_the_api_host() {
-        assert_eq!(
-            default_proxy("http://relay.example.com:8080", false).unwrap(),
-            "relay.example.com:3128"
-        );
-        assert_eq!(
-            default_proxy("https://relay.example.com/", true).unwrap(),
-            "relay.example.com:3129"
-        );
-        assert_eq!(
-            default_proxy("http://[::1]:8080", false).unwrap(),
-            "[::1]:3128"
-        );
-        assert!(default_proxy("relay", true).is_err());
-    }
-
-    #[test]
-    fn login_prefers_tls() {
-        assert_eq!(
-            normalise_api("relay.example.com").unwrap(),
-            "https://relay.example.com:8443"
-        );
-        assert_eq!(
-            normalise_api("127.0.0.1:9443").unwrap(),
-            "https://127.0.0.1:9443"
-        );
-        assert_eq!(normalise_api("[::1]").unwrap(), "https://[::1]:8443");
-        assert_eq!(normalise_api("[::1]:1").unwrap(), "https://[::1]:1");
-        assert_eq!(
-            normalise_api("http://relay:8080/").unwrap(),
-            "http://relay:8080"
-        );
-        assert!(normalise_api("ftp://relay").is_err());
-    }
 
     #[test]
     fn durations() {

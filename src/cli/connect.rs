@@ -10,6 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::settings::Settings;
+use crate::agent::proxy::ProxyEnv;
 use crate::proto::connect::head_end;
 use crate::tls_client::{self, Trust};
 
@@ -29,14 +30,36 @@ pub struct DeviceStream {
 /// The largest answer head we read from the relay.
 const MAX_ANSWER: usize = 16 * 1024;
 
-/// Opens a tunnel to `uuid:port` with the saved login.
-pub async fn open(settings: &Settings, uuid: &str, port: u16) -> Result<DeviceStream> {
+/// How long reaching the relay through an outbound proxy may take.
+const OUTBOUND_PROXY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Opens a tunnel to `uuid:port` with the saved login. The connection to the relay goes
+/// through `HTTPS_PROXY` (honouring `NO_PROXY`, as the agent's TCP link does) unless
+/// `no_proxy`.
+pub async fn open(
+    settings: &Settings,
+    uuid: &str,
+    port: u16,
+    no_proxy: bool,
+) -> Result<DeviceStream> {
     let proxy = settings.proxy.as_deref().ok_or_else(|| {
         anyhow!("no proxy address saved: run `cloudlink login` with --proxy HOST:PORT")
     })?;
-    let tcp = TcpStream::connect(proxy)
-        .await
-        .with_context(|| format!("cannot reach the relay proxy at {proxy}"))?;
+    let outbound = if no_proxy {
+        None
+    } else {
+        ProxyEnv::from_env()
+            .for_host(host_of(proxy))
+            .map_err(|e| anyhow!(e))?
+    };
+    let tcp = match outbound {
+        Some(outbound) => crate::agent::proxy::connect(&outbound, proxy, OUTBOUND_PROXY_TIMEOUT)
+            .await
+            .map_err(|e| anyhow!("cannot reach the relay proxy at {proxy}: {e}"))?,
+        None => TcpStream::connect(proxy)
+            .await
+            .with_context(|| format!("cannot reach the relay proxy at {proxy}"))?,
+    };
     let _ = tcp.set_nodelay(true);
     let inner = if settings.proxy_tls {
         crate::tls_client::install_crypto();
@@ -45,18 +68,18 @@ pub async fn open(settings: &Settings, uuid: &str, port: u16) -> Result<DeviceSt
             None => Trust::System,
         };
         let config = tls_client::config(trust, &[])?;
-        let host = proxy
-            .rsplit_once(':')
-            .map(|(h, _)| h)
-            .unwrap_or(proxy)
-            .trim_start_matches('[')
-            .trim_end_matches(']');
+        let host = host_of(proxy);
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|_| anyhow!("{host} is not a valid TLS server name"))?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await
-            .with_context(|| format!("TLS with the relay proxy at {proxy} failed"))?;
+            .map_err(|e| {
+                anyhow!(
+                    "TLS with the relay proxy at {proxy} failed: {}",
+                    tls_client::explain(&e)
+                )
+            })?;
         Inner::Tls(Box::new(tls))
     } else {
         Inner::Plain(tcp)
@@ -103,14 +126,40 @@ pub async fn open(settings: &Settings, uuid: &str, port: u16) -> Result<DeviceSt
         }
     }
     let sentence = String::from_utf8_lossy(&buf).trim().to_owned();
-    Err(anyhow!(
-        "relay refused {uuid}:{port} ({status}): {}",
-        if sentence.is_empty() {
-            "no reason given"
+    Err(Refused {
+        status,
+        sentence: if sentence.is_empty() {
+            "no reason given".into()
         } else {
-            &sentence
-        }
-    ))
+            sentence
+        },
+        uuid: uuid.to_owned(),
+        port,
+    }
+    .into())
+}
+
+/// The host of `HOST:PORT` (IPv6 without its brackets).
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(addr)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+}
+
+/// The relay answered a CONNECT with an error status (PROTOCOL.md §1).
+#[derive(Debug, thiserror::Error)]
+#[error("relay refused {uuid}:{port} ({status}): {sentence}")]
+pub struct Refused {
+    /// The HTTP status.
+    pub status: u16,
+    /// The relay's one sentence.
+    pub sentence: String,
+    /// The device.
+    pub uuid: String,
+    /// The device port.
+    pub port: u16,
 }
 
 impl DeviceStream {

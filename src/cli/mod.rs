@@ -3,6 +3,8 @@
 pub mod admin;
 pub mod connect;
 pub mod healthcheck;
+pub mod login;
+pub mod resolve;
 pub mod settings;
 pub mod ssh;
 pub mod tunnel;
@@ -26,13 +28,29 @@ pub struct ApiClient {
 
 impl ApiClient {
     /// A client for `base` authenticating with `token`, trusting the CA file `ca` (or the
-    /// system's roots) for an `https://` base.
-    pub fn new(base: &str, token: &str, ca: Option<&std::path::Path>) -> Result<ApiClient> {
+    /// system's roots) for an `https://` base. It goes through the `HTTPS_PROXY` /
+    /// `HTTP_PROXY` of the environment unless `no_proxy`.
+    pub fn new(
+        base: &str,
+        token: &str,
+        ca: Option<&std::path::Path>,
+        no_proxy: bool,
+    ) -> Result<ApiClient> {
         let trust = match ca {
             Some(ca) => crate::tls_client::Trust::CaFile(ca),
             None => crate::tls_client::Trust::System,
         };
-        let http = crate::tls_client::http_client(base, trust, std::time::Duration::from_secs(30))?;
+        let mut builder = crate::tls_client::http_client_builder(
+            base,
+            trust,
+            std::time::Duration::from_secs(30),
+        )?;
+        if no_proxy {
+            builder = builder.no_proxy();
+        }
+        let http = builder
+            .build()
+            .map_err(|e| anyhow!("cannot set up the HTTP client: {e}"))?;
         Ok(ApiClient {
             http,
             base: base.trim_end_matches('/').to_owned(),
@@ -42,7 +60,12 @@ impl ApiClient {
 
     /// A client from the saved login.
     pub fn from_settings(settings: &Settings) -> Result<ApiClient> {
-        ApiClient::new(&settings.api, &settings.key, settings.ca.as_deref())
+        ApiClient::new(&settings.api, &settings.key, settings.ca.as_deref(), false)
+    }
+
+    /// The API base URL.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// Sends a request and decodes the JSON answer; an API error becomes its one sentence.
@@ -76,7 +99,7 @@ impl ApiClient {
             anyhow!(
                 "cannot reach the relay API at {}: {}",
                 self.base,
-                crate::tls_client::chain(&e)
+                crate::tls_client::explain(&e)
             )
         })?;
         let status = response.status();
@@ -91,6 +114,23 @@ impl ApiClient {
     }
 }
 
+/// An answer other than success from the relay's API: its status and its one sentence.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiFailure {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The API's sentence, or a description of what came back instead.
+    pub message: String,
+}
+
+impl ApiFailure {
+    /// The status of `e` when it is an API answer (not a network failure).
+    pub fn status_of(e: &anyhow::Error) -> Option<StatusCode> {
+        e.downcast_ref::<ApiFailure>().map(|f| f.status)
+    }
+}
+
 /// The one sentence of an API error body, or a description of what came back instead.
 fn api_error(status: StatusCode, body: &[u8]) -> anyhow::Error {
     #[derive(serde::Deserialize)]
@@ -101,10 +141,34 @@ fn api_error(status: StatusCode, body: &[u8]) -> anyhow::Error {
     struct Detail {
         message: String,
     }
-    match serde_json::from_slice::<Body>(body) {
-        Ok(b) => anyhow!("{}", b.error.message),
-        Err(_) => anyhow!("the relay answered {status}"),
+    let mut message = match serde_json::from_slice::<Body>(body) {
+        Ok(b) => b.error.message,
+        Err(_) => format!("the relay answered {status}"),
+    };
+    if status == StatusCode::UNAUTHORIZED {
+        message.push_str(
+            " The relay does not accept your saved API key (revoked, expired or from another \
+             relay): log in again with `cloudlink login`.",
+        );
     }
+    ApiFailure { status, message }.into()
+}
+
+/// `path?k=v&…` with the values percent-encoded.
+pub fn with_query(path: &str, pairs: &[(&str, &str)]) -> String {
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        query.append_pair(k, v);
+    }
+    format!("{path}?{}", query.finish())
+}
+
+/// `--json`, for a command whose output is data.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct JsonArg {
+    /// Print results (and errors) as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How results are printed.

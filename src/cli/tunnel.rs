@@ -7,8 +7,8 @@ use anyhow::{anyhow, Context, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::connect;
 use super::settings::Settings;
+use super::{connect, resolve, ApiClient};
 
 /// One `-p` spec: which device port, and where to listen for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,13 +54,24 @@ pub fn parse_spec(spec: &str) -> Result<PortSpec> {
     })
 }
 
-/// Listens on every spec's local address and tunnels each connection to the device.
-pub async fn tunnel(uuid: &str, specs: &[String]) -> Result<()> {
+/// Listens on every spec's local address and tunnels each connection to the device. The
+/// login, the device (uuid, short uuid or name), that it is online and that each port is
+/// allowed are checked first: a tunnel that cannot work never starts listening.
+pub async fn tunnel(target: &str, specs: &[String]) -> Result<()> {
     let settings = Arc::new(Settings::load()?);
-    let uuid: Arc<str> = Arc::from(normalise_uuid(uuid)?);
+    let specs = specs
+        .iter()
+        .map(|s| parse_spec(s))
+        .collect::<Result<Vec<_>>>()?;
+    if specs.is_empty() {
+        return Err(anyhow!("give at least one -p PORT spec"));
+    }
+    let client = Arc::new(ApiClient::from_settings(&settings)?);
+    let remotes: Vec<u16> = specs.iter().map(|s| s.remote).collect();
+    let device = resolve::reachable(&client, target, &remotes).await?;
+    let uuid: Arc<str> = Arc::from(device.uuid.as_str());
     let mut listeners = Vec::new();
     for spec in specs {
-        let spec = parse_spec(spec)?;
         let listener = TcpListener::bind(spec.local)
             .await
             .with_context(|| format!("cannot listen on {}", spec.local))?;
@@ -68,17 +79,15 @@ pub async fn tunnel(uuid: &str, specs: &[String]) -> Result<()> {
         println!("Listening on {local} => {uuid}:{}", spec.remote);
         listeners.push((listener, spec.remote));
     }
-    if listeners.is_empty() {
-        return Err(anyhow!("give at least one -p PORT spec"));
-    }
     let mut tasks = tokio::task::JoinSet::new();
     for (listener, remote) in listeners {
-        tasks.spawn(accept_loop(
-            listener,
-            remote,
-            uuid.clone(),
-            settings.clone(),
-        ));
+        let target = Target {
+            settings: settings.clone(),
+            client: client.clone(),
+            uuid: uuid.clone(),
+            port: remote,
+        };
+        tasks.spawn(accept_loop(listener, target));
     }
     tokio::select! {
         done = tasks.join_next() => match done {
@@ -89,35 +98,39 @@ pub async fn tunnel(uuid: &str, specs: &[String]) -> Result<()> {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    remote: u16,
-    uuid: Arc<str>,
+/// Where one listener's connections go.
+#[derive(Clone)]
+struct Target {
     settings: Arc<Settings>,
-) -> Result<()> {
+    client: Arc<ApiClient>,
+    uuid: Arc<str>,
+    port: u16,
+}
+
+async fn accept_loop(listener: TcpListener, target: Target) -> Result<()> {
     let local = listener.local_addr()?;
+    let (uuid, remote) = (target.uuid.clone(), target.port);
     loop {
         let (client, peer) = listener.accept().await.context("accept failed")?;
         let _ = client.set_nodelay(true);
         println!("{peer} => {local} ===> {uuid}:{remote}");
-        let uuid = uuid.clone();
-        let settings = settings.clone();
+        let target = target.clone();
         tokio::spawn(async move {
-            if let Err(e) = bridge(client, &settings, &uuid, remote).await {
+            if let Err(e) = bridge(client, &target).await {
                 // One failed connection does not stop the tunnel.
-                eprintln!("{peer} => {uuid}:{remote}: {e:#}");
+                eprintln!("{peer} => {}:{}: {e:#}", target.uuid, target.port);
             }
         });
     }
 }
 
-async fn bridge(mut client: TcpStream, settings: &Settings, uuid: &str, port: u16) -> Result<()> {
-    let device = match connect::open(settings, uuid, port).await {
+async fn bridge(mut client: TcpStream, target: &Target) -> Result<()> {
+    let device = match connect::open(&target.settings, &target.uuid, target.port, false).await {
         Ok(device) => device,
         Err(e) => {
             // The local client must not read the refusal as an empty, complete answer.
             crate::forward::arm_reset(&client);
-            return Err(e);
+            return Err(resolve::diagnose(&target.client, e).await);
         }
     };
     // Until both directions end cleanly, a failure on either side (or this process dying)
@@ -165,11 +178,30 @@ where
 }
 
 /// Bridges stdin/stdout to `uuid:port` (for ssh's `ProxyCommand`), with half-close: stdin's
-/// EOF half-closes the tunnel and the device's answer still arrives.
-pub async fn proxy(uuid: &str, port: u16) -> Result<()> {
+/// EOF half-closes the tunnel and the device's answer still arrives. A refusal is explained
+/// on stderr and, when `report` is given, written there too for `device ssh` to repeat
+/// after ssh's own complaint. `no_proxy`: ignore `HTTPS_PROXY`.
+pub async fn proxy(
+    uuid: &str,
+    port: u16,
+    no_proxy: bool,
+    report: Option<&std::path::Path>,
+) -> Result<()> {
     let settings = Settings::load()?;
     let uuid = normalise_uuid(uuid)?;
-    let device = connect::open(&settings, &uuid, port).await?;
+    let device = match connect::open(&settings, &uuid, port, no_proxy).await {
+        Ok(device) => device,
+        Err(e) => {
+            let e = match ApiClient::from_settings(&settings) {
+                Ok(client) => resolve::diagnose(&client, e).await,
+                Err(_) => e,
+            };
+            if let Some(path) = report {
+                let _ = std::fs::write(path, format!("{e:#}"));
+            }
+            return Err(e);
+        }
+    };
     let (mut from_device, mut to_device) = tokio::io::split(device);
     let up = async move {
         let mut stdin = tokio::io::stdin();

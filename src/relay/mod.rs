@@ -133,6 +133,9 @@ impl Relay {
     /// Prepares the data directory and store and binds every listener.
     pub async fn start(config: RelayConfig) -> Result<Relay, RelayError> {
         raise_fd_limit();
+        // A port another process holds fails the start before anything is written: no data
+        // directory, store rows or keys from a relay that never ran.
+        preflight_binds(&config)?;
         datadir::ensure(&config.data_dir)?;
         let relay_id = match &config.relay_id {
             Some(id) => id.clone(),
@@ -378,6 +381,57 @@ impl Relay {
             _ => Ok(()),
         }
     }
+}
+
+/// Binds every fixed address the relay will listen on and lets go at once, so that a busy
+/// port is reported before start-up changes anything. Port 0 always binds; addresses
+/// several TLS services share are tried once.
+fn preflight_binds(config: &RelayConfig) -> Result<(), RelayError> {
+    let fixed = |addr: SocketAddr| (addr.port() != 0).then_some(addr);
+    let quic = config.device_listen.addr().and_then(fixed);
+    if let Some(addr) = quic {
+        std::net::UdpSocket::bind(addr).map_err(|source| RelayError::Bind {
+            what: "devices (UDP)",
+            addr,
+            source,
+        })?;
+    }
+    let tcp = [
+        ("the API", Some(config.api_listen)),
+        ("CONNECT", Some(config.proxy_listen)),
+        ("the API (TLS)", config.api_tls_listen.addr()),
+        ("CONNECT (TLS)", config.proxy_tls_listen.addr()),
+        (
+            "devices (TLS over TCP)",
+            device_tcp_addr(config.device_tcp_listen, config.device_listen.addr()),
+        ),
+        ("the peer link", config.peer_listen.addr()),
+        ("metrics", config.metrics_listen),
+    ];
+    let mut tried = std::collections::BTreeSet::new();
+    for (what, addr) in tcp {
+        let Some(addr) = addr.and_then(fixed) else {
+            continue;
+        };
+        if !tried.insert(addr) {
+            continue;
+        }
+        // std's bind does not set SO_REUSEADDR, so a port in TIME_WAIT from an earlier run
+        // would look busy: the same socket options as the real listener.
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        socket
+            .and_then(|s| {
+                s.set_reuseaddr(true)?;
+                s.bind(addr)?;
+                s.listen(1)
+            })
+            .map_err(|source| RelayError::Bind { what, addr, source })?;
+    }
+    Ok(())
 }
 
 /// Where the TLS/TCP device listener goes: as configured, else the TCP twin of the bound

@@ -100,7 +100,7 @@ metered! {
     fn create_device(&self, uuid: &str, fleet_id: Id, name: &str, key_hash: &str)
         -> Result<Device>;
     fn device(&self, uuid: &str) -> Result<Option<Device>>;
-    fn list_devices(&self, member: Option<Id>) -> Result<Vec<Device>>;
+    fn list_devices(&self, member: Option<Id>, filter: &DeviceFilter) -> Result<Vec<Device>>;
     fn device_by_key_hash(&self, key_hash: &str) -> Result<Option<Device>>;
     fn rotate_device_key(&self, uuid: &str, new_key_hash: &str, keep_old_until: Millis)
         -> Result<bool>;

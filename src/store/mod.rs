@@ -215,6 +215,15 @@ pub struct Member {
     pub role: Role,
 }
 
+/// Narrows a device listing; the default matches every device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceFilter {
+    /// Only uuids that start with this (lowercase hex; checked by the caller).
+    pub uuid_prefix: Option<String>,
+    /// Only devices with exactly this name.
+    pub name: Option<String>,
+}
+
 /// A device registered in a fleet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
@@ -561,8 +570,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Device>;
     /// Looks a device up by uuid.
     async fn device(&self, uuid: &str) -> Result<Option<Device>>;
-    /// Every device (`None`) or those in fleets the user belongs to, by fleet then name.
-    async fn list_devices(&self, member: Option<Id>) -> Result<Vec<Device>>;
+    /// Every device (`None`) or those in fleets the user belongs to, narrowed by `filter`,
+    /// by fleet then name.
+    async fn list_devices(&self, member: Option<Id>, filter: &DeviceFilter) -> Result<Vec<Device>>;
     /// The device whose key (or previous key, within its grace period) has this hash.
     async fn device_by_key_hash(&self, key_hash: &str) -> Result<Option<Device>>;
     /// Replaces a device's key, keeping the old one acceptable until `keep_old_until`;

@@ -11,9 +11,9 @@ use sqlx::{AnyPool, AssertSqlSafe, FromRow, Row};
 use tokio::sync::broadcast;
 
 use super::{
-    format_ports, now_ms, parse_ports, ApiKey, Device, DeviceAccess, EphemeralKey, Fleet, Id,
-    Member, Millis, Presence, PresenceChange, RelayRow, RelayStatus, Result, Role, SshKey,
-    StartupLock, Store, StoreError, TunnelSession, User, RELAY_DEAD_AFTER_MS,
+    format_ports, now_ms, parse_ports, ApiKey, Device, DeviceAccess, DeviceFilter, EphemeralKey,
+    Fleet, Id, Member, Millis, Presence, PresenceChange, RelayRow, RelayStatus, Result, Role,
+    SshKey, StartupLock, Store, StoreError, TunnelSession, User, RELAY_DEAD_AFTER_MS,
 };
 
 /// A [`Store`] on an `AnyPool`, for either backend.
@@ -514,27 +514,23 @@ impl Store for SqlStore {
         Ok(row.as_ref().map(device_from_row).transpose()?)
     }
 
-    async fn list_devices(&self, member: Option<Id>) -> Result<Vec<Device>> {
-        let rows = match member {
-            None => {
-                sqlx::query(AssertSqlSafe(format!(
-                    "SELECT {DEVICE_COLUMNS} {DEVICE_FROM} ORDER BY f.name, d.name, d.uuid"
-                )))
-                    .bind(live_cutoff())
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            Some(user_id) => {
-                sqlx::query(AssertSqlSafe(format!(
-                    "SELECT {DEVICE_COLUMNS} {DEVICE_FROM} JOIN fleet_members m ON m.fleet_id = d.fleet_id \
-                     WHERE m.user_id = $2 ORDER BY f.name, d.name, d.uuid"
-                )))
-                .bind(live_cutoff())
-                .bind(user_id)
-                .fetch_all(&self.pool)
-                .await?
-            }
-        };
+    async fn list_devices(&self, member: Option<Id>, filter: &DeviceFilter) -> Result<Vec<Device>> {
+        // A prefix of hex digits has no LIKE wildcards in it; the caller checked it.
+        let prefix = filter.uuid_prefix.as_ref().map(|p| format!("{p}%"));
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {DEVICE_COLUMNS} {DEVICE_FROM} \
+             WHERE ($2 IS NULL OR EXISTS (SELECT 1 FROM fleet_members m \
+                    WHERE m.fleet_id = d.fleet_id AND m.user_id = $2)) \
+               AND ($3 IS NULL OR d.uuid LIKE $3) \
+               AND ($4 IS NULL OR d.name = $4) \
+             ORDER BY f.name, d.name, d.uuid"
+        )))
+        .bind(live_cutoff())
+        .bind(member)
+        .bind(prefix)
+        .bind(filter.name.as_deref())
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows
             .iter()
             .map(device_from_row)

@@ -498,8 +498,18 @@ impl World {
 
 /// Runs the CLI with config dir `xdg` and optional stdin; returns (success, stdout, stderr).
 pub fn cli_in(xdg: &Path, args: &[&str], stdin: Option<&[u8]>) -> (bool, String, String) {
-    let mut child = Command::new(bin())
-        .args(args)
+    cli_env(xdg, args, &[], stdin)
+}
+
+/// [`cli_in`] with extra environment variables.
+pub fn cli_env(
+    xdg: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: Option<&[u8]>,
+) -> (bool, String, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
         .env("XDG_CONFIG_HOME", xdg)
         .env("NO_COLOR", "1")
         .stdin(if stdin.is_some() {
@@ -508,9 +518,11 @@ pub fn cli_in(xdg: &Path, args: &[&str], stdin: Option<&[u8]>) -> (bool, String,
             Stdio::null()
         })
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cli runs");
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("cli runs");
     if let Some(input) = stdin {
         child.stdin.take().unwrap().write_all(input).unwrap();
     }

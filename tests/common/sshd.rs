@@ -176,6 +176,24 @@ fn rand_suffix() -> u64 {
         .unwrap_or(0)
 }
 
+/// ssh client options for tests: only `key`, no prompts, no user config.
+pub fn ssh_opts(key: &Path) -> Vec<String> {
+    [
+        "-i",
+        key.to_str().unwrap(),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "ConnectTimeout=20",
+        "-F",
+        "/dev/null",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// A user key pair for the ssh client; returns the private key path.
 pub fn user_key(dir: &Path) -> PathBuf {
     let path = dir.join("id_ed25519");

@@ -123,15 +123,40 @@ pub async fn register_device(
     ))
 }
 
-/// Lists the devices the caller may see (admins: all).
-#[utoipa::path(get, path = "/v1/devices", tag = "devices",
-    responses((status = 200, body = [DeviceView])), security(("bearer" = [])))]
+/// `GET /v1/devices` query: how the CLI finds a device by a short uuid or a name.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceQuery {
+    /// Only devices whose uuid starts with this (1 to 32 hex characters, any case).
+    pub uuid_prefix: Option<String>,
+    /// Only devices with exactly this name (names need not be unique).
+    pub name: Option<String>,
+}
+
+/// Lists the devices the caller may see (admins: all), optionally narrowed.
+#[utoipa::path(get, path = "/v1/devices", tag = "devices", params(DeviceQuery),
+    responses((status = 200, body = [DeviceView]), (status = 400, body = ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn list_devices(
     State(state): State<Arc<Shared>>,
     caller: Caller,
+    query: Result<Query<DeviceQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<axum::Json<Vec<DeviceView>>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad(e.body_text()))?;
+    let uuid_prefix = match query.uuid_prefix {
+        Some(p) if (1..=32).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(p.to_ascii_lowercase())
+        }
+        Some(_) => return Err(ApiError::bad("uuid_prefix is 1 to 32 hex characters.")),
+        None => None,
+    };
+    let filter = crate::store::DeviceFilter {
+        uuid_prefix,
+        name: query.name,
+    };
     let member = (!caller.0.user.is_admin).then_some(caller.0.user.id);
-    let devices = state.store.list_devices(member).await?;
+    let devices = state.store.list_devices(member, &filter).await?;
     Ok(axum::Json(
         devices.into_iter().map(DeviceView::from).collect(),
     ))

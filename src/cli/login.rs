@@ -1,0 +1,314 @@
+//! `cloudlink login`, `logout` and `whoami`: one saved login per profile.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use reqwest::Method;
+
+use super::settings::{self, Settings};
+use super::{ApiClient, Output};
+use crate::relay::api::users::UserView;
+
+/// `cloudlink login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// The relay's API: a host (HTTPS on port 8443), or a URL such as
+    /// https://relay.example.com:8443. An http:// URL sends the key unencrypted
+    /// [default: the profile's relay, when logging in again].
+    #[arg(long)]
+    pub api: Option<String>,
+    /// The relay's CONNECT proxy, HOST:PORT [default: the API host, port 3129 over TLS for
+    /// an https API, 3128 for an http one].
+    #[arg(long)]
+    pub proxy: Option<String>,
+    /// The proxy address is a TLS listener [default: yes when --proxy is not given and the
+    /// API is https].
+    #[arg(long)]
+    pub proxy_tls: bool,
+    /// CA or pinned certificate (PEM) to verify the relay's API and TLS proxy with
+    /// [default: the system's roots].
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// The API key, or `-` to read it from stdin [default: asked for on a terminal].
+    #[arg(
+        long,
+        env = "CLOUDLINK_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "key_file"
+    )]
+    pub key: Option<String>,
+    /// A file holding the API key (e.g. the relay's admin.key).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// Where the key comes from: the flag or environment, stdin, a file, or a prompt.
+fn read_key(args: &LoginArgs) -> Result<String> {
+    let key = match (&args.key, &args.key_file) {
+        (Some(key), _) if key == "-" => {
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .context("cannot read the API key from stdin")?;
+            line
+        }
+        (Some(key), _) => key.clone(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?,
+        (None, None) if std::io::stdin().is_terminal() => prompt("API key: ")?,
+        (None, None) => {
+            return Err(anyhow!(
+                "no API key: give --key KEY, --key - (read from stdin), --key-file FILE or \
+                 CLOUDLINK_API_KEY, or run login on a terminal to be asked"
+            ))
+        }
+    };
+    let key = key.trim().to_owned();
+    if key.is_empty() {
+        return Err(anyhow!("the API key is empty"));
+    }
+    Ok(key)
+}
+
+/// Asks on the terminal without echoing what is typed.
+fn prompt(question: &str) -> Result<String> {
+    use rustix::termios::{tcgetattr, tcsetattr, LocalModes, OptionalActions};
+    let mut tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .context("cannot open the terminal to ask for the API key")?;
+    let saved = tcgetattr(&tty).context("cannot read the terminal's settings")?;
+    let mut quiet = saved.clone();
+    quiet.local_modes.remove(LocalModes::ECHO);
+    quiet.local_modes.insert(LocalModes::ECHONL);
+    // Echo off before the question shows, so nothing typed after it is echoed.
+    tcsetattr(&tty, OptionalActions::Flush, &quiet)
+        .context("cannot turn off the terminal's echo")?;
+    let asked = tty
+        .write_all(question.as_bytes())
+        .and_then(|()| tty.flush());
+    let mut line = String::new();
+    let read = asked.and_then(|()| std::io::BufReader::new(&tty).read_line(&mut line));
+    let restored = tcsetattr(&tty, OptionalActions::Flush, &saved);
+    read.context("cannot read the API key from the terminal")?;
+    restored.context("cannot restore the terminal's echo")?;
+    Ok(line)
+}
+
+/// Checks the key against the API and saves the login in the selected profile.
+pub async fn login(args: LoginArgs, out: Output) -> Result<()> {
+    let previous = Settings::load_profile(settings::profile())?;
+    let api = match (&args.api, &previous) {
+        (Some(api), _) => normalise_api(api)?,
+        (None, Some(old)) => old.api.clone(),
+        (None, None) => {
+            return Err(anyhow!(
+                "give the relay's API with --api (a host, or a URL such as \
+                 https://relay.example.com:8443)"
+            ))
+        }
+    };
+    let key = read_key(&args)?;
+    let tls = api.starts_with("https://");
+    if !tls {
+        eprintln!(
+            "warning: {api} is plain HTTP: your API key crosses the network unencrypted. \
+             Use https:// (the relay serves HTTPS on port 8443) unless a TLS-terminating \
+             proxy sits in between."
+        );
+    }
+    let same_relay = previous.as_ref().filter(|old| old.api == api);
+    let (proxy, proxy_tls) = match (args.proxy, same_relay) {
+        (Some(p), _) => (p, args.proxy_tls),
+        // Logging in again to the same relay keeps the proxy it was given.
+        (None, Some(old)) if old.proxy.is_some() => (
+            old.proxy.clone().unwrap_or_default(),
+            old.proxy_tls || args.proxy_tls,
+        ),
+        (None, _) => (default_proxy(&api, tls)?, tls || args.proxy_tls),
+    };
+    let ca = args
+        .ca
+        .or_else(|| same_relay.and_then(|old| old.ca.clone()));
+    let client = ApiClient::new(&api, &key, ca.as_deref(), false)?;
+    let me: UserView = client.call(Method::GET, "/v1/me", None).await?;
+    let settings = Settings {
+        api,
+        proxy: Some(proxy),
+        proxy_tls,
+        ca,
+        key,
+        username: Some(me.username.clone()),
+        // A setting the person made by hand survives logging in again.
+        service_command: previous
+            .as_ref()
+            .and_then(|old| old.service_command.clone()),
+    };
+    let (path, replaced) = settings.save()?;
+    if let Some(old) = replaced.filter(|old| out == Output::Table && *old != settings) {
+        eprintln!(
+            "replaced profile {}'s login ({} at {}); other relays can have profiles of their \
+             own: --profile NAME",
+            settings::profile(),
+            old.username.as_deref().unwrap_or("?"),
+            old.api
+        );
+    }
+    out.record(
+        &serde_json::json!({
+            "username": me.username,
+            "admin": me.admin,
+            "profile": settings::profile(),
+            "api": settings.api,
+            "saved_to": path,
+        }),
+        &[
+            ("logged in as", me.username.clone()),
+            ("relay", settings.api.clone()),
+            ("profile", settings::profile().to_owned()),
+            ("saved to", path.display().to_string()),
+        ],
+    )
+}
+
+/// Forgets the selected profile's login.
+pub fn logout(out: Output) -> Result<()> {
+    let profile = settings::profile();
+    let old = Settings::remove()?;
+    let message = match &old {
+        Some(old) => format!(
+            "logged out of {} (profile {profile}); the API key itself still works until \
+             revoked (`cloudlink api-key revoke`)",
+            old.api
+        ),
+        None => format!("profile {profile} was not logged in"),
+    };
+    match out {
+        Output::Json => out.record(
+            &serde_json::json!({ "profile": profile, "logged_out": old.is_some() }),
+            &[],
+        ),
+        Output::Table => {
+            println!("{message}");
+            Ok(())
+        }
+    }
+}
+
+/// The API base URL: a bare host (or HOST:PORT) means HTTPS, on port 8443 unless given.
+fn normalise_api(api: &str) -> Result<String> {
+    let api = api.trim().trim_end_matches('/');
+    if api.is_empty() {
+        return Err(anyhow!("--api is empty"));
+    }
+    if api.contains("://") {
+        if !(api.starts_with("https://") || api.starts_with("http://")) {
+            return Err(anyhow!(
+                "--api must be an https:// (or http://) URL or a host"
+            ));
+        }
+        return Ok(api.to_owned());
+    }
+    let has_port = match api.rsplit_once(':') {
+        Some((host, port)) => {
+            port.chars().all(|c| c.is_ascii_digit()) && (!host.contains(':') || host.ends_with(']'))
+        }
+        None => false,
+    };
+    Ok(if has_port {
+        format!("https://{api}")
+    } else {
+        format!("https://{api}:8443")
+    })
+}
+
+/// `https://host:8443` → `host:3129` (TLS), `http://host:8080` → `host:3128`.
+fn default_proxy(api: &str, tls: bool) -> Result<String> {
+    let rest = api
+        .split_once("://")
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("--api must be a URL such as http://relay.example.com:8080"))?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    Ok(format!("{host}:{}", if tls { 3129 } else { 3128 }))
+}
+
+/// Shows the logged-in user, the relay's addresses and the profile.
+pub async fn whoami(out: Output) -> Result<()> {
+    let settings = Settings::load()?;
+    let client = ApiClient::from_settings(&settings)?;
+    let me: UserView = client.call(Method::GET, "/v1/me", None).await?;
+    let proxy = settings.proxy.clone().unwrap_or_else(|| "-".into());
+    out.record(
+        &serde_json::json!({
+            "username": me.username,
+            "admin": me.admin,
+            "profile": settings::profile(),
+            "api": settings.api,
+            "proxy": settings.proxy,
+            "proxy_tls": settings.proxy_tls,
+        }),
+        &[
+            ("username", me.username.clone()),
+            ("admin", me.admin.to_string()),
+            ("profile", settings::profile().to_owned()),
+            ("api", settings.api.clone()),
+            (
+                "proxy",
+                if settings.proxy_tls {
+                    format!("{proxy} (TLS)")
+                } else {
+                    proxy
+                },
+            ),
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_proxy_uses_the_api_host() {
+        assert_eq!(
+            default_proxy("http://relay.example.com:8080", false).unwrap(),
+            "relay.example.com:3128"
+        );
+        assert_eq!(
+            default_proxy("https://relay.example.com/", true).unwrap(),
+            "relay.example.com:3129"
+        );
+        assert_eq!(
+            default_proxy("http://[::1]:8080", false).unwrap(),
+            "[::1]:3128"
+        );
+        assert!(default_proxy("relay", true).is_err());
+    }
+
+    #[test]
+    fn login_prefers_tls() {
+        assert_eq!(
+            normalise_api("relay.example.com").unwrap(),
+            "https://relay.example.com:8443"
+        );
+        assert_eq!(
+            normalise_api("127.0.0.1:9443").unwrap(),
+            "https://127.0.0.1:9443"
+        );
+        assert_eq!(normalise_api("[::1]").unwrap(), "https://[::1]:8443");
+        assert_eq!(normalise_api("[::1]:1").unwrap(), "https://[::1]:1");
+        assert_eq!(
+            normalise_api("http://relay:8080/").unwrap(),
+            "http://relay:8080"
+        );
+        assert!(normalise_api("ftp://relay").is_err());
+    }
+}

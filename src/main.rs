@@ -1,7 +1,7 @@
 //! `cloudlink`: argument parsing and dispatch; the work is in the library.
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use cloudlink::agent::{self, AgentArgs, AgentConfig};
@@ -99,6 +99,16 @@ enum Command {
     Key(Group<admin::KeyCmd>),
     /// Exit 0 if the relay or agent running here is healthy (a container's HEALTHCHECK).
     Healthcheck(healthcheck::HealthArgs),
+    /// Print a shell completion script: `cloudlink completions bash > /etc/bash_completion.d/cloudlink`.
+    Completions {
+        /// bash, zsh or fish.
+        shell: CompletionShell,
+    },
+    /// Write a man page for every command into a directory (cloudlink.1, cloudlink-device-ssh.1 …).
+    Manpages {
+        /// The directory (created if missing).
+        dir: std::path::PathBuf,
+    },
     /// Copy a SQLite store to a new file while the relay runs (for Postgres: pg_dump).
     Backup {
         /// The new file (must not exist).
@@ -126,6 +136,65 @@ impl Command {
             _ => false,
         }
     }
+}
+
+/// The shells `completions` writes for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CompletionShell {
+    /// GNU bash.
+    Bash,
+    /// Z shell.
+    Zsh,
+    /// fish.
+    Fish,
+}
+
+/// Prints the completion script for `shell`.
+fn completions(shell: CompletionShell) -> Result<()> {
+    let shell = match shell {
+        CompletionShell::Bash => clap_complete::Shell::Bash,
+        CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    let mut command = Cli::command();
+    // Into memory first: clap_complete panics on a write error (`| head`, a full disk).
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "cloudlink", &mut script);
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(&script).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write the completion script")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Writes `cloudlink.1` and one page per visible subcommand, `cloudlink-device-ssh.1` …
+fn manpages(dir: &std::path::Path) -> Result<()> {
+    fn write(command: &clap::Command, name: String, dir: &std::path::Path) -> Result<usize> {
+        let page = command.clone().name(name.clone());
+        let mut text = Vec::new();
+        clap_mangen::Man::new(page)
+            .render(&mut text)
+            .context("cannot render a man page")?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        let mut written = 1;
+        for sub in command.get_subcommands() {
+            if sub.is_hide_set() || sub.get_name() == "help" {
+                continue;
+            }
+            written += write(sub, format!("{name}-{}", sub.get_name()), dir)?;
+        }
+        Ok(written)
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut command = Cli::command();
+    command.build();
+    let written = write(&command, "cloudlink".into(), dir)?;
+    println!("wrote {written} man pages to {}", dir.display());
+    Ok(())
 }
 
 /// How log lines are written.
@@ -310,6 +379,8 @@ async fn run_command(command: Command, out: Output) -> Result<()> {
         } => tunnel::proxy(&uuid, port, noproxy, report.as_deref()).await,
         Command::Key(g) => admin::key(g.cmd, out).await,
         Command::Healthcheck(args) => healthcheck::run(args).await,
+        Command::Completions { shell } => completions(shell),
+        Command::Manpages { dir } => manpages(&dir),
         Command::Backup {
             file,
             database_url,

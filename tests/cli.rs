@@ -562,3 +562,84 @@ fn network_tls_and_startup_failures_say_what_to_do() {
     assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
     assert!(!data.exists(), "a failed start left {}", data.display());
 }
+
+/// Runs `shell -c script`; returns stdout, failing the test on a non-zero exit.
+fn shell(program: &str, script: &str) -> String {
+    let out = Command::new(program).args(["-c", script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} -c {script:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn completions_load_in_their_shells_and_man_pages_render() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |shell: &str| {
+        let out = Command::new(bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let path = dir.path().join(format!("cloudlink.{shell}"));
+        std::fs::write(&path, out.stdout).unwrap();
+        path.display().to_string()
+    };
+    // bash: what completing `cloudlink device s` offers.
+    let bash = write("bash");
+    let offered = shell(
+        "bash",
+        &format!(
+            "source {bash}; COMP_WORDS=(cloudlink device s); COMP_CWORD=2; \
+             _cloudlink cloudlink s device; echo \"${{COMPREPLY[@]}}\""
+        ),
+    );
+    assert_eq!(
+        offered.split_whitespace().collect::<Vec<_>>(),
+        ["ssh", "show"]
+    );
+    // fish: the same question, asked of fish itself.
+    if common::tool("fish") {
+        let fish = write("fish");
+        let offered = shell(
+            "fish",
+            &format!("source {fish}; complete -C 'cloudlink device ssh --no'"),
+        );
+        assert!(offered.contains("--noproxy"), "{offered}");
+    }
+    // zsh: the completion function loads under compinit.
+    if common::tool("zsh") {
+        let zsh = write("zsh");
+        let found = shell(
+            "zsh",
+            &format!("autoload -Uz compinit && compinit -u -D; source {zsh}; whence -w _cloudlink"),
+        );
+        assert!(found.contains("_cloudlink: function"), "{found}");
+    }
+    // Man pages: one per command, rendered by man.
+    let pages = dir.path().join("man");
+    let out = Command::new(bin())
+        .args(["manpages", pages.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    for page in [
+        "cloudlink.1",
+        "cloudlink-device-ssh.1",
+        "cloudlink-agent-authorized-keys.1",
+    ] {
+        assert!(pages.join(page).is_file(), "{page} missing");
+    }
+    if common::tool("man") {
+        let shown = shell(
+            "sh",
+            &format!("man -l {}", pages.join("cloudlink-device-ssh.1").display()),
+        );
+        assert!(
+            shown.contains("--noproxy") && shown.contains("short uuid"),
+            "{shown}"
+        );
+    }
+}

@@ -51,13 +51,16 @@
 pub mod agent;
 pub mod auth;
 pub mod cli;
+#[cfg(feature = "relay")]
 pub mod config;
 pub mod forward;
 pub mod link;
 pub mod logsafe;
 pub mod proto;
 pub mod quic;
+#[cfg(feature = "relay")]
 pub mod relay;
 pub mod splice;
+#[cfg(feature = "relay")]
 pub mod store;
 pub mod tls_client;

@@ -32,7 +32,7 @@ pub enum KeysError {
 /// The keys for `username`: fresh from the relay, or (when configured) from the cache.
 pub async fn lookup(config: &AgentConfig, username: &str) -> Result<String, KeysError> {
     // Names that cannot be cloud usernames have no keys; nothing to ask.
-    if !crate::store::is_valid_name(username) {
+    if !crate::proto::is_valid_name(username) {
         return Ok(String::new());
     }
     match fetch(config, username).await {

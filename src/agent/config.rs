@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Secret;
 use crate::link::Transport;
+use crate::logsafe::Secret;
 
 /// The default config file; read when it exists and `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/cloudlink/agent.toml";

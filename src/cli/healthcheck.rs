@@ -8,16 +8,14 @@
 //!   the check);
 //! - agent: the link state the agent keeps in its status file (`--status-file`) is `up`.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, FromArgMatches, Parser};
 
 use crate::agent::{AgentArgs, AgentConfig};
+#[cfg(feature = "relay")]
 use crate::config::{RelayArgs, RelayConfig};
-use crate::tls_client::{self, Trust};
 
 /// Which process to check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -43,6 +41,7 @@ pub struct HealthArgs {
 }
 
 /// How long the whole check may take.
+#[cfg_attr(not(feature = "relay"), allow(dead_code))]
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the check; prints what it found.
@@ -62,11 +61,15 @@ pub async fn run(args: HealthArgs) -> Result<()> {
             println!("agent: {line}");
             Ok(())
         }
+        #[cfg(not(feature = "relay"))]
+        _ => bail!("this is the agent build of cloudlink: it has no relay to check"),
+        #[cfg(feature = "relay")]
         _ => {
             let config = RelayConfig::load(&from_env::<RelayArgs>()?)?;
-            let checked = tokio::time::timeout(TIMEOUT, relay(&config, args.server_name))
-                .await
-                .map_err(|_| anyhow!("no answer within {TIMEOUT:?}"))??;
+            let checked =
+                tokio::time::timeout(TIMEOUT, relay_role::relay(&config, args.server_name))
+                    .await
+                    .map_err(|_| anyhow!("no answer within {TIMEOUT:?}"))??;
             println!("relay: {checked}");
             Ok(())
         }
@@ -100,60 +103,73 @@ pub fn agent_status(path: &std::path::Path) -> Result<String> {
     }
 }
 
-/// The address to reach a listener bound at `bound` from this host.
-fn local(bound: SocketAddr) -> SocketAddr {
-    let ip = match bound.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    SocketAddr::new(ip, bound.port())
-}
+/// The relay's side of the check (the full build only).
+#[cfg(feature = "relay")]
+mod relay_role {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    use std::path::PathBuf;
 
-async fn relay(config: &RelayConfig, server_name: Option<String>) -> Result<String> {
-    let plain = format!("http://{}/readyz", local(config.api_listen));
-    ready(&plain, Trust::System, None).await?;
-    let Some(tls) = config.api_tls_listen.addr() else {
-        return Ok(format!("ready ({plain})"));
-    };
-    let cert: PathBuf = config
-        .tls_cert
-        .clone()
-        .unwrap_or_else(|| config.data_dir.join(crate::relay::tls::DEV_CERT));
-    let name = server_name
-        .or_else(|| config.tls_names.first().cloned())
-        .unwrap_or_else(|| "localhost".into());
-    let url = format!("https://{name}:{}/readyz", tls.port());
-    ready(&url, Trust::CaFile(&cert), Some(local(tls))).await?;
-    Ok(format!("ready ({plain}, {url})"))
-}
+    use anyhow::{anyhow, bail, Context, Result};
 
-/// `GET url` answers 200; `at` connects there whatever the URL's host says.
-async fn ready(url: &str, trust: Trust<'_>, at: Option<SocketAddr>) -> Result<()> {
-    let mut builder = tls_client::http_client_builder(url, trust, TIMEOUT)?;
-    if let (Some(addr), Some(host)) = (at, url::host(url)) {
-        builder = builder.resolve(host, addr);
+    use super::TIMEOUT;
+    use crate::config::RelayConfig;
+    use crate::tls_client::{self, Trust};
+
+    /// The address to reach a listener bound at `bound` from this host.
+    pub fn local(bound: SocketAddr) -> SocketAddr {
+        let ip = match bound.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        SocketAddr::new(ip, bound.port())
     }
-    let client = builder.build().context("HTTP client")?;
-    let response = client
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| anyhow!("{url}: {}", tls_client::chain(&e)))?;
-    let status = response.status();
-    if !status.is_success() {
-        let body = response.text().await.unwrap_or_default();
-        bail!("{url}: {status} {}", body.trim());
-    }
-    Ok(())
-}
 
-mod url {
-    /// The host of an `https://HOST:PORT/…` URL.
-    pub fn host(url: &str) -> Option<&str> {
-        let rest = url.split_once("://")?.1;
-        let authority = rest.split('/').next()?;
-        Some(authority.rsplit_once(':').map_or(authority, |(h, _)| h))
+    pub async fn relay(config: &RelayConfig, server_name: Option<String>) -> Result<String> {
+        let plain = format!("http://{}/readyz", local(config.api_listen));
+        ready(&plain, Trust::System, None).await?;
+        let Some(tls) = config.api_tls_listen.addr() else {
+            return Ok(format!("ready ({plain})"));
+        };
+        let cert: PathBuf = config
+            .tls_cert
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join(crate::relay::tls::DEV_CERT));
+        let name = server_name
+            .or_else(|| config.tls_names.first().cloned())
+            .unwrap_or_else(|| "localhost".into());
+        let url = format!("https://{name}:{}/readyz", tls.port());
+        ready(&url, Trust::CaFile(&cert), Some(local(tls))).await?;
+        Ok(format!("ready ({plain}, {url})"))
+    }
+
+    /// `GET url` answers 200; `at` connects there whatever the URL's host says.
+    async fn ready(url: &str, trust: Trust<'_>, at: Option<SocketAddr>) -> Result<()> {
+        let mut builder = tls_client::http_client_builder(url, trust, TIMEOUT)?;
+        if let (Some(addr), Some(host)) = (at, url::host(url)) {
+            builder = builder.resolve(host, addr);
+        }
+        let client = builder.build().context("HTTP client")?;
+        let response = client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| anyhow!("{url}: {}", tls_client::chain(&e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            bail!("{url}: {status} {}", body.trim());
+        }
+        Ok(())
+    }
+
+    pub mod url {
+        /// The host of an `https://HOST:PORT/…` URL.
+        pub fn host(url: &str) -> Option<&str> {
+            let rest = url.split_once("://")?.1;
+            let authority = rest.split('/').next()?;
+            Some(authority.rsplit_once(':').map_or(authority, |(h, _)| h))
+        }
     }
 }
 
@@ -174,8 +190,10 @@ mod tests {
         assert!(agent_status(&dir.path().join("missing")).is_err());
     }
 
+    #[cfg(feature = "relay")]
     #[test]
     fn listeners_on_every_address_are_reached_on_loopback() {
+        use relay_role::{local, url};
         assert_eq!(
             local("0.0.0.0:8080".parse().unwrap()).to_string(),
             "127.0.0.1:8080"

@@ -1,6 +1,7 @@
 //! Bytes on the wire (PROTOCOL.md), with no I/O policy: CONNECT heads, length-prefixed JSON
 //! frames, and the messages those frames carry.
 
+#[cfg(feature = "relay")]
 pub mod connect;
 pub mod frame;
 pub mod messages;
@@ -48,6 +49,17 @@ pub enum ProtoError {
 
 /// A tiny seeded generator and mutator for the bounded fuzz tests of the parsers, so a
 /// failure reproduces from its seed on any machine.
+/// Whether `name` is a valid user, fleet, device or key name: `[a-z0-9][a-z0-9_-]{0,62}`.
+pub fn is_valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-')
+}
+
 #[cfg(test)]
 pub(crate) mod fuzz {
     /// xorshift64: fast, deterministic, good enough to explore a parser's input space.

@@ -679,16 +679,7 @@ pub async fn migrate(url: &str) -> Result<()> {
     open(url).await.map(drop)
 }
 
-/// Whether `name` is a valid user, fleet, device or key name: `[a-z0-9][a-z0-9_-]{0,62}`.
-pub fn is_valid_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-')
-}
+pub use crate::proto::is_valid_name;
 
 /// Heartbeats older than this mean the relay is dead and its presence rows do not count.
 pub const RELAY_DEAD_AFTER_MS: Millis = 15_000;

@@ -49,6 +49,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+#[cfg(feature = "relay")]
 pub mod auth;
 pub mod cli;
 #[cfg(feature = "relay")]

@@ -2,7 +2,6 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 use cloudlink::agent::{self, AgentArgs, AgentConfig};
 use cloudlink::cli::healthcheck;
@@ -69,20 +68,33 @@ enum AgentCmd {
     },
 }
 
+/// Logs to stderr at `RUST_LOG`'s levels (`info`, `cloudlink=debug,sqlx=warn`: per-target
+/// levels; no span or field filters, which would bring a regex engine to every device),
+/// else at `default`.
 fn init_tracing(default: &str, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let default: Targets = default.parse().unwrap_or_default();
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(value) => value.parse().unwrap_or_else(|e| {
+            eprintln!("warning: RUST_LOG={value:?} ignored ({e}); logging at the default levels");
+            default
+        }),
+        Err(_) => default,
+    };
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry();
     match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        LogFormat::Text => registry
+            .with(layer.with_ansi(
+                std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            ))
+            .with(filter)
             .init(),
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
+        LogFormat::Json => registry
+            .with(layer.json().with_current_span(true).with_span_list(true))
+            .with(filter)
             .init(),
     }
 }

@@ -50,6 +50,7 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+#[cfg(feature = "relay")]
 /// A reqwest client for a relay's API: HTTPS verified against `trust` (system roots or a
 /// CA file; the same options as the device link), or plain HTTP for an `http://` URL.
 pub fn http_client(
@@ -62,6 +63,7 @@ pub fn http_client(
         .map_err(|e| TlsClientError::Http(e.to_string()))
 }
 
+#[cfg(feature = "relay")]
 /// What [`http_client`] builds, for a caller that sets more (a redirect policy).
 pub fn http_client_builder(
     base: &str,

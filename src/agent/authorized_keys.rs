@@ -71,12 +71,6 @@ async fn fetch(config: &AgentConfig, username: &str) -> Result<String, KeysError
             "no device `key` in the agent config".into(),
         ));
     }
-    let client = crate::tls_client::http_client(
-        api,
-        config.trust(),
-        Duration::from_secs(config.authorized_keys_timeout_secs.max(1)),
-    )
-    .map_err(|e| KeysError::Config(format!("{e:#}")))?;
     // With root logins on, `root` is every user who may reach this device (PROTOCOL.md §4).
     let all_members =
         username == "root" && config.root_login == super::config::RootLogin::FleetMembers;
@@ -85,25 +79,24 @@ async fn fetch(config: &AgentConfig, username: &str) -> Result<String, KeysError
         api.trim_end_matches('/'),
         if all_members { "?all_members=true" } else { "" }
     );
-    let response = client
-        .get(url)
-        .bearer_auth(&config.key.0)
-        .send()
-        .await
-        .map_err(|e| KeysError::Unreachable(crate::tls_client::chain(&e)))?;
-    match response.status().as_u16() {
+    let answer = super::http::get(
+        &url,
+        &config.key.0,
+        config.trust(),
+        Duration::from_secs(config.authorized_keys_timeout_secs.max(1)),
+    )
+    .await
+    .map_err(KeysError::Unreachable)?;
+    match answer.status {
         200 => {}
         401 => return Err(KeysError::Unauthorized),
         other => return Err(KeysError::Status(other)),
     }
-    let body = response
-        .text()
-        .await
-        .map_err(|e| KeysError::Unreachable(e.to_string()))?;
+    let body = answer.body;
     // Only lines that look like keys go to sshd.
     let mut keys = String::new();
     for line in body.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        if crate::auth::ssh_keys::parse(line).is_ok() {
+        if is_public_key_line(line) {
             keys.push_str(line);
             keys.push('\n');
         }
@@ -127,4 +120,65 @@ fn store_cache(dir: &Path, username: &str, keys: &str) -> std::io::Result<()> {
     file.write_all(keys.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(tmp, dir.join(username))
+}
+
+/// Whether `line` is `ALGORITHM BASE64 [comment]` with an algorithm sshd takes for user
+/// keys and a blob that names the same algorithm: no `authorized_keys` options (`command=`,
+/// `from=` …) can ride along, whatever the relay sends. sshd checks the key itself.
+fn is_public_key_line(line: &str) -> bool {
+    use base64::Engine;
+    const ALGORITHMS: [&str; 7] = [
+        "ssh-ed25519",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "ssh-rsa",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    ];
+    let mut fields = line.split_ascii_whitespace();
+    let (Some(algorithm), Some(blob)) = (fields.next(), fields.next()) else {
+        return false;
+    };
+    if !ALGORITHMS.contains(&algorithm) {
+        return false;
+    }
+    let Ok(blob) = base64::engine::general_purpose::STANDARD.decode(blob) else {
+        return false;
+    };
+    // The blob starts with the algorithm's name as an SSH string: u32 length, bytes.
+    let named = blob
+        .get(..4)
+        .map(|n| u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize)
+        .and_then(|n| blob.get(4..4 + n));
+    named == Some(algorithm.as_bytes()) && blob.len() > 4 + algorithm.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_public_key_line;
+
+    #[test]
+    fn only_plain_key_lines_reach_sshd() {
+        let ed25519 =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAII/Hvbt8FLxaYtdZv3WeFjGcQvtgFIyIyn5kLztvBv4O";
+        assert!(is_public_key_line(ed25519));
+        assert!(is_public_key_line(&format!(
+            "{ed25519} me@laptop with spaces"
+        )));
+        for bad in [
+            format!("command=\"sh\" {ed25519}"),
+            format!("from=\"10.0.0.1\" {ed25519}"),
+            // The blob names another algorithm than the line.
+            ed25519.replacen("ssh-ed25519", "ssh-rsa", 1),
+            "ssh-ed25519 not-base64!".into(),
+            "ssh-ed25519".into(),
+            "ssh-dss AAAAB3NzaC1kc3MAAACBAP".into(),
+            // Only the name, no key after it.
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5".into(),
+            String::new(),
+        ] {
+            assert!(!is_public_key_line(&bad), "{bad:?}");
+        }
+    }
 }

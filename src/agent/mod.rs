@@ -3,6 +3,7 @@
 
 pub mod authorized_keys;
 pub mod config;
+pub mod http;
 pub mod link;
 pub mod proxy;
 pub mod tunnel;

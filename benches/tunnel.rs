@@ -34,7 +34,7 @@
 //! instead of a local one (c, d, e): `--api URL --proxy HOST:PORT --device HOST:PORT
 //! --key ADMIN_KEY [--ca PEM]`; the agent still runs here.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/suite/common/mod.rs"]
 mod common;
 #[path = "support/peer.rs"]
 mod peer;

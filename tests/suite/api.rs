@@ -1,6 +1,6 @@
 //! The control plane end to end: a real relay process, its REST API, and the CLI.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 

@@ -4,7 +4,7 @@
 //! another fleet sees, and the same at a phone-sized window. The screenshot the README shows
 //! is written to target/dashboard-terminal.png (scripts/screenshot copies it to docs/).
 
-mod common;
+use crate::common;
 
 use common::browser::{self, Browser};
 use common::github::fake_github;
@@ -62,23 +62,19 @@ async fn open_terminal(b: &Browser, base: &str, uuid: &str) {
 async fn stty_size(b: &Browser, marker: &str) -> (u32, u32, u32) {
     b.type_in_terminal(&format!("echo {marker}-$(stty size | tr ' ' x)\n"))
         .await;
-    let screen = b.text_contains(".xterm-rows", &format!("{marker}-")).await;
-    // The echoed command line contains the marker too; the answer is the line with digits.
-    let answer = screen
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix(&format!("{marker}-")))
-        .find_map(|rest| {
-            let (r, c) = rest.split_once('x')?;
-            Some((r.trim().parse().ok()?, c.trim().parse().ok()?))
-        });
-    let (rows, cols) = match answer {
-        Some(found) => found,
-        None => {
-            // The answer may not be painted yet: wait for it once more.
-            let screen = b.text_contains(".xterm-rows", "x").await;
-            panic!("no stty answer in {screen:?}")
-        }
-    };
+    // The echoed command line holds the marker too (and may wrap on a narrow terminal):
+    // wait for the line with the answer's digits.
+    let (rows, cols) = b
+        .text_matching(".xterm-rows", &format!("{marker}-ROWSxCOLS"), |screen| {
+            screen
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix(&format!("{marker}-")))
+                .find_map(|rest| {
+                    let (r, c) = rest.split_once('x')?;
+                    Some((r.trim().parse().ok()?, c.trim().parse().ok()?))
+                })
+        })
+        .await;
     let shown = b
         .js("return document.querySelector('.xterm-rows').children.length")
         .await

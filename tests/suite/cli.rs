@@ -2,7 +2,7 @@
 //! and errors that name the cause and the fix. Every error here is provoked for real (a
 //! typo'd uuid, a revoked key, a busy port, an untrusted certificate …) and its text checked.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::path::Path;

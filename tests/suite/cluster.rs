@@ -1,7 +1,7 @@
 //! A cluster of real relays on one throwaway Postgres: joining, shared secrets,
 //! forwarding over the peer link, presence across relays, relay death and drain.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;

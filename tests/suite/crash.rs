@@ -2,7 +2,7 @@
 //! relay or the agent is killed with SIGKILL while bytes flow, each way, and the user's
 //! client and the device's service must both see a connection reset.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Store faults from outside: a full disk under a running relay (a real, small tmpfs in a
 //! mount namespace of the relay's own), and the relay's open-files limit.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

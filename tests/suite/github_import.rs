@@ -2,7 +2,7 @@
 //! GitHub (`--github-keys-url`): added, duplicate and invalid lines, an unknown login, a bad
 //! login, and the bounds (no redirects, 5 s, 64 KiB).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! Trust defects found from outside (issue: hardening), each as a test that failed before
 //! the fix: JWT revocation, fair limits, log injection, bounded edges, strict parsing, TLS.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

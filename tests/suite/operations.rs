@@ -3,7 +3,7 @@
 //! own unit tests, `--metrics-listen`, JSON logs that name the tunnel, and
 //! `cloudlink healthcheck` for relay and agent.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

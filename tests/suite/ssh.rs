@@ -4,7 +4,7 @@
 //! login name; the test logs in as `root` (the one account sure to exist), so the cloud user
 //! is called `root` too.
 
-mod common;
+use crate::common;
 
 use common::sshd::ssh_opts;
 use common::{cli_in, limits, sshd, Agent, World};

@@ -1,6 +1,6 @@
 //! One conformance suite, run against both store backends.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

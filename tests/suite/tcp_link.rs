@@ -1,7 +1,7 @@
 //! The TLS/TCP device link (PROTOCOL.md §2b): devices behind networks that block UDP come
 //! online over TCP, by themselves, and get everything a QUIC device gets.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

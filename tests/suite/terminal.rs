@@ -2,7 +2,7 @@
 //! relay, agent and OpenSSH sshd whose keys come from `cloudlink agent authorized-keys`.
 //! The browser itself drives the same path in tests/browser.rs.
 
-mod common;
+use crate::common;
 
 use common::sshd::device_with_sshd;
 use common::terminal::{url, Term};

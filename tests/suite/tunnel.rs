@@ -1,6 +1,6 @@
 //! The data plane end to end: real relay and agent processes, real local services.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -94,20 +94,34 @@ impl Browser {
 
     /// Waits until the text of `css` contains `text`; returns the whole text.
     pub async fn text_contains(&self, css: &str, text: &str) -> String {
+        self.text_matching(css, &format!("{text:?}"), |t| {
+            t.contains(text).then(|| t.to_owned())
+        })
+        .await
+    }
+
+    /// Waits until `found` finds what it looks for in the text of `css` (`what` names it
+    /// in the failure); returns what it found.
+    pub async fn text_matching<T>(
+        &self,
+        css: &str,
+        what: &str,
+        found: impl Fn(&str) -> Option<T>,
+    ) -> T {
         let deadline = std::time::Instant::now() + WAIT;
         let mut last = String::new();
         while std::time::Instant::now() < deadline {
             if let Ok(el) = self.client.find(Locator::Css(css)).await {
                 if let Ok(t) = el.text().await {
-                    if t.contains(text) {
-                        return t;
+                    if let Some(value) = found(&t) {
+                        return value;
                     }
                     last = t;
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("{css} never contained {text:?}; it said {last:?}");
+        panic!("{css} never showed {what}; it said {last:?}");
     }
 
     /// Runs a script in the page and returns its value.

@@ -71,14 +71,21 @@ pub fn http_client_builder(
     timeout: std::time::Duration,
 ) -> Result<reqwest::ClientBuilder, TlsClientError> {
     install_crypto();
-    let mut builder = reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .timeout(timeout)
         .user_agent(concat!("cloudlink/", env!("CARGO_PKG_VERSION")));
-    if base.starts_with("https://") {
-        let tls = config(trust, &[b"http/1.1"])?;
-        builder = builder.tls_backend_preconfigured(tls);
-    }
-    Ok(builder)
+    // Always a configuration of ours: left alone, reqwest loads the system's roots itself,
+    // and fails where there are none (a minimal container) even for plain http://.
+    let tls = if base.starts_with("https://") {
+        config(trust, &[b"http/1.1"])?
+    } else {
+        // Plain HTTP: TLS is never used, so it trusts nothing.
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth()
+    };
+    Ok(builder.tls_backend_preconfigured(tls))
 }
 
 /// An error with its causes, `outer: inner: innermost`: reqwest's own message hides the

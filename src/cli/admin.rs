@@ -603,7 +603,8 @@ fn key_to_add(
             .map(|f| format!("{}.pub", f.display()))
             .unwrap_or_else(|| "the .pub file next to it".into());
         return Err(anyhow!(
-            "{source} holds a PRIVATE key; it was not sent. Add the public key instead:              {public} (`ssh-keygen -y -f KEY` prints it)"
+            "{source} holds a PRIVATE key; it was not sent. Add the public key instead: \
+             {public} (`ssh-keygen -y -f KEY` prints it)"
         ));
     }
     let text = text.trim().to_owned();

@@ -31,13 +31,9 @@ pub struct LoginArgs {
     /// [default: the system's roots].
     #[arg(long)]
     pub ca: Option<PathBuf>,
-    /// The API key, or `-` to read it from stdin [default: asked for on a terminal].
-    #[arg(
-        long,
-        env = "CLOUDLINK_API_KEY",
-        hide_env_values = true,
-        conflicts_with = "key_file"
-    )]
+    /// The API key, or `-` to read it from stdin [default: $CLOUDLINK_API_KEY, else asked
+    /// for on a terminal].
+    #[arg(long, conflicts_with = "key_file")]
     pub key: Option<String>,
     /// A file holding the API key (e.g. the relay's admin.key).
     #[arg(long)]
@@ -58,6 +54,11 @@ fn read_key(args: &LoginArgs) -> Result<String> {
         (Some(key), _) => key.clone(),
         (None, Some(file)) => std::fs::read_to_string(file)
             .with_context(|| format!("cannot read {}", file.display()))?,
+        // The environment only when no flag says otherwise (so it never conflicts with one).
+        (None, None) if std::env::var_os("CLOUDLINK_API_KEY").is_some() => {
+            std::env::var("CLOUDLINK_API_KEY")
+                .map_err(|_| anyhow!("CLOUDLINK_API_KEY is not valid UTF-8"))?
+        }
         (None, None) if std::io::stdin().is_terminal() => prompt("API key: ")?,
         (None, None) => {
             return Err(anyhow!(

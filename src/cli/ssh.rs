@@ -233,7 +233,7 @@ async fn keys_refused(
     )];
     if offered.is_empty() {
         lines.push(
-            "  ssh found no key file to offer (and none came from an ssh-agent that took)".into(),
+            "  ssh had no key file to offer (keys held by an ssh-agent are not listed here)".into(),
         );
     }
     let mut any_known = false;
@@ -257,7 +257,8 @@ async fn keys_refused(
     }
     if any_known {
         lines.push(format!(
-            "A key of yours was refused: check that the device's sshd asks              `cloudlink agent authorized-keys %u` (README) and that login {login} exists there."
+            "A key of yours was refused: check that the device's sshd asks \
+             `cloudlink agent authorized-keys %u` (README) and that login {login} exists there."
         ));
     } else {
         let example = offered
@@ -265,7 +266,8 @@ async fn keys_refused(
             .map(|(p, _)| format!("{}.pub", p.display()))
             .unwrap_or_else(|| "~/.ssh/id_ed25519.pub".into());
         lines.push(format!(
-            "Add the public key of the one you use: `cloudlink key add NAME {example}`              (no key yet? `ssh-keygen -t ed25519`)."
+            "Add the public key of the one you use: `cloudlink key add NAME {example}` \
+             (no key yet? `ssh-keygen -t ed25519`)."
         ));
     }
     lines.join("\n")

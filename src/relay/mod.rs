@@ -130,12 +130,33 @@ async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, R
 }
 
 impl Relay {
-    /// Prepares the data directory and store and binds every listener.
+    /// Prepares the data directory and store and binds every listener. A start that fails
+    /// leaves nothing half-made: what can be checked without writing (ports, the files
+    /// the settings name) is checked first, and a data directory this start created is
+    /// removed again, unless it holds the key of an admin already in an outside store.
     pub async fn start(config: RelayConfig) -> Result<Relay, RelayError> {
         raise_fd_limit();
-        // A port another process holds fails the start before anything is written: no data
-        // directory, store rows or keys from a relay that never ran.
         preflight_binds(&config)?;
+        if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+            tls::Material::from_files(cert, key)?;
+        }
+        JwtKeys::new(
+            b"checking the public key only",
+            config.jwt_public_key.as_deref(),
+        )?;
+        let fresh = !config.data_dir.exists();
+        let sqlite_inside = config.database_url() == store::sqlite::default_url(&config.data_dir);
+        let data_dir = config.data_dir.clone();
+        let started = Relay::start_in(config).await;
+        if started.is_err() && fresh && (sqlite_inside || !data_dir.join(ADMIN_KEY_FILE).exists()) {
+            if let Err(e) = std::fs::remove_dir_all(&data_dir) {
+                tracing::warn!(dir = %data_dir.display(), error = %e, "cannot remove the data directory of a failed start");
+            }
+        }
+        started
+    }
+
+    async fn start_in(config: RelayConfig) -> Result<Relay, RelayError> {
         datadir::ensure(&config.data_dir)?;
         let relay_id = match &config.relay_id {
             Some(id) => id.clone(),

@@ -280,6 +280,17 @@ fn logins_profiles_and_json_errors() {
         .block_on(w.user("bob"));
     let (ok, _, err) = login("second", &[], &[("CLOUDLINK_API_KEY", bob.as_str())], None);
     assert!(ok, "{err}");
+    // The environment gives way to a flag instead of conflicting with it.
+    let key_file = w.relay.data_dir.join("admin.key");
+    let (ok, out, err) = login(
+        "fourth",
+        &["--key-file", key_file.to_str().unwrap()],
+        &[("CLOUDLINK_API_KEY", "clk_not_this_one")],
+        None,
+    );
+    assert!(ok && out.contains("admin"), "{out}{err}");
+    let (ok, _, err) = w.cli(&["--profile", "fourth", "logout"]);
+    assert!(ok, "{err}");
     // Asked on a terminal, without echo (`script` gives the CLI a terminal).
     let command = format!(
         "{} --profile third login --api {api} --proxy {proxy}",
@@ -561,6 +572,58 @@ fn network_tls_and_startup_failures_say_what_to_do() {
     );
     assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
     assert!(!data.exists(), "a failed start left {}", data.display());
+    // Other failed starts leave nothing either: a certificate file that is not there
+    // (found before anything is written), and a bad bootstrap key (found once the store
+    // exists in the new data dir, which goes again).
+    let missing = w.dir.path().join("missing.pem");
+    let missing = missing.to_str().unwrap();
+    for (extra, env, says) in [
+        (
+            vec!["--tls-cert", missing, "--tls-key", missing],
+            ("NO_COLOR", "1"),
+            "missing.pem",
+        ),
+        (
+            vec![],
+            ("CLOUDLINK_BOOTSTRAP_ADMIN_KEY", "not-a-key"),
+            "CLOUDLINK_BOOTSTRAP_ADMIN_KEY must start with clk_",
+        ),
+    ] {
+        let out = Command::new(bin())
+            .args(["relay", "--data-dir", data.to_str().unwrap()])
+            .args([
+                "--api-listen",
+                "127.0.0.1:0",
+                "--proxy-listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--device-listen",
+                "127.0.0.1:0",
+                "--device-tcp-listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--api-tls-listen",
+                "127.0.0.1:0",
+                "--proxy-tls-listen",
+                "127.0.0.1:0",
+            ])
+            .args(&extra)
+            .env(env.0, env.1)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{extra:?}: {err}"
+        );
+        assert!(
+            !data.exists(),
+            "{extra:?}: a failed start left {}",
+            data.display()
+        );
+    }
 }
 
 /// Runs `shell -c script`; returns stdout, failing the test on a non-zero exit.

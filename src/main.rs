@@ -147,7 +147,8 @@ fn main() {
 
 /// Reports `e` on stderr (as `{"error":{"message":…}}` under `--json`) and exits 1.
 fn fail(json: bool, e: anyhow::Error) -> ! {
-    let message = describe(&e);
+    // Each cause once: errors that quote their source would otherwise print it twice.
+    let message = cloudlink::tls_client::chain(e.as_ref());
     if json {
         let body = serde_json::json!({ "error": { "message": message } });
         eprintln!("{body}");
@@ -155,23 +156,6 @@ fn fail(json: bool, e: anyhow::Error) -> ! {
         eprintln!("error: {message}");
     }
     std::process::exit(1);
-}
-
-/// `outer: cause: …`, each cause once: errors that quote their source in their own
-/// message would otherwise print it twice.
-fn describe(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if out.contains(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
 }
 
 async fn run_agent(args: AgentArgs) -> Result<()> {

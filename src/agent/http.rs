@@ -106,11 +106,11 @@ async fn exchange(
             .connect(name, tcp)
             .await
             .map_err(|e| {
-                let text = tls_client::chain(&e);
-                match tls_client::trust_hint(&text) {
-                    Some(hint) => format!("TLS with {} failed: {text} ({hint})", target.authority),
-                    None => format!("TLS with {} failed: {text}", target.authority),
-                }
+                format!(
+                    "TLS with {} failed: {}",
+                    target.authority,
+                    tls_client::explain(&e)
+                )
             })?;
         request(TokioIo::new(tls), &target, token).await
     } else {

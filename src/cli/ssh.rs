@@ -145,7 +145,7 @@ pub fn run(args: SshArgs) -> Result<i32> {
     let device = runtime.block_on(resolve::reachable(&client, &args.target, &[args.port]))?;
     let dir = config_dir()?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let report = tempfile_in(&dir)?;
+    let report = report_in(&dir);
     let relay = ViaRelay {
         uuid: &device.uuid,
         report: &report.0,
@@ -176,13 +176,13 @@ impl Drop for Report {
     }
 }
 
-fn tempfile_in(dir: &Path) -> Result<Report> {
+fn report_in(dir: &Path) -> Report {
     let name = format!(
         ".ssh-report-{}-{}",
         std::process::id(),
         rand::random::<u32>()
     );
-    Ok(Report(dir.join(name)))
+    Report(dir.join(name))
 }
 
 /// Runs ssh with its stderr passed through line by line, noting whether sshd refused

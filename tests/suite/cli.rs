@@ -545,27 +545,9 @@ fn network_tls_and_startup_failures_say_what_to_do() {
 
     // A second relay on the first one's ports: the cause once, and no data dir left.
     let data = w.dir.path().join("second-relay");
-    let out = Command::new(bin())
-        .args(["relay", "--data-dir", data.to_str().unwrap()])
-        .args(["--api-listen", &w.relay.api.to_string()])
-        .args([
-            "--proxy-listen",
-            "127.0.0.1:0",
-            "--device-listen",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--api-tls-listen",
-            "127.0.0.1:0",
-            "--proxy-tls-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--device-tcp-listen", "127.0.0.1:0"])
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let api = w.relay.api.to_string();
+    let (ok, err) = relay_start(&data, &api, &[], ("NO_COLOR", "1"));
+    assert!(!ok);
     assert!(
         err.contains(&format!("cannot listen for the API on {}", w.relay.api)),
         "{err}"
@@ -589,41 +571,48 @@ fn network_tls_and_startup_failures_say_what_to_do() {
             "CLOUDLINK_BOOTSTRAP_ADMIN_KEY must start with clk_",
         ),
     ] {
-        let out = Command::new(bin())
-            .args(["relay", "--data-dir", data.to_str().unwrap()])
-            .args([
-                "--api-listen",
-                "127.0.0.1:0",
-                "--proxy-listen",
-                "127.0.0.1:0",
-            ])
-            .args([
-                "--device-listen",
-                "127.0.0.1:0",
-                "--device-tcp-listen",
-                "127.0.0.1:0",
-            ])
-            .args([
-                "--api-tls-listen",
-                "127.0.0.1:0",
-                "--proxy-tls-listen",
-                "127.0.0.1:0",
-            ])
-            .args(&extra)
-            .env(env.0, env.1)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(says),
-            "{extra:?}: {err}"
-        );
+        let (ok, err) = relay_start(&data, "127.0.0.1:0", &extra, env);
+        assert!(!ok && err.contains(says), "{extra:?}: {err}");
         assert!(
             !data.exists(),
             "{extra:?}: a failed start left {}",
             data.display()
         );
     }
+}
+
+/// `cloudlink relay` on `data`, its API on `api` and every other listener on port 0, with
+/// `extra` flags and one environment variable; returns (success, stderr) once it exits.
+fn relay_start(data: &Path, api: &str, extra: &[&str], env: (&str, &str)) -> (bool, String) {
+    let out = Command::new(bin())
+        .args([
+            "relay",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--api-listen",
+            api,
+        ])
+        .args([
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--device-listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--device-tcp-listen",
+            "127.0.0.1:0",
+            "--api-tls-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--proxy-tls-listen", "127.0.0.1:0"])
+        .args(extra)
+        .env(env.0, env.1)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Runs `shell -c script`; returns stdout, failing the test on a non-zero exit.

@@ -554,21 +554,8 @@ async fn audit_rows_past_the_retention_are_deleted_in_batches() {
         .unwrap();
     let now = cloudlink::store::now_ms();
     for (i, age_hours) in [49, 48, 30, 26, 25, 2, 0].into_iter().enumerate() {
-        let row = cloudlink::store::TunnelSession {
-            id: format!("t{i}"),
-            user_id: 1,
-            username: "admin".into(),
-            device_uuid: "d".into(),
-            port: 22,
-            relay_id: "r".into(),
-            opened_at: now - age_hours * 3_600_000,
-            closed_at: None,
-            bytes_up: 0,
-            bytes_down: 0,
-            close_reason: None,
-            device_relay: None,
-            kind: "connect".into(),
-        };
+        let opened = now - age_hours * 3_600_000;
+        let row = common::tunnel_row(&format!("t{i}"), 1, "admin", "d", opened);
         store.open_tunnel(&row).await.unwrap();
     }
     drop(store);

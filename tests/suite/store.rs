@@ -347,19 +347,8 @@ async fn conformance(s: Arc<dyn Store>) {
 
     // Tunnel audit.
     let t = TunnelSession {
-        id: "t1".into(),
-        user_id: bob.id,
-        username: "bob".into(),
-        device_uuid: D1.into(),
         port: 22222,
-        relay_id: "r1".into(),
-        opened_at: store::now_ms(),
-        closed_at: None,
-        bytes_up: 0,
-        bytes_down: 0,
-        close_reason: None,
-        device_relay: None,
-        kind: "connect".into(),
+        ..common::tunnel_row("t1", bob.id, "bob", D1, store::now_ms())
     };
     s.open_tunnel(&t).await.unwrap();
     s.open_tunnel(&TunnelSession {

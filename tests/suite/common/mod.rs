@@ -1033,3 +1033,28 @@ pub mod dataplane {
         assert!(ended.is_ok(), "tunnel still open 10 s after revocation");
     }
 }
+
+/// An open audit row: `id`, by `user_id`/`username` to port 22 of `device`, at `opened_at`.
+pub fn tunnel_row(
+    id: &str,
+    user_id: i64,
+    username: &str,
+    device: &str,
+    opened_at: i64,
+) -> cloudlink::store::TunnelSession {
+    cloudlink::store::TunnelSession {
+        id: id.into(),
+        user_id,
+        username: username.into(),
+        device_uuid: device.into(),
+        port: 22,
+        relay_id: "r1".into(),
+        opened_at,
+        closed_at: None,
+        bytes_up: 0,
+        bytes_down: 0,
+        close_reason: None,
+        device_relay: None,
+        kind: "connect".into(),
+    }
+}

@@ -8,6 +8,7 @@
 //! [`postgres`] and [`sqlite`].
 
 pub mod metered;
+pub mod migrations;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
@@ -109,7 +110,7 @@ pub struct User {
 }
 
 /// An API key's metadata; the secret itself is never stored.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKey {
     /// Row id, used to revoke it.
     pub id: Id,
@@ -139,7 +140,7 @@ impl ApiKey {
 }
 
 /// A user's public SSH key, served to devices' sshd.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SshKey {
     /// Row id, used to remove it.
     pub id: Id,
@@ -296,7 +297,7 @@ pub struct DeviceAccess {
 }
 
 /// Where a device is connected right now.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Presence {
     /// The device.
     pub device_uuid: String,
@@ -313,7 +314,7 @@ pub struct Presence {
 }
 
 /// A key a relay minted for one browser terminal session (PROTOCOL.md §5).
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EphemeralKey {
     /// The terminal session's id (its tunnel id).
     pub id: String,
@@ -330,7 +331,7 @@ pub struct EphemeralKey {
 }
 
 /// A tunnel as the audit log records it.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TunnelSession {
     /// Tunnel id (also sent to the device in the `open` frame).
     pub id: String,

@@ -20,6 +20,8 @@ pub async fn open(url: &str) -> Result<SqlStore> {
         .test_before_acquire(true)
         .connect(url)
         .await?;
-    sqlx::migrate!("migrations/postgres").run(&pool).await?;
+    super::migrations::migrator(super::migrations::POSTGRES)
+        .run(&pool)
+        .await?;
     Ok(SqlStore::new(pool, "postgres", Some(url.to_owned())))
 }

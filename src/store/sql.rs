@@ -143,6 +143,32 @@ fn device_from_row(row: &AnyRow) -> sqlx::Result<Device> {
     })
 }
 
+/// `FromRow` for the records read whole with `query_as`: written out rather than derived,
+/// because sqlx's derive brings its query macros, which compile both database drivers a
+/// second time (for the compiler) in every build.
+macro_rules! from_row {
+    ($($ty:ident { $($field:ident),* $(,)? })*) => {$(
+        impl FromRow<'_, AnyRow> for $ty {
+            fn from_row(row: &AnyRow) -> sqlx::Result<Self> {
+                Ok($ty { $($field: row.try_get(stringify!($field))?),* })
+            }
+        }
+    )*};
+}
+
+from_row! {
+    ApiKey {
+        id, user_id, name, key_hash, prefix, created_at, last_used_at, revoked_at, expires_at,
+    }
+    SshKey { id, user_id, title, public_key, fingerprint, created_at }
+    Presence { device_uuid, relay_id, peer_addr, session, connected_at, ssh_login }
+    EphemeralKey { id, device_uuid, login, user_id, public_key, expires_at }
+    TunnelSession {
+        id, user_id, username, device_uuid, port, relay_id, opened_at, closed_at, bytes_up,
+        bytes_down, close_reason, device_relay, kind,
+    }
+}
+
 /// The one row an `INSERT … RETURNING` gave back, from a statement run to its end.
 ///
 /// SQLite hands out RETURNING rows before it commits, and commits when the statement is

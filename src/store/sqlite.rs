@@ -21,7 +21,9 @@ pub async fn open(url: &str) -> Result<SqlStore> {
     sqlx::query("PRAGMA journal_mode=WAL")
         .execute(&pool)
         .await?;
-    sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+    super::migrations::migrator(super::migrations::SQLITE)
+        .run(&pool)
+        .await?;
     Ok(SqlStore::new(pool, "sqlite", None))
 }
 

@@ -216,14 +216,10 @@ async fn dashboard_terminal_keys_and_access_in_chromium() {
     b.find("#import-github button").await.click().await.unwrap();
     b.text_contains("#main", "Imported 3 keys; 1 invalid (line 3).")
         .await;
-    let count = || async {
-        b.js("return document.querySelectorAll('#keys tr').length")
-            .await
-    };
-    assert_eq!(count().await, 3);
+    b.count_becomes("#keys tr", 3).await;
     b.find("#keys tr button").await.click().await.unwrap();
     b.text_contains("#main", "Removed GitHub octocat.").await;
-    assert_eq!(count().await, 2);
+    b.count_becomes("#keys tr", 2).await;
     b.find("#key-title")
         .await
         .send_keys("pasted")

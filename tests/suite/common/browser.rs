@@ -124,6 +124,21 @@ impl Browser {
         panic!("{css} never showed {what}; it said {last:?}");
     }
 
+    /// Waits until `n` elements match `css` (a list the page re-renders after a request).
+    pub async fn count_becomes(&self, css: &str, n: usize) {
+        let script = format!("return document.querySelectorAll({css:?}).length");
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut last = serde_json::Value::Null;
+        while std::time::Instant::now() < deadline {
+            last = self.js(&script).await;
+            if last == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{css} never matched {n} elements; last {last}");
+    }
+
     /// Runs a script in the page and returns its value.
     pub async fn js(&self, script: &str) -> serde_json::Value {
         self.client.execute(script, vec![]).await.unwrap()

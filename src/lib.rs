@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //!
+//! - [`addr`]: `HOST:PORT` and URL splitting, one reading for the agent, CLI and healthcheck.
 //! - [`config`]: relay settings, layered defaults < TOML file < `CLOUDLINK_*` env < flags.
 //! - [`store`]: the [`store::Store`] trait and its backends. One set of queries over
 //!   `sqlx::Any` serves both SQLite (embedded default) and Postgres; the backend modules hold
@@ -39,15 +40,19 @@
 //!   `AuthorizedKeysCommand`.
 //! - [`tls_client`]: which servers the agent and CLI trust (system roots, a CA file, none),
 //!   and the HTTP client both use for a relay's API.
-//! - [`cli`]: the user commands: `admin.rs` (login, users, keys, fleets, devices),
+//! - [`cli`]: the user commands: `admin.rs` (users, keys, fleets, devices), `login.rs`
+//!   (login, logout, whoami), `client.rs` (the API client and table/JSON output),
+//!   `resolve.rs` (a device by uuid, prefix or name, and what a refusal means),
 //!   `connect.rs` (CONNECT through the relay), `tunnel.rs` (`device tunnel`, `proxy`),
-//!   `ssh.rs` (`device ssh`), `settings.rs` (the saved login).
+//!   `ssh.rs` (`device ssh`), `settings.rs` (saved logins, one per profile),
+//!   `healthcheck.rs` (the container healthcheck for either role).
 //!
 //! Secrets (API keys, device keys) are stored only as SHA-256 and never logged.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod addr;
 pub mod agent;
 #[cfg(feature = "relay")]
 pub mod auth;

@@ -39,35 +39,27 @@ struct Target<'a> {
 }
 
 fn parse(url: &str) -> Result<Target<'_>, String> {
-    let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
-        (true, rest)
-    } else if let Some(rest) = url.strip_prefix("http://") {
-        (false, rest)
-    } else {
-        return Err(format!("{url:?} is not an http:// or https:// URL"));
+    let parts = crate::addr::url(url).ok_or_else(|| format!("{url:?} is not a URL"))?;
+    let tls = match parts.scheme {
+        "https" => true,
+        "http" => false,
+        _ => return Err(format!("{url:?} is not an http:// or https:// URL")),
     };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
+    let port = match parts.port {
+        Some(port) => port
+            .parse::<u16>()
+            .map_err(|_| format!("{url:?} has no valid port"))?,
+        None if tls => 443,
+        None => 80,
     };
-    let default_port = if tls { 443 } else { 80 };
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) if !port.contains(']') => (
-            host,
-            port.parse::<u16>()
-                .map_err(|_| format!("{url:?} has no valid port"))?,
-        ),
-        _ => (authority, default_port),
-    };
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    if bare.is_empty() {
+    if parts.host.is_empty() {
         return Err(format!("{url:?} names no host"));
     }
     Ok(Target {
         tls,
-        host: bare,
-        authority: format!("{host}:{port}"),
-        path,
+        host: parts.host,
+        authority: crate::addr::join(parts.host, port),
+        path: parts.path,
     })
 }
 
@@ -179,6 +171,7 @@ mod tests {
         );
         assert_eq!(parse("https://h").unwrap().authority, "h:443");
         assert!(parse("ftp://h/").is_err());
+        assert!(parse("relay:8443").is_err());
         assert!(parse("https://h:99999/").is_err());
         assert!(parse("https:///x").is_err());
     }

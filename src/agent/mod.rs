@@ -428,7 +428,7 @@ impl Agent {
         transport: Transport,
         auto: bool,
     ) -> Result<(AgentLink, Option<SocketAddr>), Outcome> {
-        let host = host_of(&relay.addr);
+        let host = crate::addr::host(&relay.addr).to_owned();
         let server_name = self.config.server_name.clone().unwrap_or(host.clone());
         if transport == Transport::Quic {
             let quic = self
@@ -578,7 +578,7 @@ impl Agent {
             .config
             .server_name
             .clone()
-            .unwrap_or_else(|| host_of(&addr));
+            .unwrap_or_else(|| crate::addr::host(&addr).to_owned());
         Some(tokio::spawn(async move {
             quic.dial(&addr, &server_name, &mut None, QUIC_FALLBACK)
                 .await
@@ -638,15 +638,6 @@ fn jitter(every: Duration) -> Duration {
     Duration::from_millis(
         every.as_millis() as u64 - fifth + rand::rng().random_range(0..=2 * fifth),
     )
-}
-
-/// The host part of `HOST:PORT` (brackets removed).
-fn host_of(addr: &str) -> String {
-    addr.rsplit_once(':')
-        .map_or(addr, |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned()
 }
 
 /// Serves one tunnel request, counted among the agent's open tunnels.

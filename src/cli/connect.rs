@@ -49,7 +49,7 @@ pub async fn open(
         None
     } else {
         ProxyEnv::from_env()
-            .for_host(host_of(proxy))
+            .for_host(crate::addr::host(proxy))
             .map_err(|e| anyhow!(e))?
     };
     let tcp = match outbound {
@@ -68,7 +68,7 @@ pub async fn open(
             None => Trust::System,
         };
         let config = tls_client::config(trust, &[])?;
-        let host = host_of(proxy);
+        let host = crate::addr::host(proxy);
         let name = rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|_| anyhow!("{host} is not a valid TLS server name"))?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -137,15 +137,6 @@ pub async fn open(
         port,
     }
     .into())
-}
-
-/// The host of `HOST:PORT` (IPv6 without its brackets).
-fn host_of(addr: &str) -> &str {
-    addr.rsplit_once(':')
-        .map(|(h, _)| h)
-        .unwrap_or(addr)
-        .trim_start_matches('[')
-        .trim_end_matches(']')
 }
 
 /// The relay answered a CONNECT with an error status (PROTOCOL.md §1).

@@ -146,7 +146,7 @@ mod relay_role {
     /// `GET url` answers 200; `at` connects there whatever the URL's host says.
     async fn ready(url: &str, trust: Trust<'_>, at: Option<SocketAddr>) -> Result<()> {
         let mut builder = tls_client::http_client_builder(url, trust, TIMEOUT)?;
-        if let (Some(addr), Some(host)) = (at, url::host(url)) {
+        if let (Some(addr), Some(host)) = (at, crate::addr::url(url).map(|u| u.host)) {
             builder = builder.resolve(host, addr);
         }
         let client = builder.build().context("HTTP client")?;
@@ -161,15 +161,6 @@ mod relay_role {
             bail!("{url}: {status} {}", body.trim());
         }
         Ok(())
-    }
-
-    pub mod url {
-        /// The host of an `https://HOST:PORT/…` URL.
-        pub fn host(url: &str) -> Option<&str> {
-            let rest = url.split_once("://")?.1;
-            let authority = rest.split('/').next()?;
-            Some(authority.rsplit_once(':').map_or(authority, |(h, _)| h))
-        }
     }
 }
 
@@ -193,7 +184,7 @@ mod tests {
     #[cfg(feature = "relay")]
     #[test]
     fn listeners_on_every_address_are_reached_on_loopback() {
-        use relay_role::{local, url};
+        use relay_role::local;
         assert_eq!(
             local("0.0.0.0:8080".parse().unwrap()).to_string(),
             "127.0.0.1:8080"
@@ -205,10 +196,6 @@ mod tests {
         assert_eq!(
             local("10.0.0.5:80".parse().unwrap()).to_string(),
             "10.0.0.5:80"
-        );
-        assert_eq!(
-            url::host("https://relay.example.com:8443/readyz"),
-            Some("relay.example.com")
         );
     }
 }

@@ -159,21 +159,10 @@ pub async fn login(args: LoginArgs, out: Output) -> Result<()> {
             old.api
         );
     }
-    out.record(
-        &serde_json::json!({
-            "username": me.username,
-            "admin": me.admin,
-            "profile": settings::profile(),
-            "api": settings.api,
-            "saved_to": path,
-        }),
-        &[
-            ("logged in as", me.username.clone()),
-            ("relay", settings.api.clone()),
-            ("profile", settings::profile().to_owned()),
-            ("saved to", path.display().to_string()),
-        ],
-    )
+    let (mut json, mut rows) = session(&me, &settings);
+    json["saved_to"] = serde_json::json!(path);
+    rows.push(("saved to", path.display().to_string()));
+    out.record(&json, &rows)
 }
 
 /// Forgets the selected profile's login.
@@ -229,16 +218,9 @@ fn normalise_api(api: &str) -> Result<String> {
 
 /// `https://host:8443` → `host:3129` (TLS), `http://host:8080` → `host:3128`.
 fn default_proxy(api: &str, tls: bool) -> Result<String> {
-    let rest = api
-        .split_once("://")
-        .map(|(_, r)| r)
+    let url = crate::addr::url(api)
         .ok_or_else(|| anyhow!("--api must be a URL such as http://relay.example.com:8080"))?;
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let host = match authority.rsplit_once(':') {
-        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
-        _ => authority,
-    };
-    Ok(format!("{host}:{}", if tls { 3129 } else { 3128 }))
+    Ok(crate::addr::join(url.host, if tls { 3129 } else { 3128 }))
 }
 
 /// Shows the logged-in user, the relay's addresses and the profile.
@@ -246,31 +228,37 @@ pub async fn whoami(out: Output) -> Result<()> {
     let settings = Settings::load()?;
     let client = ApiClient::from_settings(&settings)?;
     let me: UserView = client.call(Method::GET, "/v1/me", None).await?;
+    let (json, rows) = session(&me, &settings);
+    out.record(&json, &rows)
+}
+
+/// Who is logged in where, in which profile: `whoami`'s record, and `login`'s before the
+/// file it saved.
+fn session(me: &UserView, settings: &Settings) -> (serde_json::Value, Vec<(&'static str, String)>) {
     let proxy = settings.proxy.clone().unwrap_or_else(|| "-".into());
-    out.record(
-        &serde_json::json!({
-            "username": me.username,
-            "admin": me.admin,
-            "profile": settings::profile(),
-            "api": settings.api,
-            "proxy": settings.proxy,
-            "proxy_tls": settings.proxy_tls,
-        }),
-        &[
-            ("username", me.username.clone()),
-            ("admin", me.admin.to_string()),
-            ("profile", settings::profile().to_owned()),
-            ("api", settings.api.clone()),
-            (
-                "proxy",
-                if settings.proxy_tls {
-                    format!("{proxy} (TLS)")
-                } else {
-                    proxy
-                },
-            ),
-        ],
-    )
+    let json = serde_json::json!({
+        "username": me.username,
+        "admin": me.admin,
+        "profile": settings::profile(),
+        "api": settings.api,
+        "proxy": settings.proxy,
+        "proxy_tls": settings.proxy_tls,
+    });
+    let rows = vec![
+        ("username", me.username.clone()),
+        ("admin", me.admin.to_string()),
+        ("profile", settings::profile().to_owned()),
+        ("api", settings.api.clone()),
+        (
+            "proxy",
+            if settings.proxy_tls {
+                format!("{proxy} (TLS)")
+            } else {
+                proxy
+            },
+        ),
+    ];
+    (json, rows)
 }
 
 #[cfg(test)]

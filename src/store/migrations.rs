@@ -34,9 +34,8 @@ pub fn migrator(files: &[File]) -> Migrator {
             .iter()
             .map(|&(stem, sql)| {
                 let (number, name) = stem.split_once('_').unwrap_or((stem, ""));
-                let version = number.bytes().fold(0i64, |v, digit| {
-                    v * 10 + i64::from(digit.wrapping_sub(b'0'))
-                });
+                // A malformed name reads as version 0; the test below catches it.
+                let version = number.parse().unwrap_or_default();
                 Migration::new(
                     version,
                     name.replace('_', " ").into(),

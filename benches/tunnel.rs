@@ -36,6 +36,8 @@
 
 #[path = "../tests/suite/common/mod.rs"]
 mod common;
+#[path = "support/field.rs"]
+mod field;
 #[path = "support/peer.rs"]
 mod peer;
 
@@ -66,6 +68,7 @@ struct Opts {
     tunnel_size: u64,
     devices: usize,
     remote: Option<Remote>,
+    field: field::FieldOpts,
 }
 
 /// A deployed relay to measure instead of a local one.
@@ -92,6 +95,18 @@ fn parse_opts() -> Opts {
         tunnel_size: 16 * MIB,
         devices: 2000,
         remote: None,
+        field: field::FieldOpts {
+            rounds: 3,
+            secs: 5.0,
+            warmup: 2.0,
+            rtts: vec![50, 150],
+            losses: vec![0.0, 0.1, 1.0],
+            rate: 40,
+            idle_secs: 300,
+            cli: false,
+            ccs: vec!["cubic".into(), "newreno".into(), "quinn-bbr".into()],
+            share: true,
+        },
     };
     let (mut api, mut proxy, mut device, mut key, mut ca) = (None, None, None, None, None);
     let mut args = std::env::args().skip(1);
@@ -117,6 +132,26 @@ fn parse_opts() -> Opts {
             "--tunnels" => o.tunnels = value().parse().expect("number"),
             "--tunnel-mib" => o.tunnel_size = value().parse::<u64>().expect("number") * MIB,
             "--devices" => o.devices = value().parse().expect("number"),
+            "--field-rounds" => o.field.rounds = value().parse().expect("number"),
+            "--field-secs" => o.field.secs = value().parse().expect("seconds"),
+            "--field-rtts" => {
+                o.field.rtts = value().split(',').map(|v| v.parse().expect("ms")).collect()
+            }
+            "--field-losses" => {
+                o.field.losses = value().split(',').map(|v| v.parse().expect("%")).collect()
+            }
+            "--field-rate" => o.field.rate = value().parse().expect("Mbit/s"),
+            "--idle-secs" => o.field.idle_secs = value().parse().expect("seconds"),
+            "--field-warmup" => o.field.warmup = value().parse().expect("seconds"),
+            "--field-cli" => o.field.cli = true,
+            "--field-no-share" => o.field.share = false,
+            "--field-ccs" => {
+                o.field.ccs = value()
+                    .split(',')
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }
             "--api" => api = Some(value()),
             "--proxy" => proxy = Some(value().parse().expect("HOST:PORT")),
             "--device" => device = Some(value().parse().expect("HOST:PORT")),
@@ -447,6 +482,7 @@ async fn sim_device(
                 key: key.clone(),
                 agent: "bench".into(),
                 ssh_login: None,
+                features: Vec::new(),
             };
             frame::write(&mut send, &hello).await.ok()?;
             match frame::read_required(&mut recv, frame::MAX_FRAME)
@@ -556,10 +592,13 @@ async fn idle_devices(n: usize) -> Idle {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(Arc::new(cloudlink::quic::transport(
-        Duration::from_secs(15),
-        Duration::from_secs(60),
-        16,
-        cloudlink::quic::MTU_MAX_DEFAULT,
+        &cloudlink::quic::Settings {
+            keep_alive: Some(Duration::from_secs(15)),
+            idle_timeout: Duration::from_secs(60),
+            peer_bidi_streams: 16,
+            mtu_max: cloudlink::quic::MTU_MAX_DEFAULT,
+            congestion: Default::default(),
+        },
     )));
     let socket = cloudlink::quic::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
     let endpoint = cloudlink::quic::endpoint(socket, None).unwrap();
@@ -1167,6 +1206,26 @@ async fn run(opts: Opts) {
 
     if has('h') {
         head_to_head(&opts, &mut rows).await;
+    }
+    if has('i') {
+        for (what, value, note) in field::throughput(&opts.field).await {
+            rows.push(Row {
+                scenario: "i",
+                what,
+                value,
+                note,
+            });
+        }
+    }
+    if has('j') {
+        for (what, value, note) in field::idle_cost(opts.field.idle_secs).await {
+            rows.push(Row {
+                scenario: "j",
+                what,
+                value,
+                note,
+            });
+        }
     }
 
     let w = |f: &dyn Fn(&Row) -> usize| rows.iter().map(f).max().unwrap_or(0);

@@ -105,10 +105,20 @@ pub struct Limits {
     pub open_timeout_ms: u64,
     /// How long a device has to send its `hello`.
     pub hello_timeout_ms: u64,
-    /// QUIC keep-alive interval: holds NAT bindings and idle tunnels open.
+    /// QUIC keep-alive the relay sends on a silent link, ms; 0 (the default): none. The
+    /// agent keeps its own link alive (it knows its NAT and its data plan); a relay PING
+    /// would only spend the device's bytes and restart QUIC's idle timer, which makes a
+    /// vanished device show online longer.
     pub keep_alive_ms: u64,
-    /// QUIC idle timeout: a device silent this long is gone.
+    /// QUIC idle timeout: a device silent this long is gone (above the agents' 25 s
+    /// keep-alive, with room for it to arrive).
     pub idle_timeout_ms: u64,
+    /// HTTP/2 PING the relay sends on a silent TLS/TCP link, ms; 0 (the default): none,
+    /// as on QUIC.
+    pub tcp_keep_alive_ms: u64,
+    /// TLS/TCP link idle timeout: a device silent this long is gone (above the agents'
+    /// 60 s keep-alive on this link).
+    pub tcp_idle_timeout_ms: u64,
     /// Close a tunnel that carried no byte either way for this long; 0 = never.
     pub tunnel_idle_timeout_secs: u64,
     /// Open tunnels per user, over all devices.
@@ -141,6 +151,9 @@ pub struct Limits {
     /// The largest QUIC packet path-MTU discovery tries (UDP payload bytes). The default,
     /// 1452, is safe on the internet; raise it for devices on jumbo-frame or loopback paths.
     pub quic_mtu_max: u16,
+    /// The congestion controller for what the relay sends over QUIC: `bbr` (the default),
+    /// `cubic` or `newreno`.
+    pub quic_congestion: crate::quic::Congestion,
     /// QUIC handshakes (connections not yet through their hello) in progress at most; past
     /// it new connections are refused at once, cheaply, and their agents back off, rather
     /// than started and left to time out when a whole relay's devices arrive together.
@@ -167,8 +180,10 @@ impl Default for Limits {
             head_max_bytes: 8 * 1024,
             open_timeout_ms: 10_000,
             hello_timeout_ms: 10_000,
-            keep_alive_ms: 10_000,
-            idle_timeout_ms: 30_000,
+            keep_alive_ms: 0,
+            idle_timeout_ms: 35_000,
+            tcp_keep_alive_ms: 0,
+            tcp_idle_timeout_ms: 70_000,
             tunnel_idle_timeout_secs: 0,
             tunnels_per_user: 256,
             tunnels_per_device: 64,
@@ -182,6 +197,7 @@ impl Default for Limits {
             api_connections_max: 10_000,
             quic_retry_above_pending: 1_000,
             quic_mtu_max: crate::quic::MTU_MAX_DEFAULT,
+            quic_congestion: crate::quic::Congestion::Bbr,
             handshakes_max: 2_000,
             frame_max_bytes: 64 * 1024,
             auth_cache_ms: 2_000,
@@ -605,10 +621,16 @@ impl RelayConfig {
         if !crate::quic::MTU_MAX_RANGE.contains(&l.quic_mtu_max) {
             return invalid("limits.quic_mtu_max", "must be between 1200 and 65527");
         }
-        if l.keep_alive_ms == 0 || l.keep_alive_ms >= l.idle_timeout_ms {
+        if l.keep_alive_ms >= l.idle_timeout_ms {
             return invalid(
                 "limits.keep_alive_ms",
-                "must be positive and below limits.idle_timeout_ms",
+                "must be below limits.idle_timeout_ms (0: the relay sends none)",
+            );
+        }
+        if l.tcp_keep_alive_ms >= l.tcp_idle_timeout_ms {
+            return invalid(
+                "limits.tcp_keep_alive_ms",
+                "must be below limits.tcp_idle_timeout_ms (0: the relay sends none)",
             );
         }
         for (key, v) in [

@@ -14,8 +14,11 @@
 //!   implementation per backend" on purpose: the dialects differ in nothing the queries use.
 //! - [`auth`]: tokens (API keys, device keys, JWTs), authentication, the reach policy, and
 //!   OpenSSH public key checks.
-//! - [`proto`]: bytes on the wire, no I/O policy: CONNECT heads, frames, messages.
-//! - [`quic`]: UDP sockets and transport settings shared by relay and agent.
+//! - [`proto`]: bytes on the wire, no I/O policy: CONNECT heads, frames, messages (with
+//!   the hello's and welcome's `features`), the UDP probe (`probe.rs`).
+//! - [`quic`]: UDP sockets and transport settings shared by relay and agent; `bbr.rs` the
+//!   device link's congestion controller (BBR's model on quinn's controller trait);
+//!   `probes.rs` the relay's QUIC socket, which also answers UDP probes.
 //! - [`forward`]: the hot path, one device-link stream joined to one socket.
 //! - [`link`]: the device link's two transports behind one face: QUIC, and TLS over TCP
 //!   with HTTP/2 streams (`link/h2.rs`) where UDP is blocked.
@@ -35,7 +38,8 @@
 //!   (failed authentications, unauthenticated connections); `metrics.rs`.
 //! - [`agent`]: the device side. `mod.rs` picks a relay and a transport (QUIC, TLS over
 //!   TCP as the fallback, the probe back to QUIC), serves tunnels and reconnects with
-//!   backoff; `link.rs` dials either link and says hello; `proxy.rs` `HTTPS_PROXY`;
+//!   backoff; `link.rs` dials either link, says hello and watches the QUIC link's
+//!   silence; `probe.rs` the UDP probe and its backoff; `proxy.rs` `HTTPS_PROXY`;
 //!   `tunnel.rs` one tunnel; `config.rs` its settings; `authorized_keys.rs` answers sshd's
 //!   `AuthorizedKeysCommand`.
 //! - [`tls_client`]: which servers the agent and CLI trust (system roots, a CA file, none),

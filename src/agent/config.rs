@@ -20,11 +20,17 @@ pub struct AgentConfig {
     /// Which device link to use: `auto` (QUIC, falling back to TLS over TCP where UDP is
     /// blocked), `quic` or `tcp`.
     pub transport: TransportChoice,
-    /// While on TCP in `auto`, how often to try QUIC again, seconds (jittered).
+    /// While on TCP in `auto`, the longest pause between UDP probes of the relay's QUIC
+    /// port, seconds (the probes back off from 5 s to this, jittered; a QUIC handshake
+    /// follows only a probe that got through: PROTOCOL.md §2c). The agent is back on QUIC
+    /// within about this long of UDP working again.
     pub quic_probe_secs: u64,
     /// The largest QUIC packet path-MTU discovery tries (UDP payload bytes); 1452, safe on
     /// the internet, unless the path is known to carry more.
     pub quic_mtu_max: u16,
+    /// The congestion controller for what the agent sends over QUIC: `bbr` (the default),
+    /// `cubic` or `newreno`.
+    pub quic_congestion: crate::quic::Congestion,
     /// This device's uuid.
     pub uuid: String,
     /// This device's key.
@@ -39,13 +45,20 @@ pub struct AgentConfig {
     pub allow_ports: Vec<u16>,
     /// The relay's API, for `authorized-keys`.
     pub api: Option<String>,
-    /// QUIC keep-alive, ms: how often an idle link sends a packet. It holds NAT bindings
-    /// open and lets each side notice a dead peer; on metered cellular links a longer one
-    /// costs less data (README: "Liveness and data cost").
+    /// QUIC keep-alive, ms: how long an idle link stays silent before the agent sends a
+    /// PING. It holds the NAT's UDP binding open (25 s: below the 30 s that the shortest
+    /// common UDP binding timeouts allow) and costs ~130 bytes each (README: "Liveness and
+    /// data cost").
     pub keep_alive_ms: u64,
-    /// QUIC idle timeout, ms: a relay silent this long is gone. The link uses the smaller
-    /// of this and the relay's (30 s by default).
+    /// QUIC idle timeout, ms: a relay silent this long is gone (the keep-alive and its
+    /// answer's time to arrive). The link uses the smaller of this and the relay's.
     pub idle_timeout_ms: u64,
+    /// TLS/TCP link keep-alive, ms: how long the link stays silent before the agent sends
+    /// an HTTP/2 PING. TCP bindings in NATs and proxies last minutes, so this is set by
+    /// how soon a vanished relay should be noticed, against ~230 bytes per PING.
+    pub tcp_keep_alive_ms: u64,
+    /// TLS/TCP link idle timeout, ms: a relay silent this long is gone.
+    pub tcp_idle_timeout_ms: u64,
     /// Longest backoff between reconnect attempts, ms.
     pub max_backoff_ms: u64,
     /// `authorized-keys`: how long to wait for the relay, seconds.
@@ -87,8 +100,9 @@ impl Default for AgentConfig {
         AgentConfig {
             relay: Vec::new(),
             transport: TransportChoice::Auto,
-            quic_probe_secs: 600,
+            quic_probe_secs: 45,
             quic_mtu_max: crate::quic::MTU_MAX_DEFAULT,
+            quic_congestion: crate::quic::Congestion::Bbr,
             uuid: String::new(),
             key: Secret::default(),
             ca: None,
@@ -96,8 +110,10 @@ impl Default for AgentConfig {
             server_name: None,
             allow_ports: Vec::new(),
             api: None,
-            keep_alive_ms: 10_000,
-            idle_timeout_ms: 30_000,
+            keep_alive_ms: 25_000,
+            idle_timeout_ms: 35_000,
+            tcp_keep_alive_ms: 60_000,
+            tcp_idle_timeout_ms: 70_000,
             max_backoff_ms: 60_000,
             authorized_keys_timeout_secs: 5,
             authorized_keys_cache_dir: None,
@@ -192,6 +208,9 @@ pub struct AgentArgs {
     /// Largest QUIC packet to probe for, 1200-65527 [default: 1452, safe on the internet].
     #[arg(long, env = "CLOUDLINK_QUIC_MTU_MAX")]
     pub quic_mtu_max: Option<u16>,
+    /// Congestion controller for what the agent sends over QUIC [default: bbr].
+    #[arg(long, env = "CLOUDLINK_QUIC_CONGESTION")]
+    pub quic_congestion: Option<crate::quic::Congestion>,
     /// Device uuid.
     #[arg(long, env = "CLOUDLINK_DEVICE_UUID")]
     pub uuid: Option<String>,
@@ -260,6 +279,9 @@ impl AgentConfig {
         }
         if let Some(v) = args.quic_mtu_max {
             config.quic_mtu_max = v;
+        }
+        if let Some(v) = args.quic_congestion {
+            config.quic_congestion = v;
         }
         if let Some(v) = &args.uuid {
             config.uuid = v.clone();
@@ -339,6 +361,11 @@ impl AgentConfig {
         if self.keep_alive_ms == 0 || self.keep_alive_ms >= self.idle_timeout_ms {
             return Err(AgentConfigError::Invalid(
                 "keep_alive_ms must be positive and below idle_timeout_ms".into(),
+            ));
+        }
+        if self.tcp_keep_alive_ms == 0 || self.tcp_keep_alive_ms >= self.tcp_idle_timeout_ms {
+            return Err(AgentConfigError::Invalid(
+                "tcp_keep_alive_ms must be positive and below tcp_idle_timeout_ms".into(),
             ));
         }
         Ok(())

@@ -54,6 +54,8 @@ pub struct AgentLink {
     pub transport: Transport,
     /// The relay's id, from `welcome`.
     pub relay_id: String,
+    /// What the relay announced it can do, from `welcome` (PROTOCOL.md §2, "Features").
+    pub relay_features: Vec<String>,
     /// Tunnel requests from the relay.
     pub requests: Requests,
     /// Control messages from the relay (`drain`, `replaced`).
@@ -109,13 +111,29 @@ fn hello(config: &super::AgentConfig) -> Hello {
         key: config.key.0.clone(),
         agent: AGENT_NAME.into(),
         ssh_login: config.advertised_login(),
+        // Nothing beyond the base protocol yet; the field is there for the abilities
+        // still to come (PROTOCOL.md §2, "Features").
+        features: Vec::new(),
     }
 }
 
-/// Reads the answer to a hello: `welcome` gives the relay's id.
-async fn read_welcome<R: AsyncRead + Unpin>(recv: &mut R) -> Result<String, Outcome> {
+/// Reads the answer to a hello: `welcome` gives the relay's id and features.
+async fn read_welcome<R: AsyncRead + Unpin>(
+    recv: &mut R,
+) -> Result<(String, Vec<String>), Outcome> {
     match frame::read_required::<_, RelayControl>(recv, MAX_FRAME).await {
-        Ok(RelayControl::Welcome { relay, .. }) => Ok(relay),
+        // A malformed features list is ignored rather than trusted: the base protocol
+        // still works.
+        Ok(RelayControl::Welcome {
+            relay, features, ..
+        }) => Ok((
+            relay,
+            if crate::proto::messages::features::valid(&features) {
+                features
+            } else {
+                Vec::new()
+            },
+        )),
         Ok(RelayControl::Reject { code, message }) => Err(Outcome::Rejected(code, message)),
         Ok(other) => Err(Outcome::Unreachable(format!(
             "unexpected {other:?} before welcome"
@@ -154,7 +172,7 @@ pub async fn dial_quic(
     frame::write(&mut send, &hello(config))
         .await
         .map_err(|e| unreachable(&e))?;
-    let relay_id = read_welcome(&mut recv).await.map_err(|e| match e {
+    let (relay_id, relay_features) = read_welcome(&mut recv).await.map_err(|e| match e {
         // A close reason says more than "connection lost" does.
         Outcome::Unreachable(e) => Outcome::Unreachable(match conn.close_reason() {
             Some(reason) => reason.to_string(),
@@ -164,9 +182,14 @@ pub async fn dial_quic(
     })?;
     let (tx, control) = mpsc::channel(4);
     tokio::spawn(read_control(recv, tx));
+    tokio::spawn(watch_quic(
+        conn.clone(),
+        Duration::from_millis(config.idle_timeout_ms),
+    ));
     Ok(AgentLink {
         transport: Transport::Quic,
         relay_id,
+        relay_features,
         requests: Requests(Carrier::Quic {
             conn,
             _control: send,
@@ -190,7 +213,7 @@ pub async fn dial_tcp(
         .await
         .map_err(|e| unreachable(&e))?;
     stream.flush().await.map_err(|e| unreachable(&e))?;
-    let relay_id = read_welcome(&mut stream).await?;
+    let (relay_id, relay_features) = read_welcome(&mut stream).await?;
     let heard = LastHeard::default();
     let mut connection = link_h2::server()
         .handshake::<_, Bytes>(Heard::new(stream, heard.clone()))
@@ -204,12 +227,12 @@ pub async fn dial_tcp(
     let (control_open, control_opened) = tokio::sync::oneshot::channel();
     let closer = CancellationToken::new();
     let reason: Arc<OnceLock<String>> = Arc::default();
-    let keep_alive = Duration::from_millis(config.keep_alive_ms);
-    let idle = Duration::from_millis(config.idle_timeout_ms);
+    let keep_alive = Duration::from_millis(config.tcp_keep_alive_ms);
+    let idle = Duration::from_millis(config.tcp_idle_timeout_ms);
     {
         let (closer, reason) = (closer.clone(), reason.clone());
         tokio::spawn(async move {
-            let alive = link_h2::keep_alive(ping, heard, keep_alive, idle);
+            let alive = link_h2::keep_alive(ping, heard, Some(keep_alive), idle);
             let why = tokio::select! {
                 why = accept_loop(&mut connection, tunnels, control_tx, control_open) => why,
                 why = alive => why,
@@ -236,6 +259,7 @@ pub async fn dial_tcp(
     Ok(AgentLink {
         transport: Transport::Tcp,
         relay_id,
+        relay_features,
         requests: Requests(Carrier::Tcp {
             incoming,
             closer,
@@ -244,6 +268,35 @@ pub async fn dial_tcp(
         }),
         control,
     })
+}
+
+/// Closes `conn` once nothing has arrived on it for `idle`.
+///
+/// QUIC's own idle timer restarts when the agent sends its keep-alive, so on its own it
+/// notices a vanished relay only a keep-alive interval plus the idle timeout after the last
+/// packet (25 s + 35 s at the defaults). Counting received datagrams makes it the idle
+/// timeout since the last packet (35 s), as the relay sees a vanished agent. One check a
+/// second is nothing on a device.
+async fn watch_quic(conn: quinn::Connection, idle: Duration) {
+    let every = (idle / 8).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut last = conn.stats().udp_rx.datagrams;
+    let mut heard = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let now = conn.stats().udp_rx.datagrams;
+        if now != last {
+            last = now;
+            heard = tokio::time::Instant::now();
+        } else if heard.elapsed() >= idle {
+            let why = format!("nothing heard from the relay for {} s", idle.as_secs());
+            tracing::debug!("{why}; closing the QUIC link");
+            conn.close(VarInt::from_u32(codes::IDLE), why.as_bytes());
+            return;
+        }
+    }
 }
 
 type H2Server = h2::server::Connection<Heard<tokio_rustls::client::TlsStream<TcpStream>>, Bytes>;

@@ -5,6 +5,7 @@ pub mod authorized_keys;
 pub mod config;
 pub mod http;
 pub mod link;
+pub mod probe;
 pub mod proxy;
 pub mod tunnel;
 
@@ -172,13 +173,14 @@ fn quic_dialer(config: Arc<AgentConfig>) -> Result<QuicDialer, AgentError> {
         )))
     })?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(crate::quic::transport(
-        Duration::from_millis(config.keep_alive_ms),
-        Duration::from_millis(config.idle_timeout_ms),
+    client.transport_config(Arc::new(crate::quic::transport(&crate::quic::Settings {
+        keep_alive: Some(Duration::from_millis(config.keep_alive_ms)),
+        idle_timeout: Duration::from_millis(config.idle_timeout_ms),
         // Tunnel streams the relay may have open at once.
-        4096,
-        config.quic_mtu_max,
-    )));
+        peer_bidi_streams: 4096,
+        mtu_max: config.quic_mtu_max,
+        congestion: config.quic_congestion,
+    })));
     let socket = crate::quic::udp_socket((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
         .or_else(|_| crate::quic::udp_socket((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))
         .map_err(AgentError::Socket)?;
@@ -473,16 +475,25 @@ impl Agent {
     }
 
     /// Serves tunnel requests until the link ends or the relay says drain/replaced. On TCP
-    /// in `auto`, QUIC is tried again in the background every `quic_probe_secs`
-    /// (jittered); once it works, the new QUIC session replaces this one make-before-break
-    /// (this link keeps its open tunnels until the relay closes it).
+    /// in `auto`, the relay's QUIC port is probed in the background (a 16-byte UDP probe,
+    /// PROTOCOL.md §2c, backing off from 5 s to `quic_probe_secs`), and a QUIC handshake
+    /// follows a probe that was answered; once it works, the new QUIC session replaces
+    /// this one make-before-break (this link keeps its open tunnels until the relay closes
+    /// it). A relay that does not announce `udp-probe` is tried with a handshake every
+    /// 10 minutes, as before probes existed.
     async fn serve(&mut self, mut link: AgentLink, relay: &RelaySpec, auto: bool) -> Outcome {
-        let probe_every = Duration::from_secs(self.config.quic_probe_secs);
+        let probe_cap = Duration::from_secs(self.config.quic_probe_secs);
+        let answers_probes = crate::proto::messages::features::has(
+            &link.relay_features,
+            crate::proto::messages::features::UDP_PROBE,
+        );
+        let mut unanswered = 0u32;
         let mut probe_at = None;
         let mut probing: Option<tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>>> = None;
         loop {
             if auto && link.transport == Transport::Tcp && probe_at.is_none() && probing.is_none() {
-                probe_at = Some(tokio::time::Instant::now() + jitter(probe_every));
+                let pause = probe::pause(unanswered, probe_cap, answers_probes);
+                probe_at = Some(tokio::time::Instant::now() + pause);
             }
             let event = tokio::select! {
                 request = link.requests.accept() => Event::Request(request),
@@ -530,10 +541,11 @@ impl Agent {
                 },
                 Event::ProbeDue => {
                     probe_at = None;
-                    probing = self.probe_quic(relay);
+                    probing = self.probe_quic(relay, answers_probes);
                 }
                 Event::Probed(Some((quic, addr))) => self.adopt(&mut link, quic, addr, relay),
                 Event::Probed(None) => {
+                    unanswered = unanswered.saturating_add(1);
                     tracing::debug!(relay = %relay.addr, "QUIC still does not get through");
                 }
                 Event::Shutdown => {
@@ -567,19 +579,35 @@ impl Agent {
         ));
     }
 
-    /// Starts a background QUIC dial to `relay`; `None` when QUIC is off.
+    /// Starts a background try of QUIC to `relay`: a UDP probe of its QUIC port first when
+    /// it answers probes, then (only if the probe was answered) a QUIC dial. `None` when
+    /// QUIC is off.
     fn probe_quic(
         &self,
         relay: &RelaySpec,
+        udp_probe: bool,
     ) -> Option<tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>>> {
         let quic = self.quic.clone()?;
         let addr = relay.addr.clone();
+        // The TCP link's address: a bare HOST:PORT entry serves QUIC on the same port.
+        let connected = self.connected_to;
         let server_name = self
             .config
             .server_name
             .clone()
             .unwrap_or_else(|| crate::addr::host(&addr).to_owned());
         Some(tokio::spawn(async move {
+            if udp_probe {
+                let target = match connected {
+                    Some(a) => a,
+                    None => *resolve(&addr).await.ok()?.first()?,
+                };
+                if let Err(why) = probe::probe(target, probe::ANSWER_WAIT).await {
+                    tracing::debug!(relay = %addr, reason = %why, "UDP probe not answered");
+                    return None;
+                }
+                tracing::debug!(relay = %addr, "UDP probe answered; dialing QUIC");
+            }
             quic.dial(&addr, &server_name, &mut None, QUIC_FALLBACK)
                 .await
                 .ok()
@@ -630,14 +658,6 @@ async fn join_probe(
     let result = handle.await.ok().flatten();
     *probe = None;
     result
-}
-
-/// `every`, give or take a fifth, so a fleet's probes do not line up.
-fn jitter(every: Duration) -> Duration {
-    let fifth = every.as_millis() as u64 / 5;
-    Duration::from_millis(
-        every.as_millis() as u64 - fifth + rand::rng().random_range(0..=2 * fifth),
-    )
 }
 
 /// Serves one tunnel request, counted among the agent's open tunnels.

@@ -20,7 +20,7 @@ use crate::forward::End;
 
 /// Each stream's receive window (`SETTINGS_INITIAL_WINDOW_SIZE`): what one stalled reader
 /// can hold up, and what one tunnel can have in flight.
-pub const STREAM_WINDOW: u32 = 1 << 20;
+pub const STREAM_WINDOW: u32 = 4 << 20;
 
 /// The connection's receive window, shared by every stream: HTTP/2's maximum, so that only
 /// [`STREAM_WINDOW`] bounds buffering, as on the QUIC link. At 16 MiB, 16 tunnels whose
@@ -265,34 +265,42 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Heard<S> {
 }
 
 /// Keeps the link alive and notices when it is dead: sends a PING whenever nothing has
-/// arrived for `every`, and returns (with why) once nothing has arrived for `idle`, or the
-/// connection is gone. The caller then closes the connection. Without a PING handle (h2
-/// hands it out once) it never returns.
+/// arrived for `every` (never, when `None`: the other end keeps the link alive), and
+/// returns (with why) once nothing has arrived for `idle`, or the connection is gone. The
+/// caller then closes the connection. Without a PING handle (h2 hands it out once) it
+/// never returns.
+///
+/// It wakes at its deadlines only (the next PING due, or the idle timeout), not on a
+/// tick: a relay holding ten thousand idle links does not wake ten thousand times a
+/// second, and the deadlines are kept to the millisecond.
 pub async fn keep_alive(
     ping: Option<PingPong>,
     heard: LastHeard,
-    every: Duration,
+    every: Option<Duration>,
     idle: Duration,
 ) -> String {
     let Some(mut ping) = ping else {
         return std::future::pending().await;
     };
-    let mut tick = tokio::time::interval(every.min(idle) / 4);
     let mut pinging = false;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let silent = heard.silent_for();
-                if silent >= idle {
-                    return format!("nothing heard for {} s", idle.as_secs());
+        let silent = heard.silent_for();
+        if silent >= idle {
+            return format!("nothing heard for {} s", idle.as_secs());
+        }
+        let mut wait = idle - silent;
+        if let (Some(every), false) = (every, pinging) {
+            if silent >= every {
+                if let Err(e) = ping.send_ping(h2::Ping::opaque()) {
+                    return e.to_string();
                 }
-                if silent >= every && !pinging {
-                    if let Err(e) = ping.send_ping(h2::Ping::opaque()) {
-                        return e.to_string();
-                    }
-                    pinging = true;
-                }
+                pinging = true;
+            } else {
+                wait = wait.min(every - silent);
             }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
             pong = poll_fn(|cx| ping.poll_pong(cx)), if pinging => match pong {
                 Ok(_) => pinging = false,
                 Err(e) => return e.to_string(),

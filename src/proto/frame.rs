@@ -124,6 +124,7 @@ mod tests {
                 key: "k".into(),
                 agent: "a".into(),
                 ssh_login: None,
+                features: Vec::new(),
             }),
             encode(&RelayControl::Drain { reconnect_ms: 5 }),
             encode(&OpenReply::Opened),

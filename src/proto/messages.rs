@@ -22,6 +22,38 @@ pub struct Hello {
     /// absent: each user's own cloud username (PROTOCOL.md §4, §5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_login: Option<String>,
+    /// What this agent can do beyond the base protocol ([`features`]); absent from an
+    /// older agent, which a relay then treats exactly as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
+}
+
+/// The abilities either side may announce (PROTOCOL.md §2, "Features"). A side acts on a
+/// feature only when the other side announced it; unknown names are ignored, so that a
+/// newer peer may announce more.
+pub mod features {
+    /// Relay: it answers UDP probes on its QUIC port (PROTOCOL.md §2c).
+    pub const UDP_PROBE: &str = "udp-probe";
+    /// At most this many features in one message.
+    pub const MAX_COUNT: usize = 32;
+    /// At most this long, each.
+    pub const MAX_LEN: usize = 32;
+
+    /// Whether `list` is a valid features list: at most [`MAX_COUNT`] names of 1 to
+    /// [`MAX_LEN`] characters from `a-z`, `0-9` and `-`.
+    pub fn valid(list: &[String]) -> bool {
+        list.len() <= MAX_COUNT
+            && list.iter().all(|f| {
+                (1..=MAX_LEN).contains(&f.len())
+                    && f.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            })
+    }
+
+    /// Whether `list` names `feature`.
+    pub fn has(list: &[String], feature: &str) -> bool {
+        list.iter().any(|f| f == feature)
+    }
 }
 
 /// The longest device key a hello may carry (balenaOS keys are 32 hex characters, ours 64).
@@ -50,6 +82,9 @@ impl Hello {
             .is_some_and(|l| !is_valid_login(l))
         {
             return Err("hello ssh_login is not an account name");
+        }
+        if !features::valid(&self.features) {
+            return Err("hello features malformed");
         }
         Ok(())
     }
@@ -101,6 +136,10 @@ pub enum RelayControl {
         relay: String,
         /// This session's id.
         session: String,
+        /// What this relay can do beyond the base protocol ([`features`]); absent from
+        /// an older relay.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     /// The hello was refused; the relay closes the connection.
     Reject {
@@ -173,6 +212,9 @@ pub mod codes {
     pub const DELETED: u32 = 6;
     /// The relay cannot check the hello right now (store down); retry later.
     pub const UNAVAILABLE: u32 = 7;
+    /// Nothing arrived from the peer for the idle timeout (the agent closes; the relay
+    /// it gave up on rarely hears it).
+    pub const IDLE: u32 = 8;
     /// A tunnel stream was reset because its other side reset.
     pub const STREAM_RESET: u32 = 16;
     /// A tunnel stream was cut by the relay (revoked, idle, shutdown).
@@ -193,6 +235,7 @@ mod tests {
             key: "k".into(),
             agent: String::new(),
             ssh_login: login.map(str::to_owned),
+            features: Vec::new(),
         };
         for ok in [
             None,
@@ -221,10 +264,20 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&RelayControl::Welcome {
                 relay: "r".into(),
-                session: "s".into()
+                session: "s".into(),
+                features: Vec::new(),
             })
             .unwrap(),
             r#"{"type":"welcome","relay":"r","session":"s"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&RelayControl::Welcome {
+                relay: "r".into(),
+                session: "s".into(),
+                features: vec!["udp-probe".into()],
+            })
+            .unwrap(),
+            r#"{"type":"welcome","relay":"r","session":"s","features":["udp-probe"]}"#
         );
         assert_eq!(
             serde_json::to_string(&RelayControl::Reject {
@@ -264,5 +317,49 @@ mod tests {
             r#"{"type":"refused","code":"connect","message":"m"}"#
         );
         assert!(serde_json::from_str::<Hello>(r#"{"type":"open","port":1}"#).is_err());
+    }
+
+    #[test]
+    fn features_are_optional_bounded_and_open_ended() {
+        // An older agent's hello has none; an older relay's welcome neither.
+        let old: Hello =
+            serde_json::from_str(r#"{"type":"hello","version":1,"uuid":"u","key":"k"}"#).unwrap();
+        assert!(old.features.is_empty());
+        assert_eq!(old.check_fields(), Ok(()));
+        let welcome: RelayControl =
+            serde_json::from_str(r#"{"type":"welcome","relay":"r","session":"s"}"#).unwrap();
+        assert_eq!(
+            welcome,
+            RelayControl::Welcome {
+                relay: "r".into(),
+                session: "s".into(),
+                features: Vec::new()
+            }
+        );
+        // Names this side does not know are kept (and ignored by whoever reads them).
+        let newer: Hello = serde_json::from_str(
+            r#"{"type":"hello","version":1,"uuid":"u","key":"k","features":["resume","some-future-thing"]}"#,
+        )
+        .unwrap();
+        assert_eq!(newer.check_fields(), Ok(()));
+        assert!(features::has(&newer.features, "resume"));
+        assert!(!features::has(&newer.features, features::UDP_PROBE));
+        let with = |list: Vec<String>| Hello {
+            features: list,
+            ..old.clone()
+        };
+        for bad in [
+            vec![String::new()],
+            vec!["UPPER".into()],
+            vec!["a b".into()],
+            vec!["x".repeat(features::MAX_LEN + 1)],
+            vec!["f".to_owned(); features::MAX_COUNT + 1],
+        ] {
+            assert!(with(bad.clone()).check_fields().is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            with(vec!["f".to_owned(); features::MAX_COUNT]).check_fields(),
+            Ok(())
+        );
     }
 }

@@ -1,10 +1,11 @@
 //! Bytes on the wire (PROTOCOL.md), with no I/O policy: CONNECT heads, length-prefixed JSON
-//! frames, and the messages those frames carry.
+//! frames, the messages those frames carry, and the UDP probe.
 
 #[cfg(feature = "relay")]
 pub mod connect;
 pub mod frame;
 pub mod messages;
+pub mod probe;
 
 /// The QUIC ALPN of the device link.
 pub const ALPN: &[u8] = b"cloudlink/1";

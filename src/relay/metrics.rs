@@ -79,6 +79,13 @@ pub struct Metrics {
     /// Store writes that failed where the relay carried on without them (`last_used`,
     /// presence, audit rows), by what was being written.
     pub store_write_failures: IntCounterVec,
+    /// UDP probes (PROTOCOL.md §2c) by `outcome` (`answered`, `dropped`), brought up to date
+    /// from the QUIC socket's own counters at each scrape.
+    udp_probes: IntCounterVec,
+    /// The QUIC socket's probe counters.
+    pub probe_stats: std::sync::Arc<crate::quic::probes::ProbeStats>,
+    /// What `udp_probes` last reported, answered and dropped.
+    reported_probes: Mutex<[u64; 2]>,
 }
 
 impl Metrics {
@@ -200,6 +207,14 @@ impl Metrics {
         for reason in DISCONNECT_REASONS {
             device_disconnects.with_label_values(&[reason]);
         }
+        let udp_probes = counter_vec(
+            "cloudlink_udp_probes_total",
+            "UDP probes on the QUIC port, by outcome",
+            &["outcome"],
+        );
+        for outcome in ["answered", "dropped"] {
+            udp_probes.with_label_values(&[outcome]);
+        }
         let build_info = register(
             &registry,
             "cloudlink_build_info",
@@ -243,6 +258,9 @@ impl Metrics {
             peer_tunnels_out,
             draining,
             ready,
+            udp_probes,
+            probe_stats: Default::default(),
+            reported_probes: Mutex::new([0; 2]),
         }
     }
 
@@ -264,6 +282,7 @@ impl Metrics {
     /// the (up, down) counts of the tunnels running now.
     pub fn render(&self, live: impl Iterator<Item = (u64, u64)>) -> String {
         self.refresh_bytes(live);
+        self.refresh_probes();
         let mut out = Vec::new();
         // Encoding registered metrics into a Vec cannot fail.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
@@ -294,6 +313,27 @@ impl Metrics {
                     .with_label_values(&[label])
                     .inc_by(now - reported[i]);
                 reported[i] = now;
+            }
+        }
+    }
+}
+
+impl Metrics {
+    fn refresh_probes(&self) {
+        let now = [
+            self.probe_stats.answered.load(Ordering::Relaxed),
+            self.probe_stats.dropped.load(Ordering::Relaxed),
+        ];
+        let mut reported = self
+            .reported_probes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (i, label) in ["answered", "dropped"].into_iter().enumerate() {
+            if now[i] > reported[i] {
+                self.udp_probes
+                    .with_label_values(&[label])
+                    .inc_by(now[i] - reported[i]);
+                reported[i] = now[i];
             }
         }
     }

@@ -194,14 +194,16 @@ impl Relay {
         lock.release().await;
 
         let limits = &config.limits;
-        let transport = crate::quic::transport(
-            Duration::from_millis(limits.keep_alive_ms),
-            Duration::from_millis(limits.idle_timeout_ms),
+        let transport = crate::quic::transport(&crate::quic::Settings {
+            keep_alive: (limits.keep_alive_ms > 0)
+                .then(|| Duration::from_millis(limits.keep_alive_ms)),
+            idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
             // The agent opens only its control stream; a few more are allowed so that a
             // stray one can be refused with a clear code instead of stalling.
-            4,
-            limits.quic_mtu_max,
-        );
+            peer_bidi_streams: 4,
+            mtu_max: limits.quic_mtu_max,
+            congestion: limits.quic_congestion,
+        });
         let bind_err = |what, addr| move |source| RelayError::Bind { what, addr, source };
         let devices = match config.device_listen.addr() {
             Some(addr) => {
@@ -209,7 +211,7 @@ impl Relay {
                 let socket =
                     crate::quic::udp_socket(addr).map_err(bind_err("devices (UDP)", addr))?;
                 Some(
-                    crate::quic::endpoint(socket, Some(server))
+                    crate::quic::relay_endpoint(socket, server, metrics.probe_stats.clone())
                         .map_err(bind_err("devices (UDP)", addr))?,
                 )
             }

@@ -26,6 +26,9 @@ pub struct DeviceSession {
     /// The account its sshd logs users in as, from the hello; `None`: each user's own
     /// cloud username.
     pub ssh_login: Option<String>,
+    /// What the agent announced it can do (PROTOCOL.md §2, "Features"); empty for an
+    /// older agent. Requests that need a feature go only to sessions that have it.
+    pub features: Vec<String>,
     /// Tunnels open on this session; a superseded session closes when it reaches zero.
     pub tunnels: std::sync::atomic::AtomicUsize,
     /// Woken whenever a tunnel of this session ends.

@@ -93,6 +93,16 @@ impl Shared {
         })
     }
 
+    /// What this relay announces in its `welcome` (PROTOCOL.md §2, "Features"): UDP
+    /// probes are answered on the QUIC listener, so only with one.
+    pub fn features(&self) -> Vec<String> {
+        let mut features = Vec::new();
+        if self.config.device_listen.addr().is_some() {
+            features.push(crate::proto::messages::features::UDP_PROBE.to_owned());
+        }
+        features
+    }
+
     /// What the heartbeat reports: draining, devices and tunnels now.
     pub fn status(&self) -> crate::store::RelayStatus {
         crate::store::RelayStatus {

@@ -308,8 +308,22 @@ fn default_limits_are_the_documented_ones() {
             l.proxy_unauthenticated_per_source,
             l.keep_alive_ms,
             l.idle_timeout_ms,
+            l.tcp_keep_alive_ms,
+            l.tcp_idle_timeout_ms,
         ),
-        (256, 64, 32, 10_000, 256, 10_000, 30_000)
+        (256, 64, 32, 10_000, 256, 0, 35_000, 0, 70_000)
+    );
+    // The agent keeps its link alive; the relay only listens (PROTOCOL.md §2, §2b).
+    let a = cloudlink::agent::AgentConfig::default();
+    assert_eq!(
+        (
+            a.keep_alive_ms,
+            a.idle_timeout_ms,
+            a.tcp_keep_alive_ms,
+            a.tcp_idle_timeout_ms,
+            a.quic_probe_secs,
+        ),
+        (25_000, 35_000, 60_000, 70_000, 45)
     );
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
@@ -318,6 +332,8 @@ fn default_limits_are_the_documented_ones() {
         "| tunnels per device | 64 |",
         "| tunnels per user on one device | 32 |",
         "| CONNECT connections before authentication | 10,000 total, 256 per source address |",
+        "| QUIC link: agent keep-alive / idle timeout (agent and relay) | 25 s / 35 s |",
+        "| TLS/TCP link: agent keep-alive / idle timeout (agent and relay) | 60 s / 70 s |",
     ] {
         assert!(readme.contains(row), "README limits table lacks {row:?}");
     }
@@ -334,6 +350,7 @@ async fn peer_text_cannot_forge_log_lines() {
         key: key.clone(),
         agent: forged.into(),
         ssh_login: None,
+        features: Vec::new(),
     };
     let (_conn, _s, _r, answer) =
         fake_device::hello_with(w.relay.device, &w.relay.cert(), &hello).await;
@@ -351,6 +368,7 @@ async fn peer_text_cannot_forge_log_lines() {
     let long = Hello {
         agent: "a".repeat(10_000),
         ssh_login: None,
+        features: Vec::new(),
         ..hello
     };
     let (conn, _s, _r) = {
@@ -365,6 +383,61 @@ async fn peer_text_cannot_forge_log_lines() {
         fake_device::close_code(&conn).await,
         u64::from(codes::PROTOCOL)
     );
+}
+
+/// Features (PROTOCOL.md §2): an agent may announce names the relay does not know (they
+/// are ignored, the session works), the relay announces its own in the welcome, and a
+/// malformed list is refused like any overlong field. An older agent's hello, with no
+/// features at all, is what every other test sends.
+#[tokio::test]
+async fn hellos_carry_features_both_ways() {
+    let w = World::new(&limits(""));
+    let (uuid, key) = w.device_in("pis").await;
+    let echo = echo_server().await;
+    let hello = Hello {
+        version: VERSION,
+        uuid: uuid.clone(),
+        key: key.clone(),
+        agent: "newer-agent/9".into(),
+        ssh_login: None,
+        features: vec!["resume".into(), "some-future-thing".into()],
+    };
+    let (conn, _s, _r, answer) =
+        fake_device::hello_with(w.relay.device, &w.relay.cert(), &hello).await;
+    match &answer {
+        RelayControl::Welcome { features, .. } => assert!(
+            cloudlink::proto::messages::features::has(features, "udp-probe"),
+            "the relay did not announce its UDP probes: {answer:?}"
+        ),
+        other => panic!("no welcome: {other:?}"),
+    }
+    let line = w.relay.stderr.wait_for("device connected");
+    assert!(line.contains("resume,some-future-thing"), "{line}");
+    // The session serves tunnels as any other.
+    fake_device::serve_tunnels(conn.clone());
+    let mut s = tunnel(w.relay.proxy, &w.relay.admin_key(), &uuid, echo).await;
+    s.write_all(b"hi").await.unwrap();
+    let mut back = [0u8; 2];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"hi");
+    drop(conn);
+
+    for bad in [vec!["Not Valid".to_owned()], vec!["f".to_owned(); 33]] {
+        let conn = fake_device::dial(w.relay.device, &w.relay.cert()).await;
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        let bad_hello = Hello {
+            features: bad.clone(),
+            ..hello.clone()
+        };
+        cloudlink::proto::frame::write(&mut send, &bad_hello)
+            .await
+            .unwrap();
+        assert_eq!(
+            fake_device::close_code(&conn).await,
+            u64::from(codes::PROTOCOL),
+            "{bad:?}"
+        );
+    }
 }
 
 #[tokio::test]

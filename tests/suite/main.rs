@@ -11,6 +11,7 @@ mod cli;
 mod cluster;
 mod crash;
 mod faults;
+mod field;
 mod github_import;
 mod hardening;
 mod operations;

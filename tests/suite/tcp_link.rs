@@ -711,6 +711,7 @@ async fn an_abandoned_tcp_dial_closes_its_connection() {
         let welcome = RelayControl::Welcome {
             relay: "fake".into(),
             session: "s".into(),
+            features: Vec::new(),
         };
         frame::write(&mut tls, &welcome).await.unwrap();
         let (_requests, connection) = h2::client::handshake(tls).await.unwrap();

@@ -279,6 +279,7 @@ async fn register(
         link,
         control: control_tx,
         ssh_login: hello.ssh_login.clone(),
+        features: hello.features.clone(),
         tunnels: Default::default(),
         tunnel_ended: Default::default(),
     });
@@ -308,7 +309,13 @@ async fn register(
         .device_hellos
         .with_label_values(&[transport.as_str()])
         .inc();
-    tracing::info!(device = %uuid, %transport, agent = %crate::logsafe::Peer(&hello.agent), "device connected");
+    tracing::info!(
+        device = %uuid,
+        %transport,
+        agent = %crate::logsafe::Peer(&hello.agent),
+        features = %hello.features.join(","),
+        "device connected"
+    );
     Registered { device, messages }
 }
 

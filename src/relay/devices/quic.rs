@@ -195,6 +195,7 @@ async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
     .await;
     let welcome = RelayControl::Welcome {
         relay: state.relay_id.clone(),
+        features: state.features(),
         session: session_id,
     };
     if frame::write(&mut send, &welcome).await.is_err() {

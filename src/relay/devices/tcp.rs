@@ -155,6 +155,7 @@ async fn session(accepted: Accepted, state: Arc<Shared>) {
     let session_id = tokens::new_device_uuid();
     let welcome = RelayControl::Welcome {
         relay: state.relay_id.clone(),
+        features: state.features(),
         session: session_id.clone(),
     };
     if frame::write(&mut tls, &welcome).await.is_err() || tls.flush().await.is_err() {
@@ -217,8 +218,9 @@ async fn start_h2(tls: Tls, state: &Shared) -> Option<(TcpLink, Ended)> {
         token: CancellationToken::new(),
         reason: Arc::default(),
     };
-    let keep_alive = Duration::from_millis(limits.keep_alive_ms);
-    let idle = Duration::from_millis(limits.idle_timeout_ms);
+    let keep_alive =
+        (limits.tcp_keep_alive_ms > 0).then(|| Duration::from_millis(limits.tcp_keep_alive_ms));
+    let idle = Duration::from_millis(limits.tcp_idle_timeout_ms);
     {
         let (closer, ended) = (closer.clone(), ended.clone());
         tokio::spawn(async move {

@@ -45,6 +45,7 @@ pub async fn hello(
         key: key.into(),
         agent: "fake".into(),
         ssh_login: None,
+        features: Vec::new(),
     };
     hello_with(device, cert, &hello).await
 }
@@ -67,6 +68,34 @@ pub async fn hello_with(
         .await
         .expect("an answer to hello");
     (conn, send, recv, answer)
+}
+
+/// Serves the relay's tunnel streams on `conn` as an agent would (PROTOCOL.md §2): reads
+/// `open`, connects to the local port, answers `opened`, copies both ways.
+pub fn serve_tunnels(conn: quinn::Connection) {
+    use cloudlink::proto::messages::{OpenReply, TunnelOpen};
+    tokio::spawn(async move {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            tokio::spawn(async move {
+                let open: TunnelOpen = frame::read_required(&mut recv, frame::MAX_FRAME)
+                    .await
+                    .unwrap();
+                let local = tokio::net::TcpStream::connect(("127.0.0.1", open.port))
+                    .await
+                    .unwrap();
+                frame::write(&mut send, &OpenReply::Opened).await.unwrap();
+                let (mut r, mut w) = local.into_split();
+                let up = async {
+                    let _ = tokio::io::copy(&mut recv, &mut w).await;
+                };
+                let down = async {
+                    let _ = tokio::io::copy(&mut r, &mut send).await;
+                    let _ = send.finish();
+                };
+                tokio::join!(up, down);
+            });
+        }
+    });
 }
 
 /// The application close code of a connection the relay closed.
@@ -136,6 +165,7 @@ pub mod tcp {
             key: key.into(),
             agent: "fake-tcp".into(),
             ssh_login: None,
+            features: Vec::new(),
         };
         frame::write(&mut tls, &hello).await.unwrap();
         tls.flush().await.unwrap();

@@ -9,6 +9,7 @@ pub mod browser;
 pub mod fake_device;
 pub mod github;
 pub mod pg;
+pub mod rig;
 pub mod sshd;
 pub mod terminal;
 
@@ -24,9 +25,13 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The binary under test.
+/// The binary under test: this build's, or `CLOUDLINK_BIN` when set (a benchmark of
+/// another build, e.g. the one before a change, in the same harness).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_cloudlink")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("CLOUDLINK_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cloudlink").into())
+    })
 }
 
 /// Whether an outside program is installed; under `CLOUDLINK_REQUIRE_TOOLS=1` it must be
@@ -86,15 +91,20 @@ impl Lines {
 
     /// Waits for a line containing `needle` and returns it.
     pub fn wait_for(&self, needle: &str) -> String {
+        self.wait_for_within(needle, EVENT_TIMEOUT)
+    }
+
+    /// Waits up to `limit` for a line containing `needle` and returns it.
+    pub fn wait_for_within(&self, needle: &str, limit: Duration) -> String {
         let rx = self.rx.lock().unwrap();
-        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        let deadline = std::time::Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => {}
                 Err(_) => panic!(
-                    "no line containing {needle:?} within {EVENT_TIMEOUT:?}; saw:\n{}",
+                    "no line containing {needle:?} within {limit:?}; saw:\n{}",
                     self.all.lock().unwrap().join("\n")
                 ),
             }
@@ -121,7 +131,8 @@ struct Listeners {
     proxy: String,
     proxy_tls: String,
     device: String,
-    device_tcp: String,
+    /// `None`: not given, so the relay binds the TCP twin of its QUIC address.
+    device_tcp: Option<String>,
 }
 
 impl Listeners {
@@ -136,7 +147,7 @@ impl Listeners {
             device: any.clone(),
             // Not the default TCP twin of the QUIC port: another test may hold that port
             // number on TCP.
-            device_tcp: any,
+            device_tcp: Some(any),
         }
     }
 }
@@ -189,6 +200,36 @@ impl Relay {
         Relay::spawn(data_dir, Listeners::any(), extra, env, log_file, wrapper)
     }
 
+    /// Starts a relay whose device listeners are QUIC on `device` and TLS/TCP on its twin
+    /// (the same address and port number, the relay's default), as agents given a bare
+    /// `HOST:PORT` expect. Use an address only this test binds (the rig's), so that the
+    /// twin port is free.
+    pub fn start_twin(
+        data_dir: &Path,
+        device: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Relay {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let at = Listeners {
+            device: device.to_owned(),
+            device_tcp: None,
+            ..Listeners::any()
+        };
+        Relay::spawn(
+            data_dir,
+            at,
+            extra,
+            env,
+            data_dir.with_extension("log"),
+            &[],
+        )
+    }
+
     fn spawn(
         data_dir: &Path,
         at: Listeners,
@@ -209,14 +250,14 @@ impl Relay {
         let named = |flag: &str| extra.iter().any(|a| a == flag);
         cmd.arg("relay").arg("--data-dir").arg(data_dir);
         for (flag, addr) in [
-            ("--api-listen", &at.api),
-            ("--api-tls-listen", &at.api_tls),
-            ("--proxy-listen", &at.proxy),
-            ("--proxy-tls-listen", &at.proxy_tls),
-            ("--device-listen", &at.device),
-            ("--device-tcp-listen", &at.device_tcp),
+            ("--api-listen", Some(&at.api)),
+            ("--api-tls-listen", Some(&at.api_tls)),
+            ("--proxy-listen", Some(&at.proxy)),
+            ("--proxy-tls-listen", Some(&at.proxy_tls)),
+            ("--device-listen", Some(&at.device)),
+            ("--device-tcp-listen", at.device_tcp.as_ref()),
         ] {
-            if !named(flag) {
+            if let (false, Some(addr)) = (named(flag), addr) {
                 cmd.args([flag, addr]);
             }
         }
@@ -293,7 +334,7 @@ impl Relay {
             proxy: self.proxy.to_string(),
             proxy_tls: off(self.proxy_tls),
             device: off(self.device_quic),
-            device_tcp: off(self.device_tcp),
+            device_tcp: Some(off(self.device_tcp)),
         };
         let next = Relay::spawn(
             &self.data_dir,
@@ -372,7 +413,28 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
-        let mut cmd = Command::new(bin());
+        Agent::spawn_wrapped(&[], relays, cert, uuid, key, extra, env)
+    }
+
+    /// [`Agent::spawn_with`] with `wrapper` in front of the binary (e.g. the rig's
+    /// `ip netns exec DEVICE`).
+    pub fn spawn_wrapped(
+        wrapper: &[String],
+        relays: &[String],
+        cert: &Path,
+        uuid: &str,
+        key: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin());
+                cmd
+            }
+            None => Command::new(bin()),
+        };
         cmd.arg("agent");
         for relay in relays {
             cmd.arg("--relay").arg(relay);
@@ -674,7 +736,11 @@ pub async fn tunnel(proxy: SocketAddr, token: &str, uuid: &str, port: u16) -> Tc
 
 /// An echo service on 127.0.0.1:0; returns its port.
 pub async fn echo_server() -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    echo_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
+}
+
+/// [`echo_server`] on `listener` (e.g. one in the rig's device namespace).
+pub fn echo_on(listener: tokio::net::TcpListener) -> u16 {
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -690,7 +756,11 @@ pub async fn echo_server() -> u16 {
 
 /// A service that reads until EOF and only then answers `got N bytes, sha256 H`.
 pub async fn digest_server() -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    digest_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
+}
+
+/// [`digest_server`] on `listener` (e.g. one in the rig's device namespace).
+pub fn digest_on(listener: tokio::net::TcpListener) -> u16 {
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -726,6 +796,16 @@ pub async fn source_server(len: usize, seed: u64) -> u16 {
 /// is still running when a test acts on it.
 pub async fn paced_source(len: usize, seed: u64, pause: Option<Duration>) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    paced_source_on(listener, len, seed, pause)
+}
+
+/// [`paced_source`] on `listener` (e.g. one in the rig's device namespace).
+pub fn paced_source_on(
+    listener: tokio::net::TcpListener,
+    len: usize,
+    seed: u64,
+    pause: Option<Duration>,
+) -> u16 {
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -898,13 +978,15 @@ pub async fn quic_pair(mtu_max: u16) -> QuicPair {
     let material = cloudlink::relay::tls::Material::from_files(&cert_path, &key_path).unwrap();
     let limits = cloudlink::config::Limits::default();
     let transport = |streams| {
-        cloudlink::quic::transport(
-            Duration::from_millis(limits.keep_alive_ms),
-            Duration::from_millis(limits.idle_timeout_ms),
-            streams,
+        cloudlink::quic::transport(&cloudlink::quic::Settings {
+            keep_alive: Some(Duration::from_secs(25)),
+            idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
+            peer_bidi_streams: streams,
             mtu_max,
-        )
+            congestion: limits.quic_congestion,
+        })
     };
+
     let loopback = || cloudlink::quic::udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
     let server_config = cloudlink::relay::tls::quic_server(&material, transport(4)).unwrap();
     let server_end = cloudlink::quic::endpoint(loopback(), Some(server_config)).unwrap();
@@ -961,7 +1043,23 @@ pub mod dataplane {
     /// `size` bytes up to the device's digest service, answered after our half-close, then
     /// `size` bytes down from its source; both checked with SHA-256.
     pub async fn checksummed_both_ways(proxy: SocketAddr, token: &str, uuid: &str, size: usize) {
-        let port = digest_server().await;
+        let digest = digest_server().await;
+        let source = source_server(size, 11).await;
+        checksummed_through(proxy, token, uuid, size, digest, source).await;
+    }
+
+    /// [`checksummed_both_ways`] through services already running on the device: a
+    /// [`digest_on`] service on port `digest` and a source of `size` bytes from seed 11
+    /// on port `source`.
+    pub async fn checksummed_through(
+        proxy: SocketAddr,
+        token: &str,
+        uuid: &str,
+        size: usize,
+        digest: u16,
+        source: u16,
+    ) {
+        let port = digest;
         let data = random_bytes(size, 7);
         let mut s = tunnel(proxy, token, uuid, port).await;
         let (mut r, mut wr) = s.split();
@@ -980,8 +1078,7 @@ pub mod dataplane {
             format!("got {size} bytes, sha256 {}", sha256_hex(&data))
         );
 
-        let port = source_server(size, 11).await;
-        let mut s = tunnel(proxy, token, uuid, port).await;
+        let mut s = tunnel(proxy, token, uuid, source).await;
         let got = read_all(&mut s).await;
         assert_eq!(got.len(), size);
         assert_eq!(sha256_hex(&got), sha256_hex(&random_bytes(size, 11)));

@@ -125,19 +125,29 @@ async fn the_probe_brings_the_agent_back_to_quic() {
     let w = FieldWorld::new(Shape::field(50, 0.0)).await;
     w.rig.block_udp(true);
     let agent = w.agent(w.relay.device.to_string(), &[]);
+    // At boot `auto` tries one QUIC handshake before falling back; probes follow from here.
     agent.stderr.wait_for("device link on TLS over TCP");
+    let before = w.rig.counts();
     assert_eq!(w.transport().await, "tcp");
     let echo = echo_on(w.rig.device_listener("127.0.0.1:0".parse().unwrap()));
     let mut open = tunnel(w.relay.proxy, &w.relay.admin_key(), &w.uuid, echo).await;
     echo_once(&mut open, b"before").await;
 
-    // Blocked: the probes go out (5 s, then 10 s after) and nothing bigger than a probe.
-    let before = w.rig.counts();
-    tokio::time::sleep(Duration::from_secs(17)).await;
-    let blocked = w.rig.counts().since(&before);
+    // Blocked: the probes go out (about 5, 17 and 39 s after the fallback: each pause give
+    // or take a tenth, plus the 2 s each probe waits for its answer) and nothing bigger
+    // than a probe. Polled rather than slept, so a slow tunnel setup above cannot push the
+    // first probes out of a fixed window.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let blocked = loop {
+        let blocked = w.rig.counts().since(&before);
+        if blocked.up_udp >= 2 || Instant::now() > deadline {
+            break blocked;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     assert!(
         blocked.up_udp >= 2,
-        "no UDP probes while UDP was blocked: {blocked:?}"
+        "fewer than two UDP probes in 40 s while UDP was blocked: {blocked:?}"
     );
     assert_eq!(
         blocked.up_udp_large, 0,

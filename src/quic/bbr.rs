@@ -18,8 +18,9 @@
 //!   the maximum over the last 10 round trips. App-limited samples count only when they
 //!   raise the estimate.
 //! - **Round trip**: the minimum RTT sample of the last 10 s; when it has not been seen
-//!   again for 10 s, *ProbeRTT* holds four packets in flight for 200 ms and a round trip,
-//!   so that a queue of our own making does not pass for the path's delay.
+//!   again for 10 s, *ProbeRTT* holds half a bandwidth-delay product in flight for 200 ms
+//!   and a round trip (as BBRv3 does; BBRv1's four packets cost twice as much throughput
+//!   on long paths), so that a queue of our own making does not pass for the path's delay.
 //! - **Window**: *Startup* grows it by what is acknowledged (doubling per round trip)
 //!   until the bandwidth stops growing by a quarter for three rounds; *Drain* holds one
 //!   bandwidth-delay product until the queue Startup built has left; then the window is
@@ -56,8 +57,10 @@ const CWND_GAIN_MIN: f64 = 1.25;
 const BW_ROUNDS: usize = 10;
 /// How long a minimum RTT sample stands before ProbeRTT looks for a new one.
 const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
-/// How long ProbeRTT holds the window at [`MIN_PIPE_PACKETS`].
+/// How long ProbeRTT holds the window at [`PROBE_RTT_GAIN`].
 const PROBE_RTT_TIME: Duration = Duration::from_millis(200);
+/// ProbeRTT's window, in bandwidth-delay products: below one, so the queue drains.
+const PROBE_RTT_GAIN: f64 = 0.5;
 /// The smallest window, in packets.
 const MIN_PIPE_PACKETS: u64 = 4;
 /// Rounds without 25 % more bandwidth after which Startup is over.
@@ -66,6 +69,12 @@ const FULL_BW_ROUNDS: u32 = 3;
 pub const LOSS_THRESHOLD: f64 = 0.05;
 /// The loss share that ends Startup at once (a buffer overflowing).
 const STARTUP_LOSS_EXIT: f64 = 0.2;
+/// The shortest round trip the window is sized for. Below a couple of milliseconds (a LAN,
+/// loopback) the round trip a user-space stack sees is its own scheduling, not the path:
+/// a window of twice a 50 µs minimum throttled a loopback link to 0.28 GB/s where an
+/// unbounded one moved 0.35; two milliseconds of bandwidth cost a LAN a queue of as much
+/// at worst.
+const BDP_RTT_FLOOR: Duration = Duration::from_millis(2);
 /// Ack aggregation is counted up to this much time's worth of bandwidth.
 const EXTRA_ACKED_MAX: Duration = Duration::from_millis(100);
 /// Sent-packet records kept at most (what a 4 MiB window needs is far below it).
@@ -100,9 +109,9 @@ impl Controller for Bbr {
         sent: Instant,
         bytes: u64,
         app_limited: bool,
-        _rtt: &quinn_proto::RttEstimator,
+        rtt: &quinn_proto::RttEstimator,
     ) {
-        self.0.on_ack(now, sent, bytes, app_limited);
+        self.0.on_ack(now, sent, bytes, app_limited, rtt.get());
     }
 
     fn on_end_acks(
@@ -208,6 +217,8 @@ pub struct Model {
     max_bw: u64,
     min_rtt: Option<Duration>,
     min_rtt_stamp: Instant,
+    /// quinn's smoothed RTT, which its pacer divides the window by.
+    srtt: Duration,
     full_bw: u64,
     full_bw_rounds: u32,
     filled_pipe: bool,
@@ -245,6 +256,7 @@ impl Model {
             max_bw: 0,
             min_rtt: None,
             min_rtt_stamp: now,
+            srtt: Duration::ZERO,
             full_bw: 0,
             full_bw_rounds: 0,
             filled_pipe: false,
@@ -276,9 +288,13 @@ impl Model {
     /// The congestion window, bytes.
     pub fn window(&self) -> u64 {
         if self.mode == Mode::ProbeRtt {
-            return self.min_cwnd();
+            return self.probe_rtt_cwnd();
         }
         self.cwnd
+    }
+
+    fn probe_rtt_cwnd(&self) -> u64 {
+        self.bdp(PROBE_RTT_GAIN).min(self.cwnd).max(self.min_cwnd())
     }
 
     fn min_cwnd(&self) -> u64 {
@@ -307,8 +323,17 @@ impl Model {
         });
     }
 
-    /// A packet sent at `sent` was acknowledged at `now`.
-    pub fn on_ack(&mut self, now: Instant, sent: Instant, bytes: u64, _app_limited: bool) {
+    /// A packet sent at `sent` was acknowledged at `now`; `srtt` is the sender's smoothed
+    /// round trip (what quinn paces by).
+    pub fn on_ack(
+        &mut self,
+        now: Instant,
+        sent: Instant,
+        bytes: u64,
+        _app_limited: bool,
+        srtt: Duration,
+    ) {
+        self.srtt = srtt;
         self.delivered += bytes;
         self.delivered_time = now;
         self.batch_acked += bytes;
@@ -482,10 +507,20 @@ impl Model {
     fn bdp(&self, gain: f64) -> u64 {
         match self.min_rtt {
             Some(rtt) if self.max_bw > 0 => {
+                let rtt = rtt.max(BDP_RTT_FLOOR);
                 (self.max_bw as f64 * rtt.as_secs_f64() * gain) as u64 + 3 * self.mtu
             }
             _ => INITIAL_WINDOW,
         }
+    }
+
+    /// The window below which quinn's pacer (1.25 windows per smoothed RTT) would send
+    /// slower than the bandwidth estimate. Where the smoothed RTT is far above the
+    /// minimum without a queue on the path (a busy machine's scheduler, a loopback link),
+    /// a window from the minimum RTT alone would throttle the sender; on a real path the
+    /// window's gain keeps it above this anyway.
+    fn pacing_floor(&self) -> u64 {
+        (self.max_bw as f64 * self.srtt.as_secs_f64()) as u64
     }
 
     fn enter_probe_rtt(&mut self) {
@@ -502,7 +537,7 @@ impl Model {
             Mode::ProbeRtt => {
                 // Wait for the flight to shrink to the probe's window, then hold it for
                 // PROBE_RTT_TIME and at least a round trip.
-                if self.probe_rtt_done.is_none() && in_flight <= self.min_cwnd() {
+                if self.probe_rtt_done.is_none() && in_flight <= self.probe_rtt_cwnd() {
                     self.probe_rtt_done = Some(now + PROBE_RTT_TIME);
                     self.probe_rtt_round = Some(self.round);
                 }
@@ -527,7 +562,9 @@ impl Model {
         let target = match self.mode {
             Mode::Startup => self.bdp(STARTUP_GAIN),
             Mode::Drain => self.bdp(1.0),
-            Mode::ProbeBw | Mode::ProbeRtt => self.bdp(self.cwnd_gain) + self.extra_acked(),
+            Mode::ProbeBw | Mode::ProbeRtt => {
+                (self.bdp(self.cwnd_gain) + self.extra_acked()).max(self.pacing_floor())
+            }
         };
         self.cwnd = match self.mode {
             // Grow by what was acknowledged (doubling per round) while below the target,
@@ -574,7 +611,7 @@ mod tests {
                 if lost {
                     m.on_loss(now, MTU, false);
                 } else {
-                    m.on_ack(now, sent, MTU, false);
+                    m.on_ack(now, sent, MTU, false, now - sent);
                     delivered += MTU;
                     acked_any = true;
                 }

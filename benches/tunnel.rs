@@ -26,13 +26,34 @@
 //!   DIR/bin/rathole` or `$RATHOLE`); fails without it unless `--no-peer` is given, which
 //!   runs Cloudlink's rows alone.
 //!
-//! Options: `--scenarios abcdefgh`, `--rounds 3` (h), `--rathole PATH`, `--no-peer`,
+//! - i: the device links on impaired paths (the rig of `tests/suite/common/rig.rs`: the
+//!   device in a network namespace, latency from a TUN delay line, loss from nftables, rate
+//!   from tbf): each link's tunnel upload and download as a ratio to plain TCP (BBR, the
+//!   kernel's default here, and cubic) over the same path, rounds interleaved, with the
+//!   RTT, rate, loss and queue drops measured on the path; downloads with quinn's other
+//!   congestion controllers; a tunnel download sharing the device's uplink with a TCP
+//!   upload. `benches/support/field.rs` says how each row is measured.
+//! - j: idle cost per link at the defaults, bytes counted by nftables on the rig's path,
+//!   scaled to a month; and how long an agent that fell back to TCP takes to be back on
+//!   QUIC once UDP works again.
+//!
+//! i and j need root, `ip`, `tc` and `nft` (they fail without them), are not in the
+//! default set, and take long: i about 35 minutes at the defaults, j about 20. Their
+//! before/after figures are in `docs/field.md`.
+//!
+//! Options: `--scenarios abcdefgh` (add `i`, `j` by name), `--rounds 3` (h), `--rathole PATH`, `--no-peer`,
 //! `--quic-mtu-max N` (h: bigger QUIC packets, for paths that carry them; never the
 //! headline), `--transport quic|tcp|both` (c, d, f; default both),
 //! `--size-mib 1024` (a, b, c, g, h), `--setups 1000` (d, g, h),
 //! `--tunnels 200 --tunnel-mib 16` (e), `--devices 2000` (f). To measure a deployed relay
 //! instead of a local one (c, d, e): `--api URL --proxy HOST:PORT --device HOST:PORT
-//! --key ADMIN_KEY [--ca PEM]`; the agent still runs here.
+//! --key ADMIN_KEY [--ca PEM]`; the agent still runs here. For i: `--field-rounds 3`,
+//! `--field-secs 5` (measured per transfer), `--field-warmup 2` (from its first byte),
+//! `--field-rtts 50,150` (ms), `--field-losses 0,0.1,1` (%), `--field-rate 40` (Mbit/s
+//! each way), `--field-ccs cubic,newreno,quinn-bbr` (empty: none), `--field-cli` (also
+//! through `cloudlink device tunnel`), `--field-no-share`; for j: `--idle-secs 300`.
+//! `CLOUDLINK_BIN=PATH` measures another build of the binary (an older commit's, for a
+//! before/after) with this benchmark.
 
 #[path = "../tests/suite/common/mod.rs"]
 mod common;

@@ -444,6 +444,8 @@ fn add(total: &mut Counts, d: &Counts) {
     total.blocked += d.blocked;
     total.up_udp += d.up_udp;
     total.up_udp_large += d.up_udp_large;
+    total.up_queue_drops += d.up_queue_drops;
+    total.down_queue_drops += d.down_queue_drops;
 }
 
 /// One measured row's data: its transfer, the rate of each round, the counters over them.
@@ -519,10 +521,13 @@ pub async fn throughput(opts: &FieldOpts) -> Vec<FieldRow> {
                         .await[0];
                     drop(running);
                     add(&mut s.counts, &f.rig.counts().since(&before));
+                    let d = f.rig.counts().since(&before);
                     eprintln!(
-                        "field: {path}, round {round}: {} {}: {r:.2} Mbit/s",
+                        "field: {path}, round {round}: {} {}: {r:.2} Mbit/s (queue drops {}/{})",
                         s.via.label(),
-                        if s.up { "up" } else { "down" }
+                        if s.up { "up" } else { "down" },
+                        d.up_queue_drops,
+                        d.down_queue_drops
                     );
                     s.rates.push(r);
                     f.settle().await;
@@ -551,9 +556,11 @@ pub async fn throughput(opts: &FieldOpts) -> Vec<FieldRow> {
             for s in &series {
                 let (lu, ld) = s.counts.loss();
                 let measured = format!(
-                    "measured RTT {rtt_text}, rate {rate_up:.1}/{rate_down:.1} Mbit/s, loss {:.2}/{:.2} % (up/down)",
+                    "measured RTT {rtt_text}, rate {rate_up:.1}/{rate_down:.1} Mbit/s, loss {:.2}/{:.2} % (up/down), queue drops {}/{}",
                     lu * 100.0,
-                    ld * 100.0
+                    ld * 100.0,
+                    s.counts.up_queue_drops,
+                    s.counts.down_queue_drops,
                 );
                 let dir = if s.up { "upload" } else { "download" };
                 let mut note = Vec::new();
@@ -612,21 +619,26 @@ pub async fn idle_cost(secs: u64) -> Vec<FieldRow> {
             if block {
                 rig.block_udp(true);
             }
-            let at = format!("{}:0", rig.relay_ip);
-            let world = World::with(
-                "",
-                &["--device-listen", &at, "--device-tcp-listen", &at],
+            let dir = tempfile::tempdir().unwrap();
+            let relay = common::Relay::start_twin(
+                &dir.path().join("data"),
+                &format!("{}:0", rig.relay_ip),
+                &[],
                 &[("RUST_LOG", "info")],
             );
-            let (uuid, device_key) = world.admin.register_device("idle").await;
-            let relay = match transport {
-                "tcp" => format!("tcp://{}", world.relay.device_tcp.unwrap()),
-                _ => world.relay.device.to_string(),
+            let api = common::Api::new(relay.api, &relay.admin_key());
+            let (uuid, device_key) = api.register_device("idle").await;
+            // QUIC and TLS/TCP on one port number, as a bare HOST:PORT expects.
+            let entry = format!("{transport}://{}", relay.device);
+            let entry = if transport == "auto" {
+                relay.device.to_string()
+            } else {
+                entry
             };
             let agent = Agent::spawn_wrapped(
                 &rig.device_wrapper(),
-                &[relay],
-                &world.relay.cert(),
+                &[entry],
+                &relay.cert(),
                 &uuid,
                 &device_key,
                 &["--transport", transport],
@@ -643,7 +655,7 @@ pub async fn idle_cost(secs: u64) -> Vec<FieldRow> {
             let bytes = (d.up_bytes + d.down_bytes) as f64;
             let month = bytes / took * 30.0 * 86_400.0;
             drop(agent);
-            drop(world);
+            drop(relay);
             (
                 format!("idle device, {label}, {secs} s watched"),
                 format!("{:.1} MB/month", month / 1e6),
@@ -657,9 +669,68 @@ pub async fn idle_cost(secs: u64) -> Vec<FieldRow> {
             )
         }));
     }
+    runs.push(tokio::spawn(back_to_quic()));
     let mut rows = Vec::new();
     for r in runs {
         rows.push(r.await.unwrap());
     }
     rows
+}
+
+/// How long after UDP works again an agent (defaults, `auto`) that fell back to TCP is on
+/// QUIC again: UDP blocked until the agent has been on TCP for 90 s (its probes at their
+/// longest pause by then), then let through.
+async fn back_to_quic() -> FieldRow {
+    const BLOCKED: Duration = Duration::from_secs(90);
+    const LIMIT: Duration = Duration::from_secs(900);
+    let rig = Rig::new();
+    rig.shape(Shape::field(50, 0.0));
+    rig.block_udp(true);
+    let dir = tempfile::tempdir().unwrap();
+    let relay = common::Relay::start_twin(
+        &dir.path().join("data"),
+        &format!("{}:0", rig.relay_ip),
+        &[],
+        &[("RUST_LOG", "info")],
+    );
+    let api = common::Api::new(relay.api, &relay.admin_key());
+    let (uuid, device_key) = api.register_device("back").await;
+    let agent = Agent::spawn_wrapped(
+        &rig.device_wrapper(),
+        &[relay.device.to_string()],
+        &relay.cert(),
+        &uuid,
+        &device_key,
+        &[],
+        &[],
+    );
+    agent.stderr.wait_for("connected to relay");
+    let transport = || async {
+        let (_, d) = api.call("GET", &format!("/v1/devices/{uuid}"), None).await;
+        d["transport"].as_str().unwrap_or("").to_owned()
+    };
+    assert_eq!(
+        transport().await,
+        "tcp",
+        "UDP is blocked: the agent must be on TCP"
+    );
+    tokio::time::sleep(BLOCKED).await;
+    let before = rig.counts();
+    rig.block_udp(false);
+    let unblocked = Instant::now();
+    let back = common::eventually(LIMIT, || async { transport().await == "quic" }).await;
+    let d = rig.counts().since(&before);
+    drop(agent);
+    (
+        format!("back on QUIC after UDP works again (blocked for the first {} s on TCP)", BLOCKED.as_secs()),
+        match back {
+            Some(t) => format!("{:.1} s", t.as_secs_f64()),
+            None => format!("not within {} s", LIMIT.as_secs()),
+        },
+        format!(
+            "target ≤ 60 s; measured from letting UDP through ({:.0} s ago); {} UDP packets up meanwhile",
+            unblocked.elapsed().as_secs_f64(),
+            d.up_udp
+        ),
+    )
 }

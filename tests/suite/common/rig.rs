@@ -80,6 +80,10 @@ pub struct Counts {
     pub up_udp_large: u64,
     /// UDP packets up.
     pub up_udp: u64,
+    /// Packets the bottleneck's queue (tbf) dropped because it was full, up.
+    pub up_queue_drops: u64,
+    /// The same, down.
+    pub down_queue_drops: u64,
 }
 
 impl Counts {
@@ -95,6 +99,10 @@ impl Counts {
             blocked: self.blocked - earlier.blocked,
             up_udp_large: self.up_udp_large - earlier.up_udp_large,
             up_udp: self.up_udp - earlier.up_udp,
+            up_queue_drops: self.up_queue_drops.saturating_sub(earlier.up_queue_drops),
+            down_queue_drops: self
+                .down_queue_drops
+                .saturating_sub(earlier.down_queue_drops),
         }
     }
 
@@ -673,6 +681,31 @@ impl Rig {
                 "up_udp_large" => c.up_udp_large = packets,
                 _ => {}
             }
+        }
+        // The rate limiter's own drops (a full queue: congestion, not random loss).
+        for (dev, slot) in [
+            ("m1", &mut c.up_queue_drops),
+            ("m0", &mut c.down_queue_drops),
+        ] {
+            let json = output(&[
+                "tc",
+                "-s",
+                "-j",
+                "-n",
+                &self.mid_ns,
+                "qdisc",
+                "show",
+                "dev",
+                &self.name(dev),
+            ]);
+            let qdiscs: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+            *slot = qdiscs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|q| q["kind"] == "tbf")
+                .filter_map(|q| q["drops"].as_u64())
+                .sum();
         }
         c
     }

@@ -614,20 +614,14 @@ pub async fn idle_cost(secs: u64) -> Vec<FieldRow> {
     let mut runs = Vec::new();
     for (transport, label, block) in cases {
         runs.push(tokio::spawn(async move {
-            let rig = Rig::new();
-            rig.shape(Shape::field(50, 0.0));
-            if block {
-                rig.block_udp(true);
-            }
-            let dir = tempfile::tempdir().unwrap();
-            let relay = common::Relay::start_twin(
-                &dir.path().join("data"),
-                &format!("{}:0", rig.relay_ip),
-                &[],
-                &[("RUST_LOG", "info")],
-            );
-            let api = common::Api::new(relay.api, &relay.admin_key());
-            let (uuid, device_key) = api.register_device("idle").await;
+            let Idle {
+                rig,
+                _dir,
+                relay,
+                uuid,
+                device_key,
+                ..
+            } = Idle::new(block, "idle").await;
             // QUIC and TLS/TCP on one port number, as a bare HOST:PORT expects.
             let entry = format!("{transport}://{}", relay.device);
             let entry = if transport == "auto" {
@@ -677,24 +671,58 @@ pub async fn idle_cost(secs: u64) -> Vec<FieldRow> {
     rows
 }
 
+/// One relay with QUIC and TLS/TCP on the same port number (as deployed) on a rig's
+/// 50 ms path, and a device registered with it.
+struct Idle {
+    rig: Rig,
+    _dir: tempfile::TempDir,
+    relay: common::Relay,
+    api: common::Api,
+    uuid: String,
+    device_key: String,
+}
+
+impl Idle {
+    async fn new(block_udp: bool, name: &str) -> Idle {
+        let rig = Rig::new();
+        rig.shape(Shape::field(50, 0.0));
+        if block_udp {
+            rig.block_udp(true);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let relay = common::Relay::start_twin(
+            &dir.path().join("data"),
+            &format!("{}:0", rig.relay_ip),
+            &[],
+            &[("RUST_LOG", "info")],
+        );
+        let api = common::Api::new(relay.api, &relay.admin_key());
+        let (uuid, device_key) = api.register_device(name).await;
+        Idle {
+            rig,
+            _dir: dir,
+            relay,
+            api,
+            uuid,
+            device_key,
+        }
+    }
+}
+
 /// How long after UDP works again an agent (defaults, `auto`) that fell back to TCP is on
 /// QUIC again: UDP blocked until the agent has been on TCP for 90 s (its probes at their
 /// longest pause by then), then let through.
 async fn back_to_quic() -> FieldRow {
     const BLOCKED: Duration = Duration::from_secs(90);
     const LIMIT: Duration = Duration::from_secs(900);
-    let rig = Rig::new();
-    rig.shape(Shape::field(50, 0.0));
-    rig.block_udp(true);
-    let dir = tempfile::tempdir().unwrap();
-    let relay = common::Relay::start_twin(
-        &dir.path().join("data"),
-        &format!("{}:0", rig.relay_ip),
-        &[],
-        &[("RUST_LOG", "info")],
-    );
-    let api = common::Api::new(relay.api, &relay.admin_key());
-    let (uuid, device_key) = api.register_device("back").await;
+    let Idle {
+        rig,
+        _dir,
+        relay,
+        api,
+        uuid,
+        device_key,
+    } = Idle::new(true, "back").await;
     let agent = Agent::spawn_wrapped(
         &rig.device_wrapper(),
         &[relay.device.to_string()],

@@ -34,6 +34,19 @@ pub fn bin() -> &'static str {
     })
 }
 
+/// A command that runs [`bin`] under `wrapper` (a program and its arguments, such as
+/// `ip netns exec NS`), or directly when `wrapper` is empty.
+fn command_under<S: AsRef<std::ffi::OsStr>>(wrapper: &[S]) -> Command {
+    match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(bin());
+            cmd
+        }
+        None => Command::new(bin()),
+    }
+}
+
 /// Whether an outside program is installed; under `CLOUDLINK_REQUIRE_TOOLS=1` it must be
 /// (scripts/test installs them), so a missing one fails the run instead of skipping.
 pub fn tool(name: &str) -> bool {
@@ -238,14 +251,7 @@ impl Relay {
         log_file: PathBuf,
         wrapper: &[&str],
     ) -> Relay {
-        let mut cmd = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut cmd = Command::new(program);
-                cmd.args(args).arg(bin());
-                cmd
-            }
-            None => Command::new(bin()),
-        };
+        let mut cmd = command_under(wrapper);
         // Listeners named in `extra` win (clap takes a flag once): a test may move one.
         let named = |flag: &str| extra.iter().any(|a| a == flag);
         cmd.arg("relay").arg("--data-dir").arg(data_dir);
@@ -427,14 +433,7 @@ impl Agent {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
-        let mut cmd = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut cmd = Command::new(program);
-                cmd.args(args).arg(bin());
-                cmd
-            }
-            None => Command::new(bin()),
-        };
+        let mut cmd = command_under(wrapper);
         cmd.arg("agent");
         for relay in relays {
             cmd.arg("--relay").arg(relay);

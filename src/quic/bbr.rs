@@ -344,6 +344,11 @@ impl Model {
         // lost and resent as newer packets).
         let at = self.records.partition_point(|r| r.time < sent);
         self.records.drain(..at);
+        // A burst (the handshake, a transfer) grows the records; an idle link keeps one
+        // or two. Give the rest back, or each of a relay's idle devices holds kilobytes.
+        if self.records.len() < self.records.capacity() / 4 {
+            self.records.shrink_to(2 * self.records.len().max(4));
+        }
         let Some(record) = self.records.front().filter(|r| r.time == sent).copied() else {
             return;
         };
@@ -695,6 +700,43 @@ mod tests {
         assert!(
             min < Duration::from_millis(60),
             "min RTT {min:?} took our own queue for the path"
+        );
+    }
+
+    #[test]
+    fn an_idle_link_gives_its_records_back() {
+        // A transfer's worth of sends, each its own instant, then their acks.
+        let start = Instant::now();
+        let mut m = Model::new(start, 1200);
+        let sends: Vec<Instant> = (0..5_000u32)
+            .map(|i| start + Duration::from_micros(u64::from(i) * 10))
+            .collect();
+        for &at in &sends {
+            m.on_sent(at);
+        }
+        let grown = m.records.capacity();
+        assert!(grown >= 5_000);
+        let now = start + Duration::from_millis(100);
+        for &at in &sends {
+            m.on_ack(now, at, 1200, false, Duration::from_millis(50));
+        }
+        m.on_end_acks(now, 0, false);
+        // Then the link idles: a keep-alive now and then.
+        for i in 1..=3u64 {
+            let at = now + Duration::from_secs(25 * i);
+            m.on_sent(at);
+            m.on_ack(
+                at + Duration::from_millis(50),
+                at,
+                60,
+                true,
+                Duration::from_millis(50),
+            );
+        }
+        assert!(
+            m.records.capacity() <= 16,
+            "{} records' room kept after a transfer of {grown}",
+            m.records.capacity()
         );
     }
 

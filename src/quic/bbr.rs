@@ -75,6 +75,9 @@ const STARTUP_LOSS_EXIT: f64 = 0.2;
 /// unbounded one moved 0.35; two milliseconds of bandwidth cost a LAN a queue of as much
 /// at worst.
 const BDP_RTT_FLOOR: Duration = Duration::from_millis(2);
+/// How far above the minimum RTT the smoothed RTT may raise the window's pacing floor: a
+/// busy machine's scheduling delay (a few milliseconds), not a queue on the path.
+const PACING_FLOOR_QUEUE: Duration = Duration::from_millis(10);
 /// Ack aggregation is counted up to this much time's worth of bandwidth.
 const EXTRA_ACKED_MAX: Duration = Duration::from_millis(100);
 /// Sent-packet records kept at most (what a 4 MiB window needs is far below it).
@@ -524,8 +527,17 @@ impl Model {
     /// minimum without a queue on the path (a busy machine's scheduler, a loopback link),
     /// a window from the minimum RTT alone would throttle the sender; on a real path the
     /// window's gain keeps it above this anyway.
+    ///
+    /// The smoothed RTT counts only up to [`PACING_FLOOR_QUEUE`] above the minimum: past
+    /// that, the delay is a queue (a cellular modem's deep buffer, a device's own uploads
+    /// filling its uplink), and a window that followed it would grow with the queue it
+    /// fills, without end.
     fn pacing_floor(&self) -> u64 {
-        (self.max_bw as f64 * self.srtt.as_secs_f64()) as u64
+        let rtt = match self.min_rtt {
+            Some(min) => self.srtt.min(min + PACING_FLOOR_QUEUE),
+            None => self.srtt,
+        };
+        (self.max_bw as f64 * rtt.as_secs_f64()) as u64
     }
 
     fn enter_probe_rtt(&mut self) {
@@ -700,6 +712,28 @@ mod tests {
         assert!(
             min < Duration::from_millis(60),
             "min RTT {min:?} took our own queue for the path"
+        );
+    }
+
+    #[test]
+    fn a_queue_others_built_does_not_grow_the_window() {
+        // On a clean 50 ms path, then a device's own uploads fill the bottleneck's queue:
+        // the smoothed RTT climbs to 250 ms while the minimum stays 50 ms. The window must
+        // stay what the path needs (twice its BDP and the aggregation allowance), not
+        // follow the queue.
+        let rtt = Duration::from_millis(50);
+        let (_, mut m) = simulate(MBIT40, rtt, 250_000, 0, 10.0);
+        assert_eq!(m.mode(), Mode::ProbeBw);
+        m.srtt = Duration::from_millis(250);
+        for _ in 0..1_000 {
+            m.update_cwnd(12_000);
+        }
+        let bound = m.bdp(CWND_GAIN) + m.extra_acked();
+        assert!(
+            m.window() <= bound,
+            "window {} past {bound} (BDP {})",
+            m.window(),
+            m.bdp(1.0)
         );
     }
 

@@ -151,8 +151,8 @@ pub struct Limits {
     /// The largest QUIC packet path-MTU discovery tries (UDP payload bytes). The default,
     /// 1452, is safe on the internet; raise it for devices on jumbo-frame or loopback paths.
     pub quic_mtu_max: u16,
-    /// The congestion controller for what the relay sends over QUIC: `bbr` (the default),
-    /// `cubic` or `newreno`.
+    /// The congestion controller for what the relay sends over QUIC: `bbr` (ours, the
+    /// default), `quinn-bbr`, `cubic` or `newreno` (docs/field.md compares them).
     pub quic_congestion: crate::quic::Congestion,
     /// QUIC handshakes (connections not yet through their hello) in progress at most; past
     /// it new connections are refused at once, cheaply, and their agents back off, rather

@@ -28,8 +28,8 @@ pub struct AgentConfig {
     /// The largest QUIC packet path-MTU discovery tries (UDP payload bytes); 1452, safe on
     /// the internet, unless the path is known to carry more.
     pub quic_mtu_max: u16,
-    /// The congestion controller for what the agent sends over QUIC: `bbr` (the default),
-    /// `cubic` or `newreno`.
+    /// The congestion controller for what the agent sends over QUIC: `bbr` (ours, the
+    /// default), `quinn-bbr`, `cubic` or `newreno` (docs/field.md compares them).
     pub quic_congestion: crate::quic::Congestion,
     /// This device's uuid.
     pub uuid: String,

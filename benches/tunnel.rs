@@ -38,7 +38,7 @@
 //!   QUIC once UDP works again.
 //!
 //! i and j need root, `ip`, `tc` and `nft` (they fail without them), are not in the
-//! default set, and take long: i about 35 minutes at the defaults, j about 20. Their
+//! default set, and take long: i about 40 minutes at the defaults, j about 7. Their
 //! before/after figures are in `docs/field.md`.
 //!
 //! Options: `--scenarios abcdefgh` (add `i`, `j` by name), `--rounds 3` (h), `--rathole PATH`, `--no-peer`,

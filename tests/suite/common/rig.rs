@@ -442,41 +442,24 @@ impl Rig {
             "-qw",
             &format!("net.ipv6.conf.{r}.disable_ipv6=1"),
         ]);
-        run(&[
-            "ip",
-            "-n",
-            &device_ns,
-            "addr",
-            "add",
-            &format!("{}/30", ip(2)),
-            "dev",
-            &d,
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &mid_ns,
-            "addr",
-            "add",
-            &format!("{}/30", ip(1)),
-            "dev",
-            &m0,
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &mid_ns,
-            "addr",
-            "add",
-            &format!("{}/30", ip(5)),
-            "dev",
-            &m1,
-        ]);
-        run(&["ip", "addr", "add", &format!("{}/30", ip(6)), "dev", &r]);
-        run(&["ip", "-n", &device_ns, "link", "set", &d, "up"]);
-        run(&["ip", "-n", &mid_ns, "link", "set", &m0, "up"]);
-        run(&["ip", "-n", &mid_ns, "link", "set", &m1, "up"]);
-        run(&["ip", "link", "set", &r, "up"]);
+        // Each end of the two /30 links: its namespace (`None`: this one), device, host.
+        for (ns, dev, host) in [
+            (Some(&device_ns), &d, 2),
+            (Some(&mid_ns), &m0, 1),
+            (Some(&mid_ns), &m1, 5),
+            (None, &r, 6),
+        ] {
+            let ip_cmd = |args: &[&str]| {
+                let mut all = vec!["ip"];
+                if let Some(ns) = ns {
+                    all.extend(["-n", ns.as_str()]);
+                }
+                all.extend(args);
+                run(&all);
+            };
+            ip_cmd(&["addr", "add", &format!("{}/30", ip(host)), "dev", dev]);
+            ip_cmd(&["link", "set", dev, "up"]);
+        }
         run(&[
             "ip",
             "-n",

@@ -61,12 +61,7 @@ impl FieldWorld {
     }
 
     async fn transport(&self) -> serde_json::Value {
-        let (status, d) = self
-            .admin
-            .call("GET", &format!("/v1/devices/{}", self.uuid), None)
-            .await;
-        assert_eq!(status, 200, "{d}");
-        d["transport"].clone()
+        self.admin.transport_of(&self.uuid).await
     }
 }
 

@@ -32,12 +32,6 @@ fn tcp_agent(relay: &Relay, uuid: &str, key: &str) -> Agent {
     agent
 }
 
-async fn transport_of(api: &Api, uuid: &str) -> serde_json::Value {
-    let (status, d) = api.call("GET", &format!("/v1/devices/{uuid}"), None).await;
-    assert_eq!(status, 200, "{d}");
-    d["transport"].clone()
-}
-
 async fn echo_roundtrip(proxy: SocketAddr, token: &str, uuid: &str, echo: u16, msg: &[u8]) {
     let mut s = tunnel(proxy, token, uuid, echo).await;
     s.write_all(msg).await.unwrap();
@@ -162,7 +156,7 @@ async fn udp_refused_device_comes_online_over_tcp() {
     eprintln!("online over TCP {took:?} after start (UDP refused)");
     assert!(took < Duration::from_secs(10), "took {took:?}");
     agent.stderr.wait_for("device link on TLS over TCP");
-    assert_eq!(transport_of(&w.admin, &uuid).await, "tcp");
+    assert_eq!(w.admin.transport_of(&uuid).await, "tcp");
     echo_roundtrip(
         w.relay.proxy,
         &w.relay.admin_key(),
@@ -193,7 +187,7 @@ async fn udp_swallowed_device_comes_online_over_tcp_and_moves_back_to_quic() {
     let took = started.elapsed();
     eprintln!("online over TCP {took:?} after start (UDP silently dropped)");
     assert!(took < Duration::from_secs(10), "took {took:?}");
-    assert_eq!(transport_of(&w.admin, &uuid).await, "tcp");
+    assert_eq!(w.admin.transport_of(&uuid).await, "tcp");
     let token = w.relay.admin_key();
     let echo = echo_server().await;
     // A tunnel open on the TCP link while the device moves to QUIC keeps working.
@@ -204,7 +198,7 @@ async fn udp_swallowed_device_comes_online_over_tcp_and_moves_back_to_quic() {
 
     gate.udp_open.store(true, Ordering::Relaxed);
     let moved = eventually(Duration::from_secs(20), || async {
-        transport_of(&w.admin, &uuid).await == "quic"
+        w.admin.transport_of(&uuid).await == "quic"
     })
     .await;
     assert!(
@@ -248,7 +242,7 @@ async fn through_an_https_proxy_as_corporate_networks_require() {
         vec![w.relay.device_tcp.unwrap().to_string()],
         "the agent did not go through the proxy"
     );
-    assert_eq!(transport_of(&w.admin, &uuid).await, "tcp");
+    assert_eq!(w.admin.transport_of(&uuid).await, "tcp");
     echo_roundtrip(
         w.relay.proxy,
         &w.relay.admin_key(),
@@ -424,7 +418,7 @@ async fn replaced_and_drain_reach_a_tcp_device_as_written() {
         "{:?}",
         first.answer
     );
-    assert_eq!(transport_of(&w.admin, &uuid).await, "tcp");
+    assert_eq!(w.admin.transport_of(&uuid).await, "tcp");
     let token = w.relay.admin_key();
     let proxy = w.relay.proxy;
     let user = tokio::spawn({
@@ -521,7 +515,7 @@ async fn a_session_whose_control_stream_ends_is_closed_and_offline() {
     let (uuid, key) = w.device_in("pis").await;
     let tcp = w.relay.device_tcp.unwrap();
     let mut session = fake_device::tcp::hello(tcp, &w.relay.cert(), &uuid, &key).await;
-    assert_eq!(transport_of(&w.admin, &uuid).await, "tcp");
+    assert_eq!(w.admin.transport_of(&uuid).await, "tcp");
     // §2b: the device ending its side of the control stream ends the session; the relay
     // then closes the connection instead of leaving it open and unregistered.
     let _ = session.end_control.take().unwrap().send(());
@@ -530,7 +524,7 @@ async fn a_session_whose_control_stream_ends_is_closed_and_offline() {
         .expect("the relay kept the connection open")
         .unwrap();
     let offline = eventually(Duration::from_secs(5), || async {
-        transport_of(&w.admin, &uuid).await.is_null()
+        w.admin.transport_of(&uuid).await.is_null()
     })
     .await;
     assert!(offline.is_some(), "the device still shows online");
@@ -646,7 +640,7 @@ async fn one_port_for_api_proxy_and_devices_by_alpn() {
     let _agent = tcp_agent(&w.relay, &uuid, &key);
     // The API over TLS on the same port.
     let api = Api::tls(&w.relay, &w.relay.admin_key());
-    assert_eq!(transport_of(&api, &uuid).await, "tcp");
+    assert_eq!(api.transport_of(&uuid).await, "tcp");
     // And the TLS CONNECT proxy, for a client that offers no ALPN.
     let echo = echo_server().await;
     let config =

@@ -641,6 +641,14 @@ impl Api {
         }
     }
 
+    /// The device link `uuid` is on, as the API reports it (`"quic"`, `"tcp"`, or null
+    /// when offline).
+    pub async fn transport_of(&self, uuid: &str) -> serde_json::Value {
+        let (status, d) = self.call("GET", &format!("/v1/devices/{uuid}"), None).await;
+        assert_eq!(status, 200, "{d}");
+        d["transport"].clone()
+    }
+
     /// Creates `fleet` if needed and registers a device in it; returns (uuid, key).
     pub async fn register_device(&self, fleet: &str) -> (String, String) {
         // The fleet may exist already (409); the device registration below is what counts.

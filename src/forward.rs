@@ -9,9 +9,10 @@
 //!
 //! When a process dies, the kernel closes its sockets. A socket closed with nothing unread
 //! sends a FIN, and the far end reads a clean end of stream: a download cut short by a
-//! relay crash would look complete. So while a tunnel socket carries data it has `SO_LINGER`
-//! set to zero ([`arm_reset`]): closing it, by us or by the kernel when the process dies,
-//! sends a RST. Only an orderly end (both directions finished with FINs, [`End::Closed`])
+//! relay crash would look complete. So from the moment the far end can see a tunnel socket
+//! (before the `200` is written, before the handshake of a socket we dial:
+//! [`connect_armed`]) it has `SO_LINGER` set to zero ([`arm_reset`]): closing it, by us or
+//! by the kernel when the process dies, sends a RST. Only an orderly end (both directions finished with FINs, [`End::Closed`])
 //! disarms it ([`disarm_reset`]) before the socket is dropped. A half-close does not
 //! disarm: `shutdown(Write)` sends its FIN at once whatever the linger setting, and a crash
 //! while the other direction still flows must still reset. This costs nothing per chunk and
@@ -371,6 +372,20 @@ pub fn arm_reset(stream: &tokio::net::TcpStream) {
     if let Err(e) = stream.set_zero_linger() {
         tracing::debug!(error = %e, "cannot arm SO_LINGER 0");
     }
+}
+
+/// Connects to `addr` with the reset armed before the handshake (see [`arm_reset`]): the
+/// far end may see the connection as soon as the kernel completes it, before this process
+/// has run another line, and a crash from that moment on must reset it too.
+pub async fn connect_armed(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    if let Err(e) = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "cannot arm SO_LINGER 0");
+    }
+    socket.connect(addr).await
 }
 
 /// Undoes [`arm_reset`]: closing `stream` sends an orderly FIN again.

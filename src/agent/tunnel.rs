@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::VarInt;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -141,31 +140,30 @@ async fn connect_and_forward(port: u16, answer: Answer, recv: LinkRecv, config: 
         return;
     }
     let local_port = config.local_port(port);
-    let local =
-        match tokio::time::timeout(OPEN_TIMEOUT, TcpStream::connect(("127.0.0.1", local_port)))
-            .await
-        {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                tracing::info!(error = %e, "refused: cannot connect locally");
-                answer.refuse(RefuseCode::Connect, &e.to_string()).await;
-                return;
-            }
-            Err(_) => {
-                answer
-                    .refuse(RefuseCode::Connect, "local connect timed out")
-                    .await;
-                return;
-            }
-        };
+    // Armed to reset from before the handshake: the service may see the connection
+    // before this line returns, and a crash from then on must not read as a clean hang-up.
+    let service = std::net::SocketAddr::from(([127, 0, 0, 1], local_port));
+    let local = match tokio::time::timeout(OPEN_TIMEOUT, forward::connect_armed(service)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "refused: cannot connect locally");
+            answer.refuse(RefuseCode::Connect, &e.to_string()).await;
+            return;
+        }
+        Err(_) => {
+            answer
+                .refuse(RefuseCode::Connect, "local connect timed out")
+                .await;
+            return;
+        }
+    };
     let _ = local.set_nodelay(true);
+    // A relay gone before it heard `opened` resets the service's connection too.
     let Some(send) = answer.opened().await else {
         return;
     };
     tracing::debug!("tunnel open");
     let counters = Counters::default();
-    // A crash of this agent resets the service's connection instead of ending it cleanly.
-    forward::arm_reset(&local);
     let (mut r, mut w) = local.into_split();
     let end = forward::join(
         send,

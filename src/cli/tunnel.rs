@@ -113,6 +113,11 @@ async fn accept_loop(listener: TcpListener, target: Target) -> Result<()> {
     loop {
         let (client, peer) = listener.accept().await.context("accept failed")?;
         let _ = client.set_nodelay(true);
+        // Until both directions end cleanly, a failure (a refused open included) or this
+        // process dying resets the local client instead of ending it with a FIN that reads
+        // like a complete, empty transfer (forward.rs explains the linger trick). Armed at
+        // once: the client already sees the connection.
+        crate::forward::arm_reset(&client);
         println!("{peer} => {local} ===> {uuid}:{remote}");
         let target = target.clone();
         tokio::spawn(async move {
@@ -127,16 +132,10 @@ async fn accept_loop(listener: TcpListener, target: Target) -> Result<()> {
 async fn bridge(mut client: TcpStream, target: &Target) -> Result<()> {
     let device = match connect::open(&target.settings, &target.uuid, target.port, false).await {
         Ok(device) => device,
-        Err(e) => {
-            // The local client must not read the refusal as an empty, complete answer.
-            crate::forward::arm_reset(&client);
-            return Err(resolve::diagnose(&target.client, e).await);
-        }
+        // The client, armed on accept, is reset when it is dropped.
+        Err(e) => return Err(resolve::diagnose(&target.client, e).await),
     };
-    // Until both directions end cleanly, a failure on either side (or this process dying)
-    // resets the other instead of ending it with a FIN that reads like a complete
-    // transfer (forward.rs explains the linger trick).
-    crate::forward::arm_reset(&client);
+    // The relay's side likewise, from here until an orderly end.
     crate::forward::arm_reset(device.tcp());
     // Half-close propagates: EOF one way shuts down writing the other way, and the other
     // direction runs on until its own EOF. Over a plain-TCP proxy the bytes move inside the

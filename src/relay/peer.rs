@@ -174,6 +174,12 @@ async fn forward_in_span<C: ClientConn>(
         return proxy::answer_and_close(client, &answer).await;
     }
     let counters = &f.entry.counters;
+    // Both sockets reset if this process dies from here on, the 200 included (a crash
+    // just after it must not read as an empty, complete transfer).
+    if let Some(tcp) = client.tcp() {
+        forward::arm_reset(tcp);
+    }
+    forward::arm_reset(&peer);
     let answered = tunnel::answer_established(&mut client, f.version).await;
     state.metrics.tunnel_set_up("peer", received.elapsed());
     state
@@ -283,10 +289,6 @@ async fn join<C: ClientConn>(
     state: &Shared,
 ) -> End {
     use std::sync::atomic::Ordering::Relaxed;
-    if let Some(tcp) = client.tcp() {
-        forward::arm_reset(tcp);
-    }
-    forward::arm_reset(peer);
     let idle = tunnel::idle_timeout(state);
     let (mut r, mut w) = client.halves();
     // Bytes the user sent with the request, and device bytes that came with the answer.

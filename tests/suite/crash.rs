@@ -213,3 +213,82 @@ async fn agent_killed_during_a_download_resets_both_ends() {
 async fn agent_killed_during_an_upload_resets_both_ends() {
     kill_mid_transfer(Victim::Agent, Flow::Upload).await;
 }
+
+/// A device service that reports the moment it accepts a connection, then reads that
+/// connection until it ends and reports how.
+async fn silent_service() -> (u16, oneshot::Receiver<()>, oneshot::Receiver<Ending>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (accepted_tx, accepted) = oneshot::channel();
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let _ = accepted_tx.send(());
+        let _ = tx.send(drain(s, Arc::new(AtomicU64::new(0))).await);
+    });
+    (port, accepted, rx)
+}
+
+/// The relay dies the moment the user reads its `200`, before any byte has moved: the
+/// user must still see a reset, not an empty transfer that ended cleanly. (The socket is
+/// armed to reset before the `200` is written, not after.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_as_the_200_arrives_resets_both_ends() {
+    let mut w = World::new(&limits(RELAY_LIMITS));
+    let (uuid, key) = w.device_in("pis").await;
+    let config = agent_config(&w);
+    let _agent = Agent::start(
+        &w.relay,
+        &uuid,
+        &key,
+        &["--config", config.to_str().unwrap()],
+    );
+    let (port, _accepted, service_end) = silent_service().await;
+    let stream = tunnel(w.relay.proxy, &w.relay.admin_key(), &uuid, port).await;
+    w.relay.kill();
+    let user_end = within("the user's end", drain(stream, Arc::new(AtomicU64::new(0)))).await;
+    assert_eq!(
+        user_end,
+        Ending::Reset,
+        "the user's client saw {user_end:?}"
+    );
+    let service_end = within("the service's end", service_end).await.unwrap();
+    assert_eq!(
+        service_end,
+        Ending::Reset,
+        "the device's service saw {service_end:?}"
+    );
+}
+
+/// The agent dies the moment the device's service accepts the tunnel's connection,
+/// before it has told the relay the tunnel is open: the service must see a reset, not a
+/// client that connected and cleanly hung up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_as_the_service_accepts_resets_the_service() {
+    let w = World::new(&limits(RELAY_LIMITS));
+    let (uuid, key) = w.device_in("pis").await;
+    let config = agent_config(&w);
+    let mut agent = Agent::start(
+        &w.relay,
+        &uuid,
+        &key,
+        &["--config", config.to_str().unwrap()],
+    );
+    let (port, accepted, service_end) = silent_service().await;
+    let request = format!(
+        "CONNECT {uuid}:{port} HTTP/1.1\r\nProxy-Authorization: Bearer {}\r\n\r\n",
+        w.relay.admin_key()
+    );
+    let user = tokio::spawn(async move { connect_raw(w.relay.proxy, &request).await });
+    within("the service's accept", accepted).await.unwrap();
+    agent.kill();
+    let service_end = within("the service's end", service_end).await.unwrap();
+    assert_eq!(
+        service_end,
+        Ending::Reset,
+        "the device's service saw {service_end:?}"
+    );
+    // The user got an answer (a refusal or a 200 that then resets), never a hang.
+    let (_stream, head) = within("the user's answer", user).await.unwrap();
+    assert!(status_of(&head) != 0 || head.is_empty(), "answer: {head}");
+}

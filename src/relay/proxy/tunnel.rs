@@ -56,6 +56,12 @@ async fn run_in_span<C: ClientConn>(
         audited,
     } = t;
     let counters = &entry.counters;
+    // From here until an orderly close, a crash of this process resets the client's
+    // connection instead of ending it with a FIN that reads like a complete (empty)
+    // transfer. Armed before the 200: a crash just after it must reset too.
+    if let Some(tcp) = client.tcp() {
+        forward::arm_reset(tcp);
+    }
     // The 200 goes out alone and flushed before any device byte (PROTOCOL.md §1).
     let answered = answer_established(&mut client, version).await;
     state.metrics.tunnel_set_up("local", received.elapsed());
@@ -78,11 +84,6 @@ async fn run_in_span<C: ClientConn>(
                 .to_quic
                 .fetch_add(leftover.len() as u64, std::sync::atomic::Ordering::Relaxed);
             early_failed = send.write_chunk(leftover.freeze()).await.is_err();
-        }
-        // From here until an orderly close, a crash of this process resets the client's
-        // connection instead of ending it with a FIN that reads like a complete transfer.
-        if let Some(tcp) = client.tcp() {
-            forward::arm_reset(tcp);
         }
         let (mut r, mut w) = client.halves();
         let end = if early_failed {

@@ -68,6 +68,50 @@ pub fn tool(name: &str) -> bool {
 /// How long any single wait for a process event may take before the test fails.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A relay that did not come up.
+#[derive(Debug)]
+pub struct FailedStart {
+    missing: Missing,
+    status: Option<std::process::ExitStatus>,
+    stderr: String,
+}
+
+impl FailedStart {
+    /// It could not bind a port some other socket holds.
+    fn port_taken(&self) -> bool {
+        self.stderr.contains("Address already in use")
+    }
+}
+
+impl std::fmt::Display for FailedStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let status = self.status.map_or("unknown".to_owned(), |s| s.to_string());
+        write!(
+            f,
+            "the relay did not say \"relay listening:\": {} (exit: {status}); stderr:\n{}",
+            self.missing, self.stderr
+        )
+    }
+}
+
+/// Why an awaited line did not come.
+#[derive(Debug)]
+pub enum Missing {
+    /// Not within the bound.
+    TimedOut(Duration),
+    /// The writer closed its end first (the process exited).
+    Closed,
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Missing::TimedOut(limit) => write!(f, "none within {limit:?}"),
+            Missing::Closed => f.write_str("the output closed first (the process exited)"),
+        }
+    }
+}
+
 /// Lines a child process writes, collected by a thread and readable as they come.
 pub struct Lines {
     rx: Mutex<mpsc::Receiver<String>>,
@@ -109,19 +153,40 @@ impl Lines {
 
     /// Waits up to `limit` for a line containing `needle` and returns it.
     pub fn wait_for_within(&self, needle: &str, limit: Duration) -> String {
+        self.find_within(needle, limit).unwrap_or_else(|missing| {
+            panic!(
+                "no line containing {needle:?}: {missing}; saw:\n{}",
+                self.text()
+            )
+        })
+    }
+
+    /// Like [`Lines::wait_for_within`], but says why the line is missing instead of
+    /// failing the test.
+    pub fn find_within(&self, needle: &str, limit: Duration) -> Result<String, Missing> {
         let rx = self.rx.lock().unwrap();
         let deadline = std::time::Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
+                Ok(line) if line.contains(needle) => return Ok(line),
                 Ok(_) => {}
-                Err(_) => panic!(
-                    "no line containing {needle:?} within {limit:?}; saw:\n{}",
-                    self.all.lock().unwrap().join("\n")
-                ),
+                Err(mpsc::RecvTimeoutError::Timeout) => return Err(Missing::TimedOut(limit)),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Missing::Closed),
             }
         }
+    }
+
+    /// Waits (up to `limit`) until the writer has closed its end, so that [`Lines::text`]
+    /// holds everything it wrote.
+    pub fn wait_closed(&self, limit: Duration) {
+        let rx = self.rx.lock().unwrap();
+        let deadline = std::time::Instant::now() + limit;
+        // Every line is kept in `all` by the reading thread; these are only its echoes.
+        while rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .is_ok()
+        {}
     }
 
     /// Everything seen so far.
@@ -251,6 +316,20 @@ impl Relay {
         log_file: PathBuf,
         wrapper: &[&str],
     ) -> Relay {
+        Relay::try_spawn(data_dir, at, extra, env, log_file, wrapper)
+            .unwrap_or_else(|failed| panic!("{failed}"))
+    }
+
+    /// Starts the relay and waits for its "relay listening:" line; a start that fails
+    /// comes back with what the relay said on stderr.
+    fn try_spawn(
+        data_dir: &Path,
+        at: Listeners,
+        extra: Vec<String>,
+        env: Vec<(String, String)>,
+        log_file: PathBuf,
+        wrapper: &[&str],
+    ) -> Result<Relay, FailedStart> {
         let mut cmd = command_under(wrapper);
         // Listeners named in `extra` win (clap takes a flag once): a test may move one.
         let named = |flag: &str| extra.iter().any(|a| a == flag);
@@ -278,8 +357,20 @@ impl Relay {
         let mut child = cmd.spawn().expect("relay starts");
         let stdout = Lines::spawn(child.stdout.take().unwrap(), Some(log_file.clone()));
         let stderr = Lines::spawn(child.stderr.take().unwrap(), Some(log_file.clone()));
-        let line = stdout.wait_for("relay listening:");
-        Relay {
+        let line = match stdout.find_within("relay listening:", EVENT_TIMEOUT) {
+            Ok(line) => line,
+            Err(missing) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                stderr.wait_closed(Duration::from_secs(5));
+                return Err(FailedStart {
+                    missing,
+                    status,
+                    stderr: stderr.text(),
+                });
+            }
+        };
+        Ok(Relay {
             child: Some(child),
             data_dir: data_dir.to_owned(),
             api: field(&line, "api").expect("api addr"),
@@ -298,7 +389,7 @@ impl Relay {
             extra,
             env,
             log_file,
-        }
+        })
     }
 
     /// The process id (for memory readings).
@@ -342,14 +433,29 @@ impl Relay {
             device: off(self.device_quic),
             device_tcp: Some(off(self.device_tcp)),
         };
-        let next = Relay::spawn(
-            &self.data_dir,
-            at,
-            self.extra.clone(),
-            self.env.clone(),
-            self.log_file.clone(),
-            &[],
-        );
+        // While the relay was down, any process here may have been given one of its
+        // ports as the ephemeral port of an outgoing connection or UDP socket (loopback
+        // ports from port 0 lie in the ephemeral range; a production relay's 443 does
+        // not). That is this machine's doing, not the relay's: the start is tried again
+        // for as long as such a socket usually lives, and only for that error.
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        let next = loop {
+            match Relay::try_spawn(
+                &self.data_dir,
+                at.clone(),
+                self.extra.clone(),
+                self.env.clone(),
+                self.log_file.clone(),
+                &[],
+            ) {
+                Ok(relay) => break relay,
+                Err(failed) if failed.port_taken() && std::time::Instant::now() < deadline => {
+                    eprintln!("relay restart: a port was taken while it was down; again");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(failed) => panic!("{failed}"),
+            }
+        };
         *self = next;
     }
 

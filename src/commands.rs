@@ -8,7 +8,7 @@ use cloudlink::cli::{admin, login, settings, ssh, tunnel, JsonArg, Output};
 use cloudlink::config::{RelayArgs, RelayConfig};
 use cloudlink::relay::Relay;
 
-use crate::{current_thread, fail, init_tracing, LogFormat};
+use crate::{current_thread, fail, init_tracing, json_line, Errors, LogFormat};
 
 /// A group of data commands, `--json` taken anywhere after the group's name.
 #[derive(clap::Args)]
@@ -192,7 +192,7 @@ pub(crate) fn run(
 ) -> Result<()> {
     if json && !command.json() && !data_command(&command) {
         fail(
-            true,
+            Errors::Json,
             anyhow::anyhow!("--json applies to commands that print data (lists, show, whoami …)"),
         );
     }
@@ -201,7 +201,7 @@ pub(crate) fn run(
     let result = settings::select_profile(profile).and_then(|()| match command {
         FullCommand::Relay(args) => {
             init_tracing("info", log_format);
-            run_relay(*args)
+            run_relay(*args, log_format)
         }
         FullCommand::Device(DeviceCmd::Ssh(args)) => {
             init_tracing("warn", log_format);
@@ -216,7 +216,14 @@ pub(crate) fn run(
         }
     });
     if let Err(e) = result {
-        fail(json, e);
+        fail(
+            if json {
+                Errors::Json
+            } else {
+                log_format.into()
+            },
+            e,
+        );
     }
     Ok(())
 }
@@ -277,7 +284,7 @@ async fn run_command(command: FullCommand, out: Output) -> Result<()> {
     }
 }
 
-fn run_relay(args: RelayArgs) -> Result<()> {
+fn run_relay(args: RelayArgs, log_format: LogFormat) -> Result<()> {
     let config = RelayConfig::load(&args)?;
     if args.print_config {
         print!("{}", config.to_toml());
@@ -291,31 +298,47 @@ fn run_relay(args: RelayArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(serve_relay(config))
+        .block_on(serve_relay(config, log_format))
 }
 
-async fn serve_relay(config: RelayConfig) -> Result<()> {
+async fn serve_relay(config: RelayConfig, log_format: LogFormat) -> Result<()> {
     cloudlink::tls_client::install_crypto();
     let relay = Relay::start(config).await?;
+    // Two lines on stdout for whoever started the relay (scripts and the tests read the
+    // addresses there): text as before, or JSON like every other line under
+    // `--log-format json`, so that a log shipper reading the output reads only JSON.
     if let Some(path) = &relay.admin_key_path {
-        println!("bootstrap admin key written to {}", path.display());
+        let path = path.display().to_string();
+        match log_format {
+            LogFormat::Text => println!("bootstrap admin key written to {path}"),
+            LogFormat::Json => println!(
+                "{}",
+                json_line("INFO", "bootstrap admin key written", &[("path", path)])
+            ),
+        }
     }
     let addrs = relay.addrs();
     tracing::info!(api = %addrs.api, api_tls = ?addrs.api_tls, proxy = %addrs.proxy, proxy_tls = ?addrs.proxy_tls, device = ?addrs.device, device_tcp = ?addrs.device_tcp, peer = ?addrs.peer, metrics = ?addrs.metrics, "relay listening");
-    let optional = |name: &str, addr: Option<std::net::SocketAddr>| {
-        addr.map(|a| format!(" {name}={a}")).unwrap_or_default()
-    };
-    println!(
-        "relay listening: api={}{} proxy={}{}{}{}{}{}",
-        addrs.api,
-        optional("api_tls", addrs.api_tls),
-        addrs.proxy,
-        optional("proxy_tls", addrs.proxy_tls),
-        optional("device", addrs.device),
-        optional("device_tcp", addrs.device_tcp),
-        optional("peer", addrs.peer),
-        optional("metrics", addrs.metrics),
-    );
+    let listening: Vec<(&str, String)> = [
+        ("api", Some(addrs.api)),
+        ("api_tls", addrs.api_tls),
+        ("proxy", Some(addrs.proxy)),
+        ("proxy_tls", addrs.proxy_tls),
+        ("device", addrs.device),
+        ("device_tcp", addrs.device_tcp),
+        ("peer", addrs.peer),
+        ("metrics", addrs.metrics),
+    ]
+    .into_iter()
+    .filter_map(|(name, addr)| addr.map(|a| (name, a.to_string())))
+    .collect();
+    match log_format {
+        LogFormat::Text => {
+            let fields: Vec<String> = listening.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("relay listening: {}", fields.join(" "));
+        }
+        LogFormat::Json => println!("{}", json_line("INFO", "relay listening", &listening)),
+    }
     relay.run(crate::shutdown_signal()).await?;
     Ok(())
 }

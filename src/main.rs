@@ -78,7 +78,12 @@ fn init_tracing(default: &str, format: LogFormat) {
     let default: Targets = default.parse().unwrap_or_default();
     let filter = match std::env::var("RUST_LOG") {
         Ok(value) => value.parse().unwrap_or_else(|e| {
-            eprintln!("warning: RUST_LOG={value:?} ignored ({e}); logging at the default levels");
+            let warning =
+                format!("RUST_LOG={value:?} ignored ({e}); logging at the default levels");
+            match format {
+                LogFormat::Text => eprintln!("warning: {warning}"),
+                LogFormat::Json => eprintln!("{}", json_line("WARN", &warning, &[])),
+            }
             default
         }),
         Err(_) => default,
@@ -99,6 +104,27 @@ fn init_tracing(default: &str, format: LogFormat) {
     }
 }
 
+/// One line in the shape of the JSON log lines (`timestamp`, `level`, `fields` with the
+/// `message`, `target`), for what is written outside the logger under `--log-format json`:
+/// the relay's announcements on stdout, the error a command exits with.
+pub(crate) fn json_line(level: &str, message: &str, fields: &[(&str, String)]) -> String {
+    use tracing_subscriber::fmt::{format::Writer, time::FormatTime};
+    let mut timestamp = String::new();
+    let _ = tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(&mut timestamp));
+    let mut all = serde_json::Map::new();
+    all.insert("message".into(), message.into());
+    for (key, value) in fields {
+        all.insert((*key).into(), value.as_str().into());
+    }
+    serde_json::json!({
+        "timestamp": timestamp,
+        "level": level,
+        "fields": all,
+        "target": "cloudlink",
+    })
+    .to_string()
+}
+
 /// A single-threaded runtime: the agent serves one QUIC connection, whose work quinn
 /// serialises anyway, and CLI commands are small; one thread saves the cross-thread
 /// wake-ups that cost the agent up to a third of its throughput on a small machine.
@@ -114,7 +140,7 @@ fn main() {
     #[cfg(feature = "relay")]
     if cli.json && !matches!(cli.command, Command::Full(_)) {
         fail(
-            true,
+            Errors::Json,
             anyhow::anyhow!("--json applies to commands that print data (lists, show, whoami …)"),
         );
     }
@@ -141,19 +167,42 @@ fn main() {
         }
     };
     if let Err(e) = result {
-        fail(false, e);
+        fail(Errors::from(cli.log_format), e);
     }
 }
 
-/// Reports `e` on stderr (as `{"error":{"message":…}}` under `--json`) and exits 1.
-fn fail(json: bool, e: anyhow::Error) -> ! {
+/// How a command's final error is written.
+#[derive(Clone, Copy)]
+pub(crate) enum Errors {
+    /// `error: …`.
+    Text,
+    /// `{"error":{"message":…}}`: a data command's `--json` output.
+    #[cfg_attr(not(feature = "relay"), allow(dead_code))]
+    Json,
+    /// A log line like the others under `--log-format json`.
+    LogLine,
+}
+
+impl From<LogFormat> for Errors {
+    fn from(format: LogFormat) -> Errors {
+        match format {
+            LogFormat::Text => Errors::Text,
+            LogFormat::Json => Errors::LogLine,
+        }
+    }
+}
+
+/// Reports `e` on stderr as `how` says and exits 1.
+fn fail(how: Errors, e: anyhow::Error) -> ! {
     // Each cause once: errors that quote their source would otherwise print it twice.
     let message = cloudlink::tls_client::chain(e.as_ref());
-    if json {
-        let body = serde_json::json!({ "error": { "message": message } });
-        eprintln!("{body}");
-    } else {
-        eprintln!("error: {message}");
+    match how {
+        Errors::Text => eprintln!("error: {message}"),
+        Errors::Json => {
+            let body = serde_json::json!({ "error": { "message": message } });
+            eprintln!("{body}");
+        }
+        Errors::LogLine => eprintln!("{}", json_line("ERROR", &message, &[])),
     }
     std::process::exit(1);
 }

@@ -234,9 +234,98 @@ async fn json_logs_name_the_tunnel_user_and_device() {
         span["id"].as_str().is_some_and(|id| !id.is_empty()),
         "{event}"
     );
-    // Every line of the run is JSON, the listening line on stdout aside.
+    // Every line of the run is JSON, stdout's announcements included: a log shipper
+    // reading the container's output reads nothing else. (The harness found the
+    // addresses in the JSON listening line.)
+    let stdout = w.relay.stdout.text();
+    let announced: Vec<Value> = stdout.lines().map(json_or_panic).collect();
+    assert!(
+        announced
+            .iter()
+            .any(|e| e["fields"]["message"] == "bootstrap admin key written"
+                && e["fields"]["path"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with("admin.key"))),
+        "{stdout}"
+    );
+    assert!(
+        announced
+            .iter()
+            .any(|e| e["fields"]["message"] == "relay listening"
+                && e["fields"]["proxy"] == w.relay.proxy.to_string()
+                && e["level"] == "INFO"),
+        "{stdout}"
+    );
     for line in w.relay.stderr.text().lines() {
-        serde_json::from_str::<Value>(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        json_or_panic(line);
+    }
+    // The agent likewise (a second one for the device, which takes over).
+    let agent = Agent::start(&w.relay, &uuid, &key, &["--log-format", "json"]);
+    for line in agent.stderr.text().lines() {
+        json_or_panic(line);
+    }
+}
+
+fn json_or_panic(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+/// Under `--log-format json` the lines a role writes outside its logger are JSON too: a
+/// warning about `RUST_LOG`, and the error it exits with (here: a port already taken),
+/// for the relay and for the agent.
+#[test]
+fn json_logs_hold_warnings_and_fatal_errors_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let data = dir.path().join("data");
+    let relay = Command::new(common::bin())
+        .args(["--log-format", "json", "relay", "--data-dir"])
+        .arg(&data)
+        .args(["--api-listen", &taken, "--proxy-listen", "127.0.0.1:0"])
+        .args(["--device-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "cloudlink=loud")
+        .output()
+        .unwrap();
+    let agent = Command::new(common::bin())
+        .args([
+            "agent",
+            "--log-format",
+            "json",
+            "--uuid",
+            "0123456789abcdef",
+        ])
+        .args(["--relay", "127.0.0.1:1"])
+        .env_remove("CLOUDLINK_DEVICE_KEY")
+        .env("RUST_LOG", "cloudlink=loud")
+        .output()
+        .unwrap();
+    for (role, out) in [("relay", relay), ("agent", agent)] {
+        assert!(!out.status.success(), "{role} started");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<Value> = stderr.lines().map(json_or_panic).collect();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).lines().all(|l| {
+                json_or_panic(l);
+                true
+            }),
+            "{role}"
+        );
+        assert!(
+            lines.iter().any(|e| e["level"] == "WARN"
+                && e["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("RUST_LOG"))),
+            "{role}: {stderr}"
+        );
+        let last = lines
+            .last()
+            .unwrap_or_else(|| panic!("{role}: nothing on stderr"));
+        assert_eq!(last["level"], "ERROR", "{role}: {stderr}");
+        assert!(
+            last["fields"]["message"].as_str().is_some(),
+            "{role}: {stderr}"
+        );
     }
 }
 

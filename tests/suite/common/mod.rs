@@ -88,7 +88,7 @@ impl std::fmt::Display for FailedStart {
         let status = self.status.map_or("unknown".to_owned(), |s| s.to_string());
         write!(
             f,
-            "the relay did not say \"relay listening:\": {} (exit: {status}); stderr:\n{}",
+            "the relay did not say \"relay listening\": {} (exit: {status}); stderr:\n{}",
             self.missing, self.stderr
         )
     }
@@ -195,7 +195,13 @@ impl Lines {
     }
 }
 
+/// The address named `key` in the relay's listening line: `key=ADDR` in text, or
+/// `fields.key` in a JSON line (`--log-format json`).
 fn field(line: &str, key: &str) -> Option<SocketAddr> {
+    if line.starts_with('{') {
+        let event: Value = serde_json::from_str(line).ok()?;
+        return event["fields"][key].as_str()?.parse().ok();
+    }
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(&format!("{key}=")))
         .and_then(|v| v.parse().ok())
@@ -320,7 +326,7 @@ impl Relay {
             .unwrap_or_else(|failed| panic!("{failed}"))
     }
 
-    /// Starts the relay and waits for its "relay listening:" line; a start that fails
+    /// Starts the relay and waits for its "relay listening" line; a start that fails
     /// comes back with what the relay said on stderr.
     fn try_spawn(
         data_dir: &Path,
@@ -357,7 +363,8 @@ impl Relay {
         let mut child = cmd.spawn().expect("relay starts");
         let stdout = Lines::spawn(child.stdout.take().unwrap(), Some(log_file.clone()));
         let stderr = Lines::spawn(child.stderr.take().unwrap(), Some(log_file.clone()));
-        let line = match stdout.find_within("relay listening:", EVENT_TIMEOUT) {
+        // "relay listening: …" in text, {"fields":{"message":"relay listening",…}} in JSON.
+        let line = match stdout.find_within("relay listening", EVENT_TIMEOUT) {
             Ok(line) => line,
             Err(missing) => {
                 let _ = child.kill();

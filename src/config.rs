@@ -232,20 +232,19 @@ impl Limits {
     }
 }
 
-/// The default command that enters a service's container on a balenaOS device; `{service}`
-/// is replaced by the service name. Used by `cloudlink device ssh --service` and by the
-/// browser terminal.
-pub const DEFAULT_SERVICE_COMMAND: &str = "sh -c 'id=$(balena-engine ps -q --filter name=^{service}_ | head -n1); \
-     [ -n \"$id\" ] || { echo \"no running container for service {service}\" >&2; exit 1; }; \
-     exec balena-engine exec -it \"$id\" sh -c \"command -v bash >/dev/null && exec bash || exec sh\"'";
-
 /// `--audit-retention`: a duration in seconds, or `off` (0: keep every row).
 fn parse_retention(s: &str) -> Result<u64, String> {
     match s.trim() {
         "off" | "0" => Ok(0),
-        other => crate::cli::admin::parse_duration(other),
+        other => crate::duration::parse_duration(other),
     }
 }
+
+/// File name of the generated dev certificate in the data directory (the relay writes it,
+/// the healthcheck trusts it).
+pub const DEV_CERT: &str = "relay-cert.pem";
+/// File name of its private key.
+pub const DEV_KEY: &str = "relay-key.pem";
 
 /// Everything a relay needs to start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,7 +337,7 @@ impl Default for RelayConfig {
                 .to_vec(),
             worker_threads: 0,
             github_keys_url: "https://github.com".to_owned(),
-            service_command: DEFAULT_SERVICE_COMMAND.to_owned(),
+            service_command: crate::balena::DEFAULT_SERVICE_COMMAND.to_owned(),
             limits: Limits::default(),
         }
     }

@@ -60,10 +60,16 @@ pub mod addr;
 pub mod agent;
 #[cfg(feature = "relay")]
 pub mod auth;
+#[cfg(feature = "relay")]
+pub mod balena;
 pub mod cli;
 #[cfg(feature = "relay")]
 pub mod config;
+#[cfg(feature = "relay")]
+pub mod duration;
 pub mod forward;
+pub mod healthcheck;
+pub mod https_proxy;
 pub mod link;
 pub mod logsafe;
 pub mod proto;

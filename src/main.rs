@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use cloudlink::agent::{self, AgentArgs, AgentConfig};
-use cloudlink::cli::healthcheck;
+use cloudlink::healthcheck;
 
 #[cfg(feature = "relay")]
 mod commands;

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::proxy::{self, ProxyEnv};
+use crate::https_proxy::{self as proxy, ProxyEnv};
 use crate::tls_client::{self, Trust};
 
 /// The largest answer body read.

@@ -6,7 +6,6 @@ pub mod config;
 pub mod http;
 pub mod link;
 pub mod probe;
-pub mod proxy;
 pub mod tunnel;
 
 use std::collections::HashMap;
@@ -19,6 +18,7 @@ use rand::Rng;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::https_proxy;
 use crate::link::Transport;
 use crate::proto::messages::{codes, RejectCode, RelayControl};
 use crate::tls_client::{self, Trust};
@@ -105,7 +105,7 @@ struct Agent {
     /// `None` with `--transport tcp`: no UDP socket is needed.
     quic: Option<QuicDialer>,
     tcp_tls: tokio_rustls::TlsConnector,
-    proxies: proxy::ProxyEnv,
+    proxies: https_proxy::ProxyEnv,
     shutdown: CancellationToken,
     state: LinkState,
     /// The address of a relay that is draining: tried last until we connect elsewhere.
@@ -146,7 +146,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         relays,
         quic,
         tcp_tls,
-        proxies: proxy::ProxyEnv::from_env(),
+        proxies: https_proxy::ProxyEnv::from_env(),
         shutdown,
         state: LinkState::Starting,
         avoid: None,
@@ -446,7 +446,7 @@ impl Agent {
         let proxy = self.proxies.for_host(&host).map_err(Outcome::Unreachable)?;
         if let Some(proxy) = proxy {
             let dial = async {
-                let tcp = proxy::connect(&proxy, &relay.addr, DIAL_TIMEOUT)
+                let tcp = https_proxy::connect(&proxy, &relay.addr, DIAL_TIMEOUT)
                     .await
                     .map_err(Outcome::Unreachable)?;
                 link::dial_tcp(tcp, &self.tcp_tls, &self.config, &server_name).await

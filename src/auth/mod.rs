@@ -4,8 +4,31 @@ pub mod policy;
 pub mod ssh_keys;
 pub mod tokens;
 
-use crate::store::{Id, Store, StoreError, User};
+use crate::store::{Device, Id, Millis, Store, StoreError, User};
 use tokens::{Expiry, JwtKeys, Subject};
+
+/// Which of a device's keys a presented key matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyMatch {
+    /// The current key.
+    Current,
+    /// The previous key, within its grace period after a rotation.
+    Previous,
+}
+
+/// Whether `key_hash` (hex SHA-256 of a presented key) is `device`'s key at `now`,
+/// compared in constant time.
+pub fn device_key_matches(device: &Device, key_hash: &str, now: Millis) -> Option<KeyMatch> {
+    use tokens::hashes_equal;
+    if hashes_equal(&device.key_hash, key_hash) {
+        return Some(KeyMatch::Current);
+    }
+    let previous_valid = device.prev_key_until.is_some_and(|until| until > now);
+    match &device.prev_key_hash {
+        Some(prev) if previous_valid && hashes_equal(prev, key_hash) => Some(KeyMatch::Previous),
+        _ => None,
+    }
+}
 
 /// How a principal proved who they are.
 #[derive(Debug, Clone, PartialEq, Eq)]

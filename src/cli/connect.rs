@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::settings::Settings;
-use crate::agent::proxy::ProxyEnv;
+use crate::https_proxy::ProxyEnv;
 use crate::proto::connect::head_end;
 use crate::tls_client::{self, Trust};
 
@@ -53,7 +53,7 @@ pub async fn open(
             .map_err(|e| anyhow!(e))?
     };
     let tcp = match outbound {
-        Some(outbound) => crate::agent::proxy::connect(&outbound, proxy, OUTBOUND_PROXY_TIMEOUT)
+        Some(outbound) => crate::https_proxy::connect(&outbound, proxy, OUTBOUND_PROXY_TIMEOUT)
             .await
             .map_err(|e| anyhow!("cannot reach the relay proxy at {proxy}: {e}"))?,
         None => TcpStream::connect(proxy)

@@ -6,7 +6,6 @@ pub mod admin;
 mod client;
 #[cfg(feature = "relay")]
 pub mod connect;
-pub mod healthcheck;
 #[cfg(feature = "relay")]
 pub mod login;
 #[cfg(feature = "relay")]

@@ -10,7 +10,7 @@ use super::settings::{self, config_dir, Settings};
 use super::{resolve, ApiClient};
 use crate::relay::api::users::SshKeyView;
 
-use crate::config::DEFAULT_SERVICE_COMMAND;
+use crate::balena::DEFAULT_SERVICE_COMMAND;
 
 /// `cloudlink device ssh` arguments (balena CLI's, plus `-l` and `--service-command`).
 #[derive(Debug, clap::Args)]

@@ -9,14 +9,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
 use super::datadir;
-use crate::config::RelayConfig;
+use crate::config::{RelayConfig, DEV_CERT, DEV_KEY};
 use crate::proto::ALPN;
 use crate::store::{Store, StoreError};
-
-/// File name of the generated dev certificate in the data directory.
-pub const DEV_CERT: &str = "relay-cert.pem";
-/// File name of its private key.
-pub const DEV_KEY: &str = "relay-key.pem";
 
 /// Errors loading or generating the certificate.
 #[derive(Debug, thiserror::Error)]

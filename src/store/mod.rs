@@ -253,35 +253,10 @@ pub struct Device {
     pub transport: Option<String>,
 }
 
-/// Which of a device's keys a presented key matched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyMatch {
-    /// The current key.
-    Current,
-    /// The previous key, within its grace period after a rotation.
-    Previous,
-}
-
 impl Device {
     /// Whether a live relay holds a session for it right now.
     pub fn online(&self) -> bool {
         self.relay.is_some()
-    }
-
-    /// Whether `key_hash` (hex SHA-256 of a presented key) is this device's key at `now`,
-    /// compared in constant time.
-    pub fn key_matches(&self, key_hash: &str, now: Millis) -> Option<KeyMatch> {
-        use crate::auth::tokens::hashes_equal;
-        if hashes_equal(&self.key_hash, key_hash) {
-            return Some(KeyMatch::Current);
-        }
-        let previous_valid = self.prev_key_until.is_some_and(|until| until > now);
-        match &self.prev_key_hash {
-            Some(prev) if previous_valid && hashes_equal(prev, key_hash) => {
-                Some(KeyMatch::Previous)
-            }
-            _ => None,
-        }
     }
 }
 

@@ -229,12 +229,17 @@ async fn conformance(s: Arc<dyn Store>) {
         .unwrap()
         .expect("old key in grace");
     assert_eq!(d.uuid, D1);
-    assert_eq!(d.key_matches("dh1", now), Some(store::KeyMatch::Previous));
+    use cloudlink::auth::{device_key_matches, KeyMatch};
+    assert_eq!(device_key_matches(&d, "dh1", now), Some(KeyMatch::Previous));
     assert_eq!(
-        d.key_matches("dh1-new", now),
-        Some(store::KeyMatch::Current)
+        device_key_matches(&d, "dh1-new", now),
+        Some(KeyMatch::Current)
     );
-    assert_eq!(d.key_matches("dh1", now + 60_001), None, "grace over");
+    assert_eq!(
+        device_key_matches(&d, "dh1", now + 60_001),
+        None,
+        "grace over"
+    );
     assert_eq!(
         s.device_by_key_hash("dh1-new").await.unwrap().unwrap().uuid,
         D1

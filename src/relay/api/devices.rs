@@ -374,7 +374,7 @@ async fn device_from_key(state: &Shared, headers: &HeaderMap) -> Result<Device, 
         .device_by_key_hash(&hash)
         .await?
         .ok_or(ApiError::Unauthorized)?;
-    match device.key_matches(&hash, crate::store::now_ms()) {
+    match crate::auth::device_key_matches(&device, &hash, crate::store::now_ms()) {
         Some(_) => Ok(device),
         None => Err(ApiError::Unauthorized),
     }

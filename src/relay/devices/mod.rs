@@ -17,11 +17,12 @@ use tokio::sync::mpsc;
 use super::registry::DeviceSession;
 use super::state::Shared;
 use crate::auth::tokens;
+use crate::auth::KeyMatch;
 use crate::link::{LinkRecv, LinkSend, Transport};
 use crate::proto::messages::{codes, Hello, OpenReply, RefuseCode, RejectCode, RelayControl};
 use crate::proto::messages::{TunnelOpen, VERSION};
 use crate::proto::{frame, ProtoError};
-use crate::store::{KeyMatch, StoreError};
+use crate::store::StoreError;
 
 /// How long after `drain` devices are asked to have reconnected elsewhere.
 const DRAIN_RECONNECT_MS: u64 = 5_000;
@@ -226,7 +227,7 @@ async fn accept_hello(state: &Shared, hello: &Hello) -> Result<String, HelloFail
         .map_err(HelloFailure::Store)?;
     let hash = tokens::hash_secret(&hello.key);
     let rotating = device.as_ref().is_some_and(|d| d.prev_key_hash.is_some());
-    match device.and_then(|d| d.key_matches(&hash, crate::store::now_ms())) {
+    match device.and_then(|d| crate::auth::device_key_matches(&d, &hash, crate::store::now_ms())) {
         Some(KeyMatch::Current) => {
             // After a rotation, the first hello with the new key retires the old one.
             // (Only then: a write per hello would serialize a fleet's reconnects.)

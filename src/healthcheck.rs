@@ -134,7 +134,7 @@ mod relay_role {
         let cert: PathBuf = config
             .tls_cert
             .clone()
-            .unwrap_or_else(|| config.data_dir.join(crate::relay::tls::DEV_CERT));
+            .unwrap_or_else(|| config.data_dir.join(crate::config::DEV_CERT));
         let name = server_name
             .or_else(|| config.tls_names.first().cloned())
             .unwrap_or_else(|| "localhost".into());

@@ -1,6 +1,6 @@
-//! Outbound HTTP CONNECT proxies for the TLS/TCP device link: `HTTPS_PROXY` /
-//! `https_proxy` and `NO_PROXY` / `no_proxy`, as corporate networks require (curl's
-//! reading of them). QUIC never goes through a proxy.
+//! Outbound HTTP CONNECT proxies, for the agent's TLS/TCP device link and the CLI's
+//! connections to a relay: `HTTPS_PROXY` / `https_proxy` and `NO_PROXY` / `no_proxy`, as
+//! corporate networks require (curl's reading of them). QUIC never goes through a proxy.
 
 use std::time::Duration;
 

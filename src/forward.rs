@@ -1,4 +1,5 @@
-//! The hot path: one QUIC stream joined to one byte stream (a TCP socket, or TLS over one).
+//! The hot path: one device-link stream (QUIC, or HTTP/2 over TLS/TCP; [`crate::link`])
+//! joined to one byte stream (a TCP socket, or TLS over one).
 //!
 //! Both directions run at once and each ends on its own: a FIN on one side becomes a
 //! half-close on the other while the other direction keeps flowing. A reset on either side
@@ -19,7 +20,7 @@
 //! needs no cooperation from the peer; the alternatives (a trailer or length framing on
 //! the user side) would break plain CONNECT clients.
 //!
-//! On the QUIC side a crashed peer sends nothing; the survivor notices by the idle timeout
+//! On the link's side a crashed peer sends nothing; the survivor notices by the idle timeout
 //! (keep-alive 10 s, idle 30 s by default), ends the tunnel as [`End::ConnectionLost`]
 //! and resets its socket.
 
@@ -29,11 +30,10 @@ use std::time::Duration;
 use std::future::Future;
 
 use bytes::{Bytes, BytesMut};
-use quinn::{ReadError, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::link::{LinkRecv, LinkSend};
+use crate::link::{ChunkRecv, ChunkSend, End, LinkRecv, LinkSend};
 use crate::proto::messages::codes;
 
 /// The most bytes moved per read: 64 KiB cut CPU per GB by a quarter to a third against
@@ -48,53 +48,34 @@ const BUFFER: usize = 4 * CHUNK;
 /// the audit row and metrics when it ends.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// From the socket into the QUIC stream.
-    pub to_quic: AtomicU64,
-    /// From the QUIC stream into the socket.
-    pub from_quic: AtomicU64,
+    /// From the user towards the device.
+    pub up: AtomicU64,
+    /// From the device towards the user.
+    pub down: AtomicU64,
 }
 
 impl Counters {
     /// Bytes moved both ways so far.
     pub fn total(&self) -> u64 {
-        self.to_quic.load(Ordering::Relaxed) + self.from_quic.load(Ordering::Relaxed)
+        self.up.load(Ordering::Relaxed) + self.down.load(Ordering::Relaxed)
     }
-}
 
-/// How a joined pair of streams ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum End {
-    /// Both sides closed cleanly (FIN both ways).
-    Closed,
-    /// The QUIC side reset its stream (or stopped reading ours).
-    QuicReset,
-    /// The socket failed or was reset.
-    SocketReset,
-    /// The QUIC connection itself was lost.
-    ConnectionLost(String),
-    /// No byte moved either way for the idle timeout.
-    Idle,
-    /// Cut from outside (revocation, shutdown); the canceller knows why.
-    Cancelled,
-}
-
-impl End {
-    /// A short label for logs, metrics and the audit row.
-    pub fn reason(&self) -> String {
-        match self {
-            End::Closed => "closed".into(),
-            End::QuicReset => "reset_by_quic_peer".into(),
-            End::SocketReset => "reset_by_socket_peer".into(),
-            End::ConnectionLost(_) => "connection_lost".into(),
-            End::Idle => "idle".into(),
-            End::Cancelled => "cancelled".into(),
+    /// The counters of a pump whose socket is on `side`: (socket to link, link to socket).
+    pub fn ways(&self, side: Side) -> (&AtomicU64, &AtomicU64) {
+        match side {
+            Side::User => (&self.up, &self.down),
+            Side::Device => (&self.down, &self.up),
         }
     }
+}
 
-    /// Whether the socket should be reset (RST) rather than closed.
-    pub fn resets_socket(&self) -> bool {
-        !matches!(self, End::Closed)
-    }
+/// Whose socket a pump joins to the device link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The user's (the relay's CONNECT client): what it sends goes up.
+    User,
+    /// The device's service (the agent's local connection): what it sends goes down.
+    Device,
 }
 
 /// How one direction ended.
@@ -106,59 +87,13 @@ pub enum Dir {
     Abnormal(End),
 }
 
-/// The sending half of a QUIC stream, as the hot path uses it. A trait so that the loops
-/// can be driven by in-memory streams in tests (the allocation test counts what the loops
-/// themselves allocate, without quinn's own work).
-pub trait ChunkSend {
-    /// Queues one chunk, waiting for flow-control credit.
-    fn write_chunk(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), End>>;
-    /// Ends the stream (FIN).
-    fn finish(&mut self);
-}
-
-/// The receiving half of a QUIC stream, as the hot path uses it.
-pub trait ChunkRecv {
-    /// Fills `bufs` with the chunks that have arrived (at least one, waiting if none has);
-    /// how many, or `None` at FIN.
-    fn read_chunks(
-        &mut self,
-        bufs: &mut [Bytes],
-    ) -> impl Future<Output = Result<Option<usize>, End>>;
-}
-
-impl ChunkSend for SendStream {
-    async fn write_chunk(&mut self, chunk: Bytes) -> Result<(), End> {
-        SendStream::write_chunk(self, chunk)
-            .await
-            .map_err(|e| match e {
-                quinn::WriteError::ConnectionLost(e) => End::ConnectionLost(e.to_string()),
-                _ => End::QuicReset,
-            })
-    }
-
-    fn finish(&mut self) {
-        // A stream the peer already stopped cannot be finished; that shows up on the other
-        // direction, so nothing is lost by ignoring it here.
-        let _ = SendStream::finish(self);
-    }
-}
-
-impl ChunkRecv for RecvStream {
-    async fn read_chunks(&mut self, bufs: &mut [Bytes]) -> Result<Option<usize>, End> {
-        match RecvStream::read_chunks(self, bufs).await {
-            Ok(n) => Ok(n),
-            Err(ReadError::ConnectionLost(e)) => Err(End::ConnectionLost(e.to_string())),
-            Err(_) => Err(End::QuicReset),
-        }
-    }
-}
-
-/// Socket to QUIC: reads into one reused buffer and hands each read to the stream as
-/// `Bytes` (no copy); the buffer's allocation is reclaimed once quinn releases the pieces.
-pub async fn socket_to_quic<R: AsyncRead + Unpin, S: ChunkSend>(
+/// Socket to link: reads into one reused buffer and hands each read to the stream as
+/// `Bytes` (no copy); the buffer's allocation is reclaimed once the link releases the
+/// pieces. Adds what it moves to `counter`.
+pub async fn socket_to_link<R: AsyncRead + Unpin, S: ChunkSend>(
     socket: &mut R,
     send: &mut S,
-    counters: &Counters,
+    counter: &AtomicU64,
 ) -> Dir {
     let mut buf = BytesMut::with_capacity(BUFFER);
     loop {
@@ -171,7 +106,7 @@ pub async fn socket_to_quic<R: AsyncRead + Unpin, S: ChunkSend>(
                 return Dir::Eof;
             }
             Ok(n) => {
-                counters.to_quic.fetch_add(n as u64, Ordering::Relaxed);
+                counter.fetch_add(n as u64, Ordering::Relaxed);
                 if let Err(end) = send.write_chunk(buf.split().freeze()).await {
                     return Dir::Abnormal(end);
                 }
@@ -186,19 +121,19 @@ pub async fn socket_to_quic<R: AsyncRead + Unpin, S: ChunkSend>(
 /// vectored write.
 pub const BATCH: usize = 64;
 
-/// QUIC to socket: the chunks quinn hands over go to the socket as they are, a batch per
-/// vectored write, with no copy in between.
-pub async fn quic_to_socket<C: ChunkRecv, W: AsyncWrite + Unpin>(
+/// Link to socket: the chunks the link hands over go to the socket as they are, a batch
+/// per vectored write, with no copy in between. Adds what it moves to `counter`.
+pub async fn link_to_socket<C: ChunkRecv, W: AsyncWrite + Unpin>(
     recv: &mut C,
     socket: &mut W,
-    counters: &Counters,
+    counter: &AtomicU64,
 ) -> Dir {
     let mut chunks: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
     loop {
         match recv.read_chunks(&mut chunks).await {
             Ok(Some(n)) => {
                 let len: usize = chunks[..n].iter().map(Bytes::len).sum();
-                counters.from_quic.fetch_add(len as u64, Ordering::Relaxed);
+                counter.fetch_add(len as u64, Ordering::Relaxed);
                 if write_all_chunks(socket, &mut chunks[..n]).await.is_err() {
                     return Dir::Abnormal(End::SocketReset);
                 }
@@ -255,15 +190,18 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Joins a device-link stream (QUIC or HTTP/2) to a socket until both directions end, one side resets, `cancel`
-/// fires, or nothing moves for `idle` (when set). On any end but [`End::Closed`] the QUIC
-/// stream is reset both ways; the caller resets the socket (see [`End::resets_socket`]).
+/// Joins a device-link stream (QUIC or HTTP/2) to a socket on `side` until both
+/// directions end, one side resets, `cancel` fires, or nothing moves for `idle` (when
+/// set). On any end but [`End::Closed`] the link's stream is reset both ways; the caller
+/// resets the socket (see [`End::resets_socket`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn join<R, W>(
     mut send: LinkSend,
     mut recv: LinkRecv,
     socket_r: &mut R,
     socket_w: &mut W,
     counters: &Counters,
+    side: Side,
     cancel: &CancellationToken,
     idle: Option<Duration>,
 ) -> End
@@ -271,9 +209,10 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let (into_link, out_of_link) = counters.ways(side);
     let end = join_dirs(
-        socket_to_quic(socket_r, &mut send, counters),
-        quic_to_socket(&mut recv, socket_w, counters),
+        socket_to_link(socket_r, &mut send, into_link),
+        link_to_socket(&mut recv, socket_w, out_of_link),
         counters,
         cancel,
         idle,

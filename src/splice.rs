@@ -17,7 +17,8 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::forward::{Counters, Dir, End, CHUNK};
+use crate::forward::{Counters, Dir, CHUNK};
+use crate::link::End;
 
 /// The pipe size asked for: bigger pipes mean fewer syscalls per megabyte. The kernel may
 /// give less (`fs.pipe-max-size`), which still works.
@@ -81,7 +82,7 @@ pub async fn splice_dir(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, counter: 
 
 /// Joins two TCP sockets both ways with [`splice_dir`] until both directions end, one fails,
 /// `cancel` fires or nothing moves for `idle` ([`crate::forward::join_dirs`]); `a` to `b`
-/// counts as `to_quic`. `None` when no pipe could be made: the caller copies instead.
+/// counts as `up`. `None` when no pipe could be made: the caller copies instead.
 pub async fn join(
     a: &TcpStream,
     b: &TcpStream,
@@ -92,8 +93,8 @@ pub async fn join(
     let (up, down) = (Pipe::new().ok()?, Pipe::new().ok()?);
     Some(
         crate::forward::join_dirs(
-            splice_dir(a, b, &up, &counters.to_quic),
-            splice_dir(b, a, &down, &counters.from_quic),
+            splice_dir(a, b, &up, &counters.up),
+            splice_dir(b, a, &down, &counters.down),
             counters,
             cancel,
             idle,

@@ -9,7 +9,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use bytes::Bytes;
-use cloudlink::forward::{self, ChunkRecv, ChunkSend, Counters, Dir, End, CHUNK};
+use cloudlink::forward::{self, Counters, Dir, CHUNK};
+use cloudlink::link::{ChunkRecv, ChunkSend, End};
 
 use tokio::io::AsyncReadExt;
 // Without tokio's cooperative budget the loops never yield to the scheduler, whose queues
@@ -119,10 +120,10 @@ fn socket_to_quic_allocations(total: u64) -> u64 {
         finished: false,
     };
     let (dir, allocations) = counted(|| {
-        rt.block_on(unconstrained(forward::socket_to_quic(
+        rt.block_on(unconstrained(forward::socket_to_link(
             &mut socket,
             &mut sink,
-            &counters,
+            &counters.up,
         )))
     });
     assert_eq!(dir, Dir::Eof);
@@ -138,17 +139,15 @@ fn quic_to_socket_allocations(total: u64) -> u64 {
     let mut source = StaticSource { left: total };
     let mut socket = tokio::io::sink();
     let (dir, allocations) = counted(|| {
-        rt.block_on(unconstrained(forward::quic_to_socket(
+        rt.block_on(unconstrained(forward::link_to_socket(
             &mut source,
             &mut socket,
-            &counters,
+            &counters.down,
         )))
     });
     assert_eq!(dir, Dir::Eof);
     assert_eq!(
-        counters
-            .from_quic
-            .load(std::sync::atomic::Ordering::Relaxed),
+        counters.down.load(std::sync::atomic::Ordering::Relaxed),
         total
     );
     allocations

@@ -11,7 +11,7 @@ use tracing::Instrument;
 
 use super::link::TunnelRequest;
 use super::AgentConfig;
-use crate::forward::{self, Counters};
+use crate::forward::{self, Counters, Side};
 use crate::link::h2 as link_h2;
 use crate::link::{LinkRecv, LinkSend};
 use crate::proto::frame::{self, MAX_FRAME};
@@ -171,6 +171,7 @@ async fn connect_and_forward(port: u16, answer: Answer, recv: LinkRecv, config: 
         &mut r,
         &mut w,
         &counters,
+        Side::Device,
         &CancellationToken::new(),
         None,
     )
@@ -182,8 +183,8 @@ async fn connect_and_forward(port: u16, answer: Answer, recv: LinkRecv, config: 
     }
     tracing::debug!(
         reason = %end.reason(),
-        up = counters.from_quic.load(std::sync::atomic::Ordering::Relaxed),
-        down = counters.to_quic.load(std::sync::atomic::Ordering::Relaxed),
+        up = counters.up.load(std::sync::atomic::Ordering::Relaxed),
+        down = counters.down.load(std::sync::atomic::Ordering::Relaxed),
         "tunnel ended"
     );
 }

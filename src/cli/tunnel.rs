@@ -149,7 +149,7 @@ async fn bridge(mut client: TcpStream, target: &Target) -> Result<()> {
             let counters = crate::forward::Counters::default();
             let never = tokio_util::sync::CancellationToken::new();
             match crate::splice::join(&client, &relay, &counters, &never, None).await {
-                Some(crate::forward::End::Closed) => {}
+                Some(crate::link::End::Closed) => {}
                 Some(end) => return Err(anyhow!("tunnel broke ({})", end.reason())),
                 None => copy(&mut client, &mut relay).await?,
             }

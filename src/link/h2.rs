@@ -1,6 +1,6 @@
 //! The TLS/TCP device link's HTTP/2 layer (PROTOCOL.md §2b), on the `h2` crate: its
-//! settings, tunnel streams as [`ChunkSend`](crate::forward::ChunkSend) /
-//! [`ChunkRecv`](crate::forward::ChunkRecv), and keep-alive.
+//! settings, tunnel streams as [`ChunkSend`](crate::link::ChunkSend) /
+//! [`ChunkRecv`](crate::link::ChunkRecv), and keep-alive.
 //!
 //! The relay is the HTTP/2 client and the agent the server, although the agent dialed (as
 //! cloudflared does): the side that opens tunnels is the side that sends requests.
@@ -16,7 +16,7 @@ use bytes::{Buf, Bytes};
 use h2::{PingPong, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::forward::End;
+use super::chunks::End;
 
 /// Each stream's receive window (`SETTINGS_INITIAL_WINDOW_SIZE`): what one stalled reader
 /// can hold up, and what one tunnel can have in flight.
@@ -71,7 +71,7 @@ pub fn server() -> h2::server::Builder {
 /// How an `h2` error ends a tunnel: a stream reset, or the link itself lost.
 fn end_of(e: h2::Error) -> End {
     if e.is_reset() {
-        End::QuicReset
+        End::LinkReset
     } else {
         End::ConnectionLost(e.to_string())
     }
@@ -88,7 +88,7 @@ pub async fn write_chunk(s: &mut SendStream<Bytes>, mut chunk: Bytes) -> Result<
                 Some(Ok(n)) => n,
                 Some(Err(e)) => return Err(end_of(e)),
                 // The stream can no longer send: the peer reset it.
-                None => return Err(End::QuicReset),
+                None => return Err(End::LinkReset),
             };
         }
         let piece = chunk.split_to(credit.min(chunk.len()));
@@ -312,7 +312,7 @@ pub async fn keep_alive(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::forward::{ChunkRecv, ChunkSend};
+    use crate::link::{ChunkRecv, ChunkSend};
     use crate::link::{LinkRecv, LinkSend};
 
     /// One HTTP/2 connection over an in-memory pipe, with a CONNECT stream open both ways.
@@ -395,7 +395,7 @@ mod tests {
                 Err(end) => break end,
             }
         };
-        assert_eq!(end, End::QuicReset);
+        assert_eq!(end, End::LinkReset);
     }
 
     #[tokio::test]

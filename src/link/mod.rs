@@ -6,12 +6,14 @@
 //! forwarding) never ask which one it is. The match per chunk costs nothing measurable
 //! next to a syscall.
 
+mod chunks;
 pub mod h2;
+pub mod quic;
 
 use bytes::Bytes;
 use quinn::VarInt;
 
-use crate::forward::{ChunkRecv, ChunkSend, End};
+pub use chunks::{ChunkRecv, ChunkSend, End};
 
 /// ALPN of the TLS/TCP device link (PROTOCOL.md §2b).
 pub const TCP_ALPN: &[u8] = b"cloudlink-tcp/1";

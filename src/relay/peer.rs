@@ -27,7 +27,8 @@ use super::proxy::tunnel::{self, Audit};
 use super::proxy::{self, ClientConn, Refusal};
 use super::state::Shared;
 use crate::auth::tokens::unix_now;
-use crate::forward::{self, Counters, End};
+use crate::forward::{self, Counters};
+use crate::link::End;
 use crate::proto::connect::{self, HeadError};
 
 /// The audience of peer tokens: never accepted as a user token, and the other way round.
@@ -297,14 +298,14 @@ async fn join<C: ClientConn>(
             C::close(r, w, true);
             return End::SocketReset;
         }
-        counters.to_quic.fetch_add(leftover.len() as u64, Relaxed);
+        counters.up.fetch_add(leftover.len() as u64, Relaxed);
     }
     if !early.is_empty() {
         if w.write_all(&early).await.is_err() {
             C::close(r, w, true);
             return End::SocketReset;
         }
-        counters.from_quic.fetch_add(early.len() as u64, Relaxed);
+        counters.down.fetch_add(early.len() as u64, Relaxed);
     }
     let spliced = match C::plain_halves(&r, &w) {
         Some(user) => crate::splice::join(user, peer, counters, &f.entry.cancel, idle).await,
@@ -333,8 +334,8 @@ where
 {
     let (mut pr, mut pw) = peer.split();
     forward::join_dirs(
-        forward::copy_dir(r, &mut pw, &counters.to_quic),
-        forward::copy_dir(&mut pr, w, &counters.from_quic),
+        forward::copy_dir(r, &mut pw, &counters.up),
+        forward::copy_dir(&mut pr, w, &counters.down),
         counters,
         &f.entry.cancel,
         idle,

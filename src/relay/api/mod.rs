@@ -126,10 +126,7 @@ async fn metrics(State(state): State<Arc<Shared>>) -> impl IntoResponse {
             .metrics
             .render(state.registry.tunnels().iter().map(|t| {
                 use std::sync::atomic::Ordering::Relaxed;
-                (
-                    t.counters.to_quic.load(Relaxed),
-                    t.counters.from_quic.load(Relaxed),
-                )
+                (t.counters.up.load(Relaxed), t.counters.down.load(Relaxed))
             })),
     )
 }

@@ -8,7 +8,8 @@ use tokio::io::AsyncWriteExt;
 
 use super::admit::Admitted;
 use super::ClientConn;
-use crate::forward::{self, ChunkSend, End};
+use crate::forward::{self, Side};
+use crate::link::{ChunkSend, End};
 use crate::proto::connect;
 use crate::relay::registry::TunnelEntry;
 use crate::relay::state::Shared;
@@ -81,16 +82,26 @@ async fn run_in_span<C: ClientConn>(
         let mut early_failed = false;
         if !leftover.is_empty() {
             counters
-                .to_quic
+                .up
                 .fetch_add(leftover.len() as u64, std::sync::atomic::Ordering::Relaxed);
             early_failed = send.write_chunk(leftover.freeze()).await.is_err();
         }
         let (mut r, mut w) = client.halves();
         let end = if early_failed {
-            End::QuicReset
+            End::LinkReset
         } else {
             let idle = idle_timeout(state);
-            forward::join(send, recv, &mut r, &mut w, counters, &entry.cancel, idle).await
+            forward::join(
+                send,
+                recv,
+                &mut r,
+                &mut w,
+                counters,
+                Side::User,
+                &entry.cancel,
+                idle,
+            )
+            .await
         };
         C::close(r, w, end.resets_socket());
         end
@@ -165,8 +176,8 @@ impl Audit {
 /// completes every audit row.
 pub async fn finish(state: &Arc<Shared>, entry: &TunnelEntry, end: &End, audit: Option<Audit>) {
     use std::sync::atomic::Ordering::Relaxed;
-    let up = entry.counters.to_quic.load(Relaxed);
-    let down = entry.counters.from_quic.load(Relaxed);
+    let up = entry.counters.up.load(Relaxed);
+    let down = entry.counters.down.load(Relaxed);
     let m = &state.metrics;
     // Out of the running ones, then into the ended ones: a scrape in between sees too few
     // bytes, which the counter holds over (metrics.rs), never too many.

@@ -6,50 +6,65 @@
 //!
 //! # Layout
 //!
+//! The modules' layers are declared in `src/layers.toml` and checked by a test: a module
+//! imports only from layers below its own.
+//!
 //! - [`addr`]: `HOST:PORT` and URL splitting, one reading for the agent, CLI and healthcheck.
-//! - [`config`]: relay settings, layered defaults < TOML file < `CLOUDLINK_*` env < flags.
+//! - [`duration`]: durations as people write them (`90s`, `12h`, `30d`).
+//! - [`balena`]: balenaOS conventions the CLI and relay share (entering a service).
+//! - [`config`]: relay settings, layered defaults < TOML file < `CLOUDLINK_*` env < flags,
+//!   and the names of the files the relay generates in its data directory.
 //! - [`store`]: the [`store::Store`] trait and its backends. One set of queries over
 //!   `sqlx::Any` serves both SQLite (embedded default) and Postgres; the backend modules hold
 //!   only what differs (connect options, migrations). This deviates from "one full
 //!   implementation per backend" on purpose: the dialects differ in nothing the queries use.
-//! - [`auth`]: tokens (API keys, device keys, JWTs), authentication, the reach policy, and
-//!   OpenSSH public key checks.
+//! - [`auth`]: tokens (API keys, device keys, JWTs), authentication (device keys included),
+//!   the reach policy, and OpenSSH public key checks.
 //! - [`proto`]: bytes on the wire, no I/O policy: CONNECT heads, frames, messages (with
 //!   the hello's and welcome's `features`), the UDP probe (`probe.rs`).
 //! - [`quic`]: UDP sockets and transport settings shared by relay and agent; `bbr.rs` the
 //!   device link's congestion controller (BBR's model on quinn's controller trait);
 //!   `probes.rs` the relay's QUIC socket, which also answers UDP probes.
-//! - [`forward`]: the hot path, one device-link stream joined to one socket.
-//! - [`link`]: the device link's two transports behind one face: QUIC, and TLS over TCP
-//!   with HTTP/2 streams (`link/h2.rs`) where UDP is blocked.
+//! - [`link`]: the device link's two transports behind one face (`mod.rs`: the tunnel
+//!   stream's halves, how a stream ends, the chunk traits the hot path drives): QUIC
+//!   (`quic.rs`), and TLS over TCP with HTTP/2 streams (`h2.rs`) where UDP is blocked.
+//! - [`forward`]: the hot path, one device-link stream joined to one socket, with the
+//!   tunnel's byte counters (up: user to device; down: back) and reset-on-crash.
 //! - [`splice`]: TCP to TCP through a pipe with `splice(2)`, for forwarded tunnels.
 //! - [`logsafe`]: the one escaping path for peer-supplied text on its way to a log line.
+//! - [`https_proxy`]: outbound `HTTPS_PROXY`/`NO_PROXY` for the agent's TLS/TCP link and the
+//!   CLI.
+//! - [`tls_client`]: which servers the agent and CLI trust (system roots, a CA file, none),
+//!   and the HTTP client both use for a relay's API.
 //! - [`relay`]: the server. `mod.rs` starts and stops the listeners together; `listen.rs`
-//!   one service's plain and TLS listeners with a capped accept loop; `api/` is the REST API
-//!   (served by hyper with header and body timeouts); `devices/` the device listeners
-//!   (`mod.rs` a session whichever link carries it, `quic.rs` QUIC and its admission,
-//!   `tcp.rs` TLS over TCP with HTTP/2 streams); `listen.rs` also routes a TLS port shared
-//!   by several services by ALPN; `proxy/` the CONNECT listeners (`mod.rs` the edge,
-//!   `admit.rs` credentials, policy, limits and the device stream, `tunnel.rs` the joined
-//!   streams and their audit row, `refusal.rs` each refusal's side and answer);
-//!   `revalidate.rs` revocation of open tunnels; `registry.rs` who is connected;
-//!   `authcache.rs` recent authorization answers; `tls.rs` the certificate; `state.rs` what
-//!   the listeners share; `datadir.rs` the generated files; `limits.rs` per-source limits
-//!   (failed authentications, unauthenticated connections); `metrics.rs`.
+//!   one service's plain and TLS listeners with a capped accept loop, and the routing of a
+//!   TLS port shared by several services by ALPN; `api/` is the REST API (served by hyper
+//!   with header and body timeouts); `web/` the dashboard and the browser terminal
+//!   (`terminal.rs` the WebSocket, `ssh.rs` the SSH client it speaks to the device);
+//!   `devices/` the device listeners (`mod.rs` a session whichever link carries it,
+//!   `quic.rs` QUIC and its admission, `tcp.rs` TLS over TCP with HTTP/2 streams);
+//!   `proxy/` the CONNECT listeners (`mod.rs` the edge, `admit.rs` credentials, policy,
+//!   limits and the device stream, `tunnel.rs` the joined streams and their audit row,
+//!   `refusal.rs` each refusal's side and answer); `peer.rs` the hop to the relay that
+//!   holds a device, in a cluster; `revalidate.rs` revocation of open tunnels;
+//!   `registry.rs` who is connected; `authcache.rs` recent authorization answers;
+//!   `github.rs` importing a user's public keys from GitHub; `tls.rs` the certificate;
+//!   `state.rs` what the listeners share; `datadir.rs` the generated files; `limits.rs`
+//!   per-source limits (failed authentications, unauthenticated connections);
+//!   `metrics.rs`.
 //! - [`agent`]: the device side. `mod.rs` picks a relay and a transport (QUIC, TLS over
 //!   TCP as the fallback, the probe back to QUIC), serves tunnels and reconnects with
 //!   backoff; `link.rs` dials either link, says hello and watches the QUIC link's
-//!   silence; `probe.rs` the UDP probe and its backoff; `proxy.rs` `HTTPS_PROXY`;
-//!   `tunnel.rs` one tunnel; `config.rs` its settings; `authorized_keys.rs` answers sshd's
-//!   `AuthorizedKeysCommand`.
-//! - [`tls_client`]: which servers the agent and CLI trust (system roots, a CA file, none),
-//!   and the HTTP client both use for a relay's API.
+//!   silence; `probe.rs` the UDP probe and its backoff; `tunnel.rs` one tunnel; `http.rs`
+//!   its one HTTP GET to the relay's API (for `authorized-keys`); `config.rs` its settings;
+//!   `authorized_keys.rs` answers sshd's `AuthorizedKeysCommand`.
 //! - [`cli`]: the user commands: `admin.rs` (users, keys, fleets, devices), `login.rs`
 //!   (login, logout, whoami), `client.rs` (the API client and table/JSON output),
 //!   `resolve.rs` (a device by uuid, prefix or name, and what a refusal means),
 //!   `connect.rs` (CONNECT through the relay), `tunnel.rs` (`device tunnel`, `proxy`),
-//!   `ssh.rs` (`device ssh`), `settings.rs` (saved logins, one per profile),
-//!   `healthcheck.rs` (the container healthcheck for either role).
+//!   `ssh.rs` (`device ssh`), `settings.rs` (saved logins, one per profile).
+//! - [`healthcheck`]: the container healthcheck for either role (it reads both roles'
+//!   settings, so it sits above them).
 //!
 //! Secrets (API keys, device keys) are stored only as SHA-256 and never logged.
 

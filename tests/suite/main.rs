@@ -14,6 +14,7 @@ mod faults;
 mod field;
 mod github_import;
 mod hardening;
+mod layers;
 mod operations;
 mod ssh;
 mod store;

@@ -115,7 +115,8 @@ pub async fn authorize(
 mod tests {
     use super::*;
     use crate::auth::tokens::{self, UserClaims, USER_AUDIENCE};
-    use crate::store::{self, Id, Role};
+    use crate::proto::api::Role;
+    use crate::store::{self, Id};
     use std::sync::Arc;
 
     const UUID: &str = "0123456789abcdef0123456789abcdef";

@@ -6,14 +6,13 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context, Result};
 use clap::Subcommand;
 use reqwest::Method;
-use serde_json::json;
 
 use super::settings::Settings;
 use super::{resolve, ApiClient, JsonArg, Output};
-use crate::relay::api::devices::{DeviceView, RegisteredDevice, RotatedKey, TunnelView};
-use crate::relay::api::fleets::{FleetView, MemberView};
-use crate::relay::api::users::{
-    ApiKeyView, CreatedApiKey, CreatedUser, ImportedSshKeys, SshKeyView, UserView,
+use crate::proto::api::{
+    ApiKeyView, CreatedApiKey, CreatedUser, DeviceView, FleetPatch, FleetView, ImportSshKeys,
+    ImportedSshKeys, MemberView, NewApiKey, NewDevice, NewFleet, NewMember, NewSshKey, NewUser,
+    RegisteredDevice, Role, RotateKey, RotatedKey, SshKeyView, TunnelView, UserView,
 };
 
 /// `cloudlink user …` (admins).
@@ -41,8 +40,11 @@ pub async fn user(cmd: UserCmd, out: Output) -> Result<()> {
     let client = ApiClient::from_settings(&Settings::load()?)?;
     match cmd {
         UserCmd::Create { name, admin } => {
-            let body = json!({"username": name, "admin": admin});
-            let u: CreatedUser = client.call(Method::POST, "/v1/users", Some(&body)).await?;
+            let body = NewUser {
+                username: name.clone(),
+                admin,
+            };
+            let u: CreatedUser = client.send_body(Method::POST, "/v1/users", &body).await?;
             out.record(
                 &u,
                 &[
@@ -95,12 +97,12 @@ pub async fn api_key(cmd: ApiKeyCmd, out: Output) -> Result<()> {
     let client = ApiClient::from_settings(&Settings::load()?)?;
     match cmd {
         ApiKeyCmd::Create { name, expires } => {
-            let mut body = json!({"name": name});
-            if let Some(secs) = expires {
-                body["expires_in_secs"] = json!(secs);
-            }
+            let body = NewApiKey {
+                name,
+                expires_in_secs: expires,
+            };
             let k: CreatedApiKey = client
-                .call(Method::POST, "/v1/api-keys", Some(&body))
+                .send_body(Method::POST, "/v1/api-keys", &body)
                 .await?;
             out.record(
                 &k,
@@ -233,8 +235,11 @@ pub async fn fleet(cmd: FleetCmd, out: Output) -> Result<()> {
     let client = ApiClient::from_settings(&Settings::load()?)?;
     match cmd {
         FleetCmd::Create { name, allow_ports } => {
-            let body = json!({"name": name, "allowed_ports": allow_ports});
-            let f: FleetView = client.call(Method::POST, "/v1/fleets", Some(&body)).await?;
+            let body = NewFleet {
+                name,
+                allowed_ports: allow_ports,
+            };
+            let f: FleetView = client.send_body(Method::POST, "/v1/fleets", &body).await?;
             print_fleet(out, &f)
         }
         FleetCmd::List => {
@@ -248,9 +253,11 @@ pub async fn fleet(cmd: FleetCmd, out: Output) -> Result<()> {
             })
         }
         FleetCmd::Ports { name, ports } => {
-            let body = json!({"allowed_ports": ports});
+            let body = FleetPatch {
+                allowed_ports: ports,
+            };
             let f: FleetView = client
-                .call(Method::PATCH, &format!("/v1/fleets/{name}"), Some(&body))
+                .send_body(Method::PATCH, &format!("/v1/fleets/{name}"), &body)
                 .await?;
             print_fleet(out, &f)
         }
@@ -260,18 +267,20 @@ pub async fn fleet(cmd: FleetCmd, out: Output) -> Result<()> {
                 .await
         }
         FleetCmd::Member(MemberCmd::Add { fleet, user, owner }) => {
-            let role = if owner { "owner" } else { "member" };
-            let body = json!({"username": user, "role": role});
+            let role = if owner { Role::Owner } else { Role::Member };
+            let body = NewMember {
+                username: user,
+                role,
+            };
             let m: MemberView = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/fleets/{fleet}/members"),
-                    Some(&body),
-                )
+                .send_body(Method::POST, &format!("/v1/fleets/{fleet}/members"), &body)
                 .await?;
             out.record(
                 &m,
-                &[("username", m.username.clone()), ("role", role.into())],
+                &[
+                    ("username", m.username.clone()),
+                    ("role", role.as_str().into()),
+                ],
             )
         }
         FleetCmd::Member(MemberCmd::Rm { fleet, user }) => {
@@ -384,16 +393,9 @@ pub async fn device(cmd: DeviceAdminCmd, out: Output) -> Result<()> {
     let client = ApiClient::from_settings(&Settings::load()?)?;
     match cmd {
         DeviceAdminCmd::Register { fleet, name, .. } => {
-            let body = match name {
-                Some(name) => json!({ "name": name }),
-                None => json!({}),
-            };
+            let body = NewDevice { name };
             let d: RegisteredDevice = client
-                .call(
-                    Method::POST,
-                    &format!("/v1/fleets/{fleet}/devices"),
-                    Some(&body),
-                )
+                .send_body(Method::POST, &format!("/v1/fleets/{fleet}/devices"), &body)
                 .await?;
             out.record(
                 &d,
@@ -427,12 +429,14 @@ pub async fn device(cmd: DeviceAdminCmd, out: Output) -> Result<()> {
         }
         DeviceAdminCmd::RotateKey { uuid, grace, .. } => {
             let uuid = resolve::device(&client, &uuid).await?.uuid;
-            let body = json!({ "grace_secs": grace });
+            let body = RotateKey {
+                grace_secs: Some(grace),
+            };
             let r: RotatedKey = client
-                .call(
+                .send_body(
                     Method::POST,
                     &format!("/v1/devices/{uuid}/rotate-key"),
-                    Some(&body),
+                    &body,
                 )
                 .await?;
             out.record(
@@ -514,9 +518,12 @@ pub async fn key(cmd: KeyCmd, out: Output) -> Result<()> {
     match cmd {
         KeyCmd::Add { name, file, title } => {
             let (title, text) = key_to_add(name, file, title)?;
-            let body = json!({"title": title, "public_key": text});
+            let body = NewSshKey {
+                title,
+                public_key: text,
+            };
             let k: SshKeyView = client
-                .call(Method::POST, "/v1/ssh-keys", Some(&body))
+                .send_body(Method::POST, "/v1/ssh-keys", &body)
                 .await?;
             out.record(
                 &k,
@@ -528,9 +535,11 @@ pub async fn key(cmd: KeyCmd, out: Output) -> Result<()> {
             )
         }
         KeyCmd::Import { github } => {
-            let body = json!({ "github": github });
+            let body = ImportSshKeys {
+                github: github.clone(),
+            };
             let r: ImportedSshKeys = client
-                .call(Method::POST, "/v1/ssh-keys/import", Some(&body))
+                .send_body(Method::POST, "/v1/ssh-keys/import", &body)
                 .await?;
             if out == Output::Json {
                 return out.record(&r, &[]);

@@ -70,6 +70,17 @@ impl ApiClient {
         serde_json::from_slice(&bytes).with_context(|| format!("unexpected answer from {path}"))
     }
 
+    /// Sends `body` (one of the API's request types, `proto::api`) and reads the answer.
+    pub async fn send_body<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        let body = serde_json::to_value(body).context("cannot encode the request")?;
+        self.call(method, path, Some(&body)).await
+    }
+
     /// Sends a request whose answer has no body (204).
     pub async fn call_empty(&self, method: Method, path: &str) -> Result<()> {
         self.send(method, path, None).await.map(drop)

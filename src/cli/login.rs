@@ -9,7 +9,7 @@ use reqwest::Method;
 
 use super::settings::{self, Settings};
 use super::{ApiClient, Output};
-use crate::relay::api::users::UserView;
+use crate::proto::api::UserView;
 
 /// `cloudlink login`.
 #[derive(Debug, Args)]

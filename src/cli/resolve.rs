@@ -7,8 +7,8 @@ use reqwest::{Method, StatusCode};
 
 use super::connect::Refused;
 use super::{with_query, ApiClient, ApiFailure};
-use crate::relay::api::devices::DeviceView;
-use crate::relay::api::fleets::FleetView;
+use crate::proto::api::DeviceView;
+use crate::proto::api::FleetView;
 
 /// The shortest uuid prefix taken, as balena's CLI (its short uuids are 7 characters).
 pub const MIN_PREFIX: usize = 7;

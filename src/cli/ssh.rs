@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context, Result};
 
 use super::settings::{self, config_dir, Settings};
 use super::{resolve, ApiClient};
-use crate::relay::api::users::SshKeyView;
+use crate::proto::api::SshKeyView;
 
 use crate::balena::DEFAULT_SERVICE_COMMAND;
 

@@ -2,6 +2,7 @@
 //! frames, the messages those frames carry, and the UDP probe.
 
 #[cfg(feature = "relay")]
+pub mod api;
 pub mod connect;
 pub mod frame;
 pub mod messages;

@@ -15,6 +15,7 @@ pub mod sqlite;
 
 use std::sync::Arc;
 
+use crate::proto::api::Role;
 use async_trait::async_trait;
 use sqlx::error::DatabaseError as _;
 
@@ -173,35 +174,6 @@ impl Fleet {
     /// Whether `port` is open to the fleet's members.
     pub fn allows_port(&self, port: u16) -> bool {
         self.allowed_ports.is_empty() || self.allowed_ports.contains(&port)
-    }
-}
-
-/// A member's role in a fleet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Manages the fleet's members and devices.
-    Owner,
-    /// Sees the fleet and reaches its devices.
-    Member,
-}
-
-impl Role {
-    /// The form stored in `fleet_members.role`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Owner => "owner",
-            Role::Member => "member",
-        }
-    }
-
-    /// Parses the stored form; anything else is a broken row.
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "owner" => Some(Role::Owner),
-            "member" => Some(Role::Member),
-            _ => None,
-        }
     }
 }
 

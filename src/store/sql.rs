@@ -12,9 +12,10 @@ use tokio::sync::broadcast;
 
 use super::{
     format_ports, now_ms, parse_ports, ApiKey, Device, DeviceAccess, DeviceFilter, EphemeralKey,
-    Fleet, Id, Member, Millis, Presence, PresenceChange, RelayRow, RelayStatus, Result, Role,
-    SshKey, StartupLock, Store, StoreError, TunnelSession, User, RELAY_DEAD_AFTER_MS,
+    Fleet, Id, Member, Millis, Presence, PresenceChange, RelayRow, RelayStatus, Result, SshKey,
+    StartupLock, Store, StoreError, TunnelSession, User, RELAY_DEAD_AFTER_MS,
 };
+use crate::proto::api::Role;
 
 /// A [`Store`] on an `AnyPool`, for either backend.
 pub struct SqlStore {

@@ -4,7 +4,8 @@ use crate::common;
 
 use std::sync::Arc;
 
-use cloudlink::store::{self, Device, DeviceFilter, Role, Store, StoreError, TunnelSession};
+use cloudlink::proto::api::Role;
+use cloudlink::store::{self, Device, DeviceFilter, Store, StoreError, TunnelSession};
 use common::pg::TempPg;
 
 const D1: &str = "0123456789abcdef0123456789abcdef";

@@ -5,37 +5,19 @@ use std::sync::Arc;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use serde::Deserialize;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{bearer, Caller, Path};
 use super::fleets::{managed_fleet, visible_fleet, Standing};
 use super::{rfc3339, validate_name};
 use crate::auth::{policy, tokens};
+use crate::proto::api::{
+    DeviceView, NewDevice, RegisteredDevice, RelayView, RotateKey, RotatedKey, TunnelView,
+};
 use crate::proto::SSH_PORT;
 use crate::relay::state::Shared;
 use crate::store::{Device, TunnelSession};
-
-/// A device as the API shows it.
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct DeviceView {
-    /// 32 lowercase hex characters.
-    pub uuid: String,
-    /// Its label.
-    pub name: String,
-    /// Its fleet.
-    pub fleet: String,
-    /// Whether a live relay holds its connection now.
-    pub online: bool,
-    /// The id of the relay that holds it, or null.
-    pub relay: Option<String>,
-    /// How its agent reaches that relay: `quic`, or `tcp` (TLS over TCP, where UDP is
-    /// blocked); null while offline.
-    pub transport: Option<String>,
-    /// When its agent last connected or disconnected (RFC 3339).
-    pub last_seen: Option<String>,
-}
 
 impl From<Device> for DeviceView {
     fn from(d: Device) -> Self {
@@ -50,27 +32,6 @@ impl From<Device> for DeviceView {
             last_seen: d.last_seen.map(rfc3339),
         }
     }
-}
-
-/// `POST /v1/fleets/{name}/devices`.
-#[derive(Deserialize, ToSchema, Default)]
-#[serde(deny_unknown_fields)]
-pub struct NewDevice {
-    /// A label; default: the first 7 characters of the uuid.
-    pub name: Option<String>,
-}
-
-/// A new device and its key (shown only here).
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct RegisteredDevice {
-    /// 32 lowercase hex characters.
-    pub uuid: String,
-    /// Its label.
-    pub name: String,
-    /// Its fleet.
-    pub fleet: String,
-    /// The device key its agent presents; stored only as a hash.
-    pub key: String,
 }
 
 /// A JSON body that may be left out (empty or blank: the defaults).
@@ -213,35 +174,6 @@ pub async fn delete_device(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// A tunnel in the audit log.
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct TunnelView {
-    /// Tunnel id.
-    pub id: String,
-    /// Who opened it.
-    pub user: String,
-    /// To which device.
-    pub device: String,
-    /// Which port on the device.
-    pub port: i64,
-    /// The relay the user came to (which keeps this row).
-    pub relay: String,
-    /// For a tunnel forwarded over the peer link: the relay that held the device.
-    pub device_relay: Option<String>,
-    /// When the device accepted it (RFC 3339).
-    pub opened_at: String,
-    /// When it ended; absent while open.
-    pub closed_at: Option<String>,
-    /// Bytes from the user to the device.
-    pub bytes_up: i64,
-    /// Bytes from the device to the user.
-    pub bytes_down: i64,
-    /// Why it ended.
-    pub close_reason: Option<String>,
-    /// What opened it: `connect` (a CONNECT) or `terminal` (the browser terminal).
-    pub kind: String,
-}
-
 impl From<TunnelSession> for TunnelView {
     fn from(t: TunnelSession) -> Self {
         TunnelView {
@@ -380,27 +312,6 @@ async fn device_from_key(state: &Shared, headers: &HeaderMap) -> Result<Device, 
     }
 }
 
-/// `POST /v1/devices/{uuid}/rotate-key`.
-#[derive(Deserialize, ToSchema, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RotateKey {
-    /// How long the old key keeps working, seconds (default 86,400: a day). It stops
-    /// earlier, as soon as the agent connects with the new key.
-    pub grace_secs: Option<u64>,
-}
-
-/// A device's new key (shown only here).
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct RotatedKey {
-    /// The device.
-    pub uuid: String,
-    /// The new device key; stored only as a hash.
-    pub key: String,
-    /// Until when the old key is still accepted (RFC 3339), unless the agent connects with
-    /// the new one sooner.
-    pub old_key_valid_until: String,
-}
-
 /// The longest grace period a rotation may give the old key: 30 days.
 const MAX_ROTATION_GRACE_SECS: u64 = 30 * 86_400;
 
@@ -442,27 +353,6 @@ pub async fn rotate_key(
         key,
         old_key_valid_until: rfc3339(until),
     }))
-}
-
-/// A relay of the cluster.
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct RelayView {
-    /// Its id.
-    pub id: String,
-    /// The address other relays dial (a single relay's API address).
-    pub peer_addr: String,
-    /// When it started (RFC 3339).
-    pub started_at: String,
-    /// Its last heartbeat (RFC 3339).
-    pub heartbeat_at: String,
-    /// Whether its heartbeat is fresh (within 15 s).
-    pub alive: bool,
-    /// Whether it is draining (shutting down).
-    pub draining: bool,
-    /// Devices connected to it at its last heartbeat.
-    pub devices: i64,
-    /// Tunnels open on it at its last heartbeat.
-    pub tunnels: i64,
 }
 
 /// The relays of the cluster, live and recently dead (admins only).

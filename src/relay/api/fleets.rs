@@ -4,14 +4,14 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Caller, Json, Path};
 use super::validate_name;
+use crate::proto::api::Role;
+use crate::proto::api::{FleetPatch, FleetView, MemberView, NewFleet, NewMember};
 use crate::relay::state::Shared;
-use crate::store::{Fleet, Role, StoreError};
+use crate::store::{Fleet, StoreError};
 
 /// What the caller may do with a fleet they can see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,19 +55,6 @@ pub async fn managed_fleet(state: &Shared, caller: &Caller, name: &str) -> Resul
     }
 }
 
-/// A fleet as the API shows it.
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct FleetView {
-    /// Row id.
-    pub id: i64,
-    /// Unique name.
-    pub name: String,
-    /// Ports members may reach; empty means every port.
-    pub allowed_ports: Vec<u16>,
-    /// When it was made (RFC 3339).
-    pub created_at: String,
-}
-
 impl From<Fleet> for FleetView {
     fn from(f: Fleet) -> Self {
         FleetView {
@@ -77,25 +64,6 @@ impl From<Fleet> for FleetView {
             created_at: super::rfc3339(f.created_at),
         }
     }
-}
-
-/// `POST /v1/fleets`.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewFleet {
-    /// `[a-z0-9][a-z0-9_-]{0,62}`.
-    pub name: String,
-    /// Ports members may reach; omitted or empty means every port.
-    #[serde(default)]
-    pub allowed_ports: Vec<u16>,
-}
-
-/// `PATCH /v1/fleets/{name}`.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct FleetPatch {
-    /// The new port allowlist; empty means every port.
-    pub allowed_ports: Vec<u16>,
 }
 
 fn check_ports(ports: &[u16]) -> Result<(), ApiError> {
@@ -190,27 +158,6 @@ pub async fn delete_fleet(
     state.store.delete_fleet(fleet.id).await?;
     state.auth_cache.clear();
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// A fleet member.
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct MemberView {
-    /// Their name.
-    pub username: String,
-    /// `owner` or `member`.
-    #[schema(value_type = String)]
-    pub role: Role,
-}
-
-/// `POST /v1/fleets/{name}/members`.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewMember {
-    /// An existing user.
-    pub username: String,
-    /// `owner` or `member`.
-    #[schema(value_type = String)]
-    pub role: Role,
 }
 
 /// Lists a fleet's members (anyone who can see the fleet).

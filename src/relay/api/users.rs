@@ -4,27 +4,18 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::extract::{Caller, Json, Path};
 use super::{rfc3339, validate_name};
 use crate::auth::ssh_keys;
 use crate::auth::tokens;
+use crate::proto::api::{
+    ApiKeyView, CreatedApiKey, CreatedUser, ImportSshKeys, ImportedSshKeys, InvalidKeyLine,
+    IssuedToken, NewApiKey, NewSshKey, NewUser, SshKeyView, UserView,
+};
 use crate::relay::state::Shared;
 use crate::store::{ApiKey, Id, SshKey, StoreError, User};
-
-/// A user as the API shows them.
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct UserView {
-    /// Row id.
-    pub id: Id,
-    /// Login name.
-    pub username: String,
-    /// Whether they are an admin.
-    pub admin: bool,
-}
 
 impl From<User> for UserView {
     fn from(u: User) -> Self {
@@ -34,30 +25,6 @@ impl From<User> for UserView {
             admin: u.is_admin,
         }
     }
-}
-
-/// `POST /v1/users`.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewUser {
-    /// `[a-z0-9][a-z0-9_-]{0,62}`.
-    pub username: String,
-    /// Make them an admin.
-    #[serde(default)]
-    pub admin: bool,
-}
-
-/// A new user and their first API key (shown only here).
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct CreatedUser {
-    /// Row id.
-    pub id: Id,
-    /// Login name.
-    pub username: String,
-    /// Whether they are an admin.
-    pub admin: bool,
-    /// Their first API key; stored only as a hash, so this is the one chance to copy it.
-    pub api_key: String,
 }
 
 /// Creates a user and a first API key named `default` (admins only).
@@ -136,53 +103,8 @@ pub async fn me(caller: Caller) -> axum::Json<UserView> {
     axum::Json(caller.0.user.into())
 }
 
-/// `POST /v1/api-keys`.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewApiKey {
-    /// A label, `[a-z0-9][a-z0-9_-]{0,62}`.
-    pub name: String,
-    /// Seconds until the key stops working (at most 10 years); default: never.
-    #[serde(default)]
-    pub expires_in_secs: Option<u64>,
-}
-
 /// The longest expiry a key may be given: ten years.
 const MAX_KEY_LIFETIME_SECS: u64 = 10 * 366 * 86_400;
-
-/// A new API key (the secret is shown only here).
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct CreatedApiKey {
-    /// Row id, to revoke it.
-    pub id: Id,
-    /// Its label.
-    pub name: String,
-    /// The secret.
-    pub key: String,
-    /// What later listings show of it.
-    pub prefix: String,
-    /// When it stops working (RFC 3339), if it expires.
-    pub expires_at: Option<String>,
-}
-
-/// An API key in a listing: never the secret.
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct ApiKeyView {
-    /// Row id.
-    pub id: Id,
-    /// Its label.
-    pub name: String,
-    /// Its first characters.
-    pub prefix: String,
-    /// When it was made (RFC 3339).
-    pub created_at: String,
-    /// When it was last used, to the minute.
-    pub last_used_at: Option<String>,
-    /// When it was revoked.
-    pub revoked_at: Option<String>,
-    /// When it stops (or stopped) working, if it expires.
-    pub expires_at: Option<String>,
-}
 
 impl From<ApiKey> for ApiKeyView {
     fn from(k: ApiKey) -> Self {
@@ -277,15 +199,6 @@ pub async fn revoke_api_key(
     }
 }
 
-/// A short-lived JWT.
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct IssuedToken {
-    /// The JWT (HS256).
-    pub token: String,
-    /// Its expiry (RFC 3339).
-    pub expires_at: String,
-}
-
 /// Trades the caller's API key (or a JWT minted from one) for a JWT valid for the
 /// configured lifetime (1 h default), but never past the key's own expiry. The JWT is bound
 /// to the user and to that key: deleting either ends it.
@@ -315,31 +228,6 @@ pub async fn issue_token(
         token,
         expires_at: rfc3339(exp as i64 * 1000),
     }))
-}
-
-/// `POST /v1/ssh-keys`.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewSshKey {
-    /// A label (free text, up to 200 characters).
-    pub title: String,
-    /// One OpenSSH public key line: ed25519, ecdsa, or rsa of at least 2048 bits.
-    pub public_key: String,
-}
-
-/// An SSH key as the API shows it.
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct SshKeyView {
-    /// Row id.
-    pub id: Id,
-    /// Its label.
-    pub title: String,
-    /// `SHA256:…`.
-    pub fingerprint: String,
-    /// The key itself.
-    pub public_key: String,
-    /// When it was added (RFC 3339).
-    pub created_at: String,
 }
 
 impl From<SshKey> for SshKeyView {
@@ -386,34 +274,6 @@ pub async fn add_ssh_key(
             e => e.into(),
         })?;
     Ok((StatusCode::CREATED, axum::Json(row.into())))
-}
-
-/// `POST /v1/ssh-keys/import`.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ImportSshKeys {
-    /// A GitHub login: its public keys (`https://github.com/<login>.keys`) are added.
-    pub github: String,
-}
-
-/// What an import did.
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct ImportedSshKeys {
-    /// The keys added.
-    pub added: Vec<SshKeyView>,
-    /// Fingerprints of keys the caller had already, left as they were.
-    pub duplicates: Vec<String>,
-    /// Lines that are not keys we accept.
-    pub invalid: Vec<InvalidKeyLine>,
-}
-
-/// A line of an import that was not added.
-#[derive(Serialize, Deserialize, ToSchema)]
-pub struct InvalidKeyLine {
-    /// Its number, from 1.
-    pub line: usize,
-    /// Why it was refused.
-    pub error: String,
 }
 
 /// Adds the public keys of a GitHub account to the caller's account, skipping keys the

@@ -137,43 +137,59 @@ pub async fn forward<C: ClientConn>(
         .await
 }
 
-async fn forward_in_span<C: ClientConn>(
-    mut client: C,
-    leftover: BytesMut,
-    f: Forward,
-    state: &Arc<Shared>,
-    received: std::time::Instant,
-) {
+/// The entry side's first half: asks the relay that holds the device for the tunnel. On a
+/// refusal (the owner's own, or none reachable) the tunnel is forgotten here; on its 200,
+/// the connection to join and the device bytes that came with the answer.
+pub async fn reach_owner(f: &Forward, state: &Shared) -> Result<(TcpStream, BytesMut), Refusal> {
     let Some(keys) = &state.peer_keys else {
         state.registry.remove_tunnel(&f.entry.id);
-        return proxy::refuse(client, state, f.version, Refusal::DeviceOffline).await;
+        return Err(Refusal::DeviceOffline);
     };
-    let (mut peer, status, answer, early) = match ask_owner(&f, keys, state).await {
+    let (peer, status, answer, early) = match ask_owner(f, keys, state).await {
         Ok(found) => found,
         Err(why) => {
             state.registry.remove_tunnel(&f.entry.id);
             state.owners.remove(&f.device);
             tracing::warn!(owner = %f.owner.relay_id, addr = %f.owner.peer_addr, "cannot forward: {why}");
-            return proxy::refuse(client, state, f.version, Refusal::DeviceOffline).await;
+            return Err(Refusal::DeviceOffline);
         }
     };
     state.metrics.peer_tunnels_out.inc();
     if status != 200 {
-        // The owner's answer reaches the user unchanged, in the user's HTTP version.
         state.registry.remove_tunnel(&f.entry.id);
         if status == 503 {
             // It no longer holds the device: ask the store next time.
             state.owners.remove(&f.device);
         }
-        state
-            .metrics
-            .proxy_responses
-            .with_label_values(&[&status.to_string(), "peer"])
-            .inc();
         tracing::info!(status, owner = %f.owner.relay_id, "CONNECT refused by the device's relay");
-        let answer = with_version(&answer, f.version);
-        return proxy::answer_and_close(client, &answer).await;
+        return Err(Refusal::Owner { status, answer });
     }
+    Ok((peer, early))
+}
+
+async fn forward_in_span<C: ClientConn>(
+    client: C,
+    leftover: BytesMut,
+    f: Forward,
+    state: &Arc<Shared>,
+    received: std::time::Instant,
+) {
+    match reach_owner(&f, state).await {
+        Ok(owner) => join_owner(client, leftover, f, owner, state, received).await,
+        Err(refusal) => proxy::refuse(client, state, f.version, refusal).await,
+    }
+}
+
+/// The entry side's second half: answers the user with a 200 and joins their connection
+/// to the owner's until the tunnel ends; writes the audit row.
+pub async fn join_owner<C: ClientConn>(
+    mut client: C,
+    leftover: BytesMut,
+    f: Forward,
+    (mut peer, early): (TcpStream, BytesMut),
+    state: &Arc<Shared>,
+    received: std::time::Instant,
+) {
     let counters = &f.entry.counters;
     // Both sockets reset if this process dies from here on, the 200 included (a crash
     // just after it must not read as an empty, complete transfer).
@@ -264,18 +280,6 @@ async fn ask_owner(
     .await;
     answer.extend_from_slice(&body);
     Ok((peer, status, answer, BytesMut::new()))
-}
-
-/// The owner's answer with its status line in the user's HTTP version.
-fn with_version(answer: &[u8], version: &str) -> Vec<u8> {
-    match answer.iter().position(|b| *b == b' ') {
-        Some(space) if answer.starts_with(b"HTTP/1.") => {
-            let mut out = version.as_bytes().to_vec();
-            out.extend_from_slice(&answer[space..]);
-            out
-        }
-        _ => answer.to_vec(),
-    }
 }
 
 /// Joins the user's connection to the peer connection: `splice(2)` when the user came
@@ -431,16 +435,6 @@ async fn admit_peer(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn answers_keep_their_status_in_the_users_version() {
-        let owner = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 3\r\n\r\nno\n";
-        assert_eq!(
-            with_version(owner, "HTTP/1.0"),
-            b"HTTP/1.0 502 Bad Gateway\r\nContent-Length: 3\r\n\r\nno\n"
-        );
-        assert_eq!(with_version(b"junk", "HTTP/1.0"), b"junk");
-    }
 
     #[test]
     fn peer_tokens_are_bound_to_the_cluster_secret() {

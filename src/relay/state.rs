@@ -112,6 +112,16 @@ impl Shared {
         }
     }
 
+    /// Counts a credential that proved nobody, from `ip` when known; the seconds to wait
+    /// when that address is now throttled. The one place every entrance (the API, CONNECT,
+    /// the terminal) records a failed authentication: only failures are throttled, so a
+    /// valid key from the same address goes through whatever else that address did.
+    pub fn auth_failed(&self, ip: Option<std::net::IpAddr>) -> Option<u64> {
+        self.metrics.auth_failures.inc();
+        ip.and_then(|ip| self.auth_failures.record(ip))
+            .map(|wait| wait.as_secs().max(1))
+    }
+
     /// Records in the background that the API key behind `principal` was used. A store
     /// that cannot take the write is logged and counted; it never fails the request (a
     /// valid key keeps working on a full disk).

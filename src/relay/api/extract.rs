@@ -41,15 +41,10 @@ impl FromRequestParts<Arc<Shared>> for Caller {
                 state.record_key_use(&principal);
                 Ok(Caller(principal))
             }
-            Err(AuthError::InvalidToken) => {
-                state.metrics.auth_failures.inc();
-                // Only failed credentials are throttled: a valid key from the same address
-                // was authenticated above, whatever else that address did.
-                match ip.and_then(|ip| state.auth_failures.record(ip)) {
-                    Some(wait) => Err(ApiError::TooManyRequests(wait.as_secs().max(1))),
-                    None => Err(ApiError::Unauthorized),
-                }
-            }
+            Err(AuthError::InvalidToken) => match state.auth_failed(ip) {
+                Some(secs) => Err(ApiError::TooManyRequests(secs)),
+                None => Err(ApiError::Unauthorized),
+            },
             Err(AuthError::Store(e)) => Err(e.into()),
         }
     }

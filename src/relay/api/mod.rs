@@ -5,6 +5,7 @@ pub mod devices;
 pub mod error;
 pub mod extract;
 pub mod fleets;
+pub mod terminal;
 pub mod users;
 
 use std::net::SocketAddr;
@@ -207,10 +208,7 @@ pub fn router(state: Arc<Shared>) -> Router {
             get(devices::get_device).delete(devices::delete_device),
         )
         .route("/v1/devices/{uuid}/rotate-key", post(devices::rotate_key))
-        .route(
-            "/v1/devices/{uuid}/terminal",
-            get(crate::relay::web::terminal::terminal),
-        )
+        .route("/v1/devices/{uuid}/terminal", get(terminal::terminal))
         .route("/v1/tunnels", get(devices::list_tunnels))
         .route("/v1/relays", get(devices::list_relays))
         .route("/auth/v1/public-keys/{login}", get(devices::public_keys))

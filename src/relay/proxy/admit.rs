@@ -61,7 +61,35 @@ pub struct Forward {
     pub owner: Presence,
 }
 
-/// Where an admitted CONNECT goes.
+/// What is asked for, however the request arrived (a CONNECT head, the terminal).
+pub struct Ask {
+    /// The device uuid.
+    pub device: String,
+    /// The device port.
+    pub port: u16,
+    /// The credential presented.
+    pub token: String,
+    /// The request's HTTP version, echoed in the answer.
+    pub version: &'static str,
+}
+
+impl Ask {
+    /// What a CONNECT head asks for: its target (the balena forms included) and its
+    /// credential.
+    pub fn from_head(head: &ConnectHead, state: &Shared) -> Result<Ask, Refusal> {
+        let (device, port) = connect::parse_target(&head.target, &state.config.device_domains)
+            .map_err(|e| Refusal::BadRequest(e.to_string()))?;
+        let token = head.token.clone().ok_or(Refusal::AuthRequired)?;
+        Ok(Ask {
+            device,
+            port,
+            token,
+            version: head.version,
+        })
+    }
+}
+
+/// Where an admitted request goes.
 pub enum Route {
     /// The device is connected here.
     Local(Admitted),
@@ -69,28 +97,25 @@ pub enum Route {
     Peer(Forward),
 }
 
-/// Checks the request and finds the device; any failure is a [`Refusal`]. The
-/// connection's [`Pending`] places are given back once the caller has authenticated. `id`
-/// names the tunnel when its opener must find it in the registry (the terminal).
+/// The one admission of a tunnel, for the CONNECT listeners and the terminal alike:
+/// credentials (failures throttled), the reach policy, the limits, and the route to the
+/// device; any failure is a [`Refusal`]. The connection's [`Pending`] places are given
+/// back once the caller has authenticated. `id` names the tunnel when its opener must find
+/// it in the registry (the terminal).
 pub async fn admit(
-    head: &ConnectHead,
+    ask: &Ask,
     peer: SocketAddr,
     state: &Arc<Shared>,
     pending: Pending,
     kind: TunnelKind,
     id: Option<String>,
 ) -> Result<Route, Refusal> {
-    let (device, port) = connect::parse_target(&head.target, &state.config.device_domains)
-        .map_err(|e| Refusal::BadRequest(e.to_string()))?;
-    let token = head.token.as_deref().ok_or(Refusal::AuthRequired)?;
+    let (device, port, token) = (ask.device.clone(), ask.port, ask.token.as_str());
     let principal = match authorize(state, token, &device, port).await? {
         Decision::Allow { principal, .. } => principal,
         Decision::Unauthenticated => {
-            state.metrics.auth_failures.inc();
-            // Only a failed credential is ever throttled; a valid one from the same
-            // address went through above, whatever the address did before.
-            return Err(match state.auth_failures.record(peer.ip()) {
-                Some(wait) => Refusal::TooMany(wait.as_secs().max(1), "failed attempts"),
+            return Err(match state.auth_failed(Some(peer.ip())) {
+                Some(secs) => Refusal::TooMany(secs, "failed attempts"),
                 None => Refusal::AuthRequired,
             });
         }
@@ -102,7 +127,7 @@ pub async fn admit(
     let username = principal.user.username;
     let entry = new_entry(user_id, &device, port, token, true, id, kind);
     if let Some(session) = state.registry.device(&device) {
-        return open_local(state, &session, entry, head.version, username, true)
+        return open_local(state, &session, entry, ask.version, username, true)
             .await
             .map(Route::Local);
     }
@@ -126,7 +151,7 @@ pub async fn admit(
     };
     admit_entry(state, &entry)?;
     Ok(Route::Peer(Forward {
-        version: head.version,
+        version: ask.version,
         user_id,
         username,
         device,

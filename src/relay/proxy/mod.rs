@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::{
     AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf,
 };
@@ -30,6 +31,9 @@ pub use refusal::{Refusal, Side};
 
 /// A client connection the proxy serves: plain TCP or TLS over TCP.
 pub trait ClientConn: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// A client inside this process, which gets no HTTP answer: it learns the outcome
+    /// from admission's typed result.
+    const IN_PROCESS: bool = false;
     /// The read half after the head.
     type R: AsyncRead + Unpin + Send;
     /// The write half.
@@ -92,6 +96,7 @@ impl ClientConn for TlsStream<TcpStream> {
 
 /// A client inside this process (the browser terminal): one end of an in-memory pipe.
 impl ClientConn for DuplexStream {
+    const IN_PROCESS: bool = true;
     type R = ReadHalf<Self>;
     type W = WriteHalf<Self>;
     fn tcp(&self) -> Option<&TcpStream> {
@@ -186,7 +191,11 @@ pub async fn serve<C: ClientConn>(
         },
     };
     let version = head.version;
-    match admit::admit(&head, peer, &state, pending, kind, id).await {
+    let ask = match admit::Ask::from_head(&head, &state) {
+        Ok(ask) => ask,
+        Err(refusal) => return refuse(client, &state, version, refusal).await,
+    };
+    match admit::admit(&ask, peer, &state, pending, kind, id).await {
         Ok(admit::Route::Local(admitted)) => {
             tunnel::run(client, leftover, admitted, &state, received).await
         }
@@ -197,86 +206,79 @@ pub async fn serve<C: ClientConn>(
     }
 }
 
-/// A tunnel for a client inside this relay (the browser terminal): `CONNECT uuid:port`
-/// with `token`, served exactly as one from outside (the same admission, limits, peer
-/// forwarding, revalidation and audit row, under `kind` and the tunnel id `id`), on an
-/// in-memory pipe. Returns this end of the pipe with the answer head read off it, or the
-/// refusal's status and its one-sentence reason.
-pub async fn connect_in_process(
+/// A tunnel opened for a client inside this relay (the browser terminal).
+pub struct InProcess {
+    /// This end of the in-memory pipe; the device's bytes come out of it.
+    pub stream: DuplexStream,
+    /// Who it was admitted for.
+    pub user_id: crate::store::Id,
+    /// Their name.
+    pub username: String,
+}
+
+/// Opens a tunnel for a client inside this relay (the browser terminal): the same
+/// admission, caps, limits, peer forwarding, revalidation and audit row as a CONNECT from
+/// outside at `peer`, under `kind` and the tunnel id `id`, with no HTTP in between. The
+/// tunnel runs on an in-memory pipe; its refusal comes back typed.
+pub async fn open_in_process(
     state: &Arc<Shared>,
     peer: SocketAddr,
-    token: &str,
-    (device, port): (&str, u16),
+    ask: admit::Ask,
     kind: TunnelKind,
     id: &str,
-) -> Result<DuplexStream, (u16, String)> {
+) -> Result<InProcess, Refusal> {
     // The same caps as a connection from outside, under the caller's address.
     let Ok(permit) = state.proxy_pending.clone().try_acquire_owned() else {
-        return Err((503, "The relay is busy; try again shortly.".into()));
+        return Err(Refusal::TooMany(1, "connections waiting to be admitted"));
     };
     let pending = Pending {
         _total: permit,
         slot: state.proxy_sources.take(peer.ip()),
     };
-    let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
-    state.tunnel_tasks.spawn(serve(
-        theirs,
-        peer,
-        state.clone(),
-        pending,
-        kind,
-        Some(id.to_owned()),
-    ));
-    let head = format!(
-        "CONNECT {device}:{port} HTTP/1.1\r\nHost: {device}:{port}\r\n\
-         Proxy-Authorization: Bearer {token}\r\n\r\n"
-    );
-    let broken = || {
-        (
-            502,
-            "The relay's tunnel ended before it answered.".to_owned(),
-        )
+    if pending.slot.is_none() {
+        return Err(Refusal::TooMany(1, "connections from your address"));
+    }
+    let received = std::time::Instant::now();
+    let route = admit::admit(&ask, peer, state, pending, kind, Some(id.to_owned())).await?;
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let tasks = state.tunnel_tasks.clone();
+    let state = state.clone();
+    let (user_id, username) = match route {
+        admit::Route::Local(admitted) => {
+            let user = (admitted.user_id, admitted.username.clone());
+            tasks.spawn(async move {
+                tunnel::run(theirs, BytesMut::new(), admitted, &state, received).await
+            });
+            user
+        }
+        admit::Route::Peer(forward) => {
+            let span = tunnel::span(&forward.entry.id, &forward.username, &forward.device);
+            let owner = crate::relay::peer::reach_owner(&forward, &state)
+                .instrument(span.clone())
+                .await?;
+            let user = (forward.user_id, forward.username.clone());
+            tasks.spawn(
+                async move {
+                    crate::relay::peer::join_owner(
+                        theirs,
+                        BytesMut::new(),
+                        forward,
+                        owner,
+                        &state,
+                        received,
+                    )
+                    .await
+                }
+                .instrument(span),
+            );
+            user
+        }
     };
-    ours.write_all(head.as_bytes())
-        .await
-        .map_err(|_| broken())?;
-    let limits = &state.config.limits;
-    // The answer head ends at the blank line; a 200 carries nothing after it before
-    // device bytes, which stay in the pipe for the caller.
-    let mut answer = Vec::with_capacity(256);
-    let mut byte = [0u8; 1];
-    while !answer.ends_with(b"\r\n\r\n") {
-        if answer.len() > limits.head_max_bytes {
-            return Err(broken());
-        }
-        match ours.read(&mut byte).await {
-            Ok(1) => answer.push(byte[0]),
-            _ => return Err(broken()),
-        }
-    }
-    let text = String::from_utf8_lossy(&answer);
-    let status: u16 = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(broken)?;
-    if status == 200 {
-        return Ok(ours);
-    }
-    // A refusal's body is one line of text (refusal.rs); read what there is.
-    let mut body = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let mut chunk = [0u8; 1024];
-        while body.len() < 4096 {
-            match ours.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => body.extend_from_slice(&chunk[..n]),
-            }
-        }
+    Ok(InProcess {
+        stream: ours,
+        user_id,
+        username,
     })
-    .await;
-    let message = String::from_utf8_lossy(&body).trim().to_owned();
-    Err((status, message))
 }
 
 /// The answer to a head that could not be read or parsed (`None`: the client left).

@@ -13,6 +13,8 @@ pub enum Side {
     Device,
     /// This relay or its store.
     Relay,
+    /// The relay of the cluster that holds the device, which refused for its own reasons.
+    Peer,
 }
 
 impl Side {
@@ -22,6 +24,7 @@ impl Side {
             Side::User => "user",
             Side::Device => "device",
             Side::Relay => "relay",
+            Side::Peer => "peer",
         }
     }
 }
@@ -53,6 +56,14 @@ pub enum Refusal {
     DeviceTimeout,
     /// Relay: the store cannot answer.
     StoreUnavailable,
+    /// Peer: the relay that holds the device refused; its whole answer (head and one-line
+    /// body) reaches the user unchanged but for the HTTP version.
+    Owner {
+        /// Its status.
+        status: u16,
+        /// Its answer as it came.
+        answer: Vec<u8>,
+    },
 }
 
 impl Refusal {
@@ -70,6 +81,7 @@ impl Refusal {
             Refusal::DeviceOffline => (503, "Service Unavailable", Side::Device),
             Refusal::DeviceTimeout => (504, "Gateway Timeout", Side::Device),
             Refusal::StoreUnavailable => (503, "Service Unavailable", Side::Relay),
+            Refusal::Owner { status, .. } => (*status, "", Side::Peer),
         }
     }
 
@@ -91,11 +103,21 @@ impl Refusal {
             Refusal::StoreUnavailable => {
                 "The relay cannot check credentials right now; try again shortly.".into()
             }
+            Refusal::Owner { answer, .. } => {
+                let body = answer
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map_or(&answer[..0], |at| &answer[at + 4..]);
+                String::from_utf8_lossy(body).trim().to_owned()
+            }
         }
     }
 
     /// The whole answer.
     pub fn response(&self, version: &str) -> Vec<u8> {
+        if let Refusal::Owner { answer, .. } = self {
+            return with_version(answer, version);
+        }
         let (status, reason, _) = self.status();
         let mut headers = Vec::new();
         match self {
@@ -107,5 +129,54 @@ impl Refusal {
             _ => {}
         }
         connect::error_response(version, status, reason, &self.message(), &headers)
+    }
+}
+
+/// An answer with its status line in the user's HTTP version.
+fn with_version(answer: &[u8], version: &str) -> Vec<u8> {
+    match answer.iter().position(|b| *b == b' ') {
+        Some(space) if answer.starts_with(b"HTTP/1.") => {
+            let mut out = version.as_bytes().to_vec();
+            out.extend_from_slice(&answer[space..]);
+            out
+        }
+        _ => answer.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_keep_their_status_in_the_users_version() {
+        let owner = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 3\r\n\r\nno\n";
+        assert_eq!(
+            with_version(owner, "HTTP/1.0"),
+            b"HTTP/1.0 502 Bad Gateway\r\nContent-Length: 3\r\n\r\nno\n"
+        );
+        assert_eq!(with_version(b"junk", "HTTP/1.0"), b"junk");
+    }
+
+    #[test]
+    fn an_owner_s_answer_keeps_its_status_in_the_user_s_version() {
+        let answer = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 5\r\n\r\nNope.".to_vec();
+        let refusal = Refusal::Owner {
+            status: 403,
+            answer,
+        };
+        assert_eq!(
+            refusal.response("HTTP/1.0"),
+            b"HTTP/1.0 403 Forbidden\r\nContent-Length: 5\r\n\r\nNope.".to_vec()
+        );
+        assert_eq!(refusal.message(), "Nope.");
+        assert_eq!(refusal.status().0, 403);
+        assert_eq!(refusal.status().2.as_str(), "peer");
+        let odd = Refusal::Owner {
+            status: 502,
+            answer: b"garbage".to_vec(),
+        };
+        assert_eq!(odd.response("HTTP/1.0"), b"garbage".to_vec());
+        assert_eq!(odd.message(), "");
     }
 }

@@ -110,8 +110,12 @@ async fn run_in_span<C: ClientConn>(
     finish(state, &entry, &end, audit).await;
 }
 
-/// Sends the 200 alone and flushed; false if the client is gone.
+/// Sends the 200 alone and flushed; false if the client is gone. A client inside this
+/// process gets no answer (it has its typed one).
 pub async fn answer_established<C: ClientConn>(client: &mut C, version: &str) -> bool {
+    if C::IN_PROCESS {
+        return true;
+    }
     client
         .write_all(&connect::established(version))
         .await

@@ -1,7 +1,8 @@
-//! `GET /v1/devices/{uuid}/terminal`: the browser terminal's WebSocket (PROTOCOL.md §5).
+//! The browser terminal's session over its WebSocket (PROTOCOL.md §5; the upgrade is
+//! `api/terminal.rs`).
 //!
-//! The browser proves who it is in its first message; the relay checks reach as for a
-//! CONNECT to port 22222, opens that tunnel through its own CONNECT path (so limits,
+//! The browser proves who it is in its first message; the relay admits a tunnel to the
+//! device's port 22222 through the one admission CONNECT uses (so credentials, limits,
 //! revocation, cluster forwarding and the audit row are the CLI's), logs in to the
 //! device's sshd with a key minted for the session, and carries terminal bytes.
 
@@ -9,17 +10,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{header, HeaderMap};
-use axum::response::{IntoResponse, Response};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde::{Deserialize, Serialize};
 
 use super::ssh::{self, LoginError, SessionKey, ShellRequest};
-use crate::auth::{authenticate, policy, AuthError, Principal};
 use crate::proto::SSH_PORT;
-use crate::relay::api::error::ApiError;
-use crate::relay::api::extract::Path;
+use crate::relay::proxy::admit::Ask;
+use crate::relay::proxy::{self, InProcess, Refusal};
 use crate::relay::registry::{TunnelEntry, TunnelKind};
 use crate::relay::state::Shared;
 
@@ -28,15 +25,7 @@ pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the relay pings an idle browser (keeps proxies in between from cutting it).
 const PING_EVERY: Duration = Duration::from_secs(30);
 /// The largest message the browser may send (a paste).
-const MAX_MESSAGE: usize = 1024 * 1024;
-
-/// `?service=NAME`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TerminalQuery {
-    /// A service to enter instead of the host OS.
-    pub service: Option<String>,
-}
+pub const MAX_MESSAGE: usize = 1024 * 1024;
 
 /// Whether `name` may be a service name: 1 to 63 of `A-Za-z0-9_.-`, starting with a
 /// letter or digit. It goes into a command line on the device.
@@ -107,54 +96,8 @@ fn fail(code: &'static str, message: impl Into<String>) -> Failure {
     }
 }
 
-/// The upgrade: everything that can be checked before it is (the query, the origin).
-pub async fn terminal(
-    State(state): State<Arc<Shared>>,
-    Path(uuid): Path<String>,
-    query: Result<Query<TerminalQuery>, axum::extract::rejection::QueryRejection>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
-) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad(e.body_text()))?;
-    let Some(uuid) = crate::proto::device_uuid(&uuid) else {
-        return Err(ApiError::bad("A device uuid is 32 hex characters."));
-    };
-    if let Some(service) = &query.service {
-        if !is_valid_service(service) {
-            return Err(ApiError::bad(
-                "A service name is 1 to 63 letters, digits, '_', '.' and '-'.",
-            ));
-        }
-    }
-    if !same_origin(&headers) {
-        return Err(ApiError::Forbidden(
-            "A terminal may be opened only from this relay's own pages.".into(),
-        ));
-    }
-    let ws = ws.map_err(|_| ApiError::bad("This endpoint takes a WebSocket upgrade."))?;
-    Ok(ws
-        .max_message_size(MAX_MESSAGE)
-        .on_upgrade(move |socket| session(socket, state, uuid, query.service, peer))
-        .into_response())
-}
-
-/// No `Origin` (a non-browser client), or one naming the host the request was sent to.
-fn same_origin(headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return true;
-    };
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    let origin_host = origin
-        .to_str()
-        .ok()
-        .and_then(|o| o.split_once("://"))
-        .map(|(_, rest)| rest.trim_end_matches('/'));
-    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
-}
-
 /// One terminal session, from the first message to the close.
-async fn session(
+pub async fn session(
     mut socket: WebSocket,
     state: Arc<Shared>,
     uuid: String,
@@ -214,27 +157,33 @@ async fn start(
         Ok(_) => return Err(fail("bad_request", "The first message must be text.")),
     };
     let (cols, rows) = (cols.clamp(1, 1000), rows.clamp(1, 1000));
-    // A token is printable ASCII; anything else never authenticates, and must not reach
-    // the CONNECT head the tunnel is opened with.
+    // A token is printable ASCII; anything else never authenticates (and is not counted
+    // as a failed attempt, as before).
     if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(fail(
             "unauthorized",
             "A valid API key or token is required.",
         ));
     }
-    let principal = who(state, &token, peer).await?;
+    // One admission for the terminal and CONNECT alike: credentials (failures throttled
+    // per address), reach to the device's SSH port, limits, and the route (this relay or
+    // the one that holds the device).
+    let id = crate::auth::tokens::new_device_uuid();
+    let ask = Ask {
+        device: uuid.to_owned(),
+        port: SSH_PORT,
+        token,
+        version: "HTTP/1.1",
+    };
+    let opened = proxy::open_in_process(state, peer, ask, TunnelKind::Terminal, &id)
+        .await
+        .map_err(|r| refused(&r))?;
+    let InProcess {
+        stream,
+        user_id,
+        username,
+    } = opened;
     let store = state.store.as_ref();
-    let user = &principal.user;
-    match policy::user_may_reach(store, user, uuid, SSH_PORT).await {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(fail(
-                "forbidden",
-                "You may not open a terminal on that device.",
-            ))
-        }
-        Err(e) => return Err(unavailable(e)),
-    }
     // The account: what the device announced, else the user's own name.
     let announced = match state.registry.device(uuid) {
         Some(session) => Some(session.ssh_login.clone()),
@@ -247,28 +196,11 @@ async fn start(
     let Some(announced) = announced else {
         return Err(fail("offline", "The device is not connected."));
     };
-    let login = announced.unwrap_or_else(|| user.username.clone());
-    let id = crate::auth::tokens::new_device_uuid();
-    let key = SessionKey::mint(&id, uuid, &login, user.id, crate::store::now_ms());
+    let login = announced.unwrap_or_else(|| username.clone());
+    let key = SessionKey::mint(&id, uuid, &login, user_id, crate::store::now_ms());
     if let Err(e) = store.add_ephemeral_key(&key.row).await {
         return Err(unavailable(e));
     }
-    let stream = match crate::relay::proxy::connect_in_process(
-        state,
-        peer,
-        &token,
-        (uuid, SSH_PORT),
-        TunnelKind::Terminal,
-        &id,
-    )
-    .await
-    {
-        Ok(stream) => stream,
-        Err((status, message)) => {
-            let _ = store.remove_ephemeral_key(&id).await;
-            return Err(refused(status, message));
-        }
-    };
     // The tunnel's registry entry: revocation and shutdown end it, and say why.
     let entry = state
         .registry
@@ -292,38 +224,11 @@ async fn start(
         LoginError::Timeout => fail("timeout", format!("{e}.")),
         LoginError::Ssh(_) => fail("refused", format!("{e}.")),
     })?;
-    tracing::info!(tunnel = %id, user = %user.username, device = %uuid, %login, service = ?service, "terminal started");
+    tracing::info!(tunnel = %id, user = %username, device = %uuid, %login, service = ?service, "terminal started");
     send_json(socket, &ToBrowser::Started { login: &login })
         .await
         .map_err(|_| fail("ended", "The browser left."))?;
     Ok((shell, entry))
-}
-
-/// The caller behind a token, as the API authenticates (failures throttled per address).
-async fn who(state: &Arc<Shared>, token: &str, peer: SocketAddr) -> Result<Principal, Failure> {
-    match authenticate(state.store.as_ref(), &state.jwt, token).await {
-        Ok(principal) => {
-            state.record_key_use(&principal);
-            Ok(principal)
-        }
-        Err(AuthError::InvalidToken) => {
-            state.metrics.auth_failures.inc();
-            match state.auth_failures.record(peer.ip()) {
-                Some(wait) => Err(fail(
-                    "too_many_requests",
-                    format!(
-                        "Too many failed attempts; try again in {} seconds.",
-                        wait.as_secs().max(1)
-                    ),
-                )),
-                None => Err(fail(
-                    "unauthorized",
-                    "A valid API key or token is required.",
-                )),
-            }
-        }
-        Err(AuthError::Store(e)) => Err(unavailable(e)),
-    }
 }
 
 fn unavailable(e: crate::store::StoreError) -> Failure {
@@ -334,19 +239,33 @@ fn unavailable(e: crate::store::StoreError) -> Failure {
     )
 }
 
-/// A refused in-process CONNECT, as the browser is told.
-fn refused(status: u16, message: String) -> Failure {
-    let code = match status {
-        400 => "bad_request",
-        403 => "forbidden",
-        407 => "unauthorized",
-        429 => "too_many_requests",
-        502 => "refused",
-        503 => "offline",
-        504 => "timeout",
-        _ => "ended",
-    };
-    fail(code, message)
+/// A refused admission, as the browser is told.
+fn refused(refusal: &Refusal) -> Failure {
+    match refusal {
+        Refusal::AuthRequired => fail("unauthorized", "A valid API key or token is required."),
+        Refusal::Forbidden => fail("forbidden", "You may not open a terminal on that device."),
+        Refusal::TooMany(secs, what) if *what == "failed attempts" => fail(
+            "too_many_requests",
+            format!("Too many failed attempts; try again in {secs} seconds."),
+        ),
+        Refusal::StoreUnavailable => fail(
+            "unavailable",
+            "The relay's store is unavailable; try again shortly.",
+        ),
+        other => {
+            let code = match other.status().0 {
+                400 => "bad_request",
+                403 => "forbidden",
+                407 => "unauthorized",
+                429 => "too_many_requests",
+                502 => "refused",
+                503 => "offline",
+                504 => "timeout",
+                _ => "ended",
+            };
+            fail(code, other.message())
+        }
+    }
 }
 
 /// Why a tunnel's entry was cancelled, as the browser is told.
@@ -457,27 +376,5 @@ mod tests {
         ] {
             assert!(!is_valid_service(bad), "{bad}");
         }
-    }
-
-    #[test]
-    fn origin_must_be_this_host() {
-        let headers = |origin: Option<&str>, host: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(header::HOST, host.parse().unwrap());
-            if let Some(o) = origin {
-                h.insert(header::ORIGIN, o.parse().unwrap());
-            }
-            h
-        };
-        assert!(same_origin(&headers(None, "relay:8443")));
-        assert!(same_origin(&headers(
-            Some("https://relay:8443"),
-            "relay:8443"
-        )));
-        assert!(!same_origin(&headers(
-            Some("https://evil.example"),
-            "relay:8443"
-        )));
-        assert!(!same_origin(&headers(Some("null"), "relay:8443")));
     }
 }

@@ -27,7 +27,8 @@
 //!   `probes.rs` the relay's QUIC socket, which also answers UDP probes.
 //! - [`link`]: the device link's two transports behind one face (`mod.rs`: the tunnel
 //!   stream's halves, how a stream ends, the chunk traits the hot path drives): QUIC
-//!   (`quic.rs`), and TLS over TCP with HTTP/2 streams (`h2.rs`) where UDP is blocked.
+//!   (`quic.rs`), and TLS over TCP with HTTP/2 streams (`h2.rs`) where UDP is blocked;
+//!   `device.rs` the relay's end of a device's connection, which opens tunnel streams.
 //! - [`forward`]: the hot path, one device-link stream joined to one socket, with the
 //!   tunnel's byte counters (up: user to device; down: back) and reset-on-crash.
 //! - [`splice`]: TCP to TCP through a pipe with `splice(2)`, for forwarded tunnels.

@@ -7,6 +7,8 @@
 //! next to a syscall.
 
 mod chunks;
+#[cfg(feature = "relay")]
+pub mod device;
 pub mod h2;
 pub mod quic;
 

@@ -291,6 +291,14 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// The gauge of devices connected over `transport`.
+    pub fn connected_over(&self, transport: crate::link::Transport) -> prometheus::IntGauge {
+        self.devices_connected
+            .with_label_values(&[transport.as_str()])
+    }
+}
+
+impl Metrics {
     /// Moves `tunnel_bytes` to ended + running bytes, never backwards: while a tunnel is
     /// between the two (or counted in both) the last figure is held until the true one
     /// reaches it.

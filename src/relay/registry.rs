@@ -20,7 +20,7 @@ pub struct DeviceSession {
     /// This session's id (also in `presence`); a newer session replaces an older one.
     pub session: String,
     /// The device link, on which tunnel streams are opened.
-    pub link: crate::relay::devices::DeviceLink,
+    pub link: crate::link::device::DeviceLink,
     /// Messages for the agent's control stream (`drain`, `replaced`).
     pub control: mpsc::Sender<RelayControl>,
     /// The account its sshd logs users in as, from the hello; `None`: each user's own

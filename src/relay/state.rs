@@ -159,7 +159,7 @@ impl Shared {
     /// Ends a deleted device's session at once: its key no longer works.
     pub fn device_deleted(&self, uuid: &str) {
         if let Some(session) = self.registry.take_device(uuid) {
-            crate::relay::devices::connected(self, session.link.transport()).dec();
+            self.metrics.connected_over(session.link.transport()).dec();
             session
                 .link
                 .close(crate::proto::messages::codes::DELETED, "device deleted");

@@ -3,7 +3,8 @@
 //! transport carries it.
 //!
 //! Everything above this module (admission, presence, limits, forwarding, audit) sees a
-//! [`DeviceLink`] that opens tunnel streams and never asks which transport it is.
+//! [`crate::link::device::DeviceLink`] that opens tunnel streams and never asks which
+//! transport it is.
 
 pub mod quic;
 pub mod tcp;
@@ -18,76 +19,14 @@ use super::registry::DeviceSession;
 use super::state::Shared;
 use crate::auth::tokens;
 use crate::auth::KeyMatch;
-use crate::link::{LinkRecv, LinkSend, Transport};
-use crate::proto::messages::{codes, Hello, OpenReply, RefuseCode, RejectCode, RelayControl};
-use crate::proto::messages::{TunnelOpen, VERSION};
+use crate::link::device::DeviceLink;
+use crate::proto::messages::VERSION;
+use crate::proto::messages::{codes, Hello, RejectCode, RelayControl};
 use crate::proto::{frame, ProtoError};
 use crate::store::StoreError;
 
 /// How long after `drain` devices are asked to have reconnected elsewhere.
 const DRAIN_RECONNECT_MS: u64 = 5_000;
-
-/// A device's connection, on either transport.
-pub enum DeviceLink {
-    /// QUIC: tunnels are bidirectional streams.
-    Quic(quinn::Connection),
-    /// TLS over TCP: tunnels are HTTP/2 CONNECT streams the relay requests.
-    Tcp(tcp::TcpLink),
-}
-
-/// Why a tunnel stream could not be opened.
-#[derive(Debug)]
-pub enum OpenError {
-    /// The link is gone.
-    Offline,
-    /// The agent said no.
-    Refused(RefuseCode, String),
-    /// The agent's answer made no sense.
-    Bad(String),
-}
-
-impl DeviceLink {
-    /// Which transport this is.
-    pub fn transport(&self) -> Transport {
-        match self {
-            DeviceLink::Quic(_) => Transport::Quic,
-            DeviceLink::Tcp(_) => Transport::Tcp,
-        }
-    }
-
-    /// Closes the link. QUIC carries `code` and `reason` to the agent; TCP has no room for
-    /// them and simply ends the connection.
-    pub fn close(&self, code: u32, reason: &str) {
-        match self {
-            DeviceLink::Quic(conn) => conn.close(quinn::VarInt::from_u32(code), reason.as_bytes()),
-            DeviceLink::Tcp(link) => link.close(),
-        }
-    }
-
-    /// Opens a tunnel stream to `open.port` on the device and waits for the agent's answer.
-    pub async fn open_tunnel(
-        &self,
-        open: &TunnelOpen,
-        max_frame: usize,
-    ) -> Result<(LinkSend, LinkRecv), OpenError> {
-        match self {
-            DeviceLink::Quic(conn) => {
-                let (mut send, mut recv) = conn.open_bi().await.map_err(|_| OpenError::Offline)?;
-                frame::write(&mut send, open)
-                    .await
-                    .map_err(|_| OpenError::Offline)?;
-                match frame::read_required(&mut recv, max_frame).await {
-                    Ok(OpenReply::Opened) => Ok((LinkSend::Quic(send), LinkRecv::Quic(recv))),
-                    Ok(OpenReply::Refused { code, message }) => {
-                        Err(OpenError::Refused(code, message))
-                    }
-                    Err(e) => Err(OpenError::Bad(e.to_string())),
-                }
-            }
-            DeviceLink::Tcp(link) => link.open_tunnel(open, max_frame).await,
-        }
-    }
-}
 
 /// When the relay starts draining, tells every connected device (on either link) to
 /// `drain`: reconnect elsewhere, keeping open tunnels. From then on both listeners reject
@@ -134,7 +73,7 @@ pub async fn watch_presence(state: Arc<Shared>) {
                     .registry
                     .supersede(&change.device_uuid, &change.session)
                 {
-                    connected(&state, old.link.transport()).dec();
+                    state.metrics.connected_over(old.link.transport()).dec();
                     supersede(&state, &old);
                 }
             }
@@ -144,14 +83,6 @@ pub async fn watch_presence(state: Arc<Shared>) {
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
     }
-}
-
-/// The gauge of devices connected over `transport`.
-pub fn connected(state: &Shared, transport: Transport) -> prometheus::IntGauge {
-    state
-        .metrics
-        .devices_connected
-        .with_label_values(&[transport.as_str()])
 }
 
 /// Why a hello failed, and how the connection is closed for it.
@@ -286,11 +217,11 @@ async fn register(
     });
     match state.registry.insert_device(device.clone()) {
         Some(old) => {
-            connected(state, old.link.transport()).dec();
-            connected(state, transport).inc();
+            state.metrics.connected_over(old.link.transport()).dec();
+            state.metrics.connected_over(transport).inc();
             supersede(state, &old);
         }
-        None => connected(state, transport).inc(),
+        None => state.metrics.connected_over(transport).inc(),
     }
     if let Err(e) = state
         .store
@@ -337,7 +268,7 @@ async fn unregister(state: &Shared, registered: &Registered, reason: &str) {
     let device = &registered.device;
     let (uuid, session_id) = (&device.uuid, &device.session);
     if state.registry.remove_device(uuid, session_id) {
-        connected(state, device.link.transport()).dec();
+        state.metrics.connected_over(device.link.transport()).dec();
     }
     // At shutdown the relay removes all of its presence rows in one statement; one write
     // per device here would only hold up the exit.

@@ -9,8 +9,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::{accept_hello, control_frame, register, run_session, unregister};
-use super::{Control, DeviceLink, HelloFailure};
+use super::{Control, HelloFailure};
 use crate::auth::tokens;
+use crate::link::device::DeviceLink;
 use crate::link::Transport;
 use crate::proto::messages::{codes, Hello, RelayControl};
 use crate::proto::{frame, ProtoError};
@@ -87,7 +88,7 @@ enum Admission {
 fn admission(endpoint: &quinn::Endpoint, incoming: &quinn::Incoming, state: &Shared) -> Admission {
     let limits = &state.config.limits;
     let open = endpoint.open_connections();
-    let sessions = super::connected(state, Transport::Quic).get().max(0) as usize;
+    let sessions = state.metrics.connected_over(Transport::Quic).get().max(0) as usize;
     let pending = open.saturating_sub(sessions);
     // Devices on either transport count against `max_devices`.
     if state.registry.device_count() + pending >= limits.max_devices {

@@ -15,93 +15,14 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::{accept_hello, control_frame, register, run_session, unregister};
-use super::{Control, DeviceLink, HelloFailure, OpenError};
+use super::{Control, HelloFailure};
 use crate::auth::tokens;
+use crate::link::device::{DeviceLink, TcpLink};
 use crate::link::h2::{self as link_h2, Heard, LastHeard};
-use crate::link::{LinkRecv, LinkSend};
 use crate::proto::frame;
-use crate::proto::messages::{Hello, RefuseCode, RelayControl, TunnelOpen};
+use crate::proto::messages::{Hello, RelayControl};
 use crate::relay::listen::{Accepted, Conn, Listeners};
 use crate::relay::state::Shared;
-
-/// The relay's end of one device's TLS/TCP link.
-pub struct TcpLink {
-    requests: h2::client::SendRequest<Bytes>,
-    /// Cancelling it drops the connection.
-    closer: CancellationToken,
-}
-
-impl TcpLink {
-    /// Ends the connection (TCP has no room for a close code; the agent sees it end).
-    pub fn close(&self) {
-        self.closer.cancel();
-    }
-
-    /// Opens a CONNECT stream for `open` and waits for the agent's answer.
-    pub async fn open_tunnel(
-        &self,
-        open: &TunnelOpen,
-        max_frame: usize,
-    ) -> Result<(LinkSend, LinkRecv), OpenError> {
-        let mut requests = self
-            .requests
-            .clone()
-            .ready()
-            .await
-            .map_err(|_| OpenError::Offline)?;
-        let request = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri(format!("127.0.0.1:{}", open.port))
-            .header(link_h2::TUNNEL_HEADER, &open.tunnel)
-            .header(link_h2::USER_HEADER, &open.user)
-            .body(())
-            .map_err(|e| OpenError::Bad(e.to_string()))?;
-        let (response, send) = requests
-            .send_request(request, false)
-            .map_err(|_| OpenError::Offline)?;
-        let response = response.await.map_err(|e| {
-            if e.is_reset() {
-                OpenError::Bad(format!("the agent reset the tunnel stream ({e})"))
-            } else {
-                OpenError::Offline
-            }
-        })?;
-        let status = response.status();
-        let refused = response
-            .headers()
-            .get(link_h2::REFUSED_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        let mut body = response.into_body();
-        if status == http::StatusCode::OK {
-            return Ok((LinkSend::H2(send), LinkRecv::H2(body)));
-        }
-        let code = match (status.as_u16(), refused.as_deref()) {
-            (_, Some("connect")) | (502, None) => RefuseCode::Connect,
-            (_, Some("forbidden")) | (403, None) => RefuseCode::Forbidden,
-            _ => return Err(OpenError::Bad(format!("answered {status}"))),
-        };
-        Err(OpenError::Refused(
-            code,
-            read_text(&mut body, max_frame).await,
-        ))
-    }
-}
-
-/// Reads a refusal's text body, at most `max` bytes of it.
-async fn read_text(body: &mut h2::RecvStream, max: usize) -> String {
-    let mut text = Vec::new();
-    while text.len() < max {
-        match body.data().await {
-            Some(Ok(data)) => {
-                let _ = body.flow_control().release_capacity(data.len());
-                text.extend_from_slice(&data[..data.len().min(max - text.len())]);
-            }
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&text).into_owned()
-}
 
 /// Accepts device connections until shutdown. At most `handshakes_max` connections are
 /// between accept and `welcome` at once (past that, the kernel's backlog holds the rest),
@@ -237,7 +158,7 @@ async fn start_h2(tls: Tls, state: &Shared) -> Option<(TcpLink, Ended)> {
             ended.token.cancel();
         });
     }
-    Some((TcpLink { requests, closer }, ended))
+    Some((TcpLink::new(requests, closer), ended))
 }
 
 /// Opens the control stream (`POST /cloudlink/control`) and waits for the agent's 200.

@@ -10,10 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Pending, Refusal};
 use crate::auth::policy::{self, Decision};
+use crate::link::device::{DeviceLink, OpenError};
 use crate::link::{LinkRecv, LinkSend};
 use crate::proto::connect::{self, ConnectHead};
 use crate::proto::messages::{RefuseCode, TunnelOpen};
-use crate::relay::devices::{DeviceLink, OpenError};
 use crate::relay::registry::{DeviceSession, LimitHit, SessionTunnel, TunnelEntry, TunnelKind};
 use crate::relay::state::Shared;
 use crate::store::{Id, Presence};

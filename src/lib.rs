@@ -18,8 +18,9 @@
 //!   `sqlx::Any` serves both SQLite (embedded default) and Postgres; the backend modules hold
 //!   only what differs (connect options, migrations). This deviates from "one full
 //!   implementation per backend" on purpose: the dialects differ in nothing the queries use.
-//! - [`auth`]: tokens (API keys, device keys, JWTs), authentication (device keys included),
-//!   the reach policy, and OpenSSH public key checks.
+//! - [`auth`]: tokens (API keys, device keys, JWTs, the cluster's peer tokens),
+//!   authentication (device keys included), the reach policy, and OpenSSH public key
+//!   checks.
 //! - [`proto`]: bytes on the wire, no I/O policy: CONNECT heads, frames, messages (with
 //!   the hello's and welcome's `features`), the UDP probe (`probe.rs`).
 //! - [`quic`]: UDP sockets and transport settings shared by relay and agent; `bbr.rs` the
@@ -40,14 +41,16 @@
 //! - [`relay`]: the server. `mod.rs` starts and stops the listeners together; `listen.rs`
 //!   one service's plain and TLS listeners with a capped accept loop, and the routing of a
 //!   TLS port shared by several services by ALPN; `api/` is the REST API (served by hyper
-//!   with header and body timeouts); `web/` the dashboard and the browser terminal
+//!   with header and body timeouts; `terminal.rs` the terminal's WebSocket upgrade); `web/` the dashboard and the browser terminal
 //!   (`terminal.rs` the WebSocket, `ssh.rs` the SSH client it speaks to the device);
 //!   `devices/` the device listeners (`mod.rs` a session whichever link carries it,
 //!   `quic.rs` QUIC and its admission, `tcp.rs` TLS over TCP with HTTP/2 streams);
-//!   `proxy/` the CONNECT listeners (`mod.rs` the edge, `admit.rs` credentials, policy,
-//!   limits and the device stream, `tunnel.rs` the joined streams and their audit row,
-//!   `refusal.rs` each refusal's side and answer); `peer.rs` the hop to the relay that
-//!   holds a device, in a cluster; `revalidate.rs` revocation of open tunnels;
+//!   `proxy/` the CONNECT listeners (`mod.rs` the edge and the terminal's in-process
+//!   tunnels, `client.rs` the client connection and edge caps, `admit.rs` the one
+//!   admission: credentials, policy, limits and the device stream, `tunnel.rs` the joined
+//!   streams and their audit row, `to_owner.rs` the hop to the relay that holds a device,
+//!   `refusal.rs` each refusal's side and answer); `peer.rs` the owner side of that hop,
+//!   which serves other relays of a cluster; `revalidate.rs` revocation of open tunnels;
 //!   `registry.rs` who is connected; `authcache.rs` recent authorization answers;
 //!   `github.rs` importing a user's public keys from GitHub; `tls.rs` the certificate;
 //!   `state.rs` what the listeners share; `datadir.rs` the generated files; `limits.rs`

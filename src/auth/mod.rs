@@ -1,5 +1,6 @@
 //! Who is calling ([`authenticate`]) and what they may reach ([`policy`]).
 
+pub mod peer;
 pub mod policy;
 pub mod ssh_keys;
 pub mod tokens;

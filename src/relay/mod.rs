@@ -187,7 +187,7 @@ impl Relay {
                     Some(secret) => secret.0.clone(),
                     None => shared_secret(store.as_ref(), &config, "cluster-secret").await?,
                 };
-                Some(peer::PeerKeys::new(secret.as_bytes()))
+                Some(crate::auth::peer::PeerKeys::new(secret.as_bytes()))
             }
         };
         let material = tls::material(&config, store.as_ref()).await?;

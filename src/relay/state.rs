@@ -28,7 +28,7 @@ pub struct Shared {
     /// Signs and checks user JWTs.
     pub jwt: JwtKeys,
     /// Signs and checks peer tokens (cluster mode only).
-    pub peer_keys: Option<super::peer::PeerKeys>,
+    pub peer_keys: Option<crate::auth::peer::PeerKeys>,
     /// This relay's id in `relays` and `presence`.
     pub relay_id: String,
     /// Prometheus metrics.
@@ -67,7 +67,7 @@ impl Shared {
         config: RelayConfig,
         store: Arc<dyn Store>,
         jwt: JwtKeys,
-        peer_keys: Option<super::peer::PeerKeys>,
+        peer_keys: Option<crate::auth::peer::PeerKeys>,
         relay_id: String,
         metrics: Metrics,
     ) -> Arc<Shared> {

@@ -308,15 +308,15 @@ async fn the_peer_listener_takes_only_peer_tokens() {
     let peer = p.a.peer.expect("peer listener");
     let mint = |secret: &str, hop: u32| {
         let now = cloudlink::auth::tokens::unix_now();
-        let claims = cloudlink::relay::peer::PeerClaims {
+        let claims = cloudlink::auth::peer::PeerClaims {
             sub: 1,
             usr: "admin".into(),
             dev: p.uuid.clone(),
             port: echo,
             tid: "t".into(),
             hop,
-            ver: cloudlink::relay::peer::PEER_VERSION,
-            aud: cloudlink::relay::peer::PEER_AUDIENCE.into(),
+            ver: cloudlink::auth::peer::PEER_VERSION,
+            aud: cloudlink::auth::peer::PEER_AUDIENCE.into(),
             iat: now,
             exp: now + 30,
         };

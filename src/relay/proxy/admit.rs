@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Pending, Refusal};
+use super::client::Pending;
+use super::refusal::Refusal;
 use crate::auth::policy::{self, Decision};
 use crate::link::device::{DeviceLink, OpenError};
 use crate::link::{LinkRecv, LinkSend};

@@ -7,7 +7,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use super::admit::Admitted;
-use super::ClientConn;
+use super::client::ClientConn;
 use crate::forward::{self, Side};
 use crate::link::{ChunkSend, End};
 use crate::proto::connect;

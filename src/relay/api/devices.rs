@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{bearer, Caller, Path};
 use super::fleets::{managed_fleet, visible_fleet, Standing};
-use super::{rfc3339, validate_name};
+use super::fields::{rfc3339, validate_name};
 use crate::auth::{policy, tokens};
 use crate::proto::api::{
     DeviceView, NewDevice, RegisteredDevice, RelayView, RotateKey, RotatedKey, TunnelView,

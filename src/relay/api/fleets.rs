@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Caller, Json, Path};
-use super::validate_name;
+use super::fields::validate_name;
 use crate::proto::api::Role;
 use crate::proto::api::{FleetPatch, FleetView, MemberView, NewFleet, NewMember};
 use crate::relay::state::Shared;
@@ -61,7 +61,7 @@ impl From<Fleet> for FleetView {
             id: f.id,
             name: f.name,
             allowed_ports: f.allowed_ports,
-            created_at: super::rfc3339(f.created_at),
+            created_at: super::fields::rfc3339(f.created_at),
         }
     }
 }

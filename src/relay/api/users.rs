@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 
 use super::error::ApiError;
 use super::extract::{Caller, Json, Path};
-use super::{rfc3339, validate_name};
+use super::fields::{rfc3339, validate_name};
 use crate::auth::ssh_keys;
 use crate::auth::tokens;
 use crate::proto::api::{

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use super::AgentConfig;
+use super::config::AgentConfig;
 
 /// Why no fresh answer came from the relay.
 #[derive(Debug, thiserror::Error)]

@@ -12,11 +12,31 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Outcome, AGENT_NAME};
+use super::config::AgentConfig;
 use crate::link::h2::{self as link_h2, BodyReader, Heard, LastHeard};
 use crate::link::Transport;
 use crate::proto::frame::{self, MAX_FRAME};
-use crate::proto::messages::{codes, Hello, RelayControl, VERSION};
+use crate::proto::messages::{codes, Hello, RejectCode, RelayControl, VERSION};
+
+/// What the agent calls itself in its hello.
+pub const AGENT_NAME: &str = concat!("cloudlink-agent/", env!("CARGO_PKG_VERSION"));
+
+/// Why a dial or a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Could not reach or talk to the relay.
+    Unreachable(String),
+    /// The relay refused the hello.
+    Rejected(RejectCode, String),
+    /// The session ran, then the connection was lost.
+    Lost(String),
+    /// The relay asked us to reconnect elsewhere within this many ms.
+    Drain(u64),
+    /// Another session of this device replaced ours.
+    Replaced,
+    /// We are shutting down.
+    Shutdown,
+}
 
 /// One tunnel the relay asked for.
 pub enum TunnelRequest {
@@ -104,7 +124,7 @@ async fn read_control<R: AsyncRead + Unpin>(mut recv: R, tx: mpsc::Sender<RelayC
     }
 }
 
-fn hello(config: &super::AgentConfig) -> Hello {
+fn hello(config: &AgentConfig) -> Hello {
     Hello {
         version: VERSION,
         uuid: config.uuid.clone(),
@@ -151,7 +171,7 @@ fn unreachable(e: &dyn std::fmt::Display) -> Outcome {
 pub async fn dial_quic(
     endpoint: &quinn::Endpoint,
     client: &quinn::ClientConfig,
-    config: &super::AgentConfig,
+    config: &AgentConfig,
     addr: SocketAddr,
     server_name: &str,
     handshake: Duration,
@@ -203,7 +223,7 @@ pub async fn dial_quic(
 pub async fn dial_tcp(
     tcp: TcpStream,
     tls: &tokio_rustls::TlsConnector,
-    config: &super::AgentConfig,
+    config: &AgentConfig,
     server_name: &str,
 ) -> Result<AgentLink, Outcome> {
     let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())

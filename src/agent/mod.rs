@@ -23,10 +23,8 @@ use crate::link::Transport;
 use crate::proto::messages::{codes, RejectCode, RelayControl};
 use crate::tls_client::{self, Trust};
 pub use config::{AgentArgs, AgentConfig, RelaySpec, TransportChoice};
-use link::{AgentLink, TunnelRequest};
-
-/// What the agent calls itself in its hello.
-pub const AGENT_NAME: &str = concat!("cloudlink-agent/", env!("CARGO_PKG_VERSION"));
+pub use link::AGENT_NAME;
+use link::{AgentLink, Outcome, TunnelRequest};
 
 /// Replaces the status file with one line about `state` (written aside, then renamed, so
 /// a health check never reads half of it). A failure is logged, never fatal.
@@ -64,23 +62,6 @@ pub enum AgentError {
     /// No UDP socket could be opened.
     #[error("cannot open a UDP socket: {0}")]
     Socket(std::io::Error),
-}
-
-/// Why a dial or a session ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// Could not reach or talk to the relay.
-    Unreachable(String),
-    /// The relay refused the hello.
-    Rejected(RejectCode, String),
-    /// The session ran, then the connection was lost.
-    Lost(String),
-    /// The relay asked us to reconnect elsewhere within this many ms.
-    Drain(u64),
-    /// Another session of this device replaced ours.
-    Replaced,
-    /// We are shutting down.
-    Shutdown,
 }
 
 /// What the agent logs about its link, once per change.

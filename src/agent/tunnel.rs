@@ -9,8 +9,8 @@ use quinn::VarInt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::config::AgentConfig;
 use super::link::TunnelRequest;
-use super::AgentConfig;
 use crate::forward::{self, Counters, Side};
 use crate::link::h2 as link_h2;
 use crate::link::{LinkRecv, LinkSend};

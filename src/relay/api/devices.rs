@@ -9,8 +9,8 @@ use serde::Deserialize;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{bearer, Caller, Path};
-use super::fleets::{managed_fleet, visible_fleet, Standing};
 use super::fields::{rfc3339, validate_name};
+use super::fleets::{managed_fleet, visible_fleet, Standing};
 use crate::auth::{policy, tokens};
 use crate::proto::api::{
     DeviceView, NewDevice, RegisteredDevice, RelayView, RotateKey, RotatedKey, TunnelView,

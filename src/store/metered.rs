@@ -10,6 +10,7 @@ use prometheus::{HistogramVec, IntCounterVec};
 use tokio::sync::broadcast;
 
 use super::*;
+use crate::proto::api::Role;
 
 /// The wrapped store and the two metrics it feeds.
 pub struct Metered {

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
 
+use super::model::Result;
 use super::sql::SqlStore;
-use super::Result;
 
 /// Connects, applies `migrations/postgres`, and returns the store.
 ///

@@ -10,7 +10,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyPool, AssertSqlSafe, FromRow, Row};
 use tokio::sync::broadcast;
 
-use super::{
+use super::model::{
     format_ports, now_ms, parse_ports, ApiKey, Device, DeviceAccess, DeviceFilter, EphemeralKey,
     Fleet, Id, Member, Millis, Presence, PresenceChange, RelayRow, RelayStatus, Result, SshKey,
     StartupLock, Store, StoreError, TunnelSession, User, RELAY_DEAD_AFTER_MS,

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
 
+use super::model::Result;
 use super::sql::SqlStore;
-use super::Result;
 
 /// Opens (creating if missing) the database file, turns on WAL, applies `migrations/sqlite`.
 ///
@@ -55,7 +55,7 @@ pub async fn backup(url: &str, to: &std::path::Path) -> Result<()> {
         .connect(&source)
         .await?;
     let target = to.to_str().ok_or_else(|| {
-        super::StoreError::UnsupportedUrl(format!("{}: not a UTF-8 path", to.display()))
+        super::model::StoreError::UnsupportedUrl(format!("{}: not a UTF-8 path", to.display()))
     })?;
     sqlx::query("VACUUM INTO $1")
         .bind(target)

@@ -390,7 +390,6 @@ fn name(m: &Module) -> String {
 /// The layers as `src/layers.toml` declares them.
 #[derive(serde::Deserialize)]
 struct Declared {
-    pending: Vec<String>,
     #[serde(rename = "crate")]
     krate: Layers,
     relay: Layers,
@@ -448,8 +447,7 @@ fn upward(layers: &Layers, what: &str, from: &str, to: &str) -> Option<String> {
 }
 
 /// What is wrong with `graph` against `declared`: undeclared parts, edges that are not
-/// downward (by edge, `from -> to`), and cycles among files once the pending edges are set
-/// aside.
+/// downward (by edge, `from -> to`), and cycles among files.
 fn problems(
     graph: &BTreeMap<Module, BTreeSet<Module>>,
     declared: &Declared,
@@ -487,26 +485,14 @@ fn problems(
             }
         }
     }
-    let pending: BTreeSet<&str> = declared.pending.iter().map(String::as_str).collect();
-    let kept: BTreeMap<Module, BTreeSet<Module>> = graph
-        .iter()
-        .map(|(from, tos)| {
-            let tos = tos
-                .iter()
-                .filter(|to| !pending.contains(format!("{} -> {}", name(from), name(to)).as_str()))
-                .cloned()
-                .collect();
-            (from.clone(), tos)
-        })
-        .collect();
     // Each cycle as its members and the imports among them.
-    let cycles = cycles(&kept)
+    let cycles = cycles(graph)
         .into_iter()
         .map(|set| {
             let edges: Vec<String> = set
                 .iter()
                 .flat_map(|from| {
-                    kept[from]
+                    graph[from]
                         .iter()
                         .filter(|to| set.contains(to))
                         .map(move |to| format!("{} -> {}", name(from), name(to)))
@@ -606,36 +592,7 @@ fn the_imports_follow_the_declared_layers() {
     );
     let (names, wrong, remaining) = problems(&graph, &declared);
     let mut failures = names;
-    for (edge, why) in &wrong {
-        if !declared.pending.contains(edge) {
-            failures.push(format!("{edge}: {why}"));
-        }
-    }
-    // A pending edge is still needed while it runs the wrong way or closes a cycle.
-    let all_cycles = cycles(&graph);
-    let still = |edge: &str| {
-        let Some((from, to)) = edge.split_once(" -> ") else {
-            return false;
-        };
-        let module = |n: &str| -> Module {
-            if n == "crate" {
-                Vec::new()
-            } else {
-                n.split("::").map(str::to_owned).collect()
-            }
-        };
-        let (from, to) = (module(from), module(to));
-        let exists = graph.get(&from).is_some_and(|tos| tos.contains(&to));
-        let on_cycle = all_cycles
-            .iter()
-            .any(|c| c.contains(&from) && c.contains(&to));
-        exists && (wrong.contains_key(edge) || on_cycle)
-    };
-    for edge in &declared.pending {
-        if !still(edge) {
-            failures.push(format!("{edge} is listed as pending but is gone or runs the right way now: take it off the list"));
-        }
-    }
+    failures.extend(wrong.iter().map(|(edge, why)| format!("{edge}: {why}")));
     failures.extend(remaining.iter().map(|c| format!("a cycle: {c}")));
     assert!(
         failures.is_empty(),

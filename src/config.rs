@@ -93,7 +93,8 @@ pub enum ConfigError {
     },
 }
 
-/// Limits and timeouts; see DESIGN.md "Limits". Every one can be set in the file.
+/// Limits and timeouts; the README's "Limits" section lists them. Every one can be set
+/// in the file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {

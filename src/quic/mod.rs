@@ -12,7 +12,7 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// UDP socket buffer size. With the kernel default (~200 KiB) a fast stream overflows the
-/// receive buffer and loses packets on loopback; 4 MiB removed the loss (NOTES.md).
+/// receive buffer and loses packets on loopback; 4 MiB removed the loss (measured here).
 pub const UDP_BUFFER: usize = 4 * 1024 * 1024;
 
 /// A UDP socket bound to `addr` with [`UDP_BUFFER`]-sized buffers, ready for quinn.

@@ -3,7 +3,7 @@
 //! (the peer hop's owner cache).
 //!
 //! A repeated CONNECT within the TTL costs a hash lookup. Only `Allow` answers are
-//! cached, and only for a few seconds (DESIGN.md allows that); the revalidation loop ends
+//! cached, and only for a few seconds (within the 5 s revocation bound); the revalidation loop ends
 //! tunnels whose access was revoked, cache or no cache. A revocation made through this
 //! relay's API clears the auth cache at once, and so does the revalidation loop when it
 //! finds access gone, so a revoked token gets no new tunnel on this relay after either.

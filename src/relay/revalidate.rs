@@ -49,7 +49,7 @@ pub async fn revalidate(state: Arc<Shared>) {
     }
 }
 
-/// How often open tunnels are re-authorized (DESIGN.md: revocation ends tunnels within 5 s).
+/// How often open tunnels are re-authorized (a revocation ends open tunnels within 5 s).
 pub const REVALIDATE_EVERY: Duration = Duration::from_secs(2);
 
 /// Whether the tunnel's user may still reach its device and port; `None` if the store

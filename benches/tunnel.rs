@@ -671,8 +671,8 @@ struct Hop {
 }
 
 /// g: two relays of a cluster; a device on `a`; the same work through `a` and through `b`.
-async fn peer_hop(size: u64, setups: usize) -> Option<Hop> {
-    let pg = common::pg::TempPg::start()?;
+async fn peer_hop(size: u64, setups: usize) -> Hop {
+    let pg = common::pg::TempPg::start();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("relay.toml");
     std::fs::write(
@@ -734,11 +734,11 @@ async fn peer_hop(size: u64, setups: usize) -> Option<Hop> {
     let (direct_p50, _) = setup_latency(&direct, &uuid, echo, setups).await;
     let (hop_p50, _) = setup_latency(&hop, &uuid, echo, setups).await;
     drop(agent);
-    Some(Hop {
+    Hop {
         up,
         down,
         setup_p50: (direct_p50, hop_p50),
-    })
+    }
 }
 
 /// f over TCP: N idle devices on the TLS/TCP link (the agent's own dialer, in this
@@ -1195,34 +1195,25 @@ async fn run(opts: Opts) {
     }
 
     if has('g') {
-        match peer_hop(opts.size, opts.setups).await {
-            Some(h) => {
-                for (dir, (direct, hop)) in [("upload", h.up), ("download", h.down)] {
-                    rows.push(Row {
-                        scenario: "g",
-                        what: format!("peer hop {dir}, {size_mib} MiB"),
-                        value: format!("{hop:.2} GB/s (direct {direct:.2})"),
-                        note: format!("{:.2} × direct (target ≥ 0.90)", hop / direct),
-                    });
-                }
-                let (direct, hop) = h.setup_p50;
-                rows.push(Row {
-                    scenario: "g",
-                    what: format!("peer hop setup, {} sequential", opts.setups),
-                    value: format!("p50 {:.2} ms (direct {:.2})", ms(hop), ms(direct)),
-                    note: format!(
-                        "+{:.2} ms (target ≤ 0.30 ms)",
-                        ms(hop.saturating_sub(direct))
-                    ),
-                });
-            }
-            None => rows.push(Row {
+        let h = peer_hop(opts.size, opts.setups).await;
+        for (dir, (direct, hop)) in [("upload", h.up), ("download", h.down)] {
+            rows.push(Row {
                 scenario: "g",
-                what: "peer hop".into(),
-                value: "not run".into(),
-                note: "needs Postgres (initdb/pg_ctl or DATABASE_URL)".into(),
-            }),
+                what: format!("peer hop {dir}, {size_mib} MiB"),
+                value: format!("{hop:.2} GB/s (direct {direct:.2})"),
+                note: format!("{:.2} × direct (target ≥ 0.90)", hop / direct),
+            });
         }
+        let (direct, hop) = h.setup_p50;
+        rows.push(Row {
+            scenario: "g",
+            what: format!("peer hop setup, {} sequential", opts.setups),
+            value: format!("p50 {:.2} ms (direct {:.2})", ms(hop), ms(direct)),
+            note: format!(
+                "+{:.2} ms (target ≤ 0.30 ms)",
+                ms(hop.saturating_sub(direct))
+            ),
+        });
     }
 
     if has('h') {

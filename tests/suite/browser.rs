@@ -85,9 +85,8 @@ async fn stty_size(b: &Browser, marker: &str) -> (u32, u32, u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_terminal_keys_and_access_in_chromium() {
-    if !sshd::available() || !browser::available() {
-        return;
-    }
+    sshd::require();
+    browser::require();
     let (w, uuid, offline, alice, bob, _sshd, _agent) = world().await;
     let base = format!("http://{}/", w.relay.api);
     let b = Browser::start(1280, 900).await;
@@ -266,9 +265,8 @@ async fn dashboard_terminal_keys_and_access_in_chromium() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_terminal_on_a_phone_sized_window() {
-    if !sshd::available() || !browser::available() {
-        return;
-    }
+    sshd::require();
+    browser::require();
     let (w, uuid, _offline, alice, _bob, _sshd, _agent) = world().await;
     let base = format!("http://{}/", w.relay.api);
     let b = Browser::start(390, 844).await;

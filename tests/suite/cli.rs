@@ -46,9 +46,7 @@ fn tunnel_refused(xdg: &Path, target: &str, port: &str) -> String {
 // Multi-threaded: the test waits on child processes while the sshd listener keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn balena_forms_and_errors_that_name_the_cause() {
-    if !sshd::available() {
-        return;
-    }
+    sshd::require();
     let w = World::new(&limits(""));
     let (uuid, _key, sshd, _agent) = sshd::device_with_sshd(&w, "pis").await;
     w.login(&w.relay.admin_key());
@@ -653,7 +651,8 @@ fn completions_load_in_their_shells_and_man_pages_render() {
         ["ssh", "show"]
     );
     // fish: the same question, asked of fish itself.
-    if common::tool("fish") {
+    common::require_tool("fish");
+    {
         let fish = write("fish");
         let offered = shell(
             "fish",
@@ -662,7 +661,8 @@ fn completions_load_in_their_shells_and_man_pages_render() {
         assert!(offered.contains("--noproxy"), "{offered}");
     }
     // zsh: the completion function loads under compinit.
-    if common::tool("zsh") {
+    common::require_tool("zsh");
+    {
         let zsh = write("zsh");
         let found = shell(
             "zsh",
@@ -684,7 +684,8 @@ fn completions_load_in_their_shells_and_man_pages_render() {
     ] {
         assert!(pages.join(page).is_file(), "{page} missing");
     }
-    if common::tool("man") {
+    common::require_tool("man");
+    {
         let shown = shell(
             "sh",
             &format!("man -l {}", pages.join("cloudlink-device-ssh.1").display()),

@@ -69,9 +69,7 @@ async fn holder(api: &Api, uuid: &str) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_on_the_tcp_link_is_reached_through_either_relay() {
-    let Some(p) = pair(&limits("")).await else {
-        return;
-    };
+    let p = pair(&limits("")).await;
     let entry = format!("tcp://{}", p.a.device_tcp.expect("a TCP device listener"));
     let agent = Agent::spawn_with(&[entry], &p.a.cert(), &p.uuid, &p.device_key, &[], &[]);
     agent.stderr.wait_for("connected to relay");
@@ -92,7 +90,7 @@ async fn a_device_on_the_tcp_link_is_reached_through_either_relay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_relays_start_together_and_share_one_identity() {
-    let Some(pg) = TempPg::start() else { return };
+    let pg = TempPg::start();
     let dir = tempfile::tempdir().unwrap();
     // All three at the same moment, on an empty database.
     let starts: Vec<_> = ["r1", "r2", "r3"]
@@ -171,14 +169,14 @@ struct Pair {
     device_key: String,
 }
 
-async fn pair(config: &str) -> Option<Pair> {
-    let pg = TempPg::start()?;
+async fn pair(config: &str) -> Pair {
+    let pg = TempPg::start();
     let dir = tempfile::tempdir().unwrap();
     let a = member(dir.path(), "a", &pg.url, config);
     let b = member(dir.path(), "b", &pg.url, config);
     let key = admin_key(&[&a, &b]);
     let (uuid, device_key) = Api::new(a.api, &key).register_device("pis").await;
-    Some(Pair {
+    Pair {
         _dir: dir,
         _pg: pg,
         a,
@@ -186,14 +184,12 @@ async fn pair(config: &str) -> Option<Pair> {
         key,
         uuid,
         device_key,
-    })
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_through_another_relay_is_forwarded_intact() {
-    let Some(p) = pair(&limits("")).await else {
-        return;
-    };
+    let p = pair(&limits("")).await;
     let _agent = Agent::start(&p.a, &p.uuid, &p.device_key, &[]);
     assert_eq!(
         holder(&Api::new(p.b.api, &p.key), &p.uuid).await.as_deref(),
@@ -248,9 +244,7 @@ async fn a_connect_through_another_relay_is_forwarded_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_tunnel_over_tls_and_revocation_across_relays() {
-    let Some(p) = pair(&limits("")).await else {
-        return;
-    };
+    let p = pair(&limits("")).await;
     let _agent = Agent::start(&p.a, &p.uuid, &p.device_key, &[]);
     let echo = echo_server().await;
     // A key made on a, used on b's TLS proxy (the copying path), revoked on a.
@@ -300,9 +294,7 @@ async fn a_forwarded_tunnel_over_tls_and_revocation_across_relays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_peer_listener_takes_only_peer_tokens() {
-    let Some(p) = pair(&limits("")).await else {
-        return;
-    };
+    let p = pair(&limits("")).await;
     let _agent = Agent::start(&p.a, &p.uuid, &p.device_key, &[]);
     let echo = echo_server().await;
     let peer = p.a.peer.expect("peer listener");
@@ -344,9 +336,7 @@ async fn the_peer_listener_takes_only_peer_tokens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_moving_relays_supersedes_its_old_session() {
-    let Some(p) = pair(&limits("")).await else {
-        return;
-    };
+    let p = pair(&limits("")).await;
     let echo = echo_server().await;
     let (conn, _s, mut control, answer) =
         fake_device::hello(p.a.device, &p.a.cert(), &p.uuid, &p.device_key).await;
@@ -397,9 +387,7 @@ const FAST: &str = "keep_alive_ms = 300\nidle_timeout_ms = 1500";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_relay_s_devices_come_back_through_a_survivor() {
-    let Some(mut p) = pair(&limits(FAST)).await else {
-        return;
-    };
+    let mut p = pair(&limits(FAST)).await;
     let config = p._dir.path().join("agent.toml");
     std::fs::write(&config, "keep_alive_ms = 300\nidle_timeout_ms = 1500\n").unwrap();
     let agent = Agent::start_to(
@@ -437,9 +425,7 @@ async fn a_killed_relay_s_devices_come_back_through_a_survivor() {
 /// be reachable through the survivor within 45 s of the kill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_default_settings_a_dead_relay_s_device_is_back_within_45_s() {
-    let Some(mut p) = pair(&limits("")).await else {
-        return;
-    };
+    let mut p = pair(&limits("")).await;
     let agent = Agent::start_to(&[&p.a, &p.b], &p.uuid, &p.device_key, &[]);
     let echo = echo_server().await;
     let killed = Instant::now();
@@ -461,9 +447,7 @@ async fn with_default_settings_a_dead_relay_s_device_is_back_within_45_s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_relay_lets_transfers_finish_while_devices_move() {
-    let Some(mut p) = pair(&limits("shutdown_grace_secs = 30")).await else {
-        return;
-    };
+    let mut p = pair(&limits("shutdown_grace_secs = 30")).await;
     let _agent = Agent::start_to(&[&p.a, &p.b], &p.uuid, &p.device_key, &[]);
     let api = Api::new(p.b.api, &p.key);
     assert_eq!(holder(&api, &p.uuid).await.as_deref(), Some("a"));
@@ -568,7 +552,7 @@ async fn checksummed(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_checksummed_traffic_loses_nothing() {
-    let Some(pg) = TempPg::start() else { return };
+    let pg = TempPg::start();
     let dir = tempfile::tempdir().unwrap();
     let config = limits("keep_alive_ms = 300\nidle_timeout_ms = 1500\nshutdown_grace_secs = 20");
     let relays: Vec<Relay> = ["c1", "c2", "c3"]
@@ -653,12 +637,8 @@ async fn a_rolling_restart_under_checksummed_traffic_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminal_through_another_relay_logs_in_with_a_key_any_relay_answers() {
-    if !sshd::available() {
-        return;
-    }
-    let Some(p) = pair(&limits("")).await else {
-        return;
-    };
+    sshd::require();
+    let p = pair(&limits("")).await;
     // The device's sshd asks relay a for keys; the session's key is minted by relay b.
     let sshd = sshd::Sshd::start_with(
         p.a.api,

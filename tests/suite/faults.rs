@@ -10,18 +10,12 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-/// Whether this test may mount a filesystem; as root (CI) it must be able to.
-fn can_mount() -> bool {
-    if is_root() {
-        return true;
-    }
-    let required = std::env::var("CLOUDLINK_REQUIRE_ROOT").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "CLOUDLINK_REQUIRE_ROOT=1 but the tests do not run as root"
+/// Requires root, for the mount namespace the full-disk test makes (see [`require`]).
+fn require_mount() {
+    require(
+        is_root(),
+        "root (a private mount namespace with a small tmpfs)",
     );
-    eprintln!("note: not root; the full-disk test needs a mount namespace and is skipped");
-    false
 }
 
 /// A relay whose data directory is a fresh `size` tmpfs, mounted in a private mount
@@ -87,9 +81,7 @@ async fn status_of_get(api: std::net::SocketAddr, path: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_never_lies_and_heals_by_itself() {
-    if !can_mount() {
-        return;
-    }
+    require_mount();
     let dir = tempfile::tempdir().unwrap();
     let relay = relay_on_small_fs(dir.path(), "16m");
     let admin = Api::new(relay.api, &relay.admin_key());

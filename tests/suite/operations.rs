@@ -8,7 +8,7 @@ use crate::common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{echo_server, limits, tool, tunnel, Agent, Relay, World};
+use common::{echo_server, limits, require_tool, tunnel, Agent, Relay, World};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -62,9 +62,7 @@ fn sample(scrape: &str, series: &str) -> f64 {
 
 #[tokio::test]
 async fn the_openapi_document_passes_a_real_validator() {
-    if !tool("openapi-spec-validator") {
-        return;
-    }
+    require_tool("openapi-spec-validator");
     let w = World::new(&limits(""));
     let (status, doc) = get(&format!("http://{}/v1/openapi.json", w.relay.api)).await;
     assert_eq!(status, 200);
@@ -87,9 +85,7 @@ async fn the_openapi_document_passes_a_real_validator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_scrape_is_clean_and_counts_running_tunnels() {
-    if !tool("promtool") {
-        return;
-    }
+    require_tool("promtool");
     let w = World::new(&limits(""));
     let (uuid, key) = w.device_in("pis").await;
     let mut agent = Agent::start(&w.relay, &uuid, &key, &[]);
@@ -171,9 +167,7 @@ async fn a_real_scrape_is_clean_and_counts_running_tunnels() {
 
 #[test]
 fn the_alert_rules_load_and_pass_their_unit_tests() {
-    if !tool("promtool") {
-        return;
-    }
+    require_tool("promtool");
     let dir = repo("deploy/prometheus");
     let (ok, out) = run(
         "promtool",
@@ -420,9 +414,8 @@ fn number_after(text: &str, key: &str) -> u64 {
 
 #[test]
 fn the_kubernetes_base_renders_and_validates_against_the_schemas() {
-    if !tool("kubectl") || !tool("kubernetes-validate") {
-        return;
-    }
+    require_tool("kubectl");
+    require_tool("kubernetes-validate");
     let (ok, rendered, err) = run_split(
         "kubectl",
         &["kustomize", repo("deploy/k8s").to_str().unwrap()],
@@ -490,9 +483,7 @@ fn the_kubernetes_base_renders_and_validates_against_the_schemas() {
 
 #[test]
 fn the_systemd_units_verify_and_are_sandboxed() {
-    if !tool("systemd-analyze") {
-        return;
-    }
+    require_tool("systemd-analyze");
     let readme = std::fs::read_to_string(repo("README.md")).unwrap();
     let installed = "/usr/local/bin/cloudlink";
     assert!(

@@ -33,9 +33,7 @@ fn device_ssh(
 // Multi-threaded: the test waits on child processes while the sshd listener keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_with_cloud_keys_through_relay_and_agent() {
-    if !sshd::available() {
-        return;
-    }
+    sshd::require();
     let w = World::new(&limits(""));
     let (uuid, device_key) = w.device_in("pis").await;
     let (s, _) = w

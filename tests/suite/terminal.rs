@@ -12,9 +12,7 @@ use serde_json::json;
 // Multi-threaded: sshd's accept loop runs in this runtime while the test waits on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminal_opens_a_root_shell_with_a_session_key() {
-    if !sshd::available() {
-        return;
-    }
+    sshd::require();
     let w = World::with(
         &limits(""),
         &["--service-command", "sh -c 'echo inside-{service}; exit 5'"],
@@ -104,9 +102,7 @@ async fn terminal_opens_a_root_shell_with_a_session_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminal_refusals_say_why() {
-    if !sshd::available() {
-        return;
-    }
+    sshd::require();
     let w = World::new(&limits(""));
     let (uuid, _, _sshd, _agent) = device_with_sshd(&w, "pis").await;
     let (offline, _) = w.device_in("pis").await;
@@ -211,9 +207,7 @@ async fn terminal_refusals_say_why() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminals_count_as_tunnels_and_end_when_access_ends() {
-    if !sshd::available() {
-        return;
-    }
+    sshd::require();
     let w = World::new(&limits("tunnels_per_user_device = 1"));
     let (uuid, _, _sshd, _agent) = device_with_sshd(&w, "pis").await;
     let alice_key = w.user("alice").await;

@@ -9,8 +9,8 @@ use cloudlink::proto::frame;
 use cloudlink::proto::messages::{codes, RejectCode, RelayControl};
 use common::read_all as read_to_end;
 use common::{
-    connect_raw, dataplane, digest_server, echo_server, fake_device, limits, sha256_hex, status_of,
-    tool, tunnel, Agent, Api, World,
+    connect_raw, dataplane, digest_server, echo_server, fake_device, limits, require_tool,
+    sha256_hex, status_of, tunnel, Agent, Api, World,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -611,7 +611,8 @@ async fn curl_and_socat_work_through_the_proxy() {
     let token = w.relay.admin_key();
     let proxy = w.relay.proxy;
 
-    if tool("curl") {
+    require_tool("curl");
+    {
         // A one-shot HTTP server on the "device".
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -641,7 +642,8 @@ async fn curl_and_socat_work_through_the_proxy() {
         assert_eq!(out.stdout, b"hello from the device");
     }
 
-    if tool("socat") {
+    require_tool("socat");
+    {
         let echo = echo_server().await;
         let mut child = std::process::Command::new("socat")
             .arg("-")

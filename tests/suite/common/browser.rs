@@ -14,18 +14,10 @@ const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// Long enough for a debug-build relay and a cold Chromium on two busy cores.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// Whether the browser tests can run; panics when they are required but cannot.
-pub fn available() -> bool {
+/// Requires Debian's chromium and chromium-driver (see [`super::require`]).
+pub fn require() {
     let ok = Path::new(CHROMIUM).is_file() && Path::new(CHROMEDRIVER).is_file();
-    let required = std::env::var("CLOUDLINK_REQUIRE_BROWSER").is_ok_and(|v| v == "1");
-    assert!(
-        ok || !required,
-        "CLOUDLINK_REQUIRE_BROWSER=1 but {CHROMIUM} or {CHROMEDRIVER} is missing"
-    );
-    if !ok {
-        eprintln!("note: needs Debian's chromium and chromium-driver; skipping the browser test");
-    }
-    ok
+    super::require(ok, &format!("{CHROMIUM} and {CHROMEDRIVER}"));
 }
 
 /// A chromedriver and one browser session; both end when this is dropped.

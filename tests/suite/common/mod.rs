@@ -47,22 +47,25 @@ fn command_under<S: AsRef<std::ffi::OsStr>>(wrapper: &[S]) -> Command {
     }
 }
 
-/// Whether an outside program is installed; under `CLOUDLINK_REQUIRE_TOOLS=1` it must be
-/// (scripts/test installs them), so a missing one fails the run instead of skipping.
-pub fn tool(name: &str) -> bool {
+/// Fails the test when a part of the machine it needs (Postgres, sshd, a browser, root, an
+/// outside program) is missing: a test never skips itself. On a machine without the part,
+/// install it (scripts/test does, as root), or leave the test out by name
+/// (`cargo test -- --skip NAME`).
+pub fn require(found: bool, part: &str) {
+    assert!(
+        found,
+        "this test needs {part}, which is missing here: install it (scripts/test does, as \
+         root) or leave the test out by name (cargo test -- --skip NAME)"
+    );
+}
+
+/// Requires an outside program on the `PATH` (see [`require`]).
+pub fn require_tool(name: &str) {
     let found = Command::new("sh")
         .args(["-c", &format!("command -v {name}")])
         .output()
         .is_ok_and(|o| o.status.success());
-    let required = std::env::var("CLOUDLINK_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
-    assert!(
-        found || !required,
-        "CLOUDLINK_REQUIRE_TOOLS=1 but {name} is not installed"
-    );
-    if !found {
-        eprintln!("note: {name} not installed; skipping its part");
-    }
-    found
+    require(found, name);
 }
 
 /// How long any single wait for a process event may take before the test fails.

@@ -42,10 +42,6 @@ fn postgres_bin_dir() -> Option<PathBuf> {
         .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
 }
 
-fn required() -> bool {
-    std::env::var("CLOUDLINK_REQUIRE_POSTGRES").is_ok_and(|v| v == "1")
-}
-
 impl Cluster {
     fn command(&self, program: &str) -> Command {
         let exe = self.bin.join(program);
@@ -81,19 +77,15 @@ impl Cluster {
 }
 
 impl TempPg {
-    /// Starts a cluster; `None` (with a note) when Postgres is not installed and not required.
-    pub fn start() -> Option<TempPg> {
+    /// Starts a cluster (or a fresh database on `DATABASE_URL`'s server); fails the test
+    /// when Postgres is not installed (see [`super::require`]).
+    pub fn start() -> TempPg {
         if let Ok(url) = std::env::var("DATABASE_URL") {
-            return Some(TempPg::fresh_database(&url));
+            return TempPg::fresh_database(&url);
         }
-        let Some(bin) = postgres_bin_dir() else {
-            assert!(
-                !required(),
-                "CLOUDLINK_REQUIRE_POSTGRES=1 but initdb/pg_ctl were not found"
-            );
-            eprintln!("note: Postgres not installed; skipping the Postgres half of this test");
-            return None;
-        };
+        let bin = postgres_bin_dir();
+        super::require(bin.is_some(), "PostgreSQL (initdb, pg_ctl)");
+        let bin = bin.unwrap();
         let run_as_nobody = is_root();
         let dir = tempfile::Builder::new()
             .prefix("cloudlink-pg-")
@@ -125,7 +117,7 @@ impl TempPg {
             cluster: Some(cluster),
         };
         pg.start_server();
-        Some(pg)
+        pg
     }
 
     fn fresh_database(base: &str) -> TempPg {

@@ -3,8 +3,8 @@
 //!
 //! sshd refuses an `AuthorizedKeysCommand` below a group- or world-writable directory (such
 //! as /tmp), so the binary and its config are copied to a fresh root-owned 0755 directory
-//! under /run. Running sshd this way needs root; without root (and without
-//! `CLOUDLINK_REQUIRE_SSH=1`) the SSH tests are skipped with a note.
+//! under /run. Running sshd this way needs root; without it the SSH tests fail (see
+//! [`super::require`]).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -20,21 +20,14 @@ pub fn sshd_path() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Whether the SSH tests can run here; panics when they are required but cannot.
-pub fn available() -> bool {
-    let required = std::env::var("CLOUDLINK_REQUIRE_SSH").is_ok_and(|v| v == "1");
+/// Requires what the SSH tests run: root and OpenSSH, server and client (see
+/// [`super::require`]).
+pub fn require() {
     let ok = sshd_path().is_some()
         && is_root()
         && Path::new("/usr/bin/ssh").is_file()
         && Path::new("/usr/bin/ssh-keygen").is_file();
-    assert!(
-        ok || !required,
-        "CLOUDLINK_REQUIRE_SSH=1 but sshd/ssh/ssh-keygen are missing or we are not root"
-    );
-    if !ok {
-        eprintln!("note: needs root and OpenSSH (server and client); skipping the SSH test");
-    }
-    ok
+    super::require(ok, "root and OpenSSH (sshd, ssh, ssh-keygen)");
 }
 
 /// A running inetd-style sshd.

@@ -404,4 +404,176 @@ mod tests {
             "written chunks are released"
         );
     }
+
+    /// The link's sending half in memory: what the pump sends, `None` for its FIN.
+    struct MemSend(tokio::sync::mpsc::UnboundedSender<Option<Bytes>>);
+
+    impl ChunkSend for MemSend {
+        async fn write_chunk(&mut self, chunk: Bytes) -> Result<(), End> {
+            self.0.send(Some(chunk)).map_err(|_| End::LinkReset)
+        }
+        fn finish(&mut self) {
+            let _ = self.0.send(None);
+        }
+    }
+
+    /// The link's receiving half in memory: chunks, `Ok(None)` for the far end's FIN, or
+    /// how the far end broke off.
+    struct MemRecv(tokio::sync::mpsc::UnboundedReceiver<Result<Option<Bytes>, End>>);
+
+    impl ChunkRecv for MemRecv {
+        async fn read_chunks(&mut self, bufs: &mut [Bytes]) -> Result<Option<usize>, End> {
+            match self.0.recv().await {
+                Some(Ok(Some(chunk))) => {
+                    bufs[0] = chunk;
+                    Ok(Some(1))
+                }
+                Some(Ok(None)) | None => Ok(None),
+                Some(Err(end)) => Err(end),
+            }
+        }
+    }
+
+    /// A pump between an in-memory socket (`user` is the far end of it) and an in-memory
+    /// link (`to_link` shows what it sent, `from_link` feeds it), run until it ends.
+    struct Rig {
+        user: tokio::io::DuplexStream,
+        to_link: tokio::sync::mpsc::UnboundedReceiver<Option<Bytes>>,
+        from_link: tokio::sync::mpsc::UnboundedSender<Result<Option<Bytes>, End>>,
+        cancel: CancellationToken,
+        ended: tokio::task::JoinHandle<(End, u64, u64)>,
+    }
+
+    fn rig(idle: Option<Duration>) -> Rig {
+        let (user, socket) = tokio::io::duplex(64 * 1024);
+        let (send_tx, to_link) = tokio::sync::mpsc::unbounded_channel();
+        let (from_link, recv_rx) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let token = cancel.clone();
+        let ended = tokio::spawn(async move {
+            let counters = Counters::default();
+            let (mut r, mut w) = tokio::io::split(socket);
+            let (mut send, mut recv) = (MemSend(send_tx), MemRecv(recv_rx));
+            let (into_link, out_of_link) = counters.ways(Side::User);
+            let end = join_dirs(
+                socket_to_link(&mut r, &mut send, into_link),
+                link_to_socket(&mut recv, &mut w, out_of_link),
+                &counters,
+                &token,
+                idle,
+            )
+            .await;
+            let up = counters.up.load(Ordering::Relaxed);
+            let down = counters.down.load(Ordering::Relaxed);
+            (end, up, down)
+        });
+        Rig {
+            user,
+            to_link,
+            from_link,
+            cancel,
+            ended,
+        }
+    }
+
+    /// How the pump ended, failing the test if it has not within two (paused) days.
+    async fn ended(ended: tokio::task::JoinHandle<(End, u64, u64)>) -> (End, u64, u64) {
+        tokio::time::timeout(Duration::from_secs(48 * 3600), ended)
+            .await
+            .expect("the pump did not end")
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fin_each_way_is_a_half_close_and_the_other_way_keeps_flowing() {
+        let mut t = rig(None);
+        // The user sends and half-closes: the link gets the bytes, then its FIN.
+        t.user.write_all(b"request").await.unwrap();
+        t.user.shutdown().await.unwrap();
+        assert_eq!(
+            t.to_link.recv().await,
+            Some(Some(Bytes::from_static(b"request")))
+        );
+        assert_eq!(t.to_link.recv().await, Some(None), "the FIN went on");
+        // The reply still flows after the user's FIN, long after, then ends with one.
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        t.from_link
+            .send(Ok(Some(Bytes::from_static(b"reply"))))
+            .unwrap();
+        t.from_link.send(Ok(None)).unwrap();
+        let mut back = Vec::new();
+        t.user.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"reply");
+        let (end, up, down) = ended(t.ended).await;
+        assert_eq!((end, up, down), (End::Closed, 7, 5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_from_the_link_ends_both_ways_at_once() {
+        let mut t = rig(None);
+        t.user.write_all(b"up").await.unwrap();
+        assert_eq!(
+            t.to_link.recv().await,
+            Some(Some(Bytes::from_static(b"up")))
+        );
+        t.from_link.send(Err(End::LinkReset)).unwrap();
+        let (end, ..) = ended(t.ended).await;
+        assert_eq!(
+            end,
+            End::LinkReset,
+            "the user's direction, still open, did not hold it"
+        );
+        assert!(end.resets_socket());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_gone_mid_reply_is_a_socket_reset() {
+        let t = rig(None);
+        drop(t.user);
+        // Bytes for a socket whose far end is gone cannot be written.
+        t.from_link
+            .send(Ok(Some(Bytes::from_static(b"reply"))))
+            .unwrap();
+        let (end, ..) = ended(t.ended).await;
+        assert_eq!(end, End::SocketReset);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_tunnel_ends_idle_and_a_trickle_keeps_it_open() {
+        let idle = Duration::from_secs(60);
+        let mut t = rig(Some(idle));
+        // A byte every 40 s: never a whole idle period without one.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(40)).await;
+            t.user.write_all(b".").await.unwrap();
+            assert!(t.to_link.recv().await.is_some());
+            assert!(!t.ended.is_finished(), "ended while bytes moved");
+        }
+        // Then nothing: it ends within two idle periods.
+        let started = tokio::time::Instant::now();
+        let (end, up, _) = ended(t.ended).await;
+        assert_eq!((end, up), (End::Idle, 5));
+        assert!(started.elapsed() <= 2 * idle, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_tunnel_without_an_idle_timeout_stays_open() {
+        let t = rig(None);
+        tokio::time::sleep(Duration::from_secs(24 * 3600)).await;
+        assert!(!t.ended.is_finished());
+        t.cancel.cancel();
+        let (end, ..) = ended(t.ended).await;
+        assert_eq!(end, End::Cancelled);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_ends_a_busy_tunnel() {
+        let mut t = rig(Some(Duration::from_secs(60)));
+        t.user.write_all(b"busy").await.unwrap();
+        assert!(t.to_link.recv().await.is_some());
+        t.cancel.cancel();
+        let (end, up, _) = ended(t.ended).await;
+        assert_eq!((end, up), (End::Cancelled, 4));
+        assert!(End::Cancelled.resets_socket());
+    }
 }

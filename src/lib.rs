@@ -34,6 +34,8 @@
 //!   tunnel's byte counters (up: user to device; down: back) and reset-on-crash.
 //! - [`splice`]: TCP to TCP through a pipe with `splice(2)`, for forwarded tunnels.
 //! - [`logsafe`]: the one escaping path for peer-supplied text on its way to a log line.
+//! - [`private_file`]: files written whole or not at all, 0600 unless said otherwise (saved
+//!   logins, the relay's generated secrets, the agent's key cache and status file).
 //! - [`https_proxy`]: outbound `HTTPS_PROXY`/`NO_PROXY` for the agent's TLS/TCP link and the
 //!   CLI.
 //! - [`tls_client`]: which servers the agent and CLI trust (system roots, a CA file, none),
@@ -91,6 +93,7 @@ pub mod healthcheck;
 pub mod https_proxy;
 pub mod link;
 pub mod logsafe;
+pub mod private_file;
 pub mod proto;
 pub mod quic;
 #[cfg(feature = "relay")]

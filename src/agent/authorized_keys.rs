@@ -6,7 +6,6 @@
 //! if the relay cannot be asked, no key is printed, unless a cache directory is configured,
 //! in which case the last good answer for that user is.
 
-use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
@@ -105,21 +104,8 @@ async fn fetch(config: &AgentConfig, username: &str) -> Result<String, KeysError
 }
 
 fn store_cache(dir: &Path, username: &str, keys: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let tmp = dir.join(format!(".{username}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(keys.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(tmp, dir.join(username))
+    crate::private_file::ensure_dir(dir)?;
+    crate::private_file::replace_private(&dir.join(username), keys.as_bytes())
 }
 
 /// Whether `line` is `ALGORITHM BASE64 [comment]` with an algorithm sshd takes for user

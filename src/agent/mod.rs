@@ -34,9 +34,8 @@ fn write_status(path: &std::path::Path, state: &LinkState) {
         LinkState::Connected(relay, transport) => format!("up {relay} {transport}\n"),
         LinkState::Down(why) => format!("down {}\n", why.replace(['\n', '\r'], " ")),
     };
-    let aside = path.with_extension("tmp");
-    let written = std::fs::write(&aside, line).and_then(|()| std::fs::rename(&aside, path));
-    if let Err(e) = written {
+    // Readable by a health check running as another user (0644), and never half written.
+    if let Err(e) = crate::private_file::replace(path, line.as_bytes(), 0o644) {
         tracing::warn!(path = %path.display(), error = %e, "cannot write the status file");
     }
 }

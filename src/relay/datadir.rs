@@ -1,7 +1,5 @@
 //! The relay's data directory: generated secrets and identities that must survive restarts.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// A file in the data directory could not be read or written.
@@ -24,24 +22,13 @@ fn at(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
 
 /// Creates the directory (mode 0700) if missing.
 pub fn ensure(dir: &Path) -> Result<(), DataDirError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(at(dir))
+    crate::private_file::ensure_dir(dir).map_err(at(dir))
 }
 
-/// Writes `contents` to a new file readable only by its owner; refuses to overwrite.
+/// Writes `contents` to a new file readable only by its owner, whole or not at all;
+/// refuses to overwrite.
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(at(path))?;
-    file.write_all(contents)
-        .and_then(|_| file.sync_all())
-        .map_err(at(path))
+    crate::private_file::create_private(path, contents).map_err(at(path))
 }
 
 /// The file's contents, trimmed, or `None` if it does not exist.

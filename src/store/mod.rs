@@ -4,7 +4,8 @@
 //! the URL scheme, in this one place. Both backends share the queries in [`sql`]: the two
 //! dialects differ in nothing those queries use (positional `$N` parameters, `RETURNING`,
 //! `ON CONFLICT`), so a second copy of every query would only be a place for the two to drift.
-//! What really differs per backend (connect options, migrations, pragmas) lives in
+//! What really differs per backend (connect options, migrations, pragmas, and the SQL
+//! only Postgres has: `LISTEN/NOTIFY` for presence, the start-up advisory lock) lives in
 //! [`postgres`] and [`sqlite`].
 
 pub mod metered;
@@ -23,9 +24,9 @@ pub use model::*;
 /// This is the one place the backend is picked from the scheme.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>> {
     let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        postgres::open(url).await?
+        sql::SqlStore::new(postgres::pool(url).await?, "postgres", Some(url.to_owned()))
     } else if url.starts_with("sqlite:") {
-        sqlite::open(url).await?
+        sql::SqlStore::new(sqlite::pool(url).await?, "sqlite", None)
     } else {
         return Err(StoreError::UnsupportedUrl(url.to_owned()));
     };

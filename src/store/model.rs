@@ -367,9 +367,17 @@ impl PresenceChange {
 }
 
 /// Held while a relay does its start-up writes (bootstrap admin, shared secrets), so
-/// relays starting at the same moment on an empty database take turns. On Postgres it
-/// holds a session advisory lock on one pooled connection; on SQLite it holds nothing.
-pub struct StartupLock(Option<sqlx::pool::PoolConnection<sqlx::Any>>);
+/// relays starting at the same moment on an empty database take turns. Postgres holds a
+/// session advisory lock (`postgres.rs`); SQLite holds nothing (one relay per database).
+pub struct StartupLock(Option<Box<dyn HeldLock>>);
+
+/// What a backend holds for a [`StartupLock`]. Dropped without [`HeldLock::release`], it
+/// must still let the lock go (close its session rather than keep it locked).
+#[async_trait]
+pub trait HeldLock: Send {
+    /// Gives the lock back.
+    async fn release(self: Box<Self>);
+}
 
 impl StartupLock {
     /// A lock that locks nothing (SQLite: one relay per database).
@@ -377,44 +385,18 @@ impl StartupLock {
         StartupLock(None)
     }
 
-    /// Takes the advisory lock on `conn`.
-    pub(crate) async fn take(
-        mut conn: sqlx::pool::PoolConnection<sqlx::Any>,
-    ) -> Result<StartupLock> {
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(STARTUP_LOCK_KEY)
-            .execute(&mut *conn)
-            .await?;
-        Ok(StartupLock(Some(conn)))
+    /// A lock a backend holds.
+    pub fn held(lock: Box<dyn HeldLock>) -> StartupLock {
+        StartupLock(Some(lock))
     }
 
-    /// Gives the lock back. If unlocking fails, the connection is closed, which ends the
-    /// session and with it the lock.
+    /// Gives the lock back.
     pub async fn release(mut self) {
-        if let Some(mut conn) = self.0.take() {
-            let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(STARTUP_LOCK_KEY)
-                .execute(&mut *conn)
-                .await;
-            if unlocked.is_err() {
-                drop(conn.detach());
-            }
+        if let Some(lock) = self.0.take() {
+            lock.release().await;
         }
     }
 }
-
-impl Drop for StartupLock {
-    fn drop(&mut self) {
-        // Not released (an error on the way): close the session rather than return a
-        // locked connection to the pool.
-        if let Some(conn) = self.0.take() {
-            drop(conn.detach());
-        }
-    }
-}
-
-/// The advisory lock key for start-up ("clnkstrt").
-const STARTUP_LOCK_KEY: i64 = 0x636c_6e6b_7374_7274;
 
 /// The store interface. Every method is one short transaction; none holds a lock across calls.
 #[async_trait]

@@ -32,9 +32,6 @@ pub struct SqlStore {
     listening: std::sync::Once,
 }
 
-/// The Postgres NOTIFY channel of presence changes.
-const PRESENCE_CHANNEL: &str = "cloudlink_presence";
-
 impl SqlStore {
     /// Wraps a pool whose migrations have been applied; `listen_url` is the Postgres URL
     /// for `LISTEN` (none on SQLite).
@@ -46,41 +43,6 @@ impl SqlStore {
             presence_tx: broadcast::channel(1024).0,
             listening: std::sync::Once::new(),
         }
-    }
-}
-
-/// Forwards Postgres presence notifications to `tx` for the life of the process,
-/// reconnecting after a lost connection. Changes sent meanwhile are missed: a session
-/// that should have been superseded then lives on until its own connection ends (the
-/// agent dropped it when it moved, so the relay's idle timeout closes it) or its relay
-/// drains.
-async fn listen_presence(url: String, tx: broadcast::Sender<PresenceChange>) {
-    let mut announced = false;
-    loop {
-        match sqlx::postgres::PgListener::connect(&url).await {
-            Ok(mut listener) => match listener.listen(PRESENCE_CHANNEL).await {
-                Ok(()) => loop {
-                    if !announced {
-                        tracing::info!("listening for presence changes");
-                        announced = true;
-                    }
-                    match listener.recv().await {
-                        Ok(n) => {
-                            if let Some(change) = PresenceChange::from_payload(n.payload()) {
-                                let _ = tx.send(change);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "presence listener lost its connection");
-                            break;
-                        }
-                    }
-                },
-                Err(e) => tracing::warn!(error = %e, "cannot LISTEN for presence changes"),
-            },
-            Err(e) => tracing::warn!(error = %e, "presence listener cannot connect"),
-        }
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
 
@@ -745,14 +707,17 @@ impl Store for SqlStore {
         if self.listen_url.is_none() {
             return Ok(StartupLock::none());
         }
-        StartupLock::take(self.pool.acquire().await?).await
+        super::postgres::startup_lock(self.pool.acquire().await?).await
     }
 
     fn presence_changes(&self) -> broadcast::Receiver<PresenceChange> {
         let rx = self.presence_tx.subscribe();
         if let Some(url) = &self.listen_url {
             self.listening.call_once(|| {
-                tokio::spawn(listen_presence(url.clone(), self.presence_tx.clone()));
+                tokio::spawn(super::postgres::listen_presence(
+                    url.clone(),
+                    self.presence_tx.clone(),
+                ));
             });
         }
         rx
@@ -795,11 +760,7 @@ impl Store for SqlStore {
         };
         if self.listen_url.is_some() {
             // Delivered to every relay's LISTEN when (and only if) this commits.
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(PRESENCE_CHANNEL)
-                .bind(change.to_payload())
-                .execute(&mut *tx)
-                .await?;
+            super::postgres::notify_presence(&mut tx, &change).await?;
         }
         tx.commit().await?;
         if self.listen_url.is_none() {

@@ -4,14 +4,16 @@ use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
 
-use super::model::Result;
-use super::sql::SqlStore;
+use sqlx::AnyPool;
 
-/// Opens (creating if missing) the database file, turns on WAL, applies `migrations/sqlite`.
+use super::model::Result;
+
+/// Opens (creating if missing) the database file, turns on WAL, applies `migrations/sqlite`;
+/// returns the pool.
 ///
 /// WAL lets the API read while a tunnel's audit row is written; the setting is stored in
 /// the file, so one `PRAGMA` at open is enough.
-pub async fn open(url: &str) -> Result<SqlStore> {
+pub async fn pool(url: &str) -> Result<AnyPool> {
     sqlx::any::install_default_drivers();
     let pool = AnyPoolOptions::new()
         .max_connections(8)
@@ -24,7 +26,7 @@ pub async fn open(url: &str) -> Result<SqlStore> {
     super::migrations::migrator(super::migrations::SQLITE)
         .run(&pool)
         .await?;
-    Ok(SqlStore::new(pool, "sqlite", None))
+    Ok(pool)
 }
 
 /// Adds `mode=rwc` (create if missing) unless the URL already says how to open the file.

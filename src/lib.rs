@@ -40,7 +40,9 @@
 //!   CLI.
 //! - [`tls_client`]: which servers the agent and CLI trust (system roots, a CA file, none),
 //!   and the HTTP client both use for a relay's API.
-//! - [`relay`]: the server. `mod.rs` starts and stops the listeners together; `listen.rs`
+//! - [`relay`]: the server. `mod.rs` starts and stops the listeners together (`error.rs`
+//!   why it could not); `cluster.rs` the start-up writes relays sharing a store agree on
+//!   and the heartbeat with its pruning; `listen.rs`
 //!   one service's plain and TLS listeners with a capped accept loop, and the routing of a
 //!   TLS port shared by several services by ALPN; `api/` is the REST API (served by hyper
 //!   with header and body timeouts; `terminal.rs` the terminal's WebSocket upgrade); `web/` the dashboard and the browser terminal

@@ -103,14 +103,11 @@ fn agent_config(w: &World) -> std::path::PathBuf {
 
 /// Waits until `count` passes `bytes`: data is flowing through the tunnel.
 async fn flowing(count: &AtomicU64, bytes: u64) {
-    let started = Instant::now();
-    while count.load(Ordering::Relaxed) < bytes {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no data flowed through the tunnel"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let flowed = eventually(Duration::from_secs(30), || async {
+        count.load(Ordering::Relaxed) >= bytes
+    })
+    .await;
+    assert!(flowed.is_some(), "no data flowed through the tunnel");
 }
 
 async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
@@ -168,21 +165,12 @@ async fn kill_mid_transfer(victim: Victim, flow: Flow) {
     if let Victim::Agent = victim {
         // The relay noticed within the idle timeout: the device shows offline, and a
         // CONNECT answers 503 at once instead of waiting for a 504.
-        let started = Instant::now();
-        loop {
-            let (_, d) = w
-                .admin
-                .call("GET", &format!("/v1/devices/{uuid}"), None)
-                .await;
-            if d["online"] == false {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "still online: {d}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let path = format!("/v1/devices/{uuid}");
+        let offline = eventually(Duration::from_secs(10), || async {
+            w.admin.call("GET", &path, None).await.1["online"] == false
+        })
+        .await;
+        assert!(offline.is_some(), "still online 10 s after the agent died");
         let request = format!(
             "CONNECT {uuid}:{port} HTTP/1.1\r\nProxy-Authorization: Bearer {}\r\n\r\n",
             w.relay.admin_key()

@@ -132,14 +132,12 @@ async fn the_probe_brings_the_agent_back_to_quic() {
     // or take a tenth, plus the 2 s each probe waits for its answer) and nothing bigger
     // than a probe. Polled rather than slept, so a slow tunnel setup above cannot push the
     // first probes out of a fixed window.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let blocked = loop {
+    let counted = poll(Duration::from_secs(40), || async {
         let blocked = w.rig.counts().since(&before);
-        if blocked.up_udp >= 2 || Instant::now() > deadline {
-            break blocked;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+        (blocked.up_udp >= 2).then_some(blocked)
+    })
+    .await;
+    let blocked = counted.unwrap_or_else(|| w.rig.counts().since(&before));
     assert!(
         blocked.up_udp >= 2,
         "fewer than two UDP probes in 40 s while UDP was blocked: {blocked:?}"

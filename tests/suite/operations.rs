@@ -114,8 +114,7 @@ async fn a_real_scrape_is_clean_and_counts_running_tunnels() {
     // The device goes away: its link's end is counted by reason. A killed agent says
     // nothing; the relay sees it gone at the QUIC idle timeout (30 s), so wait past that.
     agent.kill();
-    let deadline = std::time::Instant::now() + common::TRANSFER_TIMEOUT;
-    let scrape = loop {
+    let scrape = common::poll(common::TRANSFER_TIMEOUT, || async {
         let (_, scrape) = get(&url).await;
         let ended: f64 = cloudlink::relay::metrics::DISCONNECT_REASONS
             .iter()
@@ -126,14 +125,12 @@ async fn a_real_scrape_is_clean_and_counts_running_tunnels() {
                 )
             })
             .sum();
-        if ended >= 1.0 && sample(&scrape, "cloudlink_tunnels_open") == 0.0 {
-            break scrape;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no disconnect counted:\n{scrape}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        (ended >= 1.0 && sample(&scrape, "cloudlink_tunnels_open") == 0.0).then_some(scrape)
+    })
+    .await;
+    let scrape = match scrape {
+        Some(scrape) => scrape,
+        None => panic!("no disconnect counted:\n{}", get(&url).await.1),
     };
     assert_eq!(
         sample(
@@ -383,15 +380,13 @@ async fn healthcheck_checks_the_relay_over_http_and_tls_and_the_agents_link() {
     assert!(ok && out.starts_with("agent: up "), "{out}");
     // Stopped (it tells its devices), the relay is gone for good: the link stays down.
     w.relay.stop();
-    let deadline = std::time::Instant::now() + common::EVENT_TIMEOUT;
-    let out = loop {
+    let down = common::poll(common::EVENT_TIMEOUT, || async {
         let (ok, out) = healthcheck(&["agent"], &agent_env);
-        if !ok {
-            break out;
-        }
-        assert!(std::time::Instant::now() < deadline, "still healthy: {out}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+        (!ok).then_some(out)
+    })
+    .await;
+    let out =
+        down.unwrap_or_else(|| panic!("still healthy: {}", healthcheck(&["agent"], &agent_env).1));
     assert!(out.contains("not up"), "{out}");
     let (ok, out) = healthcheck(&["relay"], &env);
     assert!(!ok, "{out}");

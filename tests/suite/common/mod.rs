@@ -993,24 +993,41 @@ pub fn rss_kib(pid: u32) -> u64 {
         .expect("VmRSS in /proc status")
 }
 
-/// Retries `f` (with a short pause between tries) until it returns true or `limit`
-/// passes; how long it took. For conditions another process brings about in its own time,
-/// never as a stand-in for readiness.
+/// The one polling loop of the tests: retries `f` (with a short, growing pause between
+/// tries) until it returns a value or `limit` passes. For conditions another process
+/// brings about in its own time, never as a stand-in for readiness.
+pub async fn poll<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if let Some(value) = f().await {
+            return Some(value);
+        }
+        if started.elapsed() >= limit {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// [`poll`] for a condition: how long it took to hold, or `None` if it did not within
+/// `limit`.
 pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     let started = std::time::Instant::now();
-    let mut pause = Duration::from_millis(20);
-    while started.elapsed() < limit {
-        if f().await {
-            return Some(started.elapsed());
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(200));
-    }
-    None
+    poll(limit, || {
+        let held = f();
+        async move { held.await.then(|| started.elapsed()) }
+    })
+    .await
 }
 
 /// The relay's Prometheus text.

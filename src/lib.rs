@@ -45,7 +45,9 @@
 //!   and the heartbeat with its pruning; `listen.rs`
 //!   one service's plain and TLS listeners with a capped accept loop, and the routing of a
 //!   TLS port shared by several services by ALPN; `api/` is the REST API (served by hyper
-//!   with header and body timeouts; `terminal.rs` the terminal's WebSocket upgrade); `web/` the dashboard and the browser terminal
+//!   with header and body timeouts), a file per route family (`users.rs`, `api_keys.rs`,
+//!   `tokens.rs`, `ssh_keys.rs`, `fleets.rs`, `devices.rs`, `tunnels.rs`, `relays.rs`,
+//!   `public_keys.rs`, `terminal.rs` the terminal's WebSocket upgrade); `web/` the dashboard and the browser terminal
 //!   (`terminal.rs` the WebSocket, `ssh.rs` the SSH client it speaks to the device);
 //!   `devices/` the device listeners (`mod.rs` a session whichever link carries it,
 //!   `quic.rs` QUIC and its admission, `tcp.rs` TLS over TCP with HTTP/2 streams);

@@ -1,12 +1,18 @@
 //! The REST API (axum): identities, fleets, devices, keys, audit; plus `/healthz`,
 //! `/readyz`, `/metrics` and the generated OpenAPI document.
 
+pub mod api_keys;
 pub mod devices;
 pub mod error;
 pub mod extract;
 mod fields;
 pub mod fleets;
+pub mod public_keys;
+pub mod relays;
+pub mod ssh_keys;
 pub mod terminal;
+pub mod tokens;
+pub mod tunnels;
 pub mod users;
 
 use std::net::SocketAddr;
@@ -61,12 +67,12 @@ impl Modify for BearerAuth {
     modifiers(&BearerAuth),
     paths(
         users::create_user, users::list_users, users::delete_user, users::me,
-        users::create_api_key, users::list_api_keys, users::revoke_api_key, users::issue_token,
-        users::add_ssh_key, users::list_ssh_keys, users::delete_ssh_key, users::import_ssh_keys,
+        api_keys::create_api_key, api_keys::list_api_keys, api_keys::revoke_api_key, tokens::issue_token,
+        ssh_keys::add_ssh_key, ssh_keys::list_ssh_keys, ssh_keys::delete_ssh_key, ssh_keys::import_ssh_keys,
         fleets::create_fleet, fleets::list_fleets, fleets::get_fleet, fleets::patch_fleet,
         fleets::delete_fleet, fleets::list_members, fleets::add_member, fleets::remove_member,
         devices::register_device, devices::list_devices, devices::get_device,
-        devices::delete_device, devices::rotate_key, devices::list_tunnels, devices::public_keys, devices::list_relays,
+        devices::delete_device, devices::rotate_key, tunnels::list_tunnels, public_keys::public_keys, relays::list_relays,
         healthz, readyz,
     )
 )]
@@ -155,16 +161,16 @@ pub fn router(state: Arc<Shared>) -> Router {
         .route("/v1/me", get(users::me))
         .route(
             "/v1/api-keys",
-            post(users::create_api_key).get(users::list_api_keys),
+            post(api_keys::create_api_key).get(api_keys::list_api_keys),
         )
-        .route("/v1/api-keys/{id}", delete(users::revoke_api_key))
-        .route("/v1/auth/token", post(users::issue_token))
+        .route("/v1/api-keys/{id}", delete(api_keys::revoke_api_key))
+        .route("/v1/auth/token", post(tokens::issue_token))
         .route(
             "/v1/ssh-keys",
-            post(users::add_ssh_key).get(users::list_ssh_keys),
+            post(ssh_keys::add_ssh_key).get(ssh_keys::list_ssh_keys),
         )
-        .route("/v1/ssh-keys/import", post(users::import_ssh_keys))
-        .route("/v1/ssh-keys/{id}", delete(users::delete_ssh_key))
+        .route("/v1/ssh-keys/import", post(ssh_keys::import_ssh_keys))
+        .route("/v1/ssh-keys/{id}", delete(ssh_keys::delete_ssh_key))
         .route(
             "/v1/fleets",
             post(fleets::create_fleet).get(fleets::list_fleets),
@@ -191,9 +197,12 @@ pub fn router(state: Arc<Shared>) -> Router {
         )
         .route("/v1/devices/{uuid}/rotate-key", post(devices::rotate_key))
         .route("/v1/devices/{uuid}/terminal", get(terminal::terminal))
-        .route("/v1/tunnels", get(devices::list_tunnels))
-        .route("/v1/relays", get(devices::list_relays))
-        .route("/auth/v1/public-keys/{login}", get(devices::public_keys))
+        .route("/v1/tunnels", get(tunnels::list_tunnels))
+        .route("/v1/relays", get(relays::list_relays))
+        .route(
+            "/auth/v1/public-keys/{login}",
+            get(public_keys::public_keys),
+        )
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

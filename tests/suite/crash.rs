@@ -276,7 +276,11 @@ async fn agent_killed_as_the_service_accepts_resets_the_service() {
         Ending::Reset,
         "the device's service saw {service_end:?}"
     );
-    // The user got an answer (a refusal or a 200 that then resets), never a hang.
+    // The user got an answer, never a hang: the device's refusal or loss (5xx), or a
+    // 200 if the agent said `opened` before it died.
     let (_stream, head) = within("the user's answer", user).await.unwrap();
-    assert!(status_of(&head) != 0 || head.is_empty(), "answer: {head}");
+    assert!(
+        matches!(status_of(&head), 200 | 502 | 503 | 504),
+        "answer: {head:?}"
+    );
 }

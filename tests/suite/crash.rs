@@ -101,6 +101,20 @@ fn agent_config(w: &World) -> std::path::PathBuf {
     path
 }
 
+/// A relay with short liveness, a device in it, and its agent connected.
+async fn device_with_agent() -> (World, String, Agent) {
+    let w = World::new(&limits(RELAY_LIMITS));
+    let (uuid, key) = w.device_in("pis").await;
+    let config = agent_config(&w);
+    let agent = Agent::start(
+        &w.relay,
+        &uuid,
+        &key,
+        &["--config", config.to_str().unwrap()],
+    );
+    (w, uuid, agent)
+}
+
 /// Waits until `count` passes `bytes`: data is flowing through the tunnel.
 async fn flowing(count: &AtomicU64, bytes: u64) {
     let flowed = eventually(Duration::from_secs(30), || async {
@@ -124,15 +138,7 @@ enum Victim {
 }
 
 async fn kill_mid_transfer(victim: Victim, flow: Flow) {
-    let mut w = World::new(&limits(RELAY_LIMITS));
-    let (uuid, key) = w.device_in("pis").await;
-    let config = agent_config(&w);
-    let mut agent = Agent::start(
-        &w.relay,
-        &uuid,
-        &key,
-        &["--config", config.to_str().unwrap()],
-    );
+    let (mut w, uuid, mut agent) = device_with_agent().await;
     let (port, service_end, service_count) = service(flow).await;
     let stream = tunnel(w.relay.proxy, &w.relay.admin_key(), &uuid, port).await;
     let (r, wr) = stream.into_split();
@@ -222,15 +228,7 @@ async fn silent_service() -> (u16, oneshot::Receiver<()>, oneshot::Receiver<Endi
 /// armed to reset before the `200` is written, not after.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_killed_as_the_200_arrives_resets_both_ends() {
-    let mut w = World::new(&limits(RELAY_LIMITS));
-    let (uuid, key) = w.device_in("pis").await;
-    let config = agent_config(&w);
-    let _agent = Agent::start(
-        &w.relay,
-        &uuid,
-        &key,
-        &["--config", config.to_str().unwrap()],
-    );
+    let (mut w, uuid, _agent) = device_with_agent().await;
     let (port, _accepted, service_end) = silent_service().await;
     let stream = tunnel(w.relay.proxy, &w.relay.admin_key(), &uuid, port).await;
     w.relay.kill();
@@ -253,15 +251,7 @@ async fn relay_killed_as_the_200_arrives_resets_both_ends() {
 /// client that connected and cleanly hung up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_as_the_service_accepts_resets_the_service() {
-    let w = World::new(&limits(RELAY_LIMITS));
-    let (uuid, key) = w.device_in("pis").await;
-    let config = agent_config(&w);
-    let mut agent = Agent::start(
-        &w.relay,
-        &uuid,
-        &key,
-        &["--config", config.to_str().unwrap()],
-    );
+    let (w, uuid, mut agent) = device_with_agent().await;
     let (port, accepted, service_end) = silent_service().await;
     let request = format!(
         "CONNECT {uuid}:{port} HTTP/1.1\r\nProxy-Authorization: Bearer {}\r\n\r\n",

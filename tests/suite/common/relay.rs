@@ -109,11 +109,7 @@ impl Relay {
         env: &[(&str, &str)],
         wrapper: &[&str],
     ) -> Relay {
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let (extra, env) = owned(extra, env);
         let log_file = data_dir.with_extension("log");
         Relay::spawn(data_dir, Listeners::any(), extra, env, log_file, wrapper)
     }
@@ -128,11 +124,7 @@ impl Relay {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Relay {
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let (extra, env) = owned(extra, env);
         let at = Listeners {
             device: device.to_owned(),
             device_tcp: None,
@@ -321,4 +313,14 @@ impl Drop for Relay {
             let _ = child.wait();
         }
     }
+}
+
+/// Owned copies of a relay's extra arguments and environment, kept for a restart.
+fn owned(extra: &[&str], env: &[(&str, &str)]) -> (Vec<String>, Vec<(String, String)>) {
+    let extra = extra.iter().map(|s| s.to_string()).collect();
+    let env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    (extra, env)
 }

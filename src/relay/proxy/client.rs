@@ -129,7 +129,7 @@ pub async fn refuse<C: ClientConn>(client: C, state: &Shared, version: &str, ref
 }
 
 /// Writes a whole error answer and closes, without letting a RST overtake it.
-pub async fn answer_and_close<C: ClientConn>(mut client: C, answer: &[u8]) {
+async fn answer_and_close<C: ClientConn>(mut client: C, answer: &[u8]) {
     let _ = client.write_all(answer).await;
     let _ = client.shutdown().await;
     // Closing with unread bytes from the client would send a RST that can overtake the

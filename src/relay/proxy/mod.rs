@@ -20,7 +20,7 @@ use super::listen::{Accepted, Conn, Listeners};
 use super::registry::TunnelKind;
 use super::state::Shared;
 use crate::proto::connect::{self, HeadError};
-pub use client::{answer_and_close, refuse, ClientConn, Pending};
+pub use client::{refuse, ClientConn, Pending};
 pub use refusal::{Refusal, Side};
 
 /// Accepts CONNECT clients on the plain and TLS listeners until shutdown; each connection

@@ -5,8 +5,8 @@ use crate::proto::api::Role;
 use async_trait::async_trait;
 use sqlx::error::DatabaseError as _;
 
-/// A row id (users, keys, fleets).
-pub type Id = i64;
+/// A row id (users, keys, fleets): the same id the API shows.
+pub use crate::proto::api::Id;
 
 /// Unix time in milliseconds; every timestamp in the store has this form.
 pub type Millis = i64;

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod listen;
 pub mod metrics;
 pub mod peer;
+pub mod presence;
 pub mod proxy;
 pub mod registry;
 pub mod revalidate;
@@ -310,7 +311,10 @@ impl Relay {
             let timeout = shared.config.limits.hello_timeout();
             background.spawn(router.run(timeout, shared.shutdown.clone()));
         }
-        background.spawn(devices::watch_presence(shared.clone()));
+        {
+            let shared = shared.clone();
+            background.spawn(async move { shared.presence.watch(shared.shutdown.clone()).await });
+        }
         {
             let every = Duration::from_millis(shared.config.limits.tls_reload_check_ms.max(100));
             let stop = shared.shutdown.clone();
@@ -440,11 +444,7 @@ async fn drained(shared: &Shared) {
     let cluster = shared.peer_keys.is_some();
     loop {
         let tunnels = shared.registry.tunnel_count();
-        let devices = if cluster {
-            shared.registry.device_count()
-        } else {
-            0
-        };
+        let devices = if cluster { shared.presence.count() } else { 0 };
         if tunnels == 0 && devices == 0 {
             return;
         }

@@ -90,10 +90,7 @@ async fn admit_peer(
         return Err(Refusal::Forbidden);
     }
     // The device must be here: the owner never forwards further (no loops).
-    let session = state
-        .registry
-        .device(&device)
-        .ok_or(Refusal::DeviceOffline)?;
+    let session = state.presence.here(&device).ok_or(Refusal::DeviceOffline)?;
     let entry = admit::new_entry(
         claims.sub,
         &device,

@@ -1,71 +1,16 @@
-//! Who is connected to this relay: device sessions and open tunnels.
+//! The tunnels open on this relay, with the limits on them. (Device sessions are
+//! presence's: `presence.rs`.)
 //!
-//! Both maps are touched once when something opens or closes, never per chunk, so a plain
+//! The maps are touched once when something opens or closes, never per chunk, so a plain
 //! mutex (never held across an await) is enough.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Limits;
-use crate::proto::messages::RelayControl;
 use crate::store::Id;
-
-/// One device's live session on this relay (on either transport).
-pub struct DeviceSession {
-    /// Device uuid.
-    pub uuid: String,
-    /// This session's id (also in `presence`); a newer session replaces an older one.
-    pub session: String,
-    /// The device link, on which tunnel streams are opened.
-    pub link: crate::link::device::DeviceLink,
-    /// Messages for the agent's control stream (`drain`, `replaced`).
-    pub control: mpsc::Sender<RelayControl>,
-    /// The account its sshd logs users in as, from the hello; `None`: each user's own
-    /// cloud username.
-    pub ssh_login: Option<String>,
-    /// What the agent announced it can do (PROTOCOL.md §2, "Features"); empty for an
-    /// older agent. Requests that need a feature go only to sessions that have it.
-    pub features: Vec<String>,
-    /// Tunnels open on this session; a superseded session closes when it reaches zero.
-    pub tunnels: std::sync::atomic::AtomicUsize,
-    /// Woken whenever a tunnel of this session ends.
-    pub tunnel_ended: tokio::sync::Notify,
-}
-
-impl DeviceSession {
-    /// Counts a tunnel on this session until the returned guard is dropped.
-    pub fn tunnel(self: &Arc<Self>) -> SessionTunnel {
-        self.tunnels
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        SessionTunnel(self.clone())
-    }
-
-    /// Waits until no tunnel is open on this session.
-    pub async fn tunnels_done(&self) {
-        loop {
-            let ended = self.tunnel_ended.notified();
-            if self.tunnels.load(std::sync::atomic::Ordering::Acquire) == 0 {
-                return;
-            }
-            ended.await;
-        }
-    }
-}
-
-/// One open tunnel's place on its device session.
-pub struct SessionTunnel(Arc<DeviceSession>);
-
-impl Drop for SessionTunnel {
-    fn drop(&mut self) {
-        self.0
-            .tunnels
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        self.0.tunnel_ended.notify_waiters();
-    }
-}
 
 /// One open tunnel, as revocation checks and limits need it.
 pub struct TunnelEntry {
@@ -151,10 +96,9 @@ fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
     }
 }
 
-/// The registry of this relay's device sessions and tunnels.
+/// The registry of this relay's tunnels.
 #[derive(Default)]
 pub struct Registry {
-    devices: Mutex<HashMap<String, Arc<DeviceSession>>>,
     tunnels: Mutex<Tunnels>,
 }
 
@@ -165,53 +109,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Registry {
-    /// Registers a session; returns the one it replaces, if any.
-    pub fn insert_device(&self, session: Arc<DeviceSession>) -> Option<Arc<DeviceSession>> {
-        lock(&self.devices).insert(session.uuid.clone(), session)
-    }
-
-    /// Removes a device's session if it is still `session` (a newer one stays).
-    pub fn remove_device(&self, uuid: &str, session: &str) -> bool {
-        let mut devices = lock(&self.devices);
-        if devices.get(uuid).is_some_and(|s| s.session == session) {
-            devices.remove(uuid);
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Removes a device's session unless it is `current`: a newer session of the device
-    /// exists (here or on another relay), so the old one takes no new tunnels.
-    pub fn supersede(&self, uuid: &str, current: &str) -> Option<Arc<DeviceSession>> {
-        let mut devices = lock(&self.devices);
-        if devices.get(uuid).is_some_and(|s| s.session != current) {
-            devices.remove(uuid)
-        } else {
-            None
-        }
-    }
-
-    /// Removes a device's session whatever it is (the device was deleted).
-    pub fn take_device(&self, uuid: &str) -> Option<Arc<DeviceSession>> {
-        lock(&self.devices).remove(uuid)
-    }
-
-    /// The device's session on this relay.
-    pub fn device(&self, uuid: &str) -> Option<Arc<DeviceSession>> {
-        lock(&self.devices).get(uuid).cloned()
-    }
-
-    /// How many devices are connected.
-    pub fn device_count(&self) -> usize {
-        lock(&self.devices).len()
-    }
-
-    /// Every session (for drain on shutdown).
-    pub fn devices(&self) -> Vec<Arc<DeviceSession>> {
-        lock(&self.devices).values().cloned().collect()
-    }
-
     /// Admits a tunnel under the limits, or says which limit refused it.
     pub fn admit_tunnel(&self, entry: Arc<TunnelEntry>, limits: &Limits) -> Result<(), LimitHit> {
         let mut t = lock(&self.tunnels);

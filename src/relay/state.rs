@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::authcache::{AuthCache, TtlCache};
+use super::authcache::AuthCache;
 use super::limits::{AuthFailures, SourceSlots};
 use super::metrics::Metrics;
+use super::presence::Presence;
 use super::registry::Registry;
 use crate::auth::tokens::JwtKeys;
 use crate::auth::Principal;
@@ -35,7 +36,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Failed authentications per source address.
     pub auth_failures: AuthFailures,
-    /// Device sessions and open tunnels on this relay.
+    /// Where devices are: the sessions on this relay and the cluster's others.
+    pub presence: Presence,
+    /// Open tunnels on this relay.
     pub registry: Registry,
     /// Recent authorization answers for CONNECT.
     pub auth_cache: AuthCache,
@@ -52,10 +55,6 @@ pub struct Shared {
     pub proxy_pending: Arc<Semaphore>,
     /// Places for CONNECT connections that have not authenticated yet, per source.
     pub proxy_sources: SourceSlots,
-    /// Where recently forwarded devices are (device → owner relay), for the auth cache's
-    /// lifetime: a CONNECT through a peer hop then costs no store round trip. Dropped on
-    /// any presence change of the device and when the owner cannot be reached.
-    pub owners: TtlCache<String, crate::store::Presence>,
     /// When each API key's use was last sent to the store, so a busy key costs one write
     /// a minute and a failing store one attempt a minute, not one per request.
     key_uses: Mutex<HashMap<Id, Instant>>,
@@ -73,7 +72,16 @@ impl Shared {
     ) -> Arc<Shared> {
         let auth_failures = AuthFailures::new(config.limits.auth_failures_per_minute);
         let cache_ttl = std::time::Duration::from_millis(config.limits.auth_cache_ms);
+        let cluster = peer_keys.is_some();
+        let presence = Presence::new(
+            store.clone(),
+            relay_id.clone(),
+            cluster,
+            cache_ttl,
+            &metrics,
+        );
         Arc::new(Shared {
+            presence,
             store,
             jwt,
             peer_keys,
@@ -82,7 +90,6 @@ impl Shared {
             auth_failures,
             registry: Registry::default(),
             auth_cache: AuthCache::new(cache_ttl),
-            owners: TtlCache::new(cache_ttl),
             draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             tunnel_tasks: tokio_util::task::TaskTracker::new(),
@@ -107,7 +114,7 @@ impl Shared {
     pub fn status(&self) -> crate::store::RelayStatus {
         crate::store::RelayStatus {
             draining: self.draining.is_cancelled(),
-            devices: self.registry.device_count() as i64,
+            devices: self.presence.count() as i64,
             tunnels: self.registry.tunnel_count() as i64,
         }
     }
@@ -158,11 +165,10 @@ impl Shared {
 
     /// Ends a deleted device's session at once: its key no longer works.
     pub fn device_deleted(&self, uuid: &str) {
-        if let Some(session) = self.registry.take_device(uuid) {
-            self.metrics.connected_over(session.link.transport()).dec();
-            session
-                .link
-                .close(crate::proto::messages::codes::DELETED, "device deleted");
-        }
+        self.presence.evict(
+            uuid,
+            crate::proto::messages::codes::DELETED,
+            "device deleted",
+        );
     }
 }

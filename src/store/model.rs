@@ -332,8 +332,8 @@ pub struct RelayStatus {
 }
 
 /// A device's presence moved: it connected to `relay_id` in `session`. Every relay hears
-/// it (Postgres `LISTEN/NOTIFY`; in-process on SQLite), and a relay holding an older
-/// session of the device supersedes it.
+/// it (Postgres `LISTEN/NOTIFY`, encoded in `postgres.rs`; in-process on SQLite), and a
+/// relay holding an older session of the device supersedes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PresenceChange {
     /// The device.
@@ -342,28 +342,6 @@ pub struct PresenceChange {
     pub relay_id: String,
     /// The new session.
     pub session: String,
-}
-
-impl PresenceChange {
-    /// The NOTIFY payload: three space-free tokens separated by spaces.
-    pub fn to_payload(&self) -> String {
-        format!("{} {} {}", self.device_uuid, self.relay_id, self.session)
-    }
-
-    /// Parses a NOTIFY payload; `None` for anything else.
-    pub fn from_payload(payload: &str) -> Option<PresenceChange> {
-        let mut parts = payload.split(' ');
-        let (Some(d), Some(r), Some(s), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return None;
-        };
-        Some(PresenceChange {
-            device_uuid: d.to_owned(),
-            relay_id: r.to_owned(),
-            session: s.to_owned(),
-        })
-    }
 }
 
 /// Held while a relay does its start-up writes (bootstrap admin, shared secrets), so

@@ -83,7 +83,7 @@ pub async fn notify_presence(
 ) -> Result<()> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(PRESENCE_CHANNEL)
-        .bind(change.to_payload())
+        .bind(to_payload(change))
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -106,7 +106,7 @@ pub async fn listen_presence(url: String, tx: broadcast::Sender<PresenceChange>)
                     }
                     match listener.recv().await {
                         Ok(n) => {
-                            if let Some(change) = PresenceChange::from_payload(n.payload()) {
+                            if let Some(change) = from_payload(n.payload()) {
                                 let _ = tx.send(change);
                             }
                         }
@@ -121,5 +121,47 @@ pub async fn listen_presence(url: String, tx: broadcast::Sender<PresenceChange>)
             Err(e) => tracing::warn!(error = %e, "presence listener cannot connect"),
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// A presence change as a NOTIFY payload: three space-free tokens separated by spaces.
+fn to_payload(change: &PresenceChange) -> String {
+    format!(
+        "{} {} {}",
+        change.device_uuid, change.relay_id, change.session
+    )
+}
+
+/// Parses a NOTIFY payload; `None` for anything else (another writer on the channel).
+/// Runs of spaces count as one: a token is never empty.
+fn from_payload(payload: &str) -> Option<PresenceChange> {
+    let mut parts = payload.split(' ').filter(|part| !part.is_empty());
+    let (Some(d), Some(r), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    Some(PresenceChange {
+        device_uuid: d.to_owned(),
+        relay_id: r.to_owned(),
+        session: s.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_presence_payload_reads_back_and_nothing_else_does() {
+        let change = PresenceChange {
+            device_uuid: "d1".into(),
+            relay_id: "r1".into(),
+            session: "s1".into(),
+        };
+        assert_eq!(from_payload(&to_payload(&change)), Some(change));
+        for other in ["", "d1 r1", "d1 r1 s1 extra", "d1  r1", " "] {
+            assert_eq!(from_payload(other), None, "{other:?}");
+        }
     }
 }

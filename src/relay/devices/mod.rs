@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::registry::DeviceSession;
+use super::presence::DeviceSession;
 use super::state::Shared;
 use crate::auth::tokens;
 use crate::auth::KeyMatch;
@@ -37,51 +37,10 @@ pub async fn announce_drain(state: Arc<Shared>) {
         _ = state.draining.cancelled() => {}
         _ = state.shutdown.cancelled() => return,
     }
-    for device in state.registry.devices() {
+    for device in state.presence.sessions() {
         let _ = device.control.try_send(RelayControl::Drain {
             reconnect_ms: DRAIN_RECONNECT_MS,
         });
-    }
-}
-
-/// Takes `old` out of service because a newer session of its device exists (on this relay
-/// or another): it gets no new tunnels, hears `replaced`, and closes once its open tunnels
-/// have ended (or the grace period passed).
-pub fn supersede(state: &Shared, old: &DeviceSession) {
-    state.metrics.presence_conflicts.inc();
-    tracing::info!(device = %old.uuid, session = %old.session, "session superseded by a newer one");
-    if old.control.try_send(RelayControl::Replaced).is_err() {
-        // Its loop is gone or stuck: nothing left to wait for.
-        old.link
-            .close(codes::REPLACED, "replaced by a newer session");
-    }
-}
-
-/// Supersedes local sessions whose device has connected elsewhere since (PROTOCOL.md §2):
-/// presence changes come from every relay through the store (Postgres `LISTEN/NOTIFY`).
-pub async fn watch_presence(state: Arc<Shared>) {
-    let mut changes = state.store.presence_changes();
-    loop {
-        let change = tokio::select! {
-            change = changes.recv() => change,
-            _ = state.shutdown.cancelled() => return,
-        };
-        match change {
-            Ok(change) => {
-                state.owners.remove(&change.device_uuid);
-                if let Some(old) = state
-                    .registry
-                    .supersede(&change.device_uuid, &change.session)
-                {
-                    state.metrics.connected_over(old.link.transport()).dec();
-                    supersede(&state, &old);
-                }
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "presence changes came faster than handled");
-            }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        }
     }
 }
 
@@ -188,14 +147,14 @@ pub trait Control: Send {
     fn finish(&mut self) -> impl std::future::Future<Output = ()> + Send;
 }
 
-/// A session in the registry and in presence: tunnels can reach it.
+/// A session in presence: tunnels can reach it.
 pub struct Registered {
     device: Arc<DeviceSession>,
     messages: mpsc::Receiver<RelayControl>,
 }
 
-/// Puts an accepted session in the registry and presence (before the agent hears that it
-/// is connected, so that "connected" means reachable).
+/// Makes an accepted session its device's session in presence (before the agent hears
+/// that it is connected, so that "connected" means reachable).
 async fn register(
     state: &Arc<Shared>,
     uuid: String,
@@ -207,7 +166,7 @@ async fn register(
     let (control_tx, messages) = mpsc::channel(4);
     let device = Arc::new(DeviceSession {
         uuid: uuid.clone(),
-        session: session_id.clone(),
+        session: session_id,
         link,
         control: control_tx,
         ssh_login: hello.ssh_login.clone(),
@@ -215,27 +174,7 @@ async fn register(
         tunnels: Default::default(),
         tunnel_ended: Default::default(),
     });
-    match state.registry.insert_device(device.clone()) {
-        Some(old) => {
-            state.metrics.connected_over(old.link.transport()).dec();
-            state.metrics.connected_over(transport).inc();
-            supersede(state, &old);
-        }
-        None => state.metrics.connected_over(transport).inc(),
-    }
-    if let Err(e) = state
-        .store
-        .set_presence(
-            &uuid,
-            &state.relay_id,
-            &session_id,
-            transport.as_str(),
-            hello.ssh_login.as_deref(),
-        )
-        .await
-    {
-        tracing::warn!(device = %uuid, error = %e, "cannot record presence; the device is reachable here anyway");
-    }
+    state.presence.claim(device.clone()).await;
     state
         .metrics
         .device_hellos
@@ -263,27 +202,20 @@ async fn run_session<C: Control>(state: &Arc<Shared>, mut registered: Registered
     unregister(state, &registered, &reason).await;
 }
 
-/// Takes a session out of the registry and presence.
+/// Takes a session out of presence.
 async fn unregister(state: &Shared, registered: &Registered, reason: &str) {
     let device = &registered.device;
-    let (uuid, session_id) = (&device.uuid, &device.session);
-    if state.registry.remove_device(uuid, session_id) {
-        state.metrics.connected_over(device.link.transport()).dec();
-    }
-    // At shutdown the relay removes all of its presence rows in one statement; one write
-    // per device here would only hold up the exit.
-    if !state.shutdown.is_cancelled() {
-        if let Err(e) = state.store.clear_presence(uuid, session_id).await {
-            tracing::warn!(device = %uuid, error = %e, "cannot clear presence");
-        }
-    }
+    state
+        .presence
+        .release(device, state.shutdown.is_cancelled())
+        .await;
     let class = super::metrics::disconnect_reason(reason, state.draining.is_cancelled());
     state
         .metrics
         .device_disconnects
         .with_label_values(&[class])
         .inc();
-    tracing::info!(device = %uuid, reason = %crate::logsafe::Peer(reason), "device disconnected");
+    tracing::info!(device = %device.uuid, reason = %crate::logsafe::Peer(reason), "device disconnected");
 }
 
 /// Runs a session until its link ends: forwards control messages to the agent. A

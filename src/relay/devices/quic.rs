@@ -91,7 +91,7 @@ fn admission(endpoint: &quinn::Endpoint, incoming: &quinn::Incoming, state: &Sha
     let sessions = state.metrics.connected_over(Transport::Quic).get().max(0) as usize;
     let pending = open.saturating_sub(sessions);
     // Devices on either transport count against `max_devices`.
-    if state.registry.device_count() + pending >= limits.max_devices {
+    if state.presence.count() + pending >= limits.max_devices {
         return Admission::Refuse;
     }
     if pending >= limits.handshakes_max {

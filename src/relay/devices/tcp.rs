@@ -32,7 +32,7 @@ pub async fn run(listeners: Listeners, state: Arc<Shared>) {
     let handshakes = Arc::new(Semaphore::new(limits.handshakes_max));
     let tracker = TaskTracker::new();
     while let Some(accepted) = listeners.next(&handshakes, &state.shutdown).await {
-        if state.registry.device_count() >= limits.max_devices {
+        if state.presence.count() >= limits.max_devices {
             tracing::debug!(remote = %accepted.peer, "device limit reached; connection dropped");
             continue;
         }

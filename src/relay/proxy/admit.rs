@@ -15,7 +15,8 @@ use crate::link::device::{DeviceLink, OpenError};
 use crate::link::{LinkRecv, LinkSend};
 use crate::proto::connect::{self, ConnectHead};
 use crate::proto::messages::{RefuseCode, TunnelOpen};
-use crate::relay::registry::{DeviceSession, LimitHit, SessionTunnel, TunnelEntry, TunnelKind};
+use crate::relay::presence::{DeviceSession, SessionTunnel, Where};
+use crate::relay::registry::{LimitHit, TunnelEntry, TunnelKind};
 use crate::relay::state::Shared;
 use crate::store::{Id, Presence};
 
@@ -39,6 +40,9 @@ pub struct Admitted {
     pub recv: LinkRecv,
     /// The tunnel's place on its device session (a superseded session waits for it).
     pub on_session: SessionTunnel,
+    /// The account the device's sshd logs users in as, from its hello (`None`: each
+    /// user's own cloud username).
+    pub ssh_login: Option<String>,
     /// Whether this relay writes the audit row: not for a tunnel that came over the peer
     /// link (the relay the user came to writes it, once).
     pub audited: bool,
@@ -127,28 +131,18 @@ pub async fn admit(
     let user_id = principal.user.id;
     let username = principal.user.username;
     let entry = new_entry(user_id, &device, port, token, true, id, kind);
-    if let Some(session) = state.registry.device(&device) {
-        return open_local(state, &session, entry, ask.version, username, true)
-            .await
-            .map(Route::Local);
-    }
-    // Not here: the relay that holds it, if a live one does.
-    if state.peer_keys.is_none() {
-        return Err(Refusal::DeviceOffline);
-    }
-    let owner = match state.owners.get(&device) {
-        Some(p) => p,
-        None => match state.store.presence(&device).await {
-            Ok(Some(p)) if p.relay_id != state.relay_id => {
-                state.owners.put(device.clone(), p.clone());
-                p
-            }
-            Ok(_) => return Err(Refusal::DeviceOffline),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot look up where a device is");
-                return Err(Refusal::StoreUnavailable);
-            }
-        },
+    let owner = match state.presence.locate(&device).await {
+        Ok(Where::Here(session)) => {
+            return open_local(state, &session, entry, ask.version, username, true)
+                .await
+                .map(Route::Local);
+        }
+        Ok(Where::Elsewhere(owner)) => owner,
+        Ok(Where::Offline) => return Err(Refusal::DeviceOffline),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look up where a device is");
+            return Err(Refusal::StoreUnavailable);
+        }
     };
     admit_entry(state, &entry)?;
     Ok(Route::Peer(Forward {
@@ -241,6 +235,7 @@ pub async fn open_local(
             send,
             recv,
             on_session,
+            ssh_login: session.ssh_login.clone(),
             audited,
         }),
         Err(refusal) => {

@@ -114,6 +114,9 @@ pub struct InProcess {
     pub user_id: crate::store::Id,
     /// Their name.
     pub username: String,
+    /// The account the device's sshd logs users in as, from its hello (`None`: each
+    /// user's own cloud username).
+    pub ssh_login: Option<String>,
 }
 
 /// Opens a tunnel for a client inside this relay (the browser terminal): the same
@@ -143,9 +146,13 @@ pub async fn open_in_process(
     let (ours, theirs) = tokio::io::duplex(64 * 1024);
     let tasks = state.tunnel_tasks.clone();
     let state = state.clone();
-    let (user_id, username) = match route {
+    let (user_id, username, ssh_login) = match route {
         admit::Route::Local(admitted) => {
-            let user = (admitted.user_id, admitted.username.clone());
+            let user = (
+                admitted.user_id,
+                admitted.username.clone(),
+                admitted.ssh_login.clone(),
+            );
             tasks.spawn(async move {
                 tunnel::run(theirs, BytesMut::new(), admitted, &state, received).await
             });
@@ -156,7 +163,11 @@ pub async fn open_in_process(
             let owner = to_owner::reach_owner(&forward, &state)
                 .instrument(span.clone())
                 .await?;
-            let user = (forward.user_id, forward.username.clone());
+            let user = (
+                forward.user_id,
+                forward.username.clone(),
+                forward.owner.ssh_login.clone(),
+            );
             tasks.spawn(
                 async move {
                     to_owner::join_owner(theirs, BytesMut::new(), forward, owner, &state, received)
@@ -171,6 +182,7 @@ pub async fn open_in_process(
         stream: ours,
         user_id,
         username,
+        ssh_login,
     })
 }
 

@@ -56,7 +56,7 @@ pub async fn reach_owner(f: &Forward, state: &Shared) -> Result<(TcpStream, Byte
         Ok(found) => found,
         Err(why) => {
             state.registry.remove_tunnel(&f.entry.id);
-            state.owners.remove(&f.device);
+            state.presence.forget(&f.device);
             tracing::warn!(owner = %f.owner.relay_id, addr = %f.owner.peer_addr, "cannot forward: {why}");
             return Err(Refusal::DeviceOffline);
         }
@@ -66,7 +66,7 @@ pub async fn reach_owner(f: &Forward, state: &Shared) -> Result<(TcpStream, Byte
         state.registry.remove_tunnel(&f.entry.id);
         if status == 503 {
             // It no longer holds the device: ask the store next time.
-            state.owners.remove(&f.device);
+            state.presence.forget(&f.device);
         }
         tracing::info!(status, owner = %f.owner.relay_id, "CONNECT refused by the device's relay");
         return Err(Refusal::Owner { status, answer });

@@ -55,6 +55,7 @@ async fn run_in_span<C: ClientConn>(
         recv,
         on_session,
         audited,
+        ssh_login: _,
     } = t;
     let counters = &entry.counters;
     // From here until an orderly close, a crash of this process resets the client's

@@ -182,21 +182,11 @@ async fn start(
         stream,
         user_id,
         username,
+        ssh_login,
     } = opened;
     let store = state.store.as_ref();
     // The account: what the device announced, else the user's own name.
-    let announced = match state.registry.device(uuid) {
-        Some(session) => Some(session.ssh_login.clone()),
-        None => match store.presence(uuid).await {
-            Ok(Some(p)) => Some(p.ssh_login),
-            Ok(None) => None,
-            Err(e) => return Err(unavailable(e)),
-        },
-    };
-    let Some(announced) = announced else {
-        return Err(fail("offline", "The device is not connected."));
-    };
-    let login = announced.unwrap_or_else(|| username.clone());
+    let login = ssh_login.unwrap_or_else(|| username.clone());
     let key = SessionKey::mint(&id, uuid, &login, user_id, crate::store::now_ms());
     if let Err(e) = store.add_ephemeral_key(&key.row).await {
         return Err(unavailable(e));

@@ -1,0 +1,292 @@
+//! Presence: where each device's session is. This module is its one owner. It keeps the
+//! sessions this relay holds, writes and clears the store's presence rows for them, caches
+//! where devices on other relays are, and watches the cluster's changes (PROTOCOL.md §2) to
+//! supersede a session whose device connected again, here or elsewhere. The store only
+//! keeps the rows ([`crate::store::Presence`]); nothing else reads or writes them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::authcache::TtlCache;
+use super::metrics::Metrics;
+use crate::link::device::DeviceLink;
+use crate::proto::messages::{codes, RelayControl};
+use crate::store::{Store, StoreError};
+
+/// One device's live session on this relay (on either transport).
+pub struct DeviceSession {
+    /// Device uuid.
+    pub uuid: String,
+    /// This session's id (also in the store's presence row); a newer session replaces an
+    /// older one.
+    pub session: String,
+    /// The device link, on which tunnel streams are opened.
+    pub link: DeviceLink,
+    /// Messages for the agent's control stream (`drain`, `replaced`).
+    pub control: mpsc::Sender<RelayControl>,
+    /// The account its sshd logs users in as, from the hello; `None`: each user's own
+    /// cloud username.
+    pub ssh_login: Option<String>,
+    /// What the agent announced it can do (PROTOCOL.md §2, "Features"); empty for an
+    /// older agent. Requests that need a feature go only to sessions that have it.
+    pub features: Vec<String>,
+    /// Tunnels open on this session; a superseded session closes when it reaches zero.
+    pub tunnels: std::sync::atomic::AtomicUsize,
+    /// Woken whenever a tunnel of this session ends.
+    pub tunnel_ended: tokio::sync::Notify,
+}
+
+impl DeviceSession {
+    /// Counts a tunnel on this session until the returned guard is dropped.
+    pub fn tunnel(self: &Arc<Self>) -> SessionTunnel {
+        self.tunnels
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        SessionTunnel(self.clone())
+    }
+
+    /// Waits until no tunnel is open on this session.
+    pub async fn tunnels_done(&self) {
+        loop {
+            let ended = self.tunnel_ended.notified();
+            if self.tunnels.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+/// One open tunnel's place on its device session.
+pub struct SessionTunnel(Arc<DeviceSession>);
+
+impl Drop for SessionTunnel {
+    fn drop(&mut self) {
+        self.0
+            .tunnels
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.tunnel_ended.notify_waiters();
+    }
+}
+
+/// Where a device is, as far as this relay can tell.
+pub enum Where {
+    /// On this relay.
+    Here(Arc<DeviceSession>),
+    /// On another live relay of the cluster (cached for the auth cache's lifetime).
+    Elsewhere(crate::store::Presence),
+    /// Nowhere this relay can reach.
+    Offline,
+}
+
+/// The device sessions on this relay and what it knows of the others'.
+pub struct Presence {
+    store: Arc<dyn Store>,
+    /// This relay's id, as its presence rows name it.
+    relay_id: String,
+    /// Whether other relays may hold devices (cluster mode); a single relay never asks the
+    /// store where a device is.
+    cluster: bool,
+    /// The sessions this relay holds, by device.
+    here: Mutex<HashMap<String, Arc<DeviceSession>>>,
+    /// Where recently forwarded devices are: a CONNECT through a peer hop then costs no
+    /// store round trip. Dropped on any presence change of the device and when the owner
+    /// cannot be reached.
+    elsewhere: TtlCache<String, crate::store::Presence>,
+    connected: IntGaugeVec,
+    conflicts: IntCounter,
+    write_failures: IntCounterVec,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the map half-updated in a way that
+    // matters more than refusing service, so poisoning is ignored.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Presence {
+    /// Presence for the relay `relay_id`; other relays' answers are cached for `ttl`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        relay_id: String,
+        cluster: bool,
+        ttl: std::time::Duration,
+        metrics: &Metrics,
+    ) -> Presence {
+        Presence {
+            store,
+            relay_id,
+            cluster,
+            here: Mutex::new(HashMap::new()),
+            elsewhere: TtlCache::new(ttl),
+            connected: metrics.devices_connected.clone(),
+            conflicts: metrics.presence_conflicts.clone(),
+            write_failures: metrics.store_write_failures.clone(),
+        }
+    }
+
+    fn connected(&self, session: &DeviceSession) -> prometheus::IntGauge {
+        self.connected
+            .with_label_values(&[session.link.transport().as_str()])
+    }
+
+    /// Makes `session` its device's session: here at once (before the agent hears that it
+    /// is connected, so that "connected" means reachable), then in the store, which tells
+    /// every relay. An older session of the device on this relay is superseded. A store
+    /// that cannot take the row is logged and counted: the device is reachable here anyway.
+    pub async fn claim(&self, session: Arc<DeviceSession>) {
+        self.connected(&session).inc();
+        let old = lock(&self.here).insert(session.uuid.clone(), session.clone());
+        if let Some(old) = old {
+            self.connected(&old).dec();
+            self.supersede(&old);
+        }
+        let written = self
+            .store
+            .set_presence(
+                &session.uuid,
+                &self.relay_id,
+                &session.session,
+                session.link.transport().as_str(),
+                session.ssh_login.as_deref(),
+            )
+            .await;
+        if let Err(e) = written {
+            tracing::warn!(device = %session.uuid, error = %e, "cannot record presence; the device is reachable here anyway");
+            self.write_failures.with_label_values(&["presence"]).inc();
+        }
+    }
+
+    /// Ends `session`'s presence: here, and in the store unless `whole_relay` (at shutdown
+    /// the relay removes all its rows in one statement; one write per device would only hold
+    /// up the exit). A newer session of the device stays.
+    pub async fn release(&self, session: &DeviceSession, whole_relay: bool) {
+        let removed = {
+            let mut here = lock(&self.here);
+            let current = here
+                .get(&session.uuid)
+                .is_some_and(|s| s.session == session.session);
+            current && here.remove(&session.uuid).is_some()
+        };
+        if removed {
+            self.connected(session).dec();
+        }
+        if whole_relay {
+            return;
+        }
+        if let Err(e) = self
+            .store
+            .clear_presence(&session.uuid, &session.session)
+            .await
+        {
+            tracing::warn!(device = %session.uuid, error = %e, "cannot clear presence");
+            self.write_failures.with_label_values(&["presence"]).inc();
+        }
+    }
+
+    /// Takes a device's session out of service whatever it is (the device was deleted)
+    /// and closes its link with `code`.
+    pub fn evict(&self, uuid: &str, code: u32, reason: &str) {
+        let session = lock(&self.here).remove(uuid);
+        if let Some(session) = session {
+            self.connected(&session).dec();
+            session.link.close(code, reason);
+        }
+    }
+
+    /// The device's session on this relay.
+    pub fn here(&self, uuid: &str) -> Option<Arc<DeviceSession>> {
+        lock(&self.here).get(uuid).cloned()
+    }
+
+    /// How many devices are connected here.
+    pub fn count(&self) -> usize {
+        lock(&self.here).len()
+    }
+
+    /// Every session here (for drain).
+    pub fn sessions(&self) -> Vec<Arc<DeviceSession>> {
+        lock(&self.here).values().cloned().collect()
+    }
+
+    /// Where `uuid` is: here, on another relay (from the cache, else the store), or
+    /// nowhere. A row that names this relay without a session here is stale: offline.
+    pub async fn locate(&self, uuid: &str) -> Result<Where, StoreError> {
+        if let Some(session) = self.here(uuid) {
+            return Ok(Where::Here(session));
+        }
+        if !self.cluster {
+            return Ok(Where::Offline);
+        }
+        if let Some(p) = self.elsewhere.get(&uuid.to_owned()) {
+            return Ok(Where::Elsewhere(p));
+        }
+        match self.store.presence(uuid).await? {
+            Some(p) if p.relay_id != self.relay_id => {
+                self.elsewhere.put(uuid.to_owned(), p.clone());
+                Ok(Where::Elsewhere(p))
+            }
+            _ => Ok(Where::Offline),
+        }
+    }
+
+    /// Drops what is cached about `uuid` on another relay (that relay could not be reached
+    /// or no longer holds it): the next tunnel asks the store.
+    pub fn forget(&self, uuid: &str) {
+        self.elsewhere.remove(&uuid.to_owned());
+    }
+
+    /// Follows presence changes from every relay through the store (Postgres
+    /// `LISTEN/NOTIFY`) until `stop`: drops the cached answer for the device, and
+    /// supersedes a session here whose device has connected in another session since.
+    pub async fn watch(&self, stop: CancellationToken) {
+        let mut changes = self.store.presence_changes();
+        loop {
+            let change = tokio::select! {
+                change = changes.recv() => change,
+                _ = stop.cancelled() => return,
+            };
+            match change {
+                Ok(change) => {
+                    self.forget(&change.device_uuid);
+                    let old = {
+                        let mut here = lock(&self.here);
+                        let moved = here
+                            .get(&change.device_uuid)
+                            .is_some_and(|s| s.session != change.session);
+                        if moved {
+                            here.remove(&change.device_uuid)
+                        } else {
+                            None
+                        }
+                    };
+                    if let Some(old) = old {
+                        self.connected(&old).dec();
+                        self.supersede(&old);
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "presence changes came faster than handled");
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Takes `old` out of service because a newer session of its device exists: it already
+    /// gets no new tunnels; it hears `replaced` and closes once its open tunnels have ended
+    /// (or the grace period passed).
+    fn supersede(&self, old: &DeviceSession) {
+        self.conflicts.inc();
+        tracing::info!(device = %old.uuid, session = %old.session, "session superseded by a newer one");
+        if old.control.try_send(RelayControl::Replaced).is_err() {
+            // Its loop is gone or stuck: nothing left to wait for.
+            old.link
+                .close(codes::REPLACED, "replaced by a newer session");
+        }
+    }
+}

@@ -1,6 +1,6 @@
-//! TCP to TCP without a user-space copy: `splice(2)` through a pipe, for tunnels that cross
-//! the peer link when the user's side is plain TCP too (PROTOCOL.md §3), and for
-//! `cloudlink device tunnel` when the relay's proxy is plain TCP.
+//! Joining two byte streams, at least one of them TCP: without a user-space copy
+//! (`splice(2)` through a pipe) when both are plain TCP, by copying when one is TLS. Used
+//! for tunnels that cross the peer link (PROTOCOL.md §3) and by `cloudlink device tunnel`.
 //!
 //! Each direction owns a pipe. Data moves socket → pipe → socket inside the kernel; the
 //! pipe is always drained before more is read, so it never fills and a slow receiver
@@ -13,11 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rustix::pipe::{fcntl_setpipe_size, pipe_with, splice, PipeFlags, SpliceFlags};
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::forward::{Counters, Dir, CHUNK};
+use crate::forward::{copy_dir, join_dirs, Counters, Dir, Side, CHUNK};
 use crate::link::End;
 
 /// The pipe size asked for: bigger pipes mean fewer syscalls per megabyte. The kernel may
@@ -80,25 +81,172 @@ pub async fn splice_dir(src: &TcpStream, dst: &TcpStream, pipe: &Pipe, counter: 
     }
 }
 
-/// Joins two TCP sockets both ways with [`splice_dir`] until both directions end, one fails,
-/// `cancel` fires or nothing moves for `idle` ([`crate::forward::join_dirs`]); `a` to `b`
-/// counts as `up`. `None` when no pipe could be made: the caller copies instead.
-pub async fn join(
-    a: &TcpStream,
-    b: &TcpStream,
+/// The one join of two byte streams that are not the device link: the peer hop's entry
+/// side (the user's connection to the owner relay's) and `cloudlink device tunnel` (a local
+/// client to the relay's proxy). Joins `halves`, one end of a tunnel, on `side`, to the TCP
+/// socket `far` until both directions end (each FIN passed on as a half-close), one fails,
+/// `cancel` fires or nothing moves for `idle`. The bytes move inside the kernel with
+/// `splice(2)` when `plain` finds plain TCP under the halves and pipes can be made;
+/// otherwise (TLS) they are copied. `counters` count up and down as `side` says.
+pub async fn join<R, W>(
+    (r, w): (&mut R, &mut W),
+    plain: for<'a> fn(&'a R, &'a W) -> Option<&'a TcpStream>,
+    side: Side,
+    far: &mut TcpStream,
     counters: &Counters,
     cancel: &CancellationToken,
     idle: Option<Duration>,
-) -> Option<End> {
-    let (up, down) = (Pipe::new().ok()?, Pipe::new().ok()?);
-    Some(
-        crate::forward::join_dirs(
-            splice_dir(a, b, &up, &counters.up),
-            splice_dir(b, a, &down, &counters.down),
-            counters,
-            cancel,
-            idle,
-        )
-        .await,
+) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (out, back) = counters.ways(side);
+    if let Some(near) = plain(r, w) {
+        if let (Ok(there), Ok(here)) = (Pipe::new(), Pipe::new()) {
+            return join_dirs(
+                splice_dir(near, far, &there, out),
+                splice_dir(far, near, &here, back),
+                counters,
+                cancel,
+                idle,
+            )
+            .await;
+        }
+    }
+    let (mut far_r, mut far_w) = far.split();
+    join_dirs(
+        copy_dir(r, &mut far_w, out),
+        copy_dir(&mut far_r, w, back),
+        counters,
+        cancel,
+        idle,
     )
+    .await
+}
+
+/// [`join`]'s `plain` for a TCP socket split into owned halves.
+pub fn owned_halves<'a>(r: &'a OwnedReadHalf, _w: &'a OwnedWriteHalf) -> Option<&'a TcpStream> {
+    Some(r.as_ref())
+}
+
+/// [`join`]'s `plain` for halves with no plain TCP under them (TLS).
+pub fn never_plain<'a, R, W>(_r: &'a R, _w: &'a W) -> Option<&'a TcpStream> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Two ends of one loopback connection.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dial = TcpStream::connect(listener.local_addr().unwrap());
+        let (dialled, accepted) = tokio::join!(dial, listener.accept());
+        (dialled.unwrap(), accepted.unwrap().0)
+    }
+
+    /// Runs a join between a user connection and a far one, with `plain` on the user's
+    /// halves; the user sends, half-closes, and still reads the far side's answer.
+    async fn half_close_both_ways(
+        plain: for<'a> fn(&'a OwnedReadHalf, &'a OwnedWriteHalf) -> Option<&'a TcpStream>,
+    ) {
+        let (mut user, near) = pair().await;
+        let (mut far, mut service) = pair().await;
+        let counters = Counters::default();
+        let cancel = CancellationToken::new();
+        let joined = async {
+            let (mut r, mut w) = near.into_split();
+            join(
+                (&mut r, &mut w),
+                plain,
+                Side::User,
+                &mut far,
+                &counters,
+                &cancel,
+                None,
+            )
+            .await
+        };
+        let ends = async {
+            user.write_all(b"hello").await.unwrap();
+            user.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            service.read_to_end(&mut got).await.unwrap();
+            assert_eq!(
+                got, b"hello",
+                "the service reads what was sent, then the FIN"
+            );
+            service.write_all(b"back").await.unwrap();
+            service.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            user.read_to_end(&mut answer).await.unwrap();
+            assert_eq!(
+                answer, b"back",
+                "the answer arrives after the user's half-close"
+            );
+        };
+        let (end, ()) = tokio::join!(joined, ends);
+        assert_eq!(end, End::Closed);
+        assert_eq!(counters.up.load(Ordering::Relaxed), 5);
+        assert_eq!(counters.down.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test]
+    async fn spliced_join_passes_half_closes_and_counts() {
+        half_close_both_ways(owned_halves).await;
+    }
+
+    #[tokio::test]
+    async fn copied_join_passes_half_closes_and_counts() {
+        half_close_both_ways(never_plain).await;
+    }
+
+    #[tokio::test]
+    async fn a_reset_far_side_ends_the_join_as_a_reset() {
+        for plain in [owned_halves, never_plain] {
+            let (_user, near) = pair().await;
+            let (mut far, service) = pair().await;
+            let counters = Counters::default();
+            let cancel = CancellationToken::new();
+            crate::forward::arm_reset(&service);
+            drop(service);
+            let (mut r, mut w) = near.into_split();
+            let end = join(
+                (&mut r, &mut w),
+                plain,
+                Side::User,
+                &mut far,
+                &counters,
+                &cancel,
+                None,
+            )
+            .await;
+            assert_eq!(end, End::SocketReset);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_join_ends_as_cancelled() {
+        let (_user, near) = pair().await;
+        let (mut far, _service) = pair().await;
+        let counters = Counters::default();
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let (mut r, mut w) = near.into_split();
+        let end = join(
+            (&mut r, &mut w),
+            owned_halves,
+            Side::User,
+            &mut far,
+            &counters,
+            &cancel,
+            None,
+        )
+        .await;
+        assert_eq!(end, End::Cancelled);
+    }
 }

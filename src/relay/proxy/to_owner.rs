@@ -18,7 +18,7 @@ use super::client::{refuse, ClientConn};
 use super::refusal::Refusal;
 use super::tunnel::{self, Audit};
 use crate::auth::peer::PeerKeys;
-use crate::forward::{self, Counters};
+use crate::forward::{self, Counters, Side};
 use crate::link::End;
 use crate::proto::connect::{self, HeadError};
 use crate::relay::state::Shared;
@@ -189,8 +189,8 @@ async fn ask_owner(
     Ok((peer, status, answer, BytesMut::new()))
 }
 
-/// Joins the user's connection to the peer connection: `splice(2)` when the user came
-/// over plain TCP, an ordinary copy when over TLS.
+/// Joins the user's connection to the peer connection (the one join: `splice(2)` when the
+/// user came over plain TCP, a copy over TLS).
 async fn join<C: ClientConn>(
     client: C,
     peer: &mut TcpStream,
@@ -218,38 +218,16 @@ async fn join<C: ClientConn>(
         }
         counters.down.fetch_add(early.len() as u64, Relaxed);
     }
-    let spliced = match C::plain_halves(&r, &w) {
-        Some(user) => crate::splice::join(user, peer, counters, &f.entry.cancel, idle).await,
-        None => None,
-    };
-    let end = match spliced {
-        Some(end) => end,
-        None => copy_join(&mut r, &mut w, peer, counters, f, idle).await,
-    };
-    C::close(r, w, end.resets_socket());
-    end
-}
-
-/// The copying join, for a user on TLS (or when no pipe could be made).
-async fn copy_join<R, W>(
-    r: &mut R,
-    w: &mut W,
-    peer: &mut TcpStream,
-    counters: &Counters,
-    f: &Forward,
-    idle: Option<Duration>,
-) -> End
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    let (mut pr, mut pw) = peer.split();
-    forward::join_dirs(
-        forward::copy_dir(r, &mut pw, &counters.up),
-        forward::copy_dir(&mut pr, w, &counters.down),
+    let end = crate::splice::join(
+        (&mut r, &mut w),
+        C::plain_halves,
+        Side::User,
+        peer,
         counters,
         &f.entry.cancel,
         idle,
     )
-    .await
+    .await;
+    C::close(r, w, end.resets_socket());
+    end
 }

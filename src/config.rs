@@ -83,6 +83,9 @@ pub enum ConfigError {
         /// What is wrong, with line and column.
         source: toml::de::Error,
     },
+    /// The settings given as flags or environment do not fit together with the file's.
+    #[error("invalid settings: {0}")]
+    Given(String),
     /// A value is out of range.
     #[error("invalid setting {key}: {message}")]
     Invalid {
@@ -344,11 +347,13 @@ impl Default for RelayConfig {
     }
 }
 
-/// Flags and environment for `cloudlink relay`; each overrides the file when given.
-#[derive(Debug, Clone, Default, clap::Args)]
+/// Flags and environment for `cloudlink relay`; each overrides the file when given. They
+/// serialize under [`RelayConfig`]'s keys, only those given, for [`crate::overlay::layer`].
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
 pub struct RelayArgs {
     /// TOML file with any of the settings below (and `[limits]`).
     #[arg(long, env = "CLOUDLINK_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Data directory [default: ./cloudlink-data].
     #[arg(long, env = "CLOUDLINK_DATA_DIR")]
@@ -385,6 +390,7 @@ pub struct RelayArgs {
     /// Delete audit rows older than this (`90d`, `12h`…) or keep them (`off`)
     /// [default: 90d].
     #[arg(long, env = "CLOUDLINK_AUDIT_RETENTION", value_parser = parse_retention)]
+    #[serde(rename = "audit_retention_secs")]
     pub audit_retention: Option<u64>,
     /// HS256 secret for user JWTs [default: generated once into the store, shared by the
     /// cluster].
@@ -416,14 +422,12 @@ pub struct RelayArgs {
     pub tls_key: Option<PathBuf>,
     /// Extra DNS name or IP for the dev certificate (repeatable).
     #[arg(long = "tls-name", env = "CLOUDLINK_TLS_NAMES", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tls_names: Vec<String>,
-    /// Close tunnels idle this many seconds (0 = never).
-    #[arg(long, env = "CLOUDLINK_TUNNEL_IDLE_TIMEOUT")]
-    pub tunnel_idle_timeout: Option<u64>,
-    /// Seconds open tunnels may run on after SIGTERM.
-    #[arg(long, env = "CLOUDLINK_SHUTDOWN_GRACE")]
-    pub shutdown_grace: Option<u64>,
-    /// Runtime worker threads (0 = one per core).
+    /// The limits that have flags.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// Runtime worker threads (0 = one per core) [default: 0].
     #[arg(long, env = "CLOUDLINK_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
     /// Where SSH key imports fetch `<login>.keys` [default: https://github.com].
@@ -435,102 +439,54 @@ pub struct RelayArgs {
     pub service_command: Option<String>,
     /// Print the effective configuration (secrets masked) and exit.
     #[arg(long)]
+    #[serde(skip)]
     pub print_config: bool,
+}
+
+/// The `[limits]` that have flags too.
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+pub struct LimitArgs {
+    /// Close tunnels idle this many seconds (0 = never) [default: 0].
+    #[arg(long, env = "CLOUDLINK_TUNNEL_IDLE_TIMEOUT")]
+    #[serde(rename = "tunnel_idle_timeout_secs")]
+    pub tunnel_idle_timeout: Option<u64>,
+    /// Seconds open tunnels may run on after SIGTERM [default: 30].
+    #[arg(long, env = "CLOUDLINK_SHUTDOWN_GRACE")]
+    #[serde(rename = "shutdown_grace_secs")]
+    pub shutdown_grace: Option<u64>,
 }
 
 impl RelayConfig {
     /// Layers defaults, the file (if any), then env and flags, and validates the result.
     pub fn load(args: &RelayArgs) -> Result<RelayConfig, ConfigError> {
-        let mut config = match &args.config {
-            Some(path) => RelayConfig::from_file(path)?,
-            None => RelayConfig::default(),
+        let file = match &args.config {
+            Some(path) => RelayConfig::read_table(path)?,
+            None => toml::Table::new(),
         };
-        if let Some(v) = &args.data_dir {
-            config.data_dir = v.clone();
-        }
-        if let Some(v) = args.api_listen {
-            config.api_listen = v;
-        }
-        if let Some(v) = args.proxy_listen {
-            config.proxy_listen = v;
-        }
-        if let Some(v) = args.device_listen {
-            config.device_listen = v;
-        }
-        if let Some(v) = args.device_tcp_listen {
-            config.device_tcp_listen = Some(v);
-        }
-        if let Some(v) = args.metrics_listen {
-            config.metrics_listen = Some(v);
-        }
-        if let Some(v) = args.audit_retention {
-            config.audit_retention_secs = v;
-        }
-        if let Some(v) = &args.database_url {
-            config.database_url = Some(v.clone());
-        }
-        if let Some(v) = args.proxy_tls_listen {
-            config.proxy_tls_listen = v;
-        }
-        if let Some(v) = args.api_tls_listen {
-            config.api_tls_listen = v;
-        }
-        if let Some(v) = &args.jwt_secret {
-            config.jwt_secret = Some(Secret(v.clone()));
-        }
-        if let Some(v) = args.peer_listen {
-            config.peer_listen = v;
-        }
-        if let Some(v) = &args.peer_advertise {
-            config.peer_advertise = Some(v.clone());
-        }
-        if let Some(v) = &args.relay_id {
-            config.relay_id = Some(v.clone());
-        }
-        if let Some(v) = &args.cluster_secret {
-            config.cluster_secret = Some(Secret(v.clone()));
-        }
-        if let Some(v) = &args.jwt_public_key {
-            config.jwt_public_key = Some(v.clone());
-        }
-        if let Some(v) = &args.tls_cert {
-            config.tls_cert = Some(v.clone());
-        }
-        if let Some(v) = &args.tls_key {
-            config.tls_key = Some(v.clone());
-        }
-        if !args.tls_names.is_empty() {
-            config.tls_names = args.tls_names.clone();
-        }
-        if let Some(v) = args.tunnel_idle_timeout {
-            config.limits.tunnel_idle_timeout_secs = v;
-        }
-        if let Some(v) = args.shutdown_grace {
-            config.limits.shutdown_grace_secs = v;
-        }
-        if let Some(v) = args.worker_threads {
-            config.worker_threads = v;
-        }
-        if let Some(v) = &args.github_keys_url {
-            config.github_keys_url = v.clone();
-        }
-        if let Some(v) = &args.service_command {
-            config.service_command = v.clone();
-        }
+        let config: RelayConfig = crate::overlay::layer(file, args).map_err(ConfigError::Given)?;
         config.validate()?;
         Ok(config)
     }
 
     /// Reads a TOML file; unknown keys are errors, missing keys take their defaults.
     pub fn from_file(path: &Path) -> Result<RelayConfig, ConfigError> {
+        let table = RelayConfig::read_table(path)?;
+        crate::overlay::layer(table, &toml::Table::new()).map_err(ConfigError::Given)
+    }
+
+    /// A config file as a table, checked against these settings first so that a mistake
+    /// is reported with its line and column.
+    fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let parse = |source| ConfigError::Parse {
             path: path.to_owned(),
             source,
-        })
+        };
+        toml::from_str::<RelayConfig>(&text).map_err(parse)?;
+        toml::from_str(&text).map_err(parse)
     }
 
     /// Checks what types alone cannot.
@@ -765,5 +721,23 @@ mod tests {
                 assert!(err.contains("limits.quic_mtu_max"), "{err}");
             }
         }
+    }
+
+    #[test]
+    fn every_default_a_flag_states_is_the_declared_one() {
+        let load = |args: &RelayArgs| RelayConfig::load(args).map_err(|e| e.to_string());
+        let prose = [
+            "database-url",
+            "device-tcp-listen",
+            "metrics-listen",
+            "jwt-secret",
+            "peer-advertise",
+            "relay-id",
+            "cluster-secret",
+            "tls-cert",
+            "service-command",
+        ];
+        let checked = crate::overlay::check_stated_defaults(load, &prose);
+        assert!(checked >= 12, "only {checked} flags state a default");
     }
 }

@@ -97,6 +97,7 @@ pub mod healthcheck;
 pub mod https_proxy;
 pub mod link;
 pub mod logsafe;
+pub mod overlay;
 pub mod private_file;
 pub mod proto;
 pub mod quic;

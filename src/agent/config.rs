@@ -193,19 +193,22 @@ impl RelaySpec {
     }
 }
 
-/// Flags and env for `cloudlink agent`.
-#[derive(Debug, Clone, Default, clap::Args)]
+/// Flags and env for `cloudlink agent`; each overrides the file when given. They serialize
+/// under [`AgentConfig`]'s keys, only those given, for [`crate::overlay::layer`].
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
 pub struct AgentArgs {
     /// TOML config [default: /etc/cloudlink/agent.toml when it exists].
     #[arg(long, global = true)]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Relay HOST:PORT, quic://HOST:PORT or tcp://HOST:PORT (repeatable; tried in turn).
     #[arg(long = "relay")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub relay: Vec<String>,
     /// Device link: auto (QUIC, else TLS over TCP), quic or tcp [default: auto].
     #[arg(long, env = "CLOUDLINK_TRANSPORT")]
     pub transport: Option<TransportChoice>,
-    /// Largest QUIC packet to probe for, 1200-65527 [default: 1452, safe on the internet].
+    /// Largest QUIC packet to probe for, 1200-65527; safe on the internet [default: 1452].
     #[arg(long, env = "CLOUDLINK_QUIC_MTU_MAX")]
     pub quic_mtu_max: Option<u16>,
     /// Congestion controller for what the agent sends over QUIC [default: bbr].
@@ -222,12 +225,14 @@ pub struct AgentArgs {
     pub ca: Option<PathBuf>,
     /// Accept any relay certificate (development only).
     #[arg(long)]
+    #[serde(skip_serializing_if = "crate::overlay::is_false")]
     pub insecure_skip_verify: bool,
     /// Name to verify the relay certificate against [default: the relay's host].
     #[arg(long)]
     pub server_name: Option<String>,
     /// Local port tunnels may reach (repeatable) [default: every port].
     #[arg(long = "allow-port")]
+    #[serde(rename = "allow_ports", skip_serializing_if = "Vec::is_empty")]
     pub allow_port: Vec<u16>,
     /// The relay's API URL (for authorized-keys).
     #[arg(long)]
@@ -264,61 +269,29 @@ pub enum AgentConfigError {
 impl AgentConfig {
     /// Layers the file, env and flags.
     pub fn load(args: &AgentArgs) -> Result<AgentConfig, AgentConfigError> {
-        let mut config = match &args.config {
-            Some(path) => AgentConfig::from_file(path)?,
+        let file = match &args.config {
+            Some(path) => AgentConfig::read_table(path)?,
             None if Path::new(DEFAULT_CONFIG).exists() => {
-                AgentConfig::from_file(Path::new(DEFAULT_CONFIG))?
+                AgentConfig::read_table(Path::new(DEFAULT_CONFIG))?
             }
-            None => AgentConfig::default(),
+            None => toml::Table::new(),
         };
-        if !args.relay.is_empty() {
-            config.relay = args.relay.clone();
-        }
-        if let Some(v) = args.transport {
-            config.transport = v;
-        }
-        if let Some(v) = args.quic_mtu_max {
-            config.quic_mtu_max = v;
-        }
-        if let Some(v) = args.quic_congestion {
-            config.quic_congestion = v;
-        }
-        if let Some(v) = &args.uuid {
-            config.uuid = v.clone();
-        }
-        if let Some(v) = &args.key {
-            config.key = Secret(v.clone());
-        }
-        if let Some(v) = &args.ca {
-            config.ca = Some(v.clone());
-        }
-        if args.insecure_skip_verify {
-            config.insecure_skip_verify = true;
-        }
-        if let Some(v) = &args.server_name {
-            config.server_name = Some(v.clone());
-        }
-        if !args.allow_port.is_empty() {
-            config.allow_ports = args.allow_port.clone();
-        }
-        if let Some(v) = &args.api {
-            config.api = Some(v.clone());
-        }
-        if let Some(v) = &args.status_file {
-            config.status_file = Some(v.clone());
-        }
-        Ok(config)
+        crate::overlay::layer(file, args).map_err(AgentConfigError::Invalid)
     }
 
-    fn from_file(path: &Path) -> Result<AgentConfig, AgentConfigError> {
+    /// A config file as a table, checked against these settings first so that a mistake
+    /// is reported with its line and column.
+    fn read_table(path: &Path) -> Result<toml::Table, AgentConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| AgentConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| AgentConfigError::Parse {
+        let parse = |source| AgentConfigError::Parse {
             path: path.to_owned(),
             source,
-        })
+        };
+        toml::from_str::<AgentConfig>(&text).map_err(parse)?;
+        toml::from_str(&text).map_err(parse)
     }
 
     /// Checks what running the agent needs.
@@ -473,5 +446,13 @@ mod tests {
                 assert!(err.contains("quic_mtu_max"), "{err}");
             }
         }
+    }
+
+    #[test]
+    fn every_default_a_flag_states_is_the_declared_one() {
+        let load = |args: &AgentArgs| AgentConfig::load(args).map_err(|e| e.to_string());
+        let prose = ["config", "server-name", "allow-port"];
+        let checked = crate::overlay::check_stated_defaults(load, &prose);
+        assert!(checked >= 3, "only {checked} flags state a default");
     }
 }

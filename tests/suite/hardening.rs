@@ -325,18 +325,98 @@ fn default_limits_are_the_documented_ones() {
         ),
         (25_000, 35_000, 60_000, 70_000, 45)
     );
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    for row in [
-        "| tunnels per user | 256 |",
-        "| tunnels per device | 64 |",
-        "| tunnels per user on one device | 32 |",
-        "| CONNECT connections before authentication | 10,000 total, 256 per source address |",
-        "| QUIC link: agent keep-alive / idle timeout (agent and relay) | 25 s / 35 s |",
-        "| TLS/TCP link: agent keep-alive / idle timeout (agent and relay) | 60 s / 70 s |",
-    ] {
-        assert!(readme.contains(row), "README limits table lacks {row:?}");
+    // The settings reference lists every setting of both roles with the default the code
+    // declares, and nothing else.
+    let reference = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .unwrap();
+    let documented = settings_rows(&reference);
+    let mut declared = Vec::new();
+    declare(
+        &mut declared,
+        "relay",
+        "",
+        &json_of(&cloudlink::config::RelayConfig::default()),
+    );
+    declare(
+        &mut declared,
+        "agent",
+        "",
+        &json_of(&cloudlink::agent::AgentConfig::default()),
+    );
+    let missing: Vec<_> = declared
+        .iter()
+        .filter(|r| !documented.contains(r))
+        .collect();
+    let extra: Vec<_> = documented
+        .iter()
+        .filter(|r| !declared.contains(r))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "docs/configuration.md is not the declaration: rows missing or wrong (role, key, \
+         default) {missing:#?}; rows that are not settings {extra:#?}"
+    );
+}
+
+fn json_of(config: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(config).unwrap()
+}
+
+/// Every setting as (role, key, its default as the reference shows it); tables nest as
+/// `limits.key`.
+fn declare(
+    rows: &mut Vec<(String, String, String)>,
+    role: &str,
+    prefix: &str,
+    v: &serde_json::Value,
+) {
+    for (key, value) in v.as_object().unwrap() {
+        let key = format!("{prefix}{key}");
+        match value {
+            serde_json::Value::Object(_) => declare(rows, role, &format!("{key}."), value),
+            value => rows.push((role.to_owned(), key, shown_default(value))),
+        }
     }
+}
+
+/// A default as the reference writes it: `none` for no value (and for a secret, which
+/// never shows), otherwise the TOML value in backticks, with `|` escaped for the table.
+fn shown_default(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "none".to_owned(),
+        serde_json::Value::String(s) if s.is_empty() || s == "***" => "none".to_owned(),
+        serde_json::Value::Array(a) if a.is_empty() => "none".to_owned(),
+        v => format!("`{}`", v.to_string().replace('|', "\\|")),
+    }
+}
+
+/// The rows of the reference's settings tables: `| key | default | … |` under a heading
+/// naming the role (`## relay`, `## agent`).
+fn settings_rows(text: &str) -> Vec<(String, String, String)> {
+    let mut role = String::new();
+    let mut rows = Vec::new();
+    for line in text.lines() {
+        if let Some(heading) = line.strip_prefix("## ") {
+            role = heading
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_lowercase();
+            continue;
+        }
+        let Some(row) = line.strip_prefix("| `") else {
+            continue;
+        };
+        let Some((key, rest)) = row.split_once("` | ") else {
+            continue;
+        };
+        let default = rest.split(" | ").next().unwrap_or("").to_owned();
+        rows.push((role.clone(), key.to_owned(), default));
+    }
+    rows
 }
 
 #[tokio::test]

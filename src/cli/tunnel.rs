@@ -170,6 +170,10 @@ async fn bridge(mut client: TcpStream, target: &Target) -> Result<(u64, u64)> {
             if end == End::Closed {
                 crate::forward::disarm_reset(r.as_ref());
                 crate::forward::disarm_reset(&relay);
+            } else {
+                // Dropped as they are, the halves would send a FIN first (tokio shuts
+                // down the write half on drop), which reads like a complete answer.
+                crate::forward::reset_tcp(r, w);
             }
             end
         }

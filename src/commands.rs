@@ -354,7 +354,7 @@ async fn backup(
     });
     if !url.starts_with("sqlite:") {
         anyhow::bail!(
-            "`cloudlink backup` copies SQLite stores; back up Postgres with pg_dump (README, Operations)"
+            "`cloudlink backup` copies SQLite stores; back up Postgres with pg_dump (docs/operations.md)"
         );
     }
     if file.exists() {

@@ -96,7 +96,7 @@ pub enum ConfigError {
     },
 }
 
-/// Limits and timeouts; the README's "Limits" section lists them. Every one can be set
+/// Limits and timeouts; docs/configuration.md lists them. Every one can be set
 /// in the file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

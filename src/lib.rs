@@ -32,7 +32,9 @@
 //!   `device.rs` the relay's end of a device's connection, which opens tunnel streams.
 //! - [`forward`]: the hot path, one device-link stream joined to one socket, with the
 //!   tunnel's byte counters (up: user to device; down: back) and reset-on-crash.
-//! - [`splice`]: TCP to TCP through a pipe with `splice(2)`, for forwarded tunnels.
+//! - [`splice`]: the one join of two byte streams outside the device link (the peer hop,
+//!   the CLI's local tunnel): `splice(2)` through a pipe when both are plain TCP, else a copy.
+//! - [`overlay`]: settings in layers (defaults < file < env and flags) for both roles.
 //! - [`logsafe`]: the one escaping path for peer-supplied text on its way to a log line.
 //! - [`private_file`]: files written whole or not at all, 0600 unless said otherwise (saved
 //!   logins, the relay's generated secrets, the agent's key cache and status file).
@@ -57,7 +59,9 @@
 //!   streams and their audit row, `to_owner.rs` the hop to the relay that holds a device,
 //!   `refusal.rs` each refusal's side and answer); `peer.rs` the owner side of that hop,
 //!   which serves other relays of a cluster; `revalidate.rs` revocation of open tunnels;
-//!   `registry.rs` who is connected; `authcache.rs` recent authorization answers;
+//!   `presence.rs` where devices are (the sessions here, the store's rows, the cache of
+//!   other relays' and the watch that supersedes moved sessions); `registry.rs` the open
+//!   tunnels and their limits; `authcache.rs` recent authorization answers;
 //!   `github.rs` importing a user's public keys from GitHub; `tls.rs` the certificate;
 //!   `state.rs` what the listeners share; `datadir.rs` the generated files; `limits.rs`
 //!   per-source limits (failed authentications, unauthenticated connections);

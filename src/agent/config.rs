@@ -47,8 +47,8 @@ pub struct AgentConfig {
     pub api: Option<String>,
     /// QUIC keep-alive, ms: how long an idle link stays silent before the agent sends a
     /// PING. It holds the NAT's UDP binding open (25 s: below the 30 s that the shortest
-    /// common UDP binding timeouts allow) and costs ~130 bytes each (README: "Liveness and
-    /// data cost").
+    /// common UDP binding timeouts allow) and costs ~130 bytes each (docs/operations.md, "Liveness
+    /// and data cost").
     pub keep_alive_ms: u64,
     /// QUIC idle timeout, ms: a relay silent this long is gone (the keep-alive and its
     /// answer's time to arrive). The link uses the smaller of this and the relay's.

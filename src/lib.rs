@@ -14,20 +14,25 @@
 //! - [`balena`]: balenaOS conventions the CLI and relay share (entering a service).
 //! - [`config`]: relay settings, layered defaults < TOML file < `CLOUDLINK_*` env < flags,
 //!   and the names of the files the relay generates in its data directory.
-//! - [`store`]: the [`store::Store`] trait and its backends. One set of queries over
-//!   `sqlx::Any` serves both SQLite (embedded default) and Postgres; the backend modules hold
-//!   only what differs (connect options, migrations). This deviates from "one full
-//!   implementation per backend" on purpose: the dialects differ in nothing the queries use.
-//! - [`auth`]: tokens (API keys, device keys, JWTs, the cluster's peer tokens),
-//!   authentication (device keys included), the reach policy, and OpenSSH public key
-//!   checks.
-//! - [`proto`]: bytes on the wire, no I/O policy: CONNECT heads, frames, messages (with
-//!   the hello's and welcome's `features`), the UDP probe (`probe.rs`).
+//! - [`store`]: the [`store::Store`] trait and its rows and errors (`model.rs`), and its
+//!   backends. One set of queries over `sqlx::Any` (`sql.rs`) serves both SQLite
+//!   (`sqlite.rs`, the embedded default) and Postgres (`postgres.rs`, which also holds what
+//!   only Postgres has: `LISTEN/NOTIFY` for presence, the advisory start-up lock);
+//!   `migrations.rs` both schemas; `metered.rs` times every call for `/metrics`. This
+//!   deviates from "one full implementation per backend" on purpose: the dialects differ in
+//!   nothing the shared queries use.
+//! - [`auth`]: who is calling and what they reach: `tokens.rs` (API keys, device keys,
+//!   JWTs), `peer.rs` (the cluster's peer tokens), `mod.rs` (authentication, device keys
+//!   included), `policy.rs` (the reach rule), `ssh_keys.rs` (OpenSSH public key checks).
+//! - [`proto`]: bytes on the wire, no I/O policy: `connect.rs` CONNECT heads, `frame.rs`
+//!   and `messages.rs` the device link's frames and messages (with the hello's and
+//!   welcome's `features`), `probe.rs` the UDP probe, `api.rs` the REST API's request and
+//!   response bodies, shared by the relay and the CLI.
 //! - [`quic`]: UDP sockets and transport settings shared by relay and agent; `bbr.rs` the
 //!   device link's congestion controller (BBR's model on quinn's controller trait);
 //!   `probes.rs` the relay's QUIC socket, which also answers UDP probes.
-//! - [`link`]: the device link's two transports behind one face (`mod.rs`: the tunnel
-//!   stream's halves, how a stream ends, the chunk traits the hot path drives): QUIC
+//! - [`link`]: the device link's two transports behind one face (`chunks.rs`: the tunnel
+//!   stream's halves as the chunk traits the hot path drives, and how a stream ends): QUIC
 //!   (`quic.rs`), and TLS over TCP with HTTP/2 streams (`h2.rs`) where UDP is blocked;
 //!   `device.rs` the relay's end of a device's connection, which opens tunnel streams.
 //! - [`forward`]: the hot path, one device-link stream joined to one socket, with the
@@ -49,7 +54,9 @@
 //!   TLS port shared by several services by ALPN; `api/` is the REST API (served by hyper
 //!   with header and body timeouts), a file per route family (`users.rs`, `api_keys.rs`,
 //!   `tokens.rs`, `ssh_keys.rs`, `fleets.rs`, `devices.rs`, `tunnels.rs`, `relays.rs`,
-//!   `public_keys.rs`, `terminal.rs` the terminal's WebSocket upgrade); `web/` the dashboard and the browser terminal
+//!   `public_keys.rs`, `terminal.rs` the terminal's WebSocket upgrade; `extract.rs` the
+//!   authenticated caller and JSON bodies, `fields.rs` field names and times, `error.rs`
+//!   the error shape); `web/` the dashboard and the browser terminal
 //!   (`terminal.rs` the WebSocket, `ssh.rs` the SSH client it speaks to the device);
 //!   `devices/` the device listeners (`mod.rs` a session whichever link carries it,
 //!   `quic.rs` QUIC and its admission, `tcp.rs` TLS over TCP with HTTP/2 streams);

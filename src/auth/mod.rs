@@ -44,6 +44,9 @@ pub enum Credential {
         /// outside identity service.
         key: Option<Id>,
     },
+    /// One of the user's SSH public keys, by row id, whose signature the SSH gateway
+    /// verified (deleting the key ends its access).
+    SshKey(Id),
 }
 
 impl Credential {
@@ -53,6 +56,7 @@ impl Credential {
         match self {
             Credential::ApiKey(id) => Some(*id),
             Credential::Jwt { key, .. } => *key,
+            Credential::SshKey(_) => None,
         }
     }
 }

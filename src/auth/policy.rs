@@ -2,7 +2,7 @@
 
 use super::tokens::JwtKeys;
 use super::{authenticate, AuthError, Principal};
-use crate::store::{Device, Store, StoreError, User};
+use crate::store::{Device, Id, Store, StoreError, User};
 
 /// The answer to "may this token reach device D on port P".
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +94,25 @@ async fn reach(
     let port_open = access.allowed_ports.is_empty() || access.allowed_ports.contains(&port);
     let allowed = (user.is_admin || access.role.is_some()) && port_open;
     Ok(allowed.then_some(access.device))
+}
+
+/// The principal behind SSH key `key` of user `user`, if both still exist (the SSH
+/// gateway verified the key's signature when the session began; this is what revalidation
+/// asks again).
+pub async fn ssh_key_principal(
+    store: &dyn Store,
+    user: Id,
+    key: Id,
+) -> Result<Option<Principal>, StoreError> {
+    let Some(user) = store.user_by_id(user).await? else {
+        return Ok(None);
+    };
+    let keys = store.list_ssh_keys(user.id).await?;
+    let principal = Principal {
+        user,
+        credential: super::Credential::SshKey(key),
+    };
+    Ok(keys.iter().any(|k| k.id == key).then_some(principal))
 }
 
 /// Authenticates `token` and asks [`may_reach`]: the whole check a CONNECT needs.
@@ -238,6 +257,38 @@ mod tests {
             "unauthenticated"
         );
         assert_eq!(w.check("", UUID, 22222).await, "unauthenticated");
+    }
+
+    #[tokio::test]
+    async fn an_ssh_key_stands_for_its_user_while_both_exist() {
+        let w = World::new().await;
+        let (mike, _) = w.user("mike", false).await;
+        let (sam, _) = w.user("sam", false).await;
+        let key = w
+            .store
+            .add_ssh_key(mike, "laptop", "ssh-ed25519 AAAAC3Nza mike", "SHA256:mike")
+            .await
+            .unwrap();
+        let found = ssh_key_principal(w.store.as_ref(), mike, key.id)
+            .await
+            .unwrap();
+        let principal = found.expect("mike's key stands for mike");
+        assert_eq!(principal.user.id, mike);
+        assert_eq!(
+            principal.credential,
+            crate::auth::Credential::SshKey(key.id)
+        );
+        assert_eq!(principal.credential.api_key(), None);
+        // Another user's id with mike's key is nobody.
+        assert!(ssh_key_principal(w.store.as_ref(), sam, key.id)
+            .await
+            .unwrap()
+            .is_none());
+        assert!(w.store.delete_ssh_key(mike, key.id).await.unwrap());
+        assert!(ssh_key_principal(w.store.as_ref(), mike, key.id)
+            .await
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]

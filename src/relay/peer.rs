@@ -95,8 +95,7 @@ async fn admit_peer(
         claims.sub,
         &device,
         port,
-        "",
-        false,
+        crate::relay::registry::Proof::Peer,
         Some(claims.tid),
         crate::relay::registry::TunnelKind::Connect,
     );

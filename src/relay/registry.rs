@@ -22,12 +22,9 @@ pub struct TunnelEntry {
     pub device: String,
     /// The device port.
     pub port: u16,
-    /// The token that authorized it, re-checked every few seconds so that revoking a key or
+    /// What authorized it, re-checked every few seconds so that revoking a key or
     /// membership ends the tunnel. Kept in memory only.
-    pub token: String,
-    /// Whether the revalidation loop re-checks it: tunnels that came in over the peer
-    /// link are re-checked by the relay the user came to, which holds the token.
-    pub revalidate: bool,
+    pub proof: Proof,
     /// What opened it (the audit row's `kind`).
     pub kind: TunnelKind,
     /// Cancelling it ends the tunnel.
@@ -36,6 +33,24 @@ pub struct TunnelEntry {
     pub reason: OnceLock<&'static str>,
     /// Bytes moved so far, read by `/metrics` while the tunnel runs.
     pub counters: crate::forward::Counters,
+}
+
+/// What a user presented for a tunnel, kept with it so that revalidation asks again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Proof {
+    /// An API key or a JWT, as presented (a CONNECT, the browser terminal).
+    Token(String),
+    /// One of the user's SSH keys, by row id, which the SSH gateway verified: deleting
+    /// the key (or the user) ends the tunnel.
+    SshKey {
+        /// The user.
+        user: Id,
+        /// The key's row.
+        key: Id,
+    },
+    /// Checked by another relay: a tunnel that came in over the peer link is re-checked by
+    /// the relay the user came to, which holds the proof.
+    Peer,
 }
 
 /// What opened a tunnel.
@@ -173,8 +188,7 @@ mod tests {
             user_id: user,
             device: device.into(),
             port: 22,
-            token: String::new(),
-            revalidate: true,
+            proof: Proof::Token(String::new()),
             kind: TunnelKind::Connect,
             cancel: CancellationToken::new(),
             reason: OnceLock::new(),

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::registry::TunnelEntry;
+use super::registry::{Proof, TunnelEntry};
 use super::state::Shared;
 use crate::auth::policy::{self, Decision};
 use crate::auth::tokens::Expiry;
@@ -21,14 +21,14 @@ pub async fn revalidate(state: Arc<Shared>) {
             _ = tick.tick() => {}
             _ = state.shutdown.cancelled() => return,
         }
-        let mut answers: std::collections::HashMap<(String, String, u16), bool> =
+        let mut answers: std::collections::HashMap<(Proof, String, u16), bool> =
             std::collections::HashMap::new();
         for entry in state.registry.tunnels() {
-            if !entry.revalidate {
-                // Came over the peer link: the entry relay holds the token and re-checks.
+            if entry.proof == Proof::Peer {
+                // Came over the peer link: the entry relay holds the proof and re-checks.
                 continue;
             }
-            let key = (entry.token.clone(), entry.device.clone(), entry.port);
+            let key = (entry.proof.clone(), entry.device.clone(), entry.port);
             let allowed = match answers.get(&key) {
                 Some(allowed) => *allowed,
                 None => match still_allowed(&state, &entry).await {
@@ -61,12 +61,22 @@ async fn still_allowed(state: &Shared, entry: &TunnelEntry) -> Option<bool> {
     // relay JWT whose user and key are still there (its own short expiry does not matter
     // now), an outside JWT whose username still names the user who opened the tunnel.
     // Re-checking is not a use of the key.
-    let principal =
-        match crate::auth::identify(store, &state.jwt, &entry.token, Expiry::Ignore).await {
-            Ok(principal) if principal.user.id == entry.user_id => principal,
-            Ok(_) | Err(AuthError::InvalidToken) => return Some(false),
-            Err(AuthError::Store(_)) => return None,
-        };
+    let principal = match &entry.proof {
+        Proof::Token(token) => {
+            match crate::auth::identify(store, &state.jwt, token, Expiry::Ignore).await {
+                Ok(principal) if principal.user.id == entry.user_id => principal,
+                Ok(_) | Err(AuthError::InvalidToken) => return Some(false),
+                Err(AuthError::Store(_)) => return None,
+            }
+        }
+        // The key must still be the user's, and the user still there.
+        Proof::SshKey { user, key } => match policy::ssh_key_principal(store, *user, *key).await {
+            Ok(Some(principal)) => principal,
+            Ok(None) => return Some(false),
+            Err(_) => return None,
+        },
+        Proof::Peer => return Some(true),
+    };
     policy::may_reach(store, principal, &entry.device, entry.port)
         .await
         .ok()

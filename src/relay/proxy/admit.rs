@@ -16,7 +16,7 @@ use crate::link::{LinkRecv, LinkSend};
 use crate::proto::connect::{self, ConnectHead};
 use crate::proto::messages::{RefuseCode, TunnelOpen};
 use crate::relay::presence::{DeviceSession, SessionTunnel, Where};
-use crate::relay::registry::{LimitHit, TunnelEntry, TunnelKind};
+use crate::relay::registry::{LimitHit, Proof, TunnelEntry, TunnelKind};
 use crate::relay::state::Shared;
 use crate::store::{Id, Presence};
 
@@ -73,7 +73,7 @@ pub struct Ask {
     /// The device port.
     pub port: u16,
     /// The credential presented.
-    pub token: String,
+    pub proof: Proof,
     /// The request's HTTP version, echoed in the answer.
     pub version: &'static str,
 }
@@ -88,7 +88,7 @@ impl Ask {
         Ok(Ask {
             device,
             port,
-            token,
+            proof: Proof::Token(token),
             version: head.version,
         })
     }
@@ -115,8 +115,8 @@ pub async fn admit(
     kind: TunnelKind,
     id: Option<String>,
 ) -> Result<Route, Refusal> {
-    let (device, port, token) = (ask.device.clone(), ask.port, ask.token.as_str());
-    let principal = match authorize(state, token, &device, port).await? {
+    let (device, port) = (ask.device.clone(), ask.port);
+    let principal = match authorize(state, &ask.proof, &device, port).await? {
         Decision::Allow { principal, .. } => principal,
         Decision::Unauthenticated => {
             return Err(match state.auth_failed(Some(peer.ip())) {
@@ -130,7 +130,7 @@ pub async fn admit(
     state.record_key_use(&principal);
     let user_id = principal.user.id;
     let username = principal.user.username;
-    let entry = new_entry(user_id, &device, port, token, true, id, kind);
+    let entry = new_entry(user_id, &device, port, ask.proof.clone(), id, kind);
     let owner = match state.presence.locate(&device).await {
         Ok(Where::Here(session)) => {
             return open_local(state, &session, entry, ask.version, username, true)
@@ -162,8 +162,7 @@ pub fn new_entry(
     user_id: Id,
     device: &str,
     port: u16,
-    token: &str,
-    revalidate: bool,
+    proof: Proof,
     id: Option<String>,
     kind: TunnelKind,
 ) -> Arc<TunnelEntry> {
@@ -172,8 +171,7 @@ pub fn new_entry(
         user_id,
         device: device.to_owned(),
         port,
-        token: token.to_owned(),
-        revalidate,
+        proof,
         kind,
         // Not a child of the shutdown token: open tunnels run on through the grace period.
         cancel: CancellationToken::new(),
@@ -245,23 +243,38 @@ pub async fn open_local(
     }
 }
 
-/// Authorizes through the short-lived cache.
+/// Authorizes `proof` for `device:port`, tokens through the short-lived cache.
 async fn authorize(
     state: &Shared,
-    token: &str,
+    proof: &Proof,
     device: &str,
     port: u16,
 ) -> Result<Decision, Refusal> {
+    let unavailable = |e: crate::store::StoreError| {
+        tracing::warn!(error = %e, "cannot authorize a tunnel");
+        Refusal::StoreUnavailable
+    };
+    let store = state.store.as_ref();
+    let token = match proof {
+        Proof::Token(token) => token,
+        Proof::SshKey { user, key } => {
+            return match policy::ssh_key_principal(store, *user, *key).await {
+                Ok(Some(principal)) => policy::may_reach(store, principal, device, port)
+                    .await
+                    .map_err(unavailable),
+                Ok(None) => Ok(Decision::Unauthenticated),
+                Err(e) => Err(unavailable(e)),
+            };
+        }
+        Proof::Peer => return Ok(Decision::Unauthenticated),
+    };
     let key = (token.to_owned(), device.to_owned(), port);
     if let Some(decision) = state.auth_cache.get(&key) {
         return Ok(decision);
     }
-    let decision = policy::authorize(state.store.as_ref(), &state.jwt, token, device, port)
+    let decision = policy::authorize(store, &state.jwt, token, device, port)
         .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "cannot authorize a CONNECT");
-            Refusal::StoreUnavailable
-        })?;
+        .map_err(unavailable)?;
     if matches!(decision, Decision::Allow { .. }) {
         state.auth_cache.put(key, decision.clone());
     }

@@ -172,7 +172,7 @@ async fn start(
     let ask = Ask {
         device: uuid.to_owned(),
         port: SSH_PORT,
-        token,
+        proof: crate::relay::registry::Proof::Token(token),
         version: "HTTP/1.1",
     };
     let opened = proxy::open_in_process(state, peer, ask, TunnelKind::Terminal, &id)

@@ -318,7 +318,7 @@ async fn serve_relay(config: RelayConfig, log_format: LogFormat) -> Result<()> {
         }
     }
     let addrs = relay.addrs();
-    tracing::info!(api = %addrs.api, api_tls = ?addrs.api_tls, proxy = %addrs.proxy, proxy_tls = ?addrs.proxy_tls, device = ?addrs.device, device_tcp = ?addrs.device_tcp, peer = ?addrs.peer, metrics = ?addrs.metrics, "relay listening");
+    tracing::info!(api = %addrs.api, api_tls = ?addrs.api_tls, proxy = %addrs.proxy, proxy_tls = ?addrs.proxy_tls, device = ?addrs.device, device_tcp = ?addrs.device_tcp, peer = ?addrs.peer, metrics = ?addrs.metrics, ssh = ?addrs.ssh, "relay listening");
     let listening: Vec<(&str, String)> = [
         ("api", Some(addrs.api)),
         ("api_tls", addrs.api_tls),
@@ -328,6 +328,7 @@ async fn serve_relay(config: RelayConfig, log_format: LogFormat) -> Result<()> {
         ("device_tcp", addrs.device_tcp),
         ("peer", addrs.peer),
         ("metrics", addrs.metrics),
+        ("ssh", addrs.ssh),
     ]
     .into_iter()
     .filter_map(|(name, addr)| addr.map(|a| (name, a.to_string())))

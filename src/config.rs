@@ -276,6 +276,9 @@ pub struct RelayConfig {
     pub device_tcp_listen: Option<Listen>,
     /// Serve `/metrics` here, plain HTTP, instead of on the API listeners.
     pub metrics_listen: Option<SocketAddr>,
+    /// The SSH gateway (ProxyJump for plain OpenSSH), or `off`: off until the gateway's
+    /// `host`/`enter` sessions land, then on by default.
+    pub ssh_listen: Listen,
     /// Audit rows (tunnels) older than this many seconds are deleted; 0 keeps them all.
     pub audit_retention_secs: u64,
     /// Signs user JWTs; default: generated once and kept in the store, shared by every
@@ -325,6 +328,7 @@ impl Default for RelayConfig {
             device_listen: Listen::At(([0, 0, 0, 0], 4433).into()),
             device_tcp_listen: None,
             metrics_listen: None,
+            ssh_listen: Listen::Off,
             audit_retention_secs: 90 * 86_400,
             jwt_secret: None,
             peer_listen: Listen::Off,
@@ -387,6 +391,9 @@ pub struct RelayArgs {
     /// [default: on the API listeners].
     #[arg(long, env = "CLOUDLINK_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// SSH gateway for ProxyJump (`ssh -J USER@RELAY:PORT`), ADDR or `off` [default: off].
+    #[arg(long, env = "CLOUDLINK_SSH_LISTEN")]
+    pub ssh_listen: Option<Listen>,
     /// Delete audit rows older than this (`90d`, `12h`…) or keep them (`off`)
     /// [default: 90d].
     #[arg(long, env = "CLOUDLINK_AUDIT_RETENTION", value_parser = parse_retention)]

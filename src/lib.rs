@@ -65,7 +65,8 @@
 //!   admission: credentials, policy, limits and the device stream, `tunnel.rs` the joined
 //!   streams and their audit row, `to_owner.rs` the hop to the relay that holds a device,
 //!   `refusal.rs` each refusal's side and answer); `peer.rs` the owner side of that hop,
-//!   which serves other relays of a cluster; `revalidate.rs` revocation of open tunnels;
+//!   which serves other relays of a cluster; `gateway.rs` the SSH gateway (ProxyJump so
+//!   far: cloud users log in with their cloud SSH keys); `revalidate.rs` revocation of open tunnels;
 //!   `presence.rs` where devices are (the sessions here, the store's rows, the cache of
 //!   other relays' and the watch that supersedes moved sessions); `registry.rs` the open
 //!   tunnels and their limits; `authcache.rs` recent authorization answers;

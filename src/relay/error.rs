@@ -21,6 +21,9 @@ pub enum RelayError {
     /// The TLS certificate.
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    /// The SSH gateway's host key could not be made, kept or loaded.
+    #[error("SSH gateway: {0}")]
+    HostKey(String),
     /// `CLOUDLINK_BOOTSTRAP_ADMIN_KEY` is not an API key.
     #[error("CLOUDLINK_BOOTSTRAP_ADMIN_KEY must start with clk_ and be at least 36 characters")]
     BootstrapKey,

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod datadir;
 pub mod devices;
 mod error;
+mod gateway;
 pub mod github;
 pub mod limits;
 pub mod listen;
@@ -63,6 +64,8 @@ pub struct BoundAddrs {
     pub device_tcp: Option<SocketAddr>,
     /// The metrics listener, when `/metrics` has its own.
     pub metrics: Option<SocketAddr>,
+    /// The SSH gateway, unless off.
+    pub ssh: Option<SocketAddr>,
 }
 
 /// A relay that has bound its sockets and is ready to serve.
@@ -77,6 +80,8 @@ pub struct Relay {
     peer: Option<TcpListener>,
     /// The metrics listener, when `/metrics` is off the API.
     metrics: Option<TcpListener>,
+    /// The SSH gateway's listener and server settings, unless off.
+    gateway: Option<(TcpListener, Arc<russh::server::Config>)>,
     /// The served certificate, reloaded when its files change.
     tls: tls::Material,
     /// The QUIC endpoint devices dial, unless off.
@@ -157,6 +162,14 @@ impl Relay {
             }
         };
         let material = tls::material(&config, store.as_ref()).await?;
+        let host_key = match config.ssh_listen {
+            Listen::Off => None,
+            Listen::At(_) => Some(
+                gateway::host_key(store.as_ref())
+                    .await
+                    .map_err(RelayError::HostKey)?,
+            ),
+        };
         lock.release().await;
 
         let limits = &config.limits;
@@ -228,6 +241,13 @@ impl Relay {
             Some(addr) => Some(bind_tcp("metrics", addr).await?),
             None => None,
         };
+        let gateway = match (config.ssh_listen.addr(), host_key) {
+            (Some(addr), Some(key)) => Some((
+                bind_tcp("the SSH gateway", addr).await?,
+                gateway::server_config(key),
+            )),
+            _ => None,
+        };
         tracing::info!(cert = %material.cert_path.display(), "TLS certificate loaded");
         // Other relays dial the peer address; a single relay publishes its API address so
         // operators can tell which relay a row is.
@@ -268,6 +288,7 @@ impl Relay {
             peer,
             devices,
             metrics: metrics_listener,
+            gateway,
             tls: material,
             admin_key_path,
         })
@@ -285,6 +306,7 @@ impl Relay {
             device: self.devices.as_ref().and_then(|e| e.local_addr().ok()),
             device_tcp: self.devices_tcp.addrs().1,
             metrics: self.metrics.as_ref().and_then(|l| l.local_addr().ok()),
+            ssh: self.gateway.as_ref().and_then(|(l, _)| l.local_addr().ok()),
         }
     }
 
@@ -301,6 +323,9 @@ impl Relay {
         background.spawn(proxy::run(self.proxy, shared.clone(), tunnels.clone()));
         if let Some(listener) = self.peer {
             background.spawn(peer::run(listener, shared.clone(), tunnels.clone()));
+        }
+        if let Some((listener, config)) = self.gateway {
+            background.spawn(gateway::run(listener, shared.clone(), config));
         }
         if let Some(endpoint) = self.devices {
             background.spawn(devices::quic::run(endpoint, shared.clone()));

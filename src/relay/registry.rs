@@ -60,6 +60,8 @@ pub enum TunnelKind {
     Connect,
     /// The browser terminal (PROTOCOL.md §5).
     Terminal,
+    /// A ProxyJump channel through the SSH gateway.
+    Jump,
 }
 
 impl TunnelKind {
@@ -68,6 +70,7 @@ impl TunnelKind {
         match self {
             TunnelKind::Connect => "connect",
             TunnelKind::Terminal => "terminal",
+            TunnelKind::Jump => "jump",
         }
     }
 }

@@ -351,3 +351,141 @@ async fn root_logins_answer_every_user_who_may_reach_the_device() {
     let (ok, out, err) = authorized_keys(&config, "root");
     assert!(!ok && out.is_empty() && err.contains("root_login"), "{err}");
 }
+
+/// An ssh_config for the gateway tests: `-F` reaches the ProxyJump hop too, where `-o`
+/// options given on the command line do not.
+fn jump_config(dir: &std::path::Path, key: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("jump_config");
+    std::fs::write(
+        &path,
+        format!(
+            "Host *\n  IdentityFile {}\n  IdentitiesOnly yes\n  BatchMode yes\n  \
+             StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  \
+             ConnectTimeout 20\n",
+            key.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Runs `ssh -J` through the gateway at `gateway` as cloud user `user` to `target`, with
+/// `command`; returns (success, stdout, stderr).
+fn jump(
+    config: &std::path::Path,
+    gateway: std::net::SocketAddr,
+    user: &str,
+    target: &str,
+    command: &str,
+) -> (bool, String, String) {
+    let out = std::process::Command::new("ssh")
+        .args(["-F", config.to_str().unwrap()])
+        .args(["-J", &format!("{user}@{gateway}")])
+        .args(["-p", "22222", target, command])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// Multi-threaded: the test waits on child processes while the sshd listener keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxyjump_through_the_gateway_with_cloud_keys() {
+    sshd::require();
+    let w = World::with(&limits(""), &["--ssh-listen", "127.0.0.1:0"], &[]);
+    let gateway = w
+        .relay
+        .ssh
+        .expect("the relay says where the gateway listens");
+    let (uuid, _, sshd, _agent) = sshd::device_with_sshd(&w, "pis").await;
+    let (s, _) = w
+        .admin
+        .call("POST", "/v1/fleets", Some(json!({"name": "other"})))
+        .await;
+    assert_eq!(s, 201);
+
+    // The cloud user `root`, with a key, in another fleet only.
+    let root_key = w.user("root").await;
+    let root_xdg = w.dir.path().join("xdg-root");
+    w.login_in(&root_xdg, &root_key);
+    let key = sshd::user_key(w.dir.path());
+    let pubkey = key.with_extension("pub");
+    let (ok, out, err) = cli_in(
+        &root_xdg,
+        &["--json", "key", "add", pubkey.to_str().unwrap()],
+        None,
+    );
+    assert!(ok, "{err}");
+    let key_id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].to_string();
+    w.admin.add_member("other", "root").await;
+    let config = jump_config(w.dir.path(), &key);
+    let target = format!("root@{uuid}.balena");
+
+    // Not their fleet: the gateway lets them in but the jump to the device is refused,
+    // as an unknown device would be.
+    let (ok, _, err) = jump(&config, gateway, "root", &target, "echo hi");
+    assert!(!ok, "a user of another fleet jumped to the device");
+    // OpenSSH's -W reports a refused channel in these words only.
+    assert!(err.contains("stdio forwarding failed"), "{err}");
+    let unknown = format!("root@{}.balena", "0".repeat(32));
+    let (ok, _, err_unknown) = jump(&config, gateway, "root", &unknown, "echo hi");
+    assert!(!ok);
+    assert_eq!(
+        err_unknown, err,
+        "an unknown device reads like a forbidden one"
+    );
+
+    // A wrong cloud username with the same key does not log in at all.
+    let (ok, _, err) = jump(&config, gateway, "nobody", &target, "echo hi");
+    assert!(!ok, "an unknown user logged in to the gateway");
+    assert!(err.contains("Permission denied"), "{err}");
+
+    // A member now: ssh -J reaches the device's sshd, end to end; the command's exit
+    // status comes back.
+    w.admin.add_member("pis", "root").await;
+    let (ok, out, err) = jump(&config, gateway, "root", &target, "echo jumped-$((40 + 2))");
+    assert!(ok, "ssh -J failed: {err}\n{}", sshd.log());
+    assert_eq!(out.trim(), "jumped-42");
+    let (ok, _, _) = jump(&config, gateway, "root", &target, "exit 3");
+    assert!(!ok, "the device's exit status is lost");
+
+    // The audit log names the jump.
+    let (s, body) = w.admin.call("GET", "/v1/tunnels", None).await;
+    assert_eq!(s, 200);
+    assert!(
+        body.to_string().contains("\"jump\""),
+        "no audit row of kind jump: {body}"
+    );
+
+    // An open session is cut when its key is removed (revalidation, within seconds).
+    let mut open = std::process::Command::new("ssh")
+        .args(["-F", config.to_str().unwrap()])
+        .args(["-J", &format!("root@{gateway}")])
+        .args(["-p", "22222", &target, "echo open; sleep 60"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = common::Lines::spawn(open.stdout.take().unwrap(), None);
+    lines.wait_for("open");
+    let (ok, _, err) = cli_in(&root_xdg, &["key", "rm", &key_id], None);
+    assert!(ok, "{err}");
+    let ended = common::poll(std::time::Duration::from_secs(20), || {
+        let done = open.try_wait().ok().flatten().is_some();
+        async move { done.then_some(()) }
+    })
+    .await;
+    if ended.is_none() {
+        let _ = open.kill();
+    }
+    let _ = open.wait();
+    assert!(ended.is_some(), "a removed key's jump session stayed open");
+    let (ok, _, err) = jump(&config, gateway, "root", &target, "echo hi");
+    assert!(!ok, "a removed key still logs in to the gateway");
+    assert!(err.contains("Permission denied"), "{err}");
+}

@@ -111,6 +111,24 @@ pub struct Pending {
     pub(super) slot: Option<SourceSlot>,
 }
 
+impl Pending {
+    /// Places for a connection from `ip` that has not authenticated yet, if there are
+    /// any: for connections that do not wait in a CONNECT listener's accept queue (the
+    /// terminal's in-process tunnels, the SSH gateway).
+    pub fn take(state: &Shared, ip: std::net::IpAddr) -> Result<Pending, Refusal> {
+        let Ok(total) = state.proxy_pending.clone().try_acquire_owned() else {
+            return Err(Refusal::TooMany(1, "connections waiting to be admitted"));
+        };
+        let Some(slot) = state.proxy_sources.take(ip) else {
+            return Err(Refusal::TooMany(1, "connections from your address"));
+        };
+        Ok(Pending {
+            _total: total,
+            slot: Some(slot),
+        })
+    }
+}
+
 /// Answers `refusal` and closes.
 pub async fn refuse<C: ClientConn>(client: C, state: &Shared, version: &str, refusal: Refusal) {
     let (status, _, side) = refusal.status();

@@ -131,16 +131,7 @@ pub async fn open_in_process(
     id: &str,
 ) -> Result<InProcess, Refusal> {
     // The same caps as a connection from outside, under the caller's address.
-    let Ok(permit) = state.proxy_pending.clone().try_acquire_owned() else {
-        return Err(Refusal::TooMany(1, "connections waiting to be admitted"));
-    };
-    let pending = Pending {
-        _total: permit,
-        slot: state.proxy_sources.take(peer.ip()),
-    };
-    if pending.slot.is_none() {
-        return Err(Refusal::TooMany(1, "connections from your address"));
-    }
+    let pending = Pending::take(state, peer.ip())?;
     let received = std::time::Instant::now();
     let route = admit::admit(&ask, peer, state, pending, kind, Some(id.to_owned())).await?;
     let (ours, theirs) = tokio::io::duplex(64 * 1024);

@@ -88,6 +88,8 @@ pub struct Relay {
     pub peer: Option<SocketAddr>,
     /// The metrics listener, with `--metrics-listen`.
     pub metrics: Option<SocketAddr>,
+    /// The SSH gateway, with `--ssh-listen`.
+    pub ssh: Option<SocketAddr>,
     pub stdout: Lines,
     pub stderr: Lines,
     extra: Vec<String>,
@@ -217,6 +219,7 @@ impl Relay {
             device_quic: field(&line, "device"),
             peer: field(&line, "peer"),
             metrics: field(&line, "metrics"),
+            ssh: field(&line, "ssh"),
             stdout,
             stderr,
             extra,

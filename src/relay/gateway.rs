@@ -1,0 +1,324 @@
+//! The SSH gateway, first part: plain OpenSSH reaches devices through the relay with
+//! ProxyJump (`ssh -J user@relay -p 22222 root@<uuid>.balena`).
+//!
+//! Users log in as their cloud username with one of their cloud SSH keys, public key only.
+//! Each `direct-tcpip` channel asks for a device port as a CONNECT target does
+//! (`<uuid>.balena` and the other device domains, or a bare uuid) and goes through the one
+//! admission ([`crate::relay::proxy::open_in_process`]) under the key's proof: the reach
+//! policy, the limits, revalidation (a deleted key, user or membership cuts the channel)
+//! and the audit row (kind `jump`). The inner SSH session runs end to end between the
+//! user's ssh and the device's sshd; the relay carries ciphertext.
+//!
+//! Not here yet (issue 25 goes on): `host`/`enter` sessions, short uuids and device names
+//! as targets, discovery from `cloudlink login`. A session channel is refused with a line
+//! that says so.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::{HashAlg, PrivateKey, PublicKey};
+use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelOpenFailure, MethodKind, MethodSet};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+use super::proxy::{self, admit::Ask, Pending, Refusal};
+use super::registry::{Proof, TunnelKind};
+use super::state::Shared;
+use crate::store::Id;
+
+/// How long a connection may take to authenticate, as sshd's `LoginGraceTime`.
+pub const LOGIN_GRACE: Duration = Duration::from_secs(30);
+
+/// The name of the gateway's host key among the store's shared secrets: generated once,
+/// so every relay of a cluster presents the same one.
+const HOST_KEY_SECRET: &str = "ssh-host-key";
+
+/// The gateway's host key: the store's, or (first relay) a new Ed25519 key put there.
+pub async fn host_key(store: &dyn crate::store::Store) -> Result<PrivateKey, String> {
+    let seed: [u8; 32] = rand::random();
+    let new = PrivateKey::from(russh::keys::ssh_key::private::Ed25519Keypair::from_seed(
+        &seed,
+    ));
+    let candidate = new
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .map_err(|e| format!("cannot make an SSH host key: {e}"))?
+        .to_string();
+    let stored = store
+        .shared_secret(HOST_KEY_SECRET, &candidate)
+        .await
+        .map_err(|e| format!("cannot keep the SSH host key in the store: {e}"))?;
+    PrivateKey::from_openssh(stored.as_bytes())
+        .map_err(|e| format!("the store's SSH host key does not load: {e}"))
+}
+
+/// The server settings: publickey only, the host key, at most a few keys tried per
+/// connection (as sshd's `MaxAuthTries`), a failed attempt answered after a pause.
+pub fn server_config(key: PrivateKey) -> Arc<russh::server::Config> {
+    Arc::new(russh::server::Config {
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        keys: vec![key],
+        max_auth_attempts: 6,
+        auth_rejection_time: Duration::from_millis(300),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        inactivity_timeout: None,
+        nodelay: true,
+        ..Default::default()
+    })
+}
+
+/// Accepts gateway connections until the relay drains. Connections that have not
+/// authenticated yet take the same places as unauthenticated CONNECTs (in total and per
+/// source), so a flood of half-open SSH connections cannot starve the relay.
+pub async fn run(listener: TcpListener, state: Arc<Shared>, config: Arc<russh::server::Config>) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SSH gateway accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = state.draining.cancelled() => return,
+        };
+        let pending = match Pending::take(&state, peer.ip()) {
+            Ok(pending) => pending,
+            Err(refusal) => {
+                tracing::info!(%peer, refusal = %refusal.message(), "SSH gateway connection refused");
+                continue;
+            }
+        };
+        let state = state.clone();
+        let config = config.clone();
+        tokio::spawn(async move { serve(stream, peer, state, config, pending).await });
+    }
+}
+
+/// One connection: the SSH handshake and login within [`LOGIN_GRACE`], then its channels
+/// until it closes. A connection that ends without logging in counts one failed attempt
+/// for its address, however many keys it offered.
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<Shared>,
+    config: Arc<russh::server::Config>,
+    pending: Pending,
+) {
+    let (logged_in, login) = oneshot::channel();
+    let conn = Conn {
+        state: state.clone(),
+        peer,
+        user: None,
+        logged_in: Some(logged_in),
+        pending: Some(pending),
+    };
+    let session = match russh::server::run_stream(config, stream, conn).await {
+        Ok(session) => session,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "SSH handshake failed");
+            state.auth_failed(Some(peer.ip()));
+            return;
+        }
+    };
+    let handle = session.handle();
+    tokio::pin!(session);
+    let in_time = tokio::select! {
+        _ = &mut session => false,
+        got = tokio::time::timeout(LOGIN_GRACE, login) => matches!(got, Ok(Ok(()))),
+    };
+    if !in_time {
+        state.auth_failed(Some(peer.ip()));
+        let _ = handle
+            .disconnect(
+                russh::Disconnect::NoMoreAuthMethodsAvailable,
+                "not logged in".into(),
+                String::new(),
+            )
+            .await;
+        return;
+    }
+    if let Err(e) = session.await {
+        tracing::debug!(%peer, error = %e, "SSH gateway session ended");
+    }
+}
+
+/// Who logged in, with which of their keys.
+#[derive(Clone, Copy)]
+struct LoggedIn {
+    user: Id,
+    key: Id,
+}
+
+/// One connection's handler.
+struct Conn {
+    state: Arc<Shared>,
+    peer: SocketAddr,
+    user: Option<LoggedIn>,
+    logged_in: Option<oneshot::Sender<()>>,
+    /// The unauthenticated connection's places, given back at login.
+    pending: Option<Pending>,
+}
+
+impl Conn {
+    /// The row of `key` among `username`'s cloud SSH keys, if it is one of them.
+    async fn key_of(
+        &self,
+        username: &str,
+        key: &PublicKey,
+    ) -> Result<Option<LoggedIn>, russh::Error> {
+        let store = self.state.store.as_ref();
+        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+        let found = async {
+            let Some(user) = store.user_by_name(username).await? else {
+                return Ok(None);
+            };
+            let keys = store.list_ssh_keys(user.id).await?;
+            Ok::<_, crate::store::StoreError>(
+                keys.into_iter()
+                    .find(|k| k.fingerprint == fingerprint)
+                    .map(|k| LoggedIn {
+                        user: user.id,
+                        key: k.id,
+                    }),
+            )
+        };
+        match found.await {
+            Ok(found) => Ok(found),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check an SSH gateway login");
+                Err(russh::Error::Disconnect)
+            }
+        }
+    }
+}
+
+impl russh::server::Handler for Conn {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        Ok(match self.key_of(user, offer.public_key).await? {
+            Some(_) => Auth::Accept,
+            None => Auth::reject(),
+        })
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let Some(found) = self.key_of(user, key.public_key).await? else {
+            return Ok(Auth::reject());
+        };
+        self.user = Some(found);
+        self.pending = None;
+        if let Some(tx) = self.logged_in.take() {
+            let _ = tx.send(());
+        }
+        tracing::info!(peer = %self.peer, user = %crate::logsafe::Peer(user), "SSH gateway login");
+        Ok(Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        drop(channel);
+        reply
+            .reject(ChannelOpenFailure::Other {
+                code: ChannelOpenFailure::AdministrativelyProhibited.code(),
+                reason: "this gateway forwards to devices only: use ssh -J (host and enter \
+                         sessions are not available yet)"
+                    .into(),
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(who) = self.user else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let target = format!("{host_to_connect}:{port_to_connect}");
+        let state = self.state.clone();
+        let peer = self.peer;
+        // Admission and the device open wait on the store and the device: a task of their
+        // own, so this connection's other channels keep moving meanwhile.
+        tokio::spawn(async move { jump(state, peer, who, target, channel, reply).await });
+        Ok(())
+    }
+}
+
+/// One ProxyJump channel: admitted as a tunnel of kind `jump`, then joined to the device
+/// until either side ends.
+async fn jump(
+    state: Arc<Shared>,
+    peer: SocketAddr,
+    who: LoggedIn,
+    target: String,
+    channel: Channel<Msg>,
+    reply: ChannelOpenHandle,
+) {
+    let ask = crate::proto::connect::parse_target(&target, &state.config.device_domains)
+        .map_err(|e| Refusal::BadRequest(e.to_string()))
+        .map(|(device, port)| Ask {
+            device,
+            port,
+            proof: Proof::SshKey {
+                user: who.user,
+                key: who.key,
+            },
+            version: "HTTP/1.1",
+        });
+    let id = crate::auth::tokens::new_device_uuid();
+    let opened = match ask {
+        Ok(ask) => proxy::open_in_process(&state, peer, ask, TunnelKind::Jump, &id).await,
+        Err(refusal) => Err(refusal),
+    };
+    let mut device = match opened {
+        Ok(opened) => opened.stream,
+        Err(refusal) => {
+            tracing::info!(%peer, target = %crate::logsafe::Peer(&target), refusal = %refusal.message(), "ProxyJump refused");
+            let code = match refusal {
+                Refusal::TooMany(..) => ChannelOpenFailure::ResourceShortage,
+                Refusal::DeviceOffline | Refusal::DeviceRefused(_) | Refusal::DeviceTimeout => {
+                    ChannelOpenFailure::ConnectFailed
+                }
+                _ => ChannelOpenFailure::AdministrativelyProhibited,
+            };
+            reply
+                .reject(ChannelOpenFailure::Other {
+                    code: code.code(),
+                    reason: refusal.message(),
+                })
+                .await;
+            return;
+        }
+    };
+    reply.accept().await;
+    let mut user = channel.into_stream();
+    // The tunnel's own task counts the bytes, keeps the audit row and ends it on
+    // revocation; here the two in-process ends are joined, FIN for FIN.
+    let _ = tokio::io::copy_bidirectional(&mut user, &mut device).await;
+}

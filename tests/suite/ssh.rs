@@ -453,6 +453,40 @@ async fn proxyjump_through_the_gateway_with_cloud_keys() {
     let (ok, _, _) = jump(&config, gateway, "root", &target, "exit 3");
     assert!(!ok, "the device's exit status is lost");
 
+    // scp -J, 8 MiB each way, byte for byte (the inner session is end to end). `-O`: the
+    // test device's sshd has no sftp subsystem, so scp uses its own protocol.
+    let data = common::random_bytes(8 << 20, 25);
+    let here = w.dir.path().join("up.bin");
+    std::fs::write(&here, &data).unwrap();
+    let there = w.dir.path().join("on-device.bin");
+    let back = w.dir.path().join("down.bin");
+    let scp = |from: String, to: String| {
+        let out = std::process::Command::new("scp")
+            .args(["-F", config.to_str().unwrap()])
+            .args(["-J", &format!("root@{gateway}")])
+            .args(["-O", "-P", "22222", "-q", &from, &to])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scp {from} {to}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    scp(
+        here.display().to_string(),
+        format!("{target}:{}", there.display()),
+    );
+    scp(
+        format!("{target}:{}", there.display()),
+        back.display().to_string(),
+    );
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "scp -J changed the bytes"
+    );
+
     // The audit log names the jump.
     let (s, body) = w.admin.call("GET", "/v1/tunnels", None).await;
     assert_eq!(s, 200);

@@ -195,6 +195,25 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Refuses a key. Clients offer several keys in turn, so one refusal is not yet a
+    /// failed attempt (that is counted once, for a connection that never logs in); but an
+    /// address already throttled for failed attempts is disconnected at its first wrong
+    /// key, so it cannot go on trying keys over many connections.
+    fn rejected(&self) -> Result<Auth, russh::Error> {
+        if self
+            .state
+            .auth_failures
+            .retry_after(self.peer.ip())
+            .is_some()
+        {
+            tracing::info!(peer = %self.peer, "SSH gateway: too many failed attempts from this address");
+            return Err(russh::Error::Disconnect);
+        }
+        Ok(Auth::reject())
+    }
+}
+
 impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
@@ -203,10 +222,10 @@ impl russh::server::Handler for Conn {
         user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
-        Ok(match self.key_of(user, offer.public_key).await? {
-            Some(_) => Auth::Accept,
-            None => Auth::reject(),
-        })
+        match self.key_of(user, offer.public_key).await? {
+            Some(_) => Ok(Auth::Accept),
+            None => self.rejected(),
+        }
     }
 
     async fn auth_publickey(
@@ -215,7 +234,7 @@ impl russh::server::Handler for Conn {
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         let Some(found) = self.key_of(user, key.public_key).await? else {
-            return Ok(Auth::reject());
+            return self.rejected();
         };
         self.user = Some(found);
         self.pending = None;

@@ -523,3 +523,66 @@ async fn proxyjump_through_the_gateway_with_cloud_keys() {
     assert!(!ok, "a removed key still logs in to the gateway");
     assert!(err.contains("Permission denied"), "{err}");
 }
+
+/// Plain `ssh` to the gateway itself as `user`; returns (success, stderr).
+fn gateway_login(
+    config: &std::path::Path,
+    gateway: std::net::SocketAddr,
+    user: &str,
+) -> (bool, String) {
+    let out = std::process::Command::new("ssh")
+        .args(["-F", config.to_str().unwrap()])
+        // The refused channel's reason is an INFO line; the config says ERROR.
+        .args(["-o", "LogLevel=INFO"])
+        .args(["-p", &gateway.port().to_string()])
+        .arg(format!("{user}@{}", gateway.ip()))
+        .arg("true")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_throttles_failed_logins_and_says_what_it_serves() {
+    sshd::require();
+    let w = World::with(
+        "[limits]\nauth_failures_per_minute = 2\n",
+        &["--ssh-listen", "127.0.0.1:0"],
+        &[],
+    );
+    let gateway = w
+        .relay
+        .ssh
+        .expect("the relay says where the gateway listens");
+    let root_key = w.user("root").await;
+    let root_xdg = w.dir.path().join("xdg-root");
+    w.login_in(&root_xdg, &root_key);
+    let key = sshd::user_key(w.dir.path());
+    let pubkey = key.with_extension("pub");
+    let (ok, _, err) = cli_in(&root_xdg, &["key", "add", pubkey.to_str().unwrap()], None);
+    assert!(ok, "{err}");
+    let config = jump_config(w.dir.path(), &key);
+
+    // Two connections that never log in are two failed attempts, then the address is
+    // throttled: its next wrong key ends the connection at once.
+    for _ in 0..2 {
+        let (ok, err) = gateway_login(&config, gateway, "nobody");
+        assert!(!ok);
+        assert!(err.contains("Permission denied"), "{err}");
+    }
+    let (ok, err) = gateway_login(&config, gateway, "nobody");
+    assert!(!ok);
+    assert!(
+        !err.contains("Permission denied"),
+        "a throttled address went on trying: {err}"
+    );
+
+    // A valid key still logs in from that address; a shell is refused, saying why.
+    let (ok, err) = gateway_login(&config, gateway, "root");
+    assert!(!ok, "the gateway opened a shell");
+    assert!(err.contains("forwards to devices only"), "{err}");
+}

@@ -149,11 +149,33 @@ mod tests {
         (dialled.unwrap(), accepted.unwrap().0)
     }
 
+    /// [`join`]'s `plain` for owned halves, whichever of the two.
+    type Plain = for<'a> fn(&'a OwnedReadHalf, &'a OwnedWriteHalf) -> Option<&'a TcpStream>;
+
+    /// Joins the user's side `near`, split, to `far`, as the peer hop does.
+    async fn join_user(
+        near: TcpStream,
+        far: &mut TcpStream,
+        plain: Plain,
+        counters: &Counters,
+        cancel: &CancellationToken,
+    ) -> End {
+        let (mut r, mut w) = near.into_split();
+        join(
+            (&mut r, &mut w),
+            plain,
+            Side::User,
+            far,
+            counters,
+            cancel,
+            None,
+        )
+        .await
+    }
+
     /// Runs a join between a user connection and a far one, with `plain` on the user's
     /// halves; the user sends, half-closes, and still reads the far side's answer.
-    async fn half_close_both_ways(
-        plain: for<'a> fn(&'a OwnedReadHalf, &'a OwnedWriteHalf) -> Option<&'a TcpStream>,
-    ) {
+    async fn half_close_both_ways(plain: Plain) {
         let (mut user, near) = pair().await;
         let (mut far, mut service) = pair().await;
         let counters = Counters::default();
@@ -214,17 +236,7 @@ mod tests {
             let cancel = CancellationToken::new();
             crate::forward::arm_reset(&service);
             drop(service);
-            let (mut r, mut w) = near.into_split();
-            let end = join(
-                (&mut r, &mut w),
-                plain,
-                Side::User,
-                &mut far,
-                &counters,
-                &cancel,
-                None,
-            )
-            .await;
+            let end = join_user(near, &mut far, plain, &counters, &cancel).await;
             assert_eq!(end, End::SocketReset);
         }
     }
@@ -236,17 +248,7 @@ mod tests {
         let counters = Counters::default();
         let cancel = CancellationToken::new();
         cancel.cancel();
-        let (mut r, mut w) = near.into_split();
-        let end = join(
-            (&mut r, &mut w),
-            owned_halves,
-            Side::User,
-            &mut far,
-            &counters,
-            &cancel,
-            None,
-        )
-        .await;
+        let end = join_user(near, &mut far, owned_halves, &counters, &cancel).await;
         assert_eq!(end, End::Cancelled);
     }
 }

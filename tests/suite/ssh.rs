@@ -30,6 +30,27 @@ fn device_ssh(
     cli_in(xdg, &args, Some(script.as_bytes()))
 }
 
+/// A cloud user `name` logged in with its own CLI profile, who adds a new key pair with
+/// `cloudlink key add`; returns that profile's directory, the private key and the key's id.
+async fn cloud_user_with_key(
+    w: &World,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let api_key = w.user(name).await;
+    let xdg = w.dir.path().join(format!("xdg-{name}"));
+    w.login_in(&xdg, &api_key);
+    let key = sshd::user_key(w.dir.path());
+    let pubkey = key.with_extension("pub");
+    let (ok, out, err) = cli_in(
+        &xdg,
+        &["--json", "key", "add", pubkey.to_str().unwrap()],
+        None,
+    );
+    assert!(ok, "{err}");
+    let key_id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].to_string();
+    (xdg, key, key_id)
+}
+
 // Multi-threaded: the test waits on child processes while the sshd listener keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_with_cloud_keys_through_relay_and_agent() {
@@ -50,18 +71,7 @@ async fn ssh_with_cloud_keys_through_relay_and_agent() {
     );
 
     // The cloud user `root` adds their key with the CLI, and belongs to another fleet only.
-    let root_key = w.user("root").await;
-    let root_xdg = w.dir.path().join("xdg-root");
-    w.login_in(&root_xdg, &root_key);
-    let key = sshd::user_key(w.dir.path());
-    let pubkey = key.with_extension("pub");
-    let (ok, out, err) = cli_in(
-        &root_xdg,
-        &["--json", "key", "add", pubkey.to_str().unwrap()],
-        None,
-    );
-    assert!(ok, "{err}");
-    let key_id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].to_string();
+    let (root_xdg, key, key_id) = cloud_user_with_key(&w, "root").await;
     w.admin.add_member("other", "root").await;
 
     // The admin reaches the device; sshd refuses root, whose fleet this is not.
@@ -409,18 +419,7 @@ async fn proxyjump_through_the_gateway_with_cloud_keys() {
     assert_eq!(s, 201);
 
     // The cloud user `root`, with a key, in another fleet only.
-    let root_key = w.user("root").await;
-    let root_xdg = w.dir.path().join("xdg-root");
-    w.login_in(&root_xdg, &root_key);
-    let key = sshd::user_key(w.dir.path());
-    let pubkey = key.with_extension("pub");
-    let (ok, out, err) = cli_in(
-        &root_xdg,
-        &["--json", "key", "add", pubkey.to_str().unwrap()],
-        None,
-    );
-    assert!(ok, "{err}");
-    let key_id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].to_string();
+    let (root_xdg, key, key_id) = cloud_user_with_key(&w, "root").await;
     w.admin.add_member("other", "root").await;
     let config = jump_config(w.dir.path(), &key);
     let target = format!("root@{uuid}.balena");
@@ -558,13 +557,7 @@ async fn the_gateway_throttles_failed_logins_and_says_what_it_serves() {
         .relay
         .ssh
         .expect("the relay says where the gateway listens");
-    let root_key = w.user("root").await;
-    let root_xdg = w.dir.path().join("xdg-root");
-    w.login_in(&root_xdg, &root_key);
-    let key = sshd::user_key(w.dir.path());
-    let pubkey = key.with_extension("pub");
-    let (ok, _, err) = cli_in(&root_xdg, &["key", "add", pubkey.to_str().unwrap()], None);
-    assert!(ok, "{err}");
+    let (_, key, _) = cloud_user_with_key(&w, "root").await;
     let config = jump_config(w.dir.path(), &key);
 
     // Two connections that never log in are two failed attempts, then the address is

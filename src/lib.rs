@@ -57,7 +57,8 @@
 //!   `public_keys.rs`, `terminal.rs` the terminal's WebSocket upgrade; `extract.rs` the
 //!   authenticated caller and JSON bodies, `fields.rs` field names and times, `error.rs`
 //!   the error shape); `web/` the dashboard and the browser terminal
-//!   (`terminal.rs` the WebSocket, `ssh.rs` the SSH client it speaks to the device);
+//!   (`terminal.rs` the WebSocket); `device_shell.rs` a shell on a device for the terminal
+//!   and the gateway (the tunnel, the minted key, the SSH client that logs in);
 //!   `devices/` the device listeners (`mod.rs` a session whichever link carries it,
 //!   `quic.rs` QUIC and its admission, `tcp.rs` TLS over TCP with HTTP/2 streams);
 //!   `proxy/` the CONNECT listeners (`mod.rs` the edge and the terminal's in-process
@@ -65,8 +66,9 @@
 //!   admission: credentials, policy, limits and the device stream, `tunnel.rs` the joined
 //!   streams and their audit row, `to_owner.rs` the hop to the relay that holds a device,
 //!   `refusal.rs` each refusal's side and answer); `peer.rs` the owner side of that hop,
-//!   which serves other relays of a cluster; `gateway.rs` the SSH gateway (ProxyJump so
-//!   far: cloud users log in with their cloud SSH keys); `revalidate.rs` revocation of open tunnels;
+//!   which serves other relays of a cluster; `gateway/` the SSH gateway, where cloud users log
+//!   in with their cloud SSH keys (`mod.rs` the server and its channels, `session.rs`
+//!   `host` and `enter` sessions, `target.rs` who is logged in, which device they mean); `revalidate.rs` revocation of open tunnels;
 //!   `presence.rs` where devices are (the sessions here, the store's rows, the cache of
 //!   other relays' and the watch that supersedes moved sessions); `registry.rs` the open
 //!   tunnels and their limits; `authcache.rs` recent authorization answers;

@@ -13,6 +13,9 @@ use prometheus::{
 const SETUP_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
+/// The `kind` values of `cloudlink_tunnels_admitted_total`, as the audit rows name them.
+pub const TUNNEL_KINDS: [&str; 4] = ["connect", "terminal", "jump", "ssh-gateway"];
+
 /// The `kind` values of `cloudlink_store_errors_total`.
 pub const STORE_ERROR_KINDS: [&str; 2] = ["unavailable", "database"];
 /// The `reason` values of `cloudlink_device_disconnects_total` ([`disconnect_reason`]).
@@ -42,6 +45,9 @@ pub struct Metrics {
     pub tunnels_open: IntGauge,
     /// Tunnels ended, by close reason.
     pub tunnels_closed: IntCounterVec,
+    /// Tunnels admitted by the relay the user came to, by what opened them
+    /// ([`TUNNEL_KINDS`]).
+    pub tunnels_admitted: IntCounterVec,
     /// Bytes carried by tunnels, by direction (`up` = user to device), running ones
     /// included: brought up to date from the tunnels' own counters at each scrape.
     tunnel_bytes: IntCounterVec,
@@ -122,6 +128,15 @@ impl Metrics {
             "Tunnels ended, by reason",
             &["reason"],
         );
+        let tunnels_admitted = counter_vec(
+            "cloudlink_tunnels_admitted_total",
+            "Tunnels admitted here for the users who came here, by kind: connect, terminal, \
+             jump (ProxyJump) or ssh-gateway (host and enter sessions)",
+            &["kind"],
+        );
+        for kind in TUNNEL_KINDS {
+            tunnels_admitted.with_label_values(&[kind]);
+        }
         let tunnel_bytes = counter_vec(
             "cloudlink_tunnel_bytes_total",
             "Bytes carried by ended tunnels, by direction",
@@ -242,6 +257,7 @@ impl Metrics {
             device_rejects,
             tunnels_open,
             tunnels_closed,
+            tunnels_admitted,
             tunnel_bytes,
             ended_bytes: Default::default(),
             reported_bytes: Mutex::new([0; 2]),

@@ -9,6 +9,7 @@ pub mod api;
 pub mod authcache;
 pub mod cluster;
 pub mod datadir;
+pub mod device_shell;
 pub mod devices;
 mod error;
 mod gateway;

@@ -62,6 +62,8 @@ pub enum TunnelKind {
     Terminal,
     /// A ProxyJump channel through the SSH gateway.
     Jump,
+    /// A `host` or `enter` session through the SSH gateway.
+    Gateway,
 }
 
 impl TunnelKind {
@@ -71,8 +73,17 @@ impl TunnelKind {
             TunnelKind::Connect => "connect",
             TunnelKind::Terminal => "terminal",
             TunnelKind::Jump => "jump",
+            TunnelKind::Gateway => "ssh-gateway",
         }
     }
+
+    /// Every kind, for metrics that list them all from the start.
+    pub const ALL: [TunnelKind; 4] = [
+        TunnelKind::Connect,
+        TunnelKind::Terminal,
+        TunnelKind::Jump,
+        TunnelKind::Gateway,
+    ];
 }
 
 impl TunnelEntry {
@@ -184,6 +195,12 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_metric_lists_every_tunnel_kind() {
+        let kinds: Vec<&str> = TunnelKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(kinds, crate::relay::metrics::TUNNEL_KINDS);
+    }
 
     fn entry(id: &str, user: Id, device: &str) -> Arc<TunnelEntry> {
         Arc::new(TunnelEntry {

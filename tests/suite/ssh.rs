@@ -39,16 +39,29 @@ async fn cloud_user_with_key(
     let api_key = w.user(name).await;
     let xdg = w.dir.path().join(format!("xdg-{name}"));
     w.login_in(&xdg, &api_key);
-    let key = sshd::user_key(w.dir.path());
+    let keys = w.dir.path().join(format!("keys-{name}"));
+    std::fs::create_dir_all(&keys).unwrap();
+    let (key, key_id) = add_key(&xdg, &keys, "ed25519");
+    (xdg, key, key_id)
+}
+
+/// Makes a key pair of `kind` in `dir` and adds it with `cloudlink key add` in the
+/// profile `xdg`; returns the private key and the key's id.
+fn add_key(
+    xdg: &std::path::Path,
+    dir: &std::path::Path,
+    kind: &str,
+) -> (std::path::PathBuf, String) {
+    let key = sshd::user_key_of(dir, kind);
     let pubkey = key.with_extension("pub");
     let (ok, out, err) = cli_in(
-        &xdg,
+        xdg,
         &["--json", "key", "add", pubkey.to_str().unwrap()],
         None,
     );
     assert!(ok, "{err}");
     let key_id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["id"].to_string();
-    (xdg, key, key_id)
+    (key, key_id)
 }
 
 // Multi-threaded: the test waits on child processes while the sshd listener keeps serving.
@@ -486,6 +499,69 @@ async fn proxyjump_through_the_gateway_with_cloud_keys() {
         "scp -J changed the bytes"
     );
 
+    // sftp -J (the device's sshd has the sftp subsystem) and rsync over ssh -J.
+    let sftp_back = w.dir.path().join("sftp-back.bin");
+    let batch = w.dir.path().join("sftp-batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "put {} {there}.sftp\nget {there}.sftp {}\n",
+            here.display(),
+            sftp_back.display(),
+            there = there.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("sftp")
+        .args(["-F", config.to_str().unwrap()])
+        .args(["-J", &format!("root@{gateway}")])
+        .args(["-P", "22222", "-q", "-b", batch.to_str().unwrap(), &target])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sftp -J: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(&sftp_back).unwrap() == data,
+        "sftp -J changed the bytes"
+    );
+    let rsync_back = w.dir.path().join("rsync-back.bin");
+    let rsh = format!("ssh -F {} -J root@{gateway} -p 22222", config.display());
+    for (from, to) in [
+        (
+            here.display().to_string(),
+            format!("{target}:{}.rsync", there.display()),
+        ),
+        (
+            format!("{target}:{}.rsync", there.display()),
+            rsync_back.display().to_string(),
+        ),
+    ] {
+        let out = std::process::Command::new("rsync")
+            .args(["-e", &rsh, "-q", &from, &to])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rsync {from} {to}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        std::fs::read(&rsync_back).unwrap() == data,
+        "rsync changed the bytes"
+    );
+
+    // A short uuid names the device as the full one does.
+    let short = format!("root@{}.balena", &uuid[..8]);
+    let (ok, out, err) = jump(&config, gateway, "root", &short, "echo short");
+    assert!(ok, "ssh -J to a short uuid: {err}");
+    assert_eq!(out.trim(), "short");
+
     // The audit log names the jump.
     let (s, body) = w.admin.call("GET", "/v1/tunnels", None).await;
     assert_eq!(s, 200);
@@ -531,8 +607,6 @@ fn gateway_login(
 ) -> (bool, String) {
     let out = std::process::Command::new("ssh")
         .args(["-F", config.to_str().unwrap()])
-        // The refused channel's reason is an INFO line; the config says ERROR.
-        .args(["-o", "LogLevel=INFO"])
         .args(["-p", &gateway.port().to_string()])
         .arg(format!("{user}@{}", gateway.ip()))
         .arg("true")
@@ -574,8 +648,329 @@ async fn the_gateway_throttles_failed_logins_and_says_what_it_serves() {
         "a throttled address went on trying: {err}"
     );
 
-    // A valid key still logs in from that address; a shell is refused, saying why.
+    // A valid key still logs in from that address; a command the gateway does not serve
+    // is refused, saying what it serves.
     let (ok, err) = gateway_login(&config, gateway, "root");
-    assert!(!ok, "the gateway opened a shell");
-    assert!(err.contains("forwards to devices only"), "{err}");
+    assert!(!ok, "the gateway ran a command of its own");
+    assert!(err.contains("usage: host <device>"), "{err}");
+}
+
+/// `ssh` to the gateway itself as `user` with `command` (balena's `host …`/`enter …`),
+/// `stdin` piped in, `tty` forcing a PTY (`-tt`); returns (exit code, stdout, stderr).
+fn gateway_run(
+    config: &std::path::Path,
+    gateway: std::net::SocketAddr,
+    user: &str,
+    command: &str,
+    stdin: &str,
+    tty: bool,
+) -> (i32, String, String) {
+    use std::io::Write;
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.args(["-F", config.to_str().unwrap()]);
+    if tty {
+        cmd.arg("-tt");
+    }
+    let mut child = cmd
+        .args(["-p", &gateway.port().to_string()])
+        .arg(format!("{user}@{}", gateway.ip()))
+        .arg(command)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// Multi-threaded: the test waits on child processes while the sshd listener keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_enter_sessions_through_the_gateway() {
+    sshd::require();
+    let w = World::with(&limits(""), &["--ssh-listen", "127.0.0.1:0"], &[]);
+    let gateway = w
+        .relay
+        .ssh
+        .expect("the relay says where the gateway listens");
+    let (uuid, _, sshd, _agent) = sshd::device_with_sshd(&w, "pis").await;
+    let (root_xdg, key, _) = cloud_user_with_key(&w, "root").await;
+    w.admin.add_member("pis", "root").await;
+    let config = jump_config(w.dir.path(), &key);
+    let run = |command: &str, stdin: &str, tty: bool| {
+        gateway_run(&config, gateway, "root", command, stdin, tty)
+    };
+
+    // A command after the uuid runs on the device's host OS as given; its stdout, stderr
+    // and exit status come back apart.
+    let (code, out, err) = run(
+        &format!("host {uuid} echo out-$((6*7)); echo err >&2; exit 4"),
+        "",
+        false,
+    );
+    assert_eq!((code, out.trim()), (4, "out-42"), "{err}\n{}", sshd.log());
+    assert_eq!(err.trim(), "err");
+    // Piped: the shell reads its commands from stdin, without a PTY.
+    let (code, out, err) = run(
+        &format!("host {uuid}"),
+        "tty || echo piped-$((1+1)); exit 6\n",
+        false,
+    );
+    assert_eq!(code, 6, "{err}");
+    assert!(
+        out.contains("not a tty") && out.contains("piped-2"),
+        "{out}"
+    );
+    // With a PTY (`ssh -t`, as the balena CLI runs it): the shell has a terminal.
+    let (code, out, err) = run(&format!("host {uuid}"), "tty; exit 7\n", true);
+    assert_eq!(code, 7, "{err}");
+    assert!(out.contains("/dev/pts/"), "{out}");
+
+    // A short uuid and a device name name the device too (a name here reaches admission,
+    // which says the device has never connected).
+    let (code, out, err) = run(&format!("host {} echo short", &uuid[..8]), "", false);
+    assert_eq!((code, out.trim()), (0, "short"), "{err}");
+    let (s, named) = w
+        .admin
+        .call(
+            "POST",
+            "/v1/fleets/pis/devices",
+            Some(json!({"name": "pi-kitchen"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{named}");
+    let (code, _, err) = run("host pi-kitchen true", "", false);
+    assert_eq!(code, 1);
+    assert!(err.contains("never connected"), "{err}");
+
+    // The balena CLI's way into a service: find the container with `host … ps`, then
+    // `enter` it; the container id is checked before it reaches the device.
+    let ps = r#""$(if [ -f /usr/bin/balena ]; then echo "balena"; else echo "docker"; fi)" ps --format "{{.ID}} {{.Names}}""#;
+    let (code, out, err) = run(&format!("host {uuid} {ps}"), "", false);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("{} main_1_1_localrelease", sshd::CONTAINER)
+    );
+    let (code, out, err) = run(
+        &format!("enter {uuid} {}", sshd::CONTAINER),
+        "echo in-container; exit 9\n",
+        false,
+    );
+    assert_eq!(code, 9, "{err}");
+    assert!(
+        err.contains("tty=no") && out.contains("in-container"),
+        "{out}\n{err}"
+    );
+    let (code, out, err) = run(
+        &format!("enter {uuid} {}", sshd::CONTAINER),
+        "exit 3\n",
+        true,
+    );
+    assert_eq!(code, 3, "{out}\n{err}");
+    assert!(
+        out.contains("tty=yes"),
+        "a PTY session entered without one: {out}"
+    );
+    let (code, _, err) = run(&format!("enter {uuid} deadbeef0000"), "", false);
+    assert_eq!(code, 1);
+    assert!(err.contains("No such container"), "{err}");
+    let (code, _, err) = run(&format!("enter {uuid} $(id)"), "", false);
+    assert_eq!(code, 2);
+    assert!(err.contains("not a container id"), "{err}");
+    let (code, _, err) = run("uptime", "", false);
+    assert_eq!(code, 2);
+    assert!(err.contains("usage: host <device>"), "{err}");
+
+    // RSA and ECDSA keys log in as Ed25519 ones do.
+    for kind in ["rsa", "ecdsa"] {
+        let dir = w.dir.path().join(kind);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (other, _) = add_key(&root_xdg, &dir, kind);
+        let config = jump_config(&dir, &other);
+        let (code, out, err) = gateway_run(
+            &config,
+            gateway,
+            "root",
+            &format!("host {uuid} echo {kind}"),
+            "",
+            false,
+        );
+        assert_eq!((code, out.trim()), (0, kind), "{kind}: {err}");
+    }
+
+    // Another fleet's user is refused, and an unknown device reads the same.
+    let (_, bob_key, _) = cloud_user_with_key(&w, "bob").await;
+    let bob = jump_config(bob_key.parent().unwrap(), &bob_key);
+    let (code, _, err) = gateway_run(
+        &bob,
+        gateway,
+        "bob",
+        &format!("host {uuid} true"),
+        "",
+        false,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("You may not reach that device"), "{err}");
+    let unknown = "0".repeat(32);
+    let (_, _, err_unknown) = gateway_run(
+        &bob,
+        gateway,
+        "bob",
+        &format!("host {unknown} true"),
+        "",
+        false,
+    );
+    assert_eq!(
+        err_unknown, err,
+        "an unknown device reads like a forbidden one"
+    );
+    let (_, _, err_name) = gateway_run(
+        &bob,
+        gateway,
+        "bob",
+        &format!("host {} true", &uuid[..8]),
+        "",
+        false,
+    );
+    assert_eq!(
+        err_name, err,
+        "another fleet's short uuid reads like an unknown one"
+    );
+
+    // The audit log and the metrics name the kind.
+    let (s, body) = w.admin.call("GET", "/v1/tunnels", None).await;
+    assert_eq!(s, 200);
+    assert!(body.to_string().contains("\"ssh-gateway\""), "{body}");
+    let metrics = reqwest::get(format!("http://{}/metrics", w.relay.api))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("cloudlink_tunnels_admitted_total{kind=\"ssh-gateway\"}")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    // An open session is cut when the user leaves the fleet, with a line saying so.
+    let mut open = std::process::Command::new("ssh")
+        .args(["-F", config.to_str().unwrap()])
+        .args(["-p", &gateway.port().to_string()])
+        .arg(format!("root@{}", gateway.ip()))
+        .arg(format!("host {uuid} echo open; sleep 60"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = common::Lines::spawn(open.stdout.take().unwrap(), None);
+    lines.wait_for("open");
+    let (s, _) = w
+        .admin
+        .call("DELETE", "/v1/fleets/pis/members/root", None)
+        .await;
+    assert_eq!(s, 204);
+    let ended = common::poll(std::time::Duration::from_secs(20), || {
+        let done = open.try_wait().ok().flatten();
+        async move { done }
+    })
+    .await;
+    if ended.is_none() {
+        let _ = open.kill();
+    }
+    let out = open.wait_with_output().unwrap();
+    assert!(ended.is_some(), "a revoked gateway session stayed open");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("access to this device has ended"), "{err}");
+}
+
+/// Drives `ssh -t` to the gateway in a real terminal (Python's `pty`, which sets its size
+/// as a terminal emulator would): checks the size the shell sees, resizes the terminal,
+/// interrupts a foreground program with Ctrl-C, and exits with a status. Prints the
+/// terminal's output; exits with ssh's status, or 100 + the step that timed out.
+const PTY_DRIVER: &str = r#"
+import os, pty, sys, time, fcntl, termios, struct, select
+def size(fd, rows, cols):
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+pid, fd = pty.fork()
+if pid == 0:
+    size(0, 30, 100)
+    os.execvp("ssh", ["ssh"] + sys.argv[1:])
+seen = b""
+def read(limit, needle=None):
+    global seen
+    end = time.time() + limit
+    while time.time() < end and not (needle and needle in seen):
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            seen += chunk
+            sys.stdout.buffer.write(chunk); sys.stdout.flush()
+    return True
+def until(step, needle, typed, every=2.0, tries=10):
+    for _ in range(tries):
+        if typed:
+            os.write(fd, typed)
+        read(every, needle)
+        if needle in seen:
+            return
+    sys.exit(100 + step)
+until(1, b"30 100", b"stty size\r")
+size(fd, 40, 120)
+until(2, b"40 120", b"stty size\r")
+until(3, b"sleeping-now", b"sh -c 'echo sleep''ing-now; exec sleep 600'\r", tries=1, every=10)
+os.write(fd, b"\x03")
+until(4, b"back-5", b"echo back-$((2+3))\r")
+os.write(fd, b"exit 7\r")
+while read(1, b"\xff\xff"):
+    pass
+_, status = os.waitpid(pid, 0)
+sys.exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 99)
+"#;
+
+// Multi-threaded: the test waits on a child process while the sshd listener keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interactive_gateway_session_resizes_and_takes_ctrl_c() {
+    sshd::require();
+    let w = World::with(&limits(""), &["--ssh-listen", "127.0.0.1:0"], &[]);
+    let gateway = w
+        .relay
+        .ssh
+        .expect("the relay says where the gateway listens");
+    let (uuid, _, sshd, _agent) = sshd::device_with_sshd(&w, "pis").await;
+    let (_, key, _) = cloud_user_with_key(&w, "root").await;
+    w.admin.add_member("pis", "root").await;
+    let config = jump_config(w.dir.path(), &key);
+    let out = std::process::Command::new("python3")
+        .args(["-c", PTY_DRIVER])
+        .args(["-F", config.to_str().unwrap(), "-t"])
+        .args(["-p", &gateway.port().to_string()])
+        .arg(format!("root@{}", gateway.ip()))
+        .arg(format!("host {uuid}"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the session did not end as typed (100 + n: step n timed out):\n{screen}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        sshd.log()
+    );
 }

@@ -115,6 +115,25 @@ pub async fn admit(
     kind: TunnelKind,
     id: Option<String>,
 ) -> Result<Route, Refusal> {
+    let route = admit_route(ask, peer, state, pending, kind, id).await;
+    if route.is_ok() {
+        state
+            .metrics
+            .tunnels_admitted
+            .with_label_values(&[kind.as_str()])
+            .inc();
+    }
+    route
+}
+
+async fn admit_route(
+    ask: &Ask,
+    peer: SocketAddr,
+    state: &Arc<Shared>,
+    pending: Pending,
+    kind: TunnelKind,
+    id: Option<String>,
+) -> Result<Route, Refusal> {
     let (device, port) = (ask.device.clone(), ask.port);
     let principal = match authorize(state, &ask.proof, &device, port).await? {
         Decision::Allow { principal, .. } => principal,

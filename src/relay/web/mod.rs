@@ -1,7 +1,6 @@
 //! What the relay serves to browsers: the dashboard's files, embedded in the binary, and the
-//! terminal's WebSocket.
+//! terminal's WebSocket (its SSH client is `device_shell.rs`, shared with the gateway).
 
-pub mod ssh;
 pub mod terminal;
 
 use axum::http::{header, HeaderName, HeaderValue, StatusCode, Uri};

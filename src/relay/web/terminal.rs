@@ -13,11 +13,9 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde::{Deserialize, Serialize};
 
-use super::ssh::{self, LoginError, SessionKey, ShellRequest};
-use crate::proto::SSH_PORT;
-use crate::relay::proxy::admit::Ask;
-use crate::relay::proxy::{self, InProcess, Refusal};
-use crate::relay::registry::{TunnelEntry, TunnelKind};
+use crate::relay::device_shell::{self as ssh, LoginError, OpenFailure, Opened, PtyRequest};
+use crate::relay::proxy::Refusal;
+use crate::relay::registry::{Proof, TunnelEntry, TunnelKind};
 use crate::relay::state::Shared;
 
 /// How long the browser has to send its first message.
@@ -165,56 +163,40 @@ async fn start(
             "A valid API key or token is required.",
         ));
     }
-    // One admission for the terminal and CONNECT alike: credentials (failures throttled
-    // per address), reach to the device's SSH port, limits, and the route (this relay or
-    // the one that holds the device).
-    let id = crate::auth::tokens::new_device_uuid();
-    let ask = Ask {
-        device: uuid.to_owned(),
-        port: SSH_PORT,
-        proof: crate::relay::registry::Proof::Token(token),
-        version: "HTTP/1.1",
-    };
-    let opened = proxy::open_in_process(state, peer, ask, TunnelKind::Terminal, &id)
-        .await
-        .map_err(|r| refused(&r))?;
-    let InProcess {
-        stream,
-        user_id,
-        username,
-        ssh_login,
-    } = opened;
-    let store = state.store.as_ref();
-    // The account: what the device announced, else the user's own name.
-    let login = ssh_login.unwrap_or_else(|| username.clone());
-    let key = SessionKey::mint(&id, uuid, &login, user_id, crate::store::now_ms());
-    if let Err(e) = store.add_ephemeral_key(&key.row).await {
-        return Err(unavailable(e));
-    }
-    // The tunnel's registry entry: revocation and shutdown end it, and say why.
-    let entry = state
-        .registry
-        .tunnel(&id)
-        .ok_or_else(|| fail("ended", "The tunnel to the device ended at once."))?;
-    let request = ShellRequest {
-        login: &login,
-        command: service.map(|s| state.config.service_command.replace("{service}", s)),
+    // One admission for the terminal, the gateway and CONNECT alike: credentials
+    // (failures throttled per address), reach to the device's SSH port, limits, and the
+    // route (this relay or the one that holds the device); then the session's own key.
+    let command = service.map(|s| state.config.service_command.replace("{service}", s));
+    let pty = PtyRequest {
+        term: "xterm-256color".into(),
         cols,
         rows,
+        modes: Vec::new(),
     };
-    let shell = tokio::select! {
-        shell = ssh::open(stream, &key, store, request) => shell,
-        _ = entry.cancel.cancelled() => {
-            let _ = store.remove_ephemeral_key(&id).await;
-            return Err(cut(&entry));
-        }
-    };
-    let shell = shell.map_err(|e| match e {
-        LoginError::Refused(_) => fail("refused", format!("{e}.")),
-        LoginError::Timeout => fail("timeout", format!("{e}.")),
-        LoginError::Ssh(_) => fail("refused", format!("{e}.")),
+    let opened = ssh::open(
+        state,
+        peer,
+        uuid,
+        Proof::Token(token),
+        TunnelKind::Terminal,
+        |_| (command, Some(pty)),
+    )
+    .await
+    .map_err(|failure| match failure {
+        OpenFailure::Refused(r) => refused(&r),
+        OpenFailure::Store(e) => unavailable(e),
+        OpenFailure::Cut(Some(entry)) => cut(&entry),
+        OpenFailure::Cut(None) => fail("ended", "The tunnel to the device ended at once."),
+        OpenFailure::Login(e @ LoginError::Timeout) => fail("timeout", format!("{e}.")),
+        OpenFailure::Login(e) => fail("refused", format!("{e}.")),
     })?;
-    tracing::info!(tunnel = %id, user = %username, device = %uuid, %login, service = ?service, "terminal started");
+    let Opened {
+        shell,
+        entry,
+        login,
+        username,
+    } = opened;
+    tracing::info!(tunnel = %entry.id, user = %username, device = %uuid, %login, service = ?service, "terminal started");
     send_json(socket, &ToBrowser::Started { login: &login })
         .await
         .map_err(|_| fail("ended", "The browser left."))?;

@@ -43,8 +43,12 @@ pub struct Sshd {
 }
 
 fn keygen(path: &Path) {
+    keygen_of(path, "ed25519");
+}
+
+fn keygen_of(path: &Path, kind: &str) {
     let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .args(["-q", "-t", kind, "-N", "", "-f"])
         .arg(path)
         .stdout(Stdio::null())
         .status()
@@ -83,6 +87,7 @@ impl Sshd {
         std::fs::set_permissions(&agent_config, std::fs::Permissions::from_mode(0o644)).unwrap();
         keygen(&dir.join("host_a"));
         keygen(&dir.join("host_b"));
+        container_engine(&dir.join("bin"));
         let config = dir.join("sshd_config");
         write_config(&dir, &config, "host_a");
 
@@ -147,7 +152,9 @@ fn write_config(dir: &Path, config: &Path, host_key: &str) {
              KbdInteractiveAuthentication no\n\
              PermitRootLogin prohibit-password\n\
              UsePAM no\n\
-             LogLevel VERBOSE\n",
+             LogLevel VERBOSE\n\
+             Subsystem sftp internal-sftp\n\
+             SetEnv PATH={dir}/bin:/usr/local/bin:/usr/bin:/bin\n",
         dir = dir.display(),
         bin = bin.display(),
         cfg = agent_config.display(),
@@ -189,9 +196,43 @@ pub fn ssh_opts(key: &Path) -> Vec<String> {
 
 /// A user key pair for the ssh client; returns the private key path.
 pub fn user_key(dir: &Path) -> PathBuf {
-    let path = dir.join("id_ed25519");
-    keygen(&path);
+    user_key_of(dir, "ed25519")
+}
+
+/// A user key pair of `kind` (`ed25519`, `ecdsa`, `rsa`), as `ssh-keygen -t` makes it.
+pub fn user_key_of(dir: &Path, kind: &str) -> PathBuf {
+    let path = dir.join(format!("id_{kind}"));
+    keygen_of(&path, kind);
     path
+}
+
+/// The one container the stand-in engine knows.
+pub const CONTAINER: &str = "c0ffee123456";
+
+/// A stand-in for the device's container engine (`balena-engine`, and `docker` as the
+/// balena CLI may call it), first on the PATH of sshd's sessions: `ps` lists one container
+/// of service `main`, `exec [-i] [-t] <id> <command…>` says on stderr that it entered and
+/// whether with a TTY, then runs the command here; another id is refused as the engine
+/// refuses it.
+fn container_engine(bin: &Path) {
+    std::fs::create_dir_all(bin).unwrap();
+    let script = format!(
+        "#!/bin/sh
+         case \"$1\" in
+         ps) echo \"{CONTAINER} main_1_1_localrelease\"; exit 0;;
+         exec) shift; tty=no
+           while [ \"${{1#-}}\" != \"$1\" ]; do [ \"$1\" = -t ] && tty=yes; shift; done
+           [ \"$1\" = {CONTAINER} ] || {{ echo \"Error response from daemon: No such container: $1\" >&2; exit 1; }}
+           shift; echo \"entered {CONTAINER} tty=$tty\" >&2; exec \"$@\";;
+         esac
+         echo \"stand-in engine: unknown command $1\" >&2; exit 2
+"
+    );
+    for name in ["balena-engine", "docker"] {
+        let path = bin.join(name);
+        std::fs::write(&path, &script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
 }
 
 /// A device with a real sshd behind its agent, root logins on; returns the uuid, the

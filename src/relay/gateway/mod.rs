@@ -1,17 +1,20 @@
-//! The SSH gateway, first part: plain OpenSSH reaches devices through the relay with
-//! ProxyJump (`ssh -J user@relay -p 22222 root@<uuid>.balena`).
+//! The SSH gateway (PROTOCOL.md §1c): plain OpenSSH and the balena CLI reach devices
+//! through the relay.
 //!
 //! Users log in as their cloud username with one of their cloud SSH keys, public key only.
-//! Each `direct-tcpip` channel asks for a device port as a CONNECT target does
-//! (`<uuid>.balena` and the other device domains, or a bare uuid) and goes through the one
-//! admission ([`crate::relay::proxy::open_in_process`]) under the key's proof: the reach
-//! policy, the limits, revalidation (a deleted key, user or membership cuts the channel)
-//! and the audit row (kind `jump`). The inner SSH session runs end to end between the
-//! user's ssh and the device's sshd; the relay carries ciphertext.
-//!
-//! Not here yet (issue 25 goes on): `host`/`enter` sessions, short uuids and device names
-//! as targets, discovery from `cloudlink login`. A session channel is refused with a line
-//! that says so.
+//! Two kinds of channel go on from there, both through the one admission under the key's
+//! proof (the reach policy, the limits, revalidation: a deleted key, user or membership
+//! cuts them; the audit row):
+//! - `direct-tcpip` (ProxyJump, `ssh -J user@relay -p 22222 root@<uuid>.balena`): a device
+//!   port, named as a CONNECT target names it, or by a short uuid or a device name; kind
+//!   `jump`. The inner SSH session runs end to end between the user's ssh and the
+//!   device's sshd; the relay carries ciphertext.
+//! - a session with `host <device> [command…]` or `enter <device> <container>` (balena's
+//!   gateway commands, [`session`]); kind `ssh-gateway`. The relay logs in to the device
+//!   for the user, as the browser terminal does, and so sees the session in clear.
+
+mod session;
+mod target;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,14 +22,14 @@ use std::time::Duration;
 
 use russh::keys::{HashAlg, PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelOpenFailure, MethodKind, MethodSet};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use super::proxy::{self, admit::Ask, Pending, Refusal};
 use super::registry::{Proof, TunnelKind};
 use super::state::Shared;
-use crate::store::Id;
+use target::{explain, resolve, LoggedIn};
 
 /// How long a connection may take to authenticate, as sshd's `LoginGraceTime`.
 pub const LOGIN_GRACE: Duration = Duration::from_secs(30);
@@ -145,13 +148,6 @@ async fn serve(
     }
 }
 
-/// Who logged in, with which of their keys.
-#[derive(Clone, Copy)]
-struct LoggedIn {
-    user: Id,
-    key: Id,
-}
-
 /// One connection's handler.
 struct Conn {
     state: Arc<Shared>,
@@ -182,6 +178,7 @@ impl Conn {
                     .map(|k| LoggedIn {
                         user: user.id,
                         key: k.id,
+                        is_admin: user.is_admin,
                     }),
             )
         };
@@ -249,18 +246,78 @@ impl russh::server::Handler for Conn {
         &mut self,
         channel: Channel<Msg>,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
-        drop(channel);
-        reply
-            .reject(ChannelOpenFailure::Other {
-                code: ChannelOpenFailure::AdministrativelyProhibited.code(),
-                reason: "this gateway forwards to devices only: use ssh -J (host and enter \
-                         sessions are not available yet)"
-                    .into(),
-            })
-            .await;
+        let Some(who) = self.user else {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        reply.accept().await;
+        let state = self.state.clone();
+        let peer = self.peer;
+        let handle = session.handle();
+        // The session's requests come to its channel; admission and the device's login
+        // run in the session's own task, so this connection's other channels keep moving.
+        tokio::spawn(session::run(state, peer, who, channel, handle));
         Ok(())
+    }
+
+    // A session's requests are answered here, where russh expects the answer; the
+    // session's task reads the same requests from its channel.
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _cols: u32,
+        _rows: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Accepted so that the session can say, on its stderr, what the gateway serves.
+        session.channel_success(channel)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // sftp and the rest run on the device: `sftp -J`.
+        session.channel_failure(channel)
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
     }
 
     async fn channel_open_direct_tcpip(
@@ -299,18 +356,30 @@ async fn jump(
     channel: Channel<Msg>,
     reply: ChannelOpenHandle,
 ) {
-    let ask = crate::proto::connect::parse_target(&target, &state.config.device_domains)
-        .map_err(|e| Refusal::BadRequest(e.to_string()))
-        .map(|(device, port)| Ask {
-            device,
-            port,
-            proof: Proof::SshKey {
-                user: who.user,
-                key: who.key,
-            },
-            version: "HTTP/1.1",
-        });
+    let (host, port) = match target.rsplit_once(':') {
+        Some((host, port)) => (host, port),
+        None => (target.as_str(), ""),
+    };
+    let ask = match crate::proto::connect::parse_port(port) {
+        Err(e) => Err(Refusal::BadRequest(e.to_string())),
+        Ok(port) => match resolve(&state, who, host).await {
+            Err(refusal) => Err(refusal),
+            Ok(device) => Ok(Ask {
+                device,
+                port,
+                proof: Proof::SshKey {
+                    user: who.user,
+                    key: who.key,
+                },
+                version: "HTTP/1.1",
+            }),
+        },
+    };
     let id = crate::auth::tokens::new_device_uuid();
+    let device = ask
+        .as_ref()
+        .map(|ask| ask.device.clone())
+        .unwrap_or_default();
     let opened = match ask {
         Ok(ask) => proxy::open_in_process(&state, peer, ask, TunnelKind::Jump, &id).await,
         Err(refusal) => Err(refusal),
@@ -318,7 +387,8 @@ async fn jump(
     let mut device = match opened {
         Ok(opened) => opened.stream,
         Err(refusal) => {
-            tracing::info!(%peer, target = %crate::logsafe::Peer(&target), refusal = %refusal.message(), "ProxyJump refused");
+            let reason = explain(&state, &device, &refusal).await;
+            tracing::info!(%peer, target = %crate::logsafe::Peer(&target), refusal = %reason, "ProxyJump refused");
             let code = match refusal {
                 Refusal::TooMany(..) => ChannelOpenFailure::ResourceShortage,
                 Refusal::DeviceOffline | Refusal::DeviceRefused(_) | Refusal::DeviceTimeout => {
@@ -329,7 +399,7 @@ async fn jump(
             reply
                 .reject(ChannelOpenFailure::Other {
                     code: code.code(),
-                    reason: refusal.message(),
+                    reason,
                 })
                 .await;
             return;

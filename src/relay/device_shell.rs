@@ -1,16 +1,23 @@
-//! The browser terminal's SSH client: logs in to a device's sshd over a tunnel stream with
-//! a key minted for the one session (PROTOCOL.md §5), and opens a PTY with a shell or a
-//! service command.
+//! A shell on a device, for the browser terminal and the SSH gateway alike: one tunnel to
+//! the device's SSH port through the one admission, a key minted for that login only and
+//! offered to that device briefly (PROTOCOL.md §5), and one SSH client that logs in over
+//! the tunnel and opens the session (a PTY or not, a shell or a command).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use russh::client::{self, Handle};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
-use russh::{ChannelReadHalf, ChannelWriteHalf};
+use russh::{ChannelReadHalf, ChannelWriteHalf, Pty};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::store::{EphemeralKey, Id, Store};
+use crate::proto::SSH_PORT;
+use crate::relay::proxy::admit::Ask;
+use crate::relay::proxy::{self, InProcess, Refusal};
+use crate::relay::registry::{Proof, TunnelEntry, TunnelKind};
+use crate::relay::state::Shared;
+use crate::store::{EphemeralKey, Id, Store, StoreError};
 
 /// How long a minted key is offered to the device's lookup at most.
 pub const KEY_WINDOW: Duration = Duration::from_secs(60);
@@ -61,16 +68,27 @@ pub enum LoginError {
     Timeout,
 }
 
-/// What the terminal asks of the device.
+/// A terminal for the session, as the client asked for it.
+#[derive(Debug, Clone)]
+pub struct PtyRequest {
+    /// `TERM`.
+    pub term: String,
+    /// Columns.
+    pub cols: u32,
+    /// Rows.
+    pub rows: u32,
+    /// The client's terminal modes, passed on.
+    pub modes: Vec<(Pty, u32)>,
+}
+
+/// What is asked of the device's sshd.
 pub struct ShellRequest<'a> {
     /// The account to log in as.
     pub login: &'a str,
-    /// A command to run in the PTY instead of a login shell (a service).
+    /// A command instead of a login shell (a service, a gateway `host <uuid> <command>`).
     pub command: Option<String>,
-    /// The terminal's size.
-    pub cols: u32,
-    /// The terminal's size.
-    pub rows: u32,
+    /// A PTY, or none (piped input and output).
+    pub pty: Option<PtyRequest>,
 }
 
 /// An open shell: its input, its output and status, and the connection that carries them.
@@ -98,9 +116,10 @@ impl client::Handler for AcceptDevice {
     }
 }
 
-/// Logs in over `stream` with `key` and opens a PTY with a shell (or `command`). The key
-/// leaves the store as soon as authentication has ended, whichever way it ended.
-pub async fn open<S>(
+/// Logs in over `stream` with `key` and opens a session with a shell (or `command`), in a
+/// PTY if asked. The key leaves the store as soon as authentication has ended, whichever
+/// way it ended.
+pub async fn login<S>(
     stream: S,
     key: &SessionKey,
     store: &dyn Store,
@@ -142,17 +161,11 @@ where
     }
     let shell = async {
         let channel = handle.channel_open_session().await?;
-        channel
-            .request_pty(
-                false,
-                "xterm-256color",
-                request.cols,
-                request.rows,
-                0,
-                0,
-                &[],
-            )
-            .await?;
+        if let Some(pty) = &request.pty {
+            channel
+                .request_pty(false, &pty.term, pty.cols, pty.rows, 0, 0, &pty.modes)
+                .await?;
+        }
         match &request.command {
             Some(command) => channel.exec(false, command.as_bytes()).await?,
             None => channel.request_shell(false).await?,
@@ -169,6 +182,94 @@ where
         write,
         handle,
     })
+}
+
+/// Why no shell opened on the device.
+pub enum OpenFailure {
+    /// Admission refused the tunnel (credentials, reach, limits, the device's state).
+    Refused(Refusal),
+    /// The store could not keep the session's key.
+    Store(StoreError),
+    /// The tunnel ended before the login did (revocation, shutdown); its entry says why
+    /// (none: it ended at once).
+    Cut(Option<Arc<TunnelEntry>>),
+    /// The device's sshd did not let the session in.
+    Login(LoginError),
+}
+
+/// An open session on a device, with the tunnel under it.
+pub struct Opened {
+    /// The session.
+    pub shell: Shell,
+    /// The tunnel's registry entry: cancelled on revocation and shutdown, with a reason.
+    pub entry: Arc<TunnelEntry>,
+    /// The account logged in as.
+    pub login: String,
+    /// The user it was opened for.
+    pub username: String,
+}
+
+/// Opens a session on `device` for `proof` (a browser's token, a gateway user's key):
+/// a tunnel of `kind` to its SSH port through the one admission (credentials, reach,
+/// limits, the route to whichever relay holds it, the audit row), a key minted for the
+/// device's login, then the login and the session `shell` asks for. `shell` is given the
+/// login chosen: what the device announced, else the user's own name.
+pub async fn open(
+    state: &Arc<Shared>,
+    peer: SocketAddr,
+    device: &str,
+    proof: Proof,
+    kind: TunnelKind,
+    shell: impl FnOnce(&str) -> (Option<String>, Option<PtyRequest>),
+) -> Result<Opened, OpenFailure> {
+    let id = crate::auth::tokens::new_device_uuid();
+    let ask = Ask {
+        device: device.to_owned(),
+        port: SSH_PORT,
+        proof,
+        version: "HTTP/1.1",
+    };
+    let InProcess {
+        stream,
+        user_id,
+        username,
+        ssh_login,
+    } = proxy::open_in_process(state, peer, ask, kind, &id)
+        .await
+        .map_err(OpenFailure::Refused)?;
+    let store = state.store.as_ref();
+    let login = ssh_login.unwrap_or_else(|| username.clone());
+    let key = SessionKey::mint(&id, device, &login, user_id, crate::store::now_ms());
+    store
+        .add_ephemeral_key(&key.row)
+        .await
+        .map_err(OpenFailure::Store)?;
+    let Some(entry) = state.registry.tunnel(&id) else {
+        let _ = store.remove_ephemeral_key(&id).await;
+        return Err(OpenFailure::Cut(None));
+    };
+    let (command, pty) = shell(&login);
+    let request = ShellRequest {
+        login: &login,
+        command,
+        pty,
+    };
+    let shell = tokio::select! {
+        shell = self::login(stream, &key, store, request) => shell,
+        _ = entry.cancel.cancelled() => {
+            let _ = store.remove_ephemeral_key(&id).await;
+            return Err(OpenFailure::Cut(Some(entry)));
+        }
+    };
+    match shell {
+        Ok(shell) => Ok(Opened {
+            shell,
+            entry,
+            login,
+            username,
+        }),
+        Err(e) => Err(OpenFailure::Login(e)),
+    }
 }
 
 #[cfg(test)]

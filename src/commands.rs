@@ -42,6 +42,10 @@ pub(crate) enum FullCommand {
     Logout(JsonArg),
     /// Show who you are logged in as, on which relay, in which profile.
     Whoami(JsonArg),
+    /// Print an ssh_config snippet for plain `ssh <uuid>.balena` through the relay's SSH
+    /// gateway (ProxyJump, the gateway's host key pinned).
+    #[command(name = "ssh-config")]
+    SshConfig,
     /// Manage users (admins).
     User(Group<admin::UserCmd>),
     /// Manage your API keys.
@@ -259,6 +263,7 @@ async fn run_command(command: FullCommand, out: Output) -> Result<()> {
         FullCommand::Login { args, .. } => login::login(args, out).await,
         FullCommand::Logout(_) => login::logout(out),
         FullCommand::Whoami(_) => login::whoami(out).await,
+        FullCommand::SshConfig => login::ssh_config(),
         FullCommand::User(g) => admin::user(g.cmd, out).await,
         FullCommand::ApiKey(g) => admin::api_key(g.cmd, out).await,
         FullCommand::Fleet(g) => admin::fleet(g.cmd, out).await,
@@ -290,6 +295,8 @@ fn run_relay(args: RelayArgs, log_format: LogFormat) -> Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
+    // Sockets systemd binds for the relay (22, 443: ports it may not bind itself).
+    cloudlink::relay::listen::adopt_inherited();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.worker_threads > 0 {
         runtime.worker_threads(config.worker_threads);

@@ -276,8 +276,9 @@ pub struct RelayConfig {
     pub device_tcp_listen: Option<Listen>,
     /// Serve `/metrics` here, plain HTTP, instead of on the API listeners.
     pub metrics_listen: Option<SocketAddr>,
-    /// The SSH gateway (ProxyJump for plain OpenSSH), or `off`: off until the gateway's
-    /// `host`/`enter` sessions land, then on by default.
+    /// The SSH gateway (balena's `host`/`enter` and ProxyJump for plain OpenSSH), or
+    /// `off`. 2222, not 22: unprivileged, and not the host's own sshd; deployments put 22
+    /// in front of it (a published port, a Service, or a systemd socket).
     pub ssh_listen: Listen,
     /// Audit rows (tunnels) older than this many seconds are deleted; 0 keeps them all.
     pub audit_retention_secs: u64,
@@ -290,6 +291,13 @@ pub struct RelayConfig {
     /// The address other relays dial for this one, `HOST:PORT`; default: the peer
     /// listener's bound address when that is a specific address.
     pub peer_advertise: Option<String>,
+    /// Where users reach the CONNECT proxy, `HOST:PORT`, as `GET /v1/endpoints` tells
+    /// `cloudlink login`; default: the host the caller reached the API by, and the TLS
+    /// proxy's bound port. For a relay behind a port mapping.
+    pub proxy_advertise: Option<String>,
+    /// Where users reach the SSH gateway, `HOST:PORT`, as `GET /v1/endpoints` says;
+    /// default: the host the caller reached the API by, and the gateway's bound port.
+    pub ssh_advertise: Option<String>,
     /// This relay's id in `relays` and `presence`; default: generated once into the data dir.
     pub relay_id: Option<String>,
     /// Signs peer tokens between relays; default: generated once and kept in the store.
@@ -328,11 +336,13 @@ impl Default for RelayConfig {
             device_listen: Listen::At(([0, 0, 0, 0], 4433).into()),
             device_tcp_listen: None,
             metrics_listen: None,
-            ssh_listen: Listen::Off,
+            ssh_listen: Listen::At(([0, 0, 0, 0], 2222).into()),
             audit_retention_secs: 90 * 86_400,
             jwt_secret: None,
             peer_listen: Listen::Off,
             peer_advertise: None,
+            proxy_advertise: None,
+            ssh_advertise: None,
             relay_id: None,
             cluster_secret: None,
             jwt_public_key: None,
@@ -391,7 +401,8 @@ pub struct RelayArgs {
     /// [default: on the API listeners].
     #[arg(long, env = "CLOUDLINK_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// SSH gateway for ProxyJump (`ssh -J USER@RELAY:PORT`), ADDR or `off` [default: off].
+    /// SSH gateway (`host`/`enter`, ProxyJump `ssh -J USER@RELAY:PORT`), ADDR or `off`
+    /// [default: 0.0.0.0:2222].
     #[arg(long, env = "CLOUDLINK_SSH_LISTEN")]
     pub ssh_listen: Option<Listen>,
     /// Delete audit rows older than this (`90d`, `12h`…) or keep them (`off`)
@@ -411,6 +422,14 @@ pub struct RelayArgs {
     /// bound address, when it is not 0.0.0.0 or ::].
     #[arg(long, env = "CLOUDLINK_PEER_ADVERTISE")]
     pub peer_advertise: Option<String>,
+    /// Where users reach the CONNECT proxy, HOST:PORT, as the relay tells `cloudlink
+    /// login` [default: the API's host and the TLS proxy's bound port].
+    #[arg(long, env = "CLOUDLINK_PROXY_ADVERTISE")]
+    pub proxy_advertise: Option<String>,
+    /// Where users reach the SSH gateway, HOST:PORT [default: the API's host and the
+    /// gateway's bound port].
+    #[arg(long, env = "CLOUDLINK_SSH_ADVERTISE")]
+    pub ssh_advertise: Option<String>,
     /// This relay's id [default: generated once into the data dir].
     #[arg(long, env = "CLOUDLINK_RELAY_ID")]
     pub relay_id: Option<String>,
@@ -545,11 +564,16 @@ impl RelayConfig {
                 );
             }
         }
-        if let Some(adv) = &self.peer_advertise {
+        for (name, adv) in [
+            ("peer_advertise", &self.peer_advertise),
+            ("proxy_advertise", &self.proxy_advertise),
+            ("ssh_advertise", &self.ssh_advertise),
+        ] {
+            let Some(adv) = adv else { continue };
             if adv.rsplit_once(':').is_none_or(|(host, port)| {
                 host.is_empty() || crate::proto::connect::parse_port(port).is_err()
             }) {
-                return invalid("peer_advertise", "must be HOST:PORT");
+                return invalid(name, "must be HOST:PORT");
             }
         }
         if let Some(url) = &self.database_url {
@@ -739,6 +763,8 @@ mod tests {
             "metrics-listen",
             "jwt-secret",
             "peer-advertise",
+            "proxy-advertise",
+            "ssh-advertise",
             "relay-id",
             "cluster-secret",
             "tls-cert",

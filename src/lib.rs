@@ -51,10 +51,11 @@
 //!   why it could not); `cluster.rs` the start-up writes relays sharing a store agree on
 //!   and the heartbeat with its pruning; `listen.rs`
 //!   one service's plain and TLS listeners with a capped accept loop, and the routing of a
-//!   TLS port shared by several services by ALPN; `api/` is the REST API (served by hyper
+//!   TLS port shared by several services by ALPN, and the sockets systemd binds for it;
+//!   `api/` is the REST API (served by hyper
 //!   with header and body timeouts), a file per route family (`users.rs`, `api_keys.rs`,
 //!   `tokens.rs`, `ssh_keys.rs`, `fleets.rs`, `devices.rs`, `tunnels.rs`, `relays.rs`,
-//!   `public_keys.rs`, `terminal.rs` the terminal's WebSocket upgrade; `extract.rs` the
+//!   `endpoints.rs` where the listeners are, `public_keys.rs`, `terminal.rs` the terminal's WebSocket upgrade; `extract.rs` the
 //!   authenticated caller and JSON bodies, `fields.rs` field names and times, `error.rs`
 //!   the error shape); `web/` the dashboard and the browser terminal
 //!   (`terminal.rs` the WebSocket); `device_shell.rs` a shell on a device for the terminal

@@ -8,8 +8,8 @@ use clap::Args;
 use reqwest::Method;
 
 use super::settings::{self, Settings};
-use super::{ApiClient, Output};
-use crate::proto::api::UserView;
+use super::{ApiClient, ApiFailure, Output};
+use crate::proto::api::{EndpointsView, UserView};
 
 /// `cloudlink login`.
 #[derive(Debug, Args)]
@@ -114,8 +114,8 @@ pub async fn login(args: LoginArgs, out: Output) -> Result<()> {
         }
     };
     let key = read_key(&args)?;
-    let tls = api.starts_with("https://");
-    if !tls {
+    let tls_api = api.starts_with("https://");
+    if !tls_api {
         eprintln!(
             "warning: {api} is plain HTTP: your API key crosses the network unencrypted. \
              Use https:// (the relay serves HTTPS on port 8443) unless a TLS-terminating \
@@ -123,20 +123,42 @@ pub async fn login(args: LoginArgs, out: Output) -> Result<()> {
         );
     }
     let same_relay = previous.as_ref().filter(|old| old.api == api);
-    let (proxy, proxy_tls) = match (args.proxy, same_relay) {
-        (Some(p), _) => (p, args.proxy_tls),
-        // Logging in again to the same relay keeps the proxy it was given.
-        (None, Some(old)) if old.proxy.is_some() => (
-            old.proxy.clone().unwrap_or_default(),
-            old.proxy_tls || args.proxy_tls,
-        ),
-        (None, _) => (default_proxy(&api, tls)?, tls || args.proxy_tls),
-    };
     let ca = args
         .ca
         .or_else(|| same_relay.and_then(|old| old.ca.clone()));
     let client = ApiClient::new(&api, &key, ca.as_deref(), false)?;
     let me: UserView = client.call(Method::GET, "/v1/me", None).await?;
+    // Where the relay says its proxy and gateway are; a relay from before it said so
+    // answers 404, and its proxy is guessed from the API's host as before.
+    let endpoints = match client
+        .call::<EndpointsView>(Method::GET, "/v1/endpoints", None)
+        .await
+    {
+        Ok(endpoints) => Some(endpoints),
+        Err(e) if ApiFailure::status_of(&e) == Some(reqwest::StatusCode::NOT_FOUND) => None,
+        Err(e) => return Err(e.context("cannot ask the relay where its proxy is")),
+    };
+    let discovered = endpoints.as_ref().and_then(|e| {
+        let tls = e.proxy_tls.clone().map(|p| (p, true));
+        let plain = e.proxy.clone().map(|p| (p, false));
+        // TLS for an https API; the plain proxy beside a plain API, as before.
+        if tls_api {
+            tls.or(plain)
+        } else {
+            plain.or(tls)
+        }
+    });
+    let (proxy, proxy_tls) = match (args.proxy, discovered, same_relay) {
+        (Some(p), _, _) => (p, args.proxy_tls),
+        (None, Some((p, tls)), _) => (p, tls),
+        // Logging in again to the same relay keeps the proxy it was given.
+        (None, None, Some(old)) if old.proxy.is_some() => (
+            old.proxy.clone().unwrap_or_default(),
+            old.proxy_tls || args.proxy_tls,
+        ),
+        (None, None, _) => (default_proxy(&api, tls_api)?, tls_api || args.proxy_tls),
+    };
+    let gateway = endpoints.and_then(|e| e.ssh_gateway);
     let settings = Settings {
         api,
         proxy: Some(proxy),
@@ -144,6 +166,8 @@ pub async fn login(args: LoginArgs, out: Output) -> Result<()> {
         ca,
         key,
         username: Some(me.username.clone()),
+        gateway: gateway.as_ref().map(|g| g.address.clone()),
+        gateway_host_key: gateway.map(|g| g.host_key),
         // A setting the person made by hand survives logging in again.
         service_command: previous
             .as_ref()
@@ -243,6 +267,8 @@ fn session(me: &UserView, settings: &Settings) -> (serde_json::Value, Vec<(&'sta
         "api": settings.api,
         "proxy": settings.proxy,
         "proxy_tls": settings.proxy_tls,
+        "ssh_gateway": settings.gateway,
+        "ssh_gateway_fingerprint": gateway_fingerprint(settings),
     });
     let rows = vec![
         ("username", me.username.clone()),
@@ -257,13 +283,114 @@ fn session(me: &UserView, settings: &Settings) -> (serde_json::Value, Vec<(&'sta
                 proxy
             },
         ),
+        (
+            "ssh gateway",
+            match (&settings.gateway, gateway_fingerprint(settings)) {
+                (Some(gateway), Some(fingerprint)) => format!("{gateway} ({fingerprint})"),
+                (Some(gateway), None) => gateway.clone(),
+                (None, _) => "-".into(),
+            },
+        ),
     ];
     (json, rows)
+}
+
+/// The saved gateway host key's SHA-256 fingerprint, as `ssh-keygen -l` prints it.
+fn gateway_fingerprint(settings: &Settings) -> Option<String> {
+    let key = settings.gateway_host_key.as_deref()?;
+    let key = ssh_key::PublicKey::from_openssh(key).ok()?;
+    Some(key.fingerprint(ssh_key::HashAlg::Sha256).to_string())
+}
+
+/// `cloudlink ssh-config`: an ssh_config snippet with which plain `ssh <uuid>.balena`
+/// (and scp, sftp, rsync, VS Code, Ansible) goes through the relay's SSH gateway, with
+/// the gateway's host key pinned as the relay gave it at login.
+pub fn ssh_config() -> Result<()> {
+    let settings = Settings::load()?;
+    print!("{}", ssh_config_text(&settings, settings::profile())?);
+    Ok(())
+}
+
+fn ssh_config_text(settings: &Settings, profile: &str) -> Result<String> {
+    let (Some(gateway), Some(host_key)) = (&settings.gateway, &settings.gateway_host_key) else {
+        return Err(anyhow!(
+            "this profile knows no SSH gateway: the relay did not announce one at login \
+             (it may run without --ssh-listen, or be older); log in again once it has one"
+        ));
+    };
+    let user = settings
+        .username
+        .as_deref()
+        .ok_or_else(|| anyhow!("this profile has no username; log in again"))?;
+    let (host, Some(port)) = crate::addr::split(gateway) else {
+        return Err(anyhow!(
+            "the saved gateway address {gateway:?} is not HOST:PORT"
+        ));
+    };
+    let alias = format!("cloudlink-{profile}");
+    Ok(format!(
+        "# cloudlink ssh-config, profile {profile}: `ssh <uuid>.balena` (or a short uuid or\n\
+         # a device name, .balena) through the relay's SSH gateway, as {user}.\n\
+         # Add it to ~/.ssh/config, or `Include` a file holding it.\n\
+         Host {alias}\n\
+         \x20 HostName {host}\n\
+         \x20 Port {port}\n\
+         \x20 User {user}\n\
+         \x20 # The gateway's host key, as the relay's API gave it at login.\n\
+         \x20 HostKeyAlias {alias}\n\
+         \x20 KnownHostsCommand /bin/echo {alias} {host_key}\n\
+         \x20 StrictHostKeyChecking yes\n\
+         Host *.balena\n\
+         \x20 User root\n\
+         \x20 Port 22222\n\
+         \x20 ProxyJump {alias}\n"
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ssh_config_jumps_through_the_gateway_with_its_key_pinned() {
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAII/Hvbt8FLxaYtdZv3WeFjGcQvtgFIyIyn5kLztvBv4O";
+        let mut settings = Settings {
+            api: "https://relay.example.com:8443".into(),
+            proxy: None,
+            proxy_tls: true,
+            ca: None,
+            key: "clk_x".into(),
+            username: Some("alice".into()),
+            gateway: Some("relay.example.com:22".into()),
+            gateway_host_key: Some(key.into()),
+            service_command: None,
+        };
+        let text = ssh_config_text(&settings, "work").unwrap();
+        for line in [
+            "Host cloudlink-work\n",
+            "  HostName relay.example.com\n",
+            "  Port 22\n",
+            "  User alice\n",
+            "  HostKeyAlias cloudlink-work\n",
+            &format!("  KnownHostsCommand /bin/echo cloudlink-work {key}\n"),
+            "  StrictHostKeyChecking yes\n",
+            "Host *.balena\n",
+            "  Port 22222\n",
+            "  ProxyJump cloudlink-work\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+        assert!(gateway_fingerprint(&settings)
+            .unwrap()
+            .starts_with("SHA256:"));
+        settings.gateway = Some("[::1]:2222".into());
+        let text = ssh_config_text(&settings, "work").unwrap();
+        assert!(text.contains("  HostName ::1\n  Port 2222\n"), "{text}");
+        settings.gateway = None;
+        let e = ssh_config_text(&settings, "work").unwrap_err().to_string();
+        assert!(e.contains("knows no SSH gateway"), "{e}");
+    }
 
     #[test]
     fn default_proxy_uses_the_api_host() {

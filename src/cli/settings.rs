@@ -36,6 +36,13 @@ pub struct Settings {
     /// The cloud username the key belongs to (the default ssh login name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
+    /// The relay's SSH gateway, `HOST:PORT`, as the relay said at login.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// The gateway's host key (one OpenSSH public key line), as the relay said at login
+    /// over its verified API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_host_key: Option<String>,
     /// The command `device ssh DEVICE SERVICE` runs to enter a service's container;
     /// `{service}` is replaced by the service name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,6 +58,7 @@ impl std::fmt::Debug for Settings {
             .field("ca", &self.ca)
             .field("key", &"***")
             .field("username", &self.username)
+            .field("gateway", &self.gateway)
             .finish()
     }
 }

@@ -326,6 +326,8 @@ mod tests {
             ca: None,
             key: "clk_x".into(),
             username: Some("alice".into()),
+            gateway: None,
+            gateway_host_key: None,
             service_command: None,
         }
     }

@@ -130,6 +130,32 @@ pub struct RotatedKey {
     pub old_key_valid_until: String,
 }
 
+/// Where a relay's users connect, as `GET /v1/endpoints` says (what `cloudlink login`
+/// saves instead of guessing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EndpointsView {
+    /// The CONNECT proxy over TLS, `HOST:PORT`, if this relay serves one.
+    pub proxy_tls: Option<String>,
+    /// The plain CONNECT proxy, `HOST:PORT` (for a private network, or a TLS-terminating
+    /// load balancer).
+    pub proxy: Option<String>,
+    /// The SSH gateway, if this relay serves one.
+    pub ssh_gateway: Option<SshEndpoint>,
+    /// The domains a device target may carry (`<uuid>.balena`).
+    pub device_domains: Vec<String>,
+}
+
+/// The SSH gateway's address and host key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SshEndpoint {
+    /// `HOST:PORT`.
+    pub address: String,
+    /// The host key, one OpenSSH public key line (every relay of a cluster has the same).
+    pub host_key: String,
+    /// Its SHA-256 fingerprint, as `ssh-keygen -l` prints it.
+    pub fingerprint: String,
+}
+
 /// A relay of the cluster.
 #[derive(Serialize, Deserialize, ToSchema)]
 pub struct RelayView {

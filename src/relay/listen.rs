@@ -1,6 +1,7 @@
 //! The relay's TCP listeners: each service's plain and TLS sources with a capped accept
-//! loop (shared by the API, the CONNECT proxy and the TLS/TCP device link), and the
-//! ALPN router for services that share one TLS address (everything on 443).
+//! loop (shared by the API, the CONNECT proxy and the TLS/TCP device link), the ALPN
+//! router for services that share one TLS address (everything on 443), and the sockets
+//! systemd hands over (socket activation, so that an unprivileged relay serves 22 and 443).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,6 +13,69 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{LazyConfigAcceptor, StartHandshake, TlsAcceptor};
 use tokio_util::sync::CancellationToken;
+
+/// Listening TCP sockets handed over by systemd's socket activation (sd_listen_fds(3):
+/// `LISTEN_FDS` sockets from fd 3, for the process `LISTEN_PID` names), until a listener
+/// configured for the same address takes one. With none, every listener binds its
+/// address itself.
+static INHERITED: std::sync::OnceLock<std::sync::Mutex<Vec<std::net::TcpListener>>> =
+    std::sync::OnceLock::new();
+
+/// Takes the sockets systemd passed, once. Call it before the runtime starts: reading
+/// them removes `LISTEN_FDS` and `LISTEN_PID` from the environment, which must not happen
+/// while other threads may read it.
+pub fn adopt_inherited() {
+    inherited();
+}
+
+fn inherited() -> &'static std::sync::Mutex<Vec<std::net::TcpListener>> {
+    INHERITED.get_or_init(|| {
+        let mut fds = listenfd::ListenFd::from_env();
+        let mut sockets = Vec::new();
+        for i in 0..fds.len() {
+            match fds.take_tcp_listener(i) {
+                Ok(Some(socket)) => {
+                    if let Ok(addr) = socket.local_addr() {
+                        tracing::info!(%addr, "a listening socket from the service manager");
+                    }
+                    sockets.push(socket);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, fd = i + 3, "the service manager passed a socket that is not a TCP listener"),
+            }
+        }
+        std::sync::Mutex::new(sockets)
+    })
+}
+
+/// Binds `addr`, or takes the socket systemd passed for exactly that address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let handed = {
+        let mut sockets = inherited().lock().unwrap_or_else(|e| e.into_inner());
+        let at = sockets
+            .iter()
+            .position(|s| s.local_addr().is_ok_and(|a| a == addr));
+        at.map(|at| sockets.remove(at))
+    };
+    match handed {
+        Some(socket) => {
+            socket.set_nonblocking(true)?;
+            TcpListener::from_std(socket)
+        }
+        None => TcpListener::bind(addr).await,
+    }
+}
+
+/// Says which sockets systemd passed that no listener took (a unit and a configuration
+/// that disagree), and closes them.
+pub fn unclaimed_inherited() {
+    let mut sockets = inherited().lock().unwrap_or_else(|e| e.into_inner());
+    for socket in sockets.drain(..) {
+        if let Ok(addr) = socket.local_addr() {
+            tracing::warn!(%addr, "the service manager passed a socket for an address no listener is configured for; closed");
+        }
+    }
+}
 
 /// A service that takes TLS connections over TCP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,9 +362,7 @@ pub async fn bind_tls(
             continue;
         }
         let first = services[0].0;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| (first, addr, e))?;
+        let listener = bind(addr).await.map_err(|e| (first, addr, e))?;
         let local = listener.local_addr().map_err(|e| (first, addr, e))?;
         let mut routes = Vec::new();
         for (service, config) in services {
@@ -319,9 +381,7 @@ pub async fn bind_tls(
         bound.routers.push(Router { listener, routes });
     }
     for (service, addr, config) in alone {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| (service, addr, e))?;
+        let listener = bind(addr).await.map_err(|e| (service, addr, e))?;
         bound
             .sources
             .push((service, TlsSource::Own(listener, TlsAcceptor::from(config))));

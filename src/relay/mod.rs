@@ -96,7 +96,7 @@ pub struct Relay {
 }
 
 async fn bind_tcp(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RelayError> {
-    TcpListener::bind(addr)
+    listen::bind(addr)
         .await
         .map_err(|source| RelayError::Bind { what, addr, source })
 }
@@ -249,6 +249,7 @@ impl Relay {
             )),
             _ => None,
         };
+        listen::unclaimed_inherited();
         tracing::info!(cert = %material.cert_path.display(), "TLS certificate loaded");
         // Other relays dial the peer address; a single relay publishes its API address so
         // operators can tell which relay a row is.
@@ -271,7 +272,7 @@ impl Relay {
         store.clear_relay_presence(&relay_id).await?;
         tracing::info!(relay = %relay_id, peer_addr = %published, cluster = peer.is_some(), "relay registered");
         let shared = Shared::new(config, store, jwt, peer_keys, relay_id, metrics);
-        Ok(Relay {
+        let relay = Relay {
             shared,
             api: Listeners {
                 plain: Some(api),
@@ -292,7 +293,26 @@ impl Relay {
             gateway,
             tls: material,
             admin_key_path,
-        })
+        };
+        let addrs = relay.addrs();
+        let ssh = relay
+            .gateway
+            .as_ref()
+            .zip(addrs.ssh)
+            .map(|((_, config), addr)| {
+                let key = config.keys[0].public_key();
+                (
+                    addr,
+                    key.to_openssh().unwrap_or_default(),
+                    key.fingerprint(russh::keys::HashAlg::Sha256).to_string(),
+                )
+            });
+        let _ = relay.shared.endpoints.set(state::Endpoints {
+            proxy: Some(addrs.proxy),
+            proxy_tls: addrs.proxy_tls,
+            ssh,
+        });
+        Ok(relay)
     }
 
     /// Where each listener is bound.

@@ -20,6 +20,17 @@ use crate::store::{Id, Store};
 /// How often an API key's `last_used` is written: at most once a minute per key.
 const KEY_USE_EVERY: Duration = Duration::from_secs(60);
 
+/// The user-facing listeners as bound, for `GET /v1/endpoints`.
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints {
+    /// The plain CONNECT listener.
+    pub proxy: Option<std::net::SocketAddr>,
+    /// The TLS CONNECT listener.
+    pub proxy_tls: Option<std::net::SocketAddr>,
+    /// The SSH gateway, with its host key (OpenSSH line) and that key's fingerprint.
+    pub ssh: Option<(std::net::SocketAddr, String, String)>,
+}
+
 /// The relay's shared state, behind one `Arc`.
 pub struct Shared {
     /// The effective configuration.
@@ -55,6 +66,8 @@ pub struct Shared {
     pub proxy_pending: Arc<Semaphore>,
     /// Places for CONNECT connections that have not authenticated yet, per source.
     pub proxy_sources: SourceSlots,
+    /// The listeners users connect to, set once they are bound.
+    pub endpoints: std::sync::OnceLock<Endpoints>,
     /// When each API key's use was last sent to the store, so a busy key costs one write
     /// a minute and a failing store one attempt a minute, not one per request.
     key_uses: Mutex<HashMap<Id, Instant>>,
@@ -96,6 +109,7 @@ impl Shared {
             proxy_pending: Arc::new(Semaphore::new(config.limits.proxy_unauthenticated_max)),
             proxy_sources: SourceSlots::new(config.limits.proxy_unauthenticated_per_source),
             key_uses: Mutex::new(HashMap::new()),
+            endpoints: std::sync::OnceLock::new(),
             config,
         })
     }

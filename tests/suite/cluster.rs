@@ -635,11 +635,9 @@ async fn a_rolling_restart_under_checksummed_traffic_loses_nothing() {
     assert!(intact > 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_terminal_through_another_relay_logs_in_with_a_key_any_relay_answers() {
-    sshd::require();
-    let p = pair(&limits("")).await;
-    // The device's sshd asks relay a for keys; the session's key is minted by relay b.
+/// The pair's device, with a real sshd (root logins for fleet members) behind its agent on
+/// relay a.
+async fn sshd_on_a(p: &Pair) -> (sshd::Sshd, Agent) {
     let sshd = sshd::Sshd::start_with(
         p.a.api,
         &p.uuid,
@@ -647,18 +645,27 @@ async fn a_terminal_through_another_relay_logs_in_with_a_key_any_relay_answers()
         "root_login = \"fleet-members\"\n",
     )
     .await;
-    let config = p._dir.path().join("agent-terminal.toml");
+    let config = p._dir.path().join("agent-sshd.toml");
     std::fs::write(
         &config,
         format!("root_login = \"fleet-members\"\nssh_port = {}\n", sshd.port),
     )
     .unwrap();
-    let _agent = Agent::start(
+    let agent = Agent::start(
         &p.a,
         &p.uuid,
         &p.device_key,
         &["--config", config.to_str().unwrap()],
     );
+    (sshd, agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_through_another_relay_logs_in_with_a_key_any_relay_answers() {
+    sshd::require();
+    let p = pair(&limits("")).await;
+    // The device's sshd asks relay a for keys; the session's key is minted by relay b.
+    let (sshd, _agent) = sshd_on_a(&p).await;
     let mut t = terminal::Term::open(p.b.api, &p.uuid, None, &p.key).await;
     assert_eq!(
         t.expect_control("started").await["login"],
@@ -686,5 +693,96 @@ async fn a_terminal_through_another_relay_logs_in_with_a_key_any_relay_answers()
         found.is_some(),
         "{:?}",
         api.call("GET", "/v1/tunnels", None).await
+    );
+}
+
+// Multi-threaded: the test waits on child processes while the sshd listener keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_session_at_one_relay_reaches_a_device_on_another_and_is_cut_there() {
+    sshd::require();
+    let p = pair(&limits("")).await;
+    let (sshd, _agent) = sshd_on_a(&p).await;
+    // The cloud user root, with a key, a member of the device's fleet.
+    let admin = Api::new(p.a.api, &p.key);
+    let (s, user) = admin
+        .call("POST", "/v1/users", Some(json!({"username": "root"})))
+        .await;
+    assert_eq!(s, 201, "{user}");
+    admin.add_member("pis", "root").await;
+    let root = Api::new(p.a.api, user["api_key"].as_str().unwrap());
+    let keys = p._dir.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let key = sshd::user_key(&keys);
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let (s, added) = root
+        .call(
+            "POST",
+            "/v1/ssh-keys",
+            Some(json!({"title": "laptop", "public_key": public.trim()})),
+        )
+        .await;
+    assert_eq!(s, 201, "{added}");
+    let ssh_config = crate::ssh::jump_config(&keys, &key);
+
+    // At relay b, whose gateway presents the same host key as a's: `host` reaches the
+    // device that relay a holds.
+    let (gw_a, gw_b) = (p.a.ssh.unwrap(), p.b.ssh.unwrap());
+    let (code, out, err) = crate::ssh::gateway_run(
+        &ssh_config,
+        gw_b,
+        "root",
+        &format!("host {} echo across-$((6*7))", p.uuid),
+        "",
+        false,
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (0, "across-42"),
+        "{err}\n{}",
+        sshd.log()
+    );
+    let (_, endpoints_a) = admin.call("GET", "/v1/endpoints", None).await;
+    let (_, endpoints_b) = Api::new(p.b.api, &p.key)
+        .call("GET", "/v1/endpoints", None)
+        .await;
+    assert_eq!(
+        endpoints_a["ssh_gateway"]["host_key"], endpoints_b["ssh_gateway"]["host_key"],
+        "the relays of a cluster present different host keys"
+    );
+    assert_eq!(
+        endpoints_b["ssh_gateway"]["address"],
+        gw_b.to_string(),
+        "{endpoints_b}"
+    );
+    let _ = gw_a;
+
+    // An open session through b is cut when the key is deleted at a.
+    let id = added["id"]
+        .as_str()
+        .map_or_else(|| added["id"].to_string(), str::to_owned);
+    let err = crate::ssh::session_until_cut(&ssh_config, gw_b, &p.uuid, || async {
+        let (s, _) = root
+            .call("DELETE", &format!("/v1/ssh-keys/{id}"), None)
+            .await;
+        assert_eq!(s, 204);
+    })
+    .await;
+    assert!(err.contains("access to this device has ended"), "{err}");
+    // One audit row of kind ssh-gateway per session, written by b, naming a.
+    let found = eventually(Duration::from_secs(10), || async {
+        let (_, rows) = admin.call("GET", "/v1/tunnels", None).await;
+        rows.as_array().is_some_and(|rows| {
+            rows.iter().filter(|r| r["kind"] == "ssh-gateway").count() == 2
+                && rows
+                    .iter()
+                    .filter(|r| r["kind"] == "ssh-gateway")
+                    .all(|r| r["relay"] == "b" && r["device_relay"] == "a")
+        })
+    })
+    .await;
+    assert!(
+        found.is_some(),
+        "{:?}",
+        admin.call("GET", "/v1/tunnels", None).await
     );
 }

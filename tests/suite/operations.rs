@@ -519,6 +519,22 @@ fn the_systemd_units_verify_and_are_sandboxed() {
             .unwrap_or_else(|| panic!("{unit}: no exposure level in:\n{out}"));
         assert!(exposure <= most, "{unit}: exposure {exposure} > {most}");
     }
+    // The socket unit that binds 22 and 443 for the relay verifies beside its service.
+    let socket = "deploy/relay/cloudlink-relay.socket";
+    let copy = dir.path().join("cloudlink-relay.socket");
+    std::fs::copy(repo(socket), &copy).unwrap();
+    let (ok, out) = run("systemd-analyze", &["verify", copy.to_str().unwrap()], None);
+    assert!(
+        ok && out.trim().is_empty(),
+        "{socket}: systemd-analyze verify:\n{out}"
+    );
+    let text = std::fs::read_to_string(repo(socket)).unwrap();
+    for port in ["0.0.0.0:22", "0.0.0.0:443"] {
+        assert!(
+            text.contains(&format!("ListenStream={port}")),
+            "{socket} binds no {port}"
+        );
+    }
 }
 
 /// A self-signed certificate for `localhost` written to `dir/NAME.{crt,key}`.

@@ -377,7 +377,7 @@ async fn root_logins_answer_every_user_who_may_reach_the_device() {
 
 /// An ssh_config for the gateway tests: `-F` reaches the ProxyJump hop too, where `-o`
 /// options given on the command line do not.
-fn jump_config(dir: &std::path::Path, key: &std::path::Path) -> std::path::PathBuf {
+pub fn jump_config(dir: &std::path::Path, key: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("jump_config");
     std::fs::write(
         &path,
@@ -657,7 +657,7 @@ async fn the_gateway_throttles_failed_logins_and_says_what_it_serves() {
 
 /// `ssh` to the gateway itself as `user` with `command` (balena's `host …`/`enter …`),
 /// `stdin` piped in, `tty` forcing a PTY (`-tt`); returns (exit code, stdout, stderr).
-fn gateway_run(
+pub fn gateway_run(
     config: &std::path::Path,
     gateway: std::net::SocketAddr,
     user: &str,
@@ -863,6 +863,29 @@ async fn host_and_enter_sessions_through_the_gateway() {
     );
 
     // An open session is cut when the user leaves the fleet, with a line saying so.
+    let err = session_until_cut(&config, gateway, &uuid, || async {
+        let (s, _) = w
+            .admin
+            .call("DELETE", "/v1/fleets/pis/members/root", None)
+            .await;
+        assert_eq!(s, 204);
+    })
+    .await;
+    assert!(err.contains("access to this device has ended"), "{err}");
+}
+
+/// Opens `host <uuid>` through the gateway as `root`, waits until it runs, then `revoke`s
+/// something; returns the session's stderr once it has ended (it must end within 20 s).
+pub async fn session_until_cut<F, Fut>(
+    config: &std::path::Path,
+    gateway: std::net::SocketAddr,
+    uuid: &str,
+    revoke: F,
+) -> String
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let mut open = std::process::Command::new("ssh")
         .args(["-F", config.to_str().unwrap()])
         .args(["-p", &gateway.port().to_string()])
@@ -875,11 +898,7 @@ async fn host_and_enter_sessions_through_the_gateway() {
         .unwrap();
     let lines = common::Lines::spawn(open.stdout.take().unwrap(), None);
     lines.wait_for("open");
-    let (s, _) = w
-        .admin
-        .call("DELETE", "/v1/fleets/pis/members/root", None)
-        .await;
-    assert_eq!(s, 204);
+    revoke().await;
     let ended = common::poll(std::time::Duration::from_secs(20), || {
         let done = open.try_wait().ok().flatten();
         async move { done }
@@ -890,8 +909,7 @@ async fn host_and_enter_sessions_through_the_gateway() {
     }
     let out = open.wait_with_output().unwrap();
     assert!(ended.is_some(), "a revoked gateway session stayed open");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("access to this device has ended"), "{err}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Drives `ssh -t` to the gateway in a real terminal (Python's `pty`, which sets its size
@@ -972,5 +990,158 @@ async fn an_interactive_gateway_session_resizes_and_takes_ctrl_c() {
         "the session did not end as typed (100 + n: step n timed out):\n{screen}\n{}\n{}",
         String::from_utf8_lossy(&out.stderr),
         sshd.log()
+    );
+}
+
+/// Binds a listening socket on 127.0.0.1:0 and runs the command after it with that socket
+/// as fd 3 and `LISTEN_FDS`/`LISTEN_PID` set, as systemd's socket activation does;
+/// `{inherited}` in the arguments becomes the socket's address.
+const SOCKET_ACTIVATE: &str = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.bind(("127.0.0.1", 0))
+s.listen(128)
+addr = "%s:%d" % s.getsockname()
+os.dup2(s.fileno(), 3)
+os.environ["LISTEN_FDS"] = "1"
+os.environ["LISTEN_PID"] = str(os.getpid())
+args = [a.replace("{inherited}", addr) for a in sys.argv[1:]]
+os.execvp(args[0], args)
+"#;
+
+// Multi-threaded: the test waits on child processes while the sshd listener keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_on_a_socket_systemd_binds_for_it() {
+    sshd::require();
+    // The wrapper keeps the socket open as fd 3, so a relay that bound the address itself
+    // would fail to start: address in use.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, limits("")).unwrap();
+    let relay = common::Relay::start_wrapped(
+        &dir.path().join("data"),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--ssh-listen",
+            "{inherited}",
+        ],
+        &[],
+        &["python3", "-c", SOCKET_ACTIVATE],
+    );
+    let gateway = relay.ssh.expect("the relay says where the gateway listens");
+    let admin = common::Api::new(relay.api, &relay.admin_key());
+    let w = World { dir, relay, admin };
+    let (uuid, _, sshd, _agent) = sshd::device_with_sshd(&w, "pis").await;
+    let (_, key, _) = cloud_user_with_key(&w, "root").await;
+    w.admin.add_member("pis", "root").await;
+    let config = jump_config(w.dir.path(), &key);
+    let (code, out, err) = gateway_run(
+        &config,
+        gateway,
+        "root",
+        &format!("host {uuid} echo handed-over"),
+        "",
+        false,
+    );
+    assert_eq!(
+        (code, out.trim()),
+        (0, "handed-over"),
+        "{err}\n{}",
+        sshd.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_learns_the_gateway_and_ssh_config_pins_its_host_key() {
+    sshd::require();
+    let w = World::new(&limits(""));
+    let gateway = w.relay.ssh.expect("the gateway is on by default");
+    let (uuid, _, sshd, _agent) = sshd::device_with_sshd(&w, "pis").await;
+    let (_, key, _) = cloud_user_with_key(&w, "root").await;
+    w.admin.add_member("pis", "root").await;
+
+    // Logged in with nothing but the API: the relay says where its proxy and gateway are.
+    let api_key = {
+        let (s, body) = w
+            .admin
+            .call("POST", "/v1/api-keys", Some(json!({"name": "probe"})))
+            .await;
+        assert_eq!(s, 201, "{body}");
+        body["key"].as_str().unwrap().to_owned()
+    };
+    let xdg = w.dir.path().join("xdg-discover");
+    let api = format!("http://{}", w.relay.api);
+    let (ok, _, err) = cli_in(&xdg, &["login", "--api", &api, "--key", &api_key], None);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli_in(&xdg, &["--json", "whoami"], None);
+    assert!(ok, "{err}");
+    let me: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(me["proxy"], w.relay.proxy.to_string(), "{me}");
+    assert_eq!(me["proxy_tls"], false, "{me}");
+    assert_eq!(me["ssh_gateway"], gateway.to_string(), "{me}");
+    let (s, endpoints) = w.admin.call("GET", "/v1/endpoints", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        me["ssh_gateway_fingerprint"], endpoints["ssh_gateway"]["fingerprint"],
+        "{endpoints}"
+    );
+
+    // `ssh-config` as root: plain `ssh <uuid>.balena`, the gateway's key pinned.
+    let root_xdg = w.dir.path().join("xdg-root");
+    let (ok, snippet, err) = cli_in(&root_xdg, &["ssh-config"], None);
+    assert!(ok, "{err}");
+    assert!(snippet.contains("ProxyJump cloudlink-default"), "{snippet}");
+    let known = w.dir.path().join("known_hosts");
+    let write = |snippet: &str| {
+        let path = w.dir.path().join("ssh_config");
+        std::fs::write(
+            &path,
+            format!(
+                "{snippet}Host *\n  IdentityFile {}\n  IdentitiesOnly yes\n  BatchMode yes\n  \
+                 UserKnownHostsFile {}\n  StrictHostKeyChecking accept-new\n  \
+                 LogLevel ERROR\n  ConnectTimeout 20\n",
+                key.display(),
+                known.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let ssh = |config: &std::path::Path| {
+        std::process::Command::new("ssh")
+            .args([
+                "-F",
+                config.to_str().unwrap(),
+                &format!("{uuid}.balena"),
+                "echo via-config",
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = ssh(&write(&snippet));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        sshd.log()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "via-config");
+    // Another key where the gateway's should be: ssh refuses the gateway.
+    let other = sshd::user_key_of(&w.dir.path().join("keys-root"), "ecdsa");
+    let other = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let host_key = endpoints["ssh_gateway"]["host_key"].as_str().unwrap();
+    assert!(snippet.contains(host_key), "{snippet}");
+    let forged = snippet.replace(host_key, other.trim());
+    let out = ssh(&write(&forged));
+    assert!(
+        !out.status.success(),
+        "ssh took a gateway key it was not given"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Host key verification failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -3,6 +3,7 @@
 
 pub mod api_keys;
 pub mod devices;
+pub mod endpoints;
 pub mod error;
 pub mod extract;
 mod fields;
@@ -73,6 +74,7 @@ impl Modify for BearerAuth {
         fleets::delete_fleet, fleets::list_members, fleets::add_member, fleets::remove_member,
         devices::register_device, devices::list_devices, devices::get_device,
         devices::delete_device, devices::rotate_key, tunnels::list_tunnels, public_keys::public_keys, relays::list_relays,
+        endpoints::endpoints,
         healthz, readyz,
     )
 )]
@@ -199,6 +201,7 @@ pub fn router(state: Arc<Shared>) -> Router {
         .route("/v1/devices/{uuid}/terminal", get(terminal::terminal))
         .route("/v1/tunnels", get(tunnels::list_tunnels))
         .route("/v1/relays", get(relays::list_relays))
+        .route("/v1/endpoints", get(endpoints::endpoints))
         .route(
             "/auth/v1/public-keys/{login}",
             get(public_keys::public_keys),

@@ -222,7 +222,7 @@ pub async fn run(
         }
     };
     let _ = shell.write.close().await;
-    if cut_short {
+    if cut_short || entry.cancel.is_cancelled() {
         refuse(&write, &cut(&entry), 255).await;
     } else {
         let _ = write.eof().await;

@@ -51,6 +51,7 @@ struct Listeners {
     device: String,
     /// `None`: not given, so the relay binds the TCP twin of its QUIC address.
     device_tcp: Option<String>,
+    ssh: String,
 }
 
 impl Listeners {
@@ -65,7 +66,8 @@ impl Listeners {
             device: any.clone(),
             // Not the default TCP twin of the QUIC port: another test may hold that port
             // number on TCP.
-            device_tcp: Some(any),
+            device_tcp: Some(any.clone()),
+            ssh: any,
         }
     }
 }
@@ -175,6 +177,7 @@ impl Relay {
             ("--proxy-tls-listen", Some(&at.proxy_tls)),
             ("--device-listen", Some(&at.device)),
             ("--device-tcp-listen", at.device_tcp.as_ref()),
+            ("--ssh-listen", Some(&at.ssh)),
         ] {
             if let (false, Some(addr)) = (named(flag), addr) {
                 cmd.args([flag, addr]);
@@ -268,6 +271,7 @@ impl Relay {
             proxy_tls: off(self.proxy_tls),
             device: off(self.device_quic),
             device_tcp: Some(off(self.device_tcp)),
+            ssh: off(self.ssh),
         };
         // While the relay was down, any process here may have been given one of its
         // ports as the ephemeral port of an outgoing connection or UDP socket (loopback

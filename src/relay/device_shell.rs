@@ -212,15 +212,16 @@ pub struct Opened {
 /// Opens a session on `device` for `proof` (a browser's token, a gateway user's key):
 /// a tunnel of `kind` to its SSH port through the one admission (credentials, reach,
 /// limits, the route to whichever relay holds it, the audit row), a key minted for the
-/// device's login, then the login and the session `shell` asks for. `shell` is given the
-/// login chosen: what the device announced, else the user's own name.
+/// login (what the device announced, else the user's own name), then the login and a
+/// session running `command` (else a shell), in `pty` if one is given.
 pub async fn open(
     state: &Arc<Shared>,
     peer: SocketAddr,
     device: &str,
     proof: Proof,
     kind: TunnelKind,
-    shell: impl FnOnce(&str) -> (Option<String>, Option<PtyRequest>),
+    command: Option<String>,
+    pty: Option<PtyRequest>,
 ) -> Result<Opened, OpenFailure> {
     let id = crate::auth::tokens::new_device_uuid();
     let ask = Ask {
@@ -248,7 +249,6 @@ pub async fn open(
         let _ = store.remove_ephemeral_key(&id).await;
         return Err(OpenFailure::Cut(None));
     };
-    let (command, pty) = shell(&login);
     let request = ShellRequest {
         login: &login,
         command,

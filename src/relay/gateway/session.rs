@@ -180,11 +180,8 @@ pub async fn run(
         user: who.user,
         key: who.key,
     };
-    let session_pty = pty.clone();
-    let opened = device_shell::open(&state, peer, &uuid, proof, TunnelKind::Gateway, |_| {
-        (device_command, session_pty)
-    })
-    .await;
+    let kind = TunnelKind::Gateway;
+    let opened = device_shell::open(&state, peer, &uuid, proof, kind, device_command, pty).await;
     let opened = match opened {
         Ok(opened) => opened,
         Err(failure) => {

@@ -179,7 +179,8 @@ async fn start(
         uuid,
         Proof::Token(token),
         TunnelKind::Terminal,
-        |_| (command, Some(pty)),
+        command,
+        Some(pty),
     )
     .await
     .map_err(|failure| match failure {

@@ -2,6 +2,7 @@
 //! `/readyz`, `/metrics` and the generated OpenAPI document.
 
 pub mod api_keys;
+pub mod balena;
 pub mod devices;
 pub mod endpoints;
 pub mod error;
@@ -202,6 +203,12 @@ pub fn router(state: Arc<Shared>) -> Router {
         .route("/v1/tunnels", get(tunnels::list_tunnels))
         .route("/v1/relays", get(relays::list_relays))
         .route("/v1/endpoints", get(endpoints::endpoints))
+        // balena's API, the part its CLI calls (PROTOCOL.md §6).
+        .route("/actor/v1/whoami", get(balena::whoami))
+        .route("/user/v1/refresh-token", get(balena::refresh_token))
+        .route("/v7/{*resource}", get(balena::v7))
+        .route("/actor/{*rest}", axum::routing::any(balena::unserved_path))
+        .route("/user/{*rest}", axum::routing::any(balena::unserved_path))
         .route(
             "/auth/v1/public-keys/{login}",
             get(public_keys::public_keys),

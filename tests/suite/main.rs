@@ -6,6 +6,7 @@
 mod common;
 
 mod api;
+mod balena_cli;
 mod browser;
 mod cli;
 mod cluster;

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod client_ns;
 pub mod fake_device;
 pub mod github;
 pub mod pg;

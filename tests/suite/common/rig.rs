@@ -139,10 +139,10 @@ pub struct Rig {
     thread: Option<JoinHandle<()>>,
 }
 
-static NEXT: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// Runs a command, failing the test with its output if it fails.
-fn run(args: &[&str]) {
+pub(crate) fn run(args: &[&str]) {
     let out = Command::new(args[0])
         .args(&args[1..])
         .stdin(Stdio::null())
@@ -349,7 +349,7 @@ pub fn check_requirements() {
 
 /// A /28 in 10.64.0.0/10 that nothing in this namespace uses: two /30 links of the rig.
 /// `n` is this rig's number in this process, so that rigs made at once differ.
-fn free_subnet(n: usize) -> (u8, u8, u8) {
+pub(crate) fn free_subnet(n: usize) -> (u8, u8, u8) {
     let routes = output(&["ip", "-4", "-o", "route", "show", "table", "all"]);
     let addrs = output(&["ip", "-4", "-o", "addr", "show"]);
     for attempt in 0..1000u32 {

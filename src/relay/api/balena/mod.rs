@@ -8,6 +8,7 @@
 
 pub mod odata;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
@@ -182,47 +183,71 @@ fn application_record(f: &Fleet) -> Value {
     })
 }
 
-/// The devices and fleets the caller may see, as balena records.
+/// The devices and fleets the caller may see, as balena records, indexed for the links
+/// between them.
 struct Visible {
-    devices: Vec<Device>,
-    fleets: Vec<Fleet>,
+    devices: Vec<Value>,
+    fleets: Vec<Value>,
+    /// Device uuid to its fleet's id.
+    fleet_of: HashMap<String, i64>,
+    /// Fleet id to its record.
+    fleet: HashMap<i64, Value>,
+    /// Fleet id to its devices' records.
+    devices_of: HashMap<i64, Vec<Value>>,
 }
 
 impl Visible {
     async fn load(state: &Shared, caller: &Caller, filter: &DeviceFilter) -> Result<Visible> {
         let member = (!caller.0.user.is_admin).then_some(caller.0.user.id);
+        let devices: Vec<Device> = state.store.list_devices(member, filter).await?;
+        let fleets: Vec<Fleet> = state.store.list_fleets(member).await?;
+        let mut devices_of: HashMap<i64, Vec<Value>> = HashMap::new();
+        let mut fleet_of = HashMap::new();
+        let records: Vec<Value> = devices
+            .iter()
+            .map(|d| {
+                let record = device_record(d);
+                fleet_of.insert(d.uuid.clone(), d.fleet_id);
+                devices_of
+                    .entry(d.fleet_id)
+                    .or_default()
+                    .push(record.clone());
+                record
+            })
+            .collect();
+        let fleet_records: Vec<Value> = fleets.iter().map(application_record).collect();
+        let fleet = fleets
+            .iter()
+            .zip(&fleet_records)
+            .map(|(f, r)| (f.id, r.clone()))
+            .collect();
         Ok(Visible {
-            devices: state.store.list_devices(member, filter).await?,
-            fleets: state.store.list_fleets(member).await?,
+            devices: records,
+            fleets: fleet_records,
+            fleet_of,
+            fleet,
+            devices_of,
         })
     }
 
     /// The records linked from `record` by `link`.
     fn links(&self, record: &Value, link: &str) -> Vec<Value> {
         match link {
-            "belongs_to__application" => {
-                let uuid = record.get("uuid").and_then(Value::as_str);
-                let fleet = self
-                    .devices
-                    .iter()
-                    .find(|d| Some(d.uuid.as_str()) == uuid)
-                    .map(|d| d.fleet_id);
-                self.fleets
-                    .iter()
-                    .filter(|f| Some(f.id) == fleet)
-                    .map(application_record)
-                    .collect()
-            }
+            "belongs_to__application" => record
+                .get("uuid")
+                .and_then(Value::as_str)
+                .and_then(|uuid| self.fleet_of.get(uuid))
+                .and_then(|id| self.fleet.get(id))
+                .cloned()
+                .into_iter()
+                .collect(),
+            "owns__device" => record
+                .get("id")
+                .and_then(Value::as_i64)
+                .and_then(|id| self.devices_of.get(&id))
+                .cloned()
+                .unwrap_or_default(),
             // The relay does not know devices' types or releases: linked to nothing.
-            "is_of__device_type" | "is_running__release" => Vec::new(),
-            "owns__device" => {
-                let id = record.get("id").and_then(Value::as_i64);
-                self.devices
-                    .iter()
-                    .filter(|d| Some(d.fleet_id) == id)
-                    .map(device_record)
-                    .collect()
-            }
             _ => Vec::new(),
         }
     }
@@ -290,9 +315,13 @@ pub async fn v7(
     State(state): State<Arc<Shared>>,
     caller_: std::result::Result<Caller, ApiError>,
     Path(path): Path<String>,
-    Query(query): Query<Vec<(String, String)>>,
+    query: std::result::Result<
+        Query<Vec<(String, String)>>,
+        axum::extract::rejection::QueryRejection,
+    >,
 ) -> Result<axum::Json<Value>> {
     let caller = caller(caller_)?;
+    let Query(query) = query.map_err(|e| BalenaError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let resource = resource(&path)?;
     let pairs = query.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     let (shape, key) = match &resource {
@@ -315,8 +344,8 @@ pub async fn v7(
     };
     let visible = Visible::load(&state, &caller, &filter).await?;
     let mut records: Vec<Value> = match resource {
-        Resource::Devices(_) => visible.devices.iter().map(device_record).collect(),
-        Resource::Applications(_) => visible.fleets.iter().map(application_record).collect(),
+        Resource::Devices(_) => visible.devices.clone(),
+        Resource::Applications(_) => visible.fleets.clone(),
     };
     if let Some(key) = key {
         records.retain(|r| match key {

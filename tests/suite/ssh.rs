@@ -1145,3 +1145,82 @@ async fn login_learns_the_gateway_and_ssh_config_pins_its_host_key() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// An SSH client that sends what OpenSSH's does not: a `signal` request.
+struct AnyHost;
+
+impl russh::client::Handler for AnyHost {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+// Multi-threaded: sshd's accept loop runs in this runtime while the test waits on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_request_reaches_the_device_s_sshd() {
+    sshd::require();
+    let w = World::with(&limits(""), &[], &[]);
+    let gateway = w
+        .relay
+        .ssh
+        .expect("the relay says where the gateway listens");
+    let (uuid, _, sshd, _agent) = sshd::device_with_sshd(&w, "pis").await;
+    let (_, key, _) = cloud_user_with_key(&w, "root").await;
+    w.admin.add_member("pis", "root").await;
+
+    let config = std::sync::Arc::new(russh::client::Config::default());
+    let mut session = russh::client::connect(config, gateway, AnyHost)
+        .await
+        .unwrap();
+    let key = russh::keys::load_secret_key(&key, None).unwrap();
+    let auth = session
+        .authenticate_publickey(
+            "root",
+            russh::keys::PrivateKeyWithHashAlg::new(std::sync::Arc::new(key), None),
+        )
+        .await
+        .unwrap();
+    assert!(auth.success(), "the gateway refused the key");
+    let mut channel = session.channel_open_session().await.unwrap();
+    channel
+        .exec(true, format!("host {uuid} echo started; exec sleep 60"))
+        .await
+        .unwrap();
+    let started = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(msg) = channel.wait().await {
+            if let russh::ChannelMsg::Data { data } = msg {
+                if String::from_utf8_lossy(&data).contains("started") {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        started,
+        Ok(true),
+        "the command never started\n{}",
+        sshd.log()
+    );
+    channel.signal(russh::Sig::TERM).await.unwrap();
+    // The device's sshd takes the request (OpenSSH delivers it only to sessions it runs
+    // with privilege separation, which a root login in this test's inetd-mode sshd is not,
+    // so the log line is where it shows).
+    let reached = common::poll(std::time::Duration::from_secs(20), || {
+        let log = sshd.log();
+        async move { log.contains("session_signal_req").then_some(()) }
+    })
+    .await;
+    assert!(
+        reached.is_some(),
+        "no signal request reached sshd:\n{}",
+        sshd.log()
+    );
+    let _ = channel.close().await;
+}

@@ -27,6 +27,20 @@ pub async fn issue_token(
                 .into(),
         ));
     };
+    let (token, exp) = mint_for_key(&state, caller.0.user.id, key_id).await?;
+    Ok(axum::Json(IssuedToken {
+        token,
+        expires_at: rfc3339(exp as i64 * 1000),
+    }))
+}
+
+/// A relay JWT for `user` through their API key `key_id`, living the configured time but
+/// never past the key's own expiry; returns the token and its expiry (Unix seconds).
+pub async fn mint_for_key(
+    state: &Shared,
+    user: crate::store::Id,
+    key_id: crate::store::Id,
+) -> Result<(String, u64), crate::store::StoreError> {
     let mut ttl = state.config.jwt_ttl_secs;
     if let Some(key) = state.store.api_key_by_id(key_id).await? {
         if let Some(expires_at) = key.expires_at {
@@ -34,9 +48,5 @@ pub async fn issue_token(
             ttl = ttl.min(left.max(1));
         }
     }
-    let (token, exp) = state.jwt.mint(caller.0.user.id, key_id, ttl);
-    Ok(axum::Json(IssuedToken {
-        token,
-        expires_at: rfc3339(exp as i64 * 1000),
-    }))
+    Ok(state.jwt.mint(user, key_id, ttl))
 }

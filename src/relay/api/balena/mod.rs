@@ -93,14 +93,7 @@ pub async fn refresh_token(
             "Tokens from an outside identity service are not refreshed here.".into(),
         ));
     };
-    let mut ttl = state.config.jwt_ttl_secs;
-    if let Some(key) = state.store.api_key_by_id(key_id).await? {
-        if let Some(expires_at) = key.expires_at {
-            let left = (expires_at - crate::store::now_ms()).max(0) as u64 / 1000;
-            ttl = ttl.min(left.max(1));
-        }
-    }
-    let (token, _) = state.jwt.mint(caller.0.user.id, key_id, ttl);
+    let (token, _) = super::tokens::mint_for_key(&state, caller.0.user.id, key_id).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], token).into_response())
 }
 

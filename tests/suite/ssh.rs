@@ -691,19 +691,57 @@ pub fn gateway_run(
     )
 }
 
-// Multi-threaded: the test waits on child processes while the sshd listener keeps serving.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn host_and_enter_sessions_through_the_gateway() {
+/// What the gateway tests start from: a relay (the harness gives it a gateway on port 0),
+/// a device with a real sshd in fleet `pis`, and the cloud user `root`, a member, with a
+/// key and an ssh_config for it. Bind `w` and `_agent` where it is taken apart: a field
+/// left to `..` is dropped at once, and with it the relay or the device.
+struct GatewayWorld {
+    w: World,
+    gateway: std::net::SocketAddr,
+    uuid: String,
+    sshd: sshd::Sshd,
+    _agent: Agent,
+    root_xdg: std::path::PathBuf,
+    key: std::path::PathBuf,
+    config: std::path::PathBuf,
+}
+
+async fn gateway_world() -> GatewayWorld {
     sshd::require();
-    let w = World::with(&limits(""), &["--ssh-listen", "127.0.0.1:0"], &[]);
+    let w = World::new(&limits(""));
     let gateway = w
         .relay
         .ssh
         .expect("the relay says where the gateway listens");
-    let (uuid, _, sshd, _agent) = sshd::device_with_sshd(&w, "pis").await;
+    let (uuid, _, sshd, agent) = sshd::device_with_sshd(&w, "pis").await;
     let (root_xdg, key, _) = cloud_user_with_key(&w, "root").await;
     w.admin.add_member("pis", "root").await;
     let config = jump_config(w.dir.path(), &key);
+    GatewayWorld {
+        w,
+        gateway,
+        uuid,
+        sshd,
+        _agent: agent,
+        root_xdg,
+        key,
+        config,
+    }
+}
+
+// Multi-threaded: the test waits on child processes while the sshd listener keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_enter_sessions_through_the_gateway() {
+    let GatewayWorld {
+        w,
+        gateway,
+        uuid,
+        sshd,
+        root_xdg,
+        config,
+        _agent,
+        ..
+    } = gateway_world().await;
     let run = |command: &str, stdin: &str, tty: bool| {
         gateway_run(&config, gateway, "root", command, stdin, tty)
     };
@@ -964,16 +1002,15 @@ sys.exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 99)
 // Multi-threaded: the test waits on a child process while the sshd listener keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interactive_gateway_session_resizes_and_takes_ctrl_c() {
-    sshd::require();
-    let w = World::with(&limits(""), &["--ssh-listen", "127.0.0.1:0"], &[]);
-    let gateway = w
-        .relay
-        .ssh
-        .expect("the relay says where the gateway listens");
-    let (uuid, _, sshd, _agent) = sshd::device_with_sshd(&w, "pis").await;
-    let (_, key, _) = cloud_user_with_key(&w, "root").await;
-    w.admin.add_member("pis", "root").await;
-    let config = jump_config(w.dir.path(), &key);
+    let GatewayWorld {
+        w: _w,
+        gateway,
+        uuid,
+        sshd,
+        config,
+        _agent,
+        ..
+    } = gateway_world().await;
     let out = std::process::Command::new("python3")
         .args(["-c", PTY_DRIVER])
         .args(["-F", config.to_str().unwrap(), "-t"])
@@ -1054,12 +1091,16 @@ async fn the_gateway_serves_on_a_socket_systemd_binds_for_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_learns_the_gateway_and_ssh_config_pins_its_host_key() {
-    sshd::require();
-    let w = World::new(&limits(""));
-    let gateway = w.relay.ssh.expect("the gateway is on by default");
-    let (uuid, _, sshd, _agent) = sshd::device_with_sshd(&w, "pis").await;
-    let (_, key, _) = cloud_user_with_key(&w, "root").await;
-    w.admin.add_member("pis", "root").await;
+    let GatewayWorld {
+        w,
+        gateway,
+        uuid,
+        sshd,
+        root_xdg,
+        key,
+        _agent,
+        ..
+    } = gateway_world().await;
 
     // Logged in with nothing but the API: the relay says where its proxy and gateway are.
     let api_key = {
@@ -1088,7 +1129,6 @@ async fn login_learns_the_gateway_and_ssh_config_pins_its_host_key() {
     );
 
     // `ssh-config` as root: plain `ssh <uuid>.balena`, the gateway's key pinned.
-    let root_xdg = w.dir.path().join("xdg-root");
     let (ok, snippet, err) = cli_in(&root_xdg, &["ssh-config"], None);
     assert!(ok, "{err}");
     assert!(snippet.contains("ProxyJump cloudlink-default"), "{snippet}");
@@ -1163,15 +1203,15 @@ impl russh::client::Handler for AnyHost {
 // Multi-threaded: sshd's accept loop runs in this runtime while the test waits on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_request_reaches_the_device_s_sshd() {
-    sshd::require();
-    let w = World::with(&limits(""), &[], &[]);
-    let gateway = w
-        .relay
-        .ssh
-        .expect("the relay says where the gateway listens");
-    let (uuid, _, sshd, _agent) = sshd::device_with_sshd(&w, "pis").await;
-    let (_, key, _) = cloud_user_with_key(&w, "root").await;
-    w.admin.add_member("pis", "root").await;
+    let GatewayWorld {
+        w: _w,
+        gateway,
+        uuid,
+        sshd,
+        key,
+        _agent,
+        ..
+    } = gateway_world().await;
 
     let config = std::sync::Arc::new(russh::client::Config::default());
     let mut session = russh::client::connect(config, gateway, AnyHost)

@@ -479,16 +479,26 @@ async fn a_draining_relay_lets_transfers_finish_while_devices_move() {
         sigterm.elapsed()
     );
     // a says it is draining, not ready, and takes no new CONNECT; its API still answers.
-    let (status, relays) = api.call("GET", "/v1/relays", None).await;
-    assert_eq!(status, 200);
-    let a_row = relays
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["id"] == "a")
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(a_row["draining"], true, "{relays}");
+    // The row's `draining` is written once the relay has taken the signal: wait for it.
+    let a_row = || async {
+        let (status, relays) = api.call("GET", "/v1/relays", None).await;
+        assert_eq!(status, 200);
+        let row = relays
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == "a")
+            .cloned()
+            .unwrap_or_default();
+        (row, relays)
+    };
+    let marked = eventually(Duration::from_secs(10), || async {
+        a_row().await.0["draining"] == true
+    })
+    .await;
+    let (row, relays) = a_row().await;
+    assert!(marked.is_some(), "{relays}");
+    assert_eq!(row["draining"], true, "{relays}");
     let ready = http()
         .get(format!("http://{}/readyz", p.a.api))
         .send()

@@ -151,6 +151,12 @@ pub async fn link_to_socket<C: ChunkRecv, W: AsyncWrite + Unpin>(
 }
 
 /// Writes every byte of `chunks` with vectored writes, releasing each chunk once written.
+///
+/// A chunk from the link is a slice of the buffer it arrived in (a QUIC receive batch, an
+/// HTTP/2 read buffer), and keeps all of that buffer alive. While the socket takes bytes
+/// at once that costs nothing; when it cannot (its reader is slow or has stopped), what is
+/// left is copied into one buffer of exactly its size first, so a stalled tunnel holds the
+/// bytes it holds and not the whole batches they came in (docs/memory.md).
 async fn write_all_chunks<W: AsyncWrite + Unpin>(
     socket: &mut W,
     chunks: &mut [Bytes],
@@ -163,28 +169,80 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
             for (slice, chunk) in slices.iter_mut().zip(pending) {
                 *slice = std::io::IoSlice::new(chunk);
             }
-            socket
-                .write_vectored(&slices[..pending.len().min(BATCH)])
-                .await?
+            let slices = &slices[..pending.len().min(BATCH)];
+            let now = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(
+                    match std::pin::Pin::new(&mut *socket).poll_write_vectored(cx, slices) {
+                        std::task::Poll::Ready(r) => Some(r),
+                        std::task::Poll::Pending => None,
+                    },
+                )
+            })
+            .await;
+            match now {
+                Some(r) => r?,
+                None => {
+                    compact(&mut chunks[first..]);
+                    return write_all_compacted(socket, &mut chunks[first..]).await;
+                }
+            }
         };
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        let mut left = written;
-        while left > 0 && first < chunks.len() {
-            let len = chunks[first].len();
-            if len <= left {
-                left -= len;
-                chunks[first] = Bytes::new();
-                first += 1;
-            } else {
-                bytes::Buf::advance(&mut chunks[first], left);
-                left = 0;
-            }
-        }
-        // Skip chunks that were empty to begin with.
-        while first < chunks.len() && chunks[first].is_empty() {
+        first = advance(chunks, first, written);
+    }
+    Ok(())
+}
+
+/// Releases the first `written` bytes of `chunks[first..]`; the index of the first chunk
+/// with bytes left (or `chunks.len()`).
+fn advance(chunks: &mut [Bytes], mut first: usize, written: usize) -> usize {
+    let mut left = written;
+    while left > 0 && first < chunks.len() {
+        let len = chunks[first].len();
+        if len <= left {
+            left -= len;
+            chunks[first] = Bytes::new();
             first += 1;
+        } else {
+            bytes::Buf::advance(&mut chunks[first], left);
+            left = 0;
+        }
+    }
+    // Skip chunks that were empty to begin with.
+    while first < chunks.len() && chunks[first].is_empty() {
+        first += 1;
+    }
+    first
+}
+
+/// Copies the bytes of `chunks` into one buffer of their exact size, put in the first
+/// chunk's place (the others are left empty), and so lets go of the buffers they pinned.
+fn compact(chunks: &mut [Bytes]) {
+    let len: usize = chunks.iter().map(Bytes::len).sum();
+    let mut one = BytesMut::with_capacity(len);
+    for chunk in chunks.iter_mut() {
+        one.extend_from_slice(chunk);
+        *chunk = Bytes::new();
+    }
+    if let Some(place) = chunks.first_mut() {
+        *place = one.freeze();
+    }
+}
+
+/// Writes the one compacted chunk [`compact`] left (plain writes, waiting as needed).
+async fn write_all_compacted<W: AsyncWrite + Unpin>(
+    socket: &mut W,
+    chunks: &mut [Bytes],
+) -> std::io::Result<()> {
+    if let Some(chunk) = chunks.first_mut() {
+        while !chunk.is_empty() {
+            let n = socket.write(chunk).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            bytes::Buf::advance(chunk, n);
         }
     }
     Ok(())
@@ -403,6 +461,41 @@ mod tests {
             chunks.iter().all(Bytes::is_empty),
             "written chunks are released"
         );
+    }
+
+    /// Eight small slices of one 64 KiB receive batch, to a socket that cannot take them
+    /// yet: while the write waits, the batch is no longer pinned (only a compact copy of
+    /// the 8,000 bytes is held), and the reader still gets every byte in order.
+    #[tokio::test]
+    async fn a_write_that_must_wait_holds_its_bytes_not_their_batch() {
+        let batch = Bytes::from((0..65536u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        let mut expected = Vec::new();
+        let mut chunks: Vec<Bytes> = (0..8)
+            .map(|k| {
+                let piece = batch.slice(k * 8000..k * 8000 + 1000);
+                expected.extend_from_slice(&piece);
+                piece
+            })
+            .collect();
+        let (mut writer, mut reader) = tokio::io::duplex(100);
+        let writing = tokio::spawn(async move {
+            write_all_chunks(&mut writer, &mut chunks).await.unwrap();
+        });
+        let mut tries = 0;
+        while !batch.is_unique() {
+            tries += 1;
+            assert!(tries < 10_000, "the waiting write still pins the batch");
+            tokio::task::yield_now().await;
+        }
+        let mut got = Vec::new();
+        while got.len() < expected.len() {
+            let mut buf = [0u8; 4096];
+            let n = reader.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        writing.await.unwrap();
+        assert_eq!(got, expected);
     }
 
     /// The link's sending half in memory: what the pump sends, `None` for its FIN.

@@ -37,6 +37,11 @@
 //!   scaled to a month; and how long an agent that fell back to TCP takes to be back on
 //!   QUIC once UDP works again.
 //!
+//! - k: stalled readers (`benches/support/stalled.rs`): 200 and 2,000 tunnels whose users
+//!   stop reading, over each device link: relay RSS per tunnel and after they close, the
+//!   relay's kernel socket memory, the agents' memory, and other tunnels' share meanwhile.
+//!   Not in the default set: 2,000 readers start 40 agents.
+//!
 //! i and j need root, `ip`, `tc` and `nft` (they fail without them), are not in the
 //! default set, and take long: i about 40 minutes at the defaults, j about 7. Their
 //! before/after figures are in `docs/field.md`.
@@ -45,7 +50,7 @@
 //! `--quic-mtu-max N` (h: bigger QUIC packets, for paths that carry them; never the
 //! headline), `--transport quic|tcp|both` (c, d, f; default both),
 //! `--size-mib 1024` (a, b, c, g, h), `--setups 1000` (d, g, h),
-//! `--tunnels 200 --tunnel-mib 16` (e), `--devices 2000` (f). To measure a deployed relay
+//! `--tunnels 200 --tunnel-mib 16` (e), `--stalled 200,2000` (k), `--devices 2000` (f). To measure a deployed relay
 //! instead of a local one (c, d, e): `--api URL --proxy HOST:PORT --device HOST:PORT
 //! --key ADMIN_KEY [--ca PEM]`; the agent still runs here. For i: `--field-rounds 3`,
 //! `--field-secs 5` (measured per transfer), `--field-warmup 2` (from its first byte),
@@ -61,6 +66,8 @@ mod common;
 mod field;
 #[path = "support/peer.rs"]
 mod peer;
+#[path = "support/stalled.rs"]
+mod stalled;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -87,6 +94,8 @@ struct Opts {
     setups: usize,
     tunnels: usize,
     tunnel_size: u64,
+    /// k: how many stalled readers, one run each.
+    stalled: Vec<usize>,
     devices: usize,
     remote: Option<Remote>,
     field: field::FieldOpts,
@@ -114,6 +123,7 @@ fn parse_opts() -> Opts {
         setups: 1000,
         tunnels: 200,
         tunnel_size: 16 * MIB,
+        stalled: vec![200, 2000],
         devices: 2000,
         remote: None,
         field: field::FieldOpts {
@@ -152,6 +162,12 @@ fn parse_opts() -> Opts {
             "--setups" => o.setups = value().parse().expect("number"),
             "--tunnels" => o.tunnels = value().parse().expect("number"),
             "--tunnel-mib" => o.tunnel_size = value().parse::<u64>().expect("number") * MIB,
+            "--stalled" => {
+                o.stalled = value()
+                    .split(',')
+                    .map(|v| v.parse().expect("number"))
+                    .collect()
+            }
             "--devices" => o.devices = value().parse().expect("number"),
             "--field-rounds" => o.field.rounds = value().parse().expect("number"),
             "--field-secs" => o.field.secs = value().parse().expect("seconds"),
@@ -1227,6 +1243,20 @@ async fn run(opts: Opts) {
                 value,
                 note,
             });
+        }
+    }
+    if has('k') {
+        for transport in &opts.transports {
+            for &n in &opts.stalled {
+                for (what, value, note) in stalled::stalled_readers(transport, n).await {
+                    rows.push(Row {
+                        scenario: "k",
+                        what,
+                        value,
+                        note,
+                    });
+                }
+            }
         }
     }
     if has('j') {

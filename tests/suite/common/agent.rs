@@ -87,6 +87,11 @@ impl Agent {
         }
     }
 
+    /// The agent's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL, like a device losing power.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

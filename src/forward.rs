@@ -181,10 +181,7 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
             .await;
             match now {
                 Some(r) => r?,
-                None => {
-                    compact(&mut chunks[first..]);
-                    return write_all_compacted(socket, &mut chunks[first..]).await;
-                }
+                None => return socket.write_all(&compact(&mut chunks[first..])).await,
             }
         };
         if written == 0 {
@@ -217,35 +214,16 @@ fn advance(chunks: &mut [Bytes], mut first: usize, written: usize) -> usize {
     first
 }
 
-/// Copies the bytes of `chunks` into one buffer of their exact size, put in the first
-/// chunk's place (the others are left empty), and so lets go of the buffers they pinned.
-fn compact(chunks: &mut [Bytes]) {
+/// Moves the bytes of `chunks` into one buffer of their exact size (the chunks are left
+/// empty), and so lets go of the buffers they pinned.
+fn compact(chunks: &mut [Bytes]) -> Bytes {
     let len: usize = chunks.iter().map(Bytes::len).sum();
     let mut one = BytesMut::with_capacity(len);
     for chunk in chunks.iter_mut() {
         one.extend_from_slice(chunk);
         *chunk = Bytes::new();
     }
-    if let Some(place) = chunks.first_mut() {
-        *place = one.freeze();
-    }
-}
-
-/// Writes the one compacted chunk [`compact`] left (plain writes, waiting as needed).
-async fn write_all_compacted<W: AsyncWrite + Unpin>(
-    socket: &mut W,
-    chunks: &mut [Bytes],
-) -> std::io::Result<()> {
-    if let Some(chunk) = chunks.first_mut() {
-        while !chunk.is_empty() {
-            let n = socket.write(chunk).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            bytes::Buf::advance(chunk, n);
-        }
-    }
-    Ok(())
+    one.freeze()
 }
 
 /// Joins a device-link stream (QUIC or HTTP/2) to a socket on `side` until both

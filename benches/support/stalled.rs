@@ -8,33 +8,16 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
-use crate::common;
-
-const MIB: u64 = 1024 * 1024;
+use crate::{common, source_server, MIB};
 /// Tunnels one user opens to one device (the default per-user-on-one-device limit is 32).
 const PER_PAIR: usize = 25;
 /// Users per device (so 50 stalled tunnels per device, of its default limit of 64).
 const USERS_PER_DEVICE: usize = 2;
 /// Devices one user reaches (10 × 25 = 250 tunnels, of the default per-user limit of 256).
 const DEVICES_PER_USER: usize = 5;
-
-/// A service that writes to every connection until the connection fails.
-async fn endless_source() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let buf = vec![0x5au8; 256 * 1024];
-                while s.write_all(&buf).await.is_ok() {}
-            });
-        }
-    });
-    port
-}
 
 /// Reads `len` bytes from `s` as fast as they come.
 async fn read_exactly(s: &mut TcpStream, len: u64) {
@@ -157,7 +140,8 @@ pub async fn stalled_readers(transport: &str, n: usize) -> Vec<(String, String, 
     }
     let active_key = world.user("active").await;
     world.admin.add_member("stalled", "active").await;
-    let port = endless_source().await;
+    // A source that never ends: it writes until the connection fails.
+    let port = source_server(u64::MAX).await;
     let agents_rss = |agents: &[common::Agent]| -> u64 {
         agents
             .iter()

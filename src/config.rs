@@ -134,6 +134,11 @@ pub struct Limits {
     pub tunnels_per_user_device: usize,
     /// Open tunnels on this relay.
     pub tunnels_per_relay: usize,
+    /// Tunnel bytes the relay may have granted devices and not yet seen its users take,
+    /// over all tunnels (PROTOCOL.md §2d); past it new credit waits. 0 (the default): a
+    /// quarter of the machine's memory, or of the relay's cgroup limit when that is lower
+    /// (docs/memory.md).
+    pub tunnel_buffer_bytes: u64,
     /// Failed authentications per source (IPv4 address or IPv6 /64) per minute; further
     /// failures answer 429. Valid credentials are never refused by it.
     pub auth_failures_per_minute: u32,
@@ -193,6 +198,7 @@ impl Default for Limits {
             tunnels_per_device: 64,
             tunnels_per_user_device: 32,
             tunnels_per_relay: 65_536,
+            tunnel_buffer_bytes: 0,
             auth_failures_per_minute: 20,
             proxy_unauthenticated_max: 10_000,
             proxy_unauthenticated_per_source: 256,
@@ -233,6 +239,40 @@ impl Limits {
     /// [`Limits::api_body_timeout_ms`] as a duration.
     pub fn api_body_timeout(&self) -> Duration {
         Duration::from_millis(self.api_body_timeout_ms)
+    }
+    /// [`Limits::tunnel_buffer_bytes`] in force: as set, or a quarter of the memory this
+    /// process may use (the machine's, or its cgroup's limit when lower).
+    pub fn tunnel_buffer(&self) -> u64 {
+        match self.tunnel_buffer_bytes {
+            0 => memory_available().map_or(DEFAULT_TUNNEL_BUFFER, |m| m / 4),
+            n => n,
+        }
+    }
+}
+
+/// The tunnel buffer limit when the machine's memory cannot be read: 1 GiB.
+const DEFAULT_TUNNEL_BUFFER: u64 = 1 << 30;
+
+/// The memory this process may use: the machine's (`MemTotal`), or its cgroup's limit
+/// (v2 `memory.max`, v1 `memory.limit_in_bytes`) when that is lower.
+fn memory_available() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok())
+    // "max" (v2) and a huge number (v1) both mean no limit.
+    .filter_map(|v| v.trim().parse::<u64>().ok())
+    .find(|&v| v < (1 << 60));
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
     }
 }
 

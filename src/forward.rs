@@ -29,10 +29,11 @@ use std::time::Duration;
 
 use std::future::Future;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::credit::{Gate, Grant, Wait};
 use crate::link::{ChunkRecv, ChunkSend, End, LinkRecv, LinkSend};
 use crate::proto::messages::codes;
 
@@ -87,26 +88,51 @@ pub enum Dir {
     Abnormal(End),
 }
 
+/// How a tunnel's device → user direction is paced (PROTOCOL.md §2d).
+pub enum Credit<'a> {
+    /// No credit (a peer without the feature): the transports' windows bound it.
+    None,
+    /// The agent's side: read from the service only what the relay has granted.
+    Obey(&'a Gate),
+    /// The relay's side: grant as the user's socket takes the bytes; `unsent` says how
+    /// many bytes the user socket's kernel holds unsent (0 for a user in this process).
+    Grant {
+        /// The tunnel's grant.
+        grant: &'a mut Grant,
+        /// The user socket's unsent queue, in bytes.
+        unsent: &'a (dyn Fn() -> u64 + Send + Sync),
+    },
+}
+
 /// Socket to link: reads into one reused buffer and hands each read to the stream as
 /// `Bytes` (no copy); the buffer's allocation is reclaimed once the link releases the
-/// pieces. Adds what it moves to `counter`.
+/// pieces. Adds what it moves to `counter`. With a `gate` (the agent under credit) it reads
+/// only what the gate allows, waiting for the relay's credit when none is left.
 pub async fn socket_to_link<R: AsyncRead + Unpin, S: ChunkSend>(
     socket: &mut R,
     send: &mut S,
     counter: &AtomicU64,
+    gate: Option<&Gate>,
 ) -> Dir {
     let mut buf = BytesMut::with_capacity(BUFFER);
+    let mut sent = 0u64;
     loop {
+        // Never a read with no room: it would return 0, which reads as the end.
+        let room = match gate {
+            Some(gate) => usize::try_from(gate.room(sent).await).unwrap_or(usize::MAX),
+            None => usize::MAX,
+        };
         if buf.capacity() - buf.len() < CHUNK {
             buf.reserve(BUFFER);
         }
-        match socket.read_buf(&mut buf).await {
+        match socket.read_buf(&mut (&mut buf).limit(room)).await {
             Ok(0) => {
                 send.finish();
                 return Dir::Eof;
             }
             Ok(n) => {
                 counter.fetch_add(n as u64, Ordering::Relaxed);
+                sent += n as u64;
                 if let Err(end) = send.write_chunk(buf.split().freeze()).await {
                     return Dir::Abnormal(end);
                 }
@@ -150,6 +176,135 @@ pub async fn link_to_socket<C: ChunkRecv, W: AsyncWrite + Unpin>(
     }
 }
 
+/// Link to a user's socket under credit (the relay's side, PROTOCOL.md §2d): the chunks
+/// go to the socket as they are when it takes them at once; what it does not take waits in
+/// one compact buffer, and the link is read on meanwhile (credit bounds it), so nothing
+/// pins the link's receive batches. After each step the grant is brought up to date from
+/// what the socket's kernel has sent. Adds what it moves to `counter`.
+pub async fn link_to_user<C: ChunkRecv, W: AsyncWrite + Unpin>(
+    recv: &mut C,
+    socket: &mut W,
+    counter: &AtomicU64,
+    grant: &mut Grant,
+    unsent: &(dyn Fn() -> u64 + Send + Sync),
+) -> Dir {
+    let mut chunks: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
+    let mut held = BytesMut::new();
+    let (mut received, mut written) = (0u64, 0u64);
+    let mut fin = false;
+    let mut wait = Wait::Nothing;
+    let budget = grant.budget().clone();
+    loop {
+        if fin && held.is_empty() {
+            // FIN: half-close the socket; the other direction keeps going.
+            return match socket.shutdown().await {
+                Ok(()) => Dir::Eof,
+                Err(_) => Dir::Abnormal(End::SocketReset),
+            };
+        }
+        let poll = match wait {
+            Wait::Poll(d) => Some(d),
+            Wait::Budget => Some(Duration::from_millis(50)),
+            Wait::Nothing => None,
+        };
+        tokio::select! {
+            r = recv.read_chunks(&mut chunks), if !fin => match r {
+                Ok(Some(n)) => {
+                    let len: u64 = chunks[..n].iter().map(|c| c.len() as u64).sum();
+                    counter.fetch_add(len, Ordering::Relaxed);
+                    received += len;
+                    if received > grant.limit() {
+                        tracing::warn!(received, limit = grant.limit(), "the agent sent past its credit; resetting the tunnel");
+                        return Dir::Abnormal(End::LinkReset);
+                    }
+                    if held.is_empty() {
+                        match try_write_chunks(socket, &mut chunks[..n]).await {
+                            Ok(w) => written += w as u64,
+                            Err(_) => return Dir::Abnormal(End::SocketReset),
+                        }
+                    }
+                    // What the socket did not take waits, compact, behind what waits already.
+                    for chunk in &mut chunks[..n] {
+                        if !chunk.is_empty() {
+                            held.extend_from_slice(chunk);
+                            *chunk = Bytes::new();
+                        }
+                    }
+                }
+                Ok(None) => fin = true,
+                Err(end) => return Dir::Abnormal(end),
+            },
+            w = socket.write(&held), if !held.is_empty() => match w {
+                Ok(0) | Err(_) => return Dir::Abnormal(End::SocketReset),
+                Ok(n) => {
+                    held.advance(n);
+                    written += n as u64;
+                    if held.is_empty() && held.capacity() > CHUNK {
+                        // A backlog that has drained gives its memory back.
+                        held = BytesMut::new();
+                    }
+                }
+            },
+            _ = sleep_or_never(poll) => {}
+            _ = budget.freed(), if wait == Wait::Budget => {}
+        }
+        wait = grant.update(received, written, unsent);
+    }
+}
+
+async fn sleep_or_never(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes as much of `chunks` as the socket takes without waiting, with vectored writes,
+/// releasing each chunk once written; the bytes written. What is left stays in `chunks`.
+async fn try_write_chunks<W: AsyncWrite + Unpin>(
+    socket: &mut W,
+    chunks: &mut [Bytes],
+) -> std::io::Result<usize> {
+    let mut first = 0;
+    let mut total = 0;
+    while first < chunks.len() {
+        let written = {
+            let mut slices = [std::io::IoSlice::new(&[]); BATCH];
+            let pending = &chunks[first..];
+            for (slice, chunk) in slices.iter_mut().zip(pending) {
+                *slice = std::io::IoSlice::new(chunk);
+            }
+            let slices = &slices[..pending.len().min(BATCH)];
+            match poll_write_now(socket, slices).await {
+                Some(r) => r?,
+                None => return Ok(total),
+            }
+        };
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        total += written;
+        first = advance(chunks, first, written);
+    }
+    Ok(total)
+}
+
+/// One vectored write if the socket takes it now; `None` if it would wait.
+async fn poll_write_now<W: AsyncWrite + Unpin>(
+    socket: &mut W,
+    slices: &[std::io::IoSlice<'_>],
+) -> Option<std::io::Result<usize>> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(
+            match std::pin::Pin::new(&mut *socket).poll_write_vectored(cx, slices) {
+                std::task::Poll::Ready(r) => Some(r),
+                std::task::Poll::Pending => None,
+            },
+        )
+    })
+    .await
+}
+
 /// Writes every byte of `chunks` with vectored writes, releasing each chunk once written.
 ///
 /// A chunk from the link is a slice of the buffer it arrived in (a QUIC receive batch, an
@@ -170,16 +325,7 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
                 *slice = std::io::IoSlice::new(chunk);
             }
             let slices = &slices[..pending.len().min(BATCH)];
-            let now = std::future::poll_fn(|cx| {
-                std::task::Poll::Ready(
-                    match std::pin::Pin::new(&mut *socket).poll_write_vectored(cx, slices) {
-                        std::task::Poll::Ready(r) => Some(r),
-                        std::task::Poll::Pending => None,
-                    },
-                )
-            })
-            .await;
-            match now {
+            match poll_write_now(socket, slices).await {
                 Some(r) => r?,
                 None => return socket.write_all(&compact(&mut chunks[first..])).await,
             }
@@ -228,8 +374,8 @@ fn compact(chunks: &mut [Bytes]) -> Bytes {
 
 /// Joins a device-link stream (QUIC or HTTP/2) to a socket on `side` until both
 /// directions end, one side resets, `cancel` fires, or nothing moves for `idle` (when
-/// set). On any end but [`End::Closed`] the link's stream is reset both ways; the caller
-/// resets the socket (see [`End::resets_socket`]).
+/// set), paced by `credit`. On any end but [`End::Closed`] the link's stream is reset both
+/// ways; the caller resets the socket (see [`End::resets_socket`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn join<R, W>(
     mut send: LinkSend,
@@ -240,20 +386,45 @@ pub async fn join<R, W>(
     side: Side,
     cancel: &CancellationToken,
     idle: Option<Duration>,
+    credit: Credit<'_>,
 ) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let (into_link, out_of_link) = counters.ways(side);
-    let end = join_dirs(
-        socket_to_link(socket_r, &mut send, into_link),
-        link_to_socket(&mut recv, socket_w, out_of_link),
-        counters,
-        cancel,
-        idle,
-    )
-    .await;
+    let end = match credit {
+        Credit::Grant { grant, unsent } => {
+            join_dirs(
+                socket_to_link(socket_r, &mut send, into_link, None),
+                link_to_user(&mut recv, socket_w, out_of_link, grant, unsent),
+                counters,
+                cancel,
+                idle,
+            )
+            .await
+        }
+        Credit::Obey(gate) => {
+            join_dirs(
+                socket_to_link(socket_r, &mut send, into_link, Some(gate)),
+                link_to_socket(&mut recv, socket_w, out_of_link),
+                counters,
+                cancel,
+                idle,
+            )
+            .await
+        }
+        Credit::None => {
+            join_dirs(
+                socket_to_link(socket_r, &mut send, into_link, None),
+                link_to_socket(&mut recv, socket_w, out_of_link),
+                counters,
+                cancel,
+                idle,
+            )
+            .await
+        }
+    };
     if end != End::Closed {
         let code = match end {
             End::Cancelled | End::Idle => codes::STREAM_CANCELLED,
@@ -527,7 +698,7 @@ mod tests {
             let (mut send, mut recv) = (MemSend(send_tx), MemRecv(recv_rx));
             let (into_link, out_of_link) = counters.ways(Side::User);
             let end = join_dirs(
-                socket_to_link(&mut r, &mut send, into_link),
+                socket_to_link(&mut r, &mut send, into_link, None),
                 link_to_socket(&mut recv, &mut w, out_of_link),
                 &counters,
                 &token,

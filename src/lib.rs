@@ -35,6 +35,10 @@
 //!   stream's halves as the chunk traits the hot path drives, and how a stream ends): QUIC
 //!   (`quic.rs`), and TLS over TCP with HTTP/2 streams (`h2.rs`) where UDP is blocked;
 //!   `device.rs` the relay's end of a device's connection, which opens tunnel streams.
+//! - [`credit`]: tunnel credit (PROTOCOL.md §2d): the agent's gates, the relay's grants,
+//!   the session's outbox of new limits and the relay-wide budget of buffered bytes.
+//! - [`sockinfo`]: how many bytes a TCP socket has not sent yet (`TCP_INFO`), the crate's
+//!   only `unsafe`.
 //! - [`forward`]: the hot path, one device-link stream joined to one socket, with the
 //!   tunnel's byte counters (up: user to device; down: back) and reset-on-crash.
 //! - [`splice`]: the one join of two byte streams outside the device link (the peer hop,
@@ -93,7 +97,8 @@
 //!
 //! Secrets (API keys, device keys) are stored only as SHA-256 and never logged.
 
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: `sockinfo` alone allows it, for its one documented `getsockopt(2)`.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod addr;
@@ -105,6 +110,7 @@ pub mod balena;
 pub mod cli;
 #[cfg(feature = "relay")]
 pub mod config;
+pub mod credit;
 #[cfg(feature = "relay")]
 pub mod duration;
 pub mod forward;
@@ -118,6 +124,7 @@ pub mod proto;
 pub mod quic;
 #[cfg(feature = "relay")]
 pub mod relay;
+pub mod sockinfo;
 pub mod splice;
 #[cfg(feature = "relay")]
 pub mod store;

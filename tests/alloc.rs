@@ -124,6 +124,7 @@ fn socket_to_quic_allocations(total: u64) -> u64 {
             &mut socket,
             &mut sink,
             &counters.up,
+            None,
         )))
     });
     assert_eq!(dir, Dir::Eof);
@@ -175,5 +176,89 @@ fn quic_to_socket_copies_nothing() {
     assert_eq!(
         large, small,
         "allocations grew with the data: per-chunk allocation"
+    );
+}
+
+/// A device under credit: slices of one static buffer, never past the limit the relay's
+/// grant has posted (it takes the posted limits itself, as the agent's control reader does).
+struct CreditedSource {
+    left: u64,
+    sent: u64,
+    limit: u64,
+    outbox: std::sync::Arc<cloudlink::credit::Outbox>,
+    posted: Vec<(std::sync::Arc<str>, u64)>,
+}
+
+impl ChunkRecv for CreditedSource {
+    async fn read_chunks(&mut self, bufs: &mut [Bytes]) -> Result<Option<usize>, End> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        if self.sent == self.limit {
+            self.outbox.next(&mut self.posted).await;
+            for (_, limit) in self.posted.drain(..) {
+                self.limit = self.limit.max(limit);
+            }
+        }
+        let mut filled = 0;
+        for buf in bufs.iter_mut() {
+            let n = self.left.min(1200).min(self.limit - self.sent) as usize;
+            if n == 0 {
+                break;
+            }
+            self.left -= n as u64;
+            self.sent += n as u64;
+            *buf = Bytes::from_static(&DATA[..n]);
+            filled += 1;
+        }
+        Ok(Some(filled))
+    }
+}
+
+/// Allocations of the relay's credited QUIC→socket pump over `total` bytes.
+fn credited_quic_to_socket_allocations(total: u64) -> u64 {
+    use cloudlink::credit::{Budget, Grant, Outbox};
+    let rt = runtime();
+    let counters = Counters::default();
+    let outbox = std::sync::Arc::new(Outbox::default());
+    let mut grant = Grant::open(
+        "t",
+        outbox.clone(),
+        std::sync::Arc::new(Budget::new(1 << 30)),
+    );
+    let mut source = CreditedSource {
+        left: total,
+        sent: 0,
+        limit: grant.limit(),
+        outbox,
+        posted: Vec::with_capacity(4),
+    };
+    let mut socket = tokio::io::sink();
+    let unsent = || 0;
+    let (dir, allocations) = counted(|| {
+        rt.block_on(unconstrained(forward::link_to_user(
+            &mut source,
+            &mut socket,
+            &counters.down,
+            &mut grant,
+            &unsent,
+        )))
+    });
+    assert_eq!(dir, Dir::Eof);
+    assert_eq!(
+        counters.down.load(std::sync::atomic::Ordering::Relaxed),
+        total
+    );
+    allocations
+}
+
+#[test]
+fn the_relay_s_credited_pump_allocates_nothing_per_chunk_or_grant() {
+    let small = credited_quic_to_socket_allocations(TOTAL / 64);
+    let large = credited_quic_to_socket_allocations(TOTAL);
+    assert!(small <= 4, "{small} allocations for 256 chunks");
+    assert_eq!(
+        large, small,
+        "allocations grew with the data: per-chunk or per-grant allocation"
     );
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::AgentConfig;
 use crate::link::h2::{self as link_h2, BodyReader, Heard, LastHeard};
+use crate::credit::Board;
 use crate::link::Transport;
 use crate::proto::frame::{self, MAX_FRAME};
 use crate::proto::messages::{codes, Hello, RejectCode, RelayControl, VERSION};
@@ -38,8 +39,16 @@ pub enum Outcome {
     Shutdown,
 }
 
-/// One tunnel the relay asked for.
-pub enum TunnelRequest {
+/// One tunnel the relay asked for, with the credit board of the link it came on.
+pub struct TunnelRequest {
+    /// The stream and what it asks.
+    pub stream: TunnelStream,
+    /// Where the link's `credit` frames raise this tunnel's limit (PROTOCOL.md §2d).
+    pub credit: Arc<Board>,
+}
+
+/// A tunnel request as its transport carries it.
+pub enum TunnelStream {
     /// A QUIC stream; its first frame is `open`.
     Quic(quinn::SendStream, quinn::RecvStream),
     /// An HTTP/2 CONNECT request and where to answer it.
@@ -49,8 +58,8 @@ pub enum TunnelRequest {
     ),
 }
 
-/// What carries a link's tunnel requests.
-pub struct Requests(Carrier);
+/// What carries a link's tunnel requests, and the link's credit board.
+pub struct Requests(Carrier, Arc<Board>);
 
 enum Carrier {
     Quic {
@@ -60,7 +69,7 @@ enum Carrier {
         _control: quinn::SendStream,
     },
     Tcp {
-        incoming: mpsc::UnboundedReceiver<TunnelRequest>,
+        incoming: mpsc::UnboundedReceiver<TunnelStream>,
         closer: CancellationToken,
         /// Dropping the link closes the connection, as dropping a QUIC connection does.
         _close_on_drop: tokio_util::sync::DropGuard,
@@ -85,11 +94,11 @@ pub struct AgentLink {
 impl Requests {
     /// The next tunnel request; `Err` with why once the link has ended.
     pub async fn accept(&mut self) -> Result<TunnelRequest, String> {
-        match &mut self.0 {
+        let stream = match &mut self.0 {
             Carrier::Quic { conn, .. } => conn
                 .accept_bi()
                 .await
-                .map(|(s, r)| TunnelRequest::Quic(s, r))
+                .map(|(s, r)| TunnelStream::Quic(s, r))
                 .map_err(|e| e.to_string()),
             Carrier::Tcp {
                 incoming, reason, ..
@@ -100,7 +109,11 @@ impl Requests {
                     .cloned()
                     .unwrap_or_else(|| "connection closed".into())),
             },
-        }
+        }?;
+        Ok(TunnelRequest {
+            stream,
+            credit: self.1.clone(),
+        })
     }
 
     /// Closes the link (the agent is stopping).
@@ -114,10 +127,19 @@ impl Requests {
     }
 }
 
-/// Reads control frames into a channel (frame reads are not cancel-safe, so they run in
-/// their own task).
-async fn read_control<R: AsyncRead + Unpin>(mut recv: R, tx: mpsc::Sender<RelayControl>) {
+/// Reads control frames (frame reads are not cancel-safe, so they run in their own task):
+/// `credit` raises a tunnel's gate on `board` at once, whatever the session's loop is
+/// doing; the rest go to the session through `tx`.
+async fn read_control<R: AsyncRead + Unpin>(
+    mut recv: R,
+    tx: mpsc::Sender<RelayControl>,
+    board: Arc<Board>,
+) {
     while let Ok(Some(msg)) = frame::read::<_, RelayControl>(&mut recv, MAX_FRAME).await {
+        if let RelayControl::Credit { tunnel, limit } = &msg {
+            board.raise(tunnel, *limit);
+            continue;
+        }
         if tx.send(msg).await.is_err() {
             return;
         }
@@ -131,9 +153,7 @@ fn hello(config: &AgentConfig) -> Hello {
         key: config.key.0.clone(),
         agent: AGENT_NAME.into(),
         ssh_login: config.advertised_login(),
-        // Nothing beyond the base protocol yet; the field is there for the abilities
-        // still to come (PROTOCOL.md §2, "Features").
-        features: Vec::new(),
+        features: vec![crate::proto::messages::features::CREDIT.to_owned()],
     }
 }
 
@@ -201,7 +221,8 @@ pub async fn dial_quic(
         other => other,
     })?;
     let (tx, control) = mpsc::channel(4);
-    tokio::spawn(read_control(recv, tx));
+    let board = Arc::new(Board::default());
+    tokio::spawn(read_control(recv, tx, board.clone()));
     tokio::spawn(watch_quic(
         conn.clone(),
         Duration::from_millis(config.idle_timeout_ms),
@@ -210,10 +231,13 @@ pub async fn dial_quic(
         transport: Transport::Quic,
         relay_id,
         relay_features,
-        requests: Requests(Carrier::Quic {
-            conn,
-            _control: send,
-        }),
+        requests: Requests(
+            Carrier::Quic {
+                conn,
+                _control: send,
+            },
+            board,
+        ),
         control,
     })
 }
@@ -247,14 +271,16 @@ pub async fn dial_tcp(
     let (control_open, control_opened) = tokio::sync::oneshot::channel();
     let closer = CancellationToken::new();
     let reason: Arc<OnceLock<String>> = Arc::default();
+    let board = Arc::new(Board::default());
     let keep_alive = Duration::from_millis(config.tcp_keep_alive_ms);
     let idle = Duration::from_millis(config.tcp_idle_timeout_ms);
     {
-        let (closer, reason) = (closer.clone(), reason.clone());
+        let (closer, reason, board) = (closer.clone(), reason.clone(), board.clone());
         tokio::spawn(async move {
             let alive = link_h2::keep_alive(ping, heard, Some(keep_alive), idle);
+            let accepting = accept_loop(&mut connection, tunnels, control_tx, control_open, board);
             let why = tokio::select! {
-                why = accept_loop(&mut connection, tunnels, control_tx, control_open) => why,
+                why = accepting => why,
                 why = alive => why,
                 _ = closer.cancelled() => {
                     // GOAWAY, flushed while the connection winds down (briefly).
@@ -280,12 +306,15 @@ pub async fn dial_tcp(
         transport: Transport::Tcp,
         relay_id,
         relay_features,
-        requests: Requests(Carrier::Tcp {
-            incoming,
-            closer,
-            _close_on_drop: close_on_drop,
-            reason,
-        }),
+        requests: Requests(
+            Carrier::Tcp {
+                incoming,
+                closer,
+                _close_on_drop: close_on_drop,
+                reason,
+            },
+            board,
+        ),
         control,
     })
 }
@@ -325,9 +354,10 @@ type H2Server = h2::server::Connection<Heard<tokio_rustls::client::TlsStream<Tcp
 /// streams to `tunnels`; anything else is answered 404. Returns why the connection ended.
 async fn accept_loop(
     conn: &mut H2Server,
-    tunnels: mpsc::UnboundedSender<TunnelRequest>,
+    tunnels: mpsc::UnboundedSender<TunnelStream>,
     control: mpsc::Sender<RelayControl>,
     opened: tokio::sync::oneshot::Sender<()>,
+    board: Arc<Board>,
 ) -> String {
     let mut control = Some((control, opened));
     loop {
@@ -338,8 +368,8 @@ async fn accept_loop(
         };
         if request.method() == http::Method::CONNECT {
             // A closed queue: the agent is not taking tunnels (it is stopping).
-            if let Err(mpsc::error::SendError(TunnelRequest::H2(_, mut respond))) =
-                tunnels.send(TunnelRequest::H2(request, respond))
+            if let Err(mpsc::error::SendError(TunnelStream::H2(_, mut respond))) =
+                tunnels.send(TunnelStream::H2(request, respond))
             {
                 respond.send_reset(h2::Reason::REFUSED_STREAM);
             }
@@ -354,10 +384,11 @@ async fn accept_loop(
                 Ok(ours) => {
                     let _ = opened.send(());
                     let body = BodyReader::new(request.into_body());
+                    let board = board.clone();
                     tokio::spawn(async move {
                         // Our side stays open, without data, for the session's life.
                         let _ours = ours;
-                        read_control(body, tx).await;
+                        read_control(body, tx, board).await;
                     });
                 }
                 Err(e) => return e.to_string(),

@@ -10,8 +10,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::config::AgentConfig;
-use super::link::TunnelRequest;
-use crate::forward::{self, Counters, Side};
+use super::link::{TunnelRequest, TunnelStream};
+use crate::credit::Board;
+use crate::forward::{self, Counters, Credit, Side};
 use crate::link::h2 as link_h2;
 use crate::link::{LinkRecv, LinkSend};
 use crate::proto::frame::{self, MAX_FRAME};
@@ -74,8 +75,9 @@ impl Answer {
 
 /// Serves one tunnel request.
 pub async fn serve(request: TunnelRequest, config: Arc<AgentConfig>) {
-    let (open, answer, recv) = match request {
-        TunnelRequest::Quic(mut send, mut recv) => {
+    let TunnelRequest { stream, credit } = request;
+    let (open, answer, recv) = match stream {
+        TunnelStream::Quic(mut send, mut recv) => {
             let read = frame::read_required::<_, TunnelOpen>(&mut recv, MAX_FRAME);
             match tokio::time::timeout(OPEN_TIMEOUT, read).await {
                 Ok(Ok(open)) => (open, Answer::Quic(send), LinkRecv::Quic(recv)),
@@ -90,7 +92,7 @@ pub async fn serve(request: TunnelRequest, config: Arc<AgentConfig>) {
                 }
             }
         }
-        TunnelRequest::H2(request, mut respond) => match connect_request(&request) {
+        TunnelStream::H2(request, mut respond) => match connect_request(&request) {
             Some(open) => (open, Answer::H2(respond), LinkRecv::H2(request.into_body())),
             None => {
                 tracing::warn!("bad tunnel request from the relay");
@@ -107,13 +109,15 @@ pub async fn serve(request: TunnelRequest, config: Arc<AgentConfig>) {
         user = %crate::logsafe::Peer(&open.user),
         port = open.port
     );
-    connect_and_forward(open.port, answer, recv, &config)
+    connect_and_forward(&open, answer, recv, &config, &credit)
         .instrument(span)
         .await;
 }
 
 /// A CONNECT request as the §2 `open` it stands for: the port from `:authority`
-/// (`127.0.0.1:<port>`), the tunnel and user from their headers.
+/// (`127.0.0.1:<port>`), the tunnel, user and initial credit from their headers. A credit
+/// header that is not a number is a bad request, not "no credit": reading it as none would
+/// let the agent send past what the relay meant to allow.
 fn connect_request(request: &http::Request<h2::RecvStream>) -> Option<TunnelOpen> {
     let header = |name| {
         request
@@ -124,14 +128,26 @@ fn connect_request(request: &http::Request<h2::RecvStream>) -> Option<TunnelOpen
             .to_owned()
     };
     let port = request.uri().authority()?.port_u16()?;
+    let credit = match request.headers().get(link_h2::CREDIT_HEADER) {
+        Some(v) => Some(v.to_str().ok()?.parse::<u64>().ok()?),
+        None => None,
+    };
     Some(TunnelOpen {
         port,
         tunnel: header(link_h2::TUNNEL_HEADER),
         user: header(link_h2::USER_HEADER),
+        credit,
     })
 }
 
-async fn connect_and_forward(port: u16, answer: Answer, recv: LinkRecv, config: &AgentConfig) {
+async fn connect_and_forward(
+    open: &TunnelOpen,
+    answer: Answer,
+    recv: LinkRecv,
+    config: &AgentConfig,
+    board: &Arc<Board>,
+) {
+    let port = open.port;
     if !config.allows(port) {
         tracing::info!("refused: port not in the allowlist");
         answer
@@ -158,6 +174,8 @@ async fn connect_and_forward(port: u16, answer: Answer, recv: LinkRecv, config: 
         }
     };
     let _ = local.set_nodelay(true);
+    // On the board before `opened`: the relay may raise the credit as soon as it hears it.
+    let gate = open.credit.map(|initial| board.open(&open.tunnel, initial));
     // A relay gone before it heard `opened` resets the service's connection too.
     let Some(send) = answer.opened().await else {
         return;
@@ -174,6 +192,10 @@ async fn connect_and_forward(port: u16, answer: Answer, recv: LinkRecv, config: 
         Side::Device,
         &CancellationToken::new(),
         None,
+        match &gate {
+            Some(entry) => Credit::Obey(entry.gate()),
+            None => Credit::None,
+        },
     )
     .await;
     if end.resets_socket() {

@@ -105,11 +105,15 @@ impl TcpLink {
             .ready()
             .await
             .map_err(|_| OpenError::Offline)?;
-        let request = http::Request::builder()
+        let mut request = http::Request::builder()
             .method(http::Method::CONNECT)
             .uri(format!("127.0.0.1:{}", open.port))
             .header(link_h2::TUNNEL_HEADER, &open.tunnel)
-            .header(link_h2::USER_HEADER, &open.user)
+            .header(link_h2::USER_HEADER, &open.user);
+        if let Some(credit) = open.credit {
+            request = request.header(link_h2::CREDIT_HEADER, credit);
+        }
+        let request = request
             .body(())
             .map_err(|e| OpenError::Bad(e.to_string()))?;
         let (response, send) = requests

@@ -43,6 +43,10 @@ pub const TUNNEL_HEADER: &str = "cloudlink-tunnel";
 /// Names the user on a CONNECT stream, as the §2 `open` frame's `user`.
 pub const USER_HEADER: &str = "cloudlink-user";
 
+/// On a CONNECT stream to an agent that announced `credit`, the initial credit, as the
+/// §2 `open` frame's `credit` (PROTOCOL.md §2d).
+pub const CREDIT_HEADER: &str = "cloudlink-credit";
+
 /// On a refusal, its §2 code (`connect` or `forbidden`).
 pub const REFUSED_HEADER: &str = "cloudlink-refused";
 

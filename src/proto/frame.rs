@@ -81,6 +81,7 @@ mod tests {
             port: 22222,
             tunnel: "t".into(),
             user: "u".into(),
+            credit: Some(1),
         };
         let bytes = encode(&open);
         assert_eq!(&bytes[..4], &((bytes.len() - 4) as u32).to_be_bytes());

@@ -34,6 +34,8 @@ pub struct Hello {
 pub mod features {
     /// Relay: it answers UDP probes on its QUIC port (PROTOCOL.md §2c).
     pub const UDP_PROBE: &str = "udp-probe";
+    /// Agent: it obeys the relay's tunnel credit (PROTOCOL.md §2d).
+    pub const CREDIT: &str = "credit";
     /// At most this many features in one message.
     pub const MAX_COUNT: usize = 32;
     /// At most this long, each.
@@ -155,6 +157,14 @@ pub enum RelayControl {
     },
     /// A newer session of the same device exists; this one ends.
     Replaced,
+    /// Raises a tunnel's credit (PROTOCOL.md §2d): the agent may send `limit` bytes on it
+    /// in all. Sent only to an agent that announced [`features::CREDIT`].
+    Credit {
+        /// The tunnel id, as its `open` named it.
+        tunnel: String,
+        /// Bytes the agent may send on the tunnel in all; never lowered.
+        limit: u64,
+    },
 }
 
 /// Relay → agent, first frame on a tunnel stream.
@@ -167,6 +177,11 @@ pub struct TunnelOpen {
     pub tunnel: String,
     /// Who asked, for logs on the device.
     pub user: String,
+    /// The initial credit (PROTOCOL.md §2d): bytes the agent may send on the tunnel before
+    /// a `credit` frame raises it. Absent: no credit (an older relay, or an agent that did
+    /// not announce it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credit: Option<u64>,
 }
 
 /// Why a device refused a tunnel.
@@ -299,10 +314,29 @@ mod tests {
             serde_json::to_string(&TunnelOpen {
                 port: 22222,
                 tunnel: "t".into(),
-                user: "u".into()
+                user: "u".into(),
+                credit: None,
             })
             .unwrap(),
             r#"{"type":"open","port":22222,"tunnel":"t","user":"u"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&TunnelOpen {
+                port: 22222,
+                tunnel: "t".into(),
+                user: "u".into(),
+                credit: Some(65536),
+            })
+            .unwrap(),
+            r#"{"type":"open","port":22222,"tunnel":"t","user":"u","credit":65536}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&RelayControl::Credit {
+                tunnel: "t".into(),
+                limit: 131072
+            })
+            .unwrap(),
+            r#"{"type":"credit","tunnel":"t","limit":131072}"#
         );
         assert_eq!(
             serde_json::to_string(&OpenReply::Opened).unwrap(),

@@ -86,6 +86,12 @@ pub struct Metrics {
     /// presence, audit rows), by what was being written.
     pub store_write_failures: IntCounterVec,
     /// UDP probes (PROTOCOL.md §2c) by `outcome` (`answered`, `dropped`), brought up to date
+    /// Tunnel bytes granted to devices and not yet taken by users (PROTOCOL.md §2d).
+    pub tunnel_buffer: IntGauge,
+    /// The limit on them.
+    pub tunnel_buffer_limit: IntGauge,
+    /// Grants that found the limit reached and waited.
+    tunnel_buffer_short: IntCounter,
     /// from the QUIC socket's own counters at each scrape.
     udp_probes: IntCounterVec,
     /// The QUIC socket's probe counters.
@@ -222,6 +228,19 @@ impl Metrics {
         for reason in DISCONNECT_REASONS {
             device_disconnects.with_label_values(&[reason]);
         }
+        let tunnel_buffer = gauge(
+            "cloudlink_tunnel_buffer_bytes",
+            "Tunnel bytes granted to devices and not yet taken by users, over all tunnels",
+        );
+        let tunnel_buffer_limit = gauge(
+            "cloudlink_tunnel_buffer_limit_bytes",
+            "The limit on cloudlink_tunnel_buffer_bytes ([limits] tunnel_buffer_bytes)",
+        );
+        let tunnel_buffer_short = counter(
+            "cloudlink_tunnel_buffer_short_total",
+            "Grants of tunnel credit that found the tunnel buffer limit reached (new credit \
+             waits until users take bytes)",
+        );
         let udp_probes = counter_vec(
             "cloudlink_udp_probes_total",
             "UDP probes on the QUIC port, by outcome",
@@ -274,6 +293,9 @@ impl Metrics {
             peer_tunnels_out,
             draining,
             ready,
+            tunnel_buffer,
+            tunnel_buffer_limit,
+            tunnel_buffer_short,
             udp_probes,
             probe_stats: Default::default(),
             reported_probes: Mutex::new([0; 2]),
@@ -307,6 +329,18 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Brings the tunnel buffer's gauges and counter up to date from `budget` (before a
+    /// scrape is rendered).
+    pub fn tunnel_buffer_from(&self, budget: &crate::credit::Budget) {
+        self.tunnel_buffer.set(budget.used() as i64);
+        self.tunnel_buffer_limit.set(budget.limit() as i64);
+        let short = budget.times_exhausted();
+        let counted = self.tunnel_buffer_short.get();
+        if short > counted {
+            self.tunnel_buffer_short.inc_by(short - counted);
+        }
+    }
+
     /// The gauge of devices connected over `transport`.
     pub fn connected_over(&self, transport: crate::link::Transport) -> prometheus::IntGauge {
         self.devices_connected

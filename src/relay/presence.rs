@@ -35,6 +35,9 @@ pub struct DeviceSession {
     /// What the agent announced it can do (PROTOCOL.md §2, "Features"); empty for an
     /// older agent. Requests that need a feature go only to sessions that have it.
     pub features: Vec<String>,
+    /// New credit limits for the agent (PROTOCOL.md §2d), sent on the control stream by
+    /// the session's loop; used only when the agent announced `credit`.
+    pub credit: Arc<crate::credit::Outbox>,
     /// Tunnels open on this session; a superseded session closes when it reaches zero.
     pub tunnels: std::sync::atomic::AtomicUsize,
     /// Woken whenever a tunnel of this session ends.
@@ -47,6 +50,14 @@ impl DeviceSession {
         self.tunnels
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         SessionTunnel(self.clone())
+    }
+
+    /// Whether the agent obeys tunnel credit (PROTOCOL.md §2d).
+    pub fn takes_credit(&self) -> bool {
+        crate::proto::messages::features::has(
+            &self.features,
+            crate::proto::messages::features::CREDIT,
+        )
     }
 
     /// Waits until no tunnel is open on this session.

@@ -51,6 +51,9 @@ pub struct Shared {
     pub presence: Presence,
     /// Open tunnels on this relay.
     pub registry: Registry,
+    /// Tunnel bytes granted to devices and not yet taken by users, over all tunnels, and
+    /// the limit on them (PROTOCOL.md §2d).
+    pub budget: Arc<crate::credit::Budget>,
     /// Recent authorization answers for CONNECT.
     pub auth_cache: AuthCache,
     /// Cancelled once, on SIGTERM/SIGINT: the relay drains. The CONNECT and peer listeners
@@ -102,6 +105,7 @@ impl Shared {
             metrics,
             auth_failures,
             registry: Registry::default(),
+            budget: Arc::new(crate::credit::Budget::new(config.limits.tunnel_buffer())),
             auth_cache: AuthCache::new(cache_ttl),
             draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),

@@ -112,6 +112,7 @@ pub async fn readyz(State(state): State<Arc<Shared>>) -> Result<&'static str, Ap
 }
 
 async fn metrics(State(state): State<Arc<Shared>>) -> impl IntoResponse {
+    state.metrics.tunnel_buffer_from(&state.budget);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state

@@ -171,6 +171,7 @@ async fn register(
         control: control_tx,
         ssh_login: hello.ssh_login.clone(),
         features: hello.features.clone(),
+        credit: Default::default(),
         tunnels: Default::default(),
         tunnel_ended: Default::default(),
     });
@@ -218,25 +219,40 @@ async fn unregister(state: &Shared, registered: &Registered, reason: &str) {
     tracing::info!(device = %device.uuid, reason = %crate::logsafe::Peer(reason), "device disconnected");
 }
 
-/// Runs a session until its link ends: forwards control messages to the agent. A
-/// superseded session tells the agent `replaced`, then lets its open tunnels finish before
-/// closing.
+/// Runs a session until its link ends: forwards control messages and tunnel credit to the
+/// agent. A superseded session tells the agent `replaced`, then lets its open tunnels
+/// finish before closing (still granting them credit meanwhile).
 async fn serve<C: Control>(
     device: &DeviceSession,
     control: &mut C,
     messages: &mut mpsc::Receiver<RelayControl>,
     state: &Shared,
 ) -> String {
+    let mut credit = Vec::new();
     loop {
         tokio::select! {
             reason = control.ended() => return reason,
+            _ = device.credit.next(&mut credit) => {
+                if !send_credit(control, &mut credit).await {
+                    return control.ended().await;
+                }
+            }
             msg = messages.recv() => match msg {
                 Some(RelayControl::Replaced) => {
                     control.send(&RelayControl::Replaced).await;
                     let grace = Duration::from_secs(state.config.limits.shutdown_grace_secs);
-                    tokio::select! {
-                        _ = tokio::time::timeout(grace, device.tunnels_done()) => {}
-                        _ = control.ended() => {}
+                    let done = tokio::time::timeout(grace, device.tunnels_done());
+                    tokio::pin!(done);
+                    loop {
+                        tokio::select! {
+                            _ = &mut done => break,
+                            _ = control.ended() => break,
+                            _ = device.credit.next(&mut credit) => {
+                                if !send_credit(control, &mut credit).await {
+                                    break;
+                                }
+                            }
+                        }
                     }
                     control.finish().await;
                     device.link.close(codes::REPLACED, "replaced by a newer session");
@@ -251,6 +267,21 @@ async fn serve<C: Control>(
             },
         }
     }
+}
+
+/// Sends the new limits of a session's tunnels, one `credit` frame each; false if the
+/// control channel is gone.
+async fn send_credit<C: Control>(control: &mut C, batch: &mut Vec<(Arc<str>, u64)>) -> bool {
+    for (tunnel, limit) in batch.drain(..) {
+        let msg = RelayControl::Credit {
+            tunnel: tunnel.to_string(),
+            limit,
+        };
+        if !control.send(&msg).await {
+            return false;
+        }
+    }
+    true
 }
 
 /// Encodes a control frame for a byte stream.

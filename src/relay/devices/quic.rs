@@ -206,6 +206,9 @@ async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
             .unwrap_or_default();
         return unregister(&state, &registered, &reason).await;
     }
+    // Credit frames ahead of tunnel bytes: a grant stuck behind a megabyte of another
+    // tunnel's data would stall the tunnel waiting for it.
+    let _ = send.set_priority(1);
     let control = QuicControl {
         conn,
         send,

@@ -390,7 +390,7 @@ async fn jump(
             let reason = explain(&state, &device, &refusal).await;
             tracing::info!(%peer, target = %crate::logsafe::Peer(&target), refusal = %reason, "ProxyJump refused");
             let code = match refusal {
-                Refusal::TooMany(..) => ChannelOpenFailure::ResourceShortage,
+                Refusal::TooMany(..) | Refusal::RelayBusy => ChannelOpenFailure::ResourceShortage,
                 Refusal::DeviceOffline | Refusal::DeviceRefused(_) | Refusal::DeviceTimeout => {
                     ChannelOpenFailure::ConnectFailed
                 }

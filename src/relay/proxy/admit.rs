@@ -46,6 +46,16 @@ pub struct Admitted {
     /// Whether this relay writes the audit row: not for a tunnel that came over the peer
     /// link (the relay the user came to writes it, once).
     pub audited: bool,
+    /// The tunnel's share of the relay's tunnel buffer (PROTOCOL.md §2d).
+    pub credit: TunnelCredit,
+}
+
+/// A tunnel's share of the relay's tunnel buffer.
+pub enum TunnelCredit {
+    /// The agent obeys credit: the grant, which draws on the budget as it goes.
+    Grant(crate::credit::Grant),
+    /// An agent without credit: the transport's whole window, held while the tunnel runs.
+    Reserved(crate::credit::Reservation),
 }
 
 /// A tunnel to a device held by another relay, authorized here, to be forwarded.
@@ -228,10 +238,29 @@ pub async fn open_local(
 ) -> Result<Admitted, Refusal> {
     admit_entry(state, &entry)?;
     let limits = &state.config.limits;
+    let credit = if session.takes_credit() {
+        TunnelCredit::Grant(crate::credit::Grant::open(
+            &entry.id,
+            session.credit.clone(),
+            state.budget.clone(),
+        ))
+    } else {
+        match crate::credit::Reservation::take(&state.budget, crate::credit::MAX_WINDOW) {
+            Some(held) => TunnelCredit::Reserved(held),
+            None => {
+                state.registry.remove_tunnel(&entry.id);
+                return Err(Refusal::RelayBusy);
+            }
+        }
+    };
     let open = TunnelOpen {
         port: entry.port,
         tunnel: entry.id.clone(),
         user: username.clone(),
+        credit: match &credit {
+            TunnelCredit::Grant(grant) => Some(grant.limit()),
+            TunnelCredit::Reserved(_) => None,
+        },
     };
     let on_session = session.tunnel();
     match open_stream(
@@ -254,6 +283,7 @@ pub async fn open_local(
             on_session,
             ssh_login: session.ssh_login.clone(),
             audited,
+            credit,
         }),
         Err(refusal) => {
             state.registry.remove_tunnel(&entry.id);

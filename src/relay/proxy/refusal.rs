@@ -56,6 +56,9 @@ pub enum Refusal {
     DeviceTimeout,
     /// Relay: the store cannot answer.
     StoreUnavailable,
+    /// Relay: its tunnel buffer limit cannot cover a tunnel to an agent without credit
+    /// (PROTOCOL.md §2d).
+    RelayBusy,
     /// Peer: the relay that holds the device refused; its whole answer (head and one-line
     /// body) reaches the user unchanged but for the HTTP version.
     Owner {
@@ -81,6 +84,7 @@ impl Refusal {
             Refusal::DeviceOffline => (503, "Service Unavailable", Side::Device),
             Refusal::DeviceTimeout => (504, "Gateway Timeout", Side::Device),
             Refusal::StoreUnavailable => (503, "Service Unavailable", Side::Relay),
+            Refusal::RelayBusy => (503, "Service Unavailable", Side::Relay),
             Refusal::Owner { status, .. } => (*status, "", Side::Peer),
         }
     }
@@ -102,6 +106,9 @@ impl Refusal {
             Refusal::DeviceTimeout => "The device did not answer in time.".into(),
             Refusal::StoreUnavailable => {
                 "The relay cannot check credentials right now; try again shortly.".into()
+            }
+            Refusal::RelayBusy => {
+                "The relay is at its limit of buffered tunnel bytes; try again shortly.".into()
             }
             Refusal::Owner { answer, .. } => {
                 let body = answer

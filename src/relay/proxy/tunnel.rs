@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use super::admit::Admitted;
+use super::admit::{Admitted, TunnelCredit};
 use super::client::ClientConn;
 use crate::forward::{self, Side};
 use crate::link::{ChunkSend, End};
@@ -56,6 +56,7 @@ async fn run_in_span<C: ClientConn>(
         on_session,
         audited,
         ssh_login: _,
+        mut credit,
     } = t;
     let counters = &entry.counters;
     // From here until an orderly close, a crash of this process resets the client's
@@ -77,6 +78,15 @@ async fn run_in_span<C: ClientConn>(
     state.metrics.tunnels_open.inc();
     tracing::info!(port, "tunnel open");
 
+    // The user socket's unsent queue, for credit: a second descriptor of the same socket,
+    // since the halves own the first for the tunnel's life.
+    let user_socket = client.tcp().and_then(|tcp| socket2::SockRef::from(tcp).try_clone().ok());
+    let unsent = move || {
+        user_socket
+            .as_ref()
+            .and_then(crate::sockinfo::unsent_bytes)
+            .unwrap_or(0)
+    };
     let end = if !answered {
         End::SocketReset
     } else {
@@ -92,6 +102,13 @@ async fn run_in_span<C: ClientConn>(
             End::LinkReset
         } else {
             let idle = idle_timeout(state);
+            let credit = match &mut credit {
+                TunnelCredit::Grant(grant) => forward::Credit::Grant {
+                    grant,
+                    unsent: &unsent,
+                },
+                TunnelCredit::Reserved(_) => forward::Credit::None,
+            };
             forward::join(
                 send,
                 recv,
@@ -101,6 +118,7 @@ async fn run_in_span<C: ClientConn>(
                 Side::User,
                 &entry.cancel,
                 idle,
+                credit,
             )
             .await
         };

@@ -225,6 +225,7 @@ fn refused(refusal: &Refusal) -> Failure {
             "unavailable",
             "The relay's store is unavailable; try again shortly.",
         ),
+        Refusal::RelayBusy => fail("unavailable", refusal.message()),
         other => {
             let code = match other.status().0 {
                 400 => "bad_request",

@@ -1,0 +1,562 @@
+//! Tunnel credit (PROTOCOL.md §2d): how many bytes an agent may send the relay on one
+//! tunnel, so that a user who stops reading costs the relay a small window instead of the
+//! transport's.
+//!
+//! - The agent's side: a [`Gate`] per tunnel, raised by the relay's `credit` frames
+//!   through its link's [`Board`]; the pump reads from the device's service only what the
+//!   gate allows.
+//! - The relay's side: a [`Grant`] per tunnel decides the limit from what the user's
+//!   socket has taken and posts it in the session's [`Outbox`], which the session's
+//!   control loop sends; every byte granted and not yet taken is drawn from the relay-wide
+//!   [`Budget`] first.
+//!
+//! Nothing here runs per chunk but a comparison: a grant is decided at most once per read
+//! batch, and only when less than half the window is left.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+/// The window a tunnel starts with, and the least it shrinks to: a few packets' worth on
+/// a slow path, and what a terminal session ever needs.
+pub const MIN_WINDOW: u64 = 64 * 1024;
+
+/// The most a window grows to: the transports' own per-stream windows (4 MiB, sized for
+/// 40 Mbit/s × 200 ms plus a round trip of loss recovery), which therefore never bind a
+/// tunnel under credit.
+pub const MAX_WINDOW: u64 = 4 << 20;
+
+/// How soon a relay looks again at a user socket's unsent queue when nothing else will
+/// wake it (the agent has used its credit, the user's kernel still holds bytes), and the
+/// most it waits between looks once the user has stopped reading.
+const POLL_FIRST: Duration = Duration::from_millis(1);
+const POLL_MAX: Duration = Duration::from_secs(1);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The maps hold plain values; a panic elsewhere cannot leave one half-written.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The agent's side of one tunnel: the limit the relay has granted so far.
+#[derive(Debug)]
+pub struct Gate {
+    /// Bytes the agent may send on the tunnel in all.
+    limit: AtomicU64,
+    /// Woken whenever the limit rises.
+    raised: Notify,
+}
+
+impl Gate {
+    /// A gate at `limit` (the `open`'s initial credit).
+    pub fn new(limit: u64) -> Gate {
+        Gate {
+            limit: AtomicU64::new(limit),
+            raised: Notify::new(),
+        }
+    }
+
+    /// Raises the limit; a lower one is ignored (the limit never goes down).
+    pub fn raise(&self, limit: u64) {
+        if self.limit.fetch_max(limit, Ordering::AcqRel) < limit {
+            self.raised.notify_waiters();
+        }
+    }
+
+    /// The limit now.
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Acquire)
+    }
+
+    /// How many bytes past `sent` may go, waiting until there is at least one.
+    pub async fn room(&self, sent: u64) -> u64 {
+        loop {
+            // Created before the check, so a raise in between is not missed.
+            let raised = self.raised.notified();
+            let limit = self.limit();
+            if limit > sent {
+                return limit - sent;
+            }
+            raised.await;
+        }
+    }
+}
+
+/// The agent's side of one link: the gates of its tunnels, by tunnel id, for the control
+/// stream's reader to raise.
+#[derive(Debug, Default)]
+pub struct Board {
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
+}
+
+impl Board {
+    /// Registers tunnel `id` with its initial credit; it leaves the board when the
+    /// returned entry is dropped.
+    pub fn open(self: &Arc<Self>, id: &str, initial: u64) -> BoardEntry {
+        let gate = Arc::new(Gate::new(initial));
+        lock(&self.gates).insert(id.to_owned(), gate.clone());
+        BoardEntry {
+            board: self.clone(),
+            id: id.to_owned(),
+            gate,
+        }
+    }
+
+    /// Applies a `credit` frame; one for a tunnel not on the board is ignored (it may have
+    /// just ended).
+    pub fn raise(&self, id: &str, limit: u64) {
+        let gate = lock(&self.gates).get(id).cloned();
+        if let Some(gate) = gate {
+            gate.raise(limit);
+        }
+    }
+
+    /// Tunnels on the board.
+    pub fn len(&self) -> usize {
+        lock(&self.gates).len()
+    }
+
+    /// Whether no tunnel is on the board.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One tunnel's place on a [`Board`].
+#[derive(Debug)]
+pub struct BoardEntry {
+    board: Arc<Board>,
+    id: String,
+    gate: Arc<Gate>,
+}
+
+impl BoardEntry {
+    /// The tunnel's gate.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+}
+
+impl Drop for BoardEntry {
+    fn drop(&mut self) {
+        let mut gates = lock(&self.board.gates);
+        // Only our own gate: a tunnel id reused on the link has a gate of its own.
+        if gates.get(&self.id).is_some_and(|g| Arc::ptr_eq(g, &self.gate)) {
+            gates.remove(&self.id);
+        }
+    }
+}
+
+/// The relay-wide limit on tunnel bytes granted and not yet taken by users (`[limits]
+/// tunnel_buffer_bytes`). Grants draw from it; taken bytes and ended tunnels give back.
+#[derive(Debug)]
+pub struct Budget {
+    /// The limit, bytes.
+    limit: u64,
+    /// Drawn now, bytes; never above `limit`.
+    used: AtomicU64,
+    /// Times a draw found less left than it wanted (for the metric).
+    exhausted: AtomicU64,
+    /// Woken whenever bytes are given back.
+    freed: Notify,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Budget {
+        Budget {
+            limit,
+            used: AtomicU64::new(0),
+            exhausted: AtomicU64::new(0),
+            freed: Notify::new(),
+        }
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes drawn now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// How many times a draw found less left than it wanted.
+    pub fn times_exhausted(&self) -> u64 {
+        self.exhausted.load(Ordering::Relaxed)
+    }
+
+    /// Draws up to `want` bytes; how many it got (0 when the budget is exhausted).
+    pub fn take(&self, want: u64) -> u64 {
+        self.draw(want, false)
+    }
+
+    /// Draws exactly `want` bytes, or nothing (false).
+    pub fn take_all(&self, want: u64) -> bool {
+        want == 0 || self.draw(want, true) == want
+    }
+
+    fn draw(&self, want: u64, whole: bool) -> u64 {
+        if want == 0 {
+            return 0;
+        }
+        let mut used = self.used.load(Ordering::Acquire);
+        loop {
+            let left = self.limit.saturating_sub(used);
+            let got = want.min(left);
+            if got == 0 || (whole && got < want) {
+                self.exhausted.fetch_add(1, Ordering::Relaxed);
+                return 0;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + got,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    if got < want {
+                        self.exhausted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return got;
+                }
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    /// Gives `n` bytes back.
+    pub fn give(&self, n: u64) {
+        if n > 0 {
+            let before = self.used.fetch_sub(n, Ordering::AcqRel);
+            debug_assert!(before >= n, "gave back more than was drawn");
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Resolves once bytes have been given back (after this call).
+    pub async fn freed(&self) {
+        self.freed.notified().await
+    }
+}
+
+/// A share of a [`Budget`] held for as long as this lives (a tunnel without credit
+/// holds its transport's whole window).
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Arc<Budget>,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// Reserves exactly `bytes`, or `None` when the budget cannot cover them.
+    pub fn take(budget: &Arc<Budget>, bytes: u64) -> Option<Reservation> {
+        budget.take_all(bytes).then(|| Reservation {
+            budget: budget.clone(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.give(self.bytes);
+    }
+}
+
+/// The relay's side of one device session: new limits waiting to be sent on its control
+/// stream, the latest per tunnel (a later limit makes an earlier one moot).
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// Keyed by the tunnel's shared id: posting after the control loop has drained the
+    /// map allocates nothing (the map keeps its table, the key is a reference count).
+    pending: Mutex<HashMap<Arc<str>, u64>>,
+    posted: Notify,
+}
+
+impl Outbox {
+    /// Queues `limit` for `tunnel`.
+    pub fn post(&self, tunnel: &Arc<str>, limit: u64) {
+        {
+            let mut pending = lock(&self.pending);
+            let slot = pending.entry(tunnel.clone()).or_default();
+            *slot = (*slot).max(limit);
+        }
+        self.posted.notify_one();
+    }
+
+    /// Moves everything queued into `out` (which the caller reuses), waiting until
+    /// something is. Cancel-safe: nothing is taken but in the poll that returns it.
+    pub async fn next(&self, out: &mut Vec<(Arc<str>, u64)>) {
+        loop {
+            out.extend(lock(&self.pending).drain());
+            if !out.is_empty() {
+                return;
+            }
+            self.posted.notified().await;
+        }
+    }
+}
+
+/// What a relay's pump waits for besides its link and its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Nothing: the next read or write will bring the grant up to date.
+    Nothing,
+    /// A look at the user's unsent queue after this long: the agent may be out of credit,
+    /// and only the user's kernel sending can free more.
+    Poll(Duration),
+    /// The relay-wide budget: it had less than this tunnel wanted.
+    Budget,
+}
+
+/// The relay's side of one tunnel under credit: the limit granted, the window, and the
+/// tunnel's share of the relay's budget.
+#[derive(Debug)]
+pub struct Grant {
+    tunnel: Arc<str>,
+    outbox: Arc<Outbox>,
+    budget: Arc<Budget>,
+    /// The agent may send this many bytes in all.
+    limit: u64,
+    /// The limit before the last grant.
+    prev_limit: u64,
+    /// Whether the agent's bytes have ended exactly at a limit since the last grant: its
+    /// reads were cut short by its credit, so the window, not the device, bound them.
+    starved: bool,
+    /// How far ahead of what the user has taken the limit is kept.
+    window: u64,
+    /// Taken bytes already given back to the budget (the tunnel holds `limit - given`).
+    given: u64,
+    /// The next [`Wait::Poll`] interval; doubles while the user's queue does not move.
+    poll: Duration,
+}
+
+impl Grant {
+    /// A tunnel's credit: its initial limit (for the `open`) is drawn from `budget`, and
+    /// may be less than a window, or 0, when the budget is short.
+    pub fn open(tunnel: &str, outbox: Arc<Outbox>, budget: Arc<Budget>) -> Grant {
+        let limit = budget.take(MIN_WINDOW);
+        Grant {
+            tunnel: tunnel.into(),
+            outbox,
+            budget,
+            limit,
+            prev_limit: 0,
+            starved: false,
+            window: MIN_WINDOW,
+            given: 0,
+            poll: POLL_FIRST,
+        }
+    }
+
+    /// The limit granted so far.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The window now.
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+
+    /// The budget this tunnel draws on.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// Brings the grant up to date after progress: `received` bytes have come from the
+    /// agent, `written` of them went to the user's socket, and `unsent` tells how many of
+    /// those the socket's kernel has not sent yet (asked only when a grant is due). Posts
+    /// a new limit when less than half the window is left; says what to wait for.
+    pub fn update(&mut self, received: u64, written: u64, unsent: impl FnOnce() -> u64) -> Wait {
+        // An agent reads its service in pieces cut at its limit, so arriving bytes that end
+        // exactly at a limit (this one, or the one before a grant still on its way) mean the
+        // credit, not the service, set the pace.
+        if received > 0 && (received == self.limit || received == self.prev_limit) {
+            self.starved = true;
+        }
+        if self.limit.saturating_sub(written) >= self.window / 2 {
+            // Half a window or more is granted past what is written: nothing due, and the
+            // pump is woken by the bytes still to come.
+            return Wait::Nothing;
+        }
+        let unsent = unsent().min(written);
+        let taken = written - unsent;
+        self.budget.give(taken.saturating_sub(self.given));
+        self.given = self.given.max(taken);
+        if unsent > self.window / 2 {
+            // The user is the limit: the kernel holds more than half a window.
+            self.window = (self.window / 2).max(MIN_WINDOW);
+        } else if self.starved && unsent < self.window / 4 {
+            // The agent ran out of credit while the user's kernel kept up (a quarter window
+            // unsent at most: what is still on its way out): the window was the limit.
+            self.window = (self.window * 2).min(MAX_WINDOW);
+        }
+        if self.limit - taken >= self.window / 2 {
+            // The user's kernel still holds what would free more.
+            return self.backoff();
+        }
+        let want = taken + self.window - self.limit;
+        let got = self.budget.take(want);
+        if got > 0 {
+            self.prev_limit = self.limit;
+            self.limit += got;
+            self.starved = false;
+            self.outbox.post(&self.tunnel, self.limit);
+            self.poll = POLL_FIRST;
+        }
+        if got < want {
+            return Wait::Budget;
+        }
+        Wait::Nothing
+    }
+
+    fn backoff(&mut self) -> Wait {
+        let wait = self.poll;
+        self.poll = (self.poll * 2).min(POLL_MAX);
+        Wait::Poll(wait)
+    }
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        self.budget.give(self.limit - self.given);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(limit: u64) -> (Grant, Arc<Outbox>, Arc<Budget>) {
+        let outbox = Arc::new(Outbox::default());
+        let budget = Arc::new(Budget::new(limit));
+        (
+            Grant::open("t", outbox.clone(), budget.clone()),
+            outbox,
+            budget,
+        )
+    }
+
+    #[test]
+    fn a_reader_that_keeps_up_grows_the_window_to_its_cap() {
+        let (mut g, outbox, budget) = grant(1 << 30);
+        assert_eq!(g.limit(), MIN_WINDOW);
+        // The agent uses all its credit and the user takes every byte at once.
+        for _ in 0..20 {
+            let limit = g.limit();
+            g.update(limit, limit, || 0);
+        }
+        assert_eq!(g.window(), MAX_WINDOW);
+        let mut posted = Vec::new();
+        futures_now(outbox.next(&mut posted));
+        assert_eq!(posted, vec![(Arc::from("t"), g.limit())]);
+        assert_eq!(budget.used(), g.limit() - g.given);
+    }
+
+    #[test]
+    fn a_stalled_reader_shrinks_the_window_and_stops_the_grants() {
+        let (mut g, _outbox, budget) = grant(1 << 30);
+        let mut limit = g.limit();
+        for _ in 0..10 {
+            g.update(limit, limit, || 0);
+            limit = g.limit();
+        }
+        let big = g.window();
+        assert!(big >= 1 << 20);
+        // The user stops: everything written stays unsent.
+        let stalled_at = g.limit();
+        let wait = g.update(stalled_at, stalled_at, || big);
+        assert!(matches!(wait, Wait::Poll(_)), "{wait:?}");
+        assert!(g.window() < big);
+        for _ in 0..10 {
+            g.update(stalled_at, stalled_at, || big);
+        }
+        assert_eq!(g.limit(), stalled_at, "no credit while nothing is taken");
+        assert_eq!(g.window(), MIN_WINDOW);
+        // Held: at most the window the tunnel had, all of it in the user's kernel queue.
+        assert!(budget.used() <= big);
+        // The poll backs off to its cap.
+        let mut last = Duration::ZERO;
+        for _ in 0..20 {
+            if let Wait::Poll(d) = g.update(stalled_at, stalled_at, || big) {
+                last = d;
+            }
+        }
+        assert_eq!(last, POLL_MAX);
+    }
+
+    #[test]
+    fn grants_never_pass_the_budget_and_ended_tunnels_give_it_back() {
+        let budget = Arc::new(Budget::new(3 * MIN_WINDOW / 2));
+        let outbox = Arc::new(Outbox::default());
+        let a = Grant::open("a", outbox.clone(), budget.clone());
+        let mut b = Grant::open("b", outbox.clone(), budget.clone());
+        assert_eq!((a.limit(), b.limit()), (MIN_WINDOW, MIN_WINDOW / 2));
+        assert_eq!(budget.used(), budget.limit());
+        // b's user took its half window; it wants a full window past that: only what b
+        // gave back is there.
+        let wait = b.update(MIN_WINDOW / 2, MIN_WINDOW / 2, || 0);
+        assert_eq!(wait, Wait::Budget);
+        assert!(budget.used() <= budget.limit());
+        assert!(budget.times_exhausted() > 0);
+        // a ends: what it held is b's to draw, up to the budget and no further.
+        drop(a);
+        let before = b.limit();
+        b.update(before, before, || 0);
+        assert_eq!(b.limit(), before + budget.limit());
+        assert_eq!(budget.used(), budget.limit());
+        drop(b);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_reservation_is_whole_or_nothing() {
+        let budget = Arc::new(Budget::new(MAX_WINDOW + 1));
+        let held = Reservation::take(&budget, MAX_WINDOW).expect("room for one");
+        assert!(Reservation::take(&budget, MAX_WINDOW).is_none());
+        drop(held);
+        assert!(Reservation::take(&budget, MAX_WINDOW).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_gate_waits_for_credit_and_a_board_raises_only_its_own() {
+        let board = Arc::new(Board::default());
+        let entry = board.open("t1", 0);
+        board.raise("unknown", 10);
+        board.raise("t1", 5);
+        board.raise("t1", 3);
+        assert_eq!(entry.gate().room(0).await, 5);
+        assert_eq!(entry.gate().limit(), 5, "a lower limit is ignored");
+        {
+            let gate_wait = entry.gate().room(5);
+            tokio::pin!(gate_wait);
+            assert!(futures_poll(gate_wait.as_mut()).is_none(), "no room at the limit");
+            board.raise("t1", 9);
+            assert_eq!(gate_wait.await, 4);
+        }
+        drop(entry);
+        assert!(board.is_empty());
+    }
+
+    /// Polls `f` once.
+    fn futures_poll<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        match std::pin::Pin::new(&mut f).poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    /// `f`'s output, which must be ready at once.
+    fn futures_now<F: std::future::Future>(f: F) -> F::Output {
+        let f = std::pin::pin!(f);
+        futures_poll(f).expect("ready")
+    }
+}

@@ -1,0 +1,85 @@
+//! What the kernel knows about a TCP socket that no safe wrapper asks: how many bytes its
+//! send queue holds that it has not sent yet (`TCP_INFO`'s `tcpi_notsent_bytes`, Linux
+//! 4.6 and later).
+//!
+//! The relay's tunnel credit counts a byte as taken by the user once the kernel has sent
+//! it (PROTOCOL.md §2d), so that a user who stops reading leaves the bytes in flight in
+//! their socket's kernel queue, not in the relay. socket2 0.6, rustix 1.1 and nix 0.31
+//! have no safe call for `TCP_INFO` (checked 2026-12-07), so this module holds the crate's
+//! only `unsafe`: one `getsockopt(2)` on a borrowed descriptor.
+
+#![allow(unsafe_code)]
+
+use std::os::fd::{AsFd, AsRawFd};
+
+/// Bytes in `socket`'s send queue not yet sent; `None` when the kernel cannot say (not a
+/// TCP socket, or a kernel without the field).
+pub fn unsent_bytes(socket: &impl AsFd) -> Option<u64> {
+    let fd = socket.as_fd();
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `fd` is a descriptor borrowed for the length of the call; `info` is a
+    // writable buffer of `len` bytes, of which the kernel writes at most `len` and sets
+    // `len` to the number it wrote.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    // A kernel older than the field writes a shorter struct.
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_notsent_bytes) + 4;
+    if (len as usize) < needed {
+        return None;
+    }
+    // SAFETY: the buffer was zeroed and then (partly) written by the kernel; every field of
+    // `tcp_info` is a plain integer, for which any bit pattern is valid.
+    let info = unsafe { info.assume_init() };
+    Some(u64::from(info.tcpi_notsent_bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn bytes_a_reader_does_not_take_wait_unsent_and_go_once_read() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut writer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut reader, _) = listener.accept().unwrap();
+        // Small buffers, so that the reader's side fills quickly.
+        socket2::SockRef::from(&reader)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        assert_eq!(unsent_bytes(&writer), Some(0));
+        writer.set_nonblocking(true).unwrap();
+        let chunk = vec![7u8; 64 * 1024];
+        let mut written = 0usize;
+        // Until the send queue is full: the reader takes nothing meanwhile.
+        for _ in 0..10_000 {
+            match writer.write(&chunk) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let unsent = unsent_bytes(&writer).unwrap();
+        assert!(unsent > 0, "nothing unsent after {written} bytes to a full reader");
+        assert!(unsent <= written as u64);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut read = 0usize;
+        while read < written {
+            read += reader.read(&mut buf).unwrap();
+        }
+        assert_eq!(unsent_bytes(&writer), Some(0));
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(unsent_bytes(&udp), None, "not a TCP socket");
+    }
+}

@@ -143,7 +143,10 @@ impl Drop for BoardEntry {
     fn drop(&mut self) {
         let mut gates = lock(&self.board.gates);
         // Only our own gate: a tunnel id reused on the link has a gate of its own.
-        if gates.get(&self.id).is_some_and(|g| Arc::ptr_eq(g, &self.gate)) {
+        if gates
+            .get(&self.id)
+            .is_some_and(|g| Arc::ptr_eq(g, &self.gate))
+        {
             gates.remove(&self.id);
         }
     }
@@ -159,6 +162,9 @@ pub struct Budget {
     used: AtomicU64,
     /// Times a draw found less left than it wanted (for the metric).
     exhausted: AtomicU64,
+    /// Of `used`, the bytes waiting in the relay's own memory for user sockets that would
+    /// not take them (the rest is in flight or in the kernel's queues).
+    held: AtomicU64,
     /// Woken whenever bytes are given back.
     freed: Notify,
 }
@@ -170,6 +176,7 @@ impl Budget {
             limit,
             used: AtomicU64::new(0),
             exhausted: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             freed: Notify::new(),
         }
     }
@@ -187,6 +194,21 @@ impl Budget {
     /// How many times a draw found less left than it wanted.
     pub fn times_exhausted(&self) -> u64 {
         self.exhausted.load(Ordering::Relaxed)
+    }
+
+    /// Bytes waiting in the relay's memory for user sockets now.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` more bytes waiting in the relay's memory.
+    pub fn hold(&self, n: u64) {
+        self.held.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts `n` bytes that no longer wait in the relay's memory.
+    pub fn release(&self, n: u64) {
+        self.held.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Draws up to `want` bytes; how many it got (0 when the budget is exhausted).
@@ -535,7 +557,10 @@ mod tests {
         {
             let gate_wait = entry.gate().room(5);
             tokio::pin!(gate_wait);
-            assert!(futures_poll(gate_wait.as_mut()).is_none(), "no room at the limit");
+            assert!(
+                futures_poll(gate_wait.as_mut()).is_none(),
+                "no room at the limit"
+            );
             board.raise("t1", 9);
             assert_eq!(gate_wait.await, 4);
         }

@@ -45,6 +45,9 @@ pub const CHUNK: usize = 64 * 1024;
 /// as `Bytes`, and the allocation is reused once quinn has released every piece of it.
 const BUFFER: usize = 4 * CHUNK;
 
+/// The socket-to-link buffer until a read fills half of it.
+const FIRST_BUFFER: usize = 16 * 1024;
+
 /// Bytes moved each way, readable while the tunnel runs (for idle checks) and summed into
 /// the audit row and metrics when it ends.
 #[derive(Debug, Default)]
@@ -114,7 +117,10 @@ pub async fn socket_to_link<R: AsyncRead + Unpin, S: ChunkSend>(
     counter: &AtomicU64,
     gate: Option<&Gate>,
 ) -> Dir {
-    let mut buf = BytesMut::with_capacity(BUFFER);
+    // Small until the socket shows it sends more than a few packets at a time: a tunnel
+    // whose user only types (or only reads) costs 16 KiB here, not 256.
+    let mut buf = BytesMut::new();
+    let mut size = FIRST_BUFFER;
     let mut sent = 0u64;
     loop {
         // Never a read with no room: it would return 0, which reads as the end.
@@ -122,8 +128,8 @@ pub async fn socket_to_link<R: AsyncRead + Unpin, S: ChunkSend>(
             Some(gate) => usize::try_from(gate.room(sent).await).unwrap_or(usize::MAX),
             None => usize::MAX,
         };
-        if buf.capacity() - buf.len() < CHUNK {
-            buf.reserve(BUFFER);
+        if buf.capacity() - buf.len() < size.min(CHUNK) {
+            buf.reserve(size);
         }
         match socket.read_buf(&mut (&mut buf).limit(room)).await {
             Ok(0) => {
@@ -131,6 +137,9 @@ pub async fn socket_to_link<R: AsyncRead + Unpin, S: ChunkSend>(
                 return Dir::Eof;
             }
             Ok(n) => {
+                if n >= FIRST_BUFFER / 2 {
+                    size = BUFFER;
+                }
                 counter.fetch_add(n as u64, Ordering::Relaxed);
                 sent += n as u64;
                 if let Err(end) = send.write_chunk(buf.split().freeze()).await {
@@ -189,11 +198,13 @@ pub async fn link_to_user<C: ChunkRecv, W: AsyncWrite + Unpin>(
     unsent: &(dyn Fn() -> u64 + Send + Sync),
 ) -> Dir {
     let mut chunks: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
-    let mut held = BytesMut::new();
+    let budget = grant.budget().clone();
+    let mut held = Held::new(&budget);
     let (mut received, mut written) = (0u64, 0u64);
     let mut fin = false;
-    let mut wait = Wait::Nothing;
-    let budget = grant.budget().clone();
+    // A tunnel opened while the budget was short starts with less than a window, maybe
+    // none: it waits for the budget from the start.
+    let mut wait = grant.update(0, 0, unsent);
     loop {
         if fin && held.is_empty() {
             // FIN: half-close the socket; the other direction keeps going.
@@ -224,31 +235,81 @@ pub async fn link_to_user<C: ChunkRecv, W: AsyncWrite + Unpin>(
                         }
                     }
                     // What the socket did not take waits, compact, behind what waits already.
-                    for chunk in &mut chunks[..n] {
-                        if !chunk.is_empty() {
-                            held.extend_from_slice(chunk);
-                            *chunk = Bytes::new();
-                        }
-                    }
+                    held.append(&mut chunks[..n]);
                 }
                 Ok(None) => fin = true,
                 Err(end) => return Dir::Abnormal(end),
             },
-            w = socket.write(&held), if !held.is_empty() => match w {
+            w = socket.write(&held.bytes), if !held.is_empty() => match w {
                 Ok(0) | Err(_) => return Dir::Abnormal(End::SocketReset),
                 Ok(n) => {
                     held.advance(n);
                     written += n as u64;
-                    if held.is_empty() && held.capacity() > CHUNK {
-                        // A backlog that has drained gives its memory back.
-                        held = BytesMut::new();
-                    }
                 }
             },
             _ = sleep_or_never(poll) => {}
             _ = budget.freed(), if wait == Wait::Budget => {}
         }
         wait = grant.update(received, written, unsent);
+    }
+}
+
+/// Bytes a user's socket would not take yet, in one compact buffer, counted in the relay's
+/// budget (for `cloudlink_tunnel_held_bytes`) while they wait.
+struct Held<'a> {
+    bytes: BytesMut,
+    budget: &'a crate::credit::Budget,
+}
+
+impl<'a> Held<'a> {
+    fn new(budget: &'a crate::credit::Budget) -> Held<'a> {
+        Held {
+            bytes: BytesMut::new(),
+            budget,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Moves what is left of `chunks` behind what waits already, releasing the chunks
+    /// (and the receive batches they pin).
+    fn append(&mut self, chunks: &mut [Bytes]) {
+        let len: usize = chunks.iter().map(Bytes::len).sum();
+        if len == 0 {
+            return;
+        }
+        let free = self.bytes.capacity() - self.bytes.len();
+        if free < len {
+            // A quarter's slack, not a doubling: a backlog may be megabytes. (`reserve`
+            // would double, as `Vec` does.)
+            let held = self.bytes.len();
+            let mut grown = BytesMut::with_capacity(held + len.max(held / 4));
+            grown.extend_from_slice(&self.bytes);
+            self.bytes = grown;
+        }
+        for chunk in chunks.iter_mut() {
+            self.bytes.extend_from_slice(chunk);
+            *chunk = Bytes::new();
+        }
+        self.budget.hold(len as u64);
+    }
+
+    /// Forgets the first `n` bytes, written; a backlog that has drained gives its memory
+    /// back.
+    fn advance(&mut self, n: usize) {
+        self.bytes.advance(n);
+        self.budget.release(n as u64);
+        if self.bytes.is_empty() && self.bytes.capacity() > CHUNK {
+            self.bytes = BytesMut::new();
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes.len() as u64);
     }
 }
 

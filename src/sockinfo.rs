@@ -71,7 +71,10 @@ mod tests {
             }
         }
         let unsent = unsent_bytes(&writer).unwrap();
-        assert!(unsent > 0, "nothing unsent after {written} bytes to a full reader");
+        assert!(
+            unsent > 0,
+            "nothing unsent after {written} bytes to a full reader"
+        );
         assert!(unsent <= written as u64);
         let mut buf = vec![0u8; 256 * 1024];
         let mut read = 0usize;

@@ -13,8 +13,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::config::AgentConfig;
-use crate::link::h2::{self as link_h2, BodyReader, Heard, LastHeard};
 use crate::credit::Board;
+use crate::link::h2::{self as link_h2, BodyReader, Heard, LastHeard};
 use crate::link::Transport;
 use crate::proto::frame::{self, MAX_FRAME};
 use crate::proto::messages::{codes, Hello, RejectCode, RelayControl, VERSION};

@@ -92,6 +92,8 @@ pub struct Metrics {
     pub tunnel_buffer_limit: IntGauge,
     /// Grants that found the limit reached and waited.
     tunnel_buffer_short: IntCounter,
+    /// Of the buffer, the bytes waiting in the relay's own memory for users' sockets.
+    pub tunnel_held: IntGauge,
     /// from the QUIC socket's own counters at each scrape.
     udp_probes: IntCounterVec,
     /// The QUIC socket's probe counters.
@@ -241,6 +243,12 @@ impl Metrics {
             "Grants of tunnel credit that found the tunnel buffer limit reached (new credit \
              waits until users take bytes)",
         );
+        let tunnel_held = gauge(
+            "cloudlink_tunnel_held_bytes",
+            "Of cloudlink_tunnel_buffer_bytes, the bytes waiting in the relay's own memory for \
+             users' sockets that would not take them yet (the rest is in flight or in kernel \
+             socket queues)",
+        );
         let udp_probes = counter_vec(
             "cloudlink_udp_probes_total",
             "UDP probes on the QUIC port, by outcome",
@@ -296,6 +304,7 @@ impl Metrics {
             tunnel_buffer,
             tunnel_buffer_limit,
             tunnel_buffer_short,
+            tunnel_held,
             udp_probes,
             probe_stats: Default::default(),
             reported_probes: Mutex::new([0; 2]),
@@ -334,6 +343,7 @@ impl Metrics {
     pub fn tunnel_buffer_from(&self, budget: &crate::credit::Budget) {
         self.tunnel_buffer.set(budget.used() as i64);
         self.tunnel_buffer_limit.set(budget.limit() as i64);
+        self.tunnel_held.set(budget.held() as i64);
         let short = budget.times_exhausted();
         let counted = self.tunnel_buffer_short.get();
         if short > counted {

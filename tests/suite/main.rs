@@ -16,6 +16,7 @@ mod field;
 mod github_import;
 mod hardening;
 mod layers;
+mod memory;
 mod operations;
 mod ssh;
 mod store;

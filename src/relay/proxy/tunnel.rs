@@ -80,7 +80,9 @@ async fn run_in_span<C: ClientConn>(
 
     // The user socket's unsent queue, for credit: a second descriptor of the same socket,
     // since the halves own the first for the tunnel's life.
-    let user_socket = client.tcp().and_then(|tcp| socket2::SockRef::from(tcp).try_clone().ok());
+    let user_socket = client
+        .tcp()
+        .and_then(|tcp| socket2::SockRef::from(tcp).try_clone().ok());
     let unsent = move || {
         user_socket
             .as_ref()

@@ -15,6 +15,7 @@ pub mod github;
 pub mod pg;
 pub mod rig;
 pub mod sshd;
+pub mod stalled;
 pub mod terminal;
 
 mod agent;

@@ -410,12 +410,17 @@ impl Grant {
         let taken = written - unsent;
         self.budget.give(taken.saturating_sub(self.given));
         self.given = self.given.max(taken);
-        if unsent > self.window / 2 {
-            // The user is the limit: the kernel holds more than half a window.
+        // Not yet taken by the user: unsent in the kernel, and not even written (a user in
+        // this process has no kernel queue; its backlog waits in the relay).
+        let backlog = unsent + received.saturating_sub(written);
+        if backlog >= self.window {
+            // The user is the limit: a whole window waits for them. (Not less: a reader
+            // that is only descheduled for a moment leaves a partial window behind, and
+            // shrinking for that would cap a busy tunnel at a window per credit round trip.)
             self.window = (self.window / 2).max(MIN_WINDOW);
-        } else if self.starved && unsent < self.window / 4 {
-            // The agent ran out of credit while the user's kernel kept up (a quarter window
-            // unsent at most: what is still on its way out): the window was the limit.
+        } else if self.starved && backlog < self.window / 4 {
+            // The agent ran out of credit while the user kept up (a quarter window waiting
+            // at most: what is still on its way out): the window was the limit.
             self.window = (self.window * 2).min(MAX_WINDOW);
         }
         if self.limit - taken >= self.window / 2 {

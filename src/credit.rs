@@ -323,6 +323,24 @@ impl Outbox {
     }
 }
 
+/// What a user's socket says when a grant is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserQueue {
+    /// Bytes written to it that its kernel has not sent yet.
+    pub unsent: u64,
+    /// The most its kernel queue takes: half its send buffer (the kernel counts its own
+    /// overhead in it); `u64::MAX` for a user in this process, which has no kernel queue.
+    pub capacity: u64,
+}
+
+impl UserQueue {
+    /// A user inside the relay (the browser terminal, a gateway session).
+    pub const IN_PROCESS: UserQueue = UserQueue {
+        unsent: 0,
+        capacity: u64::MAX,
+    };
+}
+
 /// What a relay's pump waits for besides its link and its socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
@@ -349,8 +367,12 @@ pub struct Grant {
     /// Whether the agent's bytes have ended exactly at a limit since the last grant: its
     /// reads were cut short by its credit, so the window, not the device, bound them.
     starved: bool,
-    /// How far ahead of what the user has taken the limit is kept.
+    /// How far ahead of what the user has taken the limit is kept, as the user's pace
+    /// allows.
     window: u64,
+    /// The window in force: `window`, or less when the user's kernel queue cannot take
+    /// that much (so what a stalled user was granted fits in its queue, not the relay).
+    effective: u64,
     /// Taken bytes already given back to the budget (the tunnel holds `limit - given`).
     given: u64,
     /// The next [`Wait::Poll`] interval; doubles while the user's queue does not move.
@@ -370,6 +392,7 @@ impl Grant {
             prev_limit: 0,
             starved: false,
             window: MIN_WINDOW,
+            effective: MIN_WINDOW,
             given: 0,
             poll: POLL_FIRST,
         }
@@ -391,22 +414,29 @@ impl Grant {
     }
 
     /// Brings the grant up to date after progress: `received` bytes have come from the
-    /// agent, `written` of them went to the user's socket, and `unsent` tells how many of
-    /// those the socket's kernel has not sent yet (asked only when a grant is due). Posts
-    /// a new limit when less than half the window is left; says what to wait for.
-    pub fn update(&mut self, received: u64, written: u64, unsent: impl FnOnce() -> u64) -> Wait {
+    /// agent, `written` of them went to the user's socket, and `user` tells how many of
+    /// those its kernel has not sent yet and how much its queue takes (asked only when a
+    /// grant is due). Posts a new limit when less than half the window is left; says what
+    /// to wait for.
+    pub fn update(
+        &mut self,
+        received: u64,
+        written: u64,
+        user: impl FnOnce() -> UserQueue,
+    ) -> Wait {
         // An agent reads its service in pieces cut at its limit, so arriving bytes that end
         // exactly at a limit (this one, or the one before a grant still on its way) mean the
         // credit, not the service, set the pace.
         if received > 0 && (received == self.limit || received == self.prev_limit) {
             self.starved = true;
         }
-        if self.limit.saturating_sub(written) >= self.window / 2 {
+        if self.limit.saturating_sub(written) >= self.effective / 2 {
             // Half a window or more is granted past what is written: nothing due, and the
             // pump is woken by the bytes still to come.
             return Wait::Nothing;
         }
-        let unsent = unsent().min(written);
+        let queue = user();
+        let unsent = queue.unsent.min(written);
         let taken = written - unsent;
         self.budget.give(taken.saturating_sub(self.given));
         self.given = self.given.max(taken);
@@ -418,16 +448,19 @@ impl Grant {
             // that is only descheduled for a moment leaves a partial window behind, and
             // shrinking for that would cap a busy tunnel at a window per credit round trip.)
             self.window = (self.window / 2).max(MIN_WINDOW);
-        } else if self.starved && backlog < self.window / 4 {
+        } else if self.starved && backlog < self.effective / 4 {
             // The agent ran out of credit while the user kept up (a quarter window waiting
             // at most: what is still on its way out): the window was the limit.
             self.window = (self.window * 2).min(MAX_WINDOW);
         }
-        if self.limit - taken >= self.window / 2 {
+        // Never more ahead than the user's kernel queue takes: if the user stops now,
+        // everything granted still fits there, and the relay keeps (almost) none of it.
+        self.effective = self.window.min(queue.capacity.max(MIN_WINDOW));
+        if self.limit - taken >= self.effective / 2 {
             // The user's kernel still holds what would free more.
             return self.backoff();
         }
-        let want = taken + self.window - self.limit;
+        let want = taken + self.effective - self.limit;
         let got = self.budget.take(want);
         if got > 0 {
             self.prev_limit = self.limit;
@@ -459,6 +492,36 @@ impl Drop for Grant {
 mod tests {
     use super::*;
 
+    /// A user socket with `unsent` bytes waiting and a queue that takes anything.
+    fn q(unsent: u64) -> UserQueue {
+        UserQueue {
+            unsent,
+            capacity: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn the_window_in_force_never_passes_what_the_user_s_queue_takes() {
+        let (mut g, _outbox, _budget) = grant(1 << 30);
+        let small = UserQueue {
+            unsent: 0,
+            capacity: 256 * 1024,
+        };
+        for _ in 0..20 {
+            let limit = g.limit();
+            g.update(limit, limit, || small);
+        }
+        assert_eq!(
+            g.window(),
+            MAX_WINDOW,
+            "the user keeps up: the window grows"
+        );
+        // But what is granted past what was written fits in the user's queue.
+        let limit = g.limit();
+        g.update(limit, limit, || small);
+        assert!(g.limit() - limit <= small.capacity, "{}", g.limit() - limit);
+    }
+
     fn grant(limit: u64) -> (Grant, Arc<Outbox>, Arc<Budget>) {
         let outbox = Arc::new(Outbox::default());
         let budget = Arc::new(Budget::new(limit));
@@ -476,7 +539,7 @@ mod tests {
         // The agent uses all its credit and the user takes every byte at once.
         for _ in 0..20 {
             let limit = g.limit();
-            g.update(limit, limit, || 0);
+            g.update(limit, limit, || q(0));
         }
         assert_eq!(g.window(), MAX_WINDOW);
         let mut posted = Vec::new();
@@ -490,18 +553,18 @@ mod tests {
         let (mut g, _outbox, budget) = grant(1 << 30);
         let mut limit = g.limit();
         for _ in 0..10 {
-            g.update(limit, limit, || 0);
+            g.update(limit, limit, || q(0));
             limit = g.limit();
         }
         let big = g.window();
         assert!(big >= 1 << 20);
         // The user stops: everything written stays unsent.
         let stalled_at = g.limit();
-        let wait = g.update(stalled_at, stalled_at, || big);
+        let wait = g.update(stalled_at, stalled_at, || q(big));
         assert!(matches!(wait, Wait::Poll(_)), "{wait:?}");
         assert!(g.window() < big);
         for _ in 0..10 {
-            g.update(stalled_at, stalled_at, || big);
+            g.update(stalled_at, stalled_at, || q(big));
         }
         assert_eq!(g.limit(), stalled_at, "no credit while nothing is taken");
         assert_eq!(g.window(), MIN_WINDOW);
@@ -510,7 +573,7 @@ mod tests {
         // The poll backs off to its cap.
         let mut last = Duration::ZERO;
         for _ in 0..20 {
-            if let Wait::Poll(d) = g.update(stalled_at, stalled_at, || big) {
+            if let Wait::Poll(d) = g.update(stalled_at, stalled_at, || q(big)) {
                 last = d;
             }
         }
@@ -527,14 +590,14 @@ mod tests {
         assert_eq!(budget.used(), budget.limit());
         // b's user took its half window; it wants a full window past that: only what b
         // gave back is there.
-        let wait = b.update(MIN_WINDOW / 2, MIN_WINDOW / 2, || 0);
+        let wait = b.update(MIN_WINDOW / 2, MIN_WINDOW / 2, || q(0));
         assert_eq!(wait, Wait::Budget);
         assert!(budget.used() <= budget.limit());
         assert!(budget.times_exhausted() > 0);
         // a ends: what it held is b's to draw, up to the budget and no further.
         drop(a);
         let before = b.limit();
-        b.update(before, before, || 0);
+        b.update(before, before, || q(0));
         assert_eq!(b.limit(), before + budget.limit());
         assert_eq!(budget.used(), budget.limit());
         drop(b);

@@ -33,7 +33,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::credit::{Gate, Grant, Wait};
+use crate::credit::{Gate, Grant, UserQueue, Wait};
 use crate::link::{ChunkRecv, ChunkSend, End, LinkRecv, LinkSend};
 use crate::proto::messages::codes;
 
@@ -97,13 +97,13 @@ pub enum Credit<'a> {
     None,
     /// The agent's side: read from the service only what the relay has granted.
     Obey(&'a Gate),
-    /// The relay's side: grant as the user's socket takes the bytes; `unsent` says how
-    /// many bytes the user socket's kernel holds unsent (0 for a user in this process).
+    /// The relay's side: grant as the user's socket takes the bytes; `user` says how many
+    /// bytes the user socket's kernel holds unsent and how much its queue takes.
     Grant {
         /// The tunnel's grant.
         grant: &'a mut Grant,
-        /// The user socket's unsent queue, in bytes.
-        unsent: &'a (dyn Fn() -> u64 + Send + Sync),
+        /// The user socket's kernel queue.
+        user: &'a (dyn Fn() -> UserQueue + Send + Sync),
     },
 }
 
@@ -195,7 +195,7 @@ pub async fn link_to_user<C: ChunkRecv, W: AsyncWrite + Unpin>(
     socket: &mut W,
     counter: &AtomicU64,
     grant: &mut Grant,
-    unsent: &(dyn Fn() -> u64 + Send + Sync),
+    user: &(dyn Fn() -> UserQueue + Send + Sync),
 ) -> Dir {
     let mut chunks: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
     let budget = grant.budget().clone();
@@ -204,7 +204,7 @@ pub async fn link_to_user<C: ChunkRecv, W: AsyncWrite + Unpin>(
     let mut fin = false;
     // A tunnel opened while the budget was short starts with less than a window, maybe
     // none: it waits for the budget from the start.
-    let mut wait = grant.update(0, 0, unsent);
+    let mut wait = grant.update(0, 0, user);
     loop {
         if fin && held.is_empty() {
             // FIN: half-close the socket; the other direction keeps going.
@@ -250,7 +250,7 @@ pub async fn link_to_user<C: ChunkRecv, W: AsyncWrite + Unpin>(
             _ = sleep_or_never(poll) => {}
             _ = budget.freed(), if wait == Wait::Budget => {}
         }
-        wait = grant.update(received, written, unsent);
+        wait = grant.update(received, written, user);
     }
 }
 
@@ -455,10 +455,10 @@ where
 {
     let (into_link, out_of_link) = counters.ways(side);
     let end = match credit {
-        Credit::Grant { grant, unsent } => {
+        Credit::Grant { grant, user } => {
             join_dirs(
                 socket_to_link(socket_r, &mut send, into_link, None),
-                link_to_user(&mut recv, socket_w, out_of_link, grant, unsent),
+                link_to_user(&mut recv, socket_w, out_of_link, grant, user),
                 counters,
                 cancel,
                 idle,

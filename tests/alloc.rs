@@ -234,14 +234,14 @@ fn credited_quic_to_socket_allocations(total: u64) -> u64 {
         posted: Vec::with_capacity(4),
     };
     let mut socket = tokio::io::sink();
-    let unsent = || 0;
+    let user = || cloudlink::credit::UserQueue::IN_PROCESS;
     let (dir, allocations) = counted(|| {
         rt.block_on(unconstrained(forward::link_to_user(
             &mut source,
             &mut socket,
             &counters.down,
             &mut grant,
-            &unsent,
+            &user,
         )))
     });
     assert_eq!(dir, Dir::Eof);

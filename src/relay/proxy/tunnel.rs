@@ -78,16 +78,19 @@ async fn run_in_span<C: ClientConn>(
     state.metrics.tunnels_open.inc();
     tracing::info!(port, "tunnel open");
 
-    // The user socket's unsent queue, for credit: a second descriptor of the same socket,
+    // The user socket's kernel queue, for credit: a second descriptor of the same socket,
     // since the halves own the first for the tunnel's life.
     let user_socket = client
         .tcp()
         .and_then(|tcp| socket2::SockRef::from(tcp).try_clone().ok());
-    let unsent = move || {
-        user_socket
-            .as_ref()
-            .and_then(crate::sockinfo::unsent_bytes)
-            .unwrap_or(0)
+    let user = move || match &user_socket {
+        Some(socket) => crate::credit::UserQueue {
+            unsent: crate::sockinfo::unsent_bytes(socket).unwrap_or(0),
+            // SO_SNDBUF reads back the kernel's figure, which counts its overhead: about
+            // twice the bytes it holds.
+            capacity: socket.send_buffer_size().map_or(0, |b| b as u64 / 2),
+        },
+        None => crate::credit::UserQueue::IN_PROCESS,
     };
     let end = if !answered {
         End::SocketReset
@@ -105,10 +108,7 @@ async fn run_in_span<C: ClientConn>(
         } else {
             let idle = idle_timeout(state);
             let credit = match &mut credit {
-                TunnelCredit::Grant(grant) => forward::Credit::Grant {
-                    grant,
-                    unsent: &unsent,
-                },
+                TunnelCredit::Grant(grant) => forward::Credit::Grant { grant, user: &user },
                 TunnelCredit::Reserved(_) => forward::Credit::None,
             };
             forward::join(

@@ -377,24 +377,9 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
     socket: &mut W,
     chunks: &mut [Bytes],
 ) -> std::io::Result<()> {
-    let mut first = 0;
-    while first < chunks.len() {
-        let written = {
-            let mut slices = [std::io::IoSlice::new(&[]); BATCH];
-            let pending = &chunks[first..];
-            for (slice, chunk) in slices.iter_mut().zip(pending) {
-                *slice = std::io::IoSlice::new(chunk);
-            }
-            let slices = &slices[..pending.len().min(BATCH)];
-            match poll_write_now(socket, slices).await {
-                Some(r) => r?,
-                None => return socket.write_all(&compact(&mut chunks[first..])).await,
-            }
-        };
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        first = advance(chunks, first, written);
+    try_write_chunks(socket, chunks).await?;
+    if chunks.iter().any(|c| !c.is_empty()) {
+        return socket.write_all(&compact(chunks)).await;
     }
     Ok(())
 }
@@ -410,7 +395,7 @@ fn advance(chunks: &mut [Bytes], mut first: usize, written: usize) -> usize {
             chunks[first] = Bytes::new();
             first += 1;
         } else {
-            bytes::Buf::advance(&mut chunks[first], left);
+            Buf::advance(&mut chunks[first], left);
             left = 0;
         }
     }

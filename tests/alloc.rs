@@ -84,23 +84,31 @@ struct StaticSource {
 
 static DATA: [u8; CHUNK] = [7; CHUNK];
 
+impl StaticSource {
+    /// Fills `bufs` with packet-sized chunks (as quinn hands them over), at most `cap`
+    /// bytes in all; how many chunks.
+    fn fill(&mut self, bufs: &mut [Bytes], mut cap: u64) -> usize {
+        let mut filled = 0;
+        for buf in bufs.iter_mut() {
+            let n = self.left.min(cap).min(1200) as usize;
+            if n == 0 {
+                break;
+            }
+            self.left -= n as u64;
+            cap -= n as u64;
+            *buf = Bytes::from_static(&DATA[..n]);
+            filled += 1;
+        }
+        filled
+    }
+}
+
 impl ChunkRecv for StaticSource {
     async fn read_chunks(&mut self, bufs: &mut [Bytes]) -> Result<Option<usize>, End> {
         if self.left == 0 {
             return Ok(None);
         }
-        // Packet-sized chunks, as quinn hands them over.
-        let mut filled = 0;
-        for buf in bufs.iter_mut() {
-            if self.left == 0 {
-                break;
-            }
-            let n = self.left.min(1200) as usize;
-            self.left -= n as u64;
-            *buf = Bytes::from_static(&DATA[..n]);
-            filled += 1;
-        }
-        Ok(Some(filled))
+        Ok(Some(self.fill(bufs, u64::MAX)))
     }
 }
 
@@ -182,7 +190,7 @@ fn quic_to_socket_copies_nothing() {
 /// A device under credit: slices of one static buffer, never past the limit the relay's
 /// grant has posted (it takes the posted limits itself, as the agent's control reader does).
 struct CreditedSource {
-    left: u64,
+    data: StaticSource,
     sent: u64,
     limit: u64,
     outbox: std::sync::Arc<cloudlink::credit::Outbox>,
@@ -191,7 +199,7 @@ struct CreditedSource {
 
 impl ChunkRecv for CreditedSource {
     async fn read_chunks(&mut self, bufs: &mut [Bytes]) -> Result<Option<usize>, End> {
-        if self.left == 0 {
+        if self.data.left == 0 {
             return Ok(None);
         }
         if self.sent == self.limit {
@@ -200,17 +208,9 @@ impl ChunkRecv for CreditedSource {
                 self.limit = self.limit.max(limit);
             }
         }
-        let mut filled = 0;
-        for buf in bufs.iter_mut() {
-            let n = self.left.min(1200).min(self.limit - self.sent) as usize;
-            if n == 0 {
-                break;
-            }
-            self.left -= n as u64;
-            self.sent += n as u64;
-            *buf = Bytes::from_static(&DATA[..n]);
-            filled += 1;
-        }
+        let before = self.data.left;
+        let filled = self.data.fill(bufs, self.limit - self.sent);
+        self.sent += before - self.data.left;
         Ok(Some(filled))
     }
 }
@@ -227,7 +227,7 @@ fn credited_quic_to_socket_allocations(total: u64) -> u64 {
         std::sync::Arc::new(Budget::new(1 << 30)),
     );
     let mut source = CreditedSource {
-        left: total,
+        data: StaticSource { left: total },
         sent: 0,
         limit: grant.limit(),
         outbox,

@@ -37,8 +37,8 @@
 //!   `device.rs` the relay's end of a device's connection, which opens tunnel streams.
 //! - [`credit`]: tunnel credit (PROTOCOL.md §2d): the agent's gates, the relay's grants,
 //!   the session's outbox of new limits and the relay-wide budget of buffered bytes.
-//! - [`sockinfo`]: how many bytes a TCP socket has not sent yet (`TCP_INFO`), the crate's
-//!   only `unsafe`.
+//! - [`sockinfo`]: how many bytes a TCP socket has not sent yet (`TCP_INFO`); with
+//!   [`heap`] (the relay's freed memory handed back to the kernel) the crate's only `unsafe`.
 //! - [`forward`]: the hot path, one device-link stream joined to one socket, with the
 //!   tunnel's byte counters (up: user to device; down: back) and reset-on-crash.
 //! - [`splice`]: the one join of two byte streams outside the device link (the peer hop,
@@ -97,7 +97,8 @@
 //!
 //! Secrets (API keys, device keys) are stored only as SHA-256 and never logged.
 
-// `deny`, not `forbid`: `sockinfo` alone allows it, for its one documented `getsockopt(2)`.
+// `deny`, not `forbid`: `sockinfo` and `heap` allow it, for one documented `getsockopt(2)`
+// and one `malloc_trim(3)`.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -115,6 +116,8 @@ pub mod credit;
 pub mod duration;
 pub mod forward;
 pub mod healthcheck;
+#[cfg(feature = "relay")]
+pub mod heap;
 pub mod https_proxy;
 pub mod link;
 pub mod logsafe;

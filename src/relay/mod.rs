@@ -380,6 +380,7 @@ impl Relay {
         }
         background.spawn(heartbeat(shared.clone()));
         background.spawn(revalidate::revalidate(shared.clone()));
+        background.spawn(give_back_freed_memory(shared.clone()));
 
         tokio::select! {
             _ = shutdown => {}
@@ -535,5 +536,32 @@ mod tests {
         assert_eq!(device_tcp_addr(Some(Listen::Off), Some(quic)), None);
         let at: SocketAddr = "0.0.0.0:443".parse().unwrap();
         assert_eq!(device_tcp_addr(Some(Listen::At(at)), Some(quic)), Some(at));
+    }
+}
+
+/// How often the relay looks whether tunnels ended, to hand their freed memory back.
+const GIVE_BACK_EVERY: Duration = Duration::from_secs(2);
+
+/// Hands the heap's free pages back to the kernel ([`crate::heap`]) within
+/// [`GIVE_BACK_EVERY`] of tunnels ending, and not otherwise: a relay whose tunnels come and
+/// go trims once per interval, an idle or steady one never.
+async fn give_back_freed_memory(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(GIVE_BACK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = shared.registry.ended();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        let ended = shared.registry.ended();
+        if ended == seen {
+            continue;
+        }
+        seen = ended;
+        // It walks every arena under its lock: off the runtime's worker threads.
+        if let Err(e) = tokio::task::spawn_blocking(crate::heap::give_back).await {
+            tracing::warn!(error = %e, "giving freed memory back failed");
+        }
     }
 }

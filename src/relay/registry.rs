@@ -5,6 +5,7 @@
 //! mutex (never held across an await) is enough.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tokio_util::sync::CancellationToken;
@@ -129,6 +130,8 @@ fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
 #[derive(Default)]
 pub struct Registry {
     tunnels: Mutex<Tunnels>,
+    /// Tunnels that have ended since the relay started.
+    ended: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -168,6 +171,7 @@ impl Registry {
         let Some(entry) = t.by_id.remove(id) else {
             return;
         };
+        self.ended.fetch_add(1, Ordering::Relaxed);
         release(&mut t.per_user, &entry.user_id);
         release(&mut t.per_device, &entry.device);
         release(
@@ -189,6 +193,11 @@ impl Registry {
     /// How many tunnels are open.
     pub fn tunnel_count(&self) -> usize {
         lock(&self.tunnels).by_id.len()
+    }
+
+    /// How many tunnels have ended since the relay started.
+    pub fn ended(&self) -> u64 {
+        self.ended.load(Ordering::Relaxed)
     }
 }
 

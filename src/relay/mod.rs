@@ -521,24 +521,6 @@ fn raise_fd_limit() {
     );
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_tcp_device_listener_defaults_to_the_quic_address_twin() {
-        let quic: SocketAddr = "10.0.0.1:4433".parse().unwrap();
-        assert_eq!(device_tcp_addr(None, Some(quic)), Some(quic));
-        assert_eq!(
-            device_tcp_addr(None, None),
-            Some("0.0.0.0:4433".parse().unwrap())
-        );
-        assert_eq!(device_tcp_addr(Some(Listen::Off), Some(quic)), None);
-        let at: SocketAddr = "0.0.0.0:443".parse().unwrap();
-        assert_eq!(device_tcp_addr(Some(Listen::At(at)), Some(quic)), Some(at));
-    }
-}
-
 /// How often the relay looks whether tunnels ended, to hand their freed memory back.
 const GIVE_BACK_EVERY: Duration = Duration::from_secs(2);
 
@@ -563,5 +545,23 @@ async fn give_back_freed_memory(shared: Arc<Shared>) {
         if let Err(e) = tokio::task::spawn_blocking(crate::heap::give_back).await {
             tracing::warn!(error = %e, "giving freed memory back failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tcp_device_listener_defaults_to_the_quic_address_twin() {
+        let quic: SocketAddr = "10.0.0.1:4433".parse().unwrap();
+        assert_eq!(device_tcp_addr(None, Some(quic)), Some(quic));
+        assert_eq!(
+            device_tcp_addr(None, None),
+            Some("0.0.0.0:4433".parse().unwrap())
+        );
+        assert_eq!(device_tcp_addr(Some(Listen::Off), Some(quic)), None);
+        let at: SocketAddr = "0.0.0.0:443".parse().unwrap();
+        assert_eq!(device_tcp_addr(Some(Listen::At(at)), Some(quic)), Some(at));
     }
 }

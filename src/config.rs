@@ -136,8 +136,8 @@ pub struct Limits {
     pub tunnels_per_relay: usize,
     /// Tunnel bytes the relay may have granted devices and not yet seen its users take,
     /// over all tunnels (PROTOCOL.md §2d); past it new credit waits. 0 (the default): a
-    /// quarter of the machine's memory, or of the relay's cgroup limit when that is lower
-    /// (docs/memory.md).
+    /// quarter of the machine's memory, or of the relay's cgroup limit when that is lower,
+    /// and at most half the kernel's TCP memory low mark (docs/memory.md).
     pub tunnel_buffer_bytes: u64,
     /// Failed authentications per source (IPv4 address or IPv6 /64) per minute; further
     /// failures answer 429. Valid credentials are never refused by it.
@@ -241,10 +241,21 @@ impl Limits {
         Duration::from_millis(self.api_body_timeout_ms)
     }
     /// [`Limits::tunnel_buffer_bytes`] in force: as set, or a quarter of the memory this
-    /// process may use (the machine's, or its cgroup's limit when lower).
+    /// process may use (the machine's, or its cgroup's limit when lower), and no more than
+    /// half the kernel's TCP memory low mark.
+    ///
+    /// The second bound is because granted bytes a user has not taken wait in the user
+    /// sockets' kernel queues, and past `net.ipv4.tcp_mem`'s pressure mark the kernel
+    /// shrinks every TCP socket's buffers, the device links' included: tunnels on the
+    /// TLS/TCP link then crawl, and what the relay granted lands in its own memory
+    /// instead (docs/memory.md). Half the low mark leaves room for the kernel's overhead
+    /// on those bytes and for the relay's other sockets.
     pub fn tunnel_buffer(&self) -> u64 {
         match self.tunnel_buffer_bytes {
-            0 => memory_available().map_or(DEFAULT_TUNNEL_BUFFER, |m| m / 4),
+            0 => {
+                let memory = memory_available().map_or(DEFAULT_TUNNEL_BUFFER, |m| m / 4);
+                kernel_tcp_low_mark().map_or(memory, |low| memory.min(low / 2))
+            }
             n => n,
         }
     }
@@ -252,6 +263,27 @@ impl Limits {
 
 /// The tunnel buffer limit when the machine's memory cannot be read: 1 GiB.
 const DEFAULT_TUNNEL_BUFFER: u64 = 1 << 30;
+
+/// The kernel's TCP memory low mark, bytes: the first of `net.ipv4.tcp_mem`'s three
+/// figures (pages), below which it does not regulate TCP buffers at all.
+fn kernel_tcp_low_mark() -> Option<u64> {
+    let marks = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem").ok()?;
+    let low: u64 = marks.split_whitespace().next()?.parse().ok()?;
+    Some(low.saturating_mul(page_size()))
+}
+
+/// The kernel's page size (the unit of `tcp_mem`), as `/proc/self/smaps` states it; 4 KiB
+/// when it cannot be read.
+fn page_size() -> u64 {
+    std::fs::read_to_string("/proc/self/smaps")
+        .ok()
+        .and_then(|smaps| {
+            let line = smaps.lines().find(|l| l.starts_with("KernelPageSize:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(4096)
+}
 
 /// The memory this process may use: the machine's (`MemTotal`), or its cgroup's limit
 /// (v2 `memory.max`, v1 `memory.limit_in_bytes`) when that is lower.

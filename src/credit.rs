@@ -165,6 +165,8 @@ pub struct Budget {
     /// Of `used`, the bytes waiting in the relay's own memory for user sockets that would
     /// not take them (the rest is in flight or in the kernel's queues).
     held: AtomicU64,
+    /// Tunnels under credit now (for [`Budget::fair_window`]).
+    tunnels: AtomicU64,
     /// Woken whenever bytes are given back.
     freed: Notify,
 }
@@ -177,6 +179,7 @@ impl Budget {
             used: AtomicU64::new(0),
             exhausted: AtomicU64::new(0),
             held: AtomicU64::new(0),
+            tunnels: AtomicU64::new(0),
             freed: Notify::new(),
         }
     }
@@ -194,6 +197,16 @@ impl Budget {
     /// How many times a draw found less left than it wanted.
     pub fn times_exhausted(&self) -> u64 {
         self.exhausted.load(Ordering::Relaxed)
+    }
+
+    /// The largest window a tunnel may have now: an equal share of half the limit among
+    /// the tunnels under credit, and never less than [`MIN_WINDOW`]. With few tunnels it
+    /// is past [`MAX_WINDOW`] and binds nothing; with thousands it keeps the windows that
+    /// stalled users hold (which cannot be taken back) to half the budget in all, so that
+    /// every other tunnel still finds room for a window as large as theirs.
+    pub fn fair_window(&self) -> u64 {
+        let tunnels = self.tunnels.load(Ordering::Relaxed).max(1);
+        (self.limit / 2 / tunnels).max(MIN_WINDOW)
     }
 
     /// Bytes waiting in the relay's memory for user sockets now.
@@ -383,6 +396,7 @@ impl Grant {
     /// A tunnel's credit: its initial limit (for the `open`) is drawn from `budget`, and
     /// may be less than a window, or 0, when the budget is short.
     pub fn open(tunnel: &str, outbox: Arc<Outbox>, budget: Arc<Budget>) -> Grant {
+        budget.tunnels.fetch_add(1, Ordering::Relaxed);
         let limit = budget.take(MIN_WINDOW);
         Grant {
             tunnel: tunnel.into(),
@@ -436,6 +450,7 @@ impl Grant {
             return Wait::Nothing;
         }
         let queue = user();
+        let fair = self.budget.fair_window();
         let unsent = queue.unsent.min(written);
         let taken = written - unsent;
         self.budget.give(taken.saturating_sub(self.given));
@@ -450,12 +465,15 @@ impl Grant {
             self.window = (self.window / 2).max(MIN_WINDOW);
         } else if self.starved && backlog < self.effective / 4 {
             // The agent ran out of credit while the user kept up (a quarter window waiting
-            // at most: what is still on its way out): the window was the limit.
-            self.window = (self.window * 2).min(MAX_WINDOW);
+            // at most: what is still on its way out): the window was the limit. Not past a
+            // fair share, though (below).
+            self.window = (self.window * 2).min(MAX_WINDOW).min(fair).max(self.window);
         }
         // Never more ahead than the user's kernel queue takes: if the user stops now,
         // everything granted still fits there, and the relay keeps (almost) none of it.
-        self.effective = self.window.min(queue.capacity.max(MIN_WINDOW));
+        // Nor more than a fair share of half the budget: what a user who stops keeps cannot
+        // be taken back, so no tunnel's window may grow into the room other tunnels need.
+        self.effective = self.window.min(queue.capacity.max(MIN_WINDOW)).min(fair);
         if self.limit - taken >= self.effective / 2 {
             // The user's kernel still holds what would free more.
             return self.backoff();
@@ -484,6 +502,7 @@ impl Grant {
 
 impl Drop for Grant {
     fn drop(&mut self) {
+        self.budget.tunnels.fetch_sub(1, Ordering::Relaxed);
         self.budget.give(self.limit - self.given);
     }
 }
@@ -594,14 +613,56 @@ mod tests {
         assert_eq!(wait, Wait::Budget);
         assert!(budget.used() <= budget.limit());
         assert!(budget.times_exhausted() > 0);
-        // a ends: what it held is b's to draw, up to the budget and no further.
+        // a ends: what it held is b's to draw, a window's worth (b is alone now, and a
+        // budget this small holds no more than a minimum window as a fair share).
         drop(a);
         let before = b.limit();
         b.update(before, before, || q(0));
-        assert_eq!(b.limit(), before + budget.limit());
-        assert_eq!(budget.used(), budget.limit());
+        assert_eq!(b.limit(), before + MIN_WINDOW);
+        assert!(budget.used() <= budget.limit());
         drop(b);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn windows_grow_only_to_a_fair_share_of_half_the_budget() {
+        let budget = Arc::new(Budget::new(64 * MIN_WINDOW));
+        let outbox = Arc::new(Outbox::default());
+        // Eight tunnels: half the budget shared eight ways is four minimum windows each.
+        let mut others: Vec<Grant> = (0..7)
+            .map(|i| Grant::open(&format!("t{i}"), outbox.clone(), budget.clone()))
+            .collect();
+        let mut g = Grant::open("fast", outbox.clone(), budget.clone());
+        assert_eq!(budget.fair_window(), 4 * MIN_WINDOW);
+        for _ in 0..20 {
+            let limit = g.limit();
+            g.update(limit, limit, || q(0));
+        }
+        // The reader keeps up and gets credit as fast as it takes it, a fair window ahead.
+        assert_eq!(g.window(), 4 * MIN_WINDOW);
+        assert!(g.limit() >= 20 * MIN_WINDOW, "limit {}", g.limit());
+        // So does every other one, however long the first has been there.
+        for t in &mut others {
+            for _ in 0..20 {
+                let limit = t.limit();
+                t.update(limit, limit, || q(0));
+            }
+            assert_eq!(t.window(), 4 * MIN_WINDOW);
+        }
+        assert!(budget.used() <= budget.limit() / 2);
+        // Six end: two left, a fair share is 16 minimum windows, and the window grows to it.
+        others.truncate(1);
+        for _ in 0..5 {
+            let limit = g.limit();
+            g.update(limit, limit, || q(0));
+        }
+        assert_eq!(g.window(), 16 * MIN_WINDOW);
+        // Never below the minimum, however many there are.
+        let crowd: Vec<Grant> = (0..100)
+            .map(|i| Grant::open(&format!("c{i}"), outbox.clone(), budget.clone()))
+            .collect();
+        assert_eq!(budget.fair_window(), MIN_WINDOW);
+        drop(crowd);
     }
 
     #[test]

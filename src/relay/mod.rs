@@ -525,22 +525,29 @@ fn raise_fd_limit() {
 const GIVE_BACK_EVERY: Duration = Duration::from_secs(2);
 
 /// Hands the heap's free pages back to the kernel ([`crate::heap`]) within
-/// [`GIVE_BACK_EVERY`] of tunnels ending, and not otherwise: a relay whose tunnels come and
-/// go trims once per interval, an idle or steady one never.
+/// [`GIVE_BACK_EVERY`] of tunnels ending, and twice more after the last one ended (a tunnel's
+/// transport state and audit row go a little after it leaves the registry), and not
+/// otherwise: a relay whose tunnels come and go trims once per interval, an idle or steady
+/// one never.
 async fn give_back_freed_memory(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(GIVE_BACK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen = shared.registry.ended();
+    let mut trailing = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = shared.shutdown.cancelled() => return,
         }
         let ended = shared.registry.ended();
-        if ended == seen {
+        if ended != seen {
+            seen = ended;
+            trailing = 2;
+        } else if trailing > 0 {
+            trailing -= 1;
+        } else {
             continue;
         }
-        seen = ended;
         // It walks every arena under its lock: off the runtime's worker threads.
         if let Err(e) = tokio::task::spawn_blocking(crate::heap::give_back).await {
             tracing::warn!(error = %e, "giving freed memory back failed");

@@ -20,6 +20,15 @@ const USERS_PER_DEVICE: usize = 2;
 const DEVICES_PER_USER: usize = 5;
 /// What half the stalled readers read at full rate before they stop.
 pub const FAST_FIRST: u64 = 4 << 20;
+/// The receive buffer of a stalled reader's socket and the send buffer of a source's, set
+/// rather than left to the kernel's autotuning. In the field these sockets are on the
+/// users' machines and on the devices; here they share the relay's kernel, and autotuned
+/// (up to 6 and 4 MiB each) 2,000 of each would hold gigabytes of the machine's TCP memory
+/// and push the relay's own sockets into the kernel's memory pressure, which no relay
+/// with remote users meets for that reason. What the relay is asked to hold is the same
+/// either way: what a stalled reader's socket does not take waits in the relay's send
+/// queue, which is what is measured.
+pub const REMOTE_SOCKET_BUFFER: usize = 32 * 1024;
 
 /// A relay with its devices (an agent each, on one transport), the readers' users, and one
 /// more user for the tunnels that keep moving beside the stalled ones.
@@ -36,8 +45,11 @@ pub struct Stalled {
     pub keys: Vec<String>,
     /// The active user's API key.
     pub active_key: String,
-    /// The device-side source that never ends (the same on every device: it is local).
+    /// The device-side source that never ends (the same on every device: it is local),
+    /// with its send buffers left to the kernel: the active tunnels' source.
     pub port: u16,
+    /// The same source with [`REMOTE_SOCKET_BUFFER`] send buffers: the stalled readers'.
+    pub stalled_port: u16,
 }
 
 /// Devices and users enough for `n` stalled readers over `transport` (`quic` or `tcp`),
@@ -79,7 +91,8 @@ pub async fn stalled_world(transport: &str, n: usize, config: &str) -> Stalled {
     }
     let active_key = world.user("active").await;
     world.admin.add_member("stalled", "active").await;
-    let port = endless_source().await;
+    let port = endless_source(None).await;
+    let stalled_port = endless_source(Some(REMOTE_SOCKET_BUFFER)).await;
     Stalled {
         world,
         pid,
@@ -88,6 +101,7 @@ pub async fn stalled_world(transport: &str, n: usize, config: &str) -> Stalled {
         keys,
         active_key,
         port,
+        stalled_port,
     }
 }
 
@@ -101,15 +115,17 @@ impl Stalled {
             let pair = i / PER_PAIR;
             let device = pair / USERS_PER_DEVICE;
             let user = (device / DEVICES_PER_USER) * USERS_PER_DEVICE + pair % USERS_PER_DEVICE;
-            stalled.push(
-                tunnel(
-                    self.world.relay.proxy,
-                    &self.keys[user],
-                    &self.uuids[device],
-                    self.port,
-                )
-                .await,
-            );
+            let s = tunnel(
+                self.world.relay.proxy,
+                &self.keys[user],
+                &self.uuids[device],
+                self.stalled_port,
+            )
+            .await;
+            socket2::SockRef::from(&s)
+                .set_recv_buffer_size(REMOTE_SOCKET_BUFFER)
+                .unwrap();
+            stalled.push(s);
         }
         let mut fast = tokio::task::JoinSet::new();
         for (i, mut s) in stalled.drain(..).enumerate() {
@@ -152,7 +168,9 @@ pub fn pattern(offset: u64) -> u8 {
 
 /// A device-side service that writes without end (until the connection fails) a pattern
 /// a reader can check for lost, repeated or reordered bytes: byte `i` is `i % 251`.
-pub async fn endless_source() -> u16 {
+///
+/// With `send_buffer`, each connection's send buffer is set to it instead of autotuned.
+pub async fn endless_source(send_buffer: Option<usize>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     // 251 × 4,096 bytes: a whole number of periods, so every write continues the pattern.
@@ -160,6 +178,9 @@ pub async fn endless_source() -> u16 {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             let block = block.clone();
+            if let Some(size) = send_buffer {
+                let _ = socket2::SockRef::from(&s).set_send_buffer_size(size);
+            }
             tokio::spawn(async move {
                 let _ = s.set_nodelay(true);
                 while s.write_all(&block).await.is_ok() {}
@@ -241,6 +262,22 @@ pub fn kernel_socket_bytes(pid: u32) -> u64 {
         }
     }
     total
+}
+
+/// The machine's TCP memory and the kernel's pressure mark for it (`net.ipv4.tcp_mem`'s
+/// second figure), bytes, from `/proc/net/sockstat`.
+pub fn machine_tcp_memory() -> (u64, u64) {
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap();
+    let line = sockstat.lines().find(|l| l.starts_with("TCP:")).unwrap();
+    let mut words = line.split_whitespace();
+    let pages: u64 = words
+        .find(|w| *w == "mem")
+        .and_then(|_| words.next())
+        .and_then(|v| v.parse().ok())
+        .expect("sockstat's TCP line has mem");
+    let marks = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem").unwrap();
+    let pressure: u64 = marks.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (pages * 4096, pressure * 4096)
 }
 
 /// Waits until `pid`'s RSS stops growing (under 1 % in 2 s), at most 60 s; the RSS, KiB.

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -34,6 +34,10 @@ pub const MAX_WINDOW: u64 = 4 << 20;
 /// most it waits between looks once the user has stopped reading.
 const POLL_FIRST: Duration = Duration::from_millis(1);
 const POLL_MAX: Duration = Duration::from_secs(1);
+/// How long a user with a whole window waiting must have taken nothing before the window
+/// shrinks: far longer than a burst takes to leave a local queue, far shorter than a user
+/// who has stopped stays stopped.
+const STALL: Duration = Duration::from_millis(100);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The maps hold plain values; a panic elsewhere cannot leave one half-written.
@@ -390,6 +394,9 @@ pub struct Grant {
     given: u64,
     /// The next [`Wait::Poll`] interval; doubles while the user's queue does not move.
     poll: Duration,
+    /// The most the user had taken when last asked, and when that last grew.
+    taken: u64,
+    taken_grew: Instant,
 }
 
 impl Grant {
@@ -409,6 +416,8 @@ impl Grant {
             effective: MIN_WINDOW,
             given: 0,
             poll: POLL_FIRST,
+            taken: 0,
+            taken_grew: Instant::now(),
         }
     }
 
@@ -438,6 +447,17 @@ impl Grant {
         written: u64,
         user: impl FnOnce() -> UserQueue,
     ) -> Wait {
+        self.update_at(Instant::now(), received, written, user)
+    }
+
+    /// [`Grant::update`] at `now`.
+    fn update_at(
+        &mut self,
+        now: Instant,
+        received: u64,
+        written: u64,
+        user: impl FnOnce() -> UserQueue,
+    ) -> Wait {
         // An agent reads its service in pieces cut at its limit, so arriving bytes that end
         // exactly at a limit (this one, or the one before a grant still on its way) mean the
         // credit, not the service, set the pace.
@@ -458,11 +478,20 @@ impl Grant {
         // Not yet taken by the user: unsent in the kernel, and not even written (a user in
         // this process has no kernel queue; its backlog waits in the relay).
         let backlog = unsent + received.saturating_sub(written);
-        if backlog >= self.window {
-            // The user is the limit: a whole window waits for them. (Not less: a reader
-            // that is only descheduled for a moment leaves a partial window behind, and
-            // shrinking for that would cap a busy tunnel at a window per credit round trip.)
+        if taken > self.taken {
+            self.taken = taken;
+            self.taken_grew = now;
+        }
+        if backlog >= self.window && now.duration_since(self.taken_grew) >= STALL {
+            // The user is the limit: a whole window waits for them, and they have taken
+            // nothing for a while. (Not less: a reader that is only descheduled for a moment
+            // leaves a partial window behind, and shrinking for that would cap a busy
+            // tunnel at a window per credit round trip. Not at once: on a lossy path the
+            // bytes held up behind a lost packet arrive together, a window's worth in the
+            // user's queue for an instant, and shrinking for that caps the tunnel at a
+            // window per loss.) Once more per further `STALL` without progress.
             self.window = (self.window / 2).max(MIN_WINDOW);
+            self.taken_grew = now;
         } else if self.starved && backlog < self.effective / 4 {
             // The agent ran out of credit while the user kept up (a quarter window waiting
             // at most: what is still on its way out): the window was the limit. Not past a
@@ -579,11 +608,16 @@ mod tests {
         assert!(big >= 1 << 20);
         // The user stops: everything written stays unsent.
         let stalled_at = g.limit();
-        let wait = g.update(stalled_at, stalled_at, || q(big));
+        let t0 = Instant::now();
+        let wait = g.update_at(t0, stalled_at, stalled_at, || q(big));
         assert!(matches!(wait, Wait::Poll(_)), "{wait:?}");
-        assert!(g.window() < big);
+        // A whole window waits, but for an instant only, as after a burst: no shrinking.
+        assert_eq!(g.window(), big);
+        // Nothing taken for a while: it shrinks, once per further while, to the minimum.
+        let mut at = t0;
         for _ in 0..10 {
-            g.update(stalled_at, stalled_at, || q(big));
+            at += STALL;
+            g.update_at(at, stalled_at, stalled_at, || q(big));
         }
         assert_eq!(g.limit(), stalled_at, "no credit while nothing is taken");
         assert_eq!(g.window(), MIN_WINDOW);
@@ -597,6 +631,26 @@ mod tests {
             }
         }
         assert_eq!(last, POLL_MAX);
+    }
+
+    #[test]
+    fn a_burst_that_drains_at_once_keeps_the_window() {
+        let (mut g, _outbox, _budget) = grant(1 << 30);
+        let mut limit = g.limit();
+        for _ in 0..10 {
+            g.update(limit, limit, || q(0));
+            limit = g.limit();
+        }
+        let big = g.window();
+        // Bytes held up behind a lost packet arrive together: a window waits in the user's
+        // queue, and a millisecond later it has gone.
+        let t0 = Instant::now();
+        let at = g.limit();
+        g.update_at(t0, at, at, || q(big));
+        g.update_at(t0 + STALL / 50, at, at, || q(0));
+        // Again, a while later: still no whole STALL without progress.
+        g.update_at(t0 + STALL, at, at, || q(big));
+        assert_eq!(g.window(), big);
     }
 
     #[test]

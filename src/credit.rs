@@ -570,6 +570,15 @@ mod tests {
         assert!(g.limit() - limit <= small.capacity, "{}", g.limit() - limit);
     }
 
+    /// `rounds` grants to a user who takes every byte at once, the agent using all its
+    /// credit each time.
+    fn keep_up(g: &mut Grant, rounds: usize) {
+        for _ in 0..rounds {
+            let limit = g.limit();
+            g.update(limit, limit, || q(0));
+        }
+    }
+
     fn grant(limit: u64) -> (Grant, Arc<Outbox>, Arc<Budget>) {
         let outbox = Arc::new(Outbox::default());
         let budget = Arc::new(Budget::new(limit));
@@ -585,10 +594,7 @@ mod tests {
         let (mut g, outbox, budget) = grant(1 << 30);
         assert_eq!(g.limit(), MIN_WINDOW);
         // The agent uses all its credit and the user takes every byte at once.
-        for _ in 0..20 {
-            let limit = g.limit();
-            g.update(limit, limit, || q(0));
-        }
+        keep_up(&mut g, 20);
         assert_eq!(g.window(), MAX_WINDOW);
         let mut posted = Vec::new();
         futures_now(outbox.next(&mut posted));
@@ -599,11 +605,7 @@ mod tests {
     #[test]
     fn a_stalled_reader_shrinks_the_window_and_stops_the_grants() {
         let (mut g, _outbox, budget) = grant(1 << 30);
-        let mut limit = g.limit();
-        for _ in 0..10 {
-            g.update(limit, limit, || q(0));
-            limit = g.limit();
-        }
+        keep_up(&mut g, 10);
         let big = g.window();
         assert!(big >= 1 << 20);
         // The user stops: everything written stays unsent.
@@ -636,11 +638,7 @@ mod tests {
     #[test]
     fn a_burst_that_drains_at_once_keeps_the_window() {
         let (mut g, _outbox, _budget) = grant(1 << 30);
-        let mut limit = g.limit();
-        for _ in 0..10 {
-            g.update(limit, limit, || q(0));
-            limit = g.limit();
-        }
+        keep_up(&mut g, 10);
         let big = g.window();
         // Bytes held up behind a lost packet arrive together: a window waits in the user's
         // queue, and a millisecond later it has gone.
@@ -688,10 +686,7 @@ mod tests {
             .collect();
         let mut g = Grant::open("fast", outbox.clone(), budget.clone());
         assert_eq!(budget.fair_window(), 4 * MIN_WINDOW);
-        for _ in 0..20 {
-            let limit = g.limit();
-            g.update(limit, limit, || q(0));
-        }
+        keep_up(&mut g, 20);
         // The reader keeps up and gets credit as fast as it takes it, a fair window ahead.
         assert_eq!(g.window(), 4 * MIN_WINDOW);
         assert!(g.limit() >= 20 * MIN_WINDOW, "limit {}", g.limit());
@@ -706,10 +701,7 @@ mod tests {
         assert!(budget.used() <= budget.limit() / 2);
         // Six end: two left, a fair share is 16 minimum windows, and the window grows to it.
         others.truncate(1);
-        for _ in 0..5 {
-            let limit = g.limit();
-            g.update(limit, limit, || q(0));
-        }
+        keep_up(&mut g, 5);
         assert_eq!(g.window(), 16 * MIN_WINDOW);
         // Never below the minimum, however many there are.
         let crowd: Vec<Grant> = (0..100)

@@ -397,6 +397,8 @@ pub struct Grant {
     /// The most the user had taken when last asked, and when that last grew.
     taken: u64,
     taken_grew: Instant,
+    /// When the last [`Wait::Poll`] was handed out.
+    polled: Instant,
 }
 
 impl Grant {
@@ -418,6 +420,7 @@ impl Grant {
             poll: POLL_FIRST,
             taken: 0,
             taken_grew: Instant::now(),
+            polled: Instant::now(),
         }
     }
 
@@ -481,6 +484,7 @@ impl Grant {
         if taken > self.taken {
             self.taken = taken;
             self.taken_grew = now;
+            self.poll = POLL_FIRST;
         }
         if backlog >= self.window && now.duration_since(self.taken_grew) >= STALL {
             // The user is the limit: a whole window waits for them, and they have taken
@@ -505,7 +509,7 @@ impl Grant {
         self.effective = self.window.min(queue.capacity.max(MIN_WINDOW)).min(fair);
         if self.limit - taken >= self.effective / 2 {
             // The user's kernel still holds what would free more.
-            return self.backoff();
+            return self.backoff(now);
         }
         let want = taken + self.effective - self.limit;
         let got = self.budget.take(want);
@@ -522,9 +526,17 @@ impl Grant {
         Wait::Nothing
     }
 
-    fn backoff(&mut self) -> Wait {
+    /// A look at the user's queue after the poll interval, which doubles only when a whole
+    /// interval has passed since the last one was handed out: when the look itself found
+    /// nothing taken. The pump also asks after every chunk from the agent, and a burst of
+    /// them (a window's worth arriving after a lost packet) must not stretch the interval
+    /// to a second while the user empties the queue in a millisecond.
+    fn backoff(&mut self, now: Instant) -> Wait {
         let wait = self.poll;
-        self.poll = (self.poll * 2).min(POLL_MAX);
+        if now.duration_since(self.polled) >= self.poll {
+            self.poll = (self.poll * 2).min(POLL_MAX);
+        }
+        self.polled = now;
         Wait::Poll(wait)
     }
 }
@@ -625,14 +637,37 @@ mod tests {
         assert_eq!(g.window(), MIN_WINDOW);
         // Held: at most the window the tunnel had, all of it in the user's kernel queue.
         assert!(budget.used() <= big);
-        // The poll backs off to its cap.
+        // The poll backs off to its cap, as each look finds nothing taken.
         let mut last = Duration::ZERO;
         for _ in 0..20 {
-            if let Wait::Poll(d) = g.update(stalled_at, stalled_at, || q(big)) {
+            at += last;
+            if let Wait::Poll(d) = g.update_at(at, stalled_at, stalled_at, || q(big)) {
                 last = d;
             }
         }
         assert_eq!(last, POLL_MAX);
+    }
+
+    #[test]
+    fn a_burst_of_arrivals_does_not_stretch_the_poll() {
+        let (mut g, _outbox, _budget) = grant(1 << 30);
+        keep_up(&mut g, 10);
+        let big = g.window();
+        // A window's worth arrives in 100 chunks within a millisecond, all written and
+        // unsent: the pump asks after each one.
+        let t0 = Instant::now();
+        let start = g.limit() - big;
+        let mut wait = Wait::Nothing;
+        for i in 1..=100u64 {
+            let at = start + big * i / 100;
+            let unsent = at - start;
+            wait = g.update_at(t0 + STALL / 10_000 * i as u32, at, at, || q(unsent));
+        }
+        // The look after the last one comes within a couple of milliseconds, not a second.
+        match wait {
+            Wait::Poll(d) => assert!(d <= 2 * POLL_FIRST, "{d:?}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

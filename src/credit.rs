@@ -591,6 +591,15 @@ mod tests {
         }
     }
 
+    /// A tunnel on a large budget whose user kept up for ten grants, its budget, and the
+    /// window it grew to.
+    fn grown() -> (Grant, Arc<Budget>, u64) {
+        let (mut g, _outbox, budget) = grant(1 << 30);
+        keep_up(&mut g, 10);
+        let window = g.window();
+        (g, budget, window)
+    }
+
     fn grant(limit: u64) -> (Grant, Arc<Outbox>, Arc<Budget>) {
         let outbox = Arc::new(Outbox::default());
         let budget = Arc::new(Budget::new(limit));
@@ -616,9 +625,7 @@ mod tests {
 
     #[test]
     fn a_stalled_reader_shrinks_the_window_and_stops_the_grants() {
-        let (mut g, _outbox, budget) = grant(1 << 30);
-        keep_up(&mut g, 10);
-        let big = g.window();
+        let (mut g, budget, big) = grown();
         assert!(big >= 1 << 20);
         // The user stops: everything written stays unsent.
         let stalled_at = g.limit();
@@ -650,9 +657,7 @@ mod tests {
 
     #[test]
     fn a_burst_of_arrivals_does_not_stretch_the_poll() {
-        let (mut g, _outbox, _budget) = grant(1 << 30);
-        keep_up(&mut g, 10);
-        let big = g.window();
+        let (mut g, _budget, big) = grown();
         // A window's worth arrives in 100 chunks within a millisecond, all written and
         // unsent: the pump asks after each one.
         let t0 = Instant::now();
@@ -672,9 +677,7 @@ mod tests {
 
     #[test]
     fn a_burst_that_drains_at_once_keeps_the_window() {
-        let (mut g, _outbox, _budget) = grant(1 << 30);
-        keep_up(&mut g, 10);
-        let big = g.window();
+        let (mut g, _budget, big) = grown();
         // Bytes held up behind a lost packet arrive together: a window waits in the user's
         // queue, and a millisecond later it has gone.
         let t0 = Instant::now();

@@ -6,8 +6,9 @@
 //! the relay's RSS idle, with the stalled tunnels settled, and 10 s after they are closed;
 //! what the relay's metrics say it holds for them (granted and not yet taken, and of that
 //! what waits in its own memory); the kernel's socket memory of the relay process
-//! (`ss -m`) and of the machine; the agents' RSS and socket memory; and the throughput of other tunnels of the same devices,
-//! with and without the stalled ones (the median of three rounds each), as a ratio.
+//! (`ss -m`) and of the machine; the agents' RSS and socket memory; and the throughput of
+//! other tunnels of the same devices, with and without the stalled ones (the median of
+//! three rounds each), as a ratio.
 
 use std::time::Duration;
 
@@ -39,12 +40,7 @@ pub async fn stalled_readers(transport: &str, n: usize) -> Vec<(String, String, 
     let kernel = kernel_socket_bytes(s.pid);
     let (machine_tcp, pressure_mark) = machine_tcp_memory();
     let agents_full = s.agents_rss();
-    let agents_kernel: u64 = s
-        .agents
-        .iter()
-        .filter_map(|a| a.pid())
-        .map(kernel_socket_bytes)
-        .sum();
+    let agents_kernel = s.agents_socket_bytes();
     let scrape = common::metrics(&s.world.relay).await;
     let granted = metric(&scrape, "cloudlink_tunnel_buffer_bytes");
     let held = metric(&scrape, "cloudlink_tunnel_held_bytes");

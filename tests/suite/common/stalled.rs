@@ -153,11 +153,16 @@ impl Stalled {
 
     /// The agents' RSS together, KiB.
     pub fn agents_rss(&self) -> u64 {
-        self.agents
-            .iter()
-            .filter_map(|a| a.pid())
-            .map(rss_kib)
-            .sum()
+        self.agent_pids().map(rss_kib).sum()
+    }
+
+    /// The kernel memory of the agents' sockets together, bytes ([`kernel_socket_bytes`]).
+    pub fn agents_socket_bytes(&self) -> u64 {
+        self.agent_pids().map(kernel_socket_bytes).sum()
+    }
+
+    fn agent_pids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.agents.iter().filter_map(|a| a.pid())
     }
 }
 

@@ -54,9 +54,13 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut writer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (mut reader, _) = listener.accept().unwrap();
-        // Small buffers, so that the reader's side fills quickly.
+        // Small buffers, so that the reader's side fills quickly, and the writer's queue
+        // too: draining megabytes through a 4 KiB window takes a debug build minutes.
         socket2::SockRef::from(&reader)
             .set_recv_buffer_size(4096)
+            .unwrap();
+        socket2::SockRef::from(&writer)
+            .set_send_buffer_size(32 * 1024)
             .unwrap();
         assert_eq!(unsent_bytes(&writer), Some(0));
         writer.set_nonblocking(true).unwrap();
@@ -84,5 +88,67 @@ mod tests {
         assert_eq!(unsent_bytes(&writer), Some(0));
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         assert_eq!(unsent_bytes(&udp), None, "not a TCP socket");
+    }
+
+    /// Writes to `writer` until its queue takes nothing more, and says what waits unsent.
+    fn fill(writer: &mut std::net::TcpStream) -> u64 {
+        writer.set_nonblocking(true).unwrap();
+        let chunk = vec![7u8; 1200];
+        // In-flight bytes are acknowledged (and leave the queue) a moment after the
+        // reader's window closes: until a few tries in a row take nothing.
+        let mut idle = 0;
+        for _ in 0..100_000 {
+            match writer.write(&chunk) {
+                Ok(_) => idle = 0,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    idle += 1;
+                    if idle == 5 {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unsent_bytes(writer).unwrap()
+    }
+
+    #[test]
+    fn a_stalled_reader_s_sender_queues_what_capacity_of_says() {
+        use crate::credit::UserQueue;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // Autotuned: the reader first takes 64 MiB at full speed, so the send buffer grows.
+        let mut writer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut reader, _) = listener.accept().unwrap();
+        let total = 64 << 20;
+        let drain = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut read = 0;
+            while read < total {
+                read += reader.read(&mut buf).unwrap();
+            }
+            reader
+        });
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..64 {
+            writer.write_all(&chunk).unwrap();
+        }
+        let _reader = drain.join().unwrap();
+        // Set: the kernel doubles what is asked for its overhead.
+        let mut small = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_small_reader, _) = listener.accept().unwrap();
+        socket2::SockRef::from(&small)
+            .set_send_buffer_size(64 * 1024)
+            .unwrap();
+        for (name, socket) in [("autotuned", &mut writer), ("set", &mut small)] {
+            let unsent = fill(socket);
+            let send_buffer = socket2::SockRef::from(&*socket).send_buffer_size().unwrap() as u64;
+            let capacity = UserQueue::capacity_of(send_buffer);
+            // At least: the kernel may queue a little past its figure (one more write).
+            assert!(
+                unsent >= capacity,
+                "{name}: {unsent} bytes queued, SO_SNDBUF {send_buffer}, capacity_of {capacity}"
+            );
+        }
     }
 }

@@ -86,9 +86,9 @@ async fn run_in_span<C: ClientConn>(
     let user = move || match &user_socket {
         Some(socket) => crate::credit::UserQueue {
             unsent: crate::sockinfo::unsent_bytes(socket).unwrap_or(0),
-            // SO_SNDBUF reads back the kernel's figure, which counts its overhead: about
-            // twice the bytes it holds.
-            capacity: socket.send_buffer_size().map_or(0, |b| b as u64 / 2),
+            capacity: socket
+                .send_buffer_size()
+                .map_or(0, |b| crate::credit::UserQueue::capacity_of(b as u64)),
         },
         None => crate::credit::UserQueue::IN_PROCESS,
     };

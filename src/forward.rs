@@ -125,7 +125,15 @@ pub async fn socket_to_link<R: AsyncRead + Unpin, S: ChunkSend>(
     loop {
         // Never a read with no room: it would return 0, which reads as the end.
         let room = match gate {
-            Some(gate) => usize::try_from(gate.room(sent).await).unwrap_or(usize::MAX),
+            Some(gate) => {
+                // Out of credit: how long the relay kept the agent waiting, for tracing.
+                let out = (gate.limit() <= sent).then(std::time::Instant::now);
+                let room = gate.room(sent).await;
+                if let Some(since) = out {
+                    tracing::trace!(sent, waited = ?since.elapsed(), "waited for credit");
+                }
+                usize::try_from(room).unwrap_or(usize::MAX)
+            }
             None => usize::MAX,
         };
         if buf.capacity() - buf.len() < size.min(CHUNK) {

@@ -233,7 +233,10 @@ impl Field {
         let world = World::with(
             "[limits]\nauth_failures_per_minute = 100000\n",
             &["--device-listen", &at, "--device-tcp-listen", &at],
-            &[("RUST_LOG", "info")],
+            &[(
+                "RUST_LOG",
+                &std::env::var("BENCH_RELAY_LOG").unwrap_or("info".into()),
+            )],
         );
         let key = world.relay.admin_key();
         if opts.cli {

@@ -229,6 +229,7 @@ pub async fn open(
         port: SSH_PORT,
         proof,
         version: "HTTP/1.1",
+        user: crate::credit::UserQueue::IN_PROCESS,
     };
     let InProcess {
         stream,

@@ -99,5 +99,15 @@ async fn admit_peer(
         Some(claims.tid),
         crate::relay::registry::TunnelKind::Connect,
     );
-    admit::open_local(state, &session, entry, head.version, claims.usr, false).await
+    // The user is the entry relay's; the peer socket here starts at the least window.
+    admit::open_local(
+        state,
+        &session,
+        entry,
+        head.version,
+        crate::credit::UserQueue::IN_PROCESS,
+        claims.usr,
+        false,
+    )
+    .await
 }

@@ -372,6 +372,7 @@ async fn jump(
                     key: who.key,
                 },
                 version: "HTTP/1.1",
+                user: crate::credit::UserQueue::IN_PROCESS,
             }),
         },
     };

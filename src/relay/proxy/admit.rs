@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::client::Pending;
 use super::refusal::Refusal;
 use crate::auth::policy::{self, Decision};
+use crate::credit::UserQueue;
 use crate::link::device::{DeviceLink, OpenError};
 use crate::link::{LinkRecv, LinkSend};
 use crate::proto::connect::{self, ConnectHead};
@@ -86,6 +87,9 @@ pub struct Ask {
     pub proof: Proof,
     /// The request's HTTP version, echoed in the answer.
     pub version: &'static str,
+    /// The user's socket's send queue at admission, which sizes the tunnel's first
+    /// credit window; [`UserQueue::IN_PROCESS`] for a user inside the relay.
+    pub user: UserQueue,
 }
 
 impl Ask {
@@ -100,6 +104,7 @@ impl Ask {
             port,
             proof: Proof::Token(token),
             version: head.version,
+            user: UserQueue::IN_PROCESS,
         })
     }
 }
@@ -162,9 +167,17 @@ async fn admit_route(
     let entry = new_entry(user_id, &device, port, ask.proof.clone(), id, kind);
     let owner = match state.presence.locate(&device).await {
         Ok(Where::Here(session)) => {
-            return open_local(state, &session, entry, ask.version, username, true)
-                .await
-                .map(Route::Local);
+            return open_local(
+                state,
+                &session,
+                entry,
+                ask.version,
+                ask.user,
+                username,
+                true,
+            )
+            .await
+            .map(Route::Local);
         }
         Ok(Where::Elsewhere(owner)) => owner,
         Ok(Where::Offline) => return Err(Refusal::DeviceOffline),
@@ -233,16 +246,18 @@ pub async fn open_local(
     session: &Arc<DeviceSession>,
     entry: Arc<TunnelEntry>,
     version: &'static str,
+    user: UserQueue,
     username: String,
     audited: bool,
 ) -> Result<Admitted, Refusal> {
     admit_entry(state, &entry)?;
     let limits = &state.config.limits;
     let credit = if session.takes_credit() {
-        TunnelCredit::Grant(crate::credit::Grant::open(
+        TunnelCredit::Grant(crate::credit::Grant::open_for(
             &entry.id,
             session.credit.clone(),
             state.budget.clone(),
+            user,
         ))
     } else {
         match crate::credit::Reservation::take(&state.budget, crate::credit::MAX_WINDOW) {

@@ -91,10 +91,13 @@ pub async fn serve<C: ClientConn>(
         },
     };
     let version = head.version;
-    let ask = match admit::Ask::from_head(&head, &state) {
+    let mut ask = match admit::Ask::from_head(&head, &state) {
         Ok(ask) => ask,
         Err(refusal) => return refuse(client, &state, version, refusal).await,
     };
+    if let Some(tcp) = client.tcp() {
+        ask.user = crate::credit::UserQueue::of(&socket2::SockRef::from(tcp));
+    }
     match admit::admit(&ask, peer, &state, pending, kind, id).await {
         Ok(admit::Route::Local(admitted)) => {
             tunnel::run(client, leftover, admitted, &state, received).await

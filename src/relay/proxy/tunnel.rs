@@ -84,12 +84,7 @@ async fn run_in_span<C: ClientConn>(
         .tcp()
         .and_then(|tcp| socket2::SockRef::from(tcp).try_clone().ok());
     let user = move || match &user_socket {
-        Some(socket) => crate::credit::UserQueue {
-            unsent: crate::sockinfo::unsent_bytes(socket).unwrap_or(0),
-            capacity: socket
-                .send_buffer_size()
-                .map_or(0, |b| crate::credit::UserQueue::capacity_of(b as u64)),
-        },
+        Some(socket) => crate::credit::UserQueue::of(socket),
         None => crate::credit::UserQueue::IN_PROCESS,
     };
     let end = if !answered {

@@ -391,6 +391,13 @@ impl UserQueue {
         }
     }
 
+    /// The window this queue alone stands for (see [`QUEUE_WINDOW_MAX`]): what it takes,
+    /// between [`MIN_WINDOW`] and [`QUEUE_WINDOW_MAX`]; none for a user without a kernel
+    /// queue.
+    fn window(&self) -> Option<u64> {
+        (self.capacity < u64::MAX).then(|| self.capacity.clamp(MIN_WINDOW, QUEUE_WINDOW_MAX))
+    }
+
     /// A user inside the relay (the browser terminal, a gateway session).
     pub const IN_PROCESS: UserQueue = UserQueue {
         unsent: 0,
@@ -469,14 +476,10 @@ impl Grant {
         // TLS/TCP link the kernel's BBR took a sample of that pause as the link's
         // bandwidth (ss: 38.7 Mbit/s before, 0.3 after) and a 150 ms, 1 % download ran at
         // 9.8 Mbit/s.
-        let window = if user.capacity < u64::MAX {
-            user.capacity
-                .clamp(MIN_WINDOW, QUEUE_WINDOW_MAX)
-                .min(budget.fair_window())
-                .max(MIN_WINDOW)
-        } else {
-            MIN_WINDOW
-        };
+        // (A fair share is never below MIN_WINDOW.)
+        let window = user
+            .window()
+            .map_or(MIN_WINDOW, |w| w.min(budget.fair_window()));
         let limit = budget.take(window);
         Grant {
             tunnel: tunnel.into(),
@@ -539,8 +542,7 @@ impl Grant {
         if received > 0 && self.posted.contains(&received) {
             self.starved = true;
         }
-        let due = self.effective - self.effective / REFILL;
-        if self.limit.saturating_sub(written) >= due {
+        if self.limit.saturating_sub(written) >= self.ahead() {
             // Most of a window is granted past what is written: nothing due, and the pump
             // is woken by the bytes still to come.
             return Wait::Nothing;
@@ -558,7 +560,7 @@ impl Grant {
             self.taken = taken;
             self.taken_grew = now;
             self.poll = POLL_FIRST;
-            if queue.capacity < u64::MAX {
+            if let Some(queue_window) = queue.window() {
                 // A user behind a socket who is taking bytes: the window is at least what
                 // their kernel queue takes, which the kernel sizes from that socket's own
                 // path (about twice its congestion window), so it follows the user's TCP
@@ -568,7 +570,7 @@ impl Grant {
                 // its old rate for seconds; its first loss then reset its bandwidth
                 // estimate to that rate (downloads at 200 ms and 1 % loss: 0.2–0.6 ×
                 // plain TCP).
-                self.window = self.window.max(queue.capacity.min(QUEUE_WINDOW_MAX));
+                self.window = self.window.max(queue_window);
             }
         }
         if backlog >= self.window && now.duration_since(self.taken_grew) >= STALL {
@@ -594,7 +596,7 @@ impl Grant {
         // Nor more than a fair share of half the budget: what a user who stops keeps cannot
         // be taken back, so no tunnel's window may grow into the room other tunnels need.
         self.effective = self.window.min(queue.capacity.max(MIN_WINDOW)).min(fair);
-        if self.limit - taken >= self.effective - self.effective / REFILL {
+        if self.limit - taken >= self.ahead() {
             // The user's kernel still holds what would free more.
             return self.backoff(now);
         }
@@ -623,6 +625,12 @@ impl Grant {
             return Wait::Budget;
         }
         Wait::Nothing
+    }
+
+    /// How far ahead of the user the limit may be with no grant due: the window in force
+    /// less the part [`REFILL`] waits for.
+    fn ahead(&self) -> u64 {
+        self.effective - self.effective / REFILL
     }
 
     /// A look at the user's queue after the poll interval, which doubles only when a whole

@@ -452,6 +452,13 @@ pub struct Grant {
 }
 
 impl Grant {
+    /// The tunnel has moved to another link (a resume, PROTOCOL.md §2e): later limits go
+    /// to that link's control stream. The resume itself tells the agent the limit in
+    /// force ([`Grant::limit`]).
+    pub fn move_to(&mut self, outbox: Arc<Outbox>) {
+        self.outbox = outbox;
+    }
+
     /// A tunnel's credit for a user without a kernel queue of their own (inside the relay,
     /// or behind a peer hop): see [`Grant::open_for`].
     pub fn open(tunnel: &str, outbox: Arc<Outbox>, budget: Arc<Budget>) -> Grant {

@@ -34,8 +34,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::credit::{Gate, Grant, UserQueue, Wait};
-use crate::link::{ChunkRecv, ChunkSend, End, LinkRecv, LinkSend};
+use crate::link::{Abort, ChunkRecv, ChunkSend, End};
 use crate::proto::messages::codes;
+use crate::resume::{Acked, Resume, Ring, Written, ACK_DELAY};
 
 /// The most bytes moved per read: 64 KiB cut CPU per GB by a quarter to a third against
 /// 8 KiB (measured with the tunnel benchmark on a 2-core machine).
@@ -107,24 +108,90 @@ pub enum Credit<'a> {
     },
 }
 
+/// The outgoing direction's part of a resumable tunnel's state (PROTOCOL.md §2e), for
+/// one stream.
+pub struct Outgoing<'a> {
+    /// What was sent and not yet acknowledged.
+    pub ring: &'a mut Ring,
+    /// The other side's acks.
+    pub acked: &'a Acked,
+    /// Where this stream starts: the other side's `written`.
+    pub from: u64,
+}
+
+impl Outgoing<'_> {
+    /// Frees what the other side has acknowledged; a violation ends the tunnel.
+    fn apply_acks(&mut self) -> Result<(), Dir> {
+        let (written, _) = self.acked.get();
+        self.ring.ack(written).map(drop).map_err(violated)
+    }
+
+    /// Waits for the other side's ack of this direction's FIN (the tunnel is not over
+    /// until it comes: a link lost before it may still owe the other side bytes).
+    async fn fin_acked(&mut self) -> Dir {
+        loop {
+            let seen = self.acked.get();
+            if let (written, true) = seen {
+                if written != self.ring.sent() {
+                    return violated(crate::resume::Violation(format!(
+                        "FIN acknowledged after {written} bytes of {}",
+                        self.ring.sent()
+                    )));
+                }
+                return match self.ring.ack(written) {
+                    Ok(_) => Dir::Eof,
+                    Err(v) => violated(v),
+                };
+            }
+            self.acked.changed(seen).await;
+        }
+    }
+}
+
+fn violated(v: crate::resume::Violation) -> Dir {
+    tracing::warn!(error = %v, "the far side broke the resume offsets; resetting the tunnel");
+    Dir::Abnormal(End::LinkReset)
+}
+
 /// Socket to link: reads into one reused buffer and hands each read to the stream as
 /// `Bytes` (no copy); the buffer's allocation is reclaimed once the link releases the
 /// pieces. Adds what it moves to `counter`. With a `gate` (the agent under credit) it reads
-/// only what the gate allows, waiting for the relay's credit when none is left.
+/// only what the gate allows, waiting for the relay's credit when none is left. With `out`
+/// (a resumable tunnel) it first sends again what the ring holds from `out.from` on, and
+/// keeps each read in the ring, reading no more while the ring is full.
 pub async fn socket_to_link<R: AsyncRead + Unpin, S: ChunkSend>(
     socket: &mut R,
     send: &mut S,
     counter: &AtomicU64,
     gate: Option<&Gate>,
+    mut out: Option<Outgoing<'_>>,
 ) -> Dir {
+    if let Some(o) = out.as_mut() {
+        if let Err(v) = o.ring.ack(o.from) {
+            return violated(v);
+        }
+        let replay = match o.ring.replay_from(o.from) {
+            Ok(replay) => replay,
+            Err(v) => return violated(v),
+        };
+        for piece in replay {
+            if let Err(end) = send.write_chunk(piece).await {
+                return Dir::Abnormal(end);
+            }
+        }
+        if o.ring.finished() {
+            send.finish();
+            return o.fin_acked().await;
+        }
+    }
     // Small until the socket shows it sends more than a few packets at a time: a tunnel
     // whose user only types (or only reads) costs 16 KiB here, not 256.
     let mut buf = BytesMut::new();
     let mut size = FIRST_BUFFER;
-    let mut sent = 0u64;
+    let mut sent = out.as_ref().map_or(0, |o| o.ring.sent());
     loop {
         // Never a read with no room: it would return 0, which reads as the end.
-        let room = match gate {
+        let mut room = match gate {
             Some(gate) => {
                 // Out of credit: how long the relay kept the agent waiting, for tracing.
                 let out = (gate.limit() <= sent).then(std::time::Instant::now);
@@ -136,13 +203,31 @@ pub async fn socket_to_link<R: AsyncRead + Unpin, S: ChunkSend>(
             }
             None => usize::MAX,
         };
+        if let Some(o) = out.as_mut() {
+            if let Err(dir) = o.apply_acks() {
+                return dir;
+            }
+            while o.ring.room() == 0 {
+                o.acked.changed(o.acked.get()).await;
+                if let Err(dir) = o.apply_acks() {
+                    return dir;
+                }
+            }
+            room = room.min(usize::try_from(o.ring.room()).unwrap_or(usize::MAX));
+        }
         if buf.capacity() - buf.len() < size.min(CHUNK) {
             buf.reserve(size);
         }
         match socket.read_buf(&mut (&mut buf).limit(room)).await {
             Ok(0) => {
                 send.finish();
-                return Dir::Eof;
+                return match out.as_mut() {
+                    Some(o) => {
+                        o.ring.finish();
+                        o.fin_acked().await
+                    }
+                    None => Dir::Eof,
+                };
             }
             Ok(n) => {
                 if n >= FIRST_BUFFER / 2 {
@@ -150,7 +235,13 @@ pub async fn socket_to_link<R: AsyncRead + Unpin, S: ChunkSend>(
                 }
                 counter.fetch_add(n as u64, Ordering::Relaxed);
                 sent += n as u64;
-                if let Err(end) = send.write_chunk(buf.split().freeze()).await {
+                let chunk = buf.split().freeze();
+                // Into the ring before the stream: a stream abandoned mid-write loses
+                // nothing, since the next one replays from the ring.
+                if let Some(o) = out.as_mut() {
+                    o.ring.push(chunk.clone());
+                }
+                if let Err(end) = send.write_chunk(chunk).await {
                     return Dir::Abnormal(end);
                 }
             }
@@ -165,28 +256,84 @@ pub async fn socket_to_link<R: AsyncRead + Unpin, S: ChunkSend>(
 pub const BATCH: usize = 64;
 
 /// Link to socket: the chunks the link hands over go to the socket as they are, a batch
-/// per vectored write, with no copy in between. Adds what it moves to `counter`.
+/// per vectored write, with no copy in between. Adds what it writes to `counter`. With
+/// `written` (a resumable tunnel) it counts every byte written there, and acks as
+/// PROTOCOL.md §2e asks.
 pub async fn link_to_socket<C: ChunkRecv, W: AsyncWrite + Unpin>(
     recv: &mut C,
     socket: &mut W,
     counter: &AtomicU64,
+    mut written: Option<&mut Written>,
 ) -> Dir {
+    if written.as_deref().is_some_and(Written::fin) {
+        return fin_again(recv).await;
+    }
     let mut chunks: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
+    // When the oldest advance no ack covers yet must be acked.
+    let mut ack_due = None;
     loop {
-        match recv.read_chunks(&mut chunks).await {
-            Ok(Some(n)) => {
-                let len: usize = chunks[..n].iter().map(Bytes::len).sum();
-                counter.fetch_add(len as u64, Ordering::Relaxed);
-                if write_all_chunks(socket, &mut chunks[..n]).await.is_err() {
-                    return Dir::Abnormal(End::SocketReset);
+        tokio::select! {
+            r = recv.read_chunks(&mut chunks) => match r {
+                Ok(Some(n)) => {
+                    let wrote = |k| count_written(counter, written.as_deref_mut(), k, &mut ack_due);
+                    if write_all_chunks(socket, &mut chunks[..n], wrote).await.is_err() {
+                        return Dir::Abnormal(End::SocketReset);
+                    }
+                }
+                Ok(None) => {
+                    // FIN: half-close the socket; the other direction keeps going.
+                    return match socket.shutdown().await {
+                        Ok(()) => {
+                            if let Some(w) = written {
+                                w.finished();
+                            }
+                            Dir::Eof
+                        }
+                        Err(_) => Dir::Abnormal(End::SocketReset),
+                    };
+                }
+                Err(end) => return Dir::Abnormal(end),
+            },
+            _ = sleep_until_or_never(ack_due) => {
+                ack_due = None;
+                if let Some(w) = written.as_deref_mut() {
+                    w.flush();
                 }
             }
-            Ok(None) => {
-                // FIN: half-close the socket; the other direction keeps going.
-                return match socket.shutdown().await {
-                    Ok(()) => Dir::Eof,
-                    Err(_) => Dir::Abnormal(End::SocketReset),
-                };
+        }
+    }
+}
+
+/// Counts `n` bytes written to the socket, and on a resumable tunnel acks them: at once
+/// past the ack threshold, else by `ack_due` (PROTOCOL.md §2e).
+fn count_written(
+    counter: &AtomicU64,
+    progress: Option<&mut Written>,
+    n: usize,
+    ack_due: &mut Option<tokio::time::Instant>,
+) {
+    counter.fetch_add(n as u64, Ordering::Relaxed);
+    if let Some(w) = progress {
+        if w.wrote(n as u64) {
+            ack_due.get_or_insert_with(|| tokio::time::Instant::now() + ACK_DELAY);
+        } else {
+            *ack_due = None;
+        }
+    }
+}
+
+/// A resumed stream of a direction whose FIN was already passed on: nothing but the FIN
+/// may come.
+async fn fin_again<C: ChunkRecv>(recv: &mut C) -> Dir {
+    let mut chunks: [Bytes; 4] = std::array::from_fn(|_| Bytes::new());
+    loop {
+        match recv.read_chunks(&mut chunks).await {
+            Ok(None) => return Dir::Eof,
+            Ok(Some(n)) if chunks[..n].iter().all(Bytes::is_empty) => {}
+            Ok(Some(_)) => {
+                return violated(crate::resume::Violation(
+                    "bytes after a FIN already passed on".into(),
+                ))
             }
             Err(end) => return Dir::Abnormal(end),
         }
@@ -204,12 +351,19 @@ pub async fn link_to_user<C: ChunkRecv, W: AsyncWrite + Unpin>(
     counter: &AtomicU64,
     grant: &mut Grant,
     user: &(dyn Fn() -> UserQueue + Send + Sync),
+    mut progress: Option<&mut Written>,
 ) -> Dir {
+    if progress.as_deref().is_some_and(Written::fin) {
+        return fin_again(recv).await;
+    }
     let mut chunks: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
     let budget = grant.budget().clone();
     let mut held = Held::new(&budget);
-    let (mut received, mut written) = (0u64, 0u64);
+    // Offsets count from the tunnel's first byte, over every stream it has lived on.
+    let start = progress.as_deref().map_or(0, Written::written);
+    let (mut received, mut written) = (start, start);
     let mut fin = false;
+    let mut ack_due = None;
     // A tunnel opened while the budget was short starts with less than a window, maybe
     // none: it waits for the budget from the start.
     let mut wait = grant.update(0, 0, user);
@@ -217,7 +371,12 @@ pub async fn link_to_user<C: ChunkRecv, W: AsyncWrite + Unpin>(
         if fin && held.is_empty() {
             // FIN: half-close the socket; the other direction keeps going.
             return match socket.shutdown().await {
-                Ok(()) => Dir::Eof,
+                Ok(()) => {
+                    if let Some(w) = progress {
+                        w.finished();
+                    }
+                    Dir::Eof
+                }
                 Err(_) => Dir::Abnormal(End::SocketReset),
             };
         }
@@ -230,7 +389,6 @@ pub async fn link_to_user<C: ChunkRecv, W: AsyncWrite + Unpin>(
             r = recv.read_chunks(&mut chunks), if !fin => match r {
                 Ok(Some(n)) => {
                     let len: u64 = chunks[..n].iter().map(|c| c.len() as u64).sum();
-                    counter.fetch_add(len, Ordering::Relaxed);
                     received += len;
                     if received > grant.limit() {
                         tracing::warn!(received, limit = grant.limit(), "the agent sent past its credit; resetting the tunnel");
@@ -238,7 +396,10 @@ pub async fn link_to_user<C: ChunkRecv, W: AsyncWrite + Unpin>(
                     }
                     if held.is_empty() {
                         match try_write_chunks(socket, &mut chunks[..n]).await {
-                            Ok(w) => written += w as u64,
+                            Ok(w) => {
+                                written += w as u64;
+                                count_written(counter, progress.as_deref_mut(), w, &mut ack_due);
+                            }
                             Err(_) => return Dir::Abnormal(End::SocketReset),
                         }
                     }
@@ -253,9 +414,16 @@ pub async fn link_to_user<C: ChunkRecv, W: AsyncWrite + Unpin>(
                 Ok(n) => {
                     held.advance(n);
                     written += n as u64;
+                    count_written(counter, progress.as_deref_mut(), n, &mut ack_due);
                 }
             },
             _ = sleep_or_never(poll) => {}
+            _ = sleep_until_or_never(ack_due) => {
+                ack_due = None;
+                if let Some(w) = progress.as_deref_mut() {
+                    w.flush();
+                }
+            }
             _ = budget.freed(), if wait == Wait::Budget => {}
         }
         wait = grant.update(received, written, user);
@@ -321,6 +489,13 @@ impl Drop for Held<'_> {
     }
 }
 
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn sleep_or_never(d: Option<Duration>) {
     match d {
         Some(d) => tokio::time::sleep(d).await,
@@ -381,13 +556,26 @@ async fn poll_write_now<W: AsyncWrite + Unpin>(
 /// at once that costs nothing; when it cannot (its reader is slow or has stopped), what is
 /// left is copied into one buffer of exactly its size first, so a stalled tunnel holds the
 /// bytes it holds and not the whole batches they came in (docs/memory.md).
+///
+/// `wrote` hears every write's byte count as it completes, so a caller whose write is
+/// abandoned (a resumable tunnel's stream replaced) knows exactly what the socket has.
 async fn write_all_chunks<W: AsyncWrite + Unpin>(
     socket: &mut W,
     chunks: &mut [Bytes],
+    mut wrote: impl FnMut(usize),
 ) -> std::io::Result<()> {
-    try_write_chunks(socket, chunks).await?;
+    let first = try_write_chunks(socket, chunks).await?;
+    wrote(first);
     if chunks.iter().any(|c| !c.is_empty()) {
-        return socket.write_all(&compact(chunks)).await;
+        let mut rest = compact(chunks);
+        while !rest.is_empty() {
+            let n = socket.write(&rest).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            rest.advance(n);
+            wrote(n);
+        }
     }
     Ok(())
 }
@@ -430,10 +618,14 @@ fn compact(chunks: &mut [Bytes]) -> Bytes {
 /// directions end, one side resets, `cancel` fires, or nothing moves for `idle` (when
 /// set), paced by `credit`. On any end but [`End::Closed`] the link's stream is reset both
 /// ways; the caller resets the socket (see [`End::resets_socket`]).
+///
+/// With `resume` (a resumable tunnel, PROTOCOL.md §2e) the stream starts each direction
+/// at the offsets it names, and ends as [`End::ConnectionLost`] when its link is gone;
+/// the caller then keeps the socket and waits for the next stream instead.
 #[allow(clippy::too_many_arguments)]
-pub async fn join<R, W>(
-    mut send: LinkSend,
-    mut recv: LinkRecv,
+pub async fn join<S, C, R, W>(
+    mut send: S,
+    mut recv: C,
     socket_r: &mut R,
     socket_w: &mut W,
     counters: &Counters,
@@ -441,51 +633,75 @@ pub async fn join<R, W>(
     cancel: &CancellationToken,
     idle: Option<Duration>,
     credit: Credit<'_>,
+    resume: Option<Resume<'_>>,
 ) -> End
 where
+    S: ChunkSend + Abort,
+    C: ChunkRecv + Abort,
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let (into_link, out_of_link) = counters.ways(side);
-    let end = match credit {
-        Credit::Grant { grant, user } => {
-            join_dirs(
-                socket_to_link(socket_r, &mut send, into_link, None),
-                link_to_user(&mut recv, socket_w, out_of_link, grant, user),
-                counters,
-                cancel,
-                idle,
-            )
-            .await
+    let (out, progress, lost) = match resume {
+        Some(r) => (
+            Some(Outgoing {
+                ring: r.ring,
+                acked: r.acked,
+                from: r.from,
+            }),
+            Some(r.written),
+            Some(r.lost),
+        ),
+        None => (None, None, None),
+    };
+    let dirs = async {
+        match credit {
+            Credit::Grant { grant, user } => {
+                join_dirs(
+                    socket_to_link(socket_r, &mut send, into_link, None, out),
+                    link_to_user(&mut recv, socket_w, out_of_link, grant, user, progress),
+                    counters,
+                    cancel,
+                    idle,
+                )
+                .await
+            }
+            Credit::Obey(gate) => {
+                join_dirs(
+                    socket_to_link(socket_r, &mut send, into_link, Some(gate), out),
+                    link_to_socket(&mut recv, socket_w, out_of_link, progress),
+                    counters,
+                    cancel,
+                    idle,
+                )
+                .await
+            }
+            Credit::None => {
+                join_dirs(
+                    socket_to_link(socket_r, &mut send, into_link, None, out),
+                    link_to_socket(&mut recv, socket_w, out_of_link, progress),
+                    counters,
+                    cancel,
+                    idle,
+                )
+                .await
+            }
         }
-        Credit::Obey(gate) => {
-            join_dirs(
-                socket_to_link(socket_r, &mut send, into_link, Some(gate)),
-                link_to_socket(&mut recv, socket_w, out_of_link),
-                counters,
-                cancel,
-                idle,
-            )
-            .await
-        }
-        Credit::None => {
-            join_dirs(
-                socket_to_link(socket_r, &mut send, into_link, None),
-                link_to_socket(&mut recv, socket_w, out_of_link),
-                counters,
-                cancel,
-                idle,
-            )
-            .await
-        }
+    };
+    let end = match lost {
+        Some(lost) => tokio::select! {
+            end = dirs => end,
+            () = lost.cancelled() => End::ConnectionLost("the link is gone".into()),
+        },
+        None => dirs.await,
     };
     if end != End::Closed {
         let code = match end {
             End::Cancelled | End::Idle => codes::STREAM_CANCELLED,
             _ => codes::STREAM_RESET,
         };
-        send.reset(code);
-        recv.stop(code);
+        send.abort(code);
+        recv.abort(code);
     }
     end
 }
@@ -658,7 +874,9 @@ mod tests {
             Bytes::from_static(b"vectored world"),
         ];
         let mut out = Trickle(Vec::new());
-        write_all_chunks(&mut out, &mut chunks).await.unwrap();
+        write_all_chunks(&mut out, &mut chunks, |_| {})
+            .await
+            .unwrap();
         assert_eq!(out.0, b"hello partial vectored world");
         assert!(
             chunks.iter().all(Bytes::is_empty),
@@ -682,7 +900,9 @@ mod tests {
             .collect();
         let (mut writer, mut reader) = tokio::io::duplex(100);
         let writing = tokio::spawn(async move {
-            write_all_chunks(&mut writer, &mut chunks).await.unwrap();
+            write_all_chunks(&mut writer, &mut chunks, |_| {})
+                .await
+                .unwrap();
         });
         let mut tries = 0;
         while !batch.is_unique() {
@@ -752,8 +972,8 @@ mod tests {
             let (mut send, mut recv) = (MemSend(send_tx), MemRecv(recv_rx));
             let (into_link, out_of_link) = counters.ways(Side::User);
             let end = join_dirs(
-                socket_to_link(&mut r, &mut send, into_link, None),
-                link_to_socket(&mut recv, &mut w, out_of_link),
+                socket_to_link(&mut r, &mut send, into_link, None, None),
+                link_to_socket(&mut recv, &mut w, out_of_link, None),
                 &counters,
                 &token,
                 idle,
@@ -871,5 +1091,415 @@ mod tests {
         let (end, up, _) = ended(t.ended).await;
         assert_eq!((end, up), (End::Cancelled, 4));
         assert!(End::Cancelled.resets_socket());
+    }
+
+    /// Two sides of a resumable tunnel joined by in-memory links that the test loses at
+    /// will (PROTOCOL.md §2e with the transport and the control stream taken out).
+    mod two_sides {
+        use crate::forward::{join, Counters, Credit, Side};
+        use crate::link::{Abort, ChunkRecv, ChunkSend, End};
+        use crate::resume::*;
+        use bytes::Bytes;
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        use std::time::Duration;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::sync::mpsc;
+        use tokio_util::sync::CancellationToken;
+
+        /// One direction of an in-memory link: chunks, `None` for the FIN. The link is
+        /// lost (`lost` fires, the chunk with it) once the bytes written on it both ways
+        /// pass its `budget`.
+        struct PipeSend {
+            tx: mpsc::UnboundedSender<Option<Bytes>>,
+            budget: Arc<std::sync::atomic::AtomicI64>,
+            lost: CancellationToken,
+        }
+        struct PipeRecv(mpsc::UnboundedReceiver<Option<Bytes>>);
+
+        impl ChunkSend for PipeSend {
+            async fn write_chunk(&mut self, chunk: Bytes) -> Result<(), End> {
+                let len = chunk.len() as i64;
+                if self.budget.fetch_sub(len, Ordering::Relaxed) < len {
+                    self.lost.cancel();
+                }
+                if self.lost.is_cancelled() {
+                    return Err(End::ConnectionLost("the link broke".into()));
+                }
+                self.tx
+                    .send(Some(chunk))
+                    .map_err(|_| End::ConnectionLost("pipe gone".into()))
+            }
+            fn finish(&mut self) {
+                // A FIN costs one byte of the budget.
+                if self.budget.fetch_sub(1, Ordering::Relaxed) < 1 {
+                    self.lost.cancel();
+                }
+                if !self.lost.is_cancelled() {
+                    let _ = self.tx.send(None);
+                }
+            }
+        }
+
+        impl ChunkRecv for PipeRecv {
+            async fn read_chunks(&mut self, bufs: &mut [Bytes]) -> Result<Option<usize>, End> {
+                match self.0.recv().await {
+                    Some(Some(chunk)) => {
+                        bufs[0] = chunk;
+                        Ok(Some(1))
+                    }
+                    Some(None) => Ok(None),
+                    None => Err(End::ConnectionLost("pipe gone".into())),
+                }
+            }
+        }
+
+        impl Abort for PipeSend {
+            fn abort(&mut self, _: u32) {}
+        }
+
+        impl Abort for PipeRecv {
+            fn abort(&mut self, _: u32) {
+                self.0.close();
+            }
+        }
+
+        /// Acks that travel on the "control stream" of one link: lost with it.
+        struct Control(mpsc::UnboundedSender<(u64, bool)>);
+
+        impl AckSink for Control {
+            fn post(&self, written: u64, fin: bool) {
+                let _ = self.0.send((written, fin));
+            }
+        }
+
+        /// One link's share for one side.
+        struct Link {
+            send: PipeSend,
+            recv: PipeRecv,
+            /// The other side's `written` at the resume, and its FIN passed on.
+            from: (u64, bool),
+            acks: Arc<dyn AckSink>,
+            lost: CancellationToken,
+            /// Under credit: the relay's outbox on this link, the agent's gate on it.
+            outbox: Arc<crate::credit::Outbox>,
+            gate: Arc<crate::credit::Gate>,
+        }
+
+        /// How a side paces the device's direction.
+        #[derive(Clone, Copy, PartialEq)]
+        enum Pace {
+            /// No credit.
+            Free,
+            /// The relay grants credit, the agent obeys it.
+            Credit,
+        }
+
+        /// Runs one side's tunnel over the links it is given, reporting its `written` (and
+        /// the relay its credit limit) each time a link is lost; how it ended.
+        async fn side(
+            socket: tokio::io::DuplexStream,
+            who: Side,
+            pace: Pace,
+            mut carried: Carried,
+            mut links: mpsc::UnboundedReceiver<Link>,
+            report: mpsc::UnboundedSender<((u64, bool), u64)>,
+        ) -> (End, (u64, bool)) {
+            use crate::credit::{Budget, Grant, Outbox, UserQueue};
+            let (mut r, mut w) = tokio::io::split(socket);
+            let counters = Counters::default();
+            let cancel = CancellationToken::new();
+            let budget = Arc::new(Budget::new(1 << 30));
+            let mut grant = Grant::open("t", Arc::new(Outbox::default()), budget);
+            let user = || UserQueue::IN_PROCESS;
+            while let Some(link) = links.recv().await {
+                carried.written.set_sink(link.acks);
+                grant.move_to(link.outbox);
+                let credit = match (pace, who) {
+                    (Pace::Free, _) => Credit::None,
+                    (Pace::Credit, Side::User) => Credit::Grant {
+                        grant: &mut grant,
+                        user: &user,
+                    },
+                    (Pace::Credit, Side::Device) => Credit::Obey(&link.gate),
+                };
+                let end = join(
+                    link.send,
+                    link.recv,
+                    &mut r,
+                    &mut w,
+                    &counters,
+                    who,
+                    &cancel,
+                    None,
+                    credit,
+                    Some(carried.on(link.from, &link.lost)),
+                )
+                .await;
+                let written = &carried.written;
+                let offsets = (written.written(), written.fin());
+                if !matches!(end, End::ConnectionLost(_)) {
+                    return (end, offsets);
+                }
+                let _ = report.send((offsets, grant.limit()));
+            }
+            (End::ConnectionLost("no more links".into()), (0, false))
+        }
+
+        /// A side that has ended cleanly, as its tombstone answers a resume (PROTOCOL.md
+        /// §2e): its final offsets (the link's `from`), its FIN again, and the other's
+        /// replay read to its end.
+        fn tombstone(mut link: Link) {
+            tokio::spawn(async move {
+                link.send.finish();
+                let mut chunks = [Bytes::new()];
+                while let Ok(Some(_)) = link.recv.read_chunks(&mut chunks).await {}
+            });
+        }
+
+        fn data(seed: u64, len: usize) -> Vec<u8> {
+            let mut x = seed;
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        }
+
+        /// Writes `out` and half-closes, while reading everything until the far end's FIN.
+        async fn talk(mut socket: tokio::io::DuplexStream, out: Vec<u8>) -> Vec<u8> {
+            let (mut r, mut w) = tokio::io::split(&mut socket);
+            let write = async {
+                for piece in out.chunks(7919) {
+                    w.write_all(piece).await.unwrap();
+                }
+                w.shutdown().await.unwrap();
+            };
+            let mut got = Vec::new();
+            let read = r.read_to_end(&mut got);
+            let ((), n) = tokio::join!(write, read);
+            n.unwrap();
+            got
+        }
+
+        /// A new link between the sides: pipes both ways, a control stream each way whose
+        /// acks raise the other side's `Acked` until the link is lost, and the relay's
+        /// credit reaching the agent's gate (which starts at `limit`) on it.
+        fn link(
+            from: ((u64, bool), (u64, bool)),
+            acked: (&Arc<Acked>, &Arc<Acked>),
+            limit: u64,
+            budget: i64,
+        ) -> (Link, Link) {
+            let lost = CancellationToken::new();
+            let budget = Arc::new(std::sync::atomic::AtomicI64::new(budget));
+            let (up_tx, up_rx) = mpsc::unbounded_channel();
+            let (down_tx, down_rx) = mpsc::unbounded_channel();
+            let control = |to: &Arc<Acked>| {
+                let (tx, mut rx) = mpsc::unbounded_channel::<(u64, bool)>();
+                let to = to.clone();
+                let lost = lost.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            a = rx.recv() => match a {
+                                Some((written, fin)) => to.raise(written, fin),
+                                None => return,
+                            },
+                            () = lost.cancelled() => return,
+                        }
+                    }
+                });
+                Arc::new(Control(tx)) as Arc<dyn AckSink>
+            };
+            let outbox = Arc::new(crate::credit::Outbox::default());
+            let gate = Arc::new(crate::credit::Gate::new(limit));
+            {
+                let (outbox, gate, lost) = (outbox.clone(), gate.clone(), lost.clone());
+                tokio::spawn(async move {
+                    let mut posted = Vec::new();
+                    loop {
+                        tokio::select! {
+                            () = outbox.next(&mut posted) => {
+                                for (_, limit) in posted.drain(..) {
+                                    gate.raise(limit);
+                                }
+                            }
+                            () = lost.cancelled() => return,
+                        }
+                    }
+                });
+            }
+            let user_end = Link {
+                send: PipeSend {
+                    tx: up_tx,
+                    budget: budget.clone(),
+                    lost: lost.clone(),
+                },
+                recv: PipeRecv(down_rx),
+                from: from.0,
+                // The user end's acks are of the down direction: the device end's ring.
+                acks: control(acked.1),
+                lost: lost.clone(),
+                outbox: outbox.clone(),
+                gate: gate.clone(),
+            };
+            let device_end = Link {
+                send: PipeSend {
+                    tx: down_tx,
+                    budget,
+                    lost: lost.clone(),
+                },
+                recv: PipeRecv(up_rx),
+                from: from.1,
+                acks: control(acked.0),
+                lost: lost.clone(),
+                outbox,
+                gate,
+            };
+            (user_end, device_end)
+        }
+
+        /// 16 MiB each way through a tunnel whose link is lost again and again, at
+        /// random moments: every byte arrives once and in order, both sockets see a
+        /// clean FIN, and the tunnel ends closed at both ends.
+        async fn outlives_its_links(pace: Pace, len: usize, budgets: &[i64]) {
+            let (up, down) = (data(1, len), data(2, len));
+            let (user, relay_socket) = tokio::io::duplex(64 * 1024);
+            let (service, agent_socket) = tokio::io::duplex(64 * 1024);
+            let ignore: Arc<dyn AckSink> = Arc::new(Control(mpsc::unbounded_channel().0));
+            let relay = Carried::new(ignore.clone());
+            let agent = Carried::new(ignore);
+            let acked = (relay.acked.clone(), agent.acked.clone());
+            let (relay_links, relay_rx) = mpsc::unbounded_channel();
+            let (agent_links, agent_rx) = mpsc::unbounded_channel();
+            let (relay_report, mut relay_said) = mpsc::unbounded_channel();
+            let (agent_report, mut agent_said) = mpsc::unbounded_channel();
+            let mut relay = tokio::spawn(side(
+                relay_socket,
+                Side::User,
+                pace,
+                relay,
+                relay_rx,
+                relay_report,
+            ));
+            let mut agent = tokio::spawn(side(
+                agent_socket,
+                Side::Device,
+                pace,
+                agent,
+                agent_rx,
+                agent_report,
+            ));
+            let user = tokio::spawn(talk(user, up.clone()));
+            let service = tokio::spawn(talk(service, down.clone()));
+
+            let mut from = ((0, false), (0, false));
+            // The first window of a user inside the process (credit.rs, MIN_WINDOW).
+            let mut limit = 64 * 1024;
+            let mut losses = 0;
+            let mut tombstoned = false;
+            let (mut relay_end, mut agent_end) = (None, None);
+            loop {
+                // Each link breaks once it has carried its budget, the last never.
+                let budget = budgets.get(losses).copied().unwrap_or(i64::MAX);
+                let (u, d) = link(from, (&acked.0, &acked.1), limit, budget);
+                relay_links.send(u).unwrap();
+                agent_links.send(d).unwrap();
+                // Each side resumes the other from what it has written; the agent's
+                // credit is the relay's limit, whatever reached it on the lost link.
+                let said = (relay_said.recv().await, agent_said.recv().await);
+                let (relay_w, agent_w, relay_limit) = match said {
+                    (Some((relay_w, relay_limit)), Some((agent_w, _))) => {
+                        (relay_w, agent_w, relay_limit)
+                    }
+                    (None, None) => break,
+                    // One side ended as the link was lost, and its last ack with it: the
+                    // other resumes against its tombstone.
+                    (None, Some((agent_w, _))) => {
+                        let (end, relay_w) = (&mut relay).await.unwrap();
+                        relay_end = Some(end);
+                        let (u, d) = link((agent_w, relay_w), (&acked.0, &acked.1), 0, i64::MAX);
+                        tombstone(u);
+                        agent_links.send(d).unwrap();
+                        assert!(agent_said.recv().await.is_none(), "the agent ended");
+                        tombstoned = true;
+                        break;
+                    }
+                    (Some((relay_w, _)), None) => {
+                        let (end, agent_w) = (&mut agent).await.unwrap();
+                        agent_end = Some(end);
+                        let (u, d) = link((agent_w, relay_w), (&acked.0, &acked.1), 0, i64::MAX);
+                        tombstone(d);
+                        relay_links.send(u).unwrap();
+                        assert!(relay_said.recv().await.is_none(), "the relay ended");
+                        tombstoned = true;
+                        break;
+                    }
+                };
+                losses += 1;
+                from = (agent_w, relay_w);
+                limit = relay_limit;
+            }
+            // A tombstone ends the series early: the links after it are not needed.
+            if tombstoned {
+                assert!(losses < budgets.len(), "a tombstone after the last loss");
+            } else {
+                assert_eq!(losses, budgets.len(), "every link but the last was lost");
+            }
+            let got_by_service = service.await.unwrap();
+            let got_by_user = user.await.unwrap();
+            assert!(got_by_service == up, "the service got the upload intact");
+            assert!(got_by_user == down, "the user got the download intact");
+            let relay_end = match relay_end {
+                Some(end) => end,
+                None => relay.await.unwrap().0,
+            };
+            let agent_end = match agent_end {
+                Some(end) => end,
+                None => agent.await.unwrap().0,
+            };
+            assert_eq!((relay_end, agent_end), (End::Closed, End::Closed));
+        }
+
+        /// The test, failing rather than hanging when a side waits for what never comes.
+        async fn within_a_minute(pace: Pace, len: usize, budgets: &[i64]) {
+            let test = outlives_its_links(pace, len, budgets);
+            tokio::time::timeout(Duration::from_secs(60), test)
+                .await
+                .expect("the tunnel hung");
+        }
+
+        /// 16 MiB each way, over 13 links of which 12 break in mid-flight.
+        async fn many_losses(pace: Pace) {
+            const LEN: usize = 16 << 20;
+            within_a_minute(pace, LEN, &[2 * LEN as i64 / 13; 12]).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_tunnel_outlives_its_links_losing_duplicating_and_reordering_nothing() {
+            many_losses(Pace::Free).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_tunnel_under_credit_outlives_its_links_and_its_credit_follows() {
+            many_losses(Pace::Credit).await;
+        }
+
+        /// Links lost around the FINs: the first FIN lost with its link (it goes again);
+        /// the first passed on and the second lost (the side that passed one on reads
+        /// nothing more but a FIN, and its ack may or may not have got through).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_fin_lost_with_its_link_goes_again_and_one_passed_on_stays_passed() {
+            const LEN: usize = 1000;
+            for pace in [Pace::Free, Pace::Credit] {
+                within_a_minute(pace, LEN, &[2 * LEN as i64]).await;
+                within_a_minute(pace, LEN, &[2 * LEN as i64 + 1]).await;
+                within_a_minute(pace, LEN, &[2 * LEN as i64 + 1, 1, 0]).await;
+            }
+        }
     }
 }

@@ -127,6 +127,7 @@ pub mod proto;
 pub mod quic;
 #[cfg(feature = "relay")]
 pub mod relay;
+pub mod resume;
 pub mod sockinfo;
 pub mod splice;
 #[cfg(feature = "relay")]

@@ -133,6 +133,7 @@ fn socket_to_quic_allocations(total: u64) -> u64 {
             &mut sink,
             &counters.up,
             None,
+            None,
         )))
     });
     assert_eq!(dir, Dir::Eof);
@@ -152,6 +153,7 @@ fn quic_to_socket_allocations(total: u64) -> u64 {
             &mut source,
             &mut socket,
             &counters.down,
+            None,
         )))
     });
     assert_eq!(dir, Dir::Eof);
@@ -242,6 +244,7 @@ fn credited_quic_to_socket_allocations(total: u64) -> u64 {
             &counters.down,
             &mut grant,
             &user,
+            None,
         )))
     });
     assert_eq!(dir, Dir::Eof);

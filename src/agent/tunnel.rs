@@ -58,6 +58,7 @@ impl Answer {
                 let (status, name) = match code {
                     RefuseCode::Connect => (http::StatusCode::BAD_GATEWAY, "connect"),
                     RefuseCode::Forbidden => (http::StatusCode::FORBIDDEN, "forbidden"),
+                    RefuseCode::Gone => (http::StatusCode::GONE, "gone"),
                 };
                 let response = http::Response::builder()
                     .status(status)
@@ -137,6 +138,7 @@ fn connect_request(request: &http::Request<h2::RecvStream>) -> Option<TunnelOpen
         tunnel: header(link_h2::TUNNEL_HEADER),
         user: header(link_h2::USER_HEADER),
         credit,
+        resume: false,
     })
 }
 
@@ -196,6 +198,7 @@ async fn connect_and_forward(
             Some(entry) => Credit::Obey(entry.gate()),
             None => Credit::None,
         },
+        None,
     )
     .await;
     if end.resets_socket() {

@@ -61,3 +61,10 @@ pub trait ChunkRecv {
         bufs: &mut [Bytes],
     ) -> impl Future<Output = Result<Option<usize>, End>>;
 }
+
+/// Ends one half of a stream abnormally, with `code` where the transport has room for it:
+/// a reset of the sending half, a stop of the receiving half.
+pub trait Abort {
+    /// Resets or stops this half.
+    fn abort(&mut self, code: u32);
+}

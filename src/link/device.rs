@@ -65,6 +65,9 @@ impl DeviceLink {
                     Ok(OpenReply::Refused { code, message }) => {
                         Err(OpenError::Refused(code, message))
                     }
+                    Ok(OpenReply::Resumed { .. }) => {
+                        Err(OpenError::Bad("`resumed` in answer to an `open`".into()))
+                    }
                     Err(e) => Err(OpenError::Bad(e.to_string())),
                 }
             }
@@ -139,6 +142,7 @@ impl TcpLink {
         let code = match (status.as_u16(), refused.as_deref()) {
             (_, Some("connect")) | (502, None) => RefuseCode::Connect,
             (_, Some("forbidden")) | (403, None) => RefuseCode::Forbidden,
+            (_, Some("gone")) | (410, None) => RefuseCode::Gone,
             _ => return Err(OpenError::Bad(format!("answered {status}"))),
         };
         Err(OpenError::Refused(

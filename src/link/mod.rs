@@ -15,7 +15,7 @@ pub mod quic;
 use bytes::Bytes;
 use quinn::VarInt;
 
-pub use chunks::{ChunkRecv, ChunkSend, End};
+pub use chunks::{Abort, ChunkRecv, ChunkSend, End};
 
 /// ALPN of the TLS/TCP device link (PROTOCOL.md §2b).
 pub const TCP_ALPN: &[u8] = b"cloudlink-tcp/1";
@@ -80,6 +80,18 @@ impl LinkRecv {
         if let LinkRecv::Quic(r) = self {
             let _ = r.stop(VarInt::from_u32(code));
         }
+    }
+}
+
+impl Abort for LinkSend {
+    fn abort(&mut self, code: u32) {
+        self.reset(code);
+    }
+}
+
+impl Abort for LinkRecv {
+    fn abort(&mut self, code: u32) {
+        self.stop(code);
     }
 }
 

@@ -82,6 +82,7 @@ mod tests {
             tunnel: "t".into(),
             user: "u".into(),
             credit: Some(1),
+            resume: false,
         };
         let bytes = encode(&open);
         assert_eq!(&bytes[..4], &((bytes.len() - 4) as u32).to_be_bytes());

@@ -36,6 +36,8 @@ pub mod features {
     pub const UDP_PROBE: &str = "udp-probe";
     /// Agent: it obeys the relay's tunnel credit (PROTOCOL.md §2d).
     pub const CREDIT: &str = "credit";
+    /// Agent and relay: tunnels outlive the loss of their link (PROTOCOL.md §2e).
+    pub const RESUME: &str = "resume";
     /// At most this many features in one message.
     pub const MAX_COUNT: usize = 32;
     /// At most this long, each.
@@ -165,6 +167,17 @@ pub enum RelayControl {
         /// Bytes the agent may send on the tunnel in all; never lowered.
         limit: u64,
     },
+    /// The relay has written `written` bytes of the device's direction to the user (and
+    /// passed its FIN on, with `fin`): PROTOCOL.md §2e.
+    Ack {
+        /// The tunnel id.
+        tunnel: String,
+        /// Bytes written.
+        written: u64,
+        /// Whether the FIN was passed on too.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fin: bool,
+    },
 }
 
 /// Relay → agent, first frame on a tunnel stream.
@@ -182,6 +195,65 @@ pub struct TunnelOpen {
     /// not announce it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credit: Option<u64>,
+    /// The tunnel is resumable (PROTOCOL.md §2e): sent only when both sides announced
+    /// [`features::RESUME`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume: bool,
+}
+
+/// Relay → agent, first frame on a tunnel stream instead of [`TunnelOpen`]: carry on a
+/// resumable tunnel whose link was lost (PROTOCOL.md §2e).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "resume")]
+pub struct TunnelResume {
+    /// The tunnel id, as its `open` named it.
+    pub tunnel: String,
+    /// Bytes of the device's direction the relay has written to the user.
+    pub written: u64,
+    /// Whether the relay has passed the device's FIN on.
+    #[serde(default)]
+    pub fin: bool,
+    /// The credit limit in force (PROTOCOL.md §2d), replacing the agent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credit: Option<u64>,
+}
+
+/// The first frame of a tunnel stream from the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamHead {
+    /// A new tunnel.
+    Open(TunnelOpen),
+    /// A tunnel carried over from a lost link.
+    Resume(TunnelResume),
+}
+
+impl StreamHead {
+    /// Reads the head from a frame's JSON by its `type`.
+    pub fn from_value(value: serde_json::Value) -> Result<StreamHead, serde_json::Error> {
+        if value.get("type").and_then(|t| t.as_str()) == Some("resume") {
+            serde_json::from_value(value).map(StreamHead::Resume)
+        } else {
+            serde_json::from_value(value).map(StreamHead::Open)
+        }
+    }
+}
+
+/// Agent → relay on the control stream, after `welcome` (PROTOCOL.md §2e): only to a
+/// relay that announced [`features::RESUME`], from an agent that did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum AgentControl {
+    /// The agent has written `written` bytes of the user's direction to the service
+    /// (and passed its FIN on, with `fin`).
+    Ack {
+        /// The tunnel id.
+        tunnel: String,
+        /// Bytes written.
+        written: u64,
+        /// Whether the FIN was passed on too.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fin: bool,
+    },
 }
 
 /// Why a device refused a tunnel.
@@ -192,6 +264,8 @@ pub enum RefuseCode {
     Connect,
     /// The agent's allowlist does not include the port.
     Forbidden,
+    /// A `resume` for a tunnel the agent no longer holds (PROTOCOL.md §2e).
+    Gone,
 }
 
 /// Agent → relay, the answer to [`TunnelOpen`].
@@ -200,6 +274,15 @@ pub enum RefuseCode {
 pub enum OpenReply {
     /// Connected to the local port; raw bytes follow.
     Opened,
+    /// The answer to a `resume`: the agent's offsets; the tunnel's bytes follow from the
+    /// relay's.
+    Resumed {
+        /// Bytes of the user's direction the agent has written to the service.
+        written: u64,
+        /// Whether it has passed the user's FIN on.
+        #[serde(default)]
+        fin: bool,
+    },
     /// Not connected.
     Refused {
         /// Why.
@@ -316,6 +399,7 @@ mod tests {
                 tunnel: "t".into(),
                 user: "u".into(),
                 credit: None,
+                resume: false,
             })
             .unwrap(),
             r#"{"type":"open","port":22222,"tunnel":"t","user":"u"}"#
@@ -326,6 +410,7 @@ mod tests {
                 tunnel: "t".into(),
                 user: "u".into(),
                 credit: Some(65536),
+                resume: false,
             })
             .unwrap(),
             r#"{"type":"open","port":22222,"tunnel":"t","user":"u","credit":65536}"#
@@ -394,6 +479,60 @@ mod tests {
         assert_eq!(
             with(vec!["f".to_owned(); features::MAX_COUNT]).check_fields(),
             Ok(())
+        );
+    }
+
+    /// The §2e messages as PROTOCOL.md spells them, and a stream's head told apart by its
+    /// `type`.
+    #[test]
+    fn resume_messages_are_as_specified() {
+        let head = |json: &str| StreamHead::from_value(serde_json::from_str(json).unwrap());
+        assert_eq!(
+            head(r#"{"type":"resume","tunnel":"t","written":7,"fin":true,"credit":9}"#).unwrap(),
+            StreamHead::Resume(TunnelResume {
+                tunnel: "t".into(),
+                written: 7,
+                fin: true,
+                credit: Some(9),
+            })
+        );
+        assert!(matches!(
+            head(r#"{"type":"open","port":1,"tunnel":"t","user":"u","resume":true}"#).unwrap(),
+            StreamHead::Open(TunnelOpen { resume: true, .. })
+        ));
+        assert!(
+            head(r#"{"type":"resume","tunnel":"t"}"#).is_err(),
+            "no offset"
+        );
+        assert_eq!(
+            serde_json::to_string(&OpenReply::Resumed {
+                written: 5,
+                fin: false
+            })
+            .unwrap(),
+            r#"{"type":"resumed","written":5,"fin":false}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&RelayControl::Ack {
+                tunnel: "t".into(),
+                written: 3,
+                fin: true
+            })
+            .unwrap(),
+            r#"{"type":"ack","tunnel":"t","written":3,"fin":true}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&AgentControl::Ack {
+                tunnel: "t".into(),
+                written: 3,
+                fin: false
+            })
+            .unwrap(),
+            r#"{"type":"ack","tunnel":"t","written":3}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&RefuseCode::Gone).unwrap(),
+            r#""gone""#
         );
     }
 }

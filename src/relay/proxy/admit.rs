@@ -276,6 +276,7 @@ pub async fn open_local(
             TunnelCredit::Grant(grant) => Some(grant.limit()),
             TunnelCredit::Reserved(_) => None,
         },
+        resume: false,
     };
     let on_session = session.tunnel();
     match open_stream(
@@ -368,6 +369,10 @@ async fn open_stream(
         )),
         OpenError::Refused(RefuseCode::Forbidden, _) => {
             Refusal::DeviceRefused(format!("port {} is not allowed by the device", open.port))
+        }
+        // Only a `resume` is answered `gone`; to an `open` it makes no sense.
+        OpenError::Refused(RefuseCode::Gone, _) => {
+            Refusal::DeviceRefused("bad answer from the agent (gone)".into())
         }
     })
 }

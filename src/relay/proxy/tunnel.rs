@@ -116,6 +116,7 @@ async fn run_in_span<C: ClientConn>(
                 &entry.cancel,
                 idle,
                 credit,
+                None,
             )
             .await
         };

@@ -799,7 +799,9 @@ async fn idle_tcp_devices(n: usize) -> f64 {
                     ..Default::default()
                 };
                 let tcp = TcpStream::connect(addr).await.expect("TCP connect");
-                cloudlink::agent::link::dial_tcp(tcp, &tls, &config, "localhost")
+                // Links only: no tunnels to resume.
+                let held = cloudlink::agent::link::Resuming::default();
+                cloudlink::agent::link::dial_tcp(tcp, &tls, &config, &held, "localhost")
                     .await
                     .map_err(|e| format!("{e:?}"))
             });

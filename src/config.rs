@@ -125,6 +125,10 @@ pub struct Limits {
     pub tcp_idle_timeout_ms: u64,
     /// Close a tunnel that carried no byte either way for this long; 0 = never.
     pub tunnel_idle_timeout_secs: u64,
+    /// How long a resumable tunnel whose device link is lost keeps the user's connection
+    /// open for the device to come back, seconds (PROTOCOL.md §2e); 0 turns resumable
+    /// tunnels off (the relay does not announce `resume`).
+    pub tunnel_resume_secs: u64,
     /// Open tunnels per user, over all devices.
     pub tunnels_per_user: usize,
     /// Open tunnels per device, over all users.
@@ -194,6 +198,7 @@ impl Default for Limits {
             tcp_keep_alive_ms: 0,
             tcp_idle_timeout_ms: 70_000,
             tunnel_idle_timeout_secs: 0,
+            tunnel_resume_secs: crate::resume::DEFAULT_RESUME_SECS,
             tunnels_per_user: 256,
             tunnels_per_device: 64,
             tunnels_per_user_device: 32,

@@ -48,6 +48,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Where one side of a tunnel stands on the other's direction: bytes written to its
+/// socket, and whether it has passed the FIN on (an ack, a `resume`, a `resumed`).
+pub type Offsets = (u64, bool);
+
 /// A peer broke §2e's offset rules; the tunnel is reset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation(pub String);

@@ -25,6 +25,10 @@ pub struct AgentConfig {
     /// follows only a probe that got through: PROTOCOL.md §2c). The agent is back on QUIC
     /// within about this long of UDP working again.
     pub quic_probe_secs: u64,
+    /// How long a tunnel whose link is lost keeps the service's connection open for the
+    /// relay to resume it on a new link, seconds (PROTOCOL.md §2e); 0 turns resumable
+    /// tunnels off (the agent does not announce `resume`).
+    pub tunnel_resume_secs: u64,
     /// The largest QUIC packet path-MTU discovery tries (UDP payload bytes); 1452, safe on
     /// the internet, unless the path is known to carry more.
     pub quic_mtu_max: u16,
@@ -101,6 +105,7 @@ impl Default for AgentConfig {
             relay: Vec::new(),
             transport: TransportChoice::Auto,
             quic_probe_secs: 45,
+            tunnel_resume_secs: crate::resume::DEFAULT_RESUME_SECS,
             quic_mtu_max: crate::quic::MTU_MAX_DEFAULT,
             quic_congestion: crate::quic::Congestion::Bbr,
             uuid: String::new(),

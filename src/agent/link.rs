@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::VarInt;
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -15,9 +15,12 @@ use tokio_util::sync::CancellationToken;
 use super::config::AgentConfig;
 use crate::credit::Board;
 use crate::link::h2::{self as link_h2, BodyReader, Heard, LastHeard};
-use crate::link::Transport;
+use crate::link::{LinkSend, Transport};
 use crate::proto::frame::{self, MAX_FRAME};
-use crate::proto::messages::{codes, Hello, RejectCode, RelayControl, VERSION};
+use crate::proto::messages::{
+    codes, features, AgentControl, Hello, OpenReply, RefuseCode, RejectCode, RelayControl, VERSION,
+};
+use crate::resume::{AckBoard, Acks};
 
 /// What the agent calls itself in its hello.
 pub const AGENT_NAME: &str = concat!("cloudlink-agent/", env!("CARGO_PKG_VERSION"));
@@ -39,12 +42,115 @@ pub enum Outcome {
     Shutdown,
 }
 
-/// One tunnel the relay asked for, with the credit board of the link it came on.
+/// One tunnel the relay asked for, with the link it came on.
 pub struct TunnelRequest {
     /// The stream and what it asks.
     pub stream: TunnelStream,
+    /// What the link's tunnels share.
+    pub link: Arc<LinkShare>,
+}
+
+/// What the links need of the agent's resumable tunnels (PROTOCOL.md §2e): whether they
+/// are on, and where acks from the relay go, whichever link brings them.
+#[derive(Clone, Default)]
+pub struct Resuming {
+    /// Whether the agent announces `resume`.
+    pub enabled: bool,
+    /// The held tunnels' acks, by tunnel id.
+    pub acks: Arc<AckBoard>,
+}
+
+/// What a link's tunnels share: where its `credit` frames raise their limits, where
+/// their acks go, and whether the link is still there.
+pub struct LinkShare {
     /// Where the link's `credit` frames raise this tunnel's limit (PROTOCOL.md §2d).
     pub credit: Arc<Board>,
+    /// The agent's acks waiting to go on the link's control stream (PROTOCOL.md §2e).
+    pub acks: Arc<Acks>,
+    /// Fires when the link has ended.
+    pub lost: CancellationToken,
+    /// Whether both ends announced `resume`: the relay may open resumable tunnels and
+    /// resume them here.
+    pub resume: bool,
+}
+
+/// Where the answer to a tunnel request goes.
+pub enum Answer {
+    /// A QUIC stream's sending half: the answer is a frame.
+    Quic(quinn::SendStream),
+    /// An HTTP/2 request's response.
+    H2(h2::server::SendResponse<Bytes>),
+}
+
+impl Answer {
+    /// Says `opened`; the stream's sending half follows.
+    pub async fn opened(self) -> Option<LinkSend> {
+        match self {
+            Answer::Quic(mut send) => frame::write(&mut send, &OpenReply::Opened)
+                .await
+                .ok()
+                .map(|()| LinkSend::Quic(send)),
+            Answer::H2(mut respond) => respond
+                .send_response(http::Response::new(()), false)
+                .ok()
+                .map(LinkSend::H2),
+        }
+    }
+
+    /// Says `resumed` with the agent's offsets (PROTOCOL.md §2e); the stream's sending
+    /// half follows.
+    pub async fn resumed(self, (written, fin): (u64, bool)) -> Option<LinkSend> {
+        match self {
+            Answer::Quic(mut send) => frame::write(&mut send, &OpenReply::Resumed { written, fin })
+                .await
+                .ok()
+                .map(|()| LinkSend::Quic(send)),
+            Answer::H2(mut respond) => {
+                let response = http::Response::builder()
+                    .header(
+                        link_h2::WRITTEN_HEADER,
+                        link_h2::offsets_header(written, fin),
+                    )
+                    .body(())
+                    .expect("a valid response");
+                respond
+                    .send_response(response, false)
+                    .ok()
+                    .map(LinkSend::H2)
+            }
+        }
+    }
+
+    /// Says `refused` (a 502, 403 or 410 with the message as body on HTTP/2).
+    pub async fn refuse(self, code: RefuseCode, message: &str) {
+        match self {
+            Answer::Quic(mut send) => {
+                let reply = OpenReply::Refused {
+                    code,
+                    message: message.to_owned(),
+                };
+                if frame::write(&mut send, &reply).await.is_ok() {
+                    let _ = send.finish();
+                }
+            }
+            Answer::H2(mut respond) => {
+                let (status, name) = match code {
+                    RefuseCode::Connect => (http::StatusCode::BAD_GATEWAY, "connect"),
+                    RefuseCode::Forbidden => (http::StatusCode::FORBIDDEN, "forbidden"),
+                    RefuseCode::Gone => (http::StatusCode::GONE, "gone"),
+                };
+                let response = http::Response::builder()
+                    .status(status)
+                    .header(link_h2::REFUSED_HEADER, name)
+                    .header(http::header::CONTENT_TYPE, "text/plain")
+                    .body(())
+                    .expect("a valid response");
+                if let Ok(mut body) = respond.send_response(response, false) {
+                    let _ = body.send_data(Bytes::copy_from_slice(message.as_bytes()), true);
+                }
+            }
+        }
+    }
 }
 
 /// A tunnel request as its transport carries it.
@@ -58,15 +164,12 @@ pub enum TunnelStream {
     ),
 }
 
-/// What carries a link's tunnel requests, and the link's credit board.
-pub struct Requests(Carrier, Arc<Board>);
+/// What carries a link's tunnel requests, and what its tunnels share.
+pub struct Requests(Carrier, Arc<LinkShare>);
 
 enum Carrier {
     Quic {
         conn: quinn::Connection,
-        /// The control stream's sending half, open for the session's life: the relay
-        /// reads nothing after the hello, but a close would read as a goodbye.
-        _control: quinn::SendStream,
     },
     Tcp {
         incoming: mpsc::UnboundedReceiver<TunnelStream>,
@@ -112,7 +215,7 @@ impl Requests {
         }?;
         Ok(TunnelRequest {
             stream,
-            credit: self.1.clone(),
+            link: self.1.clone(),
         })
     }
 
@@ -128,33 +231,83 @@ impl Requests {
 }
 
 /// Reads control frames (frame reads are not cancel-safe, so they run in their own task):
-/// `credit` raises a tunnel's gate on `board` at once, whatever the session's loop is
-/// doing; the rest go to the session through `tx`.
+/// `credit` raises a tunnel's gate on `board` and `ack` a held tunnel's acks at once,
+/// whatever the session's loop is doing; the rest go to the session through `tx`.
 async fn read_control<R: AsyncRead + Unpin>(
     mut recv: R,
     tx: mpsc::Sender<RelayControl>,
     board: Arc<Board>,
+    acks: Arc<AckBoard>,
 ) {
     while let Ok(Some(msg)) = frame::read::<_, RelayControl>(&mut recv, MAX_FRAME).await {
-        if let RelayControl::Credit { tunnel, limit } = &msg {
-            board.raise(tunnel, *limit);
-            continue;
+        match &msg {
+            RelayControl::Credit { tunnel, limit } => board.raise(tunnel, *limit),
+            RelayControl::Ack {
+                tunnel,
+                written,
+                fin,
+            } => acks.raise(tunnel, *written, *fin),
+            _ => {
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
         }
-        if tx.send(msg).await.is_err() {
+    }
+}
+
+/// Writes the agent's acks on its half of the control stream (PROTOCOL.md §2e) until the
+/// link ends; the half stays open meanwhile (a close would read as a goodbye).
+async fn write_acks<W: AsyncWrite + Unpin>(
+    mut control: W,
+    acks: Arc<Acks>,
+    lost: CancellationToken,
+) {
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            () = acks.next(&mut batch) => {}
+            () = lost.cancelled() => return,
+        }
+        for (tunnel, (written, fin)) in batch.drain(..) {
+            let ack = AgentControl::Ack {
+                tunnel: tunnel.to_string(),
+                written,
+                fin,
+            };
+            if frame::write(&mut control, &ack).await.is_err() {
+                return;
+            }
+        }
+        if control.flush().await.is_err() {
             return;
         }
     }
 }
 
-fn hello(config: &AgentConfig) -> Hello {
+fn hello(config: &AgentConfig, held: &Resuming) -> Hello {
+    let mut features = vec![features::CREDIT.to_owned()];
+    if held.enabled {
+        features.push(features::RESUME.to_owned());
+    }
     Hello {
         version: VERSION,
         uuid: config.uuid.clone(),
         key: config.key.0.clone(),
         agent: AGENT_NAME.into(),
         ssh_login: config.advertised_login(),
-        features: vec![crate::proto::messages::features::CREDIT.to_owned()],
+        features,
     }
+}
+
+/// What the tunnels of a link that said `welcome` with `relay_features` share.
+fn share(held: &Resuming, relay_features: &[String]) -> Arc<LinkShare> {
+    Arc::new(LinkShare {
+        credit: Arc::default(),
+        acks: Arc::default(),
+        lost: CancellationToken::new(),
+        resume: held.enabled && features::has(relay_features, features::RESUME),
+    })
 }
 
 /// Reads the answer to a hello: `welcome` gives the relay's id and features.
@@ -192,6 +345,7 @@ pub async fn dial_quic(
     endpoint: &quinn::Endpoint,
     client: &quinn::ClientConfig,
     config: &AgentConfig,
+    held: &Resuming,
     addr: SocketAddr,
     server_name: &str,
     handshake: Duration,
@@ -209,7 +363,7 @@ pub async fn dial_quic(
         }
     };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
-    frame::write(&mut send, &hello(config))
+    frame::write(&mut send, &hello(config, held))
         .await
         .map_err(|e| unreachable(&e))?;
     let (relay_id, relay_features) = read_welcome(&mut recv).await.map_err(|e| match e {
@@ -221,8 +375,21 @@ pub async fn dial_quic(
         other => other,
     })?;
     let (tx, control) = mpsc::channel(4);
-    let board = Arc::new(Board::default());
-    tokio::spawn(read_control(recv, tx, board.clone()));
+    let link = share(held, &relay_features);
+    tokio::spawn(read_control(
+        recv,
+        tx,
+        link.credit.clone(),
+        held.acks.clone(),
+    ));
+    tokio::spawn(write_acks(send, link.acks.clone(), link.lost.clone()));
+    {
+        let (conn, lost) = (conn.clone(), link.lost.clone());
+        tokio::spawn(async move {
+            conn.closed().await;
+            lost.cancel();
+        });
+    }
     tokio::spawn(watch_quic(
         conn.clone(),
         Duration::from_millis(config.idle_timeout_ms),
@@ -231,13 +398,7 @@ pub async fn dial_quic(
         transport: Transport::Quic,
         relay_id,
         relay_features,
-        requests: Requests(
-            Carrier::Quic {
-                conn,
-                _control: send,
-            },
-            board,
-        ),
+        requests: Requests(Carrier::Quic { conn }, link),
         control,
     })
 }
@@ -248,12 +409,13 @@ pub async fn dial_tcp(
     tcp: TcpStream,
     tls: &tokio_rustls::TlsConnector,
     config: &AgentConfig,
+    held: &Resuming,
     server_name: &str,
 ) -> Result<AgentLink, Outcome> {
     let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
         .map_err(|e| Outcome::Unreachable(format!("{server_name}: {e}")))?;
     let mut stream = tls.connect(name, tcp).await.map_err(|e| unreachable(&e))?;
-    frame::write(&mut stream, &hello(config))
+    frame::write(&mut stream, &hello(config, held))
         .await
         .map_err(|e| unreachable(&e))?;
     stream.flush().await.map_err(|e| unreachable(&e))?;
@@ -271,14 +433,22 @@ pub async fn dial_tcp(
     let (control_open, control_opened) = tokio::sync::oneshot::channel();
     let closer = CancellationToken::new();
     let reason: Arc<OnceLock<String>> = Arc::default();
-    let board = Arc::new(Board::default());
+    let link = share(held, &relay_features);
     let keep_alive = Duration::from_millis(config.tcp_keep_alive_ms);
     let idle = Duration::from_millis(config.tcp_idle_timeout_ms);
     {
-        let (closer, reason, board) = (closer.clone(), reason.clone(), board.clone());
+        let (closer, reason) = (closer.clone(), reason.clone());
+        let (link, acks) = (link.clone(), held.acks.clone());
         tokio::spawn(async move {
             let alive = link_h2::keep_alive(ping, heard, Some(keep_alive), idle);
-            let accepting = accept_loop(&mut connection, tunnels, control_tx, control_open, board);
+            let accepting = accept_loop(
+                &mut connection,
+                tunnels,
+                control_tx,
+                control_open,
+                &link,
+                acks,
+            );
             let why = tokio::select! {
                 why = accepting => why,
                 why = alive => why,
@@ -291,6 +461,7 @@ pub async fn dial_tcp(
                 }
             };
             let _ = reason.set(why);
+            link.lost.cancel();
         });
     }
     // A dial given up from here on (its timeout) closes the connection.
@@ -313,7 +484,7 @@ pub async fn dial_tcp(
                 _close_on_drop: close_on_drop,
                 reason,
             },
-            board,
+            link,
         ),
         control,
     })
@@ -357,7 +528,8 @@ async fn accept_loop(
     tunnels: mpsc::UnboundedSender<TunnelStream>,
     control: mpsc::Sender<RelayControl>,
     opened: tokio::sync::oneshot::Sender<()>,
-    board: Arc<Board>,
+    link: &LinkShare,
+    acks: Arc<AckBoard>,
 ) -> String {
     let mut control = Some((control, opened));
     loop {
@@ -384,12 +556,10 @@ async fn accept_loop(
                 Ok(ours) => {
                     let _ = opened.send(());
                     let body = BodyReader::new(request.into_body());
-                    let board = board.clone();
-                    tokio::spawn(async move {
-                        // Our side stays open, without data, for the session's life.
-                        let _ours = ours;
-                        read_control(body, tx, board).await;
-                    });
+                    // Our side stays open for the session's life, carrying only acks.
+                    let ours = link_h2::BodyWriter::new(ours);
+                    tokio::spawn(write_acks(ours, link.acks.clone(), link.lost.clone()));
+                    tokio::spawn(read_control(body, tx, link.credit.clone(), acks.clone()));
                 }
                 Err(e) => return e.to_string(),
             }

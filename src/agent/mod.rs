@@ -6,6 +6,7 @@ pub mod config;
 pub mod http;
 pub mod link;
 pub mod probe;
+pub mod resume;
 pub mod tunnel;
 
 use std::collections::HashMap;
@@ -43,6 +44,9 @@ fn write_status(path: &std::path::Path, state: &LinkState) {
 /// A session that lasted at least this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(10);
 
+/// The longest pause between dials while resumable tunnels wait for a link.
+const RESUME_REDIAL: Duration = Duration::from_secs(1);
+
 /// How long one dial (handshake + hello) may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -77,6 +81,7 @@ struct QuicDialer {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     config: Arc<AgentConfig>,
+    held: Arc<resume::Held>,
 }
 
 struct Agent {
@@ -96,6 +101,8 @@ struct Agent {
     tunnels: Arc<std::sync::atomic::AtomicUsize>,
     /// Which transport last worked, per relay entry (`auto` starts there).
     worked: HashMap<String, Transport>,
+    /// The resumable tunnels the agent holds, on any link (PROTOCOL.md §2e).
+    held: Arc<resume::Held>,
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -115,9 +122,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let uses_quic = relays
         .iter()
         .any(|r| r.transports(config.transport).contains(&Transport::Quic));
+    let held = Arc::new(resume::Held::new(Duration::from_secs(
+        config.tunnel_resume_secs,
+    )));
     let config = Arc::new(config);
     let quic = if uses_quic {
-        Some(quic_dialer(config.clone())?)
+        Some(quic_dialer(config.clone(), held.clone())?)
     } else {
         None
     };
@@ -133,6 +143,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         connected_to: None,
         tunnels: Default::default(),
         worked: HashMap::new(),
+        held,
     };
     if let Some(path) = &agent.config.status_file {
         // Not the last run's "up".
@@ -145,7 +156,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     Ok(())
 }
 
-fn quic_dialer(config: Arc<AgentConfig>) -> Result<QuicDialer, AgentError> {
+fn quic_dialer(
+    config: Arc<AgentConfig>,
+    held: Arc<resume::Held>,
+) -> Result<QuicDialer, AgentError> {
     let tls = tls_client::config(config.trust(), &[crate::proto::ALPN])?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| {
         AgentError::Tls(tls_client::TlsClientError::Rustls(rustls::Error::General(
@@ -169,6 +183,7 @@ fn quic_dialer(config: Arc<AgentConfig>) -> Result<QuicDialer, AgentError> {
         endpoint,
         client,
         config,
+        held,
     })
 }
 
@@ -186,6 +201,7 @@ impl QuicDialer {
                 &self.endpoint,
                 &self.client,
                 &self.config,
+                &self.held.links,
                 addr,
                 server_name,
                 left,
@@ -350,6 +366,13 @@ impl Agent {
                     }
                 }
             };
+            // Tunnels that wait for this link to come back (PROTOCOL.md §2e) cannot wait out
+            // a back-off: at least one dial a second while any is held.
+            let pause = if self.held.count() > 0 {
+                pause.min(RESUME_REDIAL)
+            } else {
+                pause
+            };
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = self.shutdown.cancelled() => {
@@ -429,7 +452,14 @@ impl Agent {
                 let tcp = https_proxy::connect(&proxy, &relay.addr, DIAL_TIMEOUT)
                     .await
                     .map_err(Outcome::Unreachable)?;
-                link::dial_tcp(tcp, &self.tcp_tls, &self.config, &server_name).await
+                link::dial_tcp(
+                    tcp,
+                    &self.tcp_tls,
+                    &self.config,
+                    &self.held.links,
+                    &server_name,
+                )
+                .await
             };
             return match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
                 Ok(r) => r.map(|link| (link, None)),
@@ -439,7 +469,7 @@ impl Agent {
                 ))),
             };
         }
-        let (tls, config) = (&self.tcp_tls, &self.config);
+        let (tls, config, held) = (&self.tcp_tls, &self.config, &self.held.links);
         let (link, addr) = each_address(&relay.addr, &mut self.avoid, Duration::MAX, |addr, _| {
             let server_name = &server_name;
             async move {
@@ -447,7 +477,7 @@ impl Agent {
                     .await
                     .map_err(|e| Outcome::Unreachable(format!("{addr}: {e}")))?;
                 let _ = tcp.set_nodelay(true);
-                link::dial_tcp(tcp, tls, config, server_name).await
+                link::dial_tcp(tcp, tls, config, held, server_name).await
             }
         })
         .await?;
@@ -484,7 +514,16 @@ impl Agent {
             };
             match event {
                 Event::Request(Ok(request)) => self.spawn_tunnel(request),
-                Event::Request(Err(e)) => return Outcome::Lost(e),
+                // Our own QUIC probe's session may have replaced this one, and a relay
+                // whose tunnels resume (PROTOCOL.md §2e) closes the old link at once: wait
+                // for the probe before giving up.
+                Event::Request(Err(e)) => match probing.take() {
+                    Some(probe) => match probe.await.ok().flatten() {
+                        Some((quic, addr)) => self.adopt(&mut link, quic, addr, relay),
+                        None => return Outcome::Lost(e),
+                    },
+                    None => return Outcome::Lost(e),
+                },
                 Event::Control(Some(RelayControl::Drain { reconnect_ms })) => {
                     // Make before break: the draining relay may still route a tunnel here
                     // until this device's new session is up, so the old link keeps
@@ -598,6 +637,7 @@ impl Agent {
         tokio::spawn(counted_tunnel(
             request,
             self.config.clone(),
+            self.held.clone(),
             self.tunnels.clone(),
         ));
     }
@@ -606,6 +646,7 @@ impl Agent {
         tokio::spawn(serve_drained(
             link,
             self.config.clone(),
+            self.held.clone(),
             self.tunnels.clone(),
             self.shutdown.clone(),
         ));
@@ -644,10 +685,11 @@ async fn join_probe(
 async fn counted_tunnel(
     request: TunnelRequest,
     config: Arc<AgentConfig>,
+    held: Arc<resume::Held>,
     tunnels: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     tunnels.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    tunnel::serve(request, config).await;
+    tunnel::serve(request, config, held).await;
     tunnels.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
 }
 
@@ -657,6 +699,7 @@ async fn counted_tunnel(
 async fn serve_drained(
     mut link: AgentLink,
     config: Arc<AgentConfig>,
+    held: Arc<resume::Held>,
     tunnels: Arc<std::sync::atomic::AtomicUsize>,
     shutdown: CancellationToken,
 ) {
@@ -664,7 +707,12 @@ async fn serve_drained(
         tokio::select! {
             request = link.requests.accept() => match request {
                 Ok(request) => {
-                    tokio::spawn(counted_tunnel(request, config.clone(), tunnels.clone()));
+                    tokio::spawn(counted_tunnel(
+                        request,
+                        config.clone(),
+                        held.clone(),
+                        tunnels.clone(),
+                    ));
                 }
                 Err(_) => return,
             },

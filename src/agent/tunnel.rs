@@ -1,100 +1,50 @@
 //! One tunnel on the device: read what the relay asks for (an `open` frame on QUIC, a
-//! CONNECT request on HTTP/2), connect locally, answer, forward.
+//! CONNECT request on HTTP/2), connect locally, answer, forward. A resumable tunnel
+//! (PROTOCOL.md §2e) outlives its link: it keeps the service's connection while it waits,
+//! and carries on when the relay resumes it on another.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use quinn::VarInt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::config::AgentConfig;
-use super::link::{TunnelRequest, TunnelStream};
-use crate::credit::Board;
+use super::link::{Answer, LinkShare, TunnelRequest, TunnelStream};
+use super::resume::{Held, Rebind};
 use crate::forward::{self, Counters, Credit, Side};
 use crate::link::h2 as link_h2;
-use crate::link::{LinkRecv, LinkSend};
+use crate::link::{End, LinkRecv, LinkSend};
 use crate::proto::frame::{self, MAX_FRAME};
-use crate::proto::messages::{codes, OpenReply, RefuseCode, TunnelOpen};
+use crate::proto::messages::{codes, RefuseCode, StreamHead, TunnelOpen, TunnelResume};
+use crate::resume::Carried;
 
 /// How long the relay has to send `open`, and the local port to accept.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where the answer to a tunnel request goes.
-enum Answer {
-    Quic(quinn::SendStream),
-    H2(h2::server::SendResponse<Bytes>),
-}
-
-impl Answer {
-    /// Says `opened`; the stream's sending half follows.
-    async fn opened(self) -> Option<LinkSend> {
-        match self {
-            Answer::Quic(mut send) => frame::write(&mut send, &OpenReply::Opened)
-                .await
-                .ok()
-                .map(|()| LinkSend::Quic(send)),
-            Answer::H2(mut respond) => respond
-                .send_response(http::Response::new(()), false)
-                .ok()
-                .map(LinkSend::H2),
-        }
-    }
-
-    /// Says `refused` (a 502 or 403 with the message as body on HTTP/2).
-    async fn refuse(self, code: RefuseCode, message: &str) {
-        match self {
-            Answer::Quic(mut send) => {
-                let reply = OpenReply::Refused {
-                    code,
-                    message: message.to_owned(),
-                };
-                if frame::write(&mut send, &reply).await.is_ok() {
-                    let _ = send.finish();
-                }
-            }
-            Answer::H2(mut respond) => {
-                let (status, name) = match code {
-                    RefuseCode::Connect => (http::StatusCode::BAD_GATEWAY, "connect"),
-                    RefuseCode::Forbidden => (http::StatusCode::FORBIDDEN, "forbidden"),
-                    RefuseCode::Gone => (http::StatusCode::GONE, "gone"),
-                };
-                let response = http::Response::builder()
-                    .status(status)
-                    .header(link_h2::REFUSED_HEADER, name)
-                    .header(http::header::CONTENT_TYPE, "text/plain")
-                    .body(())
-                    .expect("a valid response");
-                if let Ok(mut body) = respond.send_response(response, false) {
-                    let _ = body.send_data(Bytes::copy_from_slice(message.as_bytes()), true);
-                }
-            }
-        }
-    }
-}
-
-/// Serves one tunnel request.
-pub async fn serve(request: TunnelRequest, config: Arc<AgentConfig>) {
-    let TunnelRequest { stream, credit } = request;
-    let (open, answer, recv) = match stream {
+/// Serves one tunnel request: a new tunnel, or a resume of one the agent holds.
+pub async fn serve(request: TunnelRequest, config: Arc<AgentConfig>, held: Arc<Held>) {
+    let TunnelRequest { stream, link } = request;
+    let (head, answer, recv) = match stream {
         TunnelStream::Quic(mut send, mut recv) => {
-            let read = frame::read_required::<_, TunnelOpen>(&mut recv, MAX_FRAME);
-            match tokio::time::timeout(OPEN_TIMEOUT, read).await {
-                Ok(Ok(open)) => (open, Answer::Quic(send), LinkRecv::Quic(recv)),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %crate::logsafe::Peer(&e.to_string()), "bad tunnel request from the relay");
-                    let _ = send.reset(VarInt::from_u32(codes::PROTOCOL));
-                    return;
-                }
-                Err(_) => {
+            let read = frame::read_required::<_, serde_json::Value>(&mut recv, MAX_FRAME);
+            let head = match tokio::time::timeout(OPEN_TIMEOUT, read).await {
+                Ok(Ok(value)) => StreamHead::from_value(value).map_err(|e| e.to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no tunnel request in time".into()),
+            };
+            match head {
+                Ok(head) => (head, Answer::Quic(send), LinkRecv::Quic(recv)),
+                Err(e) => {
+                    tracing::warn!(error = %crate::logsafe::Peer(&e), "bad tunnel request from the relay");
                     let _ = send.reset(VarInt::from_u32(codes::PROTOCOL));
                     return;
                 }
             }
         }
         TunnelStream::H2(request, mut respond) => match connect_request(&request) {
-            Some(open) => (open, Answer::H2(respond), LinkRecv::H2(request.into_body())),
+            Some(head) => (head, Answer::H2(respond), LinkRecv::H2(request.into_body())),
             None => {
                 tracing::warn!("bad tunnel request from the relay");
                 let mut bad = http::Response::new(());
@@ -104,22 +54,32 @@ pub async fn serve(request: TunnelRequest, config: Arc<AgentConfig>) {
             }
         },
     };
-    let span = tracing::info_span!(
-        "tunnel",
-        id = %crate::logsafe::Peer(&open.tunnel),
-        user = %crate::logsafe::Peer(&open.user),
-        port = open.port
-    );
-    connect_and_forward(&open, answer, recv, &config, &credit)
-        .instrument(span)
-        .await;
+    match head {
+        StreamHead::Open(open) => {
+            let span = tracing::info_span!(
+                "tunnel",
+                id = %crate::logsafe::Peer(&open.tunnel),
+                user = %crate::logsafe::Peer(&open.user),
+                port = open.port
+            );
+            connect_and_forward(&open, answer, recv, &config, link, &held)
+                .instrument(span)
+                .await;
+        }
+        StreamHead::Resume(resume) => {
+            let span = tracing::info_span!("tunnel", id = %crate::logsafe::Peer(&resume.tunnel));
+            rebind(resume, answer, recv, link, &held)
+                .instrument(span)
+                .await;
+        }
+    }
 }
 
-/// A CONNECT request as the §2 `open` it stands for: the port from `:authority`
-/// (`127.0.0.1:<port>`), the tunnel, user and initial credit from their headers. A credit
-/// header that is not a number is a bad request, not "no credit": reading it as none would
-/// let the agent send past what the relay meant to allow.
-fn connect_request(request: &http::Request<h2::RecvStream>) -> Option<TunnelOpen> {
+/// A CONNECT request as the §2 `open` (or §2e `resume`) it stands for: the port from
+/// `:authority` (`127.0.0.1:<port>`), the tunnel, user and initial credit from their
+/// headers. A credit header that is not a number is a bad request, not "no credit":
+/// reading it as none would let the agent send past what the relay meant to allow.
+fn connect_request(request: &http::Request<h2::RecvStream>) -> Option<StreamHead> {
     let header = |name| {
         request
             .headers()
@@ -133,13 +93,80 @@ fn connect_request(request: &http::Request<h2::RecvStream>) -> Option<TunnelOpen
         Some(v) => Some(v.to_str().ok()?.parse::<u64>().ok()?),
         None => None,
     };
-    Some(TunnelOpen {
+    if let Some(tunnel) = request.headers().get(link_h2::RESUME_HEADER) {
+        let tunnel = tunnel.to_str().ok()?;
+        // `1` on a first CONNECT marks it resumable; a tunnel id asks for a resume.
+        if tunnel != "1" {
+            let written = request.headers().get(link_h2::WRITTEN_HEADER)?;
+            let (written, fin) = link_h2::parse_offsets(written.to_str().ok()?)?;
+            return Some(StreamHead::Resume(TunnelResume {
+                tunnel: tunnel.to_owned(),
+                written,
+                fin,
+                credit,
+            }));
+        }
+    }
+    Some(StreamHead::Open(TunnelOpen {
         port,
         tunnel: header(link_h2::TUNNEL_HEADER),
         user: header(link_h2::USER_HEADER),
         credit,
-        resume: false,
-    })
+        resume: request.headers().contains_key(link_h2::RESUME_HEADER),
+    }))
+}
+
+/// Hands a `resume` to the tunnel it names; answers it from a tombstone for a tunnel that
+/// ended cleanly, or `gone`.
+async fn rebind(
+    resume: TunnelResume,
+    answer: Answer,
+    recv: LinkRecv,
+    link: Arc<LinkShare>,
+    held: &Arc<Held>,
+) {
+    if !link.resume {
+        tracing::warn!("a resume on a link without the feature; refused");
+        answer.refuse(RefuseCode::Gone, "not resumable here").await;
+        return;
+    }
+    if let Some(tx) = held.find(&resume.tunnel) {
+        let rebind = Rebind {
+            answer,
+            recv,
+            relay: (resume.written, resume.fin),
+            credit: resume.credit,
+            link,
+        };
+        if let Err(tokio::sync::mpsc::error::SendError(r)) = tx.send(rebind).await {
+            r.answer
+                .refuse(RefuseCode::Gone, "the tunnel has just ended")
+                .await;
+        }
+        return;
+    }
+    match held.tombstone(&resume.tunnel) {
+        // Ended cleanly here; the relay missed the last ack: our offsets, our FIN again,
+        // and whatever it still sends read to its end.
+        Some(offsets) => {
+            if let Some(mut send) = answer.resumed(offsets).await {
+                use crate::link::{ChunkRecv, ChunkSend};
+                send.finish();
+                let mut recv = recv;
+                let mut chunks = [bytes::Bytes::new()];
+                let drained =
+                    async { while let Ok(Some(_)) = recv.read_chunks(&mut chunks).await {} };
+                let _ = tokio::time::timeout(OPEN_TIMEOUT, drained).await;
+            }
+            tracing::debug!("answered a resume for a tunnel that had ended");
+        }
+        None => {
+            tracing::info!("a resume for a tunnel the agent does not hold; refused");
+            answer
+                .refuse(RefuseCode::Gone, "no such tunnel on this device")
+                .await;
+        }
+    }
 }
 
 async fn connect_and_forward(
@@ -147,7 +174,8 @@ async fn connect_and_forward(
     answer: Answer,
     recv: LinkRecv,
     config: &AgentConfig,
-    board: &Arc<Board>,
+    link: Arc<LinkShare>,
+    held: &Arc<Held>,
 ) {
     let port = open.port;
     if !config.allows(port) {
@@ -177,30 +205,54 @@ async fn connect_and_forward(
     };
     let _ = local.set_nodelay(true);
     // On the board before `opened`: the relay may raise the credit as soon as it hears it.
-    let gate = open.credit.map(|initial| board.open(&open.tunnel, initial));
+    let gate = open
+        .credit
+        .map(|initial| link.credit.open(&open.tunnel, initial));
+    let resumable = open.resume && link.resume;
+    // Held before `opened` too: an ack or a resume may follow at once.
+    let held_entry = resumable.then(|| held.hold(&open.tunnel));
     // A relay gone before it heard `opened` resets the service's connection too.
     let Some(send) = answer.opened().await else {
         return;
     };
-    tracing::debug!("tunnel open");
+    tracing::debug!(resumable, "tunnel open");
     let counters = Counters::default();
     let (mut r, mut w) = local.into_split();
-    let end = forward::join(
-        send,
-        recv,
-        &mut r,
-        &mut w,
-        &counters,
-        Side::Device,
-        &CancellationToken::new(),
-        None,
-        match &gate {
-            Some(entry) => Credit::Obey(entry.gate()),
-            None => Credit::None,
-        },
-        None,
-    )
-    .await;
+    let end = match held_entry {
+        None => {
+            forward::join(
+                send,
+                recv,
+                &mut r,
+                &mut w,
+                &counters,
+                Side::Device,
+                &CancellationToken::new(),
+                None,
+                match &gate {
+                    Some(entry) => Credit::Obey(entry.gate()),
+                    None => Credit::None,
+                },
+                None,
+            )
+            .await
+        }
+        Some((_entry, rebinds)) => {
+            let first = Stream {
+                send,
+                recv,
+                link,
+                gate,
+                from: (0, false),
+            };
+            let tunnel = Resumable {
+                id: &open.tunnel,
+                held,
+                counters: &counters,
+            };
+            tunnel.run(first, rebinds, &mut r, &mut w).await
+        }
+    };
     if end.resets_socket() {
         forward::reset_tcp(r, w);
     } else {
@@ -212,4 +264,127 @@ async fn connect_and_forward(
         down = counters.down.load(std::sync::atomic::Ordering::Relaxed),
         "tunnel ended"
     );
+}
+
+/// One stream a resumable tunnel runs on.
+struct Stream {
+    send: LinkSend,
+    recv: LinkRecv,
+    link: Arc<LinkShare>,
+    gate: Option<crate::credit::BoardEntry>,
+    /// Where the relay stands: its `written`, and its FIN passed on.
+    from: (u64, bool),
+}
+
+/// A resumable tunnel on the agent's side.
+struct Resumable<'a> {
+    id: &'a str,
+    held: &'a Arc<Held>,
+    counters: &'a Counters,
+}
+
+impl Resumable<'_> {
+    /// Runs the tunnel on `stream`, and on each stream a resume brings after it, until it
+    /// ends: closed, reset, or its wait for a resume expired (a reset).
+    async fn run(
+        &self,
+        mut stream: Stream,
+        mut rebinds: tokio::sync::mpsc::Receiver<Rebind>,
+        r: &mut tokio::net::tcp::OwnedReadHalf,
+        w: &mut tokio::net::tcp::OwnedWriteHalf,
+    ) -> End {
+        let mut carried = Carried::new(stream.link.acks.sink(self.id));
+        let _acks = self.held.links.acks.enter(self.id, &carried.acked);
+        loop {
+            // A resume that arrives while the stream still runs moves the tunnel at once:
+            // the stream is cut first, so that the offsets we answer are final.
+            let switch = CancellationToken::new();
+            let mut pending = None;
+            let end = {
+                let credit = match &stream.gate {
+                    Some(entry) => Credit::Obey(entry.gate()),
+                    None => Credit::None,
+                };
+                let joined = forward::join(
+                    stream.send,
+                    stream.recv,
+                    r,
+                    w,
+                    self.counters,
+                    Side::Device,
+                    &switch,
+                    None,
+                    credit,
+                    Some(carried.on(stream.from, &stream.link.lost)),
+                );
+                tokio::pin!(joined);
+                loop {
+                    tokio::select! {
+                        end = &mut joined => break end,
+                        rebind = rebinds.recv(), if pending.is_none() => match rebind {
+                            Some(rebind) => {
+                                pending = Some(rebind);
+                                switch.cancel();
+                            }
+                            None => return End::Cancelled,
+                        },
+                    }
+                }
+            };
+            match end {
+                End::Closed => {
+                    let written = &carried.written;
+                    self.held.bury(self.id, (written.written(), written.fin()));
+                    return End::Closed;
+                }
+                End::ConnectionLost(why) if pending.is_none() => {
+                    tracing::info!(error = %why, "link lost; the tunnel waits for a resume");
+                }
+                End::Cancelled if pending.is_some() => {}
+                other => return other,
+            }
+            // Until a resume gets its answer through (its link may be gone already),
+            // within one wait from now.
+            let deadline = tokio::time::Instant::now() + self.held.wait;
+            stream = loop {
+                let rebind = match pending.take() {
+                    Some(rebind) => rebind,
+                    None => {
+                        let _waiting = self.held.wait_guard();
+                        match tokio::time::timeout_at(deadline, rebinds.recv()).await {
+                            Ok(Some(rebind)) => rebind,
+                            Ok(None) => return End::Cancelled,
+                            Err(_) => {
+                                tracing::info!(
+                                    after = ?self.held.wait,
+                                    "no resume in time; the tunnel ends with a reset"
+                                );
+                                return End::ConnectionLost("no resume in time".into());
+                            }
+                        }
+                    }
+                };
+                let ours = (carried.written.written(), carried.written.fin());
+                let gate = rebind
+                    .credit
+                    .map(|limit| rebind.link.credit.open(self.id, limit));
+                let Some(send) = rebind.answer.resumed(ours).await else {
+                    continue;
+                };
+                tracing::info!(
+                    relay_written = rebind.relay.0,
+                    agent_written = ours.0,
+                    "tunnel resumed"
+                );
+                carried.written.set_sink(rebind.link.acks.sink(self.id));
+                break Stream {
+                    send,
+                    recv: rebind.recv,
+                    link: rebind.link,
+                    gate,
+                    from: rebind.relay,
+                };
+            };
+        }
+    }
 }

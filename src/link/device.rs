@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::h2 as link_h2;
 use super::{LinkRecv, LinkSend, Transport};
 use crate::proto::frame;
-use crate::proto::messages::{OpenReply, RefuseCode, TunnelOpen};
+use crate::proto::messages::{OpenReply, RefuseCode, TunnelOpen, TunnelResume};
 
 /// A device's connection, on either transport.
 pub enum DeviceLink {
@@ -74,6 +74,37 @@ impl DeviceLink {
             DeviceLink::Tcp(link) => link.open_tunnel(open, max_frame).await,
         }
     }
+
+    /// Opens a stream that resumes a tunnel (PROTOCOL.md §2e) on port `port` of the
+    /// device and waits for the agent's answer: the stream and the agent's offsets.
+    pub async fn resume_tunnel(
+        &self,
+        resume: &TunnelResume,
+        port: u16,
+        max_frame: usize,
+    ) -> Result<(LinkSend, LinkRecv, (u64, bool)), OpenError> {
+        match self {
+            DeviceLink::Quic(conn) => {
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|_| OpenError::Offline)?;
+                frame::write(&mut send, resume)
+                    .await
+                    .map_err(|_| OpenError::Offline)?;
+                match frame::read_required(&mut recv, max_frame).await {
+                    Ok(OpenReply::Resumed { written, fin }) => {
+                        Ok((LinkSend::Quic(send), LinkRecv::Quic(recv), (written, fin)))
+                    }
+                    Ok(OpenReply::Refused { code, message }) => {
+                        Err(OpenError::Refused(code, message))
+                    }
+                    Ok(OpenReply::Opened) => {
+                        Err(OpenError::Bad("`opened` in answer to a `resume`".into()))
+                    }
+                    Err(e) => Err(OpenError::Bad(e.to_string())),
+                }
+            }
+            DeviceLink::Tcp(link) => link.resume_tunnel(resume, port, max_frame).await,
+        }
+    }
 }
 
 /// The relay's end of one device's TLS/TCP link.
@@ -102,6 +133,57 @@ impl TcpLink {
         open: &TunnelOpen,
         max_frame: usize,
     ) -> Result<(LinkSend, LinkRecv), OpenError> {
+        let mut headers = vec![
+            (link_h2::TUNNEL_HEADER, open.tunnel.clone()),
+            (link_h2::USER_HEADER, open.user.clone()),
+        ];
+        if let Some(credit) = open.credit {
+            headers.push((link_h2::CREDIT_HEADER, credit.to_string()));
+        }
+        if open.resume {
+            headers.push((link_h2::RESUME_HEADER, "1".into()));
+        }
+        let (send, recv, _) = self.connect(open.port, headers, max_frame).await?;
+        Ok((send, recv))
+    }
+
+    /// Opens a CONNECT stream that resumes a tunnel (PROTOCOL.md §2e) and waits for the
+    /// agent's answer: the stream and the agent's offsets.
+    pub async fn resume_tunnel(
+        &self,
+        resume: &TunnelResume,
+        port: u16,
+        max_frame: usize,
+    ) -> Result<(LinkSend, LinkRecv, (u64, bool)), OpenError> {
+        let mut headers = vec![
+            (link_h2::RESUME_HEADER, resume.tunnel.clone()),
+            (
+                link_h2::WRITTEN_HEADER,
+                link_h2::offsets_header(resume.written, resume.fin),
+            ),
+        ];
+        if let Some(credit) = resume.credit {
+            headers.push((link_h2::CREDIT_HEADER, credit.to_string()));
+        }
+        let (send, recv, answer) = self.connect(port, headers, max_frame).await?;
+        let offsets = answer
+            .get(link_h2::WRITTEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(link_h2::parse_offsets)
+            .ok_or_else(|| {
+                OpenError::Bad("a resume answered without the agent's offsets".into())
+            })?;
+        Ok((send, recv, offsets))
+    }
+
+    /// Sends a CONNECT to `port` with `headers` and waits for the answer: the stream and
+    /// the answer's headers on a 200, the refusal otherwise.
+    async fn connect(
+        &self,
+        port: u16,
+        headers: Vec<(&'static str, String)>,
+        max_frame: usize,
+    ) -> Result<(LinkSend, LinkRecv, http::HeaderMap), OpenError> {
         let mut requests = self
             .requests
             .clone()
@@ -110,11 +192,9 @@ impl TcpLink {
             .map_err(|_| OpenError::Offline)?;
         let mut request = http::Request::builder()
             .method(http::Method::CONNECT)
-            .uri(format!("127.0.0.1:{}", open.port))
-            .header(link_h2::TUNNEL_HEADER, &open.tunnel)
-            .header(link_h2::USER_HEADER, &open.user);
-        if let Some(credit) = open.credit {
-            request = request.header(link_h2::CREDIT_HEADER, credit);
+            .uri(format!("127.0.0.1:{port}"));
+        for (name, value) in headers {
+            request = request.header(name, value);
         }
         let request = request
             .body(())
@@ -135,9 +215,9 @@ impl TcpLink {
             .get(link_h2::REFUSED_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let mut body = response.into_body();
+        let (parts, mut body) = response.into_parts();
         if status == http::StatusCode::OK {
-            return Ok((LinkSend::H2(send), LinkRecv::H2(body)));
+            return Ok((LinkSend::H2(send), LinkRecv::H2(body), parts.headers));
         }
         let code = match (status.as_u16(), refused.as_deref()) {
             (_, Some("connect")) | (502, None) => RefuseCode::Connect,

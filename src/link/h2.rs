@@ -47,8 +47,33 @@ pub const USER_HEADER: &str = "cloudlink-user";
 /// §2 `open` frame's `credit` (PROTOCOL.md §2d).
 pub const CREDIT_HEADER: &str = "cloudlink-credit";
 
-/// On a refusal, its §2 code (`connect` or `forbidden`).
+/// On a refusal, its §2 code (`connect`, `forbidden` or `gone`).
 pub const REFUSED_HEADER: &str = "cloudlink-refused";
+
+/// On a CONNECT that resumes a tunnel (PROTOCOL.md §2e), the tunnel's id.
+pub const RESUME_HEADER: &str = "cloudlink-resume";
+
+/// On a resume and its answer, the sender's `written` (and `; fin`): [`offsets_header`].
+pub const WRITTEN_HEADER: &str = "cloudlink-written";
+
+/// The value of [`WRITTEN_HEADER`]: `N`, or `N; fin` once the FIN was passed on.
+pub fn offsets_header(written: u64, fin: bool) -> String {
+    if fin {
+        format!("{written}; fin")
+    } else {
+        written.to_string()
+    }
+}
+
+/// Reads a [`WRITTEN_HEADER`] value; `None` if it is not one.
+pub fn parse_offsets(value: &str) -> Option<(u64, bool)> {
+    let (n, fin) = match value.split_once(';') {
+        Some((n, rest)) if rest.trim() == "fin" => (n.trim(), true),
+        Some(_) => return None,
+        None => (value.trim(), false),
+    };
+    n.parse().ok().map(|n| (n, fin))
+}
 
 /// The relay's side: an HTTP/2 client with §2b's settings.
 pub fn client() -> h2::client::Builder {
@@ -91,14 +116,24 @@ pub async fn write_chunk(s: &mut SendStream<Bytes>, mut chunk: Bytes) -> Result<
             credit = match poll_fn(|cx| s.poll_capacity(cx)).await {
                 Some(Ok(n)) => n,
                 Some(Err(e)) => return Err(end_of(e)),
-                // The stream can no longer send: the peer reset it.
-                None => return Err(End::LinkReset),
+                // The stream can no longer send: the peer reset it, or the connection is
+                // gone (which a resumable tunnel must not take for a reset).
+                None => return Err(why_closed(s).await),
             };
         }
         let piece = chunk.split_to(credit.min(chunk.len()));
         s.send_data(piece, false).map_err(end_of)?;
     }
     Ok(())
+}
+
+/// Why a stream that can no longer send ended: a RST_STREAM from the peer, or the
+/// connection's end.
+async fn why_closed(s: &mut SendStream<Bytes>) -> End {
+    match poll_fn(|cx| s.poll_reset(cx)).await {
+        Ok(_) => End::LinkReset,
+        Err(e) => end_of(e),
+    }
 }
 
 /// Ends the stream (END_STREAM, a FIN). A stream already reset shows that on its other
@@ -175,6 +210,66 @@ impl AsyncRead for BodyReader {
         let n = self.buf.len().min(out.remaining());
         out.put_slice(&self.buf[..n]);
         self.buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// An HTTP/2 request or response body written as a byte stream (for §2 frames on the
+/// control stream): each write sends what the stream's flow control allows.
+pub struct BodyWriter {
+    body: SendStream<Bytes>,
+}
+
+impl BodyWriter {
+    /// Writes to `body`.
+    pub fn new(body: SendStream<Bytes>) -> BodyWriter {
+        BodyWriter { body }
+    }
+}
+
+impl AsyncWrite for BodyWriter {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        self.body.reserve_capacity(buf.len());
+        let reset = || std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let room = match self.body.capacity() {
+            0 => match self.body.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(n))) => n,
+                Poll::Ready(Some(Err(e))) => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        e,
+                    )))
+                }
+                Poll::Ready(None) => return Poll::Ready(Err(reset())),
+                Poll::Pending => return Poll::Pending,
+            },
+            n => n,
+        };
+        if room == 0 {
+            // Capacity granted and taken in the same turn: ask again.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let n = room.min(buf.len());
+        self.body
+            .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionReset, e))?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let _ = self.body.send_data(Bytes::new(), true);
         Poll::Ready(Ok(()))
     }
 }

@@ -230,6 +230,7 @@ pub async fn open(
         proof,
         version: "HTTP/1.1",
         user: crate::credit::UserQueue::IN_PROCESS,
+        resumable: false,
     };
     let InProcess {
         stream,

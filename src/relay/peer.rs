@@ -108,6 +108,8 @@ async fn admit_peer(
         crate::credit::UserQueue::IN_PROCESS,
         claims.usr,
         false,
+        // The peer hop's framed resume is not built yet: such a tunnel ends with its link.
+        false,
     )
     .await
 }

@@ -40,16 +40,29 @@ pub struct DeviceSession {
     pub credit: Arc<crate::credit::Outbox>,
     /// Tunnels open on this session; a superseded session closes when it reaches zero.
     pub tunnels: std::sync::atomic::AtomicUsize,
+    /// Of those, the ones that cannot move to another session (not resumable).
+    pub fixed: std::sync::atomic::AtomicUsize,
     /// Woken whenever a tunnel of this session ends.
     pub tunnel_ended: tokio::sync::Notify,
+    /// Whether both ends announced `resume`: its tunnels outlive it (PROTOCOL.md §2e).
+    pub resume: bool,
+    /// This relay's acks of its resumable tunnels, sent on the control stream by the
+    /// session's loop.
+    pub acks: Arc<crate::resume::Acks>,
+    /// Fires when the session has ended (its resumable tunnels then wait for the next).
+    pub lost: CancellationToken,
 }
 
 impl DeviceSession {
-    /// Counts a tunnel on this session until the returned guard is dropped.
-    pub fn tunnel(self: &Arc<Self>) -> SessionTunnel {
+    /// Counts a tunnel on this session until the returned guard is dropped; one that is
+    /// not `resumable` also among those that hold the session open when it is replaced.
+    pub fn tunnel(self: &Arc<Self>, resumable: bool) -> SessionTunnel {
         self.tunnels
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        SessionTunnel(self.clone())
+        if !resumable {
+            self.fixed.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        SessionTunnel(self.clone(), !resumable)
     }
 
     /// Whether the agent obeys tunnel credit (PROTOCOL.md §2d).
@@ -72,11 +85,23 @@ impl DeviceSession {
     }
 }
 
-/// One open tunnel's place on its device session.
-pub struct SessionTunnel(Arc<DeviceSession>);
+/// One open tunnel's place on its device session (and whether it is a fixed one).
+pub struct SessionTunnel(Arc<DeviceSession>, bool);
+
+impl SessionTunnel {
+    /// The session.
+    pub fn session(&self) -> &Arc<DeviceSession> {
+        &self.0
+    }
+}
 
 impl Drop for SessionTunnel {
     fn drop(&mut self) {
+        if self.1 {
+            self.0
+                .fixed
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
         self.0
             .tunnels
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
@@ -104,6 +129,8 @@ pub struct Presence {
     cluster: bool,
     /// The sessions this relay holds, by device.
     here: Mutex<HashMap<String, Arc<DeviceSession>>>,
+    /// Woken whenever a session is claimed here (resumable tunnels wait for one).
+    claimed: tokio::sync::Notify,
     /// Where recently forwarded devices are: a CONNECT through a peer hop then costs no
     /// store round trip. Dropped on any presence change of the device and when the owner
     /// cannot be reached.
@@ -133,6 +160,7 @@ impl Presence {
             relay_id,
             cluster,
             here: Mutex::new(HashMap::new()),
+            claimed: tokio::sync::Notify::new(),
             elsewhere: TtlCache::new(ttl),
             connected: metrics.devices_connected.clone(),
             conflicts: metrics.presence_conflicts.clone(),
@@ -154,8 +182,21 @@ impl Presence {
         let old = lock(&self.here).insert(session.uuid.clone(), session.clone());
         if let Some(old) = old {
             self.connected(&old).dec();
-            self.supersede(&old);
+            let fixed = old.fixed.load(std::sync::atomic::Ordering::Acquire);
+            if old.resume && session.resume && fixed == 0 {
+                // Its tunnels move to the new session (PROTOCOL.md §2e): the old link is
+                // closed at once, and they resume as for any lost link. The agent dialed
+                // again because it has given that link up.
+                self.conflicts.inc();
+                tracing::info!(device = %old.uuid, session = %old.session, "session replaced; its tunnels move to the new one");
+                old.link
+                    .close(codes::REPLACED, "replaced by a newer session");
+                old.lost.cancel();
+            } else {
+                self.supersede(&old);
+            }
         }
+        self.claimed.notify_waiters();
         let written = self
             .store
             .set_presence(
@@ -212,6 +253,21 @@ impl Presence {
     /// The device's session on this relay.
     pub fn here(&self, uuid: &str) -> Option<Arc<DeviceSession>> {
         lock(&self.here).get(uuid).cloned()
+    }
+
+    /// Waits until the device has a session here other than `not` (a session that is
+    /// gone), and returns it.
+    pub async fn next_session(&self, uuid: &str, not: &str) -> Arc<DeviceSession> {
+        loop {
+            let claimed = self.claimed.notified();
+            if let Some(session) = self
+                .here(uuid)
+                .filter(|s| s.session != not && !s.lost.is_cancelled())
+            {
+                return session;
+            }
+            claimed.await;
+        }
     }
 
     /// How many devices are connected here.

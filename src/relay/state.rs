@@ -54,6 +54,9 @@ pub struct Shared {
     /// Tunnel bytes granted to devices and not yet taken by users, over all tunnels, and
     /// the limit on them (PROTOCOL.md §2d).
     pub budget: Arc<crate::credit::Budget>,
+    /// The agents' acks of every resumable tunnel entered here, by tunnel id (PROTOCOL.md
+    /// §2e), raised by whichever session's control stream they arrive on.
+    pub acks: Arc<crate::resume::AckBoard>,
     /// Recent authorization answers for CONNECT.
     pub auth_cache: AuthCache,
     /// Cancelled once, on SIGTERM/SIGINT: the relay drains. The CONNECT and peer listeners
@@ -106,6 +109,7 @@ impl Shared {
             auth_failures,
             registry: Registry::default(),
             budget: Arc::new(crate::credit::Budget::new(config.limits.tunnel_buffer())),
+            acks: Arc::default(),
             auth_cache: AuthCache::new(cache_ttl),
             draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
@@ -125,7 +129,15 @@ impl Shared {
         if self.config.device_listen.addr().is_some() {
             features.push(crate::proto::messages::features::UDP_PROBE.to_owned());
         }
+        if self.resumes() {
+            features.push(crate::proto::messages::features::RESUME.to_owned());
+        }
         features
+    }
+
+    /// Whether this relay keeps tunnels through the loss of their link (PROTOCOL.md §2e).
+    pub fn resumes(&self) -> bool {
+        self.config.limits.tunnel_resume_secs > 0
     }
 
     /// What the heartbeat reports: draining, devices and tunnels now.

@@ -92,12 +92,18 @@ async fn service(flow: Flow) -> (u16, oneshot::Receiver<Ending>, Arc<AtomicU64>)
     (port, rx, count)
 }
 
-/// Short liveness on both sides so a dead peer is noticed in ~1.5 s instead of 30 s.
-const RELAY_LIMITS: &str = "keep_alive_ms = 300\nidle_timeout_ms = 1500";
+/// Short liveness on both sides so a dead peer is noticed in ~1.5 s instead of 30 s, and a
+/// short resume window: a tunnel whose link is lost waits that long for it to come back
+/// (PROTOCOL.md §2e), then ends with a reset, as here where the dead process never does.
+const RELAY_LIMITS: &str = "keep_alive_ms = 300\nidle_timeout_ms = 1500\ntunnel_resume_secs = 3";
 
 fn agent_config(w: &World) -> std::path::PathBuf {
     let path = w.dir.path().join("agent.toml");
-    std::fs::write(&path, "keep_alive_ms = 300\nidle_timeout_ms = 1500\n").unwrap();
+    std::fs::write(
+        &path,
+        "keep_alive_ms = 300\nidle_timeout_ms = 1500\ntunnel_resume_secs = 3\n",
+    )
+    .unwrap();
     path
 }
 

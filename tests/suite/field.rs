@@ -23,11 +23,16 @@ struct FieldWorld {
 
 impl FieldWorld {
     async fn new(shape: Shape) -> FieldWorld {
+        FieldWorld::with_limits(shape, "").await
+    }
+
+    /// The world with `extra` lines in the relay's `[limits]`.
+    async fn with_limits(shape: Shape, extra: &str) -> FieldWorld {
         let rig = Rig::new();
         rig.shape(shape);
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("relay.toml");
-        std::fs::write(&config, limits("")).unwrap();
+        std::fs::write(&config, limits(extra)).unwrap();
         let relay = Relay::start_twin(
             &dir.path().join("data"),
             &format!("{}:0", rig.relay_ip),
@@ -174,4 +179,120 @@ async fn echo_once(s: &mut tokio::net::TcpStream, msg: &[u8]) {
         .expect("the echo came back in time")
         .unwrap();
     assert_eq!(back, msg);
+}
+
+/// Link timeouts short enough that a blackout of a few seconds ends the link on both
+/// sides (the relay's `[limits]`; [`short_agent`] for the agent).
+const SHORT_LINK: &str = "idle_timeout_ms = 3000\ntcp_idle_timeout_ms = 3000";
+
+/// An agent configuration file with the same short link timeouts.
+fn short_agent(dir: &std::path::Path) -> String {
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        "keep_alive_ms = 1000\nidle_timeout_ms = 3000\ntcp_keep_alive_ms = 1000\ntcp_idle_timeout_ms = 3000\n",
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// Writes `data` in 64 KiB pieces `pause` apart, then half-closes.
+async fn paced_write(w: &mut (impl tokio::io::AsyncWrite + Unpin), data: &[u8], pause: Duration) {
+    use tokio::io::AsyncWriteExt;
+    for piece in data.chunks(64 * 1024) {
+        w.write_all(piece).await.unwrap();
+        tokio::time::sleep(pause).await;
+    }
+    w.shutdown().await.unwrap();
+}
+
+/// A tunnel up, a tunnel down (16 MiB each, paced to last about ten seconds) and an
+/// interactive echo, open while the device's network goes away for longer than the link's
+/// idle timeout (both ends give the link up) and comes back: every byte arrives once and
+/// in order (SHA-256), and the echo answers again soon after the path is back.
+async fn a_tunnel_outlives_a_blackout(transport: &str) {
+    use tokio::io::AsyncReadExt;
+    let w = FieldWorld::with_limits(Shape::field(50, 0.0), SHORT_LINK).await;
+    let entry = match transport {
+        "tcp" => format!("tcp://{}", w.relay.device_tcp.unwrap()),
+        _ => format!("quic://{}", w.relay.device),
+    };
+    let config = short_agent(w.dir.path());
+    let agent = w.agent(entry, &["--config", &config]);
+    agent.stderr.wait_for("connected to relay");
+    assert_eq!(w.transport().await, transport);
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let size = 16 << 20;
+    let pause = Duration::from_millis(40);
+    let digest = digest_on(w.rig.device_listener(loopback));
+    let source = paced_source_on(w.rig.device_listener(loopback), size, 11, Some(pause));
+    let echo = echo_on(w.rig.device_listener(loopback));
+    let key = w.relay.admin_key();
+    let mut chat = tunnel(w.relay.proxy, &key, &w.uuid, echo).await;
+    echo_once(&mut chat, b"before").await;
+
+    let (proxy, uuid) = (w.relay.proxy, w.uuid.clone());
+    let up = {
+        let (key, uuid) = (key.clone(), uuid.clone());
+        tokio::spawn(async move {
+            let data = random_bytes(size, 7);
+            let mut s = tunnel(proxy, &key, &uuid, digest).await;
+            let (mut r, mut wr) = s.split();
+            let mut answer = String::new();
+            let ((), got) = tokio::join!(
+                paced_write(&mut wr, &data, pause),
+                r.read_to_string(&mut answer)
+            );
+            got.unwrap();
+            assert_eq!(
+                answer,
+                format!("got {size} bytes, sha256 {}", sha256_hex(&data))
+            );
+        })
+    };
+    let down = tokio::spawn(async move {
+        let mut s = tunnel(proxy, &key, &uuid, source).await;
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(120), s.read_to_end(&mut got))
+            .await
+            .expect("the download finished")
+            .unwrap();
+        assert_eq!(got.len(), size);
+        assert_eq!(sha256_hex(&got), sha256_hex(&random_bytes(size, 11)));
+    });
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    w.rig.blackout(true);
+    agent
+        .stderr
+        .wait_for_within("waits for a resume", Duration::from_secs(20));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    w.rig.blackout(false);
+    let back = Instant::now();
+    echo_once(&mut chat, b"after").await;
+    eprintln!(
+        "{transport}: the echo answered {:?} after the path came back",
+        back.elapsed()
+    );
+    agent
+        .stderr
+        .wait_for_within("tunnel resumed", Duration::from_secs(30));
+    if let Err(e) = up.await {
+        let log = std::fs::read_to_string(w.dir.path().join("data.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("tunnel")).collect();
+        panic!("upload failed: {e}\nrelay log:\n{}", lines.join("\n"));
+    }
+    down.await.unwrap();
+    echo_once(&mut chat, b"still").await;
+    drop(w.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_tunnel_outlives_a_blackout_longer_than_the_link() {
+    a_tunnel_outlives_a_blackout("quic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_tunnel_outlives_a_blackout_longer_than_the_link() {
+    a_tunnel_outlives_a_blackout("tcp").await;
 }

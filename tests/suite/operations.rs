@@ -110,6 +110,14 @@ async fn a_real_scrape_is_clean_and_counts_running_tunnels() {
         1.0
     );
     drop(s);
+    // Its clean end takes the FINs and their acks both ways (PROTOCOL.md §2e): let it
+    // finish before the device goes, or the tunnel would wait for the device to return.
+    let closed = common::poll(common::TRANSFER_TIMEOUT, || async {
+        let (_, scrape) = get(&url).await;
+        (sample(&scrape, "cloudlink_tunnels_open") == 0.0).then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "the closed tunnel is still counted open");
 
     // The device goes away: its link's end is counted by reason. A killed agent says
     // nothing; the relay sees it gone at the QUIC idle timeout (30 s), so wait past that.

@@ -723,7 +723,8 @@ async fn an_abandoned_tcp_dial_closes_its_connection() {
         ..Default::default()
     };
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let dial = cloudlink::agent::link::dial_tcp(tcp, &config, &agent, "localhost");
+    let held = cloudlink::agent::link::Resuming::default();
+    let dial = cloudlink::agent::link::dial_tcp(tcp, &config, &agent, &held, "localhost");
     assert!(
         tokio::time::timeout(Duration::from_secs(1), dial)
             .await

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::presence::DeviceSession;
 use super::state::Shared;
@@ -173,7 +174,15 @@ async fn register(
         features: hello.features.clone(),
         credit: Default::default(),
         tunnels: Default::default(),
+        fixed: Default::default(),
         tunnel_ended: Default::default(),
+        resume: state.resumes()
+            && crate::proto::messages::features::has(
+                &hello.features,
+                crate::proto::messages::features::RESUME,
+            ),
+        acks: Default::default(),
+        lost: CancellationToken::new(),
     });
     state.presence.claim(device.clone()).await;
     state
@@ -206,6 +215,8 @@ async fn run_session<C: Control>(state: &Arc<Shared>, mut registered: Registered
 /// Takes a session out of presence.
 async fn unregister(state: &Shared, registered: &Registered, reason: &str) {
     let device = &registered.device;
+    // Its resumable tunnels wait for the device's next session from now.
+    device.lost.cancel();
     state
         .presence
         .release(device, state.shutdown.is_cancelled())
@@ -229,11 +240,17 @@ async fn serve<C: Control>(
     state: &Shared,
 ) -> String {
     let mut credit = Vec::new();
+    let mut acks = Vec::new();
     loop {
         tokio::select! {
             reason = control.ended() => return reason,
             _ = device.credit.next(&mut credit) => {
                 if !send_credit(control, &mut credit).await {
+                    return control.ended().await;
+                }
+            }
+            _ = device.acks.next(&mut acks) => {
+                if !send_acks(control, &mut acks).await {
                     return control.ended().await;
                 }
             }
@@ -249,6 +266,11 @@ async fn serve<C: Control>(
                             _ = control.ended() => break,
                             _ = device.credit.next(&mut credit) => {
                                 if !send_credit(control, &mut credit).await {
+                                    break;
+                                }
+                            }
+                            _ = device.acks.next(&mut acks) => {
+                                if !send_acks(control, &mut acks).await {
                                     break;
                                 }
                             }
@@ -282,6 +304,49 @@ async fn send_credit<C: Control>(control: &mut C, batch: &mut Vec<(Arc<str>, u64
         }
     }
     true
+}
+
+/// Sends the relay's acks of a session's resumable tunnels (PROTOCOL.md §2e), one `ack`
+/// frame each; false if the control channel is gone.
+async fn send_acks<C: Control>(control: &mut C, batch: &mut Vec<(Arc<str>, (u64, bool))>) -> bool {
+    for (tunnel, (written, fin)) in batch.drain(..) {
+        let msg = RelayControl::Ack {
+            tunnel: tunnel.to_string(),
+            written,
+            fin,
+        };
+        if !control.send(&msg).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// Reads the agent's side of the control stream after `welcome`: its acks of resumable
+/// tunnels (PROTOCOL.md §2e) raise their tunnels on `acks`. Runs until the stream ends or
+/// breaks the framing; `done` fires then.
+async fn read_agent_control<R: tokio::io::AsyncRead + Unpin>(
+    mut recv: R,
+    acks: Arc<crate::resume::AckBoard>,
+    max_frame: usize,
+    done: CancellationToken,
+) {
+    use crate::proto::messages::AgentControl;
+    loop {
+        match frame::read::<_, AgentControl>(&mut recv, max_frame).await {
+            Ok(Some(AgentControl::Ack {
+                tunnel,
+                written,
+                fin,
+            })) => acks.raise(&tunnel, written, fin),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::info!(error = %crate::logsafe::Peer(&e.to_string()), "bad control frame from the agent");
+                break;
+            }
+        }
+    }
+    done.cancel();
 }
 
 /// Encodes a control frame for a byte stream.

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::VarInt;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::{accept_hello, control_frame, register, run_session, unregister};
+use super::{accept_hello, control_frame, read_agent_control, register, run_session, unregister};
 use super::{Control, HelloFailure};
 use crate::auth::tokens;
 use crate::link::device::DeviceLink;
@@ -124,12 +125,11 @@ async fn read_hello(
         .map_err(|_| HelloFailure::Timeout)?
 }
 
-/// A QUIC session's control stream (the first stream, which carried the hello).
+/// A QUIC session's control stream (the first stream, which carried the hello); its
+/// receiving half is read by [`read_agent_control`] for the session's life.
 struct QuicControl {
     conn: quinn::Connection,
     send: quinn::SendStream,
-    /// Kept open for the session's life: the agent sends nothing more on it.
-    _recv: quinn::RecvStream,
 }
 
 impl Control for QuicControl {
@@ -209,11 +209,13 @@ async fn session(incoming: quinn::Incoming, state: Arc<Shared>) {
     // Credit frames ahead of tunnel bytes: a grant stuck behind a megabyte of another
     // tunnel's data would stall the tunnel waiting for it.
     let _ = send.set_priority(1);
-    let control = QuicControl {
-        conn,
-        send,
-        _recv: recv,
-    };
+    tokio::spawn(read_agent_control(
+        recv,
+        state.acks.clone(),
+        state.config.limits.frame_max_bytes,
+        CancellationToken::new(),
+    ));
+    let control = QuicControl { conn, send };
     run_session(&state, registered, control).await;
 }
 

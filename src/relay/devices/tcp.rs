@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::{accept_hello, control_frame, register, run_session, unregister};
+use super::{accept_hello, control_frame, read_agent_control, register, run_session, unregister};
 use super::{Control, HelloFailure};
 use crate::auth::tokens;
 use crate::link::device::{DeviceLink, TcpLink};
@@ -180,11 +180,16 @@ async fn open_control(
         Ok::<_, h2::Error>((response, send))
     };
     match tokio::time::timeout(state.config.limits.hello_timeout(), open).await {
-        Ok(Ok((response, send))) if response.status() == http::StatusCode::OK => Ok(TcpControl {
-            send,
-            body: response.into_body(),
-            ended,
-        }),
+        Ok(Ok((response, send))) if response.status() == http::StatusCode::OK => {
+            let done = CancellationToken::new();
+            tokio::spawn(read_agent_control(
+                link_h2::BodyReader::new(response.into_body()),
+                state.acks.clone(),
+                state.config.limits.frame_max_bytes,
+                done.clone(),
+            ));
+            Ok(TcpControl { send, ended, done })
+        }
         Ok(Ok((response, _))) => Err(format!(
             "the agent answered the control stream with {}",
             response.status()
@@ -197,8 +202,9 @@ async fn open_control(
 /// A TCP session's control stream, and the end of its connection.
 struct TcpControl {
     send: h2::SendStream<Bytes>,
-    body: h2::RecvStream,
     ended: Ended,
+    /// Fires when the agent's side of the control stream has ended (its reader is done).
+    done: CancellationToken,
 }
 
 impl Control for TcpControl {
@@ -209,21 +215,14 @@ impl Control for TcpControl {
     }
 
     /// Ends with the connection, or when the agent ends or resets its side of the control
-    /// stream (which ends the session, §2b). The agent sends no data on it; any is dropped.
+    /// stream (which ends the session, §2b). What the agent sends there is its acks
+    /// (§2e), read by [`read_agent_control`].
     async fn ended(&mut self) -> String {
-        loop {
-            tokio::select! {
-                _ = self.ended.token.cancelled() => {
-                    return self.ended.reason.get().cloned().unwrap_or_default();
-                }
-                data = self.body.data() => match data {
-                    Some(Ok(data)) => {
-                        let _ = self.body.flow_control().release_capacity(data.len());
-                    }
-                    Some(Err(e)) => return format!("control stream reset: {e}"),
-                    None => return "the agent ended the control stream".into(),
-                },
+        tokio::select! {
+            _ = self.ended.token.cancelled() => {
+                self.ended.reason.get().cloned().unwrap_or_default()
             }
+            _ = self.done.cancelled() => "the agent ended the control stream".into(),
         }
     }
 

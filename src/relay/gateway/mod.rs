@@ -373,6 +373,7 @@ async fn jump(
                 },
                 version: "HTTP/1.1",
                 user: crate::credit::UserQueue::IN_PROCESS,
+                resumable: false,
             }),
         },
     };

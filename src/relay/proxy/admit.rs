@@ -49,6 +49,8 @@ pub struct Admitted {
     pub audited: bool,
     /// The tunnel's share of the relay's tunnel buffer (PROTOCOL.md §2d).
     pub credit: TunnelCredit,
+    /// Whether the tunnel outlives its device link (PROTOCOL.md §2e).
+    pub resumable: bool,
 }
 
 /// A tunnel's share of the relay's tunnel buffer.
@@ -90,6 +92,10 @@ pub struct Ask {
     /// The user's socket's send queue at admission, which sizes the tunnel's first
     /// credit window; [`UserQueue::IN_PROCESS`] for a user inside the relay.
     pub user: UserQueue,
+    /// Whether the caller keeps the user's socket through the loss of the device's link
+    /// (a CONNECT user, PROTOCOL.md §2e): the tunnel is then resumable where the device's
+    /// session allows it.
+    pub resumable: bool,
 }
 
 impl Ask {
@@ -105,6 +111,7 @@ impl Ask {
             proof: Proof::Token(token),
             version: head.version,
             user: UserQueue::IN_PROCESS,
+            resumable: false,
         })
     }
 }
@@ -175,6 +182,7 @@ async fn admit_route(
                 ask.user,
                 username,
                 true,
+                ask.resumable,
             )
             .await
             .map(Route::Local);
@@ -241,6 +249,9 @@ pub fn admit_entry(state: &Shared, entry: &Arc<TunnelEntry>) -> Result<(), Refus
 }
 
 /// Admits `entry` under the limits and opens its stream on the device's session here.
+// The user's side in four values (version, queue, name, resumable), as its callers hold
+// them; a struct for one call would only restate them.
+#[allow(clippy::too_many_arguments)]
 pub async fn open_local(
     state: &Shared,
     session: &Arc<DeviceSession>,
@@ -249,8 +260,10 @@ pub async fn open_local(
     user: UserQueue,
     username: String,
     audited: bool,
+    resumable: bool,
 ) -> Result<Admitted, Refusal> {
     admit_entry(state, &entry)?;
+    let resumable = resumable && session.resume;
     let limits = &state.config.limits;
     let credit = if session.takes_credit() {
         TunnelCredit::Grant(crate::credit::Grant::open_for(
@@ -276,9 +289,9 @@ pub async fn open_local(
             TunnelCredit::Grant(grant) => Some(grant.limit()),
             TunnelCredit::Reserved(_) => None,
         },
-        resume: false,
+        resume: resumable,
     };
-    let on_session = session.tunnel();
+    let on_session = session.tunnel(resumable);
     match open_stream(
         &session.link,
         &open,
@@ -300,6 +313,7 @@ pub async fn open_local(
             ssh_login: session.ssh_login.clone(),
             audited,
             credit,
+            resumable,
         }),
         Err(refusal) => {
             state.registry.remove_tunnel(&entry.id);

@@ -98,6 +98,8 @@ pub async fn serve<C: ClientConn>(
     if let Some(tcp) = client.tcp() {
         ask.user = crate::credit::UserQueue::of(&socket2::SockRef::from(tcp));
     }
+    // This task keeps the user's socket while the device's link is rebuilt.
+    ask.resumable = !C::IN_PROCESS;
     match admit::admit(&ask, peer, &state, pending, kind, id).await {
         Ok(admit::Route::Local(admitted)) => {
             tunnel::run(client, leftover, admitted, &state, received).await

@@ -9,10 +9,14 @@ use tokio::io::AsyncWriteExt;
 use super::admit::{Admitted, TunnelCredit};
 use super::client::ClientConn;
 use crate::forward::{self, Side};
-use crate::link::{ChunkSend, End};
+use crate::link::device::OpenError;
+use crate::link::{ChunkSend, End, LinkRecv, LinkSend};
 use crate::proto::connect;
+use crate::proto::messages::{RefuseCode, TunnelResume};
+use crate::relay::presence::SessionTunnel;
 use crate::relay::registry::TunnelEntry;
 use crate::relay::state::Shared;
+use crate::resume::Carried;
 use crate::store::{now_ms, Id, TunnelSession};
 use tracing::Instrument;
 
@@ -52,11 +56,12 @@ async fn run_in_span<C: ClientConn>(
         port,
         entry,
         mut send,
-        recv,
+        mut recv,
         on_session,
         audited,
         ssh_login: _,
         mut credit,
+        resumable,
     } = t;
     let counters = &entry.counters;
     // From here until an orderly close, a crash of this process resets the client's
@@ -87,6 +92,13 @@ async fn run_in_span<C: ClientConn>(
         Some(socket) => crate::credit::UserQueue::of(socket),
         None => crate::credit::UserQueue::IN_PROCESS,
     };
+    // A resumable tunnel's state, carried from link to link (PROTOCOL.md §2e); its acks
+    // arrive on whichever session's control stream carries them.
+    let mut carried = resumable.then(|| Carried::new(on_session.session().acks.sink(&entry.id)));
+    let _acks = carried
+        .as_ref()
+        .map(|c| state.acks.enter(&entry.id, &c.acked));
+    let mut on_session = on_session;
     let end = if !answered {
         End::SocketReset
     } else {
@@ -95,36 +107,137 @@ async fn run_in_span<C: ClientConn>(
             counters
                 .up
                 .fetch_add(leftover.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            early_failed = send.write_chunk(leftover.freeze()).await.is_err();
+            let leftover = leftover.freeze();
+            match carried.as_mut() {
+                // The pipelined bytes are the first of the user's direction: into the ring,
+                // from which the first stream sends them, as any later one would.
+                Some(c) => c.ring.push(leftover),
+                None => early_failed = send.write_chunk(leftover).await.is_err(),
+            }
         }
         let (mut r, mut w) = client.halves();
         let end = if early_failed {
             End::LinkReset
         } else {
             let idle = idle_timeout(state);
-            let credit = match &mut credit {
-                TunnelCredit::Grant(grant) => forward::Credit::Grant { grant, user: &user },
-                TunnelCredit::Reserved(_) => forward::Credit::None,
-            };
-            forward::join(
-                send,
-                recv,
-                &mut r,
-                &mut w,
-                counters,
-                Side::User,
-                &entry.cancel,
-                idle,
-                credit,
-                None,
-            )
-            .await
+            let mut from = (0, false);
+            loop {
+                let session = on_session.session().clone();
+                let pace = match &mut credit {
+                    TunnelCredit::Grant(grant) => forward::Credit::Grant { grant, user: &user },
+                    TunnelCredit::Reserved(_) => forward::Credit::None,
+                };
+                let end = forward::join(
+                    send,
+                    recv,
+                    &mut r,
+                    &mut w,
+                    counters,
+                    Side::User,
+                    &entry.cancel,
+                    idle,
+                    pace,
+                    carried.as_mut().map(|c| c.on(from, &session.lost)),
+                )
+                .await;
+                let (Some(c), End::ConnectionLost(why)) = (carried.as_mut(), &end) else {
+                    break end;
+                };
+                tracing::info!(error = %why, "device link lost; the tunnel waits for the device");
+                match resume(
+                    state,
+                    &entry,
+                    &device,
+                    port,
+                    &session.session,
+                    c,
+                    &mut credit,
+                )
+                .await
+                {
+                    Ok(next) => {
+                        (send, recv, from, on_session) = next;
+                        tracing::info!(agent_written = from.0, "tunnel resumed");
+                    }
+                    Err(end) => break end,
+                }
+            }
         };
         C::close(r, w, end.resets_socket());
         end
     };
     drop(on_session);
     finish(state, &entry, &end, audit).await;
+}
+
+/// Waits for the device's next session and resumes the tunnel on it (PROTOCOL.md §2e):
+/// the new stream, the agent's offsets and the tunnel's place on that session. Ends the
+/// tunnel when the device is not back within `tunnel_resume_secs`, the tunnel is cut, or
+/// the agent no longer holds it.
+async fn resume(
+    state: &Arc<Shared>,
+    entry: &TunnelEntry,
+    device: &str,
+    port: u16,
+    lost: &str,
+    carried: &mut Carried,
+    credit: &mut TunnelCredit,
+) -> Result<(LinkSend, LinkRecv, (u64, bool), SessionTunnel), End> {
+    let limits = &state.config.limits;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(limits.tunnel_resume_secs);
+    let mut gone = lost.to_owned();
+    loop {
+        let next = tokio::time::timeout_at(deadline, state.presence.next_session(device, &gone));
+        let session = tokio::select! {
+            session = next => match session {
+                Ok(session) => session,
+                Err(_) => {
+                    tracing::info!("the device did not come back in time; the tunnel ends with a reset");
+                    return Err(End::ConnectionLost("the device did not come back in time".into()));
+                }
+            },
+            _ = entry.cancel.cancelled() => return Err(End::Cancelled),
+        };
+        if !session.resume {
+            tracing::info!("the device came back without resumable tunnels");
+            return Err(End::ConnectionLost(
+                "the device came back without resume".into(),
+            ));
+        }
+        let limit = match credit {
+            TunnelCredit::Grant(grant) => {
+                grant.move_to(session.credit.clone());
+                Some(grant.limit())
+            }
+            TunnelCredit::Reserved(_) => None,
+        };
+        let ask = TunnelResume {
+            tunnel: entry.id.clone(),
+            written: carried.written.written(),
+            fin: carried.written.fin(),
+            credit: limit,
+        };
+        let place = session.tunnel(true);
+        let answer = session
+            .link
+            .resume_tunnel(&ask, port, limits.frame_max_bytes);
+        match tokio::time::timeout(limits.open_timeout(), answer).await {
+            Ok(Ok((send, recv, offsets))) => {
+                carried.written.set_sink(session.acks.sink(&entry.id));
+                return Ok((send, recv, offsets, place));
+            }
+            Ok(Err(OpenError::Refused(RefuseCode::Gone, _))) => {
+                tracing::info!("the agent no longer holds the tunnel; it ends with a reset");
+                return Err(End::LinkReset);
+            }
+            // That session went too; wait for the next.
+            Ok(Err(OpenError::Offline)) | Err(_) => gone = session.session.clone(),
+            Ok(Err(e)) => {
+                tracing::warn!(error = ?e, "the agent did not take the resume; the tunnel ends");
+                return Err(End::LinkReset);
+            }
+        }
+    }
 }
 
 /// Sends the 200 alone and flushed; false if the client is gone. A client inside this

@@ -74,6 +74,8 @@ pub struct Ring {
     /// Whether this direction's FIN has been sent (after `end`).
     fin: bool,
     cap: u64,
+    /// Bytes sent again after resumes, in all.
+    replayed: u64,
 }
 
 impl Ring {
@@ -85,7 +87,13 @@ impl Ring {
             end: 0,
             fin: false,
             cap,
+            replayed: 0,
         }
+    }
+
+    /// Bytes handed out again by [`Ring::replay_from`] over the ring's life.
+    pub fn replayed(&self) -> u64 {
+        self.replayed
     }
 
     /// Bytes sent in all (`sent` in PROTOCOL.md §2e).
@@ -156,7 +164,7 @@ impl Ring {
 
     /// What to send again from `offset` (the other side's `written`), in order: an
     /// offset the ring no longer holds, or beyond what was sent, is a violation.
-    pub fn replay_from(&self, offset: u64) -> Result<Vec<Bytes>, Violation> {
+    pub fn replay_from(&mut self, offset: u64) -> Result<Vec<Bytes>, Violation> {
         if offset < self.start || offset > self.end {
             return Err(Violation(format!(
                 "resume from {offset}, but bytes {}..{} are held",
@@ -174,6 +182,7 @@ impl Ring {
             out.push(piece.slice(skip as usize..));
             skip = 0;
         }
+        self.replayed += self.end - offset;
         Ok(out)
     }
 }

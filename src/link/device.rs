@@ -56,11 +56,8 @@ impl DeviceLink {
     ) -> Result<(LinkSend, LinkRecv), OpenError> {
         match self {
             DeviceLink::Quic(conn) => {
-                let (mut send, mut recv) = conn.open_bi().await.map_err(|_| OpenError::Offline)?;
-                frame::write(&mut send, open)
-                    .await
-                    .map_err(|_| OpenError::Offline)?;
-                match frame::read_required(&mut recv, max_frame).await {
+                let (send, recv, reply) = ask_quic(conn, open, max_frame).await?;
+                match reply {
                     Ok(OpenReply::Opened) => Ok((LinkSend::Quic(send), LinkRecv::Quic(recv))),
                     Ok(OpenReply::Refused { code, message }) => {
                         Err(OpenError::Refused(code, message))
@@ -85,11 +82,8 @@ impl DeviceLink {
     ) -> Result<(LinkSend, LinkRecv, (u64, bool)), OpenError> {
         match self {
             DeviceLink::Quic(conn) => {
-                let (mut send, mut recv) = conn.open_bi().await.map_err(|_| OpenError::Offline)?;
-                frame::write(&mut send, resume)
-                    .await
-                    .map_err(|_| OpenError::Offline)?;
-                match frame::read_required(&mut recv, max_frame).await {
+                let (send, recv, reply) = ask_quic(conn, resume, max_frame).await?;
+                match reply {
                     Ok(OpenReply::Resumed { written, fin }) => {
                         Ok((LinkSend::Quic(send), LinkRecv::Quic(recv), (written, fin)))
                     }
@@ -105,6 +99,28 @@ impl DeviceLink {
             DeviceLink::Tcp(link) => link.resume_tunnel(resume, port, max_frame).await,
         }
     }
+}
+
+/// Opens a QUIC tunnel stream, writes `head` (an `open` or a `resume`) and reads the
+/// agent's answer frame.
+async fn ask_quic(
+    conn: &quinn::Connection,
+    head: &impl serde::Serialize,
+    max_frame: usize,
+) -> Result<
+    (
+        quinn::SendStream,
+        quinn::RecvStream,
+        Result<OpenReply, crate::proto::ProtoError>,
+    ),
+    OpenError,
+> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|_| OpenError::Offline)?;
+    frame::write(&mut send, head)
+        .await
+        .map_err(|_| OpenError::Offline)?;
+    let reply = frame::read_required(&mut recv, max_frame).await;
+    Ok((send, recv, reply))
 }
 
 /// The relay's end of one device's TLS/TCP link.

@@ -16,6 +16,12 @@ const SETUP_BUCKETS: &[f64] = &[
 /// The `kind` values of `cloudlink_tunnels_admitted_total`, as the audit rows name them.
 pub const TUNNEL_KINDS: [&str; 4] = ["connect", "terminal", "jump", "ssh-gateway"];
 
+/// The `reason` values of `cloudlink_tunnel_resume_failures_total`: the device did not come
+/// back within `tunnel_resume_secs`, its agent no longer held the tunnel, it came back
+/// without the feature, the agent broke the protocol, or the tunnel was cut while it
+/// waited.
+pub const RESUME_FAILURES: [&str; 5] = ["expired", "gone", "unsupported", "protocol", "cut"];
+
 /// The `kind` values of `cloudlink_store_errors_total`.
 pub const STORE_ERROR_KINDS: [&str; 2] = ["unavailable", "database"];
 /// The `reason` values of `cloudlink_device_disconnects_total` ([`disconnect_reason`]).
@@ -45,6 +51,17 @@ pub struct Metrics {
     pub tunnels_open: IntGauge,
     /// Tunnels ended, by close reason.
     pub tunnels_closed: IntCounterVec,
+    /// Resumable tunnels carried over to a new device link (PROTOCOL.md §2e).
+    pub tunnel_resumes: IntCounter,
+    /// Resumable tunnels that waited for their device and ended, by why
+    /// ([`RESUME_FAILURES`]).
+    pub tunnel_resume_failures: IntCounterVec,
+    /// Tunnels waiting for their device's link now.
+    pub tunnels_waiting: IntGauge,
+    /// Seconds tunnels have spent waiting for their device's link, in all.
+    pub tunnel_wait_seconds: prometheus::Counter,
+    /// Bytes of the user's direction sent again after a resume.
+    pub tunnel_replayed_bytes: IntCounter,
     /// Tunnels admitted by the relay the user came to, by what opened them
     /// ([`TUNNEL_KINDS`]).
     pub tunnels_admitted: IntCounterVec,
@@ -135,6 +152,35 @@ impl Metrics {
             "cloudlink_tunnels_closed_total",
             "Tunnels ended, by reason",
             &["reason"],
+        );
+        let tunnel_resumes = counter(
+            "cloudlink_tunnel_resumes_total",
+            "Resumable tunnels carried over to a new device link",
+        );
+        let tunnel_resume_failures = counter_vec(
+            "cloudlink_tunnel_resume_failures_total",
+            "Resumable tunnels that waited for their device and ended, by why: expired, \
+             gone, unsupported, protocol or cut",
+            &["reason"],
+        );
+        for reason in RESUME_FAILURES {
+            tunnel_resume_failures.with_label_values(&[reason]);
+        }
+        let tunnels_waiting = gauge(
+            "cloudlink_tunnels_waiting",
+            "Resumable tunnels waiting for their device's link now",
+        );
+        let tunnel_wait_seconds = register(
+            &registry,
+            "cloudlink_tunnel_wait_seconds_total",
+            prometheus::Counter::new(
+                "cloudlink_tunnel_wait_seconds_total",
+                "Seconds resumable tunnels have spent waiting for their device's link",
+            ),
+        );
+        let tunnel_replayed_bytes = counter(
+            "cloudlink_tunnel_replayed_bytes_total",
+            "Bytes of the users' direction sent again after a resume",
         );
         let tunnels_admitted = counter_vec(
             "cloudlink_tunnels_admitted_total",
@@ -284,6 +330,11 @@ impl Metrics {
             device_rejects,
             tunnels_open,
             tunnels_closed,
+            tunnel_resumes,
+            tunnel_resume_failures,
+            tunnels_waiting,
+            tunnel_wait_seconds,
+            tunnel_replayed_bytes,
             tunnels_admitted,
             tunnel_bytes,
             ended_bytes: Default::default(),

@@ -189,9 +189,12 @@ impl Presence {
                 // again because it has given that link up.
                 self.conflicts.inc();
                 tracing::info!(device = %old.uuid, session = %old.session, "session replaced; its tunnels move to the new one");
+                // Not `lost` by hand: a tunnel that hears of the loss before the link is
+                // really gone resets its stream (RST_STREAM still crosses a TLS/TCP link
+                // that is winding down), which the agent would take for the tunnel's end.
+                // The streams fail with the link, and the session's end cancels `lost`.
                 old.link
                     .close(codes::REPLACED, "replaced by a newer session");
-                old.lost.cancel();
             } else {
                 self.supersede(&old);
             }

@@ -162,11 +162,35 @@ async fn the_probe_brings_the_agent_back_to_quic() {
     eprintln!("back on QUIC {took:?} after UDP was let through");
     assert!(took <= Duration::from_secs(60), "{took:?}");
     assert_eq!(w.transport().await, "quic");
-    // The tunnel opened on TCP still works (make before break), and a new one goes over QUIC.
-    echo_once(&mut open, b"after").await;
+    // The tunnel opened on TCP still works (it moved to QUIC by resume: PROTOCOL.md §2e),
+    // and a new one goes over QUIC.
+    if let Err(e) = try_echo(&mut open, b"after").await {
+        let log = std::fs::read_to_string(w.dir.path().join("data.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("tunnel")).collect();
+        panic!(
+            "the tunnel opened on TCP broke ({e}); relay log:\n{}\nagent log:\n{}",
+            lines.join("\n"),
+            agent.stderr.text()
+        );
+    }
     let mut fresh = tunnel(w.relay.proxy, &w.relay.admin_key(), &w.uuid, echo).await;
     echo_once(&mut fresh, b"fresh").await;
     drop(w.dir);
+}
+
+/// Writes `msg` and reads it back from an echo service, or says why it could not.
+async fn try_echo(s: &mut tokio::net::TcpStream, msg: &[u8]) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(msg).await.map_err(|e| e.to_string())?;
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .map_err(|_| "no echo within 10 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if back != msg {
+        return Err(format!("echoed {back:?}"));
+    }
+    Ok(())
 }
 
 /// Writes `msg` and reads it back from an echo service.
@@ -284,6 +308,21 @@ async fn a_tunnel_outlives_a_blackout(transport: &str) {
     }
     down.await.unwrap();
     echo_once(&mut chat, b"still").await;
+    // Counted: the three tunnels resumed, none failed, none waits now.
+    let scrape = metrics(&w.relay).await;
+    let sample = |series: &str| -> f64 {
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in the scrape"))
+    };
+    assert!(sample("cloudlink_tunnel_resumes_total") >= 3.0, "{scrape}");
+    assert_eq!(sample("cloudlink_tunnels_waiting"), 0.0);
+    assert!(sample("cloudlink_tunnel_wait_seconds_total") > 0.0);
+    for reason in cloudlink::relay::metrics::RESUME_FAILURES {
+        let series = format!("cloudlink_tunnel_resume_failures_total{{reason=\"{reason}\"}}");
+        assert_eq!(sample(&series), 0.0, "{series}");
+    }
     drop(w.dir);
 }
 

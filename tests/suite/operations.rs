@@ -180,7 +180,7 @@ fn the_alert_rules_load_and_pass_their_unit_tests() {
         None,
     );
     assert!(ok, "promtool check rules:\n{out}");
-    assert!(out.contains("7 rules found"), "{out}");
+    assert!(out.contains("8 rules found"), "{out}");
     let (ok, out) = run(
         "promtool",
         &[

@@ -166,6 +166,12 @@ async fn run_in_span<C: ClientConn>(
         C::close(r, w, end.resets_socket());
         end
     };
+    if let Some(c) = &carried {
+        state
+            .metrics
+            .tunnel_replayed_bytes
+            .inc_by(c.ring.replayed());
+    }
     drop(on_session);
     finish(state, &entry, &end, audit).await;
 }
@@ -173,7 +179,7 @@ async fn run_in_span<C: ClientConn>(
 /// Waits for the device's next session and resumes the tunnel on it (PROTOCOL.md §2e):
 /// the new stream, the agent's offsets and the tunnel's place on that session. Ends the
 /// tunnel when the device is not back within `tunnel_resume_secs`, the tunnel is cut, or
-/// the agent no longer holds it.
+/// the agent no longer holds it. Counted either way, with the time it waited.
 async fn resume(
     state: &Arc<Shared>,
     entry: &TunnelEntry,
@@ -183,6 +189,28 @@ async fn resume(
     carried: &mut Carried,
     credit: &mut TunnelCredit,
 ) -> Result<(LinkSend, LinkRecv, (u64, bool), SessionTunnel), End> {
+    let m = &state.metrics;
+    m.tunnels_waiting.inc();
+    let since = Instant::now();
+    let resumed = wait_and_resume(state, entry, device, port, lost, carried, credit).await;
+    m.tunnels_waiting.dec();
+    m.tunnel_wait_seconds.inc_by(since.elapsed().as_secs_f64());
+    match &resumed {
+        Ok(_) => m.tunnel_resumes.inc(),
+        Err((_, why)) => m.tunnel_resume_failures.with_label_values(&[why]).inc(),
+    }
+    resumed.map_err(|(end, _)| end)
+}
+
+async fn wait_and_resume(
+    state: &Arc<Shared>,
+    entry: &TunnelEntry,
+    device: &str,
+    port: u16,
+    lost: &str,
+    carried: &mut Carried,
+    credit: &mut TunnelCredit,
+) -> Result<(LinkSend, LinkRecv, (u64, bool), SessionTunnel), (End, &'static str)> {
     let limits = &state.config.limits;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(limits.tunnel_resume_secs);
     let mut gone = lost.to_owned();
@@ -193,16 +221,16 @@ async fn resume(
                 Ok(session) => session,
                 Err(_) => {
                     tracing::info!("the device did not come back in time; the tunnel ends with a reset");
-                    return Err(End::ConnectionLost("the device did not come back in time".into()));
+                    let end = End::ConnectionLost("the device did not come back in time".into());
+                    return Err((end, "expired"));
                 }
             },
-            _ = entry.cancel.cancelled() => return Err(End::Cancelled),
+            _ = entry.cancel.cancelled() => return Err((End::Cancelled, "cut")),
         };
         if !session.resume {
             tracing::info!("the device came back without resumable tunnels");
-            return Err(End::ConnectionLost(
-                "the device came back without resume".into(),
-            ));
+            let end = End::ConnectionLost("the device came back without resume".into());
+            return Err((end, "unsupported"));
         }
         let limit = match credit {
             TunnelCredit::Grant(grant) => {
@@ -228,13 +256,13 @@ async fn resume(
             }
             Ok(Err(OpenError::Refused(RefuseCode::Gone, _))) => {
                 tracing::info!("the agent no longer holds the tunnel; it ends with a reset");
-                return Err(End::LinkReset);
+                return Err((End::LinkReset, "gone"));
             }
             // That session went too; wait for the next.
             Ok(Err(OpenError::Offline)) | Err(_) => gone = session.session.clone(),
             Ok(Err(e)) => {
                 tracing::warn!(error = ?e, "the agent did not take the resume; the tunnel ends");
-                return Err(End::LinkReset);
+                return Err((End::LinkReset, "protocol"));
             }
         }
     }

@@ -146,18 +146,8 @@ async fn rebind(
         return;
     }
     match held.tombstone(&resume.tunnel) {
-        // Ended cleanly here; the relay missed the last ack: our offsets, our FIN again,
-        // and whatever it still sends read to its end.
         Some(offsets) => {
-            if let Some(mut send) = answer.resumed(offsets).await {
-                use crate::link::{ChunkRecv, ChunkSend};
-                send.finish();
-                let mut recv = recv;
-                let mut chunks = [bytes::Bytes::new()];
-                let drained =
-                    async { while let Ok(Some(_)) = recv.read_chunks(&mut chunks).await {} };
-                let _ = tokio::time::timeout(OPEN_TIMEOUT, drained).await;
-            }
+            from_tombstone(answer, recv, offsets).await;
             tracing::debug!("answered a resume for a tunnel that had ended");
         }
         None => {
@@ -166,6 +156,19 @@ async fn rebind(
                 .refuse(RefuseCode::Gone, "no such tunnel on this device")
                 .await;
         }
+    }
+}
+
+/// Answers a resume for a tunnel that ended cleanly here, whose last ack the relay missed
+/// (PROTOCOL.md §2e): the final offsets, the FIN again, and whatever the relay still sends
+/// read to its end.
+async fn from_tombstone(answer: Answer, mut recv: LinkRecv, offsets: (u64, bool)) {
+    use crate::link::{ChunkRecv, ChunkSend};
+    if let Some(mut send) = answer.resumed(offsets).await {
+        send.finish();
+        let mut chunks = [bytes::Bytes::new()];
+        let drained = async { while let Ok(Some(_)) = recv.read_chunks(&mut chunks).await {} };
+        let _ = tokio::time::timeout(OPEN_TIMEOUT, drained).await;
     }
 }
 
@@ -331,17 +334,31 @@ impl Resumable<'_> {
                     }
                 }
             };
-            match end {
-                End::Closed => {
+            match (end, pending.take()) {
+                (End::Closed, rebind) => {
                     let written = &carried.written;
-                    self.held.bury(self.id, (written.written(), written.fin()));
+                    let offsets = (written.written(), written.fin());
+                    self.held.bury(self.id, offsets);
+                    // A resume that crossed the clean end gets what a tombstone says.
+                    if let Some(rebind) = rebind {
+                        from_tombstone(rebind.answer, rebind.recv, offsets).await;
+                    }
                     return End::Closed;
                 }
-                End::ConnectionLost(why) if pending.is_none() => {
+                (End::ConnectionLost(why), None) => {
                     tracing::info!(error = %why, "link lost; the tunnel waits for a resume");
                 }
-                End::Cancelled if pending.is_some() => {}
-                other => return other,
+                // Moved by the resume, or lost as it came: either way it carries on there.
+                (End::ConnectionLost(_) | End::Cancelled, Some(rebind)) => pending = Some(rebind),
+                (other, rebind) => {
+                    if let Some(rebind) = rebind {
+                        rebind
+                            .answer
+                            .refuse(RefuseCode::Gone, "the tunnel has just ended")
+                            .await;
+                    }
+                    return other;
+                }
             }
             // Until a resume gets its answer through (its link may be gone already),
             // within one wait from now.

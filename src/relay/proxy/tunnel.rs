@@ -99,6 +99,8 @@ async fn run_in_span<C: ClientConn>(
         .as_ref()
         .map(|c| state.acks.enter(&entry.id, &c.acked));
     let mut on_session = on_session;
+    // The first stream sends the pipelined bytes from the ring: not a replay.
+    let pipelined = leftover.len() as u64;
     let end = if !answered {
         End::SocketReset
     } else {
@@ -167,10 +169,8 @@ async fn run_in_span<C: ClientConn>(
         end
     };
     if let Some(c) = &carried {
-        state
-            .metrics
-            .tunnel_replayed_bytes
-            .inc_by(c.ring.replayed());
+        let replayed = c.ring.replayed().saturating_sub(pipelined);
+        state.metrics.tunnel_replayed_bytes.inc_by(replayed);
     }
     drop(on_session);
     finish(state, &entry, &end, audit).await;

@@ -335,3 +335,72 @@ async fn a_quic_tunnel_outlives_a_blackout_longer_than_the_link() {
 async fn a_tcp_tunnel_outlives_a_blackout_longer_than_the_link() {
     a_tunnel_outlives_a_blackout("tcp").await;
 }
+
+/// A blackout that outlasts the resume window on both sides: the tunnel ends with a reset
+/// at both ends (the user's client and the device's service), never a clean end, since a
+/// stream that stopped in the middle must not read as complete.
+async fn a_tunnel_past_its_resume_window_is_reset(transport: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let extra = format!("{SHORT_LINK}\ntunnel_resume_secs = 2");
+    let w = FieldWorld::with_limits(Shape::field(50, 0.0), &extra).await;
+    let entry = match transport {
+        "tcp" => format!("tcp://{}", w.relay.device_tcp.unwrap()),
+        _ => format!("quic://{}", w.relay.device),
+    };
+    let config = short_agent(w.dir.path());
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap() + "tunnel_resume_secs = 2\n",
+    )
+    .unwrap();
+    let agent = w.agent(entry, &["--config", &config]);
+    agent.stderr.wait_for("connected to relay");
+    // The device's service: it holds its connection and says how it ended.
+    let service = w.rig.device_listener("127.0.0.1:0".parse().unwrap());
+    let port = service.local_addr().unwrap().port();
+    let service_end = tokio::spawn(async move {
+        let (mut s, _) = service.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return "eof".to_owned(),
+                Ok(_) => {}
+                Err(e) => return format!("{:?}", e.kind()),
+            }
+        }
+    });
+    let mut user = tunnel(w.relay.proxy, &w.relay.admin_key(), &w.uuid, port).await;
+    user.write_all(b"hello").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.rig.blackout(true);
+    let mut buf = [0u8; 16];
+    let user_end = tokio::time::timeout(Duration::from_secs(30), user.read(&mut buf))
+        .await
+        .expect("the user's end ended within the resume window and the link timeout");
+    let user_end = match user_end {
+        Ok(0) => "eof".to_owned(),
+        Ok(n) => format!("{n} bytes"),
+        Err(e) => format!("{:?}", e.kind()),
+    };
+    let service_end = tokio::time::timeout(Duration::from_secs(30), service_end)
+        .await
+        .expect("the service's end ended in time")
+        .unwrap();
+    w.rig.blackout(false);
+    assert_eq!(user_end, "ConnectionReset", "{transport}: the user's end");
+    assert_eq!(
+        service_end, "ConnectionReset",
+        "{transport}: the service's end"
+    );
+    drop(w.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_tunnel_past_its_resume_window_is_reset() {
+    a_tunnel_past_its_resume_window_is_reset("quic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_tunnel_past_its_resume_window_is_reset() {
+    a_tunnel_past_its_resume_window_is_reset("tcp").await;
+}

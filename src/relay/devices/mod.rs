@@ -333,12 +333,17 @@ async fn read_agent_control<R: tokio::io::AsyncRead + Unpin>(
 ) {
     use crate::proto::messages::AgentControl;
     loop {
-        match frame::read::<_, AgentControl>(&mut recv, max_frame).await {
-            Ok(Some(AgentControl::Ack {
-                tunnel,
-                written,
-                fin,
-            })) => acks.raise(&tunnel, written, fin),
+        match frame::read::<_, serde_json::Value>(&mut recv, max_frame).await {
+            Ok(Some(msg)) => match serde_json::from_value::<AgentControl>(msg) {
+                Ok(AgentControl::Ack {
+                    tunnel,
+                    written,
+                    fin,
+                }) => acks.raise(&tunnel, written, fin),
+                // A message of a newer agent this relay does not know: ignored, as the
+                // features rule asks (PROTOCOL.md §2).
+                Err(e) => tracing::debug!(error = %e, "ignoring a control message from the agent"),
+            },
             Ok(None) => break,
             Err(e) => {
                 tracing::info!(error = %crate::logsafe::Peer(&e.to_string()), "bad control frame from the agent");

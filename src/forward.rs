@@ -280,18 +280,7 @@ pub async fn link_to_socket<C: ChunkRecv, W: AsyncWrite + Unpin>(
                         return Dir::Abnormal(End::SocketReset);
                     }
                 }
-                Ok(None) => {
-                    // FIN: half-close the socket; the other direction keeps going.
-                    return match socket.shutdown().await {
-                        Ok(()) => {
-                            if let Some(w) = written {
-                                w.finished();
-                            }
-                            Dir::Eof
-                        }
-                        Err(_) => Dir::Abnormal(End::SocketReset),
-                    };
-                }
+                Ok(None) => return pass_fin(socket, written).await,
                 Err(end) => return Dir::Abnormal(end),
             },
             _ = sleep_until_or_never(ack_due) => {
@@ -301,6 +290,20 @@ pub async fn link_to_socket<C: ChunkRecv, W: AsyncWrite + Unpin>(
                 }
             }
         }
+    }
+}
+
+/// The link's FIN as a half-close of the socket (the other direction keeps going), acked
+/// at once on a resumable tunnel.
+async fn pass_fin<W: AsyncWrite + Unpin>(socket: &mut W, progress: Option<&mut Written>) -> Dir {
+    match socket.shutdown().await {
+        Ok(()) => {
+            if let Some(w) = progress {
+                w.finished();
+            }
+            Dir::Eof
+        }
+        Err(_) => Dir::Abnormal(End::SocketReset),
     }
 }
 
@@ -369,16 +372,7 @@ pub async fn link_to_user<C: ChunkRecv, W: AsyncWrite + Unpin>(
     let mut wait = grant.update(0, 0, user);
     loop {
         if fin && held.is_empty() {
-            // FIN: half-close the socket; the other direction keeps going.
-            return match socket.shutdown().await {
-                Ok(()) => {
-                    if let Some(w) = progress {
-                        w.finished();
-                    }
-                    Dir::Eof
-                }
-                Err(_) => Dir::Abnormal(End::SocketReset),
-            };
+            return pass_fin(socket, progress).await;
         }
         let poll = match wait {
             Wait::Poll(d) => Some(d),

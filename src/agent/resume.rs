@@ -3,7 +3,6 @@
 //! cleanly, so that a resume for one whose last ack was lost still completes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -41,7 +40,6 @@ pub struct Held {
     /// Whether tunnels are resumable, and the relay's acks of every held tunnel, raised by
     /// whichever link's control stream they arrive on.
     pub links: Resuming,
-    waiting: AtomicUsize,
     /// How long a tunnel waits for a resume (`tunnel_resume_secs`); zero: tunnels are not
     /// resumable.
     pub wait: Duration,
@@ -57,7 +55,6 @@ impl Held {
                 enabled: !wait.is_zero(),
                 acks: Arc::default(),
             },
-            waiting: AtomicUsize::new(0),
             wait,
         }
     }
@@ -107,26 +104,6 @@ impl Held {
     pub fn count(&self) -> usize {
         lock(&self.live).len()
     }
-
-    /// Tunnels waiting for a resume now.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Acquire)
-    }
-
-    /// Counts one waiting tunnel until the guard is dropped.
-    pub fn wait_guard(self: &Arc<Self>) -> WaitGuard {
-        self.waiting.fetch_add(1, Ordering::AcqRel);
-        WaitGuard(self.clone())
-    }
-}
-
-/// One tunnel counted as waiting.
-pub struct WaitGuard(Arc<Held>);
-
-impl Drop for WaitGuard {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 /// One tunnel's place in [`Held`].
@@ -158,8 +135,10 @@ mod tests {
         let (entry, _rx) = held.hold("t");
         assert!(held.find("t").is_some());
         assert!(held.find("other").is_none());
+        assert_eq!(held.count(), 1, "a held tunnel keeps the agent dialing");
         drop(entry);
         assert!(held.find("t").is_none());
+        assert_eq!(held.count(), 0);
         assert_eq!(held.tombstone("t"), None);
         held.bury("t", (10, true));
         assert_eq!(held.tombstone("t"), Some((10, true)));
@@ -170,16 +149,5 @@ mod tests {
         let held = Arc::new(Held::new(Duration::ZERO));
         held.bury("t", (1, true));
         assert_eq!(held.tombstone("t"), None);
-    }
-
-    #[test]
-    fn waiting_tunnels_are_counted_while_they_wait() {
-        let held = Arc::new(Held::new(Duration::from_secs(1)));
-        let a = held.wait_guard();
-        let b = held.wait_guard();
-        assert_eq!(held.waiting(), 2);
-        drop(a);
-        drop(b);
-        assert_eq!(held.waiting(), 0);
     }
 }

@@ -366,20 +366,17 @@ impl Resumable<'_> {
             stream = loop {
                 let rebind = match pending.take() {
                     Some(rebind) => rebind,
-                    None => {
-                        let _waiting = self.held.wait_guard();
-                        match tokio::time::timeout_at(deadline, rebinds.recv()).await {
-                            Ok(Some(rebind)) => rebind,
-                            Ok(None) => return End::Cancelled,
-                            Err(_) => {
-                                tracing::info!(
-                                    after = ?self.held.wait,
-                                    "no resume in time; the tunnel ends with a reset"
-                                );
-                                return End::ConnectionLost("no resume in time".into());
-                            }
+                    None => match tokio::time::timeout_at(deadline, rebinds.recv()).await {
+                        Ok(Some(rebind)) => rebind,
+                        Ok(None) => return End::Cancelled,
+                        Err(_) => {
+                            tracing::info!(
+                                after = ?self.held.wait,
+                                "no resume in time; the tunnel ends with a reset"
+                            );
+                            return End::ConnectionLost("no resume in time".into());
                         }
-                    }
+                    },
                 };
                 let ours = (carried.written.written(), carried.written.fin());
                 let gate = rebind

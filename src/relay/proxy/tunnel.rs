@@ -192,7 +192,65 @@ async fn resume(
     let m = &state.metrics;
     m.tunnels_waiting.inc();
     let since = Instant::now();
-    let resumed = wait_and_resume(state, entry, device, port, lost, carried, credit).await;
+    // The wait itself; an end names its failure reason for the count.
+    let resumed: Result<_, (End, &'static str)> = async {
+        let limits = &state.config.limits;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(limits.tunnel_resume_secs);
+        let mut gone = lost.to_owned();
+        loop {
+            let next = tokio::time::timeout_at(deadline, state.presence.next_session(device, &gone));
+            let session = tokio::select! {
+                session = next => match session {
+                    Ok(session) => session,
+                    Err(_) => {
+                        tracing::info!("the device did not come back in time; the tunnel ends with a reset");
+                        let end = End::ConnectionLost("the device did not come back in time".into());
+                        return Err((end, "expired"));
+                    }
+                },
+                _ = entry.cancel.cancelled() => return Err((End::Cancelled, "cut")),
+            };
+            if !session.resume {
+                tracing::info!("the device came back without resumable tunnels");
+                let end = End::ConnectionLost("the device came back without resume".into());
+                return Err((end, "unsupported"));
+            }
+            let limit = match credit {
+                TunnelCredit::Grant(grant) => {
+                    grant.move_to(session.credit.clone());
+                    Some(grant.limit())
+                }
+                TunnelCredit::Reserved(_) => None,
+            };
+            let ask = TunnelResume {
+                tunnel: entry.id.clone(),
+                written: carried.written.written(),
+                fin: carried.written.fin(),
+                credit: limit,
+            };
+            let place = session.tunnel(true);
+            let answer = session
+                .link
+                .resume_tunnel(&ask, port, limits.frame_max_bytes);
+            match tokio::time::timeout(limits.open_timeout(), answer).await {
+                Ok(Ok((send, recv, offsets))) => {
+                    carried.written.set_sink(session.acks.sink(&entry.id));
+                    return Ok((send, recv, offsets, place));
+                }
+                Ok(Err(OpenError::Refused(RefuseCode::Gone, _))) => {
+                    tracing::info!("the agent no longer holds the tunnel; it ends with a reset");
+                    return Err((End::LinkReset, "gone"));
+                }
+                // That session went too; wait for the next.
+                Ok(Err(OpenError::Offline)) | Err(_) => gone = session.session.clone(),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = ?e, "the agent did not take the resume; the tunnel ends");
+                    return Err((End::LinkReset, "protocol"));
+                }
+            }
+        }
+    }
+    .await;
     m.tunnels_waiting.dec();
     m.tunnel_wait_seconds.inc_by(since.elapsed().as_secs_f64());
     match &resumed {
@@ -200,72 +258,6 @@ async fn resume(
         Err((_, why)) => m.tunnel_resume_failures.with_label_values(&[why]).inc(),
     }
     resumed.map_err(|(end, _)| end)
-}
-
-async fn wait_and_resume(
-    state: &Arc<Shared>,
-    entry: &TunnelEntry,
-    device: &str,
-    port: u16,
-    lost: &str,
-    carried: &mut Carried,
-    credit: &mut TunnelCredit,
-) -> Result<(LinkSend, LinkRecv, (u64, bool), SessionTunnel), (End, &'static str)> {
-    let limits = &state.config.limits;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(limits.tunnel_resume_secs);
-    let mut gone = lost.to_owned();
-    loop {
-        let next = tokio::time::timeout_at(deadline, state.presence.next_session(device, &gone));
-        let session = tokio::select! {
-            session = next => match session {
-                Ok(session) => session,
-                Err(_) => {
-                    tracing::info!("the device did not come back in time; the tunnel ends with a reset");
-                    let end = End::ConnectionLost("the device did not come back in time".into());
-                    return Err((end, "expired"));
-                }
-            },
-            _ = entry.cancel.cancelled() => return Err((End::Cancelled, "cut")),
-        };
-        if !session.resume {
-            tracing::info!("the device came back without resumable tunnels");
-            let end = End::ConnectionLost("the device came back without resume".into());
-            return Err((end, "unsupported"));
-        }
-        let limit = match credit {
-            TunnelCredit::Grant(grant) => {
-                grant.move_to(session.credit.clone());
-                Some(grant.limit())
-            }
-            TunnelCredit::Reserved(_) => None,
-        };
-        let ask = TunnelResume {
-            tunnel: entry.id.clone(),
-            written: carried.written.written(),
-            fin: carried.written.fin(),
-            credit: limit,
-        };
-        let place = session.tunnel(true);
-        let answer = session
-            .link
-            .resume_tunnel(&ask, port, limits.frame_max_bytes);
-        match tokio::time::timeout(limits.open_timeout(), answer).await {
-            Ok(Ok((send, recv, offsets))) => {
-                carried.written.set_sink(session.acks.sink(&entry.id));
-                return Ok((send, recv, offsets, place));
-            }
-            Ok(Err(OpenError::Refused(RefuseCode::Gone, _))) => {
-                tracing::info!("the agent no longer holds the tunnel; it ends with a reset");
-                return Err((End::LinkReset, "gone"));
-            }
-            // That session went too; wait for the next.
-            Ok(Err(OpenError::Offline)) | Err(_) => gone = session.session.clone(),
-            Ok(Err(e)) => {
-                tracing::warn!(error = ?e, "the agent did not take the resume; the tunnel ends");
-                return Err((End::LinkReset, "protocol"));
-            }
-        }
-    }
 }
 
 /// Sends the 200 alone and flushed; false if the client is gone. A client inside this

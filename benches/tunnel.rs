@@ -520,6 +520,7 @@ async fn sim_device(
                 agent: "bench".into(),
                 ssh_login: None,
                 features: Vec::new(),
+                keep_alive_ms: None,
             };
             frame::write(&mut send, &hello).await.ok()?;
             match frame::read_required(&mut recv, frame::MAX_FRAME)

@@ -129,6 +129,11 @@ pub struct Limits {
     /// open for the device to come back, seconds (PROTOCOL.md §2e); 0 turns resumable
     /// tunnels off (the relay does not announce `resume`).
     pub tunnel_resume_secs: u64,
+    /// How often the relay checks its presence rows against the sessions it holds, seconds
+    /// (PROTOCOL.md §3, "Reconciliation"): it supersedes a session whose device connected
+    /// elsewhere while the relay's LISTEN connection was down (that NOTIFY was lost), and
+    /// repairs rows a failed write left wrong.
+    pub presence_reconcile_secs: u64,
     /// Open tunnels per user, over all devices.
     pub tunnels_per_user: usize,
     /// Open tunnels per device, over all users.
@@ -199,6 +204,7 @@ impl Default for Limits {
             tcp_idle_timeout_ms: 70_000,
             tunnel_idle_timeout_secs: 0,
             tunnel_resume_secs: crate::resume::DEFAULT_RESUME_SECS,
+            presence_reconcile_secs: 30,
             tunnels_per_user: 256,
             tunnels_per_device: 64,
             tunnels_per_user_device: 32,

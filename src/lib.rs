@@ -37,7 +37,8 @@
 //!   `device.rs` the relay's end of a device's connection, which opens tunnel streams.
 //! - [`credit`]: tunnel credit (PROTOCOL.md §2d): the agent's gates, the relay's grants,
 //!   the session's outbox of new limits and the relay-wide budget of buffered bytes.
-//! - [`sockinfo`]: how many bytes a TCP socket has not sent yet (`TCP_INFO`); with
+//! - [`sockinfo`]: how many bytes a TCP socket has not sent yet (`TCP_INFO`), and its
+//!   retransmission timeout's ceiling (`TCP_RTO_MAX_MS`); with
 //!   [`heap`] (the relay's freed memory handed back to the kernel) the crate's only `unsafe`.
 //! - [`forward`]: the hot path, one device-link stream joined to one socket, with the
 //!   tunnel's byte counters (up: user to device; down: back) and reset-on-crash.
@@ -97,8 +98,8 @@
 //!
 //! Secrets (API keys, device keys) are stored only as SHA-256 and never logged.
 
-// `deny`, not `forbid`: `sockinfo` and `heap` allow it, for one documented `getsockopt(2)`
-// and one `malloc_trim(3)`.
+// `deny`, not `forbid`: `sockinfo` and `heap` allow it, for one documented `getsockopt(2)`,
+// one `setsockopt(2)` and one `malloc_trim(3)`.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -1,12 +1,13 @@
 //! What the kernel knows about a TCP socket that no safe wrapper asks: how many bytes its
 //! send queue holds that it has not sent yet (`TCP_INFO`'s `tcpi_notsent_bytes`, Linux
-//! 4.6 and later).
+//! 4.6 and later); and the one TCP option no safe wrapper sets: the retransmission
+//! timeout's ceiling (`TCP_RTO_MAX_MS`, Linux 6.15 and later).
 //!
 //! The relay's tunnel credit counts a byte as taken by the user once the kernel has sent
 //! it (PROTOCOL.md §2d), so that a user who stops reading leaves the bytes in flight in
 //! their socket's kernel queue, not in the relay. socket2 0.6, rustix 1.1 and nix 0.31
 //! have no safe call for `TCP_INFO` (checked 2026-12-07), so this module holds the crate's
-//! only `unsafe`: one `getsockopt(2)` on a borrowed descriptor.
+//! only `unsafe`: one `getsockopt(2)` and one `setsockopt(2)` on a borrowed descriptor.
 
 #![allow(unsafe_code)]
 
@@ -44,10 +45,48 @@ pub fn unsent_bytes(socket: &impl AsFd) -> Option<u64> {
     Some(u64::from(info.tcpi_notsent_bytes))
 }
 
+/// `TCP_RTO_MAX_MS` from `<linux/tcp.h>` (Linux 6.15); the libc crate does not have it yet.
+const TCP_RTO_MAX_MS: libc::c_int = 44;
+
+/// Caps `socket`'s retransmission timeout at `max` (at least 1 s, the kernel's floor for
+/// this option): after a blackout a connection then retransmits within `max` of the path
+/// coming back, instead of up to two minutes later on its exponential back-off (PROTOCOL.md
+/// §2e: a device link that lived through a blackout carries on at once). Whether the
+/// kernel took it: older kernels answer `ENOPROTOOPT`.
+pub fn cap_retransmit_timeout(socket: &impl AsFd, max: std::time::Duration) -> bool {
+    let ms = max.as_millis().clamp(1000, 120_000) as libc::c_int;
+    // SAFETY: `socket` is a descriptor borrowed for the length of the call; the option
+    // value is a readable `c_int` of the length given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_RTO_MAX_MS,
+            std::ptr::from_ref(&ms).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+
+    #[test]
+    fn the_retransmission_timeout_is_capped_where_the_kernel_can() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let capped = cap_retransmit_timeout(&socket, std::time::Duration::from_secs(1));
+        // These machines run Linux 6.18 (NOTES.md); an older kernel says no, cleanly.
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut parts = release
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        assert_eq!(capped, (major, minor) >= (6, 15), "kernel {release}");
+    }
 
     #[test]
     fn bytes_a_reader_does_not_take_wait_unsent_and_go_once_read() {

@@ -285,7 +285,8 @@ async fn write_acks<W: AsyncWrite + Unpin>(
     }
 }
 
-fn hello(config: &AgentConfig, held: &Resuming) -> Hello {
+/// The hello for a link whose keep-alive is `keep_alive_ms`.
+fn hello(config: &AgentConfig, held: &Resuming, keep_alive_ms: u64) -> Hello {
     let mut features = vec![features::CREDIT.to_owned()];
     if held.enabled {
         features.push(features::RESUME.to_owned());
@@ -297,6 +298,7 @@ fn hello(config: &AgentConfig, held: &Resuming) -> Hello {
         agent: AGENT_NAME.into(),
         ssh_login: config.advertised_login(),
         features,
+        keep_alive_ms: Some(keep_alive_ms),
     }
 }
 
@@ -363,7 +365,7 @@ pub async fn dial_quic(
         }
     };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
-    frame::write(&mut send, &hello(config, held))
+    frame::write(&mut send, &hello(config, held, config.keep_alive_ms))
         .await
         .map_err(|e| unreachable(&e))?;
     let (relay_id, relay_features) = read_welcome(&mut recv).await.map_err(|e| match e {
@@ -414,8 +416,10 @@ pub async fn dial_tcp(
 ) -> Result<AgentLink, Outcome> {
     let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
         .map_err(|e| Outcome::Unreachable(format!("{server_name}: {e}")))?;
+    let path = tcp.local_addr().ok().zip(tcp.peer_addr().ok());
+    crate::link::tune_tcp(&tcp, Duration::from_millis(config.tcp_idle_timeout_ms));
     let mut stream = tls.connect(name, tcp).await.map_err(|e| unreachable(&e))?;
-    frame::write(&mut stream, &hello(config, held))
+    frame::write(&mut stream, &hello(config, held, config.tcp_keep_alive_ms))
         .await
         .map_err(|e| unreachable(&e))?;
     stream.flush().await.map_err(|e| unreachable(&e))?;
@@ -449,9 +453,21 @@ pub async fn dial_tcp(
                 &link,
                 acks,
             );
+            // The device's address or route went away: this connection can reach nothing
+            // any more, so it is given up now rather than at its idle timeout.
+            let path_gone = async {
+                match path {
+                    Some((local, remote)) => super::path::gone(local, remote).await,
+                    None => std::future::pending().await,
+                }
+            };
             let why = tokio::select! {
                 why = accepting => why,
                 why = alive => why,
+                why = path_gone => {
+                    tracing::info!(why = %why, "the path of the TLS/TCP link is gone; dialing again");
+                    why
+                }
                 _ = closer.cancelled() => {
                     // GOAWAY, flushed while the connection winds down (briefly).
                     connection.graceful_shutdown();

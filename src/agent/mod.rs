@@ -5,6 +5,7 @@ pub mod authorized_keys;
 pub mod config;
 pub mod http;
 pub mod link;
+pub mod path;
 pub mod probe;
 pub mod resume;
 pub mod tunnel;
@@ -306,6 +307,10 @@ impl Agent {
             next = next.wrapping_add(1);
             let started = Instant::now();
             let outcome = self.session(&relay).await;
+            // A link that served a while and was lost: tunnels waiting for it get the next
+            // dial at once (its path may be back already, or be a new one).
+            let link_lost =
+                matches!(outcome, Outcome::Lost(_)) && started.elapsed() >= RESUME_REDIAL;
             let relay = &relay.addr;
             let pause = match &outcome {
                 Outcome::Shutdown => {
@@ -368,7 +373,9 @@ impl Agent {
             };
             // Tunnels that wait for this link to come back (PROTOCOL.md §2e) cannot wait out
             // a back-off: at least one dial a second while any is held.
-            let pause = if self.held.count() > 0 {
+            let pause = if self.held.count() > 0 && link_lost {
+                Duration::ZERO
+            } else if self.held.count() > 0 {
                 pause.min(RESUME_REDIAL)
             } else {
                 pause

@@ -380,7 +380,7 @@ fn device_row(d: &DeviceView) -> Vec<String> {
         d.uuid.clone(),
         d.name.clone(),
         d.fleet.clone(),
-        if d.online { "online" } else { "offline" }.into(),
+        d.state.clone(),
         d.transport.clone().unwrap_or_else(|| "-".into()),
         d.last_seen.clone().unwrap_or_else(|| "never".into()),
     ]

@@ -96,15 +96,7 @@ fn one(target: &str, mut found: Vec<DeviceView>) -> Result<DeviceView> {
         target: target.to_owned(),
         candidates: found
             .iter()
-            .map(|d| {
-                format!(
-                    "  {}  {}  (fleet {}, {})",
-                    d.uuid,
-                    d.name,
-                    d.fleet,
-                    if d.online { "online" } else { "offline" }
-                )
-            })
+            .map(|d| format!("  {}  {}  (fleet {}, {})", d.uuid, d.name, d.fleet, d.state))
             .collect(),
     }
     .into())

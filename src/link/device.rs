@@ -39,6 +39,16 @@ impl DeviceLink {
         }
     }
 
+    /// A number that changes whenever something arrives on the link (QUIC: the datagrams
+    /// received; TLS/TCP: when the connection last read): the relay watches it for
+    /// silence (PROTOCOL.md §2e, "Presence").
+    pub fn heard(&self) -> u64 {
+        match self {
+            DeviceLink::Quic(conn) => conn.stats().udp_rx.datagrams,
+            DeviceLink::Tcp(link) => link.heard.stamp_ms(),
+        }
+    }
+
     /// Closes the link. QUIC carries `code` and `reason` to the agent; TCP has no room for
     /// them and simply ends the connection.
     pub fn close(&self, code: u32, reason: &str) {
@@ -129,13 +139,23 @@ pub struct TcpLink {
     pub requests: h2::client::SendRequest<Bytes>,
     /// Cancelling it drops the connection.
     pub closer: CancellationToken,
+    /// When the connection last read anything.
+    heard: link_h2::LastHeard,
 }
 
 impl TcpLink {
     /// The link over an HTTP/2 connection on which the relay sends requests; cancelling
-    /// `closer` drops the connection.
-    pub fn new(requests: h2::client::SendRequest<Bytes>, closer: CancellationToken) -> TcpLink {
-        TcpLink { requests, closer }
+    /// `closer` drops the connection; `heard` is stamped by its reads.
+    pub fn new(
+        requests: h2::client::SendRequest<Bytes>,
+        closer: CancellationToken,
+        heard: link_h2::LastHeard,
+    ) -> TcpLink {
+        TcpLink {
+            requests,
+            closer,
+            heard,
+        }
     }
 
     /// Ends the connection (TCP has no room for a close code; the agent sees it end).

@@ -297,6 +297,11 @@ impl LastHeard {
         self.ms.store(ms, Ordering::Relaxed);
     }
 
+    /// When something last arrived, as milliseconds on this stamp's own clock.
+    pub fn stamp_ms(&self) -> u64 {
+        self.ms.load(Ordering::Relaxed)
+    }
+
     /// How long since anything arrived.
     pub fn silent_for(&self) -> Duration {
         let now = self.base.elapsed().as_millis() as u64;

@@ -15,6 +15,23 @@ pub mod quic;
 use bytes::Bytes;
 use quinn::VarInt;
 
+/// The TLS/TCP device link's retransmission timeout ceiling, on both ends (PROTOCOL.md
+/// §2b): a link that outlived a blackout retransmits within a second of the path coming
+/// back, where TCP's exponential back-off would wait up to two minutes and the tunnels'
+/// users with it.
+pub const TCP_RTO_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Sets up a TLS/TCP device link's socket for blackouts (PROTOCOL.md §2b): its
+/// retransmission timeout capped at [`TCP_RTO_MAX`], and unacknowledged data given up only
+/// after `idle` (`TCP_USER_TIMEOUT`), the link's idle timeout. Without the second, the
+/// kernel would count its retransmissions (`tcp_retries2`), which at a one-second ceiling
+/// run out after about 15 s and end a link its idle timeout would have kept.
+pub fn tune_tcp(socket: &tokio::net::TcpStream, idle: std::time::Duration) {
+    if crate::sockinfo::cap_retransmit_timeout(socket, TCP_RTO_MAX) {
+        let _ = socket2::SockRef::from(socket).set_tcp_user_timeout(Some(idle));
+    }
+}
+
 pub use chunks::{Abort, ChunkRecv, ChunkSend, End};
 
 /// ALPN of the TLS/TCP device link (PROTOCOL.md §2b).

@@ -46,8 +46,13 @@ pub struct DeviceView {
     pub name: String,
     /// Its fleet.
     pub fleet: String,
-    /// Whether a live relay holds its connection now.
+    /// Whether a live relay holds its connection now, and hears from it.
     pub online: bool,
+    /// `online`, `reconnecting` (a relay holds tunnels for it while its link is gone or
+    /// has been silent for longer than its keep-alive; PROTOCOL.md §2e) or `offline`.
+    /// Absent from an older relay: read `online` then.
+    #[serde(default = "offline")]
+    pub state: String,
     /// The id of the relay that holds it, or null.
     pub relay: Option<String>,
     /// How its agent reaches that relay: `quic`, or `tcp` (TLS over TCP, where UDP is
@@ -55,6 +60,10 @@ pub struct DeviceView {
     pub transport: Option<String>,
     /// When its agent last connected or disconnected (RFC 3339).
     pub last_seen: Option<String>,
+}
+
+fn offline() -> String {
+    "offline".into()
 }
 
 /// `POST /v1/fleets/{name}/devices`.
@@ -106,6 +115,19 @@ pub struct TunnelView {
     pub close_reason: Option<String>,
     /// What opened it: `connect` (a CONNECT) or `terminal` (the browser terminal).
     pub kind: String,
+    /// How often it resumed on a new device link (PROTOCOL.md §2e).
+    #[serde(default)]
+    pub resumes: i64,
+    /// Bytes the relay sent again after those resumes.
+    #[serde(default)]
+    pub replayed_bytes: i64,
+    /// Milliseconds it spent waiting for the device to come back.
+    #[serde(default)]
+    pub waited_ms: i64,
+    /// Why its last resume failed (`expired`, `gone`, `unsupported`, `protocol`, `cut`),
+    /// if one did.
+    #[serde(default)]
+    pub resume_failure: Option<String>,
 }
 
 /// `POST /v1/devices/{uuid}/rotate-key`.

@@ -127,6 +127,7 @@ mod tests {
                 agent: "a".into(),
                 ssh_login: None,
                 features: Vec::new(),
+                keep_alive_ms: None,
             }),
             encode(&RelayControl::Drain { reconnect_ms: 5 }),
             encode(&OpenReply::Opened),

@@ -26,6 +26,12 @@ pub struct Hello {
     /// older agent, which a relay then treats exactly as before.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub features: Vec<String>,
+    /// The longest the agent stays silent on this link, milliseconds (its keep-alive on
+    /// the transport in use): the relay reports a device it has not heard from for this
+    /// long plus a few seconds as `reconnecting` (PROTOCOL.md §2e, "Presence"). Absent
+    /// from an older agent: the relay's idle timeout alone decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive_ms: Option<u64>,
 }
 
 /// The abilities either side may announce (PROTOCOL.md §2, "Features"). A side acts on a
@@ -334,6 +340,7 @@ mod tests {
             agent: String::new(),
             ssh_login: login.map(str::to_owned),
             features: Vec::new(),
+            keep_alive_ms: None,
         };
         for ok in [
             None,

@@ -58,6 +58,10 @@ pub struct Metrics {
     pub tunnel_resume_failures: IntCounterVec,
     /// Tunnels waiting for their device's link now.
     pub tunnels_waiting: IntGauge,
+    /// Devices this relay reports `reconnecting` (PROTOCOL.md §2e, "Presence").
+    pub devices_reconnecting: IntGauge,
+    /// Presence rows the periodic reconciliation repaired, by what it did.
+    pub presence_repairs: IntCounterVec,
     /// Seconds tunnels have spent waiting for their device's link, in all.
     pub tunnel_wait_seconds: prometheus::Counter,
     /// Bytes of the user's direction sent again after a resume.
@@ -166,6 +170,15 @@ impl Metrics {
         for reason in RESUME_FAILURES {
             tunnel_resume_failures.with_label_values(&[reason]);
         }
+        let devices_reconnecting = gauge(
+            "cloudlink_devices_reconnecting",
+            "Devices this relay holds tunnels for while their link is gone or silent",
+        );
+        let presence_repairs = counter_vec(
+            "cloudlink_presence_repairs_total",
+            "Presence the periodic reconciliation repaired: a session superseded, a lost row rewritten, a stale row removed",
+            &["action"],
+        );
         let tunnels_waiting = gauge(
             "cloudlink_tunnels_waiting",
             "Resumable tunnels waiting for their device's link now",
@@ -333,6 +346,8 @@ impl Metrics {
             tunnel_resumes,
             tunnel_resume_failures,
             tunnels_waiting,
+            devices_reconnecting,
+            presence_repairs,
             tunnel_wait_seconds,
             tunnel_replayed_bytes,
             tunnels_admitted,

@@ -362,6 +362,16 @@ impl Relay {
             background.spawn(async move { shared.presence.watch(shared.shutdown.clone()).await });
         }
         {
+            let shared = shared.clone();
+            let every = Duration::from_secs(shared.config.limits.presence_reconcile_secs.max(1));
+            background.spawn(async move {
+                shared
+                    .presence
+                    .reconcile_every(every, shared.shutdown.clone())
+                    .await
+            });
+        }
+        {
             let every = Duration::from_millis(shared.config.limits.tls_reload_check_ms.max(100));
             let stop = shared.shutdown.clone();
             let material = self.tls;

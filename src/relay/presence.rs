@@ -16,7 +16,7 @@ use super::authcache::TtlCache;
 use super::metrics::Metrics;
 use crate::link::device::DeviceLink;
 use crate::proto::messages::{codes, RelayControl};
-use crate::store::{Store, StoreError};
+use crate::store::{PresenceState, Store, StoreError};
 
 /// One device's live session on this relay (on either transport).
 pub struct DeviceSession {
@@ -51,7 +51,27 @@ pub struct DeviceSession {
     pub acks: Arc<crate::resume::Acks>,
     /// Fires when the session has ended (its resumable tunnels then wait for the next).
     pub lost: CancellationToken,
+    /// The longest the agent stays silent on the link, from its hello; a link silent
+    /// longer (plus [`SILENCE_GRACE`]) has its device reported `reconnecting`.
+    pub keep_alive: Option<std::time::Duration>,
+    /// Whether this session's device is reported `reconnecting` (by this relay's gauge).
+    pub reconnecting: std::sync::atomic::AtomicBool,
+    /// When the session was registered.
+    pub since: std::time::Instant,
 }
+
+/// How much longer than the agent's keep-alive a link may be silent before its device is
+/// reported `reconnecting` (PROTOCOL.md §2e, "Presence").
+pub const SILENCE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// At most this many presence rows are read per statement of a reconciliation, and at
+/// most this many devices are looked up one by one per round (PROTOCOL.md §3).
+const RECONCILE_PAGE: i64 = 500;
+const RECONCILE_LOOKUPS: usize = 100;
+
+/// A session younger than this is left out of a reconciliation: its own row may still be
+/// on its way to the store.
+const RECONCILE_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl DeviceSession {
     /// Counts a tunnel on this session until the returned guard is dropped; one that is
@@ -71,6 +91,12 @@ impl DeviceSession {
             &self.features,
             crate::proto::messages::features::CREDIT,
         )
+    }
+
+    /// How long the link may be silent before its device is reported `reconnecting`; `None`
+    /// when the agent did not say (its relay's idle timeout alone decides).
+    pub fn silent_after(&self) -> Option<std::time::Duration> {
+        self.keep_alive.map(|k| k + SILENCE_GRACE)
     }
 
     /// Waits until no tunnel is open on this session.
@@ -131,6 +157,9 @@ pub struct Presence {
     here: Mutex<HashMap<String, Arc<DeviceSession>>>,
     /// Woken whenever a session is claimed here (resumable tunnels wait for one).
     claimed: tokio::sync::Notify,
+    /// Sessions that ended while tunnels waited for their device: their rows stay, as
+    /// `reconnecting`, until the tunnels resumed or gave up (device → session id).
+    held: Mutex<HashMap<String, String>>,
     /// Where recently forwarded devices are: a CONNECT through a peer hop then costs no
     /// store round trip. Dropped on any presence change of the device and when the owner
     /// cannot be reached.
@@ -138,6 +167,8 @@ pub struct Presence {
     connected: IntGaugeVec,
     conflicts: IntCounter,
     write_failures: IntCounterVec,
+    reconnecting: prometheus::IntGauge,
+    repairs: IntCounterVec,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,10 +192,18 @@ impl Presence {
             cluster,
             here: Mutex::new(HashMap::new()),
             claimed: tokio::sync::Notify::new(),
+            held: Mutex::new(HashMap::new()),
             elsewhere: TtlCache::new(ttl),
             connected: metrics.devices_connected.clone(),
             conflicts: metrics.presence_conflicts.clone(),
             write_failures: metrics.store_write_failures.clone(),
+            reconnecting: metrics.devices_reconnecting.clone(),
+            repairs: {
+                for action in ["superseded", "rewritten", "removed"] {
+                    metrics.presence_repairs.with_label_values(&[action]);
+                }
+                metrics.presence_repairs.clone()
+            },
         }
     }
 
@@ -218,8 +257,10 @@ impl Presence {
 
     /// Ends `session`'s presence: here, and in the store unless `whole_relay` (at shutdown
     /// the relay removes all its rows in one statement; one write per device would only hold
-    /// up the exit). A newer session of the device stays.
-    pub async fn release(&self, session: &DeviceSession, whole_relay: bool) {
+    /// up the exit). A newer session of the device stays. While resumable tunnels of the
+    /// session wait for the device, its row stays as `reconnecting`, and goes once they
+    /// have all resumed or given up.
+    pub async fn release(self: &Arc<Self>, session: &Arc<DeviceSession>, whole_relay: bool) {
         let removed = {
             let mut here = lock(&self.here);
             let current = here
@@ -231,14 +272,70 @@ impl Presence {
             self.connected(session).dec();
         }
         if whole_relay {
+            self.set_reconnecting(session, false);
             return;
         }
+        let waiting = session.tunnels.load(std::sync::atomic::Ordering::Acquire) > 0;
+        if removed && session.resume && waiting {
+            lock(&self.held).insert(session.uuid.clone(), session.session.clone());
+            self.mark(session, PresenceState::Reconnecting).await;
+            let (presence, session) = (self.clone(), session.clone());
+            tokio::spawn(async move {
+                session.tunnels_done().await;
+                {
+                    let mut held = lock(&presence.held);
+                    if held.get(&session.uuid) == Some(&session.session) {
+                        held.remove(&session.uuid);
+                    }
+                }
+                presence.set_reconnecting(&session, false);
+                presence.clear(&session).await;
+            });
+            return;
+        }
+        self.set_reconnecting(session, false);
+        self.clear(session).await;
+    }
+
+    /// Removes `session`'s row (if it still names it).
+    async fn clear(&self, session: &DeviceSession) {
         if let Err(e) = self
             .store
             .clear_presence(&session.uuid, &session.session)
             .await
         {
             tracing::warn!(device = %session.uuid, error = %e, "cannot clear presence");
+            self.write_failures.with_label_values(&["presence"]).inc();
+        }
+    }
+
+    /// Counts `session`'s device as reconnecting here, or no longer.
+    fn set_reconnecting(&self, session: &DeviceSession, on: bool) -> bool {
+        let was = session
+            .reconnecting
+            .swap(on, std::sync::atomic::Ordering::AcqRel);
+        match (was, on) {
+            (false, true) => self.reconnecting.inc(),
+            (true, false) => self.reconnecting.dec(),
+            _ => return false,
+        }
+        true
+    }
+
+    /// Reports `session`'s device `online` or `reconnecting` (its link went silent or is
+    /// gone while tunnels wait): in this relay's gauge, and in the store's row if that
+    /// still names the session.
+    pub async fn mark(&self, session: &DeviceSession, state: PresenceState) {
+        if !self.set_reconnecting(session, state == PresenceState::Reconnecting) {
+            return;
+        }
+        tracing::info!(device = %session.uuid, state = state.as_str(), "device presence");
+        if let Err(e) = self
+            .store
+            .set_presence_state(&session.uuid, &session.session, state)
+            .await
+        {
+            tracing::warn!(device = %session.uuid, error = %e, "cannot record presence state");
             self.write_failures.with_label_values(&["presence"]).inc();
         }
     }
@@ -345,6 +442,108 @@ impl Presence {
                 Err(RecvError::Closed) => return,
             }
         }
+    }
+
+    /// Repairs, every `every` until `stop`, what presence changes missed (PROTOCOL.md §3,
+    /// "Reconciliation"): a NOTIFY sent while this relay's LISTEN connection was down is
+    /// lost, and with it the news that a device it holds connected elsewhere since.
+    pub async fn reconcile_every(&self, every: std::time::Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.cancelled() => return,
+            }
+            if let Err(e) = self.reconcile().await {
+                tracing::warn!(error = %e, "presence reconciliation failed; trying again next round");
+            }
+        }
+    }
+
+    /// One round of reconciliation, bounded: this relay's own rows, read in pages of
+    /// [`RECONCILE_PAGE`], against the sessions it holds. A row for a session it no
+    /// longer holds is removed; a session whose row is missing is looked up (at most
+    /// [`RECONCILE_LOOKUPS`] a round, the rest next round): superseded when its device has
+    /// a newer session elsewhere, its row written again when there is none.
+    pub async fn reconcile(&self) -> Result<(), StoreError> {
+        let mut rows: HashMap<String, String> = HashMap::new();
+        let mut after = String::new();
+        loop {
+            let page = self
+                .store
+                .relay_presence(&self.relay_id, &after, RECONCILE_PAGE)
+                .await?;
+            let full = page.len() as i64 == RECONCILE_PAGE;
+            if let Some((last, _)) = page.last() {
+                after = last.clone();
+            }
+            rows.extend(page);
+            if !full {
+                break;
+            }
+        }
+        for (uuid, session) in &rows {
+            let here = self.here(uuid).is_some_and(|s| &s.session == session);
+            let held = lock(&self.held).get(uuid) == Some(session);
+            if !here && !held {
+                self.store.clear_presence(uuid, session).await?;
+                self.repairs.with_label_values(&["removed"]).inc();
+                tracing::info!(device = %uuid, %session, "reconciliation: removed a presence row of a session that is gone");
+            }
+        }
+        let missing = self.sessions().into_iter().filter(|s| {
+            rows.get(&s.uuid) != Some(&s.session)
+                && s.since.elapsed() >= RECONCILE_SETTLE
+                && !s.lost.is_cancelled()
+        });
+        for session in missing.take(RECONCILE_LOOKUPS) {
+            match self.store.presence(&session.uuid).await? {
+                Some(p) if p.session != session.session => {
+                    let current = {
+                        let mut here = lock(&self.here);
+                        let current = here
+                            .get(&session.uuid)
+                            .is_some_and(|s| s.session == session.session);
+                        if current {
+                            here.remove(&session.uuid);
+                        }
+                        current
+                    };
+                    if current {
+                        self.connected(&session).dec();
+                        self.repairs.with_label_values(&["superseded"]).inc();
+                        tracing::info!(device = %session.uuid, relay = %p.relay_id, "reconciliation: the device has a newer session; superseding this one");
+                        self.supersede(&session);
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    self.store
+                        .set_presence(
+                            &session.uuid,
+                            &self.relay_id,
+                            &session.session,
+                            session.link.transport().as_str(),
+                            session.ssh_login.as_deref(),
+                        )
+                        .await?;
+                    if session
+                        .reconnecting
+                        .load(std::sync::atomic::Ordering::Acquire)
+                    {
+                        self.store
+                            .set_presence_state(
+                                &session.uuid,
+                                &session.session,
+                                PresenceState::Reconnecting,
+                            )
+                            .await?;
+                    }
+                    self.repairs.with_label_values(&["rewritten"]).inc();
+                    tracing::info!(device = %session.uuid, "reconciliation: wrote a lost presence row again");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Takes `old` out of service because a newer session of its device exists: it already

@@ -48,7 +48,7 @@ pub struct Shared {
     /// Failed authentications per source address.
     pub auth_failures: AuthFailures,
     /// Where devices are: the sessions on this relay and the cluster's others.
-    pub presence: Presence,
+    pub presence: Arc<Presence>,
     /// Open tunnels on this relay.
     pub registry: Registry,
     /// Tunnel bytes granted to devices and not yet taken by users, over all tunnels, and
@@ -92,13 +92,13 @@ impl Shared {
         let auth_failures = AuthFailures::new(config.limits.auth_failures_per_minute);
         let cache_ttl = std::time::Duration::from_millis(config.limits.auth_cache_ms);
         let cluster = peer_keys.is_some();
-        let presence = Presence::new(
+        let presence = Arc::new(Presence::new(
             store.clone(),
             relay_id.clone(),
             cluster,
             cache_ttl,
             &metrics,
-        );
+        ));
         Arc::new(Shared {
             presence,
             store,

@@ -120,9 +120,12 @@ metered! {
     fn clear_presence(&self, device_uuid: &str, session: &str) -> Result<()>;
     fn clear_relay_presence(&self, relay_id: &str) -> Result<()>;
     fn presence(&self, device_uuid: &str) -> Result<Option<Presence>>;
+    fn set_presence_state(&self, device_uuid: &str, session: &str, state: PresenceState)
+        -> Result<bool>;
+    fn relay_presence(&self, relay_id: &str, after: &str, limit: i64)
+        -> Result<Vec<(String, String)>>;
     fn open_tunnel(&self, t: &TunnelSession) -> Result<()>;
-    fn close_tunnel(&self, id: &str, bytes_up: i64, bytes_down: i64, reason: &str)
-        -> Result<()>;
+    fn close_tunnel(&self, id: &str, close: &TunnelClose) -> Result<()>;
     fn prune_tunnels(&self, before: Millis, batch: i64) -> Result<u64>;
     fn list_tunnels(&self, user_id: Option<Id>, device_uuid: Option<&str>, limit: i64)
         -> Result<Vec<TunnelSession>>;

@@ -20,11 +20,11 @@ macro_rules! files {
 
 /// `migrations/sqlite`.
 pub const SQLITE: &[File] = files!("sqlite":
-    "0001_init", "0002_expiry_rotation", "0003_cluster", "0004_transport", "0005_terminal");
+    "0001_init", "0002_expiry_rotation", "0003_cluster", "0004_transport", "0005_terminal", "0006_resume");
 
 /// `migrations/postgres`.
 pub const POSTGRES: &[File] = files!("postgres":
-    "0001_init", "0002_expiry_rotation", "0003_cluster", "0004_transport", "0005_terminal");
+    "0001_init", "0002_expiry_rotation", "0003_cluster", "0004_transport", "0005_terminal", "0006_resume");
 
 /// The migrator for one backend's files. As sqlx names them: the version is the number
 /// before the first `_`, the description the rest with `_` read as a space.

@@ -209,12 +209,44 @@ pub struct Device {
     pub relay: Option<String>,
     /// How that session reaches the relay (`quic` or `tcp`), while there is one.
     pub transport: Option<String>,
+    /// That session's state (`online` or `reconnecting`), while there is one.
+    pub presence: Option<String>,
 }
 
 impl Device {
-    /// Whether a live relay holds a session for it right now.
+    /// Whether a live relay holds a live session for it right now.
     pub fn online(&self) -> bool {
-        self.relay.is_some()
+        self.state() == PresenceState::Online.as_str()
+    }
+
+    /// `online`, `reconnecting` (a relay holds tunnels for it while its link is gone or
+    /// silent) or `offline`.
+    pub fn state(&self) -> &str {
+        match (&self.relay, &self.presence) {
+            (None, _) => "offline",
+            (Some(_), Some(state)) => state,
+            (Some(_), None) => PresenceState::Online.as_str(),
+        }
+    }
+}
+
+/// A presence row's state (PROTOCOL.md §2e, "Presence").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceState {
+    /// Its link is live.
+    Online,
+    /// The relay holds tunnels for it while its link is gone, or has heard nothing on the
+    /// link for longer than the agent's keep-alive allows.
+    Reconnecting,
+}
+
+impl PresenceState {
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceState::Online => "online",
+            PresenceState::Reconnecting => "reconnecting",
+        }
     }
 }
 
@@ -292,6 +324,33 @@ pub struct TunnelSession {
     pub device_relay: Option<String>,
     /// What opened it: `connect` or `terminal`.
     pub kind: String,
+    /// How often it resumed on a new device link (PROTOCOL.md §2e).
+    pub resumes: i64,
+    /// Bytes the relay sent again after those resumes.
+    pub replayed_bytes: i64,
+    /// Milliseconds it spent waiting for the device.
+    pub waited_ms: i64,
+    /// Why its last resume failed (`expired`, `gone`, …), if one did.
+    pub resume_failure: Option<String>,
+}
+
+/// How a tunnel ended, for its audit row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TunnelClose {
+    /// Bytes from the user to the device.
+    pub bytes_up: i64,
+    /// Bytes from the device to the user.
+    pub bytes_down: i64,
+    /// Why it ended.
+    pub reason: String,
+    /// How often it resumed.
+    pub resumes: i64,
+    /// Bytes sent again after resumes.
+    pub replayed_bytes: i64,
+    /// Milliseconds spent waiting for the device.
+    pub waited_ms: i64,
+    /// Why its last resume failed, if one did.
+    pub resume_failure: Option<String>,
 }
 
 /// A relay of the cluster as `GET /v1/relays` shows it.
@@ -517,17 +576,27 @@ pub trait Store: Send + Sync + 'static {
     async fn clear_relay_presence(&self, relay_id: &str) -> Result<()>;
     /// Where a device is connected, counting only relays whose heartbeat is fresh.
     async fn presence(&self, device_uuid: &str) -> Result<Option<Presence>>;
+    /// Sets the state of a device's presence row if it still names `session`; whether it
+    /// did.
+    async fn set_presence_state(
+        &self,
+        device_uuid: &str,
+        session: &str,
+        state: PresenceState,
+    ) -> Result<bool>;
+    /// The presence rows of a relay as `(device, session)`, in device order after
+    /// `after`, at most `limit`: a relay pages through its own rows to reconcile them.
+    async fn relay_presence(
+        &self,
+        relay_id: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>>;
 
     /// Writes the audit row of a tunnel the device accepted.
     async fn open_tunnel(&self, t: &TunnelSession) -> Result<()>;
     /// Completes a tunnel's audit row.
-    async fn close_tunnel(
-        &self,
-        id: &str,
-        bytes_up: i64,
-        bytes_down: i64,
-        reason: &str,
-    ) -> Result<()>;
+    async fn close_tunnel(&self, id: &str, close: &TunnelClose) -> Result<()>;
     /// Deletes at most `batch` audit rows of tunnels opened before `before`, oldest first;
     /// how many. Callers loop in small batches so that no statement holds locks long.
     async fn prune_tunnels(&self, before: Millis, batch: i64) -> Result<u64>;

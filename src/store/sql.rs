@@ -12,8 +12,9 @@ use tokio::sync::broadcast;
 
 use super::model::{
     format_ports, now_ms, parse_ports, ApiKey, Device, DeviceAccess, DeviceFilter, EphemeralKey,
-    Fleet, Id, Member, Millis, Presence, PresenceChange, RelayRow, RelayStatus, Result, SshKey,
-    StartupLock, Store, StoreError, TunnelSession, User, RELAY_DEAD_AFTER_MS,
+    Fleet, Id, Member, Millis, Presence, PresenceChange, PresenceState, RelayRow, RelayStatus,
+    Result, SshKey, StartupLock, Store, StoreError, TunnelClose, TunnelSession, User,
+    RELAY_DEAD_AFTER_MS,
 };
 use crate::proto::api::Role;
 
@@ -85,6 +86,8 @@ const DEVICE_COLUMNS: &str = "d.uuid, d.fleet_id, f.name AS fleet, d.name, d.key
        WHERE p.device_uuid = d.uuid AND r.heartbeat_at > $1) AS relay, \
      (SELECT p.transport FROM presence p JOIN relays r ON r.id = p.relay_id \
        WHERE p.device_uuid = d.uuid AND r.heartbeat_at > $1) AS transport, \
+     (SELECT p.state FROM presence p JOIN relays r ON r.id = p.relay_id \
+       WHERE p.device_uuid = d.uuid AND r.heartbeat_at > $1) AS presence, \
      f.allowed_ports";
 
 /// The tables [`DEVICE_COLUMNS`] reads.
@@ -103,6 +106,7 @@ fn device_from_row(row: &AnyRow) -> sqlx::Result<Device> {
         last_seen: row.try_get("last_seen")?,
         relay: row.try_get("relay")?,
         transport: row.try_get("transport")?,
+        presence: row.try_get("presence")?,
     })
 }
 
@@ -128,7 +132,8 @@ from_row! {
     EphemeralKey { id, device_uuid, login, user_id, public_key, expires_at }
     TunnelSession {
         id, user_id, username, device_uuid, port, relay_id, opened_at, closed_at, bytes_up,
-        bytes_down, close_reason, device_relay, kind,
+        bytes_down, close_reason, device_relay, kind, resumes, replayed_bytes, waited_ms,
+        resume_failure,
     }
 }
 
@@ -735,10 +740,11 @@ impl Store for SqlStore {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO presence (device_uuid, relay_id, session, connected_at, transport, \
-             ssh_login) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (device_uuid) DO UPDATE SET \
+             ssh_login, state) VALUES ($1, $2, $3, $4, $5, $6, 'online') \
+             ON CONFLICT (device_uuid) DO UPDATE SET \
              relay_id = excluded.relay_id, session = excluded.session, \
              connected_at = excluded.connected_at, transport = excluded.transport, \
-             ssh_login = excluded.ssh_login",
+             ssh_login = excluded.ssh_login, state = excluded.state",
         )
         .bind(device_uuid)
         .bind(relay_id)
@@ -805,6 +811,42 @@ impl Store for SqlStore {
         .await?)
     }
 
+    async fn set_presence_state(
+        &self,
+        device_uuid: &str,
+        session: &str,
+        state: PresenceState,
+    ) -> Result<bool> {
+        let done =
+            sqlx::query("UPDATE presence SET state = $1 WHERE device_uuid = $2 AND session = $3")
+                .bind(state.as_str())
+                .bind(device_uuid)
+                .bind(session)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn relay_presence(
+        &self,
+        relay_id: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query(
+            "SELECT device_uuid, session FROM presence WHERE relay_id = $1 AND device_uuid > $2 \
+             ORDER BY device_uuid LIMIT $3",
+        )
+        .bind(relay_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("device_uuid")?, r.try_get("session")?)))
+            .collect()
+    }
+
     async fn open_tunnel(&self, t: &TunnelSession) -> Result<()> {
         sqlx::query(
             "INSERT INTO tunnel_sessions (id, user_id, username, device_uuid, port, relay_id, \
@@ -824,21 +866,20 @@ impl Store for SqlStore {
         Ok(())
     }
 
-    async fn close_tunnel(
-        &self,
-        id: &str,
-        bytes_up: i64,
-        bytes_down: i64,
-        reason: &str,
-    ) -> Result<()> {
+    async fn close_tunnel(&self, id: &str, close: &TunnelClose) -> Result<()> {
         sqlx::query(
             "UPDATE tunnel_sessions SET closed_at = $1, bytes_up = $2, bytes_down = $3, \
-             close_reason = $4 WHERE id = $5",
+             close_reason = $4, resumes = $5, replayed_bytes = $6, waited_ms = $7, \
+             resume_failure = $8 WHERE id = $9",
         )
         .bind(now_ms())
-        .bind(bytes_up)
-        .bind(bytes_down)
-        .bind(reason)
+        .bind(close.bytes_up)
+        .bind(close.bytes_down)
+        .bind(&close.reason)
+        .bind(close.resumes)
+        .bind(close.replayed_bytes)
+        .bind(close.waited_ms)
+        .bind(&close.resume_failure)
         .bind(id)
         .execute(&self.pool)
         .await?;

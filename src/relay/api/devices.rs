@@ -19,11 +19,13 @@ use crate::store::Device;
 impl From<Device> for DeviceView {
     fn from(d: Device) -> Self {
         let online = d.online();
+        let state = d.state().to_owned();
         DeviceView {
             uuid: d.uuid,
             name: d.name,
             fleet: d.fleet,
             online,
+            state,
             relay: d.relay,
             transport: d.transport,
             last_seen: d.last_seen.map(rfc3339),

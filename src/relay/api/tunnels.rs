@@ -27,6 +27,10 @@ impl From<TunnelSession> for TunnelView {
             bytes_down: t.bytes_down,
             close_reason: t.close_reason,
             kind: t.kind,
+            resumes: t.resumes,
+            replayed_bytes: t.replayed_bytes,
+            waited_ms: t.waited_ms,
+            resume_failure: t.resume_failure,
         }
     }
 }

@@ -183,6 +183,11 @@ async fn register(
             ),
         acks: Default::default(),
         lost: CancellationToken::new(),
+        keep_alive: hello
+            .keep_alive_ms
+            .map(|ms| Duration::from_millis(ms.max(1000))),
+        reconnecting: Default::default(),
+        since: std::time::Instant::now(),
     });
     state.presence.claim(device.clone()).await;
     state
@@ -202,6 +207,7 @@ async fn register(
 
 /// Serves a registered session until its link ends, then unregisters it.
 async fn run_session<C: Control>(state: &Arc<Shared>, mut registered: Registered, mut control: C) {
+    watch_silence(state, &registered.device);
     let reason = serve(
         &registered.device,
         &mut control,
@@ -210,6 +216,36 @@ async fn run_session<C: Control>(state: &Arc<Shared>, mut registered: Registered
     )
     .await;
     unregister(state, &registered, &reason).await;
+}
+
+/// Reports the session's device `reconnecting` while its link is silent for longer than
+/// the agent's keep-alive allows, and `online` again once it is heard (PROTOCOL.md §2e,
+/// "Presence"), until the session ends. It looks every tenth of that time (1 to 5 s), so
+/// a relay with many devices wakes for each only now and then.
+fn watch_silence(state: &Arc<Shared>, device: &Arc<DeviceSession>) {
+    use crate::store::PresenceState;
+    let Some(after) = device.silent_after() else {
+        return;
+    };
+    let every = (after / 10).clamp(Duration::from_secs(1), Duration::from_secs(5));
+    let (presence, device) = (state.presence.clone(), device.clone());
+    tokio::spawn(async move {
+        let mut heard = device.link.heard();
+        let mut since = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = device.lost.cancelled() => return,
+            }
+            let now = device.link.heard();
+            if now != heard {
+                (heard, since) = (now, tokio::time::Instant::now());
+                presence.mark(&device, PresenceState::Online).await;
+            } else if since.elapsed() >= after {
+                presence.mark(&device, PresenceState::Reconnecting).await;
+            }
+        }
+    });
 }
 
 /// Takes a session out of presence.

@@ -62,6 +62,10 @@ async fn session(accepted: Accepted, state: Arc<Shared>) {
         Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
         Err(_) => return tracing::debug!("TLS handshake timed out"),
     };
+    crate::link::tune_tcp(
+        tls.get_ref().0,
+        Duration::from_millis(limits.tcp_idle_timeout_ms),
+    );
     let read = frame::read_required::<_, Hello>(&mut tls, limits.frame_max_bytes);
     let hello = match tokio::time::timeout_at(deadline, read).await {
         Ok(Ok(hello)) => hello,
@@ -82,7 +86,7 @@ async fn session(accepted: Accepted, state: Arc<Shared>) {
     if frame::write(&mut tls, &welcome).await.is_err() || tls.flush().await.is_err() {
         return;
     }
-    let Some((link, ended)) = start_h2(tls, &state).await else {
+    let Some((link, ended)) = start_h2(tls, &state, hello.keep_alive_ms).await else {
         return;
     };
     let requests = link.requests.clone();
@@ -115,11 +119,19 @@ struct Ended {
 }
 
 /// Starts HTTP/2 on the link (the relay is the client) and drives the connection, with
-/// keep-alive, in a task of its own.
-async fn start_h2(tls: Tls, state: &Shared) -> Option<(TcpLink, Ended)> {
+/// keep-alive, in a task of its own. With the relay's own keep-alive off, a link silent a
+/// little longer than the agent's keep-alive (`agent_keep_alive`, ms, from its hello) gets
+/// one PING: an agent that hears the relay's traffic does not ping itself, and its answer
+/// keeps it from being reported `reconnecting` (PROTOCOL.md §2e, "Presence").
+async fn start_h2(
+    tls: Tls,
+    state: &Shared,
+    agent_keep_alive: Option<u64>,
+) -> Option<(TcpLink, Ended)> {
     let limits = &state.config.limits;
     let heard = LastHeard::default();
     let io = Heard::new(tls, heard.clone());
+    let link_heard = heard.clone();
     let setup = link_h2::client().handshake::<_, Bytes>(io);
     let (requests, mut connection) = match tokio::time::timeout(limits.hello_timeout(), setup).await
     {
@@ -139,8 +151,13 @@ async fn start_h2(tls: Tls, state: &Shared) -> Option<(TcpLink, Ended)> {
         token: CancellationToken::new(),
         reason: Arc::default(),
     };
-    let keep_alive =
-        (limits.tcp_keep_alive_ms > 0).then(|| Duration::from_millis(limits.tcp_keep_alive_ms));
+    let keep_alive = match (limits.tcp_keep_alive_ms, agent_keep_alive) {
+        (0, Some(agent)) => {
+            Some(Duration::from_millis(agent.max(1000)) + crate::relay::presence::SILENCE_GRACE / 2)
+        }
+        (0, None) => None,
+        (ms, _) => Some(Duration::from_millis(ms)),
+    };
     let idle = Duration::from_millis(limits.tcp_idle_timeout_ms);
     {
         let (closer, ended) = (closer.clone(), ended.clone());
@@ -158,7 +175,7 @@ async fn start_h2(tls: Tls, state: &Shared) -> Option<(TcpLink, Ended)> {
             ended.token.cancel();
         });
     }
-    Some((TcpLink::new(requests, closer), ended))
+    Some((TcpLink::new(requests, closer, link_heard), ended))
 }
 
 /// Opens the control stream (`POST /cloudlink/control`) and waits for the agent's 200.

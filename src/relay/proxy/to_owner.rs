@@ -134,7 +134,9 @@ pub async fn join_owner<C: ClientConn>(
         forward::disarm_reset(&peer);
     }
     drop(peer);
-    tunnel::finish(state, &f.entry, &end, Some(audit)).await;
+    // A peer-hop tunnel does not resume (yet): nothing to count.
+    let resumes = tunnel::Resumes::default();
+    tunnel::finish(state, &f.entry, &end, Some(audit), &resumes).await;
 }
 
 /// Dials the owner and sends the CONNECT with a peer token; returns the connection, the

@@ -17,7 +17,7 @@ use crate::relay::presence::SessionTunnel;
 use crate::relay::registry::TunnelEntry;
 use crate::relay::state::Shared;
 use crate::resume::Carried;
-use crate::store::{now_ms, Id, TunnelSession};
+use crate::store::{now_ms, Id, TunnelClose, TunnelSession};
 use tracing::Instrument;
 
 /// Answers 200, forwards pipelined bytes, joins the streams, and records how it ended.
@@ -99,6 +99,7 @@ async fn run_in_span<C: ClientConn>(
         .as_ref()
         .map(|c| state.acks.enter(&entry.id, &c.acked));
     let mut on_session = on_session;
+    let mut resumes = Resumes::default();
     // The first stream sends the pipelined bytes from the ring: not a replay.
     let pipelined = leftover.len() as u64;
     let end = if !answered {
@@ -149,11 +150,10 @@ async fn run_in_span<C: ClientConn>(
                 match resume(
                     state,
                     &entry,
-                    &device,
-                    port,
                     &session.session,
                     c,
                     &mut credit,
+                    &mut resumes,
                 )
                 .await
                 {
@@ -169,11 +169,24 @@ async fn run_in_span<C: ClientConn>(
         end
     };
     if let Some(c) = &carried {
-        let replayed = c.ring.replayed().saturating_sub(pipelined);
-        state.metrics.tunnel_replayed_bytes.inc_by(replayed);
+        resumes.replayed = c.ring.replayed().saturating_sub(pipelined);
+        state.metrics.tunnel_replayed_bytes.inc_by(resumes.replayed);
     }
     drop(on_session);
-    finish(state, &entry, &end, audit).await;
+    finish(state, &entry, &end, audit, &resumes).await;
+}
+
+/// What a resumable tunnel went through, for its audit row.
+#[derive(Default)]
+pub struct Resumes {
+    /// Resumes that succeeded.
+    pub count: u64,
+    /// Bytes sent again after them.
+    pub replayed: u64,
+    /// Time spent waiting for the device.
+    pub waited: Duration,
+    /// Why the last one failed, if it did.
+    pub failure: Option<&'static str>,
 }
 
 /// Waits for the device's next session and resumes the tunnel on it (PROTOCOL.md §2e):
@@ -183,11 +196,10 @@ async fn run_in_span<C: ClientConn>(
 async fn resume(
     state: &Arc<Shared>,
     entry: &TunnelEntry,
-    device: &str,
-    port: u16,
     lost: &str,
     carried: &mut Carried,
     credit: &mut TunnelCredit,
+    counted: &mut Resumes,
 ) -> Result<(LinkSend, LinkRecv, (u64, bool), SessionTunnel), End> {
     let m = &state.metrics;
     m.tunnels_waiting.inc();
@@ -198,7 +210,10 @@ async fn resume(
         let deadline = tokio::time::Instant::now() + Duration::from_secs(limits.tunnel_resume_secs);
         let mut gone = lost.to_owned();
         loop {
-            let next = tokio::time::timeout_at(deadline, state.presence.next_session(device, &gone));
+            let next = tokio::time::timeout_at(
+                deadline,
+                state.presence.next_session(&entry.device, &gone),
+            );
             let session = tokio::select! {
                 session = next => match session {
                     Ok(session) => session,
@@ -231,7 +246,7 @@ async fn resume(
             let place = session.tunnel(true);
             let answer = session
                 .link
-                .resume_tunnel(&ask, port, limits.frame_max_bytes);
+                .resume_tunnel(&ask, entry.port, limits.frame_max_bytes);
             match tokio::time::timeout(limits.open_timeout(), answer).await {
                 Ok(Ok((send, recv, offsets))) => {
                     carried.written.set_sink(session.acks.sink(&entry.id));
@@ -253,9 +268,16 @@ async fn resume(
     .await;
     m.tunnels_waiting.dec();
     m.tunnel_wait_seconds.inc_by(since.elapsed().as_secs_f64());
+    counted.waited += since.elapsed();
     match &resumed {
-        Ok(_) => m.tunnel_resumes.inc(),
-        Err((_, why)) => m.tunnel_resume_failures.with_label_values(&[why]).inc(),
+        Ok(_) => {
+            m.tunnel_resumes.inc();
+            counted.count += 1;
+        }
+        Err((_, why)) => {
+            m.tunnel_resume_failures.with_label_values(&[why]).inc();
+            counted.failure = Some(why);
+        }
     }
     resumed.map_err(|(end, _)| end)
 }
@@ -316,6 +338,10 @@ impl Audit {
             close_reason: None,
             device_relay,
             kind: entry.kind.as_str().to_owned(),
+            resumes: 0,
+            replayed_bytes: 0,
+            waited_ms: 0,
+            resume_failure: None,
         };
         let store = state.store.clone();
         Audit {
@@ -328,7 +354,13 @@ impl Audit {
 /// Forgets the tunnel, counts it, logs how it ended, and completes its audit row (if this
 /// relay keeps one). Runs in the connection's tracked task, so a graceful shutdown
 /// completes every audit row.
-pub async fn finish(state: &Arc<Shared>, entry: &TunnelEntry, end: &End, audit: Option<Audit>) {
+pub async fn finish(
+    state: &Arc<Shared>,
+    entry: &TunnelEntry,
+    end: &End,
+    audit: Option<Audit>,
+    resumes: &Resumes,
+) {
     use std::sync::atomic::Ordering::Relaxed;
     let up = entry.counters.up.load(Relaxed);
     let down = entry.counters.down.load(Relaxed);
@@ -361,11 +393,16 @@ pub async fn finish(state: &Arc<Shared>, entry: &TunnelEntry, end: &End, audit: 
         }
         Err(_) => return,
     }
-    if let Err(e) = state
-        .store
-        .close_tunnel(&audit.id, up as i64, down as i64, &reason)
-        .await
-    {
+    let close = TunnelClose {
+        bytes_up: up as i64,
+        bytes_down: down as i64,
+        reason,
+        resumes: resumes.count as i64,
+        replayed_bytes: resumes.replayed as i64,
+        waited_ms: resumes.waited.as_millis() as i64,
+        resume_failure: resumes.failure.map(str::to_owned),
+    };
+    if let Err(e) = state.store.close_tunnel(&audit.id, &close).await {
         tracing::warn!(tunnel = %audit.id, error = %e, "audit row not completed");
         m.store_write_failures.with_label_values(&["audit"]).inc();
     }

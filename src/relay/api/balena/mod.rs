@@ -153,7 +153,12 @@ fn device_record(d: &Device) -> Value {
         "status": if online { "Idle" } else { "Offline" },
         "is_online": online,
         "is_connected_to_vpn": online,
-        "api_heartbeat_state": if online { "online" } else { "offline" },
+        // balena's own states; `timeout` is its "heartbeat missed, not yet offline".
+        "api_heartbeat_state": match d.state() {
+            "online" => "online",
+            "reconnecting" => "timeout",
+            _ => "offline",
+        },
         "last_connectivity_event": d.last_seen.map(rfc3339),
         "created_at": rfc3339(d.created_at),
         // The relay does not know what a device runs.

@@ -123,7 +123,7 @@ async function devicesPage() {
         h("td", {}, d.fleet),
         h("td", {}, h("a", { href: "#/device/" + d.uuid }, d.name || "(unnamed)")),
         h("td", { class: "mono wide" }, d.uuid),
-        h("td", { class: d.online ? "online" : "offline" }, d.online ? "online" : "offline"),
+        h("td", { class: stateOf(d) }, stateOf(d)),
         h("td", { class: "wide" }, d.relay || ""),
         h("td", { class: "wide" }, when(d.last_seen)))));
   };
@@ -141,13 +141,18 @@ async function devicesPage() {
   refresh = setInterval(load, 10000);
 }
 
+// online, reconnecting (tunnels held while its link is gone or silent) or offline; an older
+// relay sends only `online`.
+function stateOf(d) {
+  return d.state || (d.online ? "online" : "offline");
+}
+
 async function devicePage(uuid) {
   const msg = message();
   let device;
   try { device = await api("GET", "/v1/devices/" + encodeURIComponent(uuid)); }
   catch (err) { show(h("h1", {}, "Device"), message(err.message, true)); return; }
-  const status = h("dd", { id: "status", class: device.online ? "online" : "offline" },
-    device.online ? "online" : "offline");
+  const status = h("dd", { id: "status", class: stateOf(device) }, stateOf(device));
   const target = h("select", { id: "target", "aria-label": "Terminal target" },
     h("option", { value: "" }, "Host OS"), h("option", { value: "service" }, "A service…"));
   const service = h("input", { id: "service", placeholder: "service name", hidden: true,

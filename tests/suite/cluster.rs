@@ -382,6 +382,76 @@ async fn a_device_moving_relays_supersedes_its_old_session() {
     );
 }
 
+/// A presence change lost while a relay's LISTEN connection was down (PROTOCOL.md §3,
+/// "Reconciliation"): relay a holds a device's session, its listening connection is
+/// killed and kept from coming back while the device connects to relay b, so a never
+/// hears the NOTIFY. a's periodic reconciliation finds its row gone to b and supersedes
+/// its own session (`replaced` to the old agent), within a round or two of 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_change_missed_while_listen_was_down_is_reconciled() {
+    let p = pair(&limits("presence_reconcile_secs = 2")).await;
+    common::require(
+        p._pg.controllable(),
+        "a Postgres cluster it controls (DATABASE_URL names one it cannot)",
+    );
+    let (conn, _s, mut control, answer) =
+        fake_device::hello(p.a.device, &p.a.cert(), &p.uuid, &p.device_key).await;
+    assert!(matches!(
+        answer,
+        cloudlink::proto::messages::RelayControl::Welcome { .. }
+    ));
+    let api = Api::new(p.b.api, &p.key);
+    assert_eq!(holder(&api, &p.uuid).await.as_deref(), Some("a"));
+    p.a.stderr.wait_for("listening for presence changes");
+    // No new connection to the store's database from here (the relays' pools keep the
+    // ones they have); then every listening connection is killed, a's among them.
+    p._pg.sql(
+        "template1",
+        "ALTER DATABASE postgres WITH ALLOW_CONNECTIONS false",
+    );
+    let killed = p._pg.sql(
+        "template1",
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = 'postgres' AND query ILIKE 'LISTEN%'",
+    );
+    assert!(killed.trim().parse::<u32>().unwrap() >= 1, "{killed}");
+    p.a.stderr.wait_for("presence listener lost its connection");
+    // The device connects to b meanwhile: b's NOTIFY reaches no one.
+    let _agent = Agent::start(&p.b, &p.uuid, &p.device_key, &[]);
+    let moved = poll(Duration::from_secs(15), || async {
+        (holder(&api, &p.uuid).await.as_deref() == Some("b")).then_some(())
+    })
+    .await;
+    assert!(moved.is_some(), "the device never showed on b");
+    p._pg.sql(
+        "template1",
+        "ALTER DATABASE postgres WITH ALLOW_CONNECTIONS true",
+    );
+    let msg: cloudlink::proto::messages::RelayControl = tokio::time::timeout(
+        Duration::from_secs(15),
+        cloudlink::proto::frame::read_required(&mut control, cloudlink::proto::frame::MAX_FRAME),
+    )
+    .await
+    .expect("no `replaced` within 15 s")
+    .unwrap();
+    assert_eq!(msg, cloudlink::proto::messages::RelayControl::Replaced);
+    assert!(
+        p.a.stderr
+            .text()
+            .contains("reconciliation: the device has a newer session"),
+        "a superseded it, but not by reconciliation"
+    );
+    assert_eq!(
+        fake_device::close_code(&conn).await,
+        u64::from(cloudlink::proto::messages::codes::REPLACED)
+    );
+    let text = metrics(&p.a).await;
+    assert!(
+        text.contains("cloudlink_presence_repairs_total{action=\"superseded\"} 1"),
+        "{text}"
+    );
+}
+
 /// Short liveness so a dead relay is noticed in ~1.5 s.
 const FAST: &str = "keep_alive_ms = 300\nidle_timeout_ms = 1500";
 

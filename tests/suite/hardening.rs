@@ -431,6 +431,7 @@ async fn peer_text_cannot_forge_log_lines() {
         agent: forged.into(),
         ssh_login: None,
         features: Vec::new(),
+        keep_alive_ms: None,
     };
     let (_conn, _s, _r, answer) =
         fake_device::hello_with(w.relay.device, &w.relay.cert(), &hello).await;
@@ -481,6 +482,7 @@ async fn hellos_carry_features_both_ways() {
         agent: "newer-agent/9".into(),
         ssh_login: None,
         features: vec!["resume".into(), "some-future-thing".into()],
+        keep_alive_ms: None,
     };
     let (conn, _s, _r, answer) =
         fake_device::hello_with(w.relay.device, &w.relay.cert(), &hello).await;

@@ -288,6 +288,39 @@ async fn conformance(s: Arc<dyn Store>) {
     s.set_presence(D1, "r1", "sess-2", "quic", None)
         .await
         .unwrap();
+    // Reconnecting (tunnels held, link gone): only for the session the row names, and a
+    // newer session's row is online again.
+    use store::PresenceState::{Online, Reconnecting};
+    assert!(!s
+        .set_presence_state(D1, "sess-1", Reconnecting)
+        .await
+        .unwrap());
+    assert_eq!(s.device(D1).await.unwrap().unwrap().state(), "online");
+    assert!(s
+        .set_presence_state(D1, "sess-2", Reconnecting)
+        .await
+        .unwrap());
+    let d1 = s.device(D1).await.unwrap().unwrap();
+    assert_eq!((d1.state(), d1.online()), ("reconnecting", false));
+    assert!(s.set_presence_state(D1, "sess-2", Online).await.unwrap());
+    assert!(s.device(D1).await.unwrap().unwrap().online());
+    s.set_presence_state(D1, "sess-2", Reconnecting)
+        .await
+        .unwrap();
+    s.set_presence(D1, "r1", "sess-2", "quic", None)
+        .await
+        .unwrap();
+    assert_eq!(s.device(D1).await.unwrap().unwrap().state(), "online");
+    // A relay pages through its own rows.
+    s.set_presence(D2, "r1", "sess-9", "tcp", None)
+        .await
+        .unwrap();
+    let mine = s.relay_presence("r1", "", 1).await.unwrap();
+    assert_eq!(mine, [(D1.to_owned(), "sess-2".to_owned())]);
+    let rest = s.relay_presence("r1", D1, 10).await.unwrap();
+    assert_eq!(rest, [(D2.to_owned(), "sess-9".to_owned())]);
+    assert!(s.relay_presence("r2", "", 10).await.unwrap().is_empty());
+    s.clear_presence(D2, "sess-9").await.unwrap();
     s.clear_presence(D1, "sess-1").await.unwrap();
     assert_eq!(s.presence(D1).await.unwrap().unwrap().session, "sess-2");
     s.clear_presence(D1, "sess-2").await.unwrap();
@@ -369,7 +402,16 @@ async fn conformance(s: Arc<dyn Store>) {
     })
     .await
     .unwrap();
-    s.close_tunnel("t1", 10, 20, "closed").await.unwrap();
+    let close = store::TunnelClose {
+        bytes_up: 10,
+        bytes_down: 20,
+        reason: "closed".into(),
+        resumes: 2,
+        replayed_bytes: 4096,
+        waited_ms: 1500,
+        resume_failure: Some("expired".into()),
+    };
+    s.close_tunnel("t1", &close).await.unwrap();
     let all = s.list_tunnels(None, None, 10).await.unwrap();
     assert_eq!(
         all.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
@@ -385,6 +427,15 @@ async fn conformance(s: Arc<dyn Store>) {
             bobs[0].close_reason.as_deref()
         ),
         (10, 20, Some("closed"))
+    );
+    assert_eq!(
+        (
+            bobs[0].resumes,
+            bobs[0].replayed_bytes,
+            bobs[0].waited_ms,
+            bobs[0].resume_failure.as_deref()
+        ),
+        (2, 4096, 1500, Some("expired"))
     );
     assert!(bobs[0].closed_at.is_some());
     assert_eq!(s.list_tunnels(None, None, 1).await.unwrap().len(), 1);

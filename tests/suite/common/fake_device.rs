@@ -46,6 +46,7 @@ pub async fn hello(
         agent: "fake".into(),
         ssh_login: None,
         features: Vec::new(),
+        keep_alive_ms: None,
     };
     hello_with(device, cert, &hello).await
 }
@@ -166,6 +167,7 @@ pub mod tcp {
             agent: "fake-tcp".into(),
             ssh_login: None,
             features: Vec::new(),
+            keep_alive_ms: None,
         };
         frame::write(&mut tls, &hello).await.unwrap();
         tls.flush().await.unwrap();

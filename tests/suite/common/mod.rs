@@ -447,5 +447,9 @@ pub fn tunnel_row(
         close_reason: None,
         device_relay: None,
         kind: "connect".into(),
+        resumes: 0,
+        replayed_bytes: 0,
+        waited_ms: 0,
+        resume_failure: None,
     }
 }

@@ -164,6 +164,25 @@ impl TempPg {
         self.start_server();
     }
 
+    /// Runs `statement` with psql as the cluster's superuser in `database`; its output.
+    /// Only on a cluster this test started ([`TempPg::controllable`]).
+    pub fn sql(&self, database: &str, statement: &str) -> String {
+        let c = self.cluster.as_ref().expect("a cluster this test started");
+        let out = c
+            .command("psql")
+            .args(["-X", "-q", "-t", "-A", "-U", "cloudlink", "-h"])
+            .arg(c.socket_dir())
+            .args(["-d", database, "-c", statement])
+            .output()
+            .expect("psql runs");
+        assert!(
+            out.status.success(),
+            "psql {statement:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Whether stop/restart are possible (not on an outside `DATABASE_URL`).
     pub fn controllable(&self) -> bool {
         self.cluster.is_some()

@@ -132,6 +132,8 @@ pub struct Rig {
     pub device_ip: Ipv4Addr,
     /// This namespace's address on the rig: where the device reaches the relay.
     pub relay_ip: Ipv4Addr,
+    /// The rig's /28: `10.a.b.c`.
+    subnet: (u8, u8, u8),
     shape: std::sync::Mutex<Shape>,
     blocked: std::sync::Mutex<(bool, bool)>,
     delay_us: Arc<AtomicU64>,
@@ -405,6 +407,7 @@ impl Rig {
             mid_ns: mid_ns.clone(),
             device_ip: ip(2).parse().unwrap(),
             relay_ip: ip(6).parse().unwrap(),
+            subnet: (a, b, c),
             shape: std::sync::Mutex::new(Shape {
                 rtt: Duration::ZERO,
                 loss: 0.0,
@@ -629,6 +632,70 @@ impl Rig {
     pub fn blackout(&self, on: bool) {
         let udp = self.blocked.lock().unwrap().0;
         self.set_blocks(udp, on);
+    }
+
+    /// Moves the device to a new address, as a cellular device that changes cells does:
+    /// a new address on a new /30 (the third of the rig's /28) and the default route
+    /// through it, then the old address deleted. Connections from the old address can
+    /// reach nothing any more; the path itself (delay, loss, blocks) stays. Returns the
+    /// new address. Once only.
+    pub fn move_device(&self) -> Ipv4Addr {
+        let (a, b, c) = self.subnet;
+        let ip = |d: u8| format!("10.{a}.{b}.{}", c + d);
+        let (d, m0, r) = (self.name("d"), self.name("m0"), self.name("r"));
+        let dev = &self.device_ns;
+        run(&[
+            "ip",
+            "-n",
+            &self.mid_ns,
+            "addr",
+            "add",
+            &format!("{}/30", ip(9)),
+            "dev",
+            &m0,
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            dev,
+            "addr",
+            "add",
+            &format!("{}/30", ip(10)),
+            "dev",
+            &d,
+        ]);
+        run(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{}/30", ip(8)),
+            "via",
+            &ip(5),
+            "dev",
+            &r,
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            dev,
+            "addr",
+            "del",
+            &format!("{}/30", ip(2)),
+            "dev",
+            &d,
+        ]);
+        // Deleting the address took the default route through its subnet with it.
+        run(&[
+            "ip",
+            "-n",
+            dev,
+            "route",
+            "replace",
+            "default",
+            "via",
+            &ip(9),
+        ]);
+        ip(10).parse().unwrap()
     }
 
     /// The counters now.

@@ -128,6 +128,9 @@ impl Outgoing<'_> {
 
     /// Waits for the other side's ack of this direction's FIN (the tunnel is not over
     /// until it comes: a link lost before it may still owe the other side bytes).
+    ///
+    /// Meanwhile acks free the ring: a tunnel whose upload is done keeps nothing it need
+    /// not.
     async fn fin_acked(&mut self) -> Dir {
         loop {
             let seen = self.acked.get();
@@ -138,10 +141,12 @@ impl Outgoing<'_> {
                         self.ring.sent()
                     )));
                 }
-                return match self.ring.ack(written) {
-                    Ok(_) => Dir::Eof,
-                    Err(v) => violated(v),
-                };
+            }
+            if let Err(dir) = self.apply_acks() {
+                return dir;
+            }
+            if seen.1 {
+                return Dir::Eof;
             }
             self.acked.changed(seen).await;
         }
@@ -191,12 +196,30 @@ pub async fn socket_to_link<R: AsyncRead + Unpin, S: ChunkSend>(
     let mut sent = out.as_ref().map_or(0, |o| o.ring.sent());
     loop {
         // Never a read with no room: it would return 0, which reads as the end.
+        // Acks that arrive while this direction waits (for credit, or for its socket)
+        // free the ring at once: a tunnel that went quiet must not keep what it sent.
+        let acked = out.as_ref().map(|o| o.acked);
         let mut room = match gate {
             Some(gate) => {
                 // Out of credit: how long the relay kept the agent waiting, for tracing.
-                let out = (gate.limit() <= sent).then(std::time::Instant::now);
-                let room = gate.room(sent).await;
-                if let Some(since) = out {
+                let waiting = (gate.limit() <= sent).then(std::time::Instant::now);
+                let room = match acked {
+                    Some(acked) => {
+                        let seen = acked.get();
+                        tokio::select! {
+                            room = gate.room(sent) => Some(room),
+                            () = acked.changed(seen) => None,
+                        }
+                    }
+                    None => Some(gate.room(sent).await),
+                };
+                let Some(room) = room else {
+                    if let Some(Err(dir)) = out.as_mut().map(Outgoing::apply_acks) {
+                        return dir;
+                    }
+                    continue;
+                };
+                if let Some(since) = waiting {
                     tracing::trace!(sent, waited = ?since.elapsed(), "waited for credit");
                 }
                 usize::try_from(room).unwrap_or(usize::MAX)
@@ -218,7 +241,26 @@ pub async fn socket_to_link<R: AsyncRead + Unpin, S: ChunkSend>(
         if buf.capacity() - buf.len() < size.min(CHUNK) {
             buf.reserve(size);
         }
-        match socket.read_buf(&mut (&mut buf).limit(room)).await {
+        let mut limited = (&mut buf).limit(room);
+        let read = socket.read_buf(&mut limited);
+        let read = match acked {
+            // `read_buf` is cancel safe: an ack first means nothing was read.
+            Some(acked) => {
+                let seen = acked.get();
+                tokio::select! {
+                    r = read => Some(r),
+                    () = acked.changed(seen) => None,
+                }
+            }
+            None => Some(read.await),
+        };
+        let Some(read) = read else {
+            if let Some(Err(dir)) = out.as_mut().map(Outgoing::apply_acks) {
+                return dir;
+            }
+            continue;
+        };
+        match read {
             Ok(0) => {
                 send.finish();
                 return match out.as_mut() {

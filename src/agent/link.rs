@@ -405,6 +405,20 @@ pub async fn dial_quic(
     })
 }
 
+/// Connects to a relay's device TCP listener with the link's retransmission ceiling set
+/// before the SYN (PROTOCOL.md §2b, "Blackouts"): a dial begun while the path was gone
+/// sends its next SYN within a second of the path coming back, not seconds later on the
+/// kernel's 1-3-7-15 s back-off.
+pub async fn connect_tcp(addr: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    crate::sockinfo::cap_retransmit_timeout(&socket, crate::link::TCP_RTO_MAX);
+    socket.connect(addr).await
+}
+
 /// TLS over TCP: the TCP connection (direct or through an HTTP proxy), TLS with ALPN
 /// `cloudlink-tcp/1`, hello and welcome as frames, then HTTP/2 with the agent as server.
 pub async fn dial_tcp(

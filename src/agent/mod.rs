@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use quinn::VarInt;
 use rand::Rng;
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::https_proxy;
@@ -480,7 +479,7 @@ impl Agent {
         let (link, addr) = each_address(&relay.addr, &mut self.avoid, Duration::MAX, |addr, _| {
             let server_name = &server_name;
             async move {
-                let tcp = TcpStream::connect(addr)
+                let tcp = link::connect_tcp(addr)
                     .await
                     .map_err(|e| Outcome::Unreachable(format!("{addr}: {e}")))?;
                 let _ = tcp.set_nodelay(true);
@@ -524,13 +523,11 @@ impl Agent {
                 // Our own QUIC probe's session may have replaced this one, and a relay
                 // whose tunnels resume (PROTOCOL.md §2e) closes the old link at once: wait
                 // for the probe before giving up.
-                Event::Request(Err(e)) => match probing.take() {
-                    Some(probe) => match probe.await.ok().flatten() {
-                        Some((quic, addr)) => self.adopt(&mut link, quic, addr, relay),
-                        None => return Outcome::Lost(e),
-                    },
-                    None => return Outcome::Lost(e),
-                },
+                Event::Request(Err(e)) => {
+                    if !self.adopt_probe(&mut link, &mut probing, relay).await {
+                        return Outcome::Lost(e);
+                    }
+                }
                 Event::Control(Some(RelayControl::Drain { reconnect_ms })) => {
                     // Make before break: the draining relay may still route a tunnel here
                     // until this device's new session is up, so the old link keeps
@@ -541,23 +538,25 @@ impl Agent {
                 Event::Control(Some(RelayControl::Replaced)) => {
                     // Our own QUIC probe replaces this session as it registers, before
                     // its welcome arrives: wait for the probe before giving up the link.
-                    match probing.take() {
-                        Some(probe) => match probe.await.ok().flatten() {
-                            Some((quic, addr)) => self.adopt(&mut link, quic, addr, relay),
-                            None => return Outcome::Replaced,
-                        },
-                        None => return Outcome::Replaced,
+                    if !self.adopt_probe(&mut link, &mut probing, relay).await {
+                        return Outcome::Replaced;
                     }
                 }
                 Event::Control(Some(other)) => {
                     tracing::debug!(?other, "ignoring control message")
                 }
-                // The control stream ended; the link's end shows on accept.
+                // The control stream ended; the link's end shows on accept. As above, our
+                // own QUIC probe's session may be what ended it: wait for the probe.
                 Event::Control(None) => loop {
                     tokio::select! {
                         request = link.requests.accept() => match request {
                             Ok(request) => self.spawn_tunnel(request),
-                            Err(e) => return Outcome::Lost(e),
+                            Err(e) => {
+                                if self.adopt_probe(&mut link, &mut probing, relay).await {
+                                    break;
+                                }
+                                return Outcome::Lost(e);
+                            }
                         },
                         _ = self.shutdown.cancelled() => {
                             link.requests.close();
@@ -582,6 +581,26 @@ impl Agent {
                     return Outcome::Shutdown;
                 }
             }
+        }
+    }
+
+    /// Waits for a QUIC probe under way, if one is, and moves to the link it made; whether
+    /// it did. The link that just ended may have been ended by that very session.
+    async fn adopt_probe(
+        &mut self,
+        link: &mut AgentLink,
+        probing: &mut Option<tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>>>,
+        relay: &RelaySpec,
+    ) -> bool {
+        let Some(probe) = probing.take() else {
+            return false;
+        };
+        match probe.await.ok().flatten() {
+            Some((quic, addr)) => {
+                self.adopt(link, quic, addr, relay);
+                true
+            }
+            None => false,
         }
     }
 

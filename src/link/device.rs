@@ -103,6 +103,11 @@ impl DeviceLink {
                     Ok(OpenReply::Opened) => {
                         Err(OpenError::Bad("`opened` in answer to a `resume`".into()))
                     }
+                    // The link went before the answer came (a newer session replaced it):
+                    // the tunnel waits for the next, as for any lost link.
+                    Err(crate::proto::ProtoError::Io(_) | crate::proto::ProtoError::Truncated) => {
+                        Err(OpenError::Offline)
+                    }
                     Err(e) => Err(OpenError::Bad(e.to_string())),
                 }
             }

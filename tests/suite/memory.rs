@@ -28,8 +28,21 @@ async fn stalled_readers_cost_little_and_give_it_back(transport: &str) {
     s.active(16 << 20).await;
     let idle = settled_rss(s.pid).await;
 
+    let agents_idle = s.agents_rss();
     let stalled = s.open(READERS, true).await;
     let full = settled_rss(s.pid).await;
+    // The agents hold each stalled tunnel's replay buffer (PROTOCOL.md §2e): what they
+    // sent and the relay has not written to the reader's socket, within its credit.
+    let agents_full = s.agents_rss();
+    let agent_per_tunnel = agents_full.saturating_sub(agents_idle) / READERS as u64;
+    eprintln!(
+        "{transport}: agents' RSS {agents_idle} → {agents_full} KiB ({agent_per_tunnel} KiB \
+         per stalled tunnel, replay buffers included)"
+    );
+    assert!(
+        agent_per_tunnel <= 640,
+        "{agent_per_tunnel} KiB of agent memory per stalled tunnel over {transport}"
+    );
     let per_tunnel = (full.saturating_sub(idle)) / READERS as u64;
     let scrape = metrics(&s.world.relay).await;
     let granted = metric(&scrape, "cloudlink_tunnel_buffer_bytes");

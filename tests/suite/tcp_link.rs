@@ -206,8 +206,22 @@ async fn udp_swallowed_device_comes_online_over_tcp_and_moves_back_to_quic() {
         "the device stayed on TCP after UDP came back"
     );
     agent.stderr.wait_for("device link back on QUIC");
-    long.write_all(b"after!").await.unwrap();
-    long.read_exact(&mut buf).await.unwrap();
+    let echoed = match long.write_all(b"after!").await {
+        Ok(()) => long.read_exact(&mut buf).await.map(drop),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = echoed {
+        let log = std::fs::read_to_string(w.dir.path().join("data.log")).unwrap_or_default();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("tunnel") || l.contains("device") || l.contains("session"))
+            .collect();
+        panic!(
+            "the TCP-link tunnel broke during the move ({e}); relay log:\n{}\nagent log:\n{}",
+            lines.join("\n"),
+            agent.stderr.text()
+        );
+    }
     assert_eq!(&buf, b"after!", "the TCP-link tunnel broke during the move");
     long.shutdown().await.unwrap();
     assert_eq!(read_all(&mut long).await, b"");

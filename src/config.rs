@@ -144,7 +144,9 @@ pub struct Limits {
     /// Open tunnels on this relay.
     pub tunnels_per_relay: usize,
     /// Tunnel bytes the relay may have granted devices and not yet seen its users take,
-    /// over all tunnels (PROTOCOL.md §2d); past it new credit waits. 0 (the default): a
+    /// and that its replay buffers hold beyond 64 KiB a tunnel (PROTOCOL.md §2d, §2e),
+    /// over all tunnels; past it new credit waits, and so do users' uploads beyond that
+    /// floor. 0 (the default): a
     /// quarter of the machine's memory, or of the relay's cgroup limit when that is lower,
     /// and at most half the kernel's TCP memory low mark (docs/memory.md).
     pub tunnel_buffer_bytes: u64,

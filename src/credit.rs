@@ -191,6 +191,9 @@ pub struct Budget {
     held: AtomicU64,
     /// Tunnels under credit now (for [`Budget::fair_window`]).
     tunnels: AtomicU64,
+    /// Bytes the relay's replay buffers hold now (PROTOCOL.md §2e): beyond a small floor
+    /// each, drawn from `used`.
+    replay: AtomicU64,
     /// Woken whenever bytes are given back.
     freed: Notify,
 }
@@ -204,6 +207,7 @@ impl Budget {
             exhausted: AtomicU64::new(0),
             held: AtomicU64::new(0),
             tunnels: AtomicU64::new(0),
+            replay: AtomicU64::new(0),
             freed: Notify::new(),
         }
     }
@@ -231,6 +235,17 @@ impl Budget {
     pub fn fair_window(&self) -> u64 {
         let tunnels = self.tunnels.load(Ordering::Relaxed).max(1);
         (self.limit / 2 / tunnels).max(MIN_WINDOW)
+    }
+
+    /// Bytes the relay's replay buffers hold now.
+    pub fn replay(&self) -> u64 {
+        self.replay.load(Ordering::Relaxed)
+    }
+
+    /// Counts a replay buffer's change: `added` bytes kept, `freed` let go.
+    pub fn replay_change(&self, added: u64, freed: u64) {
+        self.replay.fetch_add(added, Ordering::Relaxed);
+        self.replay.fetch_sub(freed, Ordering::Relaxed);
     }
 
     /// Bytes waiting in the relay's memory for user sockets now.

@@ -25,6 +25,7 @@
 //! and resets its socket.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use std::future::Future;
@@ -33,7 +34,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::credit::{Gate, Grant, UserQueue, Wait};
+use crate::credit::{Budget, Gate, Grant, UserQueue, Wait};
 use crate::link::{Abort, ChunkRecv, ChunkSend, End};
 use crate::proto::messages::codes;
 use crate::resume::{Acked, Resume, Ring, Written, ACK_DELAY};
@@ -117,20 +118,66 @@ pub struct Outgoing<'a> {
     pub acked: &'a Acked,
     /// Where this stream starts: the other side's `written`.
     pub from: u64,
+    /// The relay's tunnel buffer budget, which the ring's bytes beyond [`RING_FREE`] are
+    /// drawn from (the relay's side: its replay buffers count against
+    /// `tunnel_buffer_bytes`); `None` on the agent, whose direction the relay's credit
+    /// bounds.
+    pub budget: Option<Arc<Budget>>,
 }
 
+/// What a replay buffer may hold without drawing from the relay's budget: the least
+/// window a tunnel has (as for credit). Without it an upload could wait for budget that
+/// only its own answer would free: the relay's grants keep what their users have not
+/// taken, and a service answers once the upload is in.
+pub const RING_FREE: u64 = crate::credit::MIN_WINDOW;
+
 impl Outgoing<'_> {
-    /// Frees what the other side has acknowledged; a violation ends the tunnel.
+    /// Frees what the other side has acknowledged, and gives back the budget that no
+    /// longer covers anything; a violation ends the tunnel.
     fn apply_acks(&mut self) -> Result<(), Dir> {
         let (written, _) = self.acked.get();
-        self.ring.ack(written).map(drop).map_err(violated)
+        self.ring.ack(written).map_err(violated)?;
+        if let Some(budget) = &self.budget {
+            budget.give(self.ring.budget_surplus(RING_FREE));
+            let (added, freed) = self.ring.held_change();
+            budget.replay_change(added, freed);
+        }
+        Ok(())
+    }
+
+    /// Room for the next read, at most `want` (> 0): what the ring may hold undrawn,
+    /// budget drawn now, or (none left) waited for: an ack frees the ring's own, a give
+    /// anywhere the budget's.
+    async fn budgeted(&mut self, want: usize) -> Result<usize, Dir> {
+        let Some(budget) = self.budget.clone() else {
+            return Ok(want);
+        };
+        loop {
+            if self.ring.budget_spare(RING_FREE) == 0 {
+                let got = budget.take(want.min(BUFFER) as u64);
+                self.ring.budget_add(got);
+            }
+            let spare = self.ring.budget_spare(RING_FREE);
+            if spare > 0 {
+                return Ok(want.min(usize::try_from(spare).unwrap_or(usize::MAX)));
+            }
+            // `freed` wakes only those already waiting: the short sleep covers a give
+            // between the draw above and the wait.
+            let seen = self.acked.get();
+            tokio::select! {
+                () = budget.freed() => {}
+                () = self.acked.changed(seen) => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            self.apply_acks()?;
+        }
     }
 
     /// Waits for the other side's ack of this direction's FIN (the tunnel is not over
     /// until it comes: a link lost before it may still owe the other side bytes).
     ///
-    /// Meanwhile acks free the ring: a tunnel whose upload is done keeps nothing it need
-    /// not.
+    /// Meanwhile acks free the ring and give its budget back: a tunnel whose upload is
+    /// done keeps nothing it need not.
     async fn fin_acked(&mut self) -> Dir {
         loop {
             let seen = self.acked.get();
@@ -237,6 +284,10 @@ pub async fn socket_to_link<R: AsyncRead + Unpin, S: ChunkSend>(
                 }
             }
             room = room.min(usize::try_from(o.ring.room()).unwrap_or(usize::MAX));
+            room = match o.budgeted(room).await {
+                Ok(room) => room,
+                Err(dir) => return dir,
+            };
         }
         if buf.capacity() - buf.len() < size.min(CHUNK) {
             buf.reserve(size);
@@ -282,6 +333,10 @@ pub async fn socket_to_link<R: AsyncRead + Unpin, S: ChunkSend>(
                 // nothing, since the next one replays from the ring.
                 if let Some(o) = out.as_mut() {
                     o.ring.push(chunk.clone());
+                    if let Some(budget) = &o.budget {
+                        let (added, freed) = o.ring.held_change();
+                        budget.replay_change(added, freed);
+                    }
                 }
                 if let Err(end) = send.write_chunk(chunk).await {
                     return Dir::Abnormal(end);
@@ -684,6 +739,7 @@ where
                 ring: r.ring,
                 acked: r.acked,
                 from: r.from,
+                budget: None,
             }),
             Some(r.written),
             Some(r.lost),
@@ -693,6 +749,11 @@ where
     let dirs = async {
         match credit {
             Credit::Grant { grant, user } => {
+                // The relay's replay buffer draws from the budget its grants draw from.
+                let out = out.map(|o| Outgoing {
+                    budget: Some(grant.budget().clone()),
+                    ..o
+                });
                 join_dirs(
                     socket_to_link(socket_r, &mut send, into_link, None, out),
                     link_to_user(&mut recv, socket_w, out_of_link, grant, user, progress),

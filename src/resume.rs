@@ -76,6 +76,12 @@ pub struct Ring {
     cap: u64,
     /// Bytes sent again after resumes, in all.
     replayed: u64,
+    /// Bytes drawn from an outside budget for what this ring holds beyond a free floor
+    /// (the relay's tunnel buffer budget: its replay buffers count, PROTOCOL.md §2e); the
+    /// caller draws and gives back, the ring only keeps the count.
+    budgeted: u64,
+    /// What the caller last counted of `held()` (for a gauge of all rings).
+    counted: u64,
 }
 
 impl Ring {
@@ -88,7 +94,46 @@ impl Ring {
             fin: false,
             cap,
             replayed: 0,
+            budgeted: 0,
+            counted: 0,
         }
+    }
+
+    /// How `held()` moved since the last call, as (bytes added, bytes freed): for a
+    /// gauge over all rings, whatever changed them.
+    pub fn held_change(&mut self) -> (u64, u64) {
+        let held = self.held();
+        let change = (
+            held.saturating_sub(self.counted),
+            self.counted.saturating_sub(held),
+        );
+        self.counted = held;
+        change
+    }
+
+    /// Room to read into: the drawn budget plus `free` (what a ring may hold undrawn)
+    /// beyond what is held.
+    pub fn budget_spare(&self, free: u64) -> u64 {
+        (self.budgeted + free).saturating_sub(self.held())
+    }
+
+    /// Counts `n` more bytes drawn for this ring.
+    pub fn budget_add(&mut self, n: u64) {
+        self.budgeted += n;
+    }
+
+    /// The drawn bytes that what is held beyond `free` no longer needs (after an ack),
+    /// to give back.
+    pub fn budget_surplus(&mut self, free: u64) -> u64 {
+        let needed = self.held().saturating_sub(free);
+        let surplus = self.budgeted.saturating_sub(needed);
+        self.budgeted -= surplus;
+        surplus
+    }
+
+    /// Every drawn byte, to give back when the tunnel ends.
+    pub fn budget_all(&mut self) -> u64 {
+        std::mem::take(&mut self.budgeted)
     }
 
     /// Bytes handed out again by [`Ring::replay_from`] over the ring's life.

@@ -115,6 +115,8 @@ pub struct Metrics {
     tunnel_buffer_short: IntCounter,
     /// Of the buffer, the bytes waiting in the relay's own memory for users' sockets.
     pub tunnel_held: IntGauge,
+    /// Bytes the relay's replay buffers hold (PROTOCOL.md §2e).
+    pub tunnel_replay: IntGauge,
     /// from the QUIC socket's own counters at each scrape.
     udp_probes: IntCounterVec,
     /// The QUIC socket's probe counters.
@@ -308,6 +310,11 @@ impl Metrics {
              users' sockets that would not take them yet (the rest is in flight or in kernel \
              socket queues)",
         );
+        let tunnel_replay = gauge(
+            "cloudlink_tunnel_replay_bytes",
+            "Bytes the relay's replay buffers hold: users' bytes sent and not yet written by \
+             the agent (beyond 64 KiB a tunnel, part of cloudlink_tunnel_buffer_bytes)",
+        );
         let udp_probes = counter_vec(
             "cloudlink_udp_probes_total",
             "UDP probes on the QUIC port, by outcome",
@@ -371,6 +378,7 @@ impl Metrics {
             tunnel_buffer_limit,
             tunnel_buffer_short,
             tunnel_held,
+            tunnel_replay,
             udp_probes,
             probe_stats: Default::default(),
             reported_probes: Mutex::new([0; 2]),
@@ -410,6 +418,7 @@ impl Metrics {
         self.tunnel_buffer.set(budget.used() as i64);
         self.tunnel_buffer_limit.set(budget.limit() as i64);
         self.tunnel_held.set(budget.held() as i64);
+        self.tunnel_replay.set(budget.replay() as i64);
         let short = budget.times_exhausted();
         let counted = self.tunnel_buffer_short.get();
         if short > counted {

@@ -168,9 +168,17 @@ async fn run_in_span<C: ClientConn>(
         C::close(r, w, end.resets_socket());
         end
     };
-    if let Some(c) = &carried {
+    if let Some(c) = carried.as_mut() {
         resumes.replayed = c.ring.replayed().saturating_sub(pipelined);
         state.metrics.tunnel_replayed_bytes.inc_by(resumes.replayed);
+        // What the replay buffer drew from the relay's budget goes back with it.
+        if let TunnelCredit::Grant(grant) = &credit {
+            let budget = grant.budget();
+            budget.give(c.ring.budget_all());
+            // The gauge forgets what it counted of this ring.
+            let (added, freed) = c.ring.held_change();
+            budget.replay_change(added, freed + c.ring.held());
+        }
     }
     drop(on_session);
     finish(state, &entry, &end, audit, &resumes).await;

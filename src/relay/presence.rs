@@ -239,8 +239,15 @@ impl Presence {
             }
         }
         self.claimed.notify_waiters();
-        let written = self
-            .store
+        if let Err(e) = self.write_row(&session).await {
+            tracing::warn!(device = %session.uuid, error = %e, "cannot record presence; the device is reachable here anyway");
+            self.write_failures.with_label_values(&["presence"]).inc();
+        }
+    }
+
+    /// Writes `session`'s presence row (`online`), replacing the device's older one.
+    async fn write_row(&self, session: &DeviceSession) -> Result<(), StoreError> {
+        self.store
             .set_presence(
                 &session.uuid,
                 &self.relay_id,
@@ -248,11 +255,7 @@ impl Presence {
                 session.link.transport().as_str(),
                 session.ssh_login.as_deref(),
             )
-            .await;
-        if let Err(e) = written {
-            tracing::warn!(device = %session.uuid, error = %e, "cannot record presence; the device is reachable here anyway");
-            self.write_failures.with_label_values(&["presence"]).inc();
-        }
+            .await
     }
 
     /// Ends `session`'s presence: here, and in the store unless `whole_relay` (at shutdown
@@ -517,15 +520,7 @@ impl Presence {
                 }
                 Some(_) => {}
                 None => {
-                    self.store
-                        .set_presence(
-                            &session.uuid,
-                            &self.relay_id,
-                            &session.session,
-                            session.link.transport().as_str(),
-                            session.ssh_login.as_deref(),
-                        )
-                        .await?;
+                    self.write_row(&session).await?;
                     if session
                         .reconnecting
                         .load(std::sync::atomic::Ordering::Acquire)

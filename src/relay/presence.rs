@@ -264,13 +264,7 @@ impl Presence {
     /// session wait for the device, its row stays as `reconnecting`, and goes once they
     /// have all resumed or given up.
     pub async fn release(self: &Arc<Self>, session: &Arc<DeviceSession>, whole_relay: bool) {
-        let removed = {
-            let mut here = lock(&self.here);
-            let current = here
-                .get(&session.uuid)
-                .is_some_and(|s| s.session == session.session);
-            current && here.remove(&session.uuid).is_some()
-        };
+        let removed = self.take_current(session);
         if removed {
             self.connected(session).dec();
         }
@@ -298,6 +292,16 @@ impl Presence {
         }
         self.set_reconnecting(session, false);
         self.clear(session).await;
+    }
+
+    /// Takes `session` out of the sessions here if it is still its device's; whether it
+    /// was (a newer session of the device stays).
+    fn take_current(&self, session: &DeviceSession) -> bool {
+        let mut here = lock(&self.here);
+        let current = here
+            .get(&session.uuid)
+            .is_some_and(|s| s.session == session.session);
+        current && here.remove(&session.uuid).is_some()
     }
 
     /// Removes `session`'s row (if it still names it).
@@ -501,17 +505,7 @@ impl Presence {
         for session in missing.take(RECONCILE_LOOKUPS) {
             match self.store.presence(&session.uuid).await? {
                 Some(p) if p.session != session.session => {
-                    let current = {
-                        let mut here = lock(&self.here);
-                        let current = here
-                            .get(&session.uuid)
-                            .is_some_and(|s| s.session == session.session);
-                        if current {
-                            here.remove(&session.uuid);
-                        }
-                        current
-                    };
-                    if current {
+                    if self.take_current(&session) {
                         self.connected(&session).dec();
                         self.repairs.with_label_values(&["superseded"]).inc();
                         tracing::info!(device = %session.uuid, relay = %p.relay_id, "reconciliation: the device has a newer session; superseding this one");

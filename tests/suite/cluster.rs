@@ -334,11 +334,12 @@ async fn the_peer_listener_takes_only_peer_tokens() {
     assert_eq!(connect_status(peer, &good, &p.uuid, echo).await.0, 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_moving_relays_supersedes_its_old_session() {
-    let p = pair(&limits("")).await;
-    let echo = echo_server().await;
-    let (conn, _s, mut control, answer) =
+/// A fake device's session on `a` (its connection, control stream halves), and the API
+/// through `b`, which shows `a` holding it.
+async fn a_holds_a_fake_device(
+    p: &Pair,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream, Api) {
+    let (conn, send, control, answer) =
         fake_device::hello(p.a.device, &p.a.cert(), &p.uuid, &p.device_key).await;
     assert!(matches!(
         answer,
@@ -346,6 +347,14 @@ async fn a_device_moving_relays_supersedes_its_old_session() {
     ));
     let api = Api::new(p.b.api, &p.key);
     assert_eq!(holder(&api, &p.uuid).await.as_deref(), Some("a"));
+    (conn, send, control, api)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_moving_relays_supersedes_its_old_session() {
+    let p = pair(&limits("")).await;
+    let echo = echo_server().await;
+    let (conn, _s, mut control, api) = a_holds_a_fake_device(&p).await;
     // The real agent connects to b: a hears it through Postgres and supersedes (once a
     // listens: its LISTEN connects in the background at start).
     p.a.stderr.wait_for("listening for presence changes");
@@ -394,14 +403,7 @@ async fn a_presence_change_missed_while_listen_was_down_is_reconciled() {
         p._pg.controllable(),
         "a Postgres cluster it controls (DATABASE_URL names one it cannot)",
     );
-    let (conn, _s, mut control, answer) =
-        fake_device::hello(p.a.device, &p.a.cert(), &p.uuid, &p.device_key).await;
-    assert!(matches!(
-        answer,
-        cloudlink::proto::messages::RelayControl::Welcome { .. }
-    ));
-    let api = Api::new(p.b.api, &p.key);
-    assert_eq!(holder(&api, &p.uuid).await.as_deref(), Some("a"));
+    let (conn, _s, mut control, api) = a_holds_a_fake_device(&p).await;
     p.a.stderr.wait_for("listening for presence changes");
     // No new connection to the store's database from here (the relays' pools keep the
     // ones they have); then every listening connection is killed, a's among them.

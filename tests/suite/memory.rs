@@ -185,14 +185,7 @@ async fn replay_buffers_count_against_the_relay_wide_limit() {
         let (most, api) = (most.clone(), s.world.relay.api);
         tokio::spawn(async move {
             loop {
-                let scrape = crate::common::http()
-                    .get(format!("http://{api}/metrics"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap();
+                let scrape = crate::common::metrics_at(api).await;
                 let replay = metric(&scrape, "cloudlink_tunnel_replay_bytes");
                 {
                     let mut most = most.lock().unwrap();

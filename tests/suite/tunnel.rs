@@ -434,14 +434,7 @@ async fn device_misbehaviour_is_refused_with_codes() {
     // None of that hurt the relay.
     let (s, _) = w.admin.call("GET", "/v1/me", None).await;
     assert_eq!(s, 200);
-    let metrics = common::http()
-        .get(format!("http://{}/metrics", w.relay.api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics(&w.relay).await;
     assert!(
         metrics.contains("cloudlink_device_rejects_total{code=\"unauthorized\"} 1"),
         "{metrics}"

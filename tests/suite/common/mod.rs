@@ -186,8 +186,14 @@ where
 
 /// The relay's Prometheus text.
 pub async fn metrics(relay: &Relay) -> String {
+    metrics_at(relay.api).await
+}
+
+/// The scrape of the relay whose API listens at `api` (for a task that cannot borrow
+/// the relay).
+pub async fn metrics_at(api: std::net::SocketAddr) -> String {
     http()
-        .get(format!("http://{}/metrics", relay.api))
+        .get(format!("http://{api}/metrics"))
         .send()
         .await
         .unwrap()

@@ -123,6 +123,8 @@ pub mod https_proxy;
 pub mod link;
 pub mod logsafe;
 pub mod overlay;
+#[cfg(feature = "relay")]
+pub mod peerhop;
 pub mod private_file;
 pub mod proto;
 pub mod quic;

@@ -277,6 +277,14 @@ pub trait AckSink: Send + Sync {
     fn post(&self, written: u64, fin: bool);
 }
 
+/// Acks that arrive where this side reads them directly (the peer hop's records, PROTOCOL.md
+/// §2e) raise the tunnel's [`Acked`] at once.
+impl AckSink for Acked {
+    fn post(&self, written: u64, fin: bool) {
+        self.raise(written, fin);
+    }
+}
+
 /// This side's progress on the other direction: how much it has written to its socket
 /// and whether it has passed the FIN on, and the acks that say so.
 pub struct Written {
@@ -354,9 +362,15 @@ pub struct Carried {
 impl Carried {
     /// A new tunnel's state, its acks going to `sink`.
     pub fn new(sink: Arc<dyn AckSink>) -> Carried {
+        Carried::with_acked(Arc::default(), sink)
+    }
+
+    /// A new tunnel's state whose acks arrive in `acked` (a peer hop's reader raises it,
+    /// and is set up before the state is).
+    pub fn with_acked(acked: Arc<Acked>, sink: Arc<dyn AckSink>) -> Carried {
         Carried {
             ring: Ring::new(REPLAY_MAX),
-            acked: Arc::new(Acked::default()),
+            acked,
             written: Written::new(sink),
         }
     }

@@ -17,6 +17,9 @@ pub struct ConnectHead {
     pub target: String,
     /// The token from `Proxy-Authorization` (Basic password or Bearer), if any.
     pub token: Option<String>,
+    /// A `Cloudlink-Resume` header's value (a peer CONNECT, PROTOCOL.md §2e), if any;
+    /// users' requests' are ignored.
+    pub resume: Option<String>,
 }
 
 /// Why a head could not be read or parsed; each maps to one status (or to silence).
@@ -137,12 +140,112 @@ pub fn parse_head(raw: &[u8]) -> Result<ConnectHead, HeadError> {
             credentials(value.trim())
         }
     };
+    let resume = request
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(RESUME_HEADER))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .map(|v| v.trim().to_owned());
     Ok(ConnectHead {
         version,
         method: method.to_owned(),
         target: target.to_owned(),
         token,
+        resume,
     })
+}
+
+/// The peer CONNECT header that asks for a resumable tunnel (PROTOCOL.md §2e, "Through
+/// another relay"), and the owner's answer header that says it is one.
+pub const RESUME_HEADER: &str = "Cloudlink-Resume";
+
+/// The owner's answer header with the agent's offsets after a resume.
+pub const WRITTEN_HEADER: &str = "Cloudlink-Written";
+
+/// What a peer CONNECT's `Cloudlink-Resume` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerResume {
+    /// A first open, with the entry's credit limit for the device's direction.
+    New {
+        /// The credit limit (PROTOCOL.md §2d).
+        credit: u64,
+    },
+    /// A resume of tunnel `tunnel`: the entry has written `written` bytes of the device's
+    /// direction to the user (and passed its FIN on, with `fin`).
+    Resume {
+        /// The tunnel id.
+        tunnel: String,
+        /// The entry's offset of the device's direction.
+        written: u64,
+        /// Whether the entry passed the device's FIN on.
+        fin: bool,
+        /// The credit limit.
+        credit: u64,
+    },
+}
+
+impl PeerResume {
+    /// The header's value.
+    pub fn to_value(&self) -> String {
+        match self {
+            PeerResume::New { credit } => format!("new; credit={credit}"),
+            PeerResume::Resume {
+                tunnel,
+                written,
+                fin,
+                credit,
+            } => {
+                let fin = if *fin { "; fin" } else { "" };
+                format!("{tunnel}; written={written}; credit={credit}{fin}")
+            }
+        }
+    }
+
+    /// Parses the header's value; `None` for anything malformed.
+    pub fn parse(value: &str) -> Option<PeerResume> {
+        let mut parts = value.split(';').map(str::trim);
+        let what = parts.next()?;
+        let (mut written, mut credit, mut fin) = (None, None, false);
+        for part in parts {
+            match part.split_once('=') {
+                Some(("written", n)) => written = Some(n.parse().ok()?),
+                Some(("credit", n)) => credit = Some(n.parse().ok()?),
+                None if part == "fin" => fin = true,
+                _ => return None,
+            }
+        }
+        let credit = credit?;
+        match what {
+            "new" if written.is_none() && !fin => Some(PeerResume::New { credit }),
+            id if !id.is_empty() && id.len() <= 64 && id != "new" => Some(PeerResume::Resume {
+                tunnel: id.to_owned(),
+                written: written?,
+                fin,
+                credit,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A `Cloudlink-Written` value: the agent's offset and whether it passed the user's FIN on.
+pub fn written_value((written, fin): (u64, bool)) -> String {
+    if fin {
+        format!("{written}; fin")
+    } else {
+        written.to_string()
+    }
+}
+
+/// Parses a `Cloudlink-Written` value.
+pub fn parse_written(value: &str) -> Option<(u64, bool)> {
+    let mut parts = value.split(';').map(str::trim);
+    let written = parts.next()?.parse().ok()?;
+    match (parts.next(), parts.next()) {
+        (None, _) => Some((written, false)),
+        (Some("fin"), None) => Some((written, true)),
+        _ => None,
+    }
 }
 
 /// The token in a `Proxy-Authorization` value: Basic's password (the username is ignored)
@@ -248,6 +351,49 @@ mod tests {
     }
 
     const UUID: &str = "7a3c9e0f2b5d41c8a6e4f1b2c3d4e5f6";
+
+    #[test]
+    fn the_peer_resume_headers_round_trip_and_refuse_the_malformed() {
+        let asks = [
+            PeerResume::New { credit: 65536 },
+            PeerResume::Resume {
+                tunnel: UUID.into(),
+                written: 12,
+                fin: true,
+                credit: 99,
+            },
+            PeerResume::Resume {
+                tunnel: UUID.into(),
+                written: 0,
+                fin: false,
+                credit: 1,
+            },
+        ];
+        for ask in asks {
+            assert_eq!(PeerResume::parse(&ask.to_value()), Some(ask));
+        }
+        for bad in [
+            "",
+            "new",
+            "new; written=1; credit=2",
+            "new; credit=x",
+            "abc; credit=1",
+            "abc; written=1",
+            "abc; written=1; credit=2; fin=1",
+            "abc; written=-1; credit=2",
+            "; written=1; credit=2",
+        ] {
+            assert_eq!(PeerResume::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_written(&written_value((7, true))), Some((7, true)));
+        assert_eq!(parse_written(&written_value((7, false))), Some((7, false)));
+        for bad in ["", "x", "1; fin; fin", "1; end"] {
+            assert_eq!(parse_written(bad), None, "{bad:?}");
+        }
+        let head = parse_head(b"CONNECT a:1 HTTP/1.1\r\ncloudlink-resume:  new; credit=5 \r\n\r\n")
+            .unwrap();
+        assert_eq!(head.resume.as_deref(), Some("new; credit=5"));
+    }
 
     #[test]
     fn parses_the_balena_cli_request_byte_for_byte() {

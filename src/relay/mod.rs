@@ -14,6 +14,7 @@ pub mod devices;
 mod error;
 mod gateway;
 pub mod github;
+pub mod hop;
 pub mod limits;
 pub mod listen;
 pub mod metrics;

@@ -14,12 +14,13 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::hop::{self, Checked};
 use super::listen::{Accepted, Conn, Listeners};
 use super::proxy::admit;
 use super::proxy::tunnel;
 use super::proxy::{self, Refusal};
 use super::state::Shared;
-use crate::proto::connect::{self, HeadError};
+use crate::proto::connect::{self, HeadError, PeerResume};
 
 /// The owner side: serves CONNECTs from other relays until the relay shuts down. The
 /// listener carries peer tokens only and must sit on a private network (deploy/ says how).
@@ -64,7 +65,32 @@ async fn serve(mut stream: TcpStream, _peer: SocketAddr, state: Arc<Shared>) {
             return proxy::refuse(stream, &state, "HTTP/1.1", refusal).await;
         }
     };
-    match admit_peer(&head, &state).await {
+    let checked = match check(&head, &state) {
+        Ok(checked) => checked,
+        Err(refusal) => return proxy::refuse(stream, &state, head.version, refusal).await,
+    };
+    // A resumable tunnel's hop is framed (PROTOCOL.md §2e) where the device's session can
+    // resume tunnels and obeys credit; otherwise the owner answers as before, raw.
+    let ask = match head.resume.as_deref().map(PeerResume::parse) {
+        None => None,
+        Some(None) => {
+            let refusal = Refusal::BadRequest("malformed Cloudlink-Resume".into());
+            return proxy::refuse(stream, &state, head.version, refusal).await;
+        }
+        Some(Some(ask)) => Some(ask),
+    };
+    let framed = checked.session.resume && checked.session.takes_credit();
+    match ask {
+        Some(ask) if framed => {
+            return hop::serve(stream, leftover, head.version, checked, ask, &state).await;
+        }
+        Some(PeerResume::Resume { .. }) => {
+            let refusal = Refusal::DeviceRefused("its session cannot resume tunnels".into());
+            return proxy::refuse(stream, &state, head.version, refusal).await;
+        }
+        _ => {}
+    }
+    match admit_peer(checked, head.version, &state).await {
         Ok(admitted) => {
             state.metrics.peer_tunnels_in.inc();
             tunnel::run(stream, leftover, admitted, &state, received).await
@@ -73,11 +99,9 @@ async fn serve(mut stream: TcpStream, _peer: SocketAddr, state: Arc<Shared>) {
     }
 }
 
-/// Checks a peer token and opens the device stream on this relay.
-async fn admit_peer(
-    head: &connect::ConnectHead,
-    state: &Shared,
-) -> Result<admit::Admitted, Refusal> {
+/// Checks a peer token against the request line, and that the device is here: the owner
+/// never forwards further (no loops).
+fn check(head: &connect::ConnectHead, state: &Shared) -> Result<Checked, Refusal> {
     let keys = state.peer_keys.as_ref().ok_or(Refusal::AuthRequired)?;
     let token = head.token.as_deref().ok_or(Refusal::AuthRequired)?;
     let claims = keys.verify(token).ok_or(Refusal::AuthRequired)?;
@@ -89,8 +113,27 @@ async fn admit_peer(
     if device != claims.dev || port != claims.port {
         return Err(Refusal::Forbidden);
     }
-    // The device must be here: the owner never forwards further (no loops).
     let session = state.presence.here(&device).ok_or(Refusal::DeviceOffline)?;
+    Ok(Checked {
+        claims,
+        device,
+        port,
+        session,
+    })
+}
+
+/// Opens the device stream of a peer request on this relay.
+async fn admit_peer(
+    checked: Checked,
+    version: &'static str,
+    state: &Shared,
+) -> Result<admit::Admitted, Refusal> {
+    let Checked {
+        claims,
+        device,
+        port,
+        session,
+    } = checked;
     let entry = admit::new_entry(
         claims.sub,
         &device,
@@ -104,11 +147,11 @@ async fn admit_peer(
         state,
         &session,
         entry,
-        head.version,
+        version,
         crate::credit::UserQueue::IN_PROCESS,
         claims.usr,
         false,
-        // The peer hop's framed resume is not built yet: such a tunnel ends with its link.
+        // Raw: the entry did not ask for a resumable tunnel, or the device cannot.
         false,
     )
     .await

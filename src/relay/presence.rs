@@ -51,6 +51,10 @@ pub struct DeviceSession {
     pub acks: Arc<crate::resume::Acks>,
     /// Fires when the session has ended (its resumable tunnels then wait for the next).
     pub lost: CancellationToken,
+    /// Fires when a newer session of the device took this one's place (a drain moved the
+    /// device, or it came back elsewhere first): tunnels that entered at another relay
+    /// move on (PROTOCOL.md §2e, "Through another relay").
+    pub superseded: CancellationToken,
     /// The longest the agent stays silent on the link, from its hello; a link silent
     /// longer (plus [`SILENCE_GRACE`]) has its device reported `reconnecting`.
     pub keep_alive: Option<std::time::Duration>,
@@ -145,6 +149,18 @@ pub enum Where {
     Offline,
 }
 
+/// Where a device came back to, for a tunnel waiting for it.
+pub enum Next {
+    /// A session on this relay.
+    Here(Arc<DeviceSession>),
+    /// A session on another live relay of the cluster.
+    Elsewhere(crate::store::Presence),
+}
+
+/// How often a tunnel waiting for its device looks for it in the store, besides on every
+/// presence change (PROTOCOL.md §2e: at most once a second).
+pub const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The device sessions on this relay and what it knows of the others'.
 pub struct Presence {
     store: Arc<dyn Store>,
@@ -155,7 +171,8 @@ pub struct Presence {
     cluster: bool,
     /// The sessions this relay holds, by device.
     here: Mutex<HashMap<String, Arc<DeviceSession>>>,
-    /// Woken whenever a session is claimed here (resumable tunnels wait for one).
+    /// Woken whenever a session is claimed here or a presence change arrives (resumable
+    /// tunnels wait for their device).
     claimed: tokio::sync::Notify,
     /// Sessions that ended while tunnels waited for their device: their rows stay, as
     /// `reconnecting`, until the tunnels resumed or gave up (device → session id).
@@ -362,18 +379,34 @@ impl Presence {
         lock(&self.here).get(uuid).cloned()
     }
 
-    /// Waits until the device has a session here other than `not` (a session that is
-    /// gone), and returns it.
-    pub async fn next_session(&self, uuid: &str, not: &str) -> Arc<DeviceSession> {
+    /// Waits until the device has a session other than `not` (one that is gone): here, or
+    /// on another live relay of the cluster (PROTOCOL.md §2e, "Through another relay").
+    /// Looks again on every presence change, and at least every [`LOOK_AGAIN`] (a change
+    /// whose notice was lost). A store that cannot answer is asked again the same way.
+    pub async fn next_session(&self, uuid: &str, not: &str) -> Next {
         loop {
-            let claimed = self.claimed.notified();
+            let changed = self.claimed.notified();
             if let Some(session) = self
                 .here(uuid)
                 .filter(|s| s.session != not && !s.lost.is_cancelled())
             {
-                return session;
+                return Next::Here(session);
             }
-            claimed.await;
+            if self.cluster {
+                match self.store.presence(uuid).await {
+                    Ok(Some(p)) if p.relay_id != self.relay_id && p.session != not => {
+                        return Next::Elsewhere(p);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(device = %uuid, error = %e, "cannot look up where a device is")
+                    }
+                }
+            }
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep(LOOK_AGAIN), if self.cluster => {}
+            }
         }
     }
 
@@ -427,6 +460,7 @@ impl Presence {
             match change {
                 Ok(change) => {
                     self.forget(&change.device_uuid);
+                    self.claimed.notify_waiters();
                     let old = {
                         let mut here = lock(&self.here);
                         let moved = here
@@ -539,6 +573,7 @@ impl Presence {
     /// gets no new tunnels; it hears `replaced` and closes once its open tunnels have ended
     /// (or the grace period passed).
     fn supersede(&self, old: &DeviceSession) {
+        old.superseded.cancel();
         self.conflicts.inc();
         tracing::info!(device = %old.uuid, session = %old.session, "session superseded by a newer one");
         if old.control.try_send(RelayControl::Replaced).is_err() {

@@ -196,7 +196,8 @@ async fn a_connect_through_another_relay_is_forwarded_intact() {
         Some("a")
     );
 
-    // 64 MiB up through b (spliced: plain TCP both sides), with half-close for the answer.
+    // 64 MiB up through b (a framed, resumable peer hop: PROTOCOL.md §2e), with half-close
+    // for the answer.
     let digest = digest_server().await;
     let data = random_bytes(64 << 20, 11);
     let mut s = tunnel(p.b.proxy, &p.key, &p.uuid, digest).await;
@@ -867,4 +868,238 @@ async fn a_gateway_session_at_one_relay_reaches_a_device_on_another_and_is_cut_t
         "{:?}",
         admin.call("GET", "/v1/tunnels", None).await
     );
+}
+
+/// A transfer each way (16 MiB, paced to last about 20 s) and an interactive echo, entering
+/// at `proxy`; returns the chat stream and the two transfers' tasks.
+async fn transfers_through(
+    proxy: SocketAddr,
+    key: &str,
+    uuid: &str,
+    (digest, source, echo): (u16, u16, u16),
+    seed: u64,
+) -> (
+    tokio::net::TcpStream,
+    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let size = 16 << 20;
+    let mut chat = tunnel(proxy, key, uuid, echo).await;
+    try_echo(&mut chat, b"before").await.unwrap();
+    let up = {
+        let (key, uuid) = (key.to_owned(), uuid.to_owned());
+        tokio::spawn(async move {
+            let data = random_bytes(size, seed);
+            let mut s = tunnel(proxy, &key, &uuid, digest).await;
+            let (mut r, mut w) = s.split();
+            let mut answer = String::new();
+            let ((), got) = tokio::join!(
+                paced_write(&mut w, &data, Duration::from_millis(80)),
+                r.read_to_string(&mut answer)
+            );
+            got.unwrap();
+            assert_eq!(
+                answer,
+                format!("got {size} bytes, sha256 {}", sha256_hex(&data)),
+                "the upload through {proxy}"
+            );
+        })
+    };
+    let down = {
+        let (key, uuid) = (key.to_owned(), uuid.to_owned());
+        tokio::spawn(async move {
+            let mut s = tunnel(proxy, &key, &uuid, source).await;
+            let got = read_to_end(&mut s).await;
+            assert_eq!(got.len(), size, "the download through {proxy}");
+            assert_eq!(
+                sha256_hex(&got),
+                sha256_hex(&random_bytes(size, 31)),
+                "the download through {proxy}"
+            );
+        })
+    };
+    (chat, up, down)
+}
+
+/// Tunnels follow their device from relay to relay (PROTOCOL.md §2e, "Through another
+/// relay"): one set enters at c1 (where the device is), one at c3 (forwarded to c1). c1
+/// stops for 4 s, so the device comes back through c2: c1's tunnels resume over the peer
+/// hop to c2, c3's move their hop from c1 to c2. Then c2 drains and the device moves to
+/// c3: c1's hop moves to c3, and c3's tunnels come home to its own link. Every byte
+/// arrives once and in order each way, the echo answers after each move, and each audit
+/// row counts two resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_follow_their_device_through_a_stopped_relay_and_a_drain() {
+    let pg = TempPg::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = limits("keep_alive_ms = 300\nidle_timeout_ms = 1500\nshutdown_grace_secs = 60");
+    let mut relays: Vec<Relay> = ["c1", "c2", "c3"]
+        .into_iter()
+        .map(|name| member(dir.path(), name, &pg.url, &config))
+        .collect();
+    let key = admin_key(&relays.iter().collect::<Vec<_>>());
+    let api = Api::new(relays[2].api, &key);
+    let (uuid, device_key) = api.register_device("pis").await;
+    let agent_config = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        "keep_alive_ms = 300\nidle_timeout_ms = 1500\n",
+    )
+    .unwrap();
+    let agent = Agent::start_to(
+        &relays.iter().collect::<Vec<_>>(),
+        &uuid,
+        &device_key,
+        &["--config", agent_config.to_str().unwrap()],
+    );
+    assert_eq!(holder(&api, &uuid).await.as_deref(), Some("c1"));
+    let services = (
+        digest_server().await,
+        paced_source(16 << 20, 31, Some(Duration::from_millis(80))).await,
+        echo_server().await,
+    );
+    let (mut chat1, up1, down1) =
+        transfers_through(relays[0].proxy, &key, &uuid, services, 41).await;
+    let (mut chat3, up3, down3) =
+        transfers_through(relays[2].proxy, &key, &uuid, services, 43).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let logs = |relays: &[Relay]| {
+        let mut out = format!("agent:\n{}\n", agent.stderr.text());
+        for (i, r) in relays.iter().enumerate() {
+            out += &format!("c{}:\n{}\n", i + 1, r.stderr.text());
+        }
+        out
+    };
+    let moved_to = |to: &'static str| {
+        let api = &api;
+        let uuid = &uuid;
+        async move {
+            eventually(Duration::from_secs(30), || async {
+                holder(api, uuid).await.as_deref() == Some(to)
+            })
+            .await
+        }
+    };
+
+    // c1 stops: the agent gives its link up and comes back through c2.
+    let c1 = relays[0].pid().unwrap().to_string();
+    let signal = |sig: &str, pid: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let started = Instant::now();
+    signal("-STOP", &c1);
+    let moved = moved_to("c2").await;
+    eprintln!(
+        "c1 stopped: the device is on c2 after {:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    signal("-CONT", &c1);
+    assert!(moved.is_some(), "the device did not come back through c2");
+    let resumed = Instant::now();
+    for (chat, at) in [(&mut chat1, "c1"), (&mut chat3, "c3")] {
+        if let Err(e) = try_echo(chat, b"after c1 stopped").await {
+            panic!(
+                "no echo through {at} after c1 stopped ({e}):\n{}",
+                logs(&relays)
+            );
+        }
+        eprintln!(
+            "echo through {at} {:?} after c1 continued",
+            resumed.elapsed()
+        );
+    }
+
+    // c2 drains: the device moves to c3, and the tunnels on c2's hop with it.
+    let c2 = relays[1].pid().unwrap().to_string();
+    let draining = Instant::now();
+    signal("-TERM", &c2);
+    assert!(
+        moved_to("c3").await.is_some(),
+        "the device did not move to c3"
+    );
+    eprintln!(
+        "c2 drains: the device is on c3 after {:?}",
+        draining.elapsed()
+    );
+    for (chat, at) in [(&mut chat1, "c1"), (&mut chat3, "c3")] {
+        if let Err(e) = try_echo(chat, b"after c2 drained").await {
+            panic!(
+                "no echo through {at} after c2 drained ({e}):\n{}",
+                logs(&relays)
+            );
+        }
+        eprintln!(
+            "echo through {at} {:?} after the drain began",
+            draining.elapsed()
+        );
+    }
+    // c2's drain ends before its grace period: nothing of these tunnels is left on it.
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        while relays[1].pid().is_some_and(|pid| {
+            std::path::Path::new(&format!("/proc/{pid}")).exists()
+                && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .unwrap_or_default()
+                    .contains(") Z")
+        }) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    eprintln!("c2 exited {:?} after the drain began", draining.elapsed());
+    for task in [up1, down1, up3, down3] {
+        if let Err(e) = task.await {
+            panic!("a transfer failed: {e}:\n{}", logs(&relays));
+        }
+    }
+    eprintln!("transfers done {:?} after c1 stopped", started.elapsed());
+    assert!(
+        drained.is_ok(),
+        "c2 still ran 30 s into its drain:\n{}",
+        logs(&relays)
+    );
+    for chat in [&mut chat1, &mut chat3] {
+        try_echo(chat, b"still").await.unwrap();
+        chat.shutdown().await.unwrap();
+        read_to_end(chat).await;
+    }
+    eprintln!("chats closed {:?} after c1 stopped", started.elapsed());
+    // Each of the six tunnels resumed twice and none failed; the rows say where they
+    // entered and where their device was at first.
+    let complete = eventually(Duration::from_secs(10), || async {
+        let (_, rows) = api.call("GET", "/v1/tunnels", None).await;
+        let all = rows.as_array().cloned().unwrap_or_default();
+        all.len() == 6 && all.iter().all(|r| !r["closed_at"].is_null())
+    })
+    .await;
+    let (_, rows) = api.call("GET", "/v1/tunnels", None).await;
+    assert!(complete.is_some(), "{rows}");
+    for row in rows.as_array().unwrap() {
+        assert_eq!(row["resumes"], 2, "{row}\n{}", logs(&relays));
+        assert!(row["resume_failure"].is_null(), "{row}");
+        assert_eq!(row["close_reason"], "closed", "{row}");
+        let (entry, first) = (row["relay"].as_str(), row["device_relay"].as_str());
+        assert!(
+            matches!(
+                (entry, first),
+                (Some("c1"), None) | (Some("c3"), Some("c1"))
+            ),
+            "{row}"
+        );
+    }
+    // The device goes first: a relay drains until its devices have moved, and there is
+    // nowhere left for this one to move to.
+    drop(agent);
+    for (i, relay) in relays.iter_mut().enumerate() {
+        // c2 has exited (drained); the others stop now.
+        if i != 1 {
+            let stopping = Instant::now();
+            relay.stop();
+            eprintln!("c{} stopped in {:?}", i + 1, stopping.elapsed());
+        }
+    }
 }

@@ -178,21 +178,6 @@ async fn the_probe_brings_the_agent_back_to_quic() {
     drop(w.dir);
 }
 
-/// Writes `msg` and reads it back from an echo service, or says why it could not.
-async fn try_echo(s: &mut tokio::net::TcpStream, msg: &[u8]) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    s.write_all(msg).await.map_err(|e| e.to_string())?;
-    let mut back = vec![0u8; msg.len()];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
-        .await
-        .map_err(|_| "no echo within 10 s".to_owned())?
-        .map_err(|e| e.to_string())?;
-    if back != msg {
-        return Err(format!("echoed {back:?}"));
-    }
-    Ok(())
-}
-
 /// Writes `msg` and reads it back from an echo service.
 async fn echo_once(s: &mut tokio::net::TcpStream, msg: &[u8]) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -218,16 +203,6 @@ fn short_agent(dir: &std::path::Path) -> String {
     )
     .unwrap();
     path.to_str().unwrap().to_owned()
-}
-
-/// Writes `data` in 64 KiB pieces `pause` apart, then half-closes.
-async fn paced_write(w: &mut (impl tokio::io::AsyncWrite + Unpin), data: &[u8], pause: Duration) {
-    use tokio::io::AsyncWriteExt;
-    for piece in data.chunks(64 * 1024) {
-        w.write_all(piece).await.unwrap();
-        tokio::time::sleep(pause).await;
-    }
-    w.shutdown().await.unwrap();
 }
 
 /// What happens to the device's network while tunnels are open (the events of issue 28).

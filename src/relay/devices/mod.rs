@@ -183,6 +183,7 @@ async fn register(
             ),
         acks: Default::default(),
         lost: CancellationToken::new(),
+        superseded: CancellationToken::new(),
         keep_alive: hello
             .keep_alive_ms
             .map(|ms| Duration::from_millis(ms.max(1000))),

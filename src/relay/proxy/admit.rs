@@ -77,6 +77,11 @@ pub struct Forward {
     pub entry: Arc<TunnelEntry>,
     /// Where the device is.
     pub owner: Presence,
+    /// The user's socket's send queue at admission (the first credit window of a framed
+    /// hop, PROTOCOL.md §2e).
+    pub user: UserQueue,
+    /// Whether the caller keeps the user's socket through the loss of the device's link.
+    pub resumable: bool,
 }
 
 /// What is asked for, however the request arrived (a CONNECT head, the terminal).
@@ -203,6 +208,8 @@ async fn admit_route(
         port,
         entry,
         owner,
+        user: ask.user,
+        resumable: ask.resumable,
     }))
 }
 
@@ -361,7 +368,7 @@ async fn authorize(
 }
 
 /// Opens a tunnel stream on the device's link and waits for the device's answer.
-async fn open_stream(
+pub async fn open_stream(
     link: &DeviceLink,
     open: &TunnelOpen,
     timeout: Duration,

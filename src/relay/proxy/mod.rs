@@ -4,6 +4,7 @@
 
 pub mod admit;
 pub mod client;
+pub mod owner;
 pub mod refusal;
 pub mod to_owner;
 pub mod tunnel;

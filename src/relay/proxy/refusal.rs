@@ -54,6 +54,9 @@ pub enum Refusal {
     DeviceOffline,
     /// Device: did not answer the stream in time.
     DeviceTimeout,
+    /// Device: a resume over the peer hop for a tunnel the agent no longer holds
+    /// (PROTOCOL.md §2e).
+    Gone,
     /// Relay: the store cannot answer.
     StoreUnavailable,
     /// Relay: its tunnel buffer limit cannot cover a tunnel to an agent without credit
@@ -83,6 +86,7 @@ impl Refusal {
             Refusal::DeviceRefused(_) => (502, "Bad Gateway", Side::Device),
             Refusal::DeviceOffline => (503, "Service Unavailable", Side::Device),
             Refusal::DeviceTimeout => (504, "Gateway Timeout", Side::Device),
+            Refusal::Gone => (410, "Gone", Side::Device),
             Refusal::StoreUnavailable => (503, "Service Unavailable", Side::Relay),
             Refusal::RelayBusy => (503, "Service Unavailable", Side::Relay),
             Refusal::Owner { status, .. } => (*status, "", Side::Peer),
@@ -104,6 +108,7 @@ impl Refusal {
             Refusal::DeviceRefused(why) => format!("The device refused the connection: {why}."),
             Refusal::DeviceOffline => "The device is not connected.".into(),
             Refusal::DeviceTimeout => "The device did not answer in time.".into(),
+            Refusal::Gone => "The device no longer holds that tunnel.".into(),
             Refusal::StoreUnavailable => {
                 "The relay cannot check credentials right now; try again shortly.".into()
             }

@@ -6,28 +6,24 @@
 //! ones, and it writes the one audit row, naming both relays.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
-use super::admit::Forward;
+use super::admit::{Forward, TunnelCredit};
 use super::client::{refuse, ClientConn};
+use super::owner::{ask_owner, framing, Framing, Leg, PeerAsk};
 use super::refusal::Refusal;
 use super::tunnel::{self, Audit};
-use crate::auth::peer::PeerKeys;
+use crate::credit::{Grant, Outbox};
 use crate::forward::{self, Counters, Side};
 use crate::link::End;
-use crate::proto::connect::{self, HeadError};
+use crate::peerhop::{self, Inbound, Start};
+use crate::proto::connect::PeerResume;
 use crate::relay::state::Shared;
-
-/// How long dialing the owner may take before the user gets a 503.
-const PEER_DIAL_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// The largest answer head (and error body) read from the owner.
-const MAX_ANSWER: usize = 16 * 1024;
+use crate::resume::{Acked, Carried};
 
 /// The entry side: forwards an authorized CONNECT to the relay that holds the device,
 /// passes its answer back, and joins the user's connection to the peer connection.
@@ -52,7 +48,7 @@ pub async fn reach_owner(f: &Forward, state: &Shared) -> Result<(TcpStream, Byte
         state.registry.remove_tunnel(&f.entry.id);
         return Err(Refusal::DeviceOffline);
     };
-    let (peer, status, answer, early) = match ask_owner(f, keys, state).await {
+    let (peer, status, answer, early) = match ask_owner(&PeerAsk::of(f, None), keys, state).await {
         Ok(found) => found,
         Err(why) => {
             state.registry.remove_tunnel(&f.entry.id);
@@ -81,10 +77,97 @@ async fn forward_in_span<C: ClientConn>(
     state: &Arc<Shared>,
     received: std::time::Instant,
 ) {
+    if f.resumable && state.resumes() && state.peer_keys.is_some() {
+        return forward_resumable(client, leftover, f, state, received).await;
+    }
     match reach_owner(&f, state).await {
         Ok(owner) => join_owner(client, leftover, f, owner, state, received).await,
         Err(refusal) => refuse(client, state, f.version, refusal).await,
     }
+}
+
+/// A tunnel the entry may resume (PROTOCOL.md §2e, "Through another relay"): asked of the
+/// owner with `Cloudlink-Resume: new`, its credit granted here from the user's socket;
+/// framed when the owner answers that it is, raw (as [`join_owner`]) when it does not.
+async fn forward_resumable<C: ClientConn>(
+    client: C,
+    leftover: BytesMut,
+    f: Forward,
+    state: &Arc<Shared>,
+    received: std::time::Instant,
+) {
+    let Some(keys) = &state.peer_keys else { return };
+    // The grant's limits go to the hop once it exists; its first is in the request.
+    let mut grant = Grant::open_for(
+        &f.entry.id,
+        Arc::new(Outbox::default()),
+        state.budget.clone(),
+        f.user,
+    );
+    let ask = PeerAsk::of(
+        &f,
+        Some(PeerResume::New {
+            credit: grant.limit(),
+        }),
+    );
+    let (peer, status, answer, early) = match ask_owner(&ask, keys, state).await {
+        Ok(found) => found,
+        Err(why) => {
+            state.registry.remove_tunnel(&f.entry.id);
+            state.presence.forget(&f.device);
+            tracing::warn!(owner = %f.owner.relay_id, addr = %f.owner.peer_addr, "cannot forward: {why}");
+            return refuse(client, state, f.version, Refusal::DeviceOffline).await;
+        }
+    };
+    state.metrics.peer_tunnels_out.inc();
+    if status != 200 {
+        state.registry.remove_tunnel(&f.entry.id);
+        if status == 503 {
+            state.presence.forget(&f.device);
+        }
+        tracing::info!(status, owner = %f.owner.relay_id, "CONNECT refused by the device's relay");
+        return refuse(client, state, f.version, Refusal::Owner { status, answer }).await;
+    }
+    let Some(Framing { .. }) = framing(&answer) else {
+        // An owner without the feature, or a device that cannot resume: raw, as before.
+        drop(grant);
+        return join_owner(client, leftover, f, (peer, early), state, received).await;
+    };
+    let acked = Arc::new(Acked::default());
+    let framed = peerhop::framed(
+        peer,
+        early,
+        Start {
+            send: 0,
+            recv: 0,
+            grant: grant.limit(),
+        },
+        Inbound {
+            acks: acked.clone(),
+            credit: None,
+        },
+    );
+    grant.move_to(framed.hop.credit());
+    let carried = Carried::with_acked(acked, framed.hop.acks());
+    let leg = Leg::Hop {
+        send: framed.send,
+        recv: framed.recv,
+        hop: framed.hop,
+        session: f.owner.session.clone(),
+    };
+    let tunnel = tunnel::Carry {
+        version: f.version,
+        user_id: f.user_id,
+        username: f.username,
+        device: f.device,
+        port: f.port,
+        entry: f.entry,
+        audited: true,
+        credit: TunnelCredit::Grant(grant),
+        carried: Some(carried),
+        device_relay: Some(f.owner.relay_id),
+    };
+    tunnel::carry(client, leftover, tunnel, leg, state, received).await
 }
 
 /// The entry side's second half: answers the user with a 200 and joins their connection
@@ -137,58 +220,6 @@ pub async fn join_owner<C: ClientConn>(
     // A peer-hop tunnel does not resume (yet): nothing to count.
     let resumes = tunnel::Resumes::default();
     tunnel::finish(state, &f.entry, &end, Some(audit), &resumes).await;
-}
-
-/// Dials the owner and sends the CONNECT with a peer token; returns the connection, the
-/// status, the whole answer (head and any error body) and device bytes that came with a
-/// 200.
-async fn ask_owner(
-    f: &Forward,
-    keys: &PeerKeys,
-    state: &Shared,
-) -> Result<(TcpStream, u16, Vec<u8>, BytesMut), String> {
-    let mut peer = tokio::time::timeout(PEER_DIAL_TIMEOUT, TcpStream::connect(&f.owner.peer_addr))
-        .await
-        .map_err(|_| "dial timed out".to_owned())?
-        .map_err(|e| format!("dial failed: {e}"))?;
-    let _ = peer.set_nodelay(true);
-    let request = format!(
-        "CONNECT {}:{} HTTP/1.1\r\nProxy-Authorization: Bearer {}\r\n\r\n",
-        f.device,
-        f.port,
-        keys.mint(f.user_id, &f.username, &f.device, f.port, &f.entry.id)
-    );
-    peer.write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("write failed: {e}"))?;
-    // The owner answers within its own open timeout; a little more for the hop.
-    let wait = state.config.limits.open_timeout() + PEER_DIAL_TIMEOUT;
-    // An answer head reads like a request head: up to the blank line, bounded, in time.
-    let (head, rest) = match connect::read_head(&mut peer, MAX_ANSWER, wait).await {
-        Ok((head, rest)) => (head.0.to_vec(), rest),
-        Err(HeadError::Timeout) => return Err("no answer in time".to_owned()),
-        Err(HeadError::TooLarge) => return Err("oversized answer".to_owned()),
-        Err(_) => return Err("closed before answering".to_owned()),
-    };
-    let status: u16 = std::str::from_utf8(&head)
-        .ok()
-        .and_then(|h| h.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| "answer is not HTTP".to_owned())?;
-    if status == 200 {
-        return Ok((peer, status, head, rest));
-    }
-    // An error answer: its one-sentence body follows (bounded); keep it all.
-    let mut answer = head;
-    answer.extend_from_slice(&rest);
-    let mut body = Vec::new();
-    let _ = tokio::time::timeout(
-        Duration::from_secs(2),
-        (&mut peer).take(MAX_ANSWER as u64).read_to_end(&mut body),
-    )
-    .await;
-    answer.extend_from_slice(&body);
-    Ok((peer, status, answer, BytesMut::new()))
 }
 
 /// Joins the user's connection to the peer connection (the one join: `splice(2)` when the

@@ -8,12 +8,13 @@ use tokio::io::AsyncWriteExt;
 
 use super::admit::{Admitted, TunnelCredit};
 use super::client::ClientConn;
+use super::owner::{Attempt, Leg, Resumed};
 use crate::forward::{self, Side};
 use crate::link::device::OpenError;
-use crate::link::{ChunkSend, End, LinkRecv, LinkSend};
+use crate::link::{ChunkSend, End};
 use crate::proto::connect;
 use crate::proto::messages::{RefuseCode, TunnelResume};
-use crate::relay::presence::SessionTunnel;
+use crate::relay::presence::{DeviceSession, Next};
 use crate::relay::registry::TunnelEntry;
 use crate::relay::state::Shared;
 use crate::resume::Carried;
@@ -42,7 +43,7 @@ pub fn span(id: &str, user: &str, device: &str) -> tracing::Span {
 }
 
 async fn run_in_span<C: ClientConn>(
-    mut client: C,
+    client: C,
     leftover: BytesMut,
     t: Admitted,
     state: &Arc<Shared>,
@@ -55,13 +56,82 @@ async fn run_in_span<C: ClientConn>(
         device,
         port,
         entry,
-        mut send,
-        mut recv,
+        send,
+        recv,
         on_session,
         audited,
         ssh_login: _,
-        mut credit,
+        credit,
         resumable,
+    } = t;
+    // A resumable tunnel's state, carried from link to link (PROTOCOL.md §2e); its acks
+    // arrive on whichever session's control stream carries them.
+    let carried = resumable.then(|| Carried::new(on_session.session().acks.sink(&entry.id)));
+    let tunnel = Carry {
+        version,
+        user_id,
+        username,
+        device,
+        port,
+        entry,
+        audited,
+        credit,
+        carried,
+        device_relay: None,
+    };
+    let leg = Leg::Here {
+        send,
+        recv,
+        place: on_session,
+    };
+    carry(client, leftover, tunnel, leg, state, received).await
+}
+
+/// A tunnel admitted at this relay, whichever relay holds its device.
+pub struct Carry {
+    /// The request's HTTP version, echoed in the answer.
+    pub version: &'static str,
+    /// Who asked.
+    pub user_id: Id,
+    /// Their name.
+    pub username: String,
+    /// The device uuid.
+    pub device: String,
+    /// The device port.
+    pub port: u16,
+    /// The tunnel's registry entry here.
+    pub entry: Arc<TunnelEntry>,
+    /// Whether this relay writes the audit row.
+    pub audited: bool,
+    /// Its share of the relay's tunnel buffer.
+    pub credit: TunnelCredit,
+    /// A resumable tunnel's state (PROTOCOL.md §2e).
+    pub carried: Option<Carried>,
+    /// The relay that held the device when the tunnel opened, if not this one.
+    pub device_relay: Option<String>,
+}
+
+/// Answers 200, forwards pipelined bytes, and runs the tunnel on `leg` and on each leg a
+/// resume brings after it, until it ends; records how it ended.
+pub async fn carry<C: ClientConn>(
+    mut client: C,
+    leftover: BytesMut,
+    t: Carry,
+    leg: Leg,
+    state: &Arc<Shared>,
+    received: Instant,
+) {
+    let Carry {
+        version,
+        user_id,
+        username,
+        device,
+        port,
+        entry,
+        audited,
+        mut credit,
+        mut carried,
+        device_relay,
     } = t;
     let counters = &entry.counters;
     // From here until an orderly close, a crash of this process resets the client's
@@ -72,16 +142,34 @@ async fn run_in_span<C: ClientConn>(
     }
     // The 200 goes out alone and flushed before any device byte (PROTOCOL.md §1).
     let answered = answer_established(&mut client, version).await;
-    state.metrics.tunnel_set_up("local", received.elapsed());
+    let route = if device_relay.is_some() {
+        "peer"
+    } else {
+        "local"
+    };
+    state.metrics.tunnel_set_up(route, received.elapsed());
     state
         .metrics
         .proxy_responses
         .with_label_values(&["200", "none"])
         .inc();
-    let audit =
-        audited.then(|| Audit::open(state, &entry, user_id, &username, &device, port, None));
+    let audit = audited.then(|| {
+        Audit::open(
+            state,
+            &entry,
+            user_id,
+            &username,
+            &device,
+            port,
+            device_relay.clone(),
+        )
+    });
     state.metrics.tunnels_open.inc();
-    tracing::info!(port, "tunnel open");
+    tracing::info!(
+        port,
+        owner = device_relay.as_deref().unwrap_or("here"),
+        "tunnel open"
+    );
 
     // The user socket's kernel queue, for credit: a second descriptor of the same socket,
     // since the halves own the first for the tunnel's life.
@@ -92,30 +180,36 @@ async fn run_in_span<C: ClientConn>(
         Some(socket) => crate::credit::UserQueue::of(socket),
         None => crate::credit::UserQueue::IN_PROCESS,
     };
-    // A resumable tunnel's state, carried from link to link (PROTOCOL.md §2e); its acks
-    // arrive on whichever session's control stream carries them.
-    let mut carried = resumable.then(|| Carried::new(on_session.session().acks.sink(&entry.id)));
     let _acks = carried
         .as_ref()
         .map(|c| state.acks.enter(&entry.id, &c.acked));
-    let mut on_session = on_session;
     let mut resumes = Resumes::default();
+    let who = Who {
+        user_id,
+        username: &username,
+    };
     // The first stream sends the pipelined bytes from the ring: not a replay.
     let pipelined = leftover.len() as u64;
     let end = if !answered {
         End::SocketReset
     } else {
+        let mut leg = leg;
         let mut early_failed = false;
         if !leftover.is_empty() {
             counters
                 .up
                 .fetch_add(leftover.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let leftover = leftover.freeze();
-            match carried.as_mut() {
+            match (carried.as_mut(), &mut leg) {
                 // The pipelined bytes are the first of the user's direction: into the ring,
                 // from which the first stream sends them, as any later one would.
-                Some(c) => c.ring.push(leftover),
-                None => early_failed = send.write_chunk(leftover).await.is_err(),
+                (Some(c), _) => c.ring.push(leftover),
+                (None, Leg::Here { send, .. }) => {
+                    early_failed = send.write_chunk(leftover).await.is_err()
+                }
+                (None, Leg::Hop { send, .. }) => {
+                    early_failed = send.write_chunk(leftover).await.is_err()
+                }
             }
         }
         let (mut r, mut w) = client.halves();
@@ -125,40 +219,64 @@ async fn run_in_span<C: ClientConn>(
             let idle = idle_timeout(state);
             let mut from = (0, false);
             loop {
-                let session = on_session.session().clone();
+                let gone = leg.session();
                 let pace = match &mut credit {
                     TunnelCredit::Grant(grant) => forward::Credit::Grant { grant, user: &user },
                     TunnelCredit::Reserved(_) => forward::Credit::None,
                 };
-                let end = forward::join(
-                    send,
-                    recv,
-                    &mut r,
-                    &mut w,
-                    counters,
-                    Side::User,
-                    &entry.cancel,
-                    idle,
-                    pace,
-                    carried.as_mut().map(|c| c.on(from, &session.lost)),
-                )
-                .await;
+                let (cancel, state_now) = (&entry.cancel, carried.as_mut());
+                let (end, _waiting_on) = match leg {
+                    Leg::Here { send, recv, place } => {
+                        let lost = place.session().lost.clone();
+                        let resume = state_now.map(|c| c.on(from, &lost));
+                        let end = forward::join(
+                            send,
+                            recv,
+                            &mut r,
+                            &mut w,
+                            counters,
+                            Side::User,
+                            cancel,
+                            idle,
+                            pace,
+                            resume,
+                        )
+                        .await;
+                        // Kept until the tunnel is on its next leg: while it waits, its
+                        // session's row says `reconnecting` (PROTOCOL.md §2e, "Presence").
+                        (end, Some(place))
+                    }
+                    Leg::Hop {
+                        send, recv, hop, ..
+                    } => {
+                        let resume = state_now.map(|c| c.on(from, hop.lost()));
+                        let end = forward::join(
+                            send,
+                            recv,
+                            &mut r,
+                            &mut w,
+                            counters,
+                            Side::User,
+                            cancel,
+                            idle,
+                            pace,
+                            resume,
+                        )
+                        .await;
+                        if !matches!(end, End::ConnectionLost(_)) {
+                            // The last ack, or the reset, must reach the owner.
+                            hop.close().await;
+                        }
+                        (end, None)
+                    }
+                };
                 let (Some(c), End::ConnectionLost(why)) = (carried.as_mut(), &end) else {
                     break end;
                 };
                 tracing::info!(error = %why, "device link lost; the tunnel waits for the device");
-                match resume(
-                    state,
-                    &entry,
-                    &session.session,
-                    c,
-                    &mut credit,
-                    &mut resumes,
-                )
-                .await
-                {
+                match resume(state, &entry, &who, gone, c, &mut credit, &mut resumes).await {
                     Ok(next) => {
-                        (send, recv, from, on_session) = next;
+                        (leg, from) = next;
                         tracing::info!(agent_written = from.0, "tunnel resumed");
                     }
                     Err(end) => break end,
@@ -180,8 +298,15 @@ async fn run_in_span<C: ClientConn>(
             budget.replay_change(added, freed + c.ring.held());
         }
     }
-    drop(on_session);
     finish(state, &entry, &end, audit, &resumes).await;
+}
+
+/// Who a tunnel is for, as a resume over the peer hop names them.
+pub struct Who<'a> {
+    /// The user's id.
+    pub user_id: Id,
+    /// Their name.
+    pub username: &'a str,
 }
 
 /// What a resumable tunnel went through, for its audit row.
@@ -197,18 +322,19 @@ pub struct Resumes {
     pub failure: Option<&'static str>,
 }
 
-/// Waits for the device's next session and resumes the tunnel on it (PROTOCOL.md §2e):
-/// the new stream, the agent's offsets and the tunnel's place on that session. Ends the
-/// tunnel when the device is not back within `tunnel_resume_secs`, the tunnel is cut, or
-/// the agent no longer holds it. Counted either way, with the time it waited.
+/// Waits for the device's next session, on this relay or another of the cluster, and
+/// resumes the tunnel on it (PROTOCOL.md §2e): the new leg and the agent's offsets. Ends
+/// the tunnel when the device is not back within `tunnel_resume_secs`, the tunnel is cut,
+/// or the agent no longer holds it. Counted either way, with the time it waited.
 async fn resume(
     state: &Arc<Shared>,
     entry: &TunnelEntry,
-    lost: &str,
+    who: &Who<'_>,
+    lost: String,
     carried: &mut Carried,
     credit: &mut TunnelCredit,
     counted: &mut Resumes,
-) -> Result<(LinkSend, LinkRecv, (u64, bool), SessionTunnel), End> {
+) -> Result<(Leg, (u64, bool)), End> {
     let m = &state.metrics;
     m.tunnels_waiting.inc();
     let since = Instant::now();
@@ -216,15 +342,15 @@ async fn resume(
     let resumed: Result<_, (End, &'static str)> = async {
         let limits = &state.config.limits;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(limits.tunnel_resume_secs);
-        let mut gone = lost.to_owned();
+        let mut gone = lost;
         loop {
             let next = tokio::time::timeout_at(
                 deadline,
                 state.presence.next_session(&entry.device, &gone),
             );
-            let session = tokio::select! {
-                session = next => match session {
-                    Ok(session) => session,
+            let next = tokio::select! {
+                next = next => match next {
+                    Ok(next) => next,
                     Err(_) => {
                         tracing::info!("the device did not come back in time; the tunnel ends with a reset");
                         let end = End::ConnectionLost("the device did not come back in time".into());
@@ -233,43 +359,29 @@ async fn resume(
                 },
                 _ = entry.cancel.cancelled() => return Err((End::Cancelled, "cut")),
             };
-            if !session.resume {
-                tracing::info!("the device came back without resumable tunnels");
-                let end = End::ConnectionLost("the device came back without resume".into());
-                return Err((end, "unsupported"));
-            }
-            let limit = match credit {
-                TunnelCredit::Grant(grant) => {
-                    grant.move_to(session.credit.clone());
-                    Some(grant.limit())
+            let attempt = match next {
+                Next::Here(session) => resume_here(state, entry, carried, credit, session).await,
+                Next::Elsewhere(owner) => {
+                    let TunnelCredit::Grant(grant) = credit else {
+                        // A hop needs credit; a tunnel without it stays on this relay.
+                        gone = owner.session.clone();
+                        continue;
+                    };
+                    let tried = owner.session.clone();
+                    let ask = Resumed {
+                        owner: &owner,
+                        user_id: who.user_id,
+                        username: who.username,
+                        entry,
+                    };
+                    ask.resume(state, carried, grant).await.map_err(|e| (e, tried))
                 }
-                TunnelCredit::Reserved(_) => None,
             };
-            let ask = TunnelResume {
-                tunnel: entry.id.clone(),
-                written: carried.written.written(),
-                fin: carried.written.fin(),
-                credit: limit,
-            };
-            let place = session.tunnel(true);
-            let answer = session
-                .link
-                .resume_tunnel(&ask, entry.port, limits.frame_max_bytes);
-            match tokio::time::timeout(limits.open_timeout(), answer).await {
-                Ok(Ok((send, recv, offsets))) => {
-                    carried.written.set_sink(session.acks.sink(&entry.id));
-                    return Ok((send, recv, offsets, place));
-                }
-                Ok(Err(OpenError::Refused(RefuseCode::Gone, _))) => {
-                    tracing::info!("the agent no longer holds the tunnel; it ends with a reset");
-                    return Err((End::LinkReset, "gone"));
-                }
+            match attempt {
+                Ok(resumed) => return Ok(resumed),
+                Err((Attempt::Failed(end, why), _)) => return Err((end, why)),
                 // That session went too; wait for the next.
-                Ok(Err(OpenError::Offline)) | Err(_) => gone = session.session.clone(),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = ?e, "the agent did not take the resume; the tunnel ends");
-                    return Err((End::LinkReset, "protocol"));
-                }
+                Err((Attempt::Retry, session)) => gone = session,
             }
         }
     }
@@ -288,6 +400,55 @@ async fn resume(
         }
     }
     resumed.map_err(|(end, _)| end)
+}
+
+/// Resumes the tunnel on this relay's session with the device.
+async fn resume_here(
+    state: &Shared,
+    entry: &TunnelEntry,
+    carried: &mut Carried,
+    credit: &mut TunnelCredit,
+    session: Arc<DeviceSession>,
+) -> Result<(Leg, (u64, bool)), (Attempt, String)> {
+    let retry = |session: &DeviceSession| Err((Attempt::Retry, session.session.clone()));
+    if !session.resume {
+        tracing::info!("the device came back without resumable tunnels");
+        let end = End::ConnectionLost("the device came back without resume".into());
+        return Err((Attempt::Failed(end, "unsupported"), String::new()));
+    }
+    let limit = match credit {
+        TunnelCredit::Grant(grant) => {
+            grant.move_to(session.credit.clone());
+            Some(grant.limit())
+        }
+        TunnelCredit::Reserved(_) => None,
+    };
+    let ask = TunnelResume {
+        tunnel: entry.id.clone(),
+        written: carried.written.written(),
+        fin: carried.written.fin(),
+        credit: limit,
+    };
+    let limits = &state.config.limits;
+    let place = session.tunnel(true);
+    let answer = session
+        .link
+        .resume_tunnel(&ask, entry.port, limits.frame_max_bytes);
+    match tokio::time::timeout(limits.open_timeout(), answer).await {
+        Ok(Ok((send, recv, offsets))) => {
+            carried.written.set_sink(session.acks.sink(&entry.id));
+            Ok((Leg::Here { send, recv, place }, offsets))
+        }
+        Ok(Err(OpenError::Refused(RefuseCode::Gone, _))) => {
+            tracing::info!("the agent no longer holds the tunnel; it ends with a reset");
+            Err((Attempt::Failed(End::LinkReset, "gone"), String::new()))
+        }
+        Ok(Err(OpenError::Offline)) | Err(_) => retry(&session),
+        Ok(Err(e)) => {
+            tracing::warn!(error = ?e, "the agent did not take the resume; the tunnel ends");
+            Err((Attempt::Failed(End::LinkReset, "protocol"), String::new()))
+        }
+    }
 }
 
 /// Sends the 200 alone and flushed; false if the client is gone. A client inside this

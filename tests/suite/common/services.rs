@@ -118,3 +118,32 @@ pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(data))
 }
+
+/// Writes `data` in 64 KiB pieces `pause` apart, then half-closes.
+pub async fn paced_write(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    data: &[u8],
+    pause: Duration,
+) {
+    use tokio::io::AsyncWriteExt;
+    for piece in data.chunks(64 * 1024) {
+        w.write_all(piece).await.unwrap();
+        tokio::time::sleep(pause).await;
+    }
+    w.shutdown().await.unwrap();
+}
+
+/// Writes `msg` and reads it back from an echo service, or says why it could not.
+pub async fn try_echo(s: &mut tokio::net::TcpStream, msg: &[u8]) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(msg).await.map_err(|e| e.to_string())?;
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .map_err(|_| "no echo within 10 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if back != msg {
+        return Err(format!("echoed {back:?}"));
+    }
+    Ok(())
+}

@@ -41,8 +41,12 @@
 //!   stop reading, over each device link: relay RSS per tunnel and after they close, the
 //!   relay's kernel socket memory, the agents' memory, and other tunnels' share meanwhile.
 //!   Not in the default set: 2,000 readers start 40 agents.
+//! - l: the events of issue 28 on the rig (address change, 20 and 90 s blackouts on each
+//!   link, UDP blocked under `auto`) at the defaults, with a download running through each:
+//!   how long after the path came back the interactive echo answered. About 5 minutes;
+//!   needs what i needs; not in the default set.
 //!
-//! i and j need root, `ip`, `tc` and `nft` (they fail without them), are not in the
+//! i, j and l need root, `ip`, `tc` and `nft` (they fail without them), are not in the
 //! default set, and take long: i about 40 minutes at the defaults, j about 7. Their
 //! before/after figures are in `docs/field.md`.
 //!
@@ -1266,6 +1270,17 @@ async fn run(opts: Opts) {
         for (what, value, note) in field::idle_cost(opts.field.idle_secs).await {
             rows.push(Row {
                 scenario: "j",
+                what,
+                value,
+                note,
+            });
+        }
+    }
+
+    if has('l') {
+        for (what, value, note) in field::events().await {
+            rows.push(Row {
+                scenario: "l",
                 what,
                 value,
                 note,

@@ -765,3 +765,148 @@ async fn back_to_quic() -> FieldRow {
         ),
     )
 }
+
+/// What happens to the device's network in one row of scenario l.
+#[derive(Clone, Copy)]
+enum Event {
+    /// The device moves to a new address; the old one is deleted.
+    AddressChange,
+    /// Every packet dropped both ways for this long.
+    Blackout(Duration),
+    /// A firewall starts dropping UDP (`auto`: the agent moves QUIC → TCP).
+    UdpBlocked,
+}
+
+impl Event {
+    fn label(self) -> String {
+        match self {
+            Event::AddressChange => "address change".into(),
+            Event::Blackout(d) => format!("{} s blackout", d.as_secs()),
+            Event::UdpBlocked => "UDP blocked (auto: QUIC → TLS/TCP)".into(),
+        }
+    }
+}
+
+/// Scenario l: for each event of issue 28 on each link, at the defaults (release build,
+/// resume on, the rig's 50 ms path), with a 16 MiB download running through the event and
+/// an interactive echo: how long after the path came back (or, for UDP blocked, after the
+/// block) the echo answered. The download is checked byte for byte.
+pub async fn events() -> Vec<FieldRow> {
+    let cases: Vec<(&'static str, Event)> = vec![
+        ("quic", Event::AddressChange),
+        ("tcp", Event::AddressChange),
+        ("quic", Event::Blackout(Duration::from_secs(20))),
+        ("tcp", Event::Blackout(Duration::from_secs(20))),
+        ("quic", Event::Blackout(Duration::from_secs(90))),
+        ("tcp", Event::Blackout(Duration::from_secs(90))),
+        ("auto", Event::UdpBlocked),
+    ];
+    let mut rows = Vec::new();
+    // Two rigs at a time: the long blackouts overlap, the CPU is not shared by more.
+    for pair in cases.chunks(2) {
+        let runs: Vec<_> = pair
+            .iter()
+            .map(|&(transport, event)| tokio::spawn(event_row(transport, event)))
+            .collect();
+        for r in runs {
+            rows.push(r.await.unwrap());
+        }
+    }
+    rows
+}
+
+async fn event_row(transport: &'static str, event: Event) -> FieldRow {
+    let Idle {
+        rig,
+        _dir,
+        relay,
+        uuid,
+        device_key,
+        ..
+    } = Idle::new(false, "event").await;
+    let entry = match transport {
+        "auto" => relay.device.to_string(),
+        t => format!("{t}://{}", relay.device),
+    };
+    let agent = Agent::spawn_wrapped(
+        &rig.device_wrapper(),
+        &[entry],
+        &relay.cert(),
+        &uuid,
+        &device_key,
+        &[],
+        &[],
+    );
+    agent.stderr.wait_for("connected to relay");
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let size = 16 << 20;
+    let echo = common::echo_on(rig.device_listener(loopback));
+    let source = common::paced_source_on(
+        rig.device_listener(loopback),
+        size,
+        5,
+        Some(Duration::from_millis(100)),
+    );
+    let key = relay.admin_key();
+    let mut chat = common::tunnel(relay.proxy, &key, &uuid, echo).await;
+    let download = {
+        let mut s = common::tunnel(relay.proxy, &key, &uuid, source).await;
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(600), s.read_to_end(&mut got)).await;
+            matches!(read, Ok(Ok(_)))
+                && common::sha256_hex(&got) == common::sha256_hex(&common::random_bytes(size, 5))
+        })
+    };
+    echo_answers(&mut chat)
+        .await
+        .expect("the echo answers before the event");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let back = match event {
+        Event::AddressChange => {
+            rig.move_device();
+            Instant::now()
+        }
+        Event::Blackout(length) => {
+            rig.blackout(true);
+            tokio::time::sleep(length).await;
+            rig.blackout(false);
+            Instant::now()
+        }
+        Event::UdpBlocked => {
+            rig.block_udp(true);
+            Instant::now()
+        }
+    };
+    let answered = echo_answers(&mut chat).await.map(|()| back.elapsed());
+    let intact = download.await.unwrap_or(false);
+    drop(agent);
+    (
+        format!("{}, {transport} link: echo again after", event.label()),
+        match answered {
+            Some(t) => format!("{:.2} s", t.as_secs_f64()),
+            None => "never (300 s)".into(),
+        },
+        format!(
+            "from the path's return{}; 16 MiB download through it {}; target: a second or two",
+            if matches!(event, Event::UdpBlocked) {
+                " (the block's start: the path never returns for UDP)"
+            } else {
+                ""
+            },
+            if intact { "intact (SHA-256)" } else { "FAILED" }
+        ),
+    )
+}
+
+/// One byte through an echo service and back, within 300 s.
+async fn echo_answers(chat: &mut TcpStream) -> Option<()> {
+    chat.write_all(b"x").await.ok()?;
+    let mut one = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(300), chat.read_exact(&mut one))
+        .await
+        .ok()?
+        .ok()?;
+    Some(())
+}

@@ -1,5 +1,5 @@
 //! The dashboard in a real browser (headless Chromium over WebDriver): log in, see the
-//! device online, a terminal to a real sshd (`echo $((6*7))`, resize, exit), a service, the
+//! device online (and another `reconnecting` while its agent is stopped), a terminal to a real sshd (`echo $((6*7))`, resize, exit), a service, the
 //! offline message, SSH keys with a GitHub import from a local fake GitHub, what a user of
 //! another fleet sees, and the same at a phone-sized window. The screenshot the README shows
 //! is written to target/dashboard-terminal.png (scripts/screenshot copies it to docs/).
@@ -123,6 +123,41 @@ async fn dashboard_terminal_keys_and_access_in_chromium() {
     b.text_contains(&row, "online").await;
     b.text_contains(&format!("#devices tr[data-uuid='{offline}']"), "offline")
         .await;
+    // A device whose link goes silent shows `reconnecting` (PROTOCOL.md §2e, "Presence"):
+    // its agent (1 s keep-alive) stops, and within the keep-alive plus 5 s the relay says
+    // so; the list shows it at its next refresh. Running again, it is online again.
+    let (flaky, flaky_key) = w.device_in("pis").await;
+    let config = w.dir.path().join("flaky.toml");
+    std::fs::write(&config, "keep_alive_ms = 1000\n").unwrap();
+    let flaky_agent = common::Agent::start(
+        &w.relay,
+        &flaky,
+        &flaky_key,
+        &["--config", config.to_str().unwrap()],
+    );
+    let flaky_row = format!("#devices tr[data-uuid='{flaky}']");
+    b.text_contains(&flaky_row, "online").await;
+    let pid = flaky_agent.pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        let done = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(done.success());
+    };
+    signal("-STOP");
+    let shown = b.text_contains(&flaky_row, "reconnecting").await;
+    assert!(
+        b.js(&format!(
+            "return document.querySelector(\"{flaky_row} td.reconnecting\") !== null"
+        ))
+        .await
+            == true,
+        "{shown}"
+    );
+    signal("-CONT");
+    b.text_contains(&flaky_row, "online").await;
+    drop(flaky_agent);
     // The filter narrows the list.
     b.find("#filter")
         .await

@@ -194,6 +194,44 @@ pub struct AgentLink {
     pub control: mpsc::Receiver<RelayControl>,
 }
 
+/// What a QUIC link has received and sent, for telling a silent path from an idle one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Traffic {
+    /// Datagrams received.
+    pub received: u64,
+    /// Datagrams sent.
+    pub sent: u64,
+}
+
+impl AgentLink {
+    /// The link's datagram counts and smoothed RTT (QUIC only: the TLS/TCP link has the
+    /// kernel's capped retransmission and the route watch instead).
+    pub fn traffic(&self) -> Option<(Traffic, Duration)> {
+        match &self.requests.0 {
+            Carrier::Quic { conn } => {
+                let stats = conn.stats();
+                let traffic = Traffic {
+                    received: stats.udp_rx.datagrams,
+                    sent: stats.udp_tx.datagrams,
+                };
+                Some((traffic, conn.rtt()))
+            }
+            Carrier::Tcp { .. } => None,
+        }
+    }
+}
+
+impl AgentLink {
+    /// Sends a one-byte QUIC DATAGRAM, which the relay acknowledges and ignores: whether
+    /// the path still carries anything (PROTOCOL.md §2, "A silent link"). Nothing on TCP,
+    /// or to a relay that takes no datagrams.
+    pub fn poke(&self) {
+        if let Carrier::Quic { conn } = &self.requests.0 {
+            let _ = conn.send_datagram(Bytes::from_static(&[0]));
+        }
+    }
+}
+
 impl Requests {
     /// The next tunnel request; `Err` with why once the link has ended.
     pub async fn accept(&mut self) -> Result<TunnelRequest, String> {

@@ -47,6 +47,21 @@ const STABLE_SESSION: Duration = Duration::from_secs(10);
 /// The longest pause between dials while resumable tunnels wait for a link.
 const RESUME_REDIAL: Duration = Duration::from_secs(1);
 
+/// How long a QUIC link with open tunnels may hear nothing back for what it sent (a poke
+/// included) before the agent dials again beside it (at least six round trips past the
+/// poke). QUIC's own retransmissions back
+/// off exponentially and without a ceiling: after a 20 s blackout the link took 13 s to
+/// carry a byte again (bench l), and a firewall that starts dropping UDP looks the same
+/// until the idle timeout. A fresh handshake, tried once a second, gets through as soon as
+/// the path does, or finds TLS/TCP in `auto`; the tunnels resume on it (PROTOCOL.md §2e).
+const SILENT_REDIAL: Duration = Duration::from_secs(3);
+
+/// How long a QUIC link with open tunnels may hear nothing before the agent pokes it.
+const POKE_AFTER: Duration = Duration::from_millis(1500);
+
+/// How often a QUIC link's traffic is looked at for [`SILENT_REDIAL`].
+const SILENCE_TICK: Duration = Duration::from_millis(500);
+
 /// How long one dial (handshake + hello) may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -506,6 +521,10 @@ impl Agent {
         let mut unanswered = 0u32;
         let mut probe_at = None;
         let mut probing: Option<tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>>> = None;
+        let mut silence = Silence::new(&link);
+        let mut redialing: Option<tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>>> = None;
+        let mut tick = tokio::time::interval(SILENCE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if auto && link.transport == Transport::Tcp && probe_at.is_none() && probing.is_none() {
                 let pause = probe::pause(unanswered, probe_cap, answers_probes);
@@ -516,6 +535,8 @@ impl Agent {
                 msg = link.control.recv() => Event::Control(msg),
                 _ = sleep_until(probe_at) => Event::ProbeDue,
                 probed = join_probe(&mut probing) => Event::Probed(probed),
+                redialed = join_probe(&mut redialing) => Event::Redialed(redialed),
+                _ = tick.tick() => Event::Tick,
                 _ = self.shutdown.cancelled() => Event::Shutdown,
             };
             match event {
@@ -573,10 +594,28 @@ impl Agent {
                     unanswered = unanswered.saturating_add(1);
                     tracing::debug!(relay = %relay.addr, "QUIC still does not get through");
                 }
+                Event::Tick => {
+                    let busy = self.tunnels.load(std::sync::atomic::Ordering::Acquire) > 0;
+                    if let Some(silent) = silence.check(&link, busy) {
+                        if redialing.is_none() && silence.may_redial() {
+                            tracing::info!(relay = %relay.addr, ?silent, "nothing heard back on the QUIC link; dialing again beside it");
+                            redialing = Some(self.redial(relay, auto));
+                        }
+                    }
+                }
+                // Once the new session is up the relay moves the tunnels to it and closes
+                // this link: take it whether or not this link has spoken again meanwhile.
+                Event::Redialed(Some((new, addr))) => {
+                    self.adopt(&mut link, new, addr, relay);
+                    silence = Silence::new(&link);
+                }
+                Event::Redialed(None) => {
+                    tracing::debug!(relay = %relay.addr, "the dial beside the silent link failed");
+                }
                 Event::Shutdown => {
                     link.requests.close();
-                    if let Some(probe) = probing {
-                        probe.abort();
+                    for task in [probing, redialing].into_iter().flatten() {
+                        task.abort();
                     }
                     return Outcome::Shutdown;
                 }
@@ -604,24 +643,63 @@ impl Agent {
         }
     }
 
-    /// Moves to the QUIC link a probe made: the old link serves its open tunnels until
-    /// the relay closes it (make-before-break).
-    fn adopt(
-        &mut self,
-        link: &mut AgentLink,
-        quic: AgentLink,
-        addr: SocketAddr,
-        relay: &RelaySpec,
-    ) {
-        tracing::info!(relay = %relay.addr, "QUIC gets through again; moving the link over");
-        let old = std::mem::replace(link, quic);
+    /// Moves to the link a probe or a dial beside a silent link made: the old link serves
+    /// its open tunnels until the relay closes it (make-before-break).
+    fn adopt(&mut self, link: &mut AgentLink, new: AgentLink, addr: SocketAddr, relay: &RelaySpec) {
+        let transport = new.transport;
+        tracing::info!(relay = %relay.addr, %transport, "moving the link over to a new connection");
+        let old = std::mem::replace(link, new);
         self.spawn_drained(old);
-        self.worked.insert(relay.addr.clone(), Transport::Quic);
+        self.worked.insert(relay.addr.clone(), transport);
         self.connected_to = Some(addr);
         self.set_state(LinkState::Connected(
             format!("{} ({})", relay.addr, link.relay_id),
-            Transport::Quic,
+            transport,
         ));
+    }
+
+    /// Dials `relay` again in the background, beside a silent QUIC link: QUIC, then in
+    /// `auto` TLS/TCP straight to its addresses (not through a proxy: a device behind one
+    /// waits for the idle timeout, as before).
+    fn redial(
+        &self,
+        relay: &RelaySpec,
+        auto: bool,
+    ) -> tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>> {
+        let quic = self.quic.clone();
+        let addr = relay.addr.clone();
+        let host = crate::addr::host(&addr).to_owned();
+        let server_name = self.config.server_name.clone().unwrap_or(host.clone());
+        let tcp = (auto && matches!(self.proxies.for_host(&host), Ok(None))).then(|| {
+            (
+                self.tcp_tls.clone(),
+                self.config.clone(),
+                self.held.links.clone(),
+            )
+        });
+        tokio::spawn(async move {
+            if let Some(quic) = quic {
+                if let Ok(found) = quic
+                    .dial(&addr, &server_name, &mut None, QUIC_FALLBACK)
+                    .await
+                {
+                    return Some(found);
+                }
+            }
+            let (tls, config, held) = tcp?;
+            let found = each_address(&addr, &mut None, QUIC_FALLBACK, |to, _| {
+                let (tls, config, held, server_name) = (&tls, &config, &held, &server_name);
+                async move {
+                    let tcp = link::connect_tcp(to)
+                        .await
+                        .map_err(|e| Outcome::Unreachable(format!("{to}: {e}")))?;
+                    let _ = tcp.set_nodelay(true);
+                    link::dial_tcp(tcp, tls, config, held, server_name).await
+                }
+            })
+            .await;
+            found.ok()
+        })
     }
 
     /// Starts a background try of QUIC to `relay`: a UDP probe of its QUIC port first when
@@ -685,6 +763,8 @@ enum Event {
     Control(Option<RelayControl>),
     ProbeDue,
     Probed(Option<(AgentLink, SocketAddr)>),
+    Redialed(Option<(AgentLink, SocketAddr)>),
+    Tick,
     Shutdown,
 }
 
@@ -692,6 +772,61 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Whether a QUIC link with open tunnels has gone silent (PROTOCOL.md §2, "A silent
+/// link"): after [`POKE_AFTER`] without a datagram it is poked, and if that (or anything
+/// else it sent) draws no answer for [`SILENT_REDIAL`], or six round trips past the poke,
+/// it counts as silent.
+struct Silence {
+    /// The traffic when something last arrived, and when that was.
+    last: Option<link::Traffic>,
+    heard_at: tokio::time::Instant,
+    /// Whether the link was poked since it last heard anything.
+    poked: bool,
+    /// When the agent last dialed beside this link.
+    redialed: Option<tokio::time::Instant>,
+}
+
+impl Silence {
+    fn new(link: &AgentLink) -> Silence {
+        Silence {
+            last: link.traffic().map(|(t, _)| t),
+            heard_at: tokio::time::Instant::now(),
+            poked: false,
+            redialed: None,
+        }
+    }
+
+    /// How long the link has been silent, once it counts as silent; pokes it on the way.
+    /// Only while `busy` (tunnels open): an idle link is left to its keep-alive.
+    fn check(&mut self, link: &AgentLink, busy: bool) -> Option<Duration> {
+        let (now, rtt) = link.traffic()?;
+        let last = self.last.get_or_insert(now);
+        if now.received != last.received || !busy {
+            *last = now;
+            self.heard_at = tokio::time::Instant::now();
+            self.poked = false;
+            return None;
+        }
+        let silent = self.heard_at.elapsed();
+        if !self.poked && silent >= POKE_AFTER {
+            link.poke();
+            self.poked = true;
+        }
+        let answer_due = SILENT_REDIAL.max(POKE_AFTER + rtt * 6);
+        (now.sent > last.sent && silent >= answer_due).then_some(silent)
+    }
+
+    /// At most one dial a second ([`RESUME_REDIAL`]); true if now is its turn.
+    fn may_redial(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if self.redialed.is_some_and(|at| now - at < RESUME_REDIAL) {
+            return false;
+        }
+        self.redialed = Some(now);
+        true
     }
 }
 

@@ -165,5 +165,11 @@ pub fn transport(settings: &Settings) -> quinn::TransportConfig {
     t.congestion_controller_factory(settings.congestion.factory());
     t.stream_receive_window(STREAM_WINDOW.into());
     t.send_window(SEND_WINDOW.into());
+    t.datagram_receive_buffer_size(Some(POKE_BUFFER));
     t
 }
+
+/// The QUIC DATAGRAM bytes an end keeps unread (PROTOCOL.md §2, "A silent link"): an agent
+/// pokes a link that has gone quiet with one-byte datagrams, which only elicit an ACK;
+/// nobody reads them, and quinn drops the oldest past this many bytes.
+pub const POKE_BUFFER: usize = 64;

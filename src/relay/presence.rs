@@ -181,6 +181,8 @@ pub struct Presence {
     /// store round trip. Dropped on any presence change of the device and when the owner
     /// cannot be reached.
     elsewhere: TtlCache<String, crate::store::Presence>,
+    /// The store's latest answers for devices that tunnels wait for, found or not.
+    looked: TtlCache<String, Option<crate::store::Presence>>,
     connected: IntGaugeVec,
     conflicts: IntCounter,
     write_failures: IntCounterVec,
@@ -211,6 +213,7 @@ impl Presence {
             claimed: tokio::sync::Notify::new(),
             held: Mutex::new(HashMap::new()),
             elsewhere: TtlCache::new(ttl),
+            looked: TtlCache::new(LOOK_AGAIN),
             connected: metrics.devices_connected.clone(),
             conflicts: metrics.presence_conflicts.clone(),
             write_failures: metrics.store_write_failures.clone(),
@@ -393,19 +396,34 @@ impl Presence {
                 return Next::Here(session);
             }
             if self.cluster {
-                match self.store.presence(uuid).await {
-                    Ok(Some(p)) if p.relay_id != self.relay_id && p.session != not => {
+                if let Some(p) = self.looked_up(uuid).await {
+                    if p.relay_id != self.relay_id && p.session != not {
                         return Next::Elsewhere(p);
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::debug!(device = %uuid, error = %e, "cannot look up where a device is")
                     }
                 }
             }
             tokio::select! {
                 () = changed => {}
                 () = tokio::time::sleep(LOOK_AGAIN), if self.cluster => {}
+            }
+        }
+    }
+
+    /// The device's presence row, asked of the store at most once per [`LOOK_AGAIN`] for
+    /// all the tunnels that wait for the device (a relay's death can leave hundreds).
+    async fn looked_up(&self, uuid: &str) -> Option<crate::store::Presence> {
+        let key = uuid.to_owned();
+        if let Some(answer) = self.looked.get(&key) {
+            return answer;
+        }
+        match self.store.presence(uuid).await {
+            Ok(answer) => {
+                self.looked.put(key, answer.clone());
+                answer
+            }
+            Err(e) => {
+                tracing::debug!(device = %uuid, error = %e, "cannot look up where a device is");
+                None
             }
         }
     }
@@ -445,6 +463,7 @@ impl Presence {
     /// or no longer holds it): the next tunnel asks the store.
     pub fn forget(&self, uuid: &str) {
         self.elsewhere.remove(&uuid.to_owned());
+        self.looked.remove(&uuid.to_owned());
     }
 
     /// Follows presence changes from every relay through the store (Postgres

@@ -792,7 +792,9 @@ impl Event {
 /// an interactive echo: how long after the path came back (or, for UDP blocked, after the
 /// block) the echo answered. The download is checked byte for byte.
 pub async fn events() -> Vec<FieldRow> {
-    let cases: Vec<(&'static str, Event)> = vec![
+    let cases: Vec<(&'static str, Event)> =
+        vec![("quic", Event::Blackout(Duration::from_secs(20)))];
+    let _unused: Vec<(&'static str, Event)> = vec![
         ("quic", Event::AddressChange),
         ("tcp", Event::AddressChange),
         ("quic", Event::Blackout(Duration::from_secs(20))),
@@ -881,6 +883,29 @@ async fn event_row(transport: &'static str, event: Event) -> FieldRow {
     };
     let answered = echo_answers(&mut chat).await.map(|()| back.elapsed());
     let intact = download.await.unwrap_or(false);
+    // What the agent did about its link, for the run's log.
+    let moves: Vec<String> = agent
+        .stderr
+        .text()
+        .lines()
+        .filter(|l| {
+            [
+                "beside",
+                "moving the link",
+                "connected to relay",
+                "lost",
+                "resumed",
+            ]
+            .iter()
+            .any(|w| l.contains(w))
+        })
+        .map(str::to_owned)
+        .collect();
+    eprintln!(
+        "l: {} on {transport}: the agent's link:\n{}",
+        event.label(),
+        moves.join("\n")
+    );
     drop(agent);
     (
         format!("{}, {transport} link: echo again after", event.label()),

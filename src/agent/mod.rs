@@ -56,6 +56,9 @@ const RESUME_REDIAL: Duration = Duration::from_secs(1);
 /// the path does, or finds TLS/TCP in `auto`; the tunnels resume on it (PROTOCOL.md §2e).
 const SILENT_REDIAL: Duration = Duration::from_secs(3);
 
+/// The handshake budget of each dial beside a silent link (at least four round trips).
+const REDIAL_HANDSHAKE: Duration = Duration::from_secs(1);
+
 /// How long a QUIC link with open tunnels may hear nothing before the agent pokes it.
 const POKE_AFTER: Duration = Duration::from_millis(1500);
 
@@ -118,7 +121,13 @@ struct Agent {
     worked: HashMap<String, Transport>,
     /// The resumable tunnels the agent holds, on any link (PROTOCOL.md §2e).
     held: Arc<resume::Held>,
+    /// Links the agent has moved to within a session (probes, dials beside a silent link):
+    /// the session's loop starts watching a new link's silence afresh.
+    moves: u64,
 }
+
+/// A background dial that may bring a new link.
+type Dialing = Option<tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>>>;
 
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
@@ -156,6 +165,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         state: LinkState::Starting,
         avoid: None,
         connected_to: None,
+        moves: 0,
         tunnels: Default::default(),
         worked: HashMap::new(),
         held,
@@ -520,12 +530,17 @@ impl Agent {
         );
         let mut unanswered = 0u32;
         let mut probe_at = None;
-        let mut probing: Option<tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>>> = None;
+        let mut probing: Dialing = None;
         let mut silence = Silence::new(&link);
-        let mut redialing: Option<tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>>> = None;
+        let mut redialing: Dialing = None;
+        let mut watched = self.moves;
         let mut tick = tokio::time::interval(SILENCE_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if watched != self.moves {
+                watched = self.moves;
+                silence = Silence::new(&link);
+            }
             if auto && link.transport == Transport::Tcp && probe_at.is_none() && probing.is_none() {
                 let pause = probe::pause(unanswered, probe_cap, answers_probes);
                 probe_at = Some(tokio::time::Instant::now() + pause);
@@ -545,7 +560,10 @@ impl Agent {
                 // whose tunnels resume (PROTOCOL.md §2e) closes the old link at once: wait
                 // for the probe before giving up.
                 Event::Request(Err(e)) => {
-                    if !self.adopt_probe(&mut link, &mut probing, relay).await {
+                    if !self
+                        .adopt_pending(&mut link, [&mut probing, &mut redialing], relay)
+                        .await
+                    {
                         return Outcome::Lost(e);
                     }
                 }
@@ -559,7 +577,10 @@ impl Agent {
                 Event::Control(Some(RelayControl::Replaced)) => {
                     // Our own QUIC probe replaces this session as it registers, before
                     // its welcome arrives: wait for the probe before giving up the link.
-                    if !self.adopt_probe(&mut link, &mut probing, relay).await {
+                    if !self
+                        .adopt_pending(&mut link, [&mut probing, &mut redialing], relay)
+                        .await
+                    {
                         return Outcome::Replaced;
                     }
                 }
@@ -573,7 +594,7 @@ impl Agent {
                         request = link.requests.accept() => match request {
                             Ok(request) => self.spawn_tunnel(request),
                             Err(e) => {
-                                if self.adopt_probe(&mut link, &mut probing, relay).await {
+                                if self.adopt_pending(&mut link, [&mut probing, &mut redialing], relay).await {
                                     break;
                                 }
                                 return Outcome::Lost(e);
@@ -599,18 +620,21 @@ impl Agent {
                     if let Some(silent) = silence.check(&link, busy) {
                         if redialing.is_none() && silence.may_redial() {
                             tracing::info!(relay = %relay.addr, ?silent, "nothing heard back on the QUIC link; dialing again beside it");
-                            redialing = Some(self.redial(relay, auto));
+                            let rtt = link.traffic().map_or(Duration::ZERO, |(_, rtt)| rtt);
+                            redialing = Some(self.redial(relay, auto, rtt));
                         }
                     }
                 }
                 // Once the new session is up the relay moves the tunnels to it and closes
                 // this link: take it whether or not this link has spoken again meanwhile.
-                Event::Redialed(Some((new, addr))) => {
-                    self.adopt(&mut link, new, addr, relay);
-                    silence = Silence::new(&link);
-                }
+                Event::Redialed(Some((new, addr))) => self.adopt(&mut link, new, addr, relay),
+                // The next at once: each dial's first handshake packet is its best chance.
                 Event::Redialed(None) => {
                     tracing::debug!(relay = %relay.addr, "the dial beside the silent link failed");
+                    if silence.check(&link, true).is_some() && silence.may_redial() {
+                        let rtt = link.traffic().map_or(Duration::ZERO, |(_, rtt)| rtt);
+                        redialing = Some(self.redial(relay, auto, rtt));
+                    }
                 }
                 Event::Shutdown => {
                     link.requests.close();
@@ -623,30 +647,30 @@ impl Agent {
         }
     }
 
-    /// Waits for a QUIC probe under way, if one is, and moves to the link it made; whether
-    /// it did. The link that just ended may have been ended by that very session.
-    async fn adopt_probe(
+    /// Waits for a QUIC probe or a dial beside a silent link under way, if one is, and
+    /// moves to the link it made; whether it did. The link that just ended may have been
+    /// ended by that very session (the relay moves the tunnels to it and closes this one).
+    async fn adopt_pending(
         &mut self,
         link: &mut AgentLink,
-        probing: &mut Option<tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>>>,
+        pending: [&mut Dialing; 2],
         relay: &RelaySpec,
     ) -> bool {
-        let Some(probe) = probing.take() else {
-            return false;
-        };
-        match probe.await.ok().flatten() {
-            Some((quic, addr)) => {
-                self.adopt(link, quic, addr, relay);
-                true
+        for task in pending {
+            let Some(task) = task.take() else { continue };
+            if let Some((new, addr)) = task.await.ok().flatten() {
+                self.adopt(link, new, addr, relay);
+                return true;
             }
-            None => false,
         }
+        false
     }
 
     /// Moves to the link a probe or a dial beside a silent link made: the old link serves
     /// its open tunnels until the relay closes it (make-before-break).
     fn adopt(&mut self, link: &mut AgentLink, new: AgentLink, addr: SocketAddr, relay: &RelaySpec) {
         let transport = new.transport;
+        self.moves += 1;
         tracing::info!(relay = %relay.addr, %transport, "moving the link over to a new connection");
         let old = std::mem::replace(link, new);
         self.spawn_drained(old);
@@ -665,6 +689,7 @@ impl Agent {
         &self,
         relay: &RelaySpec,
         auto: bool,
+        rtt: Duration,
     ) -> tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>> {
         let quic = self.quic.clone();
         let addr = relay.addr.clone();
@@ -679,10 +704,13 @@ impl Agent {
         });
         tokio::spawn(async move {
             if let Some(quic) = quic {
-                if let Ok(found) = quic
-                    .dial(&addr, &server_name, &mut None, QUIC_FALLBACK)
-                    .await
-                {
+                // One handshake a second: its first Initial goes out at once, and the next
+                // attempt's as soon as this one gives up (the handshake's own retransmission
+                // would wait 1, then 2 s). Hello and welcome get as long again.
+                let budget = REDIAL_HANDSHAKE.max(rtt * 4);
+                let mut avoid = None;
+                let dial = quic.dial(&addr, &server_name, &mut avoid, budget);
+                if let Ok(Ok(found)) = tokio::time::timeout(budget * 2, dial).await {
                     return Some(found);
                 }
             }
@@ -705,11 +733,7 @@ impl Agent {
     /// Starts a background try of QUIC to `relay`: a UDP probe of its QUIC port first when
     /// it answers probes, then (only if the probe was answered) a QUIC dial. `None` when
     /// QUIC is off.
-    fn probe_quic(
-        &self,
-        relay: &RelaySpec,
-        udp_probe: bool,
-    ) -> Option<tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>>> {
+    fn probe_quic(&self, relay: &RelaySpec, udp_probe: bool) -> Dialing {
         let quic = self.quic.clone()?;
         let addr = relay.addr.clone();
         // The TCP link's address: a bare HOST:PORT entry serves QUIC on the same port.
@@ -785,6 +809,12 @@ struct Silence {
     heard_at: tokio::time::Instant,
     /// Whether the link was poked since it last heard anything.
     poked: bool,
+    /// Whether it has counted as silent: from then on the agent dials until it has a new
+    /// link, even once this one hears something again. What it hears first is often only
+    /// the relay's acknowledgement of the agent's own packets, while the relay's data
+    /// still waits out its retransmission back-off (bench l: 12.8 s after a 20 s
+    /// blackout).
+    stalled: bool,
     /// When the agent last dialed beside this link.
     redialed: Option<tokio::time::Instant>,
 }
@@ -795,6 +825,7 @@ impl Silence {
             last: link.traffic().map(|(t, _)| t),
             heard_at: tokio::time::Instant::now(),
             poked: false,
+            stalled: false,
             redialed: None,
         }
     }
@@ -803,6 +834,9 @@ impl Silence {
     /// Only while `busy` (tunnels open): an idle link is left to its keep-alive.
     fn check(&mut self, link: &AgentLink, busy: bool) -> Option<Duration> {
         let (now, rtt) = link.traffic()?;
+        if self.stalled {
+            return Some(self.heard_at.elapsed());
+        }
         let last = self.last.get_or_insert(now);
         if now.received != last.received || !busy {
             *last = now;
@@ -816,13 +850,16 @@ impl Silence {
             self.poked = true;
         }
         let answer_due = SILENT_REDIAL.max(POKE_AFTER + rtt * 6);
-        (now.sent > last.sent && silent >= answer_due).then_some(silent)
+        self.stalled = now.sent > last.sent && silent >= answer_due;
+        self.stalled.then_some(silent)
     }
 
-    /// At most one dial a second ([`RESUME_REDIAL`]); true if now is its turn.
+    /// At most one dial a second ([`RESUME_REDIAL`], less a tick's slack); true if now is
+    /// its turn.
     fn may_redial(&mut self) -> bool {
         let now = tokio::time::Instant::now();
-        if self.redialed.is_some_and(|at| now - at < RESUME_REDIAL) {
+        let spacing = RESUME_REDIAL - Duration::from_millis(100);
+        if self.redialed.is_some_and(|at| now - at < spacing) {
             return false;
         }
         self.redialed = Some(now);
@@ -831,9 +868,7 @@ impl Silence {
 }
 
 /// The probe's result once it finishes (never while none runs).
-async fn join_probe(
-    probe: &mut Option<tokio::task::JoinHandle<Option<(AgentLink, SocketAddr)>>>,
-) -> Option<(AgentLink, SocketAddr)> {
+async fn join_probe(probe: &mut Dialing) -> Option<(AgentLink, SocketAddr)> {
     let Some(handle) = probe.as_mut() else {
         return std::future::pending().await;
     };

@@ -38,6 +38,20 @@ pub struct Checked {
     pub session: Arc<DeviceSession>,
 }
 
+impl Checked {
+    /// The tunnel's registry entry on this relay, under the entry relay's tunnel id.
+    pub fn entry(&self) -> Arc<TunnelEntry> {
+        admit::new_entry(
+            self.claims.sub,
+            &self.device,
+            self.port,
+            Proof::Peer,
+            Some(self.claims.tid.clone()),
+            TunnelKind::Connect,
+        )
+    }
+}
+
 /// Serves a framed peer request: opens or resumes the device stream, answers, and passes
 /// records until the tunnel ends here.
 pub async fn serve(
@@ -48,20 +62,13 @@ pub async fn serve(
     ask: PeerResume,
     state: &Arc<Shared>,
 ) {
+    let entry = checked.entry();
     let Checked {
         claims,
         device,
         port,
         session,
     } = checked;
-    let entry = admit::new_entry(
-        claims.sub,
-        &device,
-        port,
-        Proof::Peer,
-        Some(claims.tid.clone()),
-        TunnelKind::Connect,
-    );
     let span = tunnel::span(&entry.id, &claims.usr, &device);
     async move {
         if let PeerResume::Resume { tunnel, .. } = &ask {

@@ -128,20 +128,10 @@ async fn admit_peer(
     version: &'static str,
     state: &Shared,
 ) -> Result<admit::Admitted, Refusal> {
+    let entry = checked.entry();
     let Checked {
-        claims,
-        device,
-        port,
-        session,
+        claims, session, ..
     } = checked;
-    let entry = admit::new_entry(
-        claims.sub,
-        &device,
-        port,
-        crate::relay::registry::Proof::Peer,
-        Some(claims.tid),
-        crate::relay::registry::TunnelKind::Connect,
-    );
     // The user is the entry relay's; the peer socket here starts at the least window.
     admit::open_local(
         state,

@@ -44,11 +44,24 @@ pub async fn forward<C: ClientConn>(
 /// refusal (the owner's own, or none reachable) the tunnel is forgotten here; on its 200,
 /// the connection to join and the device bytes that came with the answer.
 pub async fn reach_owner(f: &Forward, state: &Shared) -> Result<(TcpStream, BytesMut), Refusal> {
+    reach_owner_asking(f, state, None)
+        .await
+        .map(|(peer, early, _)| (peer, early))
+}
+
+/// [`reach_owner`], asking for a resumable tunnel with `resume` (PROTOCOL.md §2e); also
+/// returns the owner's answer head, which says whether the hop is framed.
+async fn reach_owner_asking(
+    f: &Forward,
+    state: &Shared,
+    resume: Option<PeerResume>,
+) -> Result<(TcpStream, BytesMut, Vec<u8>), Refusal> {
     let Some(keys) = &state.peer_keys else {
         state.registry.remove_tunnel(&f.entry.id);
         return Err(Refusal::DeviceOffline);
     };
-    let (peer, status, answer, early) = match ask_owner(&PeerAsk::of(f, None), keys, state).await {
+    let (peer, status, answer, early) = match ask_owner(&PeerAsk::of(f, resume), keys, state).await
+    {
         Ok(found) => found,
         Err(why) => {
             state.registry.remove_tunnel(&f.entry.id);
@@ -67,7 +80,7 @@ pub async fn reach_owner(f: &Forward, state: &Shared) -> Result<(TcpStream, Byte
         tracing::info!(status, owner = %f.owner.relay_id, "CONNECT refused by the device's relay");
         return Err(Refusal::Owner { status, answer });
     }
-    Ok((peer, early))
+    Ok((peer, early, answer))
 }
 
 async fn forward_in_span<C: ClientConn>(
@@ -96,7 +109,6 @@ async fn forward_resumable<C: ClientConn>(
     state: &Arc<Shared>,
     received: std::time::Instant,
 ) {
-    let Some(keys) = &state.peer_keys else { return };
     // The grant's limits go to the hop once it exists; its first is in the request.
     let mut grant = Grant::open_for(
         &f.entry.id,
@@ -104,30 +116,13 @@ async fn forward_resumable<C: ClientConn>(
         state.budget.clone(),
         f.user,
     );
-    let ask = PeerAsk::of(
-        &f,
-        Some(PeerResume::New {
-            credit: grant.limit(),
-        }),
-    );
-    let (peer, status, answer, early) = match ask_owner(&ask, keys, state).await {
-        Ok(found) => found,
-        Err(why) => {
-            state.registry.remove_tunnel(&f.entry.id);
-            state.presence.forget(&f.device);
-            tracing::warn!(owner = %f.owner.relay_id, addr = %f.owner.peer_addr, "cannot forward: {why}");
-            return refuse(client, state, f.version, Refusal::DeviceOffline).await;
-        }
+    let resume = PeerResume::New {
+        credit: grant.limit(),
     };
-    state.metrics.peer_tunnels_out.inc();
-    if status != 200 {
-        state.registry.remove_tunnel(&f.entry.id);
-        if status == 503 {
-            state.presence.forget(&f.device);
-        }
-        tracing::info!(status, owner = %f.owner.relay_id, "CONNECT refused by the device's relay");
-        return refuse(client, state, f.version, Refusal::Owner { status, answer }).await;
-    }
+    let (peer, early, answer) = match reach_owner_asking(&f, state, Some(resume)).await {
+        Ok(found) => found,
+        Err(refusal) => return refuse(client, state, f.version, refusal).await,
+    };
     let Some(Framing { .. }) = framing(&answer) else {
         // An owner without the feature, or a device that cannot resume: raw, as before.
         drop(grant);

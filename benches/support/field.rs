@@ -792,9 +792,7 @@ impl Event {
 /// an interactive echo: how long after the path came back (or, for UDP blocked, after the
 /// block) the echo answered. The download is checked byte for byte.
 pub async fn events() -> Vec<FieldRow> {
-    let cases: Vec<(&'static str, Event)> =
-        vec![("quic", Event::Blackout(Duration::from_secs(20)))];
-    let _unused: Vec<(&'static str, Event)> = vec![
+    let cases: Vec<(&'static str, Event)> = vec![
         ("quic", Event::AddressChange),
         ("tcp", Event::AddressChange),
         ("quic", Event::Blackout(Duration::from_secs(20))),

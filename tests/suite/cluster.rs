@@ -922,17 +922,18 @@ async fn transfers_through(
 }
 
 /// Tunnels follow their device from relay to relay (PROTOCOL.md §2e, "Through another
-/// relay"): one set enters at c1 (where the device is), one at c3 (forwarded to c1). c1
-/// stops for 4 s, so the device comes back through c2: c1's tunnels resume over the peer
-/// hop to c2, c3's move their hop from c1 to c2. Then c2 drains and the device moves to
-/// c3: c1's hop moves to c3, and c3's tunnels come home to its own link. Every byte
-/// arrives once and in order each way, the echo answers after each move, and each audit
-/// row counts two resumes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tunnels_follow_their_device_through_a_stopped_relay_and_a_drain() {
+/// relay"), over the device's `transport` link: one set enters at c1 (where the device
+/// is), one at c3 (forwarded to c1). c1 stops for 4 s, so the device comes back through
+/// c2: c1's tunnels resume over the peer hop to c2, c3's move their hop from c1 to c2.
+/// Then c2 drains and the device moves to c3: c1's hop moves to c3, and c3's tunnels come
+/// home to its own link. Every byte arrives once and in order each way, the echo answers
+/// after each move, and each audit row counts two resumes.
+async fn tunnels_follow_their_device(transport: &str) {
     let pg = TempPg::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = limits("keep_alive_ms = 300\nidle_timeout_ms = 1500\nshutdown_grace_secs = 60");
+    let short = "keep_alive_ms = 300\nidle_timeout_ms = 1500\n\
+                 tcp_keep_alive_ms = 300\ntcp_idle_timeout_ms = 1500\n";
+    let config = limits(&format!("{short}shutdown_grace_secs = 60"));
     let mut relays: Vec<Relay> = ["c1", "c2", "c3"]
         .into_iter()
         .map(|name| member(dir.path(), name, &pg.url, &config))
@@ -941,17 +942,25 @@ async fn tunnels_follow_their_device_through_a_stopped_relay_and_a_drain() {
     let api = Api::new(relays[2].api, &key);
     let (uuid, device_key) = api.register_device("pis").await;
     let agent_config = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_config,
-        "keep_alive_ms = 300\nidle_timeout_ms = 1500\n",
-    )
-    .unwrap();
-    let agent = Agent::start_to(
-        &relays.iter().collect::<Vec<_>>(),
+    std::fs::write(&agent_config, short).unwrap();
+    let entries: Vec<String> = relays
+        .iter()
+        .map(|r| match transport {
+            "tcp" => format!("tcp://{}", r.device_tcp.expect("a TCP device listener")),
+            _ => format!("quic://{}", r.device),
+        })
+        .collect();
+    let agent = Agent::spawn_with(
+        &entries,
+        &relays[0].cert(),
         &uuid,
         &device_key,
         &["--config", agent_config.to_str().unwrap()],
+        &[],
     );
+    agent.stderr.wait_for("connected to relay");
+    let (_, d) = api.call("GET", &format!("/v1/devices/{uuid}"), None).await;
+    assert_eq!(d["transport"], transport, "{d}");
     assert_eq!(holder(&api, &uuid).await.as_deref(), Some("c1"));
     let services = (
         digest_server().await,
@@ -1009,7 +1018,7 @@ async fn tunnels_follow_their_device_through_a_stopped_relay_and_a_drain() {
             );
         }
         eprintln!(
-            "echo through {at} {:?} after c1 continued",
+            "{transport}: echo through {at} {:?} after c1 continued",
             resumed.elapsed()
         );
     }
@@ -1034,7 +1043,7 @@ async fn tunnels_follow_their_device_through_a_stopped_relay_and_a_drain() {
             );
         }
         eprintln!(
-            "echo through {at} {:?} after the drain began",
+            "{transport}: echo through {at} {:?} after the drain began",
             draining.elapsed()
         );
     }
@@ -1097,9 +1106,17 @@ async fn tunnels_follow_their_device_through_a_stopped_relay_and_a_drain() {
     for (i, relay) in relays.iter_mut().enumerate() {
         // c2 has exited (drained); the others stop now.
         if i != 1 {
-            let stopping = Instant::now();
             relay.stop();
-            eprintln!("c{} stopped in {:?}", i + 1, stopping.elapsed());
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_follow_their_device_through_a_stopped_relay_and_a_drain_over_quic() {
+    tunnels_follow_their_device("quic").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_follow_their_device_through_a_stopped_relay_and_a_drain_over_tcp() {
+    tunnels_follow_their_device("tcp").await;
 }

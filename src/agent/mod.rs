@@ -49,11 +49,11 @@ const RESUME_REDIAL: Duration = Duration::from_secs(1);
 
 /// How long a QUIC link with open tunnels may hear nothing back for what it sent (a poke
 /// included) before the agent dials again beside it (at least six round trips past the
-/// poke). QUIC's own retransmissions back
-/// off exponentially and without a ceiling: after a 20 s blackout the link took 13 s to
-/// carry a byte again (bench l), and a firewall that starts dropping UDP looks the same
-/// until the idle timeout. A fresh handshake, tried once a second, gets through as soon as
-/// the path does, or finds TLS/TCP in `auto`; the tunnels resume on it (PROTOCOL.md §2e).
+/// poke). QUIC's own retransmissions back off exponentially and without a ceiling: after a
+/// 20 s blackout the link took 13 s to carry a byte again (bench l), and a firewall that
+/// starts dropping UDP looks the same until the idle timeout. A fresh handshake, tried
+/// once a second, gets through as soon as the path does, or finds TLS/TCP in `auto`; the
+/// tunnels resume on it (PROTOCOL.md §2e, "A silent link").
 const SILENT_REDIAL: Duration = Duration::from_secs(3);
 
 /// The handshake budget of each dial beside a silent link (at least four round trips).

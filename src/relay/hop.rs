@@ -228,56 +228,14 @@ async fn pass(
         }
     };
     let counters = &entry.counters;
-    use std::sync::atomic::Ordering::Relaxed;
     // The user's bytes to the device; credit for more as the device stream takes them.
-    let up = async {
-        let mut bufs: [Bytes; 8] = Default::default();
-        let mut handed = agent_written;
-        loop {
-            match hop_recv.read_chunks(&mut bufs).await {
-                Ok(Some(n)) => {
-                    for chunk in bufs[..n].iter_mut() {
-                        let chunk = std::mem::take(chunk);
-                        let len = chunk.len() as u64;
-                        if let Err(end) = send.write_chunk(chunk).await {
-                            return Dir::Abnormal(end);
-                        }
-                        handed += len;
-                        counters.up.fetch_add(len, Relaxed);
-                    }
-                    hop.grant(handed + UPLOAD_WINDOW);
-                }
-                Ok(None) => {
-                    send.finish();
-                    return Dir::Eof;
-                }
-                Err(end) => return Dir::Abnormal(end),
-            }
-        }
-    };
+    let mut handed = agent_written;
+    let up = pass_dir(&mut hop_recv, &mut send, &counters.up, |n| {
+        handed += n;
+        hop.grant(handed + UPLOAD_WINDOW);
+    });
     // The device's bytes to the entry, within the credit the entry granted.
-    let down = async {
-        let mut bufs: [Bytes; 8] = Default::default();
-        loop {
-            match recv.read_chunks(&mut bufs).await {
-                Ok(Some(n)) => {
-                    for chunk in bufs[..n].iter_mut() {
-                        let chunk = std::mem::take(chunk);
-                        let len = chunk.len() as u64;
-                        if let Err(end) = hop_send.write_chunk(chunk).await {
-                            return Dir::Abnormal(end);
-                        }
-                        counters.down.fetch_add(len, Relaxed);
-                    }
-                }
-                Ok(None) => {
-                    hop_send.finish();
-                    return Dir::Eof;
-                }
-                Err(end) => return Dir::Abnormal(end),
-            }
-        }
-    };
+    let down = pass_dir(&mut recv, &mut hop_send, &counters.down, |_| {});
     let moved = async {
         tokio::select! {
             _ = session.lost.cancelled() => "its device session ended",
@@ -339,6 +297,40 @@ async fn pass(
         }
     }
     end
+}
+
+/// Passes one direction's chunks from `recv` on to `send` until its FIN (passed on as a
+/// finish), counting them in `counter` and telling `moved` how many bytes each batch
+/// handed on.
+async fn pass_dir<R: ChunkRecv, S: ChunkSend>(
+    recv: &mut R,
+    send: &mut S,
+    counter: &std::sync::atomic::AtomicU64,
+    mut moved: impl FnMut(u64),
+) -> Dir {
+    let mut bufs: [Bytes; 8] = Default::default();
+    loop {
+        match recv.read_chunks(&mut bufs).await {
+            Ok(Some(n)) => {
+                let mut batch = 0;
+                for chunk in bufs[..n].iter_mut() {
+                    let chunk = std::mem::take(chunk);
+                    let len = chunk.len() as u64;
+                    if let Err(end) = send.write_chunk(chunk).await {
+                        return Dir::Abnormal(end);
+                    }
+                    batch += len;
+                    counter.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+                }
+                moved(batch);
+            }
+            Ok(None) => {
+                send.finish();
+                return Dir::Eof;
+            }
+            Err(end) => return Dir::Abnormal(end),
+        }
+    }
 }
 
 /// The tunnel left this relay: its device stream stays open until the agent moves it to
